@@ -1,0 +1,30 @@
+//! edgerec: the on-premises media tier of a contact-center recording system.
+//!
+//! This library holds the parts that need no async runtime and no network, so that the
+//! offline tools and the fuzz targets stay small:
+//!
+//! - [`format`]: the EREC v1 package layout, its limits and keyless structural checks
+//!   (the specification is in that module's documentation).
+//! - [`crypto`]: data keys, HKDF key derivation, the header MAC and the chunk cipher.
+//! - [`keys`]: RSA key-encryption keys (PEM forms, kek ids, DEK sealing) and the
+//!   [`keys::Unwrapper`] interface through which readers get a DEK back.
+//! - [`writer`] and [`reader`]: streaming sealing and opening, bounded in memory, parallel
+//!   across cores.
+//! - [`pipeline`]: the ordered parallel map both use.
+//! - [`error`]: the error type and the exit codes of the interface contract.
+//!
+//! The command-line tools live behind the `cli` feature in [`cli`].
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+#[cfg(feature = "cli")]
+pub mod cli;
+pub mod crypto;
+pub mod error;
+pub mod format;
+pub mod keys;
+pub mod pipeline;
+pub mod reader;
+pub mod writer;
+
+pub use error::Error;
