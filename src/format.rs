@@ -604,31 +604,60 @@ pub struct Walk {
     pub torn_bytes: u64,
 }
 
-/// Walks a whole package held in memory (or mapped) by its record lengths, with no key:
-/// checks the header structure and every record frame, stops at a torn tail. This is what
-/// crash recovery and `inspect` use. Tags are not checked (they need the key).
-pub fn walk(buf: &[u8]) -> Result<Walk, FormatError> {
-    let (header, header_len) = match Header::decode(buf)? {
-        Decoded::Done(h, n) => (h, n),
-        Decoded::Need(_) => return Err(FormatError::Corrupt("file ends inside the header")),
+/// Why a keyless walk stopped: the bytes are wrong, or reading them failed.
+#[derive(Debug)]
+pub enum WalkError<E> {
+    /// A structural failure.
+    Format(FormatError),
+    /// The caller's read failed.
+    Read(E),
+}
+
+impl<E> From<FormatError> for WalkError<E> {
+    fn from(e: FormatError) -> Self {
+        WalkError::Format(e)
+    }
+}
+
+/// Walks a package of `len` bytes by its record lengths, with no key: checks the header
+/// structure and every record frame, stops at a torn tail. Tags are not checked (they need
+/// the key). `read_at(offset, buf)` must fill `buf` from `offset`; it is only asked for
+/// ranges inside `len`, at most 65,535 bytes at once, so a file is walked with a few reads
+/// per record and no buffer the size of a chunk. Crash recovery and `inspect` use this.
+pub fn walk_by<E>(
+    len: u64,
+    mut read_at: impl FnMut(u64, &mut [u8]) -> Result<(), E>,
+) -> Result<Walk, WalkError<E>> {
+    let truncated = FormatError::Corrupt("file ends inside the header");
+    let mut pre = [0u8; HEADER_PREAMBLE_LEN];
+    let avail = usize::try_from(len.min(HEADER_PREAMBLE_LEN as u64)).expect("at most 12");
+    read_at(0, &mut pre[..avail]).map_err(WalkError::Read)?;
+    let need = match Header::decode(&pre[..avail])? {
+        Decoded::Need(n) if avail == HEADER_PREAMBLE_LEN && n as u64 <= len => n,
+        _ => return Err(truncated.into()),
     };
-    let mut pos = header_len;
+    let mut hbuf = vec![0u8; need];
+    read_at(0, &mut hbuf).map_err(WalkError::Read)?;
+    let (header, header_len) = match Header::decode(&hbuf)? {
+        Decoded::Done(h, n) => (h, n),
+        Decoded::Need(_) => return Err(truncated.into()),
+    };
+    let mut pos = header_len as u64;
     let mut records = 0u32;
     let mut plaintext_bytes = 0u64;
     let mut terminated = false;
-    while buf.len() - pos >= RECORD_PREFIX_LEN {
-        let prefix: &[u8; RECORD_PREFIX_LEN] = buf[pos..pos + RECORD_PREFIX_LEN]
-            .try_into()
-            .expect("slice has prefix length");
-        let frame = Frame::decode_prefix(prefix, header.max_chunk, records)?;
-        if buf.len() - pos < frame.total_len() {
+    while len - pos >= RECORD_PREFIX_LEN as u64 {
+        let mut prefix = [0u8; RECORD_PREFIX_LEN];
+        read_at(pos, &mut prefix).map_err(WalkError::Read)?;
+        let frame = Frame::decode_prefix(&prefix, header.max_chunk, records)?;
+        if len - pos < frame.total_len() as u64 {
             break; // torn tail
         }
-        pos += frame.total_len();
+        pos += frame.total_len() as u64;
         if frame.kind == Kind::End {
             terminated = true;
-            if pos != buf.len() {
-                return Err(FormatError::Corrupt("bytes after the end record"));
+            if pos != len {
+                return Err(FormatError::Corrupt("bytes after the end record").into());
             }
             break;
         }
@@ -643,9 +672,23 @@ pub fn walk(buf: &[u8]) -> Result<Walk, FormatError> {
         records,
         plaintext_bytes,
         terminated,
-        valid_len: pos as u64,
-        torn_bytes: (buf.len() - pos) as u64,
+        valid_len: pos,
+        torn_bytes: len - pos,
     })
+}
+
+/// [`walk_by`] over bytes in memory.
+pub fn walk(buf: &[u8]) -> Result<Walk, FormatError> {
+    let r = walk_by(buf.len() as u64, |off, out| {
+        let off = usize::try_from(off).expect("offset below a slice length");
+        out.copy_from_slice(&buf[off..off + out.len()]);
+        Ok::<(), std::convert::Infallible>(())
+    });
+    match r {
+        Ok(w) => Ok(w),
+        Err(WalkError::Format(e)) => Err(e),
+        Err(WalkError::Read(never)) => match never {},
+    }
 }
 
 /// A bounded reader over a byte slice: every read is checked against what remains.
@@ -751,7 +794,8 @@ mod tests {
                 suite: 1
             })
         );
-        let cases: Vec<(&str, Box<dyn Fn(&mut Header)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut Header)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             ("v4 id", Box::new(|h| h.recording_id[6] = 0x40)),
             ("chunk small", Box::new(|h| h.max_chunk = 4095)),
             ("chunk big", Box::new(|h| h.max_chunk = MAX_MAX_CHUNK + 1)),

@@ -11,6 +11,7 @@
 //! - [`writer`] and [`reader`]: streaming sealing and opening, bounded in memory, parallel
 //!   across cores.
 //! - [`pipeline`]: the ordered parallel map both use.
+//! - [`clock`]: unix milliseconds and UTC calendar dates.
 //! - [`error`]: the error type and the exit codes of the interface contract.
 //!
 //! The command-line tools live behind the `cli` feature in [`cli`].
@@ -19,6 +20,7 @@
 
 #[cfg(feature = "cli")]
 pub mod cli;
+pub mod clock;
 pub mod crypto;
 pub mod error;
 pub mod format;

@@ -16,10 +16,10 @@
 //!   and what readers report as such.
 
 use std::io::{Read, Write};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use uuid::Uuid;
 
+use crate::clock::now_ms;
 use crate::crypto::{ChunkCipher, Dek, PackageKeys};
 use crate::error::Error;
 use crate::format::{
@@ -78,13 +78,6 @@ impl Default for SealOptions {
             created_ms: None,
         }
     }
-}
-
-/// Milliseconds since the unix epoch, now.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Seals records of one package. See the module documentation.

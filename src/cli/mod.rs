@@ -1,3 +1,145 @@
-pub fn main() -> std::process::ExitCode {
-    std::process::ExitCode::SUCCESS
+//! The `edgerec` command line: argument parsing and dispatch. Each command's work is in a
+//! module of its own; this module only maps results to the exit codes of the interface
+//! contract (0 success, 1 other error, 2 usage, 3 wrong key, 4 corrupt, 5 unterminated,
+//! 6 unsupported version or suite).
+
+mod io;
+mod package;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::format::Wrap;
+
+/// edgerec: records contact-center calls as encrypted packages that only the
+/// organisation's key can open.
+#[derive(Debug, Parser)]
+#[command(name = "edgerec", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Make a new RSA key-encryption key pair: DIR/<kek id>.pem (private, 0600) and
+    /// DIR/<kek id>.pub.pem. Prints the kek id.
+    ///
+    /// The private key belongs off the recording appliance: in the key manager, or with
+    /// whoever decrypts. The appliance needs only the .pub.pem file.
+    Keygen {
+        /// Directory to write the two files to (created 0700 if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Modulus size in bits (3072 to 4096).
+        #[arg(long, default_value_t = 3072, value_parser = clap::value_parser!(u16).range(3072..=4096))]
+        bits: u16,
+    },
+    /// Seal a file into a package (media "file") for one to four recipients.
+    Seal {
+        /// A recipient's public key (SPKI or PKCS#1 PEM); repeat for up to four.
+        #[arg(long = "kek", required = true, value_name = "PUB.pem")]
+        keks: Vec<PathBuf>,
+        /// How the data key is sealed to each recipient.
+        #[arg(long, value_enum, default_value_t = WrapArg::OaepSha256)]
+        wrap: WrapArg,
+        /// Plaintext bytes per chunk (4096 to 16777216).
+        #[arg(long, default_value_t = 1 << 20, value_name = "BYTES")]
+        chunk_size: u32,
+        /// Worker threads (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// The file to seal, or - for standard input.
+        input: PathBuf,
+        /// The package to write, or - for standard output.
+        output: PathBuf,
+    },
+    /// Verify and decrypt a package. Nothing unverified is released; a failed open to a
+    /// file leaves no file.
+    Open {
+        /// A private key (PKCS#8 or PKCS#1 PEM); repeat to offer several.
+        #[arg(long = "key", required = true, value_name = "PRIV.pem")]
+        keys: Vec<PathBuf>,
+        /// Accept a package that ends without its end record (after a crash) and write its
+        /// verified prefix; exit 0 with a warning.
+        #[arg(long)]
+        allow_unterminated: bool,
+        /// Worker threads (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// The package, or - for standard input.
+        input: PathBuf,
+        /// Where to write the plaintext, or - for standard output (then the exit status
+        /// is the only signal of failure).
+        output: PathBuf,
+    },
+    /// Show a package's header facts without any key.
+    Inspect {
+        /// Print JSON (recording_id, created_ms, media, kek_ids, wraps, max_chunk, records,
+        /// terminated, bytes, and more).
+        #[arg(long)]
+        json: bool,
+        /// The package, or - for standard input.
+        file: PathBuf,
+    },
+}
+
+/// The `--wrap` values.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum WrapArg {
+    /// RSA-OAEP-SHA256 with the EREC/dek label (wrap 1).
+    OaepSha256,
+    /// RSA-OAEP-SHA1, no label (wrap 2), for keys held by a contract LKM.
+    OaepSha1,
+}
+
+impl From<WrapArg> for Wrap {
+    fn from(w: WrapArg) -> Wrap {
+        match w {
+            WrapArg::OaepSha256 => Wrap::OaepSha256,
+            WrapArg::OaepSha1 => Wrap::OaepSha1,
+        }
+    }
+}
+
+/// Runs the command line and returns the exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
+                _ => 2,
+            });
+        }
+    };
+    let result = match cli.command {
+        Command::Keygen { out, bits } => package::keygen(&out, bits.into()),
+        Command::Seal {
+            keks,
+            wrap,
+            chunk_size,
+            threads,
+            input,
+            output,
+        } => package::seal(&keks, wrap.into(), chunk_size, threads, &input, &output),
+        Command::Open {
+            keys,
+            allow_unterminated,
+            threads,
+            input,
+            output,
+        } => package::open(&keys, allow_unterminated, threads, &input, &output),
+        Command::Inspect { json, file } => package::inspect(&file, json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edgerec: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
 }
