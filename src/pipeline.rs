@@ -18,6 +18,37 @@ pub fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
 }
 
+/// A few reusable byte buffers, so that a stream of chunks does not allocate (and page
+/// in) fresh memory for every chunk.
+#[derive(Debug, Default)]
+pub struct BufPool {
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+impl BufPool {
+    /// At most this many buffers are kept.
+    const KEEP: usize = 16;
+
+    /// A buffer, recycled when one is free. Its contents are whatever it last held (it is
+    /// not cleared, so that callers that overwrite it need not zero it first).
+    pub fn take(&self) -> Vec<u8> {
+        self.free
+            .lock()
+            .ok()
+            .and_then(|mut f| f.pop())
+            .unwrap_or_default()
+    }
+
+    /// Gives a buffer back.
+    pub fn give(&self, v: Vec<u8>) {
+        if let Ok(mut f) = self.free.lock() {
+            if f.len() < Self::KEEP {
+                f.push(v);
+            }
+        }
+    }
+}
+
 /// Runs `source → work → sink`. `source` returns `Ok(None)` at its end.
 pub fn ordered_map<I, O, E>(
     workers: usize,

@@ -26,7 +26,7 @@ use crate::format::{
     TAG_LEN, parse_json_object,
 };
 use crate::keys::{KekId, UnwrapError, Unwrapper};
-use crate::pipeline::ordered_map;
+use crate::pipeline::{BufPool, ordered_map};
 
 /// Whether an unterminated package is an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,7 +150,9 @@ impl<R: Read> FrameSource<R> {
             .map_err(|e| Error::from_format(e, Some(self.next_index)))?;
         let want = frame.len as usize + TAG_LEN;
         buf.clear();
-        // Grows only as bytes arrive: a forged length costs nothing until the bytes exist.
+        // Reserve at most 1 MiB up front; beyond that the buffer grows only as bytes arrive,
+        // so a forged length costs nothing until the bytes exist.
+        buf.reserve(want.min(1 << 20));
         let got = (&mut self.src).take(want as u64).read_to_end(&mut buf)?;
         if got < want {
             self.done = true;
@@ -345,9 +347,10 @@ pub fn open_stream(
     let mut tally = Tally::default();
     let mut media_bytes = 0u64;
     let mut torn = false;
+    let pool = BufPool::default();
     ordered_map(
         workers,
-        || frames.next(Vec::new()),
+        || frames.next(pool.take()),
         |next| match next {
             Next::Torn => Ok(None),
             Next::Record(frame, mut buf) => {
@@ -366,6 +369,7 @@ pub fn open_stream(
                 out.write_all(&plaintext)?;
                 media_bytes += plaintext.len() as u64;
             }
+            pool.give(plaintext);
             Ok(())
         },
     )?;

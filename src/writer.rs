@@ -24,10 +24,10 @@ use crate::crypto::{ChunkCipher, Dek, PackageKeys};
 use crate::error::Error;
 use crate::format::{
     EndInfo, EndReason, Header, Kind, MAX_MAX_CHUNK, MAX_RECIPIENTS, MIN_MAX_CHUNK, Metadata,
-    Recipient, Wrap,
+    RECORD_PREFIX_LEN, Recipient, TAG_LEN, Wrap,
 };
 use crate::keys::KekPublic;
-use crate::pipeline::ordered_map;
+use crate::pipeline::{BufPool, ordered_map};
 
 /// What a package holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,16 +264,19 @@ pub fn seal_stream(
     let cipher = sealer.cipher;
     let mut next_index = sealer.next_index;
     let mut plaintext_bytes = sealer.plaintext_bytes;
-    let mut out_count = 0u32;
+    let pool = BufPool::default();
     ordered_map(
         workers,
         || -> Result<Option<(u32, Vec<u8>)>, Error> {
-            let mut buf = vec![0u8; chunk];
-            let n = read_full(input, &mut buf)?;
+            let mut buf = pool.take();
+            // A recycled record is longer than this already: nothing is zeroed then.
+            buf.resize(RECORD_PREFIX_LEN + chunk, 0);
+            buf.reserve_exact(TAG_LEN);
+            let n = read_full(input, &mut buf[RECORD_PREFIX_LEN..])?;
             if n == 0 {
                 return Ok(None);
             }
-            buf.truncate(n);
+            buf.truncate(RECORD_PREFIX_LEN + n);
             let index = next_index;
             next_index = next_index
                 .checked_add(1)
@@ -282,14 +285,13 @@ pub fn seal_stream(
             plaintext_bytes += n as u64;
             Ok(Some((index, buf)))
         },
-        |(index, buf)| {
-            let mut out = Vec::with_capacity(buf.len() + crate::format::RECORD_OVERHEAD);
-            cipher.seal_into(index, Kind::Media, &buf, &mut out);
-            Ok(out)
+        |(index, mut buf)| {
+            cipher.seal_in_place(index, Kind::Media, &mut buf);
+            Ok(buf)
         },
         |rec| {
-            out_count += 1;
             output.write_all(&rec)?;
+            pool.give(rec);
             Ok(())
         },
     )?;
@@ -300,6 +302,5 @@ pub fn seal_stream(
     let info = sealer.finish(EndReason::Complete, now_ms(), &mut end);
     output.write_all(&end)?;
     output.flush()?;
-    debug_assert!(out_count <= info.records);
     Ok(info)
 }

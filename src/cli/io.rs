@@ -2,7 +2,7 @@
 //! written all-or-nothing.
 //!
 //! Invariant: an output file appears under its name only once it is complete (written to a
-//! 0600 temporary file beside it, synced, then renamed); on any error the temporary file is
+//! 0600 temporary file beside it, then renamed); on any error the temporary file is
 //! removed, so a failed `open` leaves no plaintext and no output file behind.
 
 use std::fs::File;
@@ -84,16 +84,15 @@ impl Output {
         match self {
             Output::Stdout(mut f) => f.flush()?,
             Output::File { tmp, dest } => {
-                tmp.as_file().sync_all()?;
+                // Renamed into place only when complete. Not fsynced: like cp, age or gpg,
+                // the offline tools leave durability to the file system; the spool (which
+                // must survive a crash) syncs on its own terms.
                 tmp.persist(&dest).map_err(|e| {
                     io::Error::new(
                         e.error.kind(),
                         format!("cannot write {}: {}", dest.display(), e.error),
                     )
                 })?;
-                if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    File::open(dir)?.sync_all()?;
-                }
             }
         }
         Ok(())
