@@ -55,7 +55,8 @@ fn whole(c: &mut Criterion) {
                 b.iter(|| {
                     sealed.clear();
                     let sealer =
-                        Sealer::new(&[public.clone()], &SealOptions::default()).expect("sealer");
+                        Sealer::new(std::slice::from_ref(&public), &SealOptions::default())
+                            .expect("sealer");
                     seal_stream(sealer, &mut Cursor::new(d), &mut sealed, false, workers)
                         .expect("seal");
                 })
