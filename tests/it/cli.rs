@@ -1,0 +1,319 @@
+//! The four offline commands through the built binary, with keys made by `openssl`.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::common::*;
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 temp path")
+}
+
+fn ok(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).expect("utf-8 stdout")
+}
+
+fn openssl(args: &[&str]) {
+    let st = Command::new("openssl")
+        .args(args)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl is installed by the test command");
+    assert!(st.success(), "openssl {args:?}");
+}
+
+#[test]
+fn keygen_writes_a_pair_whose_id_openssl_agrees_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let out = edgerec(&["keygen", "--out", s(&keys)]);
+    let id = ok(&out).trim().to_string();
+    assert_eq!(id.len(), 64);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("must not stay on a recording appliance")
+    );
+    let private = keys.join(format!("{id}.pem"));
+    let public = keys.join(format!("{id}.pub.pem"));
+    assert_eq!(
+        fs::metadata(&private).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        fs::metadata(&keys).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    // kek id = SHA-256 of the SPKI DER, as openssl writes it.
+    let der = dir.path().join("pub.der");
+    openssl(&[
+        "pkey",
+        "-pubin",
+        "-in",
+        s(&public),
+        "-outform",
+        "DER",
+        "-out",
+        s(&der),
+    ]);
+    assert_eq!(hex::encode(Sha256::digest(fs::read(&der).unwrap())), id);
+    // openssl reads our private key and finds it consistent, 3072 bits.
+    let text = Command::new("openssl")
+        .args(["pkey", "-in", s(&private), "-noout", "-text"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&text.stdout).contains("3072 bit"));
+}
+
+#[test]
+fn seal_and_open_with_openssl_keys_in_every_pem_form() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pkcs8 = d.join("k.pem");
+    openssl(&[
+        "genpkey",
+        "-algorithm",
+        "RSA",
+        "-pkeyopt",
+        "rsa_keygen_bits:3072",
+        "-out",
+        s(&pkcs8),
+    ]);
+    let spki = d.join("k.pub.pem");
+    openssl(&["pkey", "-in", s(&pkcs8), "-pubout", "-out", s(&spki)]);
+    let pkcs1 = d.join("k.rsa.pem");
+    openssl(&["rsa", "-in", s(&pkcs8), "-traditional", "-out", s(&pkcs1)]);
+    let pkcs1_pub = d.join("k.rsa.pub.pem");
+    openssl(&[
+        "rsa",
+        "-in",
+        s(&pkcs8),
+        "-RSAPublicKey_out",
+        "-out",
+        s(&pkcs1_pub),
+    ]);
+
+    let data = pattern(3_000_001);
+    let input = d.join("call.wav");
+    fs::write(&input, &data).unwrap();
+    for (i, (public, private)) in [(&spki, &pkcs1), (&pkcs1_pub, &pkcs8)].iter().enumerate() {
+        let pkg = d.join(format!("p{i}.erec"));
+        ok(&edgerec(&[
+            "seal",
+            "--kek",
+            s(public),
+            "--chunk-size",
+            "65536",
+            s(&input),
+            s(&pkg),
+        ]));
+        let out = d.join(format!("p{i}.out"));
+        ok(&edgerec(&["open", "--key", s(private), s(&pkg), s(&out)]));
+        assert_eq!(fs::read(&out).unwrap(), data);
+        assert_eq!(
+            fs::metadata(&out).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+}
+
+#[test]
+fn inspect_reports_the_contract_fields_without_a_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("chat.txt");
+    fs::write(&input, b"hello").unwrap();
+    let pkg = dir.path().join("chat.erec");
+    let test = key_path("test-kek.pub.pem");
+    let other = key_path("other-kek.pub.pem");
+    ok(&edgerec(&[
+        "seal",
+        "--kek",
+        s(&test),
+        "--kek",
+        s(&other),
+        "--wrap",
+        "oaep-sha1",
+        s(&input),
+        s(&pkg),
+    ]));
+    let j: Value = serde_json::from_str(&ok(&edgerec(&["inspect", "--json", s(&pkg)]))).unwrap();
+    for field in [
+        "recording_id",
+        "created_ms",
+        "media",
+        "kek_ids",
+        "wraps",
+        "max_chunk",
+        "records",
+        "terminated",
+        "bytes",
+    ] {
+        assert!(j.get(field).is_some(), "inspect --json lacks {field}");
+    }
+    assert_eq!(j["media"], "file");
+    assert_eq!(j["kek_ids"][0], public("test").id().to_hex());
+    assert_eq!(j["kek_ids"][1], public("other").id().to_hex());
+    assert_eq!(j["wraps"], serde_json::json!(["oaep-sha1", "oaep-sha1"]));
+    assert_eq!(j["records"], 2, "the name record and one media record");
+    assert_eq!(j["terminated"], true);
+    assert_eq!(j["bytes"], fs::metadata(&pkg).unwrap().len());
+    let uuid = j["recording_id"].as_str().unwrap();
+    assert_eq!(uuid.len(), 36);
+    assert_eq!(&uuid[14..15], "7", "a UUIDv7");
+    let text = ok(&edgerec(&["inspect", s(&pkg)]));
+    assert!(text.contains("terminated") && text.contains(uuid));
+    // Both recipients open it; the file name travels in a metadata record, not in the clear.
+    for k in ["test-kek.pem", "other-kek.pem"] {
+        let out = dir.path().join(format!("{k}.out"));
+        ok(&edgerec(&[
+            "open",
+            "--key",
+            s(&key_path(k)),
+            s(&pkg),
+            s(&out),
+        ]));
+        assert_eq!(fs::read(&out).unwrap(), b"hello");
+    }
+    assert!(!fs::read(&pkg).unwrap().windows(8).any(|w| w == b"chat.txt"));
+}
+
+#[test]
+fn stdin_and_stdout_work() {
+    let data = pattern(200_000);
+    let test = key_path("test-kek.pub.pem");
+    let mut seal = Command::new(env!("CARGO_BIN_EXE_edgerec"))
+        .args(["seal", "--kek", s(&test), "-", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    seal.stdin.take().unwrap().write_all(&data).unwrap();
+    let sealed = seal.wait_with_output().unwrap();
+    assert!(sealed.status.success());
+    let mut open = Command::new(env!("CARGO_BIN_EXE_edgerec"))
+        .args(["open", "--key", s(&key_path("test-kek.pem")), "-", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    open.stdin
+        .take()
+        .unwrap()
+        .write_all(&sealed.stdout)
+        .unwrap();
+    let opened = open.wait_with_output().unwrap();
+    assert!(opened.status.success());
+    assert_eq!(opened.stdout, data);
+}
+
+#[test]
+fn unterminated_needs_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let pkg = dir.path().join("cut.erec");
+    let full = seal_bytes(&pattern(10_000), &[public("test")], 4096);
+    fs::write(&pkg, &full[..full.len() - 100]).unwrap();
+    let key = key_path("test-kek.pem");
+    let out = dir.path().join("out");
+    let strict = edgerec(&["open", "--key", s(&key), s(&pkg), s(&out)]);
+    assert_eq!(strict.status.code(), Some(5));
+    assert!(!out.exists());
+    let rec = edgerec(&[
+        "open",
+        "--key",
+        s(&key),
+        "--allow-unterminated",
+        s(&pkg),
+        s(&out),
+    ]);
+    ok(&rec);
+    assert!(String::from_utf8_lossy(&rec.stderr).contains("unterminated"));
+    assert_eq!(fs::read(&out).unwrap(), pattern(8192));
+    let j: Value = serde_json::from_str(&ok(&edgerec(&["inspect", "--json", s(&pkg)]))).unwrap();
+    assert_eq!(j["terminated"], false);
+    assert_eq!(j["records"], 2);
+}
+
+#[test]
+fn bad_keys_and_usage_give_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    fs::write(&input, b"x").unwrap();
+    let out = dir.path().join("out.erec");
+    let weak = edgerec(&[
+        "seal",
+        "--kek",
+        s(&key_path("weak-2048.pub.pem")),
+        s(&input),
+        s(&out),
+    ]);
+    assert_eq!(weak.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&weak.stderr).contains("2048 bits"));
+    assert!(!out.exists());
+    let private_as_public = edgerec(&[
+        "seal",
+        "--kek",
+        s(&key_path("test-kek.pem")),
+        s(&input),
+        s(&out),
+    ]);
+    assert_eq!(private_as_public.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&private_as_public.stderr).contains("private key"));
+    let missing = edgerec(&["open", "--key", "/nonexistent.pem", s(&input), s(&out)]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent.pem"));
+    assert_eq!(
+        edgerec(&["seal", s(&input), s(&out)]).status.code(),
+        Some(2)
+    );
+    assert_eq!(edgerec(&["frobnicate"]).status.code(), Some(2));
+    assert_eq!(edgerec(&["--help"]).status.code(), Some(0));
+    let five: Vec<String> = ["test", "other", "r3", "r4", "test"]
+        .iter()
+        .map(|n| key_path(&format!("{n}-kek.pub.pem")).display().to_string())
+        .collect();
+    let mut args = vec!["seal"];
+    for k in &five {
+        args.extend(["--kek", k]);
+    }
+    args.extend([s(&input), s(&out)]);
+    assert_eq!(edgerec(&args).status.code(), Some(1));
+    // A 4096-bit key in PKCS#1 form works.
+    ok(&edgerec(&[
+        "seal",
+        "--kek",
+        s(&key_path("r4096-kek.pkcs1.pub.pem")),
+        s(&input),
+        s(&out),
+    ]));
+    let plain = dir.path().join("plain");
+    ok(&edgerec(&[
+        "open",
+        "--key",
+        s(&key_path("r4096-kek.pkcs1.pem")),
+        s(&out),
+        s(&plain),
+    ]));
+    assert_eq!(fs::read(&plain).unwrap(), b"x");
+}
+
+#[test]
+fn inspect_of_garbage_is_corrupt_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("junk");
+    fs::write(&f, b"this is not a package at all, just text").unwrap();
+    let r = edgerec(&["inspect", s(&f)]);
+    assert_eq!(r.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("corrupt"));
+    fs::write(&f, b"").unwrap();
+    assert_eq!(edgerec(&["inspect", s(&f)]).status.code(), Some(4));
+}

@@ -1,0 +1,110 @@
+//! Shared helpers: the committed test keys, the built binary, package building.
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Mutex;
+
+use edgerec::Error;
+use edgerec::crypto::Dek;
+use edgerec::format::{KEK_ID_LEN, Wrap};
+use edgerec::keys::{KekId, KekPrivate, KekPublic, KeyRing, UnwrapError, Unwrapper};
+use edgerec::reader::{ReadMode, Summary, open_stream};
+use edgerec::writer::{SealOptions, Sealer, seal_stream};
+
+pub fn vectors_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors")
+}
+
+pub fn key_path(name: &str) -> PathBuf {
+    vectors_dir().join(name)
+}
+
+/// The committed key `tests/vectors/{name}-kek.pem`.
+pub fn private(name: &str) -> KekPrivate {
+    KekPrivate::from_file(&key_path(&format!("{name}-kek.pem"))).expect("committed key")
+}
+
+pub fn public(name: &str) -> KekPublic {
+    KekPublic::from_file(&key_path(&format!("{name}-kek.pub.pem"))).expect("committed key")
+}
+
+pub fn ring(names: &[&str]) -> KeyRing {
+    let mut r = KeyRing::new();
+    for n in names {
+        r.add(private(n));
+    }
+    r
+}
+
+/// An unwrapper that remembers what it unwrapped, so property tests pay for RSA once per
+/// distinct sealed DEK rather than once per case.
+pub struct CachingRing {
+    ring: KeyRing,
+    cache: Mutex<Vec<(Vec<u8>, Dek)>>,
+}
+
+impl CachingRing {
+    pub fn new(names: &[&str]) -> Self {
+        CachingRing {
+            ring: ring(names),
+            cache: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl Unwrapper for CachingRing {
+    fn unwrap_dek(&self, id: &KekId, wrap: Wrap, sealed: &[u8]) -> Result<Dek, UnwrapError> {
+        let mut key = id.0.to_vec();
+        key.push(wrap.code());
+        key.extend_from_slice(sealed);
+        if let Some((_, d)) = self.cache.lock().unwrap().iter().find(|(k, _)| *k == key) {
+            return Ok(d.clone());
+        }
+        let dek = self.ring.unwrap_dek(id, wrap, sealed)?;
+        self.cache.lock().unwrap().push((key, dek.clone()));
+        Ok(dek)
+    }
+
+    fn held_ids(&self) -> Vec<KekId> {
+        self.ring.held_ids()
+    }
+}
+
+const _: () = assert!(KEK_ID_LEN == 32);
+
+/// Seals `data` as a file package with the library, chunked at `max_chunk`.
+pub fn seal_bytes(data: &[u8], recipients: &[KekPublic], max_chunk: u32) -> Vec<u8> {
+    let opts = SealOptions {
+        max_chunk,
+        ..SealOptions::default()
+    };
+    let sealer = Sealer::new(recipients, &opts).expect("sealer");
+    let mut out = Vec::new();
+    seal_stream(sealer, &mut Cursor::new(data), &mut out, false, 2).expect("seal");
+    out
+}
+
+/// Opens a package with the library; returns the media plaintext and the summary.
+pub fn open_bytes(
+    pkg: &[u8],
+    unwrapper: &dyn Unwrapper,
+    mode: ReadMode,
+) -> Result<(Vec<u8>, Summary), Error> {
+    let mut out = Vec::new();
+    let s = open_stream(Cursor::new(pkg), unwrapper, mode, &mut out, 2)?;
+    Ok((out, s))
+}
+
+/// Runs the built binary.
+pub fn edgerec(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_edgerec"))
+        .args(args)
+        .output()
+        .expect("run edgerec")
+}
+
+/// Deterministic test data.
+pub fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 31 % 251) as u8).collect()
+}

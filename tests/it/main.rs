@@ -1,0 +1,7 @@
+//! The integration tests, one test binary: the library through its public API and the
+//! `edgerec` binary end to end.
+
+mod cli;
+mod common;
+mod tamper;
+mod vectors;
