@@ -77,6 +77,11 @@
 //!    prefix, or fewer than L + 32 bytes after it) makes the file *unterminated*, not corrupt:
 //!    that is what a crash leaves. A complete record whose kind, length or index is wrong is
 //!    corrupt, also at the tail. After the end record nothing may follow (corrupt).
+//!    Keyless crash *recovery* is more lenient ([`Tail::CutInvalid`]): it also cuts at the
+//!    first record frame whose kind, length or index is wrong, because a crash can leave
+//!    zeroed or stale blocks after the last record that reached the disk. What it keeps is
+//!    exactly what a recovery read would return; the tags are checked when the package is
+//!    opened.
 //! 8. **Empty package.** Zero media records is valid (an empty file, a call that never
 //!    carried audio): header, optional metadata records, end record.
 //! 9. **Metadata records** (kind 0x02) must decrypt to a UTF-8 JSON object; the reader checks
@@ -626,6 +631,7 @@ impl<E> From<FormatError> for WalkError<E> {
 /// per record and no buffer the size of a chunk. Crash recovery and `inspect` use this.
 pub fn walk_by<E>(
     len: u64,
+    tail: Tail,
     mut read_at: impl FnMut(u64, &mut [u8]) -> Result<(), E>,
 ) -> Result<Walk, WalkError<E>> {
     let truncated = FormatError::Corrupt("file ends inside the header");
@@ -649,7 +655,11 @@ pub fn walk_by<E>(
     while len - pos >= RECORD_PREFIX_LEN as u64 {
         let mut prefix = [0u8; RECORD_PREFIX_LEN];
         read_at(pos, &mut prefix).map_err(WalkError::Read)?;
-        let frame = Frame::decode_prefix(&prefix, header.max_chunk, records)?;
+        let frame = match Frame::decode_prefix(&prefix, header.max_chunk, records) {
+            Ok(f) => f,
+            Err(_) if tail == Tail::CutInvalid => break, // garbage a crash left: torn
+            Err(e) => return Err(e.into()),
+        };
         if len - pos < frame.total_len() as u64 {
             break; // torn tail
         }
@@ -677,9 +687,19 @@ pub fn walk_by<E>(
     })
 }
 
+/// How [`walk_by`] treats a record frame that fails the structural checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tail {
+    /// It is corrupt (what readers and `inspect` do).
+    Strict,
+    /// It starts the torn tail (crash recovery: a crash can leave zeroed or stale blocks
+    /// after the last record that reached the disk). See decision 7.
+    CutInvalid,
+}
+
 /// [`walk_by`] over bytes in memory.
-pub fn walk(buf: &[u8]) -> Result<Walk, FormatError> {
-    let r = walk_by(buf.len() as u64, |off, out| {
+pub fn walk(buf: &[u8], tail: Tail) -> Result<Walk, FormatError> {
+    let r = walk_by(buf.len() as u64, tail, |off, out| {
         let off = usize::try_from(off).expect("offset below a slice length");
         out.copy_from_slice(&buf[off..off + out.len()]);
         Ok::<(), std::convert::Infallible>(())
@@ -903,9 +923,15 @@ mod tests {
         b.extend_from_slice(&[0; 10 + 32]);
         let whole = b.len();
         b.extend_from_slice(&[0, 0, 0, 1, 1]);
-        let w = walk(&b).unwrap();
+        let w = walk(&b, Tail::Strict).unwrap();
         assert_eq!((w.records, w.terminated), (1, false));
         assert_eq!(w.valid_len as usize, whole);
         assert_eq!(w.torn_bytes, 5);
+        // Zeroes after a crash: corrupt to a reader, a torn tail to recovery.
+        b.truncate(whole);
+        b.extend_from_slice(&[0; 100]);
+        assert!(walk(&b, Tail::Strict).is_err());
+        let w = walk(&b, Tail::CutInvalid).unwrap();
+        assert_eq!((w.valid_len as usize, w.torn_bytes), (whole, 100));
     }
 }

@@ -10,6 +10,7 @@
 //!   [`keys::Unwrapper`] interface through which readers get a DEK back.
 //! - [`writer`] and [`reader`]: streaming sealing and opening, bounded in memory, parallel
 //!   across cores.
+//! - [`recover`]: keyless crash recovery (cut a torn tail).
 //! - [`pipeline`]: the ordered parallel map both use.
 //! - [`clock`]: unix milliseconds and UTC calendar dates.
 //! - [`error`]: the error type and the exit codes of the interface contract.
@@ -27,6 +28,7 @@ pub mod format;
 pub mod keys;
 pub mod pipeline;
 pub mod reader;
+pub mod recover;
 pub mod writer;
 
 pub use error::Error;

@@ -49,7 +49,8 @@ impl BufPool {
     }
 }
 
-/// Runs `source → work → sink`. `source` returns `Ok(None)` at its end.
+/// Runs `source → work → sink`. `source` returns `Ok(None)` at its end. With one worker
+/// everything runs on the calling thread.
 pub fn ordered_map<I, O, E>(
     workers: usize,
     mut source: impl FnMut() -> Result<Option<I>, E> + Send,
@@ -61,7 +62,13 @@ where
     O: Send,
     E: Send,
 {
-    let workers = workers.max(1);
+    if workers <= 1 {
+        // One worker: no threads at all, the same order and error semantics.
+        while let Some(item) = source()? {
+            sink(work(item)?)?;
+        }
+        return Ok(());
+    }
     let depth = 2 * workers;
     let stop = AtomicBool::new(false);
     let (job_tx, job_rx) = sync_channel::<(u64, I)>(depth);
@@ -159,6 +166,25 @@ mod tests {
         );
         assert_eq!(r, Err("bad 700".to_string()));
         assert_eq!(seen, (1..700).map(|i| i * 2).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn one_worker_runs_inline_with_the_same_semantics() {
+        let mut n = 0u32;
+        let mut seen = Vec::new();
+        let r: Result<(), u32> = ordered_map(
+            1,
+            || {
+                n += 1;
+                Ok((n <= 10).then_some(n))
+            },
+            |i| if i == 7 { Err(i) } else { Ok(i) },
+            |o| {
+                seen.push(o);
+                Ok(())
+            },
+        );
+        assert_eq!((r, seen), (Err(7), vec![1, 2, 3, 4, 5, 6]));
     }
 
     #[test]

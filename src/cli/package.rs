@@ -2,7 +2,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde_json::json;
@@ -10,10 +10,11 @@ use serde_json::json;
 use super::io::{Output, input};
 use crate::clock::Utc;
 use crate::error::Error;
-use crate::format::{Metadata, Walk, WalkError, Wrap, walk, walk_by};
+use crate::format::{Metadata, Tail, Walk, Wrap, walk};
 use crate::keys::{KekId, KekPrivate, KekPublic, KeyRing};
 use crate::pipeline::default_workers;
 use crate::reader::{ReadMode, open_stream};
+use crate::recover::walk_file;
 use crate::writer::{Media, SealOptions, Sealer, seal_stream};
 
 /// `edgerec keygen --out DIR`.
@@ -124,17 +125,12 @@ pub fn inspect(path: &Path, as_json: bool) -> Result<(), Error> {
         let mut buf = Vec::new();
         io::stdin().read_to_end(&mut buf)?;
         let bytes = buf.len() as u64;
-        (walk(&buf)?, bytes)
+        (walk(&buf, Tail::Strict)?, bytes)
     } else {
         let f = File::open(path).map_err(|e| {
             io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display()))
         })?;
-        let len = f.metadata()?.len();
-        let w = walk_by(len, |off, buf| f.read_exact_at(buf, off)).map_err(|e| match e {
-            WalkError::Format(e) => Error::from(e),
-            WalkError::Read(e) => Error::Io(e),
-        })?;
-        (w, len)
+        (walk_file(&f, Tail::Strict)?, f.metadata()?.len())
     };
     let (w, bytes) = w;
     let report = report(&w, bytes);

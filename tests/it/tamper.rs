@@ -4,7 +4,7 @@
 use std::sync::OnceLock;
 
 use edgerec::Error;
-use edgerec::format::walk;
+use edgerec::format::{Tail, walk};
 use edgerec::reader::ReadMode;
 use proptest::prelude::*;
 
@@ -23,7 +23,7 @@ fn round_trips_at_boundary_sizes() {
         assert_eq!(out, data, "size {n}");
         assert_eq!(s.records as usize, n.div_ceil(4096), "size {n}");
         assert!(s.terminated());
-        let w = walk(&pkg).expect("walk");
+        let w = walk(&pkg, Tail::Strict).expect("walk");
         assert!(w.terminated && w.torn_bytes == 0);
         assert_eq!(w.plaintext_bytes, n as u64);
     }
@@ -76,7 +76,7 @@ fn fixture() -> &'static Fixture {
     F.get_or_init(|| {
         let data = pattern(3 * 4096 + 100);
         let pkg = seal_bytes(&data, &[public("test")], CHUNK);
-        let w = walk(&pkg).expect("walk");
+        let w = walk(&pkg, Tail::Strict).expect("walk");
         let mut bounds = vec![w.header_len];
         let mut pos = w.header_len;
         while pos < pkg.len() {
@@ -177,7 +177,7 @@ proptest! {
 fn records_from_another_package_are_rejected() {
     let f = fixture();
     let other = seal_bytes(&f.data, &[public("test")], CHUNK);
-    let w = walk(&other).unwrap();
+    let w = walk(&other, Tail::Strict).unwrap();
     // Same key, same layout: the second record of another package in place of ours.
     let mut m = f.pkg[..f.bounds[1]].to_vec();
     let len = f.bounds[2] - f.bounds[1];
@@ -185,4 +185,52 @@ fn records_from_another_package_are_rejected() {
     m.extend_from_slice(&other[start..start + len]);
     m.extend_from_slice(&f.pkg[f.bounds[2]..]);
     check_detected(f, &m);
+}
+
+#[test]
+fn crash_recovery_cuts_the_torn_tail_and_keeps_every_whole_record() {
+    use edgerec::recover::cut_torn_tail;
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    // Cut inside record 2 (a crash mid-append), then zeroes a file system may leave.
+    let cases: [(usize, usize); 3] = [
+        (f.bounds[3] - 7, 0),
+        (f.bounds[3], 4096),
+        (f.bounds[1] + 3, 0),
+    ];
+    for (cut, zeros) in cases {
+        let path = dir.path().join("p.erec.part");
+        let mut bytes = f.pkg[..cut].to_vec();
+        bytes.extend(std::iter::repeat_n(0u8, zeros));
+        std::fs::write(&path, &bytes).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let r = cut_torn_tail(&file).unwrap();
+        assert!(!r.walk.terminated);
+        let kept = std::fs::read(&path).unwrap();
+        let whole = *f.bounds.iter().filter(|b| **b <= cut).max().unwrap();
+        assert_eq!(kept.len(), whole, "cut {cut} zeros {zeros}");
+        assert_eq!(r.cut_bytes as usize, bytes.len() - whole);
+        // What remains opens in recovery mode to exactly the records that were whole.
+        let (out, s) = open_bytes(&kept, &f.ring, ReadMode::Recovery).unwrap();
+        assert!(!s.terminated());
+        assert_eq!(out, f.data[..out.len()]);
+        assert_eq!(
+            s.records as usize,
+            f.bounds.iter().filter(|b| **b <= cut).count() - 1
+        );
+    }
+    // A terminated package is left untouched.
+    let path = dir.path().join("whole.erec");
+    std::fs::write(&path, &f.pkg).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    assert_eq!(cut_torn_tail(&file).unwrap().cut_bytes, 0);
+    assert_eq!(std::fs::read(&path).unwrap(), f.pkg);
 }
