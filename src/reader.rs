@@ -149,14 +149,19 @@ impl<R: Read> FrameSource<R> {
         let frame = Frame::decode_prefix(&prefix, self.max_chunk, self.next_index)
             .map_err(|e| Error::from_format(e, Some(self.next_index)))?;
         let want = frame.len as usize + TAG_LEN;
-        buf.clear();
-        // Reserve at most 1 MiB up front; beyond that the buffer grows only as bytes arrive,
-        // so a forged length costs nothing until the bytes exist.
-        buf.reserve(want.min(1 << 20));
-        let got = (&mut self.src).take(want as u64).read_to_end(&mut buf)?;
-        if got < want {
-            self.done = true;
-            return Ok(Some(Next::Torn));
+        // Read in steps of at most 1 MiB, then of what was already read: the buffer grows
+        // only as bytes arrive, so a forged length costs nothing until the bytes exist. A
+        // recycled buffer is not zeroed again (resize only fills what is new).
+        let mut filled = 0;
+        while filled < want {
+            let step = (want - filled).min(filled.max(1 << 20));
+            buf.resize(filled + step, 0);
+            let n = fill(&mut self.src, &mut buf[filled..])?;
+            filled += n;
+            if n < step {
+                self.done = true;
+                return Ok(Some(Next::Torn));
+            }
         }
         self.next_index += 1;
         if frame.kind == Kind::End {

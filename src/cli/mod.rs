@@ -106,6 +106,11 @@ impl From<WrapArg> for Wrap {
 
 /// Runs the command line and returns the exit code.
 pub fn main() -> ExitCode {
+    // Data keys and private keys live in this process's memory: never in a core file.
+    if let Err(e) = rlimit::setrlimit(rlimit::Resource::CORE, 0, 0) {
+        eprintln!("edgerec: cannot disable core dumps: {e}");
+        return ExitCode::from(1);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -317,3 +317,35 @@ fn inspect_of_garbage_is_corrupt_not_a_panic() {
     fs::write(&f, b"").unwrap();
     assert_eq!(edgerec(&["inspect", s(&f)]).status.code(), Some(4));
 }
+
+#[test]
+fn core_dumps_are_disabled_while_keys_are_in_memory() {
+    // `open` waiting on standard input holds its private key in memory.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgerec"))
+        .args(["open", "--key", s(&key_path("test-kek.pem")), "-", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let limits = format!("/proc/{}/limits", child.id());
+    // Wait for the process to have set its limit (observable state, not a sleep).
+    let mut line = String::new();
+    for _ in 0..500 {
+        let text = fs::read_to_string(&limits).unwrap_or_default();
+        line = text
+            .lines()
+            .find(|l| l.starts_with("Max core file size"))
+            .unwrap_or("")
+            .to_string();
+        let f: Vec<_> = line.split_whitespace().collect();
+        if f.get(4..6) == Some(&["0", "0"][..]) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    drop(child.stdin.take());
+    let _ = child.wait();
+    let fields: Vec<_> = line.split_whitespace().collect();
+    assert_eq!(fields.get(4..6), Some(&["0", "0"][..]), "{line}");
+}
