@@ -10,6 +10,8 @@
 //!   [`keys::Unwrapper`] interface through which readers get a DEK back.
 //! - [`writer`] and [`reader`]: streaming sealing and opening, bounded in memory, parallel
 //!   across cores.
+//! - [`entries`]: the media plaintext of an `rtp` recording (stream, RTP, event, RTCP).
+//! - [`rtp`]: RTP and RTCP told apart and checked; sequence accounting (RFC 3550 A.1).
 //! - [`recover`]: keyless crash recovery (cut a torn tail).
 //! - [`pipeline`]: the ordered parallel map both use.
 //! - [`clock`]: unix milliseconds and UTC calendar dates.
@@ -23,12 +25,14 @@
 pub mod cli;
 pub mod clock;
 pub mod crypto;
+pub mod entries;
 pub mod error;
 pub mod format;
 pub mod keys;
 pub mod pipeline;
 pub mod reader;
 pub mod recover;
+pub mod rtp;
 pub mod writer;
 
 pub use error::Error;
