@@ -12,6 +12,7 @@
 //!   across cores.
 //! - [`entries`]: the media plaintext of an `rtp` recording (stream, RTP, event, RTCP).
 //! - [`rtp`]: RTP and RTCP told apart and checked; sequence accounting (RFC 3550 A.1).
+//! - [`session`]: the sans-IO recording state machine (ports, streams, chunks, timers).
 //! - [`recover`]: keyless crash recovery (cut a torn tail).
 //! - [`pipeline`]: the ordered parallel map both use.
 //! - [`clock`]: unix milliseconds and UTC calendar dates.
@@ -33,6 +34,7 @@ pub mod pipeline;
 pub mod reader;
 pub mod recover;
 pub mod rtp;
+pub mod session;
 pub mod writer;
 
 pub use error::Error;

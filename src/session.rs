@@ -1,0 +1,901 @@
+//! The recording state machine: which recording each datagram belongs to, which stream in
+//! it, what it means for that stream's sequence, and when a recording starts, flushes and
+//! ends. Sans-IO in the manner of quinn-proto: [`Sessions::handle`] takes
+//! `(now, local, remote, datagram)` and pushes [`Action`]s; [`Sessions::poll_timeout`] says
+//! when [`Sessions::handle_timeout`] must be called next. No socket, no file, no clock:
+//! `now` is microseconds of a monotonic clock the driver owns, so every test of loss,
+//! reordering, SSRC change, idle close and the maximum duration runs on a fake clock.
+//!
+//! Rules (DESIGN.md):
+//! - Each local port records what arrives on it: all streams on one port while it is busy
+//!   form one recording. RTP opens a recording; RTCP never does.
+//! - A new SSRC from the remote address of an open stream is an SSRC change on that stream;
+//!   from anywhere else it opens a new stream. At most 255 streams a recording.
+//! - RTCP arriving on a recording's port, or on the next port up (RTP+1), is stored in that
+//!   recording, with the stream of its sender's SSRC; a BYE ends the stream of its SSRC, and
+//!   when every stream has said BYE the recording ends with reason RTCP BYE.
+//! - A recording ends after the idle timeout without RTP, at shutdown, or at the maximum
+//!   duration, where a new recording continues at once with the same streams and names its
+//!   predecessor.
+//! - Media entries are packed whole into chunks of at most `max_chunk` bytes; a chunk is
+//!   handed out when the next entry would not fit, and every pending chunk at each flush
+//!   tick, followed by one [`Action::Sync`] (group commit).
+//!
+//! Invariants: every [`Action::Open`] is followed, eventually, by exactly one
+//! [`Action::Close`] for the same recording, and all its [`Action::Chunk`]s come between the
+//! two; a datagram is either stored in exactly one recording or counted in [`Counters`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use crate::entries::{ENTRY_HEADER_LEN, Entry, Event, NO_STREAM};
+use crate::format::EndReason;
+use crate::rtp::{Datagram, Reject, SeqOutcome, SeqTracker, classify};
+
+/// The timing and size rules of recording.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// A recording ends after this long without RTP.
+    pub idle_timeout_us: u64,
+    /// A recording is split after this long.
+    pub max_recording_us: u64,
+    /// Pending media is handed out at least this often.
+    pub flush_interval_us: u64,
+    /// The largest chunk of entries (the package's max chunk length).
+    pub max_chunk: usize,
+}
+
+/// A recording in progress, as the driver knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RecId(pub u64);
+
+/// Why a datagram was not stored; the label of `edgerec_datagrams_rejected_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Discard {
+    /// Malformed: see [`Reject`].
+    Malformed(Reject),
+    /// RTCP with no recording on its port or the port below.
+    RtcpWithoutRecording,
+    /// The recording has 255 streams already.
+    TooManyStreams,
+    /// Larger than one chunk can hold.
+    TooLarge,
+}
+
+impl Discard {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Discard::Malformed(r) => r.label(),
+            Discard::RtcpWithoutRecording => "rtcp_without_recording",
+            Discard::TooManyStreams => "too_many_streams",
+            Discard::TooLarge => "too_large",
+        }
+    }
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Start a package for a new recording on `local` (fresh data key, header, spool file).
+    /// `created_us` is the monotonic time entry times count from: read the wall clock now.
+    Open {
+        /// The recording.
+        rec: RecId,
+        /// The address it records.
+        local: SocketAddr,
+        /// The recording this one continues after a maximum-duration split.
+        continues: Option<RecId>,
+    },
+    /// Seal these whole entries as one media record and append it.
+    Chunk {
+        /// The recording.
+        rec: RecId,
+        /// Media plaintext: whole entries, at most `max_chunk` bytes.
+        plaintext: Vec<u8>,
+    },
+    /// Make every chunk appended since the last sync durable (one group commit).
+    Sync,
+    /// Write the end record and move the package to `ready/`.
+    Close {
+        /// The recording.
+        rec: RecId,
+        /// Why it ended.
+        reason: EndReason,
+    },
+}
+
+/// Counts for the metrics; never per recording.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// RTP packets stored.
+    pub rtp_packets: u64,
+    /// RTP packets found missing (gaps; some may arrive later, reordered).
+    pub rtp_lost: u64,
+    /// Duplicate RTP packets (counted, not stored).
+    pub rtp_duplicates: u64,
+    /// Late RTP packets (stored).
+    pub rtp_reordered: u64,
+    /// RTCP packets stored.
+    pub rtcp_packets: u64,
+    /// Datagrams not stored, by reason.
+    pub dropped: HashMap<&'static str, u64>,
+    /// Recordings started.
+    pub started: u64,
+    /// Recordings ended, by reason.
+    pub ended: HashMap<&'static str, u64>,
+}
+
+#[derive(Debug)]
+struct Stream {
+    ssrc: u32,
+    remote: SocketAddr,
+    payload_type: u8,
+    seq: SeqTracker,
+    said_bye: bool,
+}
+
+#[derive(Debug)]
+struct Recording {
+    id: RecId,
+    local: SocketAddr,
+    started_us: u64,
+    last_rtp_us: u64,
+    streams: Vec<Stream>,
+    pending: Vec<u8>,
+}
+
+/// All recordings in progress. See the module documentation.
+#[derive(Debug)]
+pub struct Sessions {
+    limits: Limits,
+    by_port: HashMap<u16, Recording>,
+    next_id: u64,
+    next_flush_us: Option<u64>,
+    counters: Counters,
+}
+
+impl Sessions {
+    /// No recordings yet.
+    pub fn new(limits: Limits) -> Sessions {
+        Sessions {
+            limits,
+            by_port: HashMap::new(),
+            next_id: 0,
+            next_flush_us: None,
+            counters: Counters::default(),
+        }
+    }
+
+    /// The counters so far.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Recordings in progress.
+    pub fn active(&self) -> usize {
+        self.by_port.len()
+    }
+
+    /// The monotonic time a recording's entry times count from.
+    pub fn started_us(&self, rec: RecId) -> Option<u64> {
+        self.by_port
+            .values()
+            .find(|r| r.id == rec)
+            .map(|r| r.started_us)
+    }
+
+    fn discard(&mut self, d: Discard) {
+        *self.counters.dropped.entry(d.label()).or_default() += 1;
+    }
+
+    fn open(
+        &mut self,
+        now: u64,
+        local: SocketAddr,
+        continues: Option<RecId>,
+        out: &mut Vec<Action>,
+    ) {
+        let id = RecId(self.next_id);
+        self.next_id += 1;
+        self.counters.started += 1;
+        out.push(Action::Open {
+            rec: id,
+            local,
+            continues,
+        });
+        self.by_port.insert(
+            local.port(),
+            Recording {
+                id,
+                local,
+                started_us: now,
+                last_rtp_us: now,
+                streams: Vec::new(),
+                pending: Vec::new(),
+            },
+        );
+        if self.next_flush_us.is_none() {
+            self.next_flush_us = Some(now + self.limits.flush_interval_us);
+        }
+    }
+
+    /// Appends an entry to a recording's pending chunk, handing out the chunk first if the
+    /// entry would not fit. Returns false (nothing stored) if it can never fit.
+    fn push(limits: &Limits, rec: &mut Recording, e: &Entry<'_>, out: &mut Vec<Action>) -> bool {
+        let len = e.encoded_len();
+        if len > limits.max_chunk || len - ENTRY_HEADER_LEN > usize::from(u16::MAX) {
+            return false;
+        }
+        if rec.pending.len() + len > limits.max_chunk {
+            out.push(Action::Chunk {
+                rec: rec.id,
+                plaintext: std::mem::take(&mut rec.pending),
+            });
+        }
+        e.encode(&mut rec.pending)
+            .expect("body length checked against u16 above");
+        true
+    }
+
+    fn close(&mut self, port: u16, reason: EndReason, out: &mut Vec<Action>) -> Option<Recording> {
+        let mut rec = self.by_port.remove(&port)?;
+        if !rec.pending.is_empty() {
+            out.push(Action::Chunk {
+                rec: rec.id,
+                plaintext: std::mem::take(&mut rec.pending),
+            });
+        }
+        out.push(Action::Close {
+            rec: rec.id,
+            reason,
+        });
+        *self.counters.ended.entry(reason.name()).or_default() += 1;
+        if self.by_port.is_empty() {
+            self.next_flush_us = None;
+        }
+        Some(rec)
+    }
+
+    /// Ends a recording at the maximum duration and continues it at once in a new one that
+    /// carries the same streams (announced again, so each package decodes alone).
+    fn split(&mut self, now: u64, port: u16, out: &mut Vec<Action>) {
+        let Some(old) = self.close(port, EndReason::MaxDuration, out) else {
+            return;
+        };
+        self.open(now, old.local, Some(old.id), out);
+        let limits = self.limits;
+        let rec = self.by_port.get_mut(&port).expect("just opened");
+        rec.last_rtp_us = old.last_rtp_us;
+        for (i, s) in old.streams.into_iter().enumerate() {
+            let opened = Entry::StreamOpened {
+                stream: u8::try_from(i).expect("at most 255 streams"),
+                ssrc: s.ssrc,
+                local: rec.local,
+                remote: s.remote,
+                payload_type: s.payload_type,
+                label: "",
+            };
+            Self::push(&limits, rec, &opened, out);
+            rec.streams.push(s);
+        }
+    }
+
+    /// Takes one datagram that arrived at `local` from `remote` at monotonic time `now` (µs).
+    pub fn handle(
+        &mut self,
+        now: u64,
+        local: SocketAddr,
+        remote: SocketAddr,
+        datagram: &[u8],
+        out: &mut Vec<Action>,
+    ) {
+        match classify(datagram) {
+            Err(r) => self.discard(Discard::Malformed(r)),
+            Ok(Datagram::Rtp(h)) => self.rtp(now, local, remote, datagram, h, out),
+            Ok(Datagram::Rtcp(info)) => self.rtcp(now, local, datagram, &info, out),
+        }
+    }
+
+    fn rtp(
+        &mut self,
+        now: u64,
+        local: SocketAddr,
+        remote: SocketAddr,
+        datagram: &[u8],
+        h: crate::rtp::RtpHeader,
+        out: &mut Vec<Action>,
+    ) {
+        if 1 + 8 + datagram.len() + ENTRY_HEADER_LEN > self.limits.max_chunk {
+            return self.discard(Discard::TooLarge);
+        }
+        let port = local.port();
+        match self.by_port.get(&port) {
+            None => self.open(now, local, None, out),
+            Some(r) if now.saturating_sub(r.started_us) >= self.limits.max_recording_us => {
+                self.split(now, port, out)
+            }
+            Some(_) => {}
+        }
+        let limits = self.limits;
+        let rec = self.by_port.get_mut(&port).expect("opened above");
+        rec.last_rtp_us = now;
+        let t = now.saturating_sub(rec.started_us);
+        let known = rec
+            .streams
+            .iter()
+            .position(|s| s.ssrc == h.ssrc)
+            .or_else(|| rec.streams.iter().position(|s| s.remote == remote));
+        let mut fresh = true;
+        let index = match known {
+            Some(i) if rec.streams[i].ssrc == h.ssrc => {
+                fresh = false;
+                i
+            }
+            Some(i) => {
+                // A new SSRC from the address of an open stream: the same leg, re-keyed.
+                let s = &mut rec.streams[i];
+                s.ssrc = h.ssrc;
+                s.seq = SeqTracker::new(h.seq);
+                s.said_bye = false;
+                let change = Entry::Event {
+                    stream: u8::try_from(i).expect("at most 255 streams"),
+                    time_us: t,
+                    event: Event::SsrcChange(h.ssrc),
+                };
+                Self::push(&limits, rec, &change, out);
+                i
+            }
+            None => {
+                if rec.streams.len() >= usize::from(NO_STREAM) {
+                    return self.discard(Discard::TooManyStreams);
+                }
+                let i = rec.streams.len();
+                rec.streams.push(Stream {
+                    ssrc: h.ssrc,
+                    remote,
+                    payload_type: h.payload_type,
+                    seq: SeqTracker::new(h.seq),
+                    said_bye: false,
+                });
+                let opened = Entry::StreamOpened {
+                    stream: u8::try_from(i).expect("fewer than 255 streams"),
+                    ssrc: h.ssrc,
+                    local,
+                    remote,
+                    payload_type: h.payload_type,
+                    label: "",
+                };
+                Self::push(&limits, rec, &opened, out);
+                i
+            }
+        };
+        let stream = u8::try_from(index).expect("at most 255 streams");
+        let outcome = if fresh {
+            SeqOutcome::InOrder
+        } else {
+            rec.streams[index].seq.update(h.seq)
+        };
+        match outcome {
+            SeqOutcome::Duplicate => {
+                self.counters.rtp_duplicates += 1;
+                return;
+            }
+            SeqOutcome::Gap { lost } => {
+                self.counters.rtp_lost += u64::from(lost);
+                let gap = Entry::Event {
+                    stream,
+                    time_us: t,
+                    event: Event::Gap(lost),
+                };
+                Self::push(&limits, rec, &gap, out);
+            }
+            SeqOutcome::Reordered => {
+                self.counters.rtp_reordered += 1;
+                self.counters.rtp_lost = self.counters.rtp_lost.saturating_sub(1);
+            }
+            SeqOutcome::InOrder | SeqOutcome::Stray | SeqOutcome::Restart => {}
+        }
+        let entry = Entry::Rtp {
+            stream,
+            arrival_us: t,
+            packet: datagram,
+        };
+        Self::push(&limits, rec, &entry, out);
+        self.counters.rtp_packets += 1;
+    }
+
+    fn rtcp(
+        &mut self,
+        now: u64,
+        local: SocketAddr,
+        datagram: &[u8],
+        info: &crate::rtp::RtcpInfo,
+        out: &mut Vec<Action>,
+    ) {
+        if 1 + 8 + datagram.len() + ENTRY_HEADER_LEN > self.limits.max_chunk {
+            return self.discard(Discard::TooLarge);
+        }
+        let port = local.port();
+        let port = if self.by_port.contains_key(&port) {
+            port
+        } else {
+            match port.checked_sub(1) {
+                Some(p) if self.by_port.contains_key(&p) => p,
+                _ => return self.discard(Discard::RtcpWithoutRecording),
+            }
+        };
+        let limits = self.limits;
+        let rec = self.by_port.get_mut(&port).expect("checked above");
+        let stream = info
+            .sender_ssrc
+            .and_then(|ssrc| rec.streams.iter().position(|s| s.ssrc == ssrc))
+            .map_or(NO_STREAM, |i| u8::try_from(i).expect("at most 255 streams"));
+        let entry = Entry::Rtcp {
+            stream,
+            arrival_us: now.saturating_sub(rec.started_us),
+            packet: datagram,
+        };
+        Self::push(&limits, rec, &entry, out);
+        self.counters.rtcp_packets += 1;
+        for ssrc in &info.bye {
+            if let Some(s) = rec.streams.iter_mut().find(|s| s.ssrc == *ssrc) {
+                s.said_bye = true;
+            }
+        }
+        if !info.bye.is_empty() && rec.streams.iter().all(|s| s.said_bye) {
+            self.close(port, EndReason::RtcpBye, out);
+        }
+    }
+
+    /// When [`Sessions::handle_timeout`] must run next (µs), if anything is in progress.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let per_rec = self.by_port.values().map(|r| {
+            (r.last_rtp_us + self.limits.idle_timeout_us)
+                .min(r.started_us + self.limits.max_recording_us)
+        });
+        per_rec.chain(self.next_flush_us).min()
+    }
+
+    /// Ends idle recordings, splits those at the maximum duration, and at each flush tick
+    /// hands out every pending chunk followed by one [`Action::Sync`].
+    pub fn handle_timeout(&mut self, now: u64, out: &mut Vec<Action>) {
+        let mut idle: Vec<u16> = Vec::new();
+        let mut long: Vec<u16> = Vec::new();
+        for (port, r) in &self.by_port {
+            if now >= r.last_rtp_us + self.limits.idle_timeout_us {
+                idle.push(*port);
+            } else if now >= r.started_us + self.limits.max_recording_us {
+                long.push(*port);
+            }
+        }
+        idle.sort_unstable();
+        long.sort_unstable();
+        let mut wrote = !idle.is_empty() || !long.is_empty();
+        for port in idle {
+            self.close(port, EndReason::IdleTimeout, out);
+        }
+        for port in long {
+            self.split(now, port, out);
+        }
+        if self.next_flush_us.is_some_and(|t| now >= t) {
+            let mut ports: Vec<u16> = self.by_port.keys().copied().collect();
+            ports.sort_unstable();
+            for port in ports {
+                let rec = self.by_port.get_mut(&port).expect("listed above");
+                if !rec.pending.is_empty() {
+                    out.push(Action::Chunk {
+                        rec: rec.id,
+                        plaintext: std::mem::take(&mut rec.pending),
+                    });
+                    wrote = true;
+                }
+            }
+            self.next_flush_us =
+                (!self.by_port.is_empty()).then_some(now + self.limits.flush_interval_us);
+        }
+        if wrote {
+            out.push(Action::Sync);
+        }
+    }
+
+    /// Ends every recording (reason shutdown), then one sync.
+    pub fn shutdown(&mut self, out: &mut Vec<Action>) {
+        let mut ports: Vec<u16> = self.by_port.keys().copied().collect();
+        ports.sort_unstable();
+        for port in ports {
+            self.close(port, EndReason::Shutdown, out);
+        }
+        out.push(Action::Sync);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entries::entries;
+
+    const MS: u64 = 1000;
+
+    fn limits() -> Limits {
+        Limits {
+            idle_timeout_us: 5000 * MS,
+            max_recording_us: 60_000 * MS,
+            flush_interval_us: 1000 * MS,
+            max_chunk: 4096,
+        }
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn rtp(seq: u16, ssrc: u32) -> Vec<u8> {
+        let mut p = vec![0x80, 0];
+        p.extend_from_slice(&seq.to_be_bytes());
+        p.extend_from_slice(&(u32::from(seq) * 160).to_be_bytes());
+        p.extend_from_slice(&ssrc.to_be_bytes());
+        p.extend_from_slice(&[0xff; 160]);
+        p
+    }
+
+    fn bye(ssrc: u32) -> Vec<u8> {
+        let mut p = vec![0x81, 203, 0, 1];
+        p.extend_from_slice(&ssrc.to_be_bytes());
+        p
+    }
+
+    /// Drives the machine and keeps what a driver would: the chunks of each recording.
+    struct Harness {
+        s: Sessions,
+        actions: Vec<Action>,
+    }
+
+    impl Harness {
+        fn new() -> Self {
+            Harness {
+                s: Sessions::new(limits()),
+                actions: Vec::new(),
+            }
+        }
+
+        fn send(&mut self, now: u64, port: u16, from: &str, d: &[u8]) {
+            let local = SocketAddr::new("127.0.0.1".parse().unwrap(), port);
+            self.s.handle(now, local, addr(from), d, &mut self.actions);
+        }
+
+        fn tick_until(&mut self, until: u64) {
+            while let Some(t) = self.s.poll_timeout() {
+                if t > until {
+                    break;
+                }
+                self.s.handle_timeout(t, &mut self.actions);
+            }
+        }
+
+        fn opens(&self) -> Vec<(RecId, Option<RecId>)> {
+            self.actions
+                .iter()
+                .filter_map(|a| match a {
+                    Action::Open { rec, continues, .. } => Some((*rec, *continues)),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        fn closes(&self) -> Vec<(RecId, EndReason)> {
+            self.actions
+                .iter()
+                .filter_map(|a| match a {
+                    Action::Close { rec, reason } => Some((*rec, *reason)),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        /// Every entry of a recording, as (type, stream, detail) for easy comparison.
+        fn entries_of(&self, rec: RecId) -> Vec<(u8, u8, u64)> {
+            let mut v = Vec::new();
+            for a in &self.actions {
+                if let Action::Chunk { rec: r, plaintext } = a {
+                    assert!(plaintext.len() <= limits().max_chunk);
+                    if *r != rec {
+                        continue;
+                    }
+                    for e in entries(plaintext) {
+                        v.push(match e.unwrap() {
+                            Entry::StreamOpened { stream, ssrc, .. } => {
+                                (1, stream, u64::from(ssrc))
+                            }
+                            Entry::Rtp { stream, packet, .. } => (
+                                2,
+                                stream,
+                                u64::from(u16::from_be_bytes([packet[2], packet[3]])),
+                            ),
+                            Entry::Event { stream, event, .. } => match event {
+                                Event::Gap(n) => (3, stream, u64::from(n)),
+                                Event::SsrcChange(s) => (30, stream, u64::from(s)),
+                                _ => (31, stream, 0),
+                            },
+                            Entry::Rtcp { stream, .. } => (4, stream, 0),
+                        });
+                    }
+                }
+            }
+            v
+        }
+    }
+
+    #[test]
+    fn two_legs_on_one_port_are_one_recording_ending_idle() {
+        let mut h = Harness::new();
+        for i in 0..10u16 {
+            h.send(u64::from(i) * 20 * MS, 40000, "10.0.0.1:5000", &rtp(i, 0xA));
+            h.send(
+                u64::from(i) * 20 * MS + 1,
+                40000,
+                "10.0.0.2:6000",
+                &rtp(100 + i, 0xB),
+            );
+        }
+        h.tick_until(10_000 * MS);
+        let rec = RecId(0);
+        assert_eq!(h.opens(), vec![(rec, None)]);
+        assert_eq!(h.closes(), vec![(rec, EndReason::IdleTimeout)]);
+        let e = h.entries_of(rec);
+        assert_eq!(e[0], (1, 0, 0xA));
+        assert_eq!(e[1], (2, 0, 0));
+        assert_eq!(e[2], (1, 1, 0xB));
+        assert_eq!(e.iter().filter(|x| x.0 == 2).count(), 20);
+        assert_eq!(h.s.counters().rtp_packets, 20);
+        // Flush ticks came with a sync each; the close came after the last chunk.
+        let last_chunk = h
+            .actions
+            .iter()
+            .rposition(|a| matches!(a, Action::Chunk { .. }));
+        let close = h
+            .actions
+            .iter()
+            .position(|a| matches!(a, Action::Close { .. }));
+        assert!(last_chunk < close);
+        assert!(h.actions.contains(&Action::Sync));
+        assert_eq!(h.s.active(), 0);
+        assert_eq!(h.s.poll_timeout(), None);
+    }
+
+    #[test]
+    fn loss_reorder_duplicates_are_recorded_and_counted() {
+        let mut h = Harness::new();
+        for (i, seq) in [1u16, 2, 5, 4, 4, 6].into_iter().enumerate() {
+            h.send(i as u64 * 20 * MS, 40000, "10.0.0.1:5000", &rtp(seq, 7));
+        }
+        h.s.shutdown(&mut h.actions);
+        let e = h.entries_of(RecId(0));
+        let kinds: Vec<_> = e.iter().map(|x| (x.0, x.2)).collect();
+        assert_eq!(
+            kinds,
+            vec![(1, 7), (2, 1), (2, 2), (3, 2), (2, 5), (2, 4), (2, 6)],
+            "gap of 2 before 5, late 4 stored once, duplicate 4 dropped"
+        );
+        let c = h.s.counters();
+        assert_eq!(
+            (c.rtp_packets, c.rtp_lost, c.rtp_reordered, c.rtp_duplicates),
+            (5, 1, 1, 1)
+        );
+        assert_eq!(h.closes(), vec![(RecId(0), EndReason::Shutdown)]);
+    }
+
+    #[test]
+    fn ssrc_change_from_the_same_address_stays_one_stream() {
+        let mut h = Harness::new();
+        h.send(0, 40000, "10.0.0.1:5000", &rtp(1, 0xA));
+        h.send(20 * MS, 40000, "10.0.0.1:5000", &rtp(900, 0xC));
+        h.send(40 * MS, 40000, "10.0.0.1:5000", &rtp(901, 0xC));
+        h.send(60 * MS, 40000, "10.0.0.9:5000", &rtp(1, 0xD));
+        h.s.shutdown(&mut h.actions);
+        let e = h.entries_of(RecId(0));
+        assert_eq!(
+            e,
+            vec![
+                (1, 0, 0xA),
+                (2, 0, 1),
+                (30, 0, 0xC),
+                (2, 0, 900),
+                (2, 0, 901),
+                (1, 1, 0xD),
+                (2, 1, 1)
+            ]
+        );
+        assert_eq!(h.s.counters().rtp_lost, 0, "an SSRC change is no loss");
+    }
+
+    #[test]
+    fn rtcp_goes_to_the_recording_below_and_bye_ends_it() {
+        let mut h = Harness::new();
+        h.send(0, 40001, "10.0.0.1:5001", &bye(0xA));
+        assert_eq!(
+            h.s.counters().dropped["rtcp_without_recording"],
+            1,
+            "RTCP opens nothing"
+        );
+        assert!(h.opens().is_empty());
+        h.send(0, 40000, "10.0.0.1:5000", &rtp(1, 0xA));
+        h.send(MS, 40000, "10.0.0.2:5000", &rtp(1, 0xB));
+        h.send(2 * MS, 40001, "10.0.0.1:5001", &bye(0xA));
+        assert!(h.closes().is_empty(), "one leg said BYE, the other goes on");
+        h.send(3 * MS, 40000, "10.0.0.2:5001", &bye(0xB));
+        assert_eq!(h.closes(), vec![(RecId(0), EndReason::RtcpBye)]);
+        let e = h.entries_of(RecId(0));
+        assert!(e.contains(&(4, 0, 0)) && e.contains(&(4, 1, 0)));
+        assert_eq!(h.s.counters().rtcp_packets, 2);
+    }
+
+    #[test]
+    fn max_duration_splits_into_a_continuation_with_the_same_streams() {
+        let mut h = Harness::new();
+        let mut t = 0;
+        for i in 0..3001u16 {
+            t = u64::from(i) * 20 * MS;
+            h.send(t, 40000, "10.0.0.1:5000", &rtp(i, 0xA));
+        }
+        // 60 s at 20 ms: the packet at 60 000 ms starts the continuation.
+        assert_eq!(
+            h.opens(),
+            vec![(RecId(0), None), (RecId(1), Some(RecId(0)))]
+        );
+        assert_eq!(h.closes(), vec![(RecId(0), EndReason::MaxDuration)]);
+        h.tick_until(t + 10_000 * MS);
+        assert_eq!(
+            h.closes(),
+            vec![
+                (RecId(0), EndReason::MaxDuration),
+                (RecId(1), EndReason::IdleTimeout)
+            ]
+        );
+        let second = h.entries_of(RecId(1));
+        assert_eq!(second[0], (1, 0, 0xA), "the stream is announced again");
+        assert_eq!(second[1], (2, 0, 3000));
+        assert!(!second.iter().any(|x| x.0 == 3), "no gap across the split");
+        assert_eq!(
+            h.entries_of(RecId(0)).iter().filter(|x| x.0 == 2).count(),
+            3000
+        );
+    }
+
+    #[test]
+    fn chunks_never_exceed_the_limit_and_entries_stay_whole() {
+        let mut h = Harness::new();
+        for i in 0..100u16 {
+            h.send(u64::from(i), 40000, "10.0.0.1:5000", &rtp(i, 1));
+        }
+        h.s.shutdown(&mut h.actions);
+        let chunks: Vec<_> = h
+            .actions
+            .iter()
+            .filter(|a| matches!(a, Action::Chunk { .. }))
+            .collect();
+        assert!(chunks.len() >= 5, "100 × 184 bytes in 4 KiB chunks");
+        assert_eq!(
+            h.entries_of(RecId(0)).iter().filter(|x| x.0 == 2).count(),
+            100
+        );
+    }
+
+    #[test]
+    fn malformed_and_oversized_datagrams_are_counted() {
+        let mut h = Harness::new();
+        h.send(0, 40000, "10.0.0.1:5000", &[0x80, 0, 1]);
+        h.send(0, 40000, "10.0.0.1:5000", &[0x00; 40]);
+        let mut big = rtp(1, 1);
+        big.resize(5000, 0);
+        h.send(0, 40000, "10.0.0.1:5000", &big);
+        let d = &h.s.counters().dropped;
+        assert_eq!((d["short"], d["version"], d["too_large"]), (1, 1, 1));
+        assert!(h.actions.is_empty(), "nothing opened");
+    }
+
+    #[test]
+    fn at_most_255_streams() {
+        let mut h = Harness::new();
+        for i in 0..300u32 {
+            let from = format!("10.0.{}.{}:5000", i / 256, i % 256);
+            h.send(u64::from(i), 40000, &from, &rtp(1, i));
+        }
+        assert_eq!(h.s.counters().dropped["too_many_streams"], 45);
+        h.s.shutdown(&mut h.actions);
+        assert_eq!(
+            h.entries_of(RecId(0)).iter().filter(|x| x.0 == 1).count(),
+            255
+        );
+    }
+
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Input {
+        Rtp {
+            port: u16,
+            from: u8,
+            ssrc: u8,
+            seq: u16,
+        },
+        Bye {
+            port: u16,
+            from: u8,
+            ssrc: u8,
+        },
+        Junk(Vec<u8>),
+        Wait(u64),
+    }
+
+    fn input() -> impl Strategy<Value = Input> {
+        prop_oneof![
+            8 => (0u16..3, 0u8..4, 0u8..4, 0u16..40)
+                .prop_map(|(port, from, ssrc, seq)| Input::Rtp { port, from, ssrc, seq }),
+            1 => (0u16..4, 0u8..4, 0u8..4).prop_map(|(port, from, ssrc)| Input::Bye { port, from, ssrc }),
+            1 => proptest::collection::vec(any::<u8>(), 0..30).prop_map(Input::Junk),
+            2 => (0u64..8000).prop_map(|ms| Input::Wait(ms * MS)),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn every_open_closes_once_and_every_datagram_is_accounted(
+            inputs in proptest::collection::vec(input(), 1..200)
+        ) {
+            let mut h = Harness::new();
+            let mut now = 0u64;
+            let mut sent = 0u64;
+            for i in inputs {
+                match i {
+                    Input::Rtp { port, from, ssrc, seq } => {
+                        sent += 1;
+                        h.send(now, 40000 + port, &format!("10.0.0.{from}:5000"), &rtp(seq, u32::from(ssrc)));
+                    }
+                    Input::Bye { port, from, ssrc } => {
+                        sent += 1;
+                        h.send(now, 40000 + port, &format!("10.0.0.{from}:5001"), &bye(u32::from(ssrc)));
+                    }
+                    Input::Junk(j) => {
+                        sent += 1;
+                        h.send(now, 40000, "10.0.0.9:9", &j);
+                    }
+                    Input::Wait(d) => {
+                        now += d;
+                        h.tick_until(now);
+                    }
+                }
+                now += 1;
+            }
+            h.s.shutdown(&mut h.actions);
+            // Open/close pairing, chunks only in between.
+            let mut open = std::collections::HashSet::new();
+            let mut closed = std::collections::HashSet::new();
+            let mut stored = 0u64;
+            for a in &h.actions {
+                match a {
+                    Action::Open { rec, .. } => prop_assert!(open.insert(*rec)),
+                    Action::Close { rec, .. } => {
+                        prop_assert!(open.contains(rec));
+                        prop_assert!(closed.insert(*rec));
+                    }
+                    Action::Chunk { rec, plaintext } => {
+                        prop_assert!(open.contains(rec) && !closed.contains(rec));
+                        prop_assert!(!plaintext.is_empty() && plaintext.len() <= limits().max_chunk);
+                        for e in entries(plaintext) {
+                            if matches!(e.unwrap(), Entry::Rtp { .. } | Entry::Rtcp { .. }) {
+                                stored += 1;
+                            }
+                        }
+                    }
+                    Action::Sync => {}
+                }
+            }
+            prop_assert_eq!(&open, &closed);
+            let c = h.s.counters();
+            let dropped: u64 = c.dropped.values().sum();
+            prop_assert_eq!(stored + dropped + c.rtp_duplicates, sent);
+            prop_assert_eq!(stored, c.rtp_packets + c.rtcp_packets);
+        }
+    }
+}
