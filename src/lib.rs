@@ -18,13 +18,16 @@
 //! - [`clock`]: unix milliseconds and UTC calendar dates.
 //! - [`error`]: the error type and the exit codes of the interface contract.
 //!
-//! The command-line tools live behind the `cli` feature in [`cli`].
+//! The command-line tools live behind the `cli` feature in [`cli`]; the appliance's
+//! configuration (`config`) behind the `appliance` feature.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod clock;
+#[cfg(feature = "appliance")]
+pub mod config;
 pub mod crypto;
 pub mod entries;
 pub mod error;

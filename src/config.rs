@@ -1,0 +1,475 @@
+//! The appliance's configuration: one TOML file, read once at start and validated whole.
+//!
+//! Invariants:
+//! - Unknown keys, wrong types and bad values are errors that name the key, the value and
+//!   the line (`config FILE, line N: key = value: problem`), so a start fails with one clear
+//!   line instead of running with a half-understood file.
+//! - Relative paths resolve against the directory of the config file, never the working
+//!   directory, so `edgerec run --config /etc/edgerec/edgerec.toml` behaves the same from
+//!   anywhere.
+//! - Every default is written here with the reason for its value.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::format::{MAX_MAX_CHUNK, MIN_MAX_CHUNK, Wrap};
+
+/// A configuration problem, already formatted for the one line the operator sees.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// `[recorder]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Recorder {
+    /// Where packages wait: `active/`, `ready/`, `failed/`, `quarantine/`.
+    pub spool_dir: PathBuf,
+    /// Pending media is sealed, appended and synced at least this often. 1 s: a crash loses
+    /// at most one second of audio, and one group commit a second costs little.
+    pub flush_interval_ms: Spanned<u64>,
+    /// A recording ends after this long without RTP. 5 s: longer than any jitter buffer or
+    /// hold gap with comfort noise, short enough that a hung-up call is sealed promptly.
+    pub idle_timeout_ms: Spanned<u64>,
+    /// A recording is split after this long. 4 h: bounds one package (~460 MB of G.711 for
+    /// two legs) and one data key's reach, while no ordinary call is split.
+    pub max_recording_secs: Spanned<u64>,
+    /// `data`: fdatasync every flush tick (the default: the crash guarantee needs it);
+    /// `none`: leave it to the kernel (only for tests on tmpfs).
+    pub sync: SyncMode,
+    /// New recordings are refused above this many spool bytes. 10 GiB: a weekend of a
+    /// small site's calls while the store is down.
+    pub spool_max_bytes: Spanned<u64>,
+    /// New recordings are refused when the spool's file system has less free. 1 GiB: room
+    /// for the recordings in progress to finish.
+    pub min_free_bytes: Spanned<u64>,
+    /// Largest media record of a call package. 64 KiB: a chunk holds about 3.5 s of two
+    /// G.711 legs, so a flush usually writes one record per recording, and memory per
+    /// recording stays small.
+    pub chunk_bytes: Spanned<u32>,
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Recorder {
+            spool_dir: PathBuf::from("var/spool"),
+            flush_interval_ms: Spanned::new(0..0, 1000),
+            idle_timeout_ms: Spanned::new(0..0, 5000),
+            max_recording_secs: Spanned::new(0..0, 14_400),
+            sync: SyncMode::Data,
+            spool_max_bytes: Spanned::new(0..0, 10 << 30),
+            min_free_bytes: Spanned::new(0..0, 1 << 30),
+            chunk_bytes: Spanned::new(0..0, 64 << 10),
+        }
+    }
+}
+
+/// `recorder.sync`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// fdatasync per flush tick.
+    Data,
+    /// No sync calls.
+    None,
+}
+
+/// `[ingest]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Ingest {
+    /// Address to bind. Loopback by default: receiving from the network is a decision.
+    pub bind: IpAddr,
+    /// Port range `A-B` (or one port): each port records what arrives on it.
+    pub ports: Spanned<String>,
+    /// Source networks (CIDR) packets are taken from; empty means any, with a warning.
+    pub allow: Vec<Spanned<String>>,
+}
+
+impl Default for Ingest {
+    fn default() -> Self {
+        Ingest {
+            bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            ports: Spanned::new(0..0, "40000-40999".into()),
+            allow: Vec::new(),
+        }
+    }
+}
+
+/// `[keys]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Keys {
+    /// `file` (this build) or `lkm` (the key manager's issue).
+    #[serde(default = "default_source")]
+    pub source: Spanned<String>,
+    /// The KEK's public key file; watched, replacing it rotates the KEK.
+    pub public_key: Option<PathBuf>,
+    /// A second recipient of every data key.
+    pub escrow_public_key: Option<PathBuf>,
+    /// `oaep-sha256` (default) or `oaep-sha1` (for a KEK held by a contract LKM).
+    #[serde(default = "default_wrap")]
+    pub wrap: Spanned<String>,
+}
+
+fn default_source() -> Spanned<String> {
+    Spanned::new(0..0, "file".into())
+}
+
+fn default_wrap() -> Spanned<String> {
+    Spanned::new(0..0, "oaep-sha256".into())
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Store {
+    /// `dir` (this build), `http` or `s3` (the upload issue).
+    #[serde(default = "default_kind")]
+    pub kind: Spanned<String>,
+    /// dir: the store's root directory.
+    pub path: Option<PathBuf>,
+}
+
+fn default_kind() -> Spanned<String> {
+    Spanned::new(0..0, "dir".into())
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Metrics {
+    /// `/metrics`, `/healthz`, `/readyz`. Loopback, the Prometheus convention's port range.
+    pub listen: SocketAddr,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9464),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    #[serde(default)]
+    recorder: Recorder,
+    #[serde(default)]
+    ingest: Ingest,
+    keys: Keys,
+    store: Store,
+    #[serde(default)]
+    metrics: Metrics,
+}
+
+/// A validated configuration, paths resolved.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from.
+    pub file: PathBuf,
+    /// `[recorder]`, with `spool_dir` absolute.
+    pub recorder: Recorder,
+    /// `[ingest]`.
+    pub ingest: Ingest,
+    /// The ingest ports, first and last inclusive.
+    pub ports: (u16, u16),
+    /// The allowed source networks.
+    pub allow: Vec<IpNet>,
+    /// The KEK public key file, absolute.
+    pub public_key: PathBuf,
+    /// The escrow key file, absolute.
+    pub escrow_public_key: Option<PathBuf>,
+    /// The wrap.
+    pub wrap: Wrap,
+    /// The `dir` store's root, absolute.
+    pub store_path: PathBuf,
+    /// `[metrics]`.
+    pub metrics: Metrics,
+}
+
+/// Builds the error text: file, line, key, value, problem.
+struct Ctx<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn line(&self, span: &Range<usize>) -> usize {
+        self.text[..span.start.min(self.text.len())]
+            .bytes()
+            .filter(|b| *b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn err<T: std::fmt::Display>(&self, key: &str, v: &Spanned<T>, problem: &str) -> ConfigError {
+        let span = v.span();
+        let at = if span == (0..0) {
+            "(default)".to_string()
+        } else {
+            format!("line {}", self.line(&span))
+        };
+        ConfigError(format!(
+            "config {}, {at}: {key} = {}: {problem}",
+            self.file.display(),
+            v.get_ref()
+        ))
+    }
+
+    fn missing(&self, key: &str, why: &str) -> ConfigError {
+        ConfigError(format!(
+            "config {}: {key} is missing: {why}",
+            self.file.display()
+        ))
+    }
+
+    fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.file.parent().unwrap_or(Path::new(".")).join(p)
+        }
+    }
+}
+
+/// Parses `A-B` or `A` into an inclusive port range.
+pub fn parse_ports(s: &str) -> Option<(u16, u16)> {
+    let (a, b) = match s.split_once('-') {
+        Some((a, b)) => (a.trim().parse().ok()?, b.trim().parse().ok()?),
+        None => {
+            let p = s.trim().parse().ok()?;
+            (p, p)
+        }
+    };
+    (a > 0 && a <= b).then_some((a, b))
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| ConfigError(format!("cannot read config {}: {e}", file.display())))?;
+        Self::parse(file, &text)
+    }
+
+    /// Validates config text as if read from `file` (paths resolve against its directory).
+    pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
+        let cx = Ctx { file, text };
+        let raw: Raw = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| format!(", line {}", cx.line(&s)))
+                .unwrap_or_default();
+            ConfigError(format!(
+                "config {}{line}: {}",
+                file.display(),
+                e.message().trim_end()
+            ))
+        })?;
+        let r = &raw.recorder;
+        let positive = |key: &str, v: &Spanned<u64>| {
+            if *v.get_ref() == 0 {
+                Err(cx.err(key, v, "must be greater than 0"))
+            } else {
+                Ok(())
+            }
+        };
+        positive("recorder.flush_interval_ms", &r.flush_interval_ms)?;
+        positive("recorder.idle_timeout_ms", &r.idle_timeout_ms)?;
+        positive("recorder.max_recording_secs", &r.max_recording_secs)?;
+        positive("recorder.spool_max_bytes", &r.spool_max_bytes)?;
+        if !(MIN_MAX_CHUNK..=MAX_MAX_CHUNK).contains(r.chunk_bytes.get_ref()) {
+            return Err(cx.err(
+                "recorder.chunk_bytes",
+                &r.chunk_bytes,
+                &format!("must be {MIN_MAX_CHUNK} to {MAX_MAX_CHUNK}"),
+            ));
+        }
+        let ports = parse_ports(raw.ingest.ports.get_ref()).ok_or_else(|| {
+            cx.err(
+                "ingest.ports",
+                &raw.ingest.ports,
+                "not a port range A-B with 1 <= A <= B <= 65535",
+            )
+        })?;
+        let allow = raw
+            .ingest
+            .allow
+            .iter()
+            .map(|c| {
+                let s = c.get_ref().trim();
+                s.parse::<IpNet>()
+                    .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                    .map_err(|_| cx.err("ingest.allow", c, "not a CIDR network or address"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if raw.keys.source.get_ref() != "file" {
+            return Err(cx.err(
+                "keys.source",
+                &raw.keys.source,
+                "this build supports \"file\" (the key manager comes with \"lkm\")",
+            ));
+        }
+        let public_key = raw
+            .keys
+            .public_key
+            .as_deref()
+            .map(|p| cx.resolve(p))
+            .ok_or_else(|| cx.missing("keys.public_key", "the KEK public key file to seal to"))?;
+        let wrap = match raw.keys.wrap.get_ref().as_str() {
+            "oaep-sha256" => Wrap::OaepSha256,
+            "oaep-sha1" => Wrap::OaepSha1,
+            _ => {
+                return Err(cx.err(
+                    "keys.wrap",
+                    &raw.keys.wrap,
+                    "must be oaep-sha256 or oaep-sha1",
+                ));
+            }
+        };
+        if raw.store.kind.get_ref() != "dir" {
+            return Err(cx.err(
+                "store.kind",
+                &raw.store.kind,
+                "this build supports \"dir\" (http and s3 come with the upload engine)",
+            ));
+        }
+        let store_path = raw
+            .store
+            .path
+            .as_deref()
+            .map(|p| cx.resolve(p))
+            .ok_or_else(|| cx.missing("store.path", "the dir store's root directory"))?;
+        let mut recorder = raw.recorder.clone();
+        recorder.spool_dir = cx.resolve(&recorder.spool_dir);
+        Ok(Config {
+            file: file.to_path_buf(),
+            escrow_public_key: raw.keys.escrow_public_key.as_deref().map(|p| cx.resolve(p)),
+            recorder,
+            ingest: raw.ingest,
+            ports,
+            allow,
+            public_key,
+            wrap,
+            store_path,
+            metrics: raw.metrics,
+        })
+    }
+
+    /// The recording limits the session state machine works with.
+    pub fn limits(&self) -> crate::session::Limits {
+        let r = &self.recorder;
+        crate::session::Limits {
+            idle_timeout_us: r.idle_timeout_ms.get_ref() * 1000,
+            max_recording_us: r.max_recording_secs.get_ref() * 1_000_000,
+            flush_interval_us: r.flush_interval_ms.get_ref() * 1000,
+            max_chunk: *r.chunk_bytes.get_ref() as usize,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[recorder]
+spool_dir = "var/spool"
+flush_interval_ms = 500
+
+[ingest]
+ports = "40000-40009"
+allow = ["10.0.0.0/8", "192.0.2.7"]
+
+[keys]
+public_key = "keys/kek.pub.pem"
+
+[store]
+kind = "dir"
+path = "/srv/store"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/edgerec/edgerec.toml"), text)
+    }
+
+    #[test]
+    fn a_good_file_with_defaults_and_resolved_paths() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.ports, (40000, 40009));
+        assert_eq!(c.allow.len(), 2);
+        assert_eq!(c.recorder.spool_dir, Path::new("/etc/edgerec/var/spool"));
+        assert_eq!(c.public_key, Path::new("/etc/edgerec/keys/kek.pub.pem"));
+        assert_eq!(c.store_path, Path::new("/srv/store"));
+        assert_eq!(c.wrap, Wrap::OaepSha256);
+        let l = c.limits();
+        assert_eq!(
+            (l.flush_interval_us, l.idle_timeout_us),
+            (500_000, 5_000_000)
+        );
+        assert_eq!(c.metrics.listen, "127.0.0.1:9464".parse().unwrap());
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).unwrap_err().0
+    }
+
+    #[test]
+    fn errors_name_key_value_and_line() {
+        let e = err(&GOOD.replace(
+            "flush_interval_ms = 500",
+            "flush_interval_ms = 500\nbogus = 1",
+        ));
+        assert!(e.contains("line 5") && e.contains("bogus"), "{e}");
+        let e = err(&GOOD.replace("40000-40009", "40009-40000"));
+        assert!(
+            e.contains("line 7") && e.contains("ingest.ports = 40009-40000"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("10.0.0.0/8", "10.0.0.0/99"));
+        assert!(
+            e.contains("line 8") && e.contains("ingest.allow = 10.0.0.0/99"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("flush_interval_ms = 500", "flush_interval_ms = 0"));
+        assert!(e.contains("line 4") && e.contains("greater than 0"), "{e}");
+        let e = err(&GOOD.replace("flush_interval_ms = 500", "flush_interval_ms = \"fast\""));
+        assert!(e.contains("line 4") && e.contains("invalid type"), "{e}");
+        let e = err(&GOOD.replace("kind = \"dir\"", "kind = \"s3\""));
+        assert!(e.contains("store.kind = s3"), "{e}");
+        let e = err(&GOOD.replace("public_key = \"keys/kek.pub.pem\"", ""));
+        assert!(e.contains("keys.public_key is missing"), "{e}");
+        let e = err(&GOOD.replace("[keys]", "[keys]\nwrap = \"rsa\""));
+        assert!(e.contains("keys.wrap = rsa"), "{e}");
+        let e = err("[recorder]\n");
+        assert!(e.contains("keys"), "{e}");
+    }
+
+    #[test]
+    fn the_sample_config_is_valid() {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("samples/edgerec.toml");
+        let c = Config::load(&file).unwrap();
+        assert!(c.public_key.ends_with("samples/demo-kek.pub.pem"));
+        crate::keys::KekPublic::from_file(&c.public_key).unwrap();
+        assert_eq!(
+            c.recorder.spool_dir,
+            file.parent().unwrap().join("../var/spool")
+        );
+    }
+
+    #[test]
+    fn port_ranges() {
+        assert_eq!(parse_ports("40000-40999"), Some((40000, 40999)));
+        assert_eq!(parse_ports(" 5004 "), Some((5004, 5004)));
+        for bad in ["0-10", "10-9", "a-b", "70000", "1-70000", ""] {
+            assert_eq!(parse_ports(bad), None, "{bad}");
+        }
+    }
+}
