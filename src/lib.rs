@@ -13,6 +13,7 @@
 //! - [`entries`]: the media plaintext of an `rtp` recording (stream, RTP, event, RTCP).
 //! - [`rtp`]: RTP and RTCP told apart and checked; sequence accounting (RFC 3550 A.1).
 //! - [`session`]: the sans-IO recording state machine (ports, streams, chunks, timers).
+//! - [`spool`]: the spool directories, package files, upload state and crash recovery.
 //! - [`recover`]: keyless crash recovery (cut a torn tail).
 //! - [`pipeline`]: the ordered parallel map both use.
 //! - [`clock`]: unix milliseconds and UTC calendar dates.
@@ -38,6 +39,7 @@ pub mod reader;
 pub mod recover;
 pub mod rtp;
 pub mod session;
+pub mod spool;
 pub mod writer;
 
 pub use error::Error;

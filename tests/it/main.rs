@@ -3,5 +3,6 @@
 
 mod cli;
 mod common;
+mod spool;
 mod tamper;
 mod vectors;

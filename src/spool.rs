@@ -1,0 +1,498 @@
+//! The spool: where packages are written while they record and wait for the store. Only
+//! ciphertext is ever written here.
+//!
+//! ```text
+//! spool/active/<id>.erec.part     being written (created O_EXCL, header synced with the dir)
+//! spool/ready/<id>.erec           sealed or recovered, waiting for the store
+//! spool/ready/<id>.json           its upload state (size, SHA-256, terminated, attempts, …)
+//! spool/failed/<id>.erec + .json  refused by the store for good; listable, re-queueable,
+//!                                 never deleted by edgerec
+//! spool/quarantine/<name>         what cannot even be walked, with <name>.reason
+//! ```
+//!
+//! States and moves (each move is a rename within one file system, followed by a sync of
+//! the directories involved, so a crash leaves every package in exactly one state):
+//!
+//! ```text
+//! create ──► active ──finish──► ready ──stored──► (removed)
+//!              │                  └──refused──► failed ──retry──► ready
+//!              └──crash, then recover──► ready (state: unterminated)  or  quarantine
+//! ```
+//!
+//! Recovery at start needs no key: each `.part` file is walked by its record lengths, its
+//! torn tail is cut and it moves to `ready/` marked unterminated (or terminated, if the end
+//! record reached the disk before the crash). A file whose header cannot be walked moves to
+//! `quarantine/` with a reason: it never stops the start and is never retried in a loop. A
+//! `ready/` package without its state file (a crash between the two writes) gets its state
+//! rebuilt. State files are written to a temporary name, synced and renamed.
+//!
+//! Invariants: files are 0600 and directories 0700; nothing here deletes a package except
+//! [`Spool::remove_stored`], which the uploader calls only after the store confirmed it.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::recover::cut_torn_tail;
+
+/// The upload state kept beside each package in `ready/` and `failed/`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadState {
+    /// The recording id.
+    pub id: Uuid,
+    /// Package size in bytes.
+    pub size: u64,
+    /// SHA-256 of the whole package, hex.
+    pub sha256: String,
+    /// Whether the package has its end record.
+    pub terminated: bool,
+    /// Why it is unterminated, when it is ("recovered after a crash").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unterminated_reason: Option<String>,
+    /// When it became ready, unix ms.
+    pub ready_ms: u64,
+    /// Upload attempts so far.
+    #[serde(default)]
+    pub attempts: u32,
+    /// Not before this time, unix ms.
+    #[serde(default)]
+    pub next_attempt_ms: u64,
+    /// The last error, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// The spool's directories.
+#[derive(Debug, Clone)]
+pub struct Spool {
+    root: PathBuf,
+}
+
+/// Which directory a package is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// Being written.
+    Active,
+    /// Waiting for the store.
+    Ready,
+    /// Refused by the store.
+    Failed,
+    /// Unreadable.
+    Quarantine,
+}
+
+impl Place {
+    fn dir(self) -> &'static str {
+        match self {
+            Place::Active => "active",
+            Place::Ready => "ready",
+            Place::Failed => "failed",
+            Place::Quarantine => "quarantine",
+        }
+    }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn with_path(e: io::Error, what: &str, p: &Path) -> io::Error {
+    io::Error::new(e.kind(), format!("{what} {}: {e}", p.display()))
+}
+
+/// SHA-256 of a file.
+pub fn sha256_file(path: &Path) -> io::Result<[u8; 32]> {
+    let mut f = File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().into())
+}
+
+/// What recovery did with one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recovery {
+    /// A `.part` file moved to `ready/`; `cut` bytes of torn tail removed.
+    Recovered {
+        /// The recording id.
+        id: Uuid,
+        /// Whether its end record was there.
+        terminated: bool,
+        /// Torn bytes cut.
+        cut: u64,
+    },
+    /// A `ready/` package got its missing state file.
+    StateRebuilt(Uuid),
+    /// A file moved to `quarantine/`.
+    Quarantined {
+        /// Its file name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Spool {
+    /// Opens (creating, 0700) the spool at `root`, and checks that it is writable.
+    pub fn open(root: &Path) -> io::Result<Spool> {
+        let spool = Spool {
+            root: root.to_path_buf(),
+        };
+        for place in [
+            Place::Active,
+            Place::Ready,
+            Place::Failed,
+            Place::Quarantine,
+        ] {
+            let d = spool.dir(place);
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&d)
+                .map_err(|e| with_path(e, "cannot create spool directory", &d))?;
+        }
+        let probe = spool.dir(Place::Active).join(".write-probe");
+        let _ = fs::remove_file(&probe);
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&probe)
+            .and_then(|mut f| f.write_all(b"probe"))
+            .map_err(|e| with_path(e, "spool is not writable:", &spool.root))?;
+        fs::remove_file(&probe)?;
+        Ok(spool)
+    }
+
+    /// The spool's root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The directory of a place.
+    pub fn dir(&self, place: Place) -> PathBuf {
+        self.root.join(place.dir())
+    }
+
+    /// The package file of `id` in `place`.
+    pub fn package_path(&self, place: Place, id: Uuid) -> PathBuf {
+        let name = match place {
+            Place::Active => format!("{id}.erec.part"),
+            _ => format!("{id}.erec"),
+        };
+        self.dir(place).join(name)
+    }
+
+    /// The state file of `id` in `place` (ready or failed).
+    pub fn state_path(&self, place: Place, id: Uuid) -> PathBuf {
+        self.dir(place).join(format!("{id}.json"))
+    }
+
+    /// Starts a package: creates `active/<id>.erec.part` (O_EXCL, 0600), writes the header
+    /// and syncs file and directory, so the package exists after a crash.
+    pub fn create(&self, id: Uuid, header: &[u8]) -> io::Result<ActiveFile> {
+        let path = self.package_path(Place::Active, id);
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| with_path(e, "cannot create", &path))?;
+        file.write_all(header)?;
+        file.sync_all()?;
+        sync_dir(&self.dir(Place::Active))?;
+        let mut hash = Sha256::new();
+        hash.update(header);
+        Ok(ActiveFile {
+            id,
+            file,
+            hash,
+            len: header.len() as u64,
+            dirty: false,
+        })
+    }
+
+    /// Ends a package: appends `end` (the end record), syncs, renames it to `ready/`, writes
+    /// its state file, syncs the directories. Returns the state.
+    pub fn finish(&self, mut f: ActiveFile, end: &[u8], now_ms: u64) -> io::Result<UploadState> {
+        f.append(end)?;
+        f.file.sync_all()?;
+        let from = self.package_path(Place::Active, f.id);
+        let to = self.package_path(Place::Ready, f.id);
+        fs::rename(&from, &to).map_err(|e| with_path(e, "cannot move", &from))?;
+        let state = UploadState {
+            id: f.id,
+            size: f.len,
+            sha256: hex::encode(f.hash.finalize()),
+            terminated: true,
+            unterminated_reason: None,
+            ready_ms: now_ms,
+            attempts: 0,
+            next_attempt_ms: 0,
+            last_error: None,
+        };
+        self.write_state(Place::Ready, &state)?;
+        sync_dir(&self.dir(Place::Active))?;
+        Ok(state)
+    }
+
+    /// Writes a state file atomically (temporary name, sync, rename, directory sync).
+    pub fn write_state(&self, place: Place, state: &UploadState) -> io::Result<()> {
+        let path = self.state_path(place, state.id);
+        let tmp = path.with_extension("json.tmp");
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(state).map_err(io::Error::other)?)?;
+        f.sync_all()?;
+        fs::rename(&tmp, &path)?;
+        sync_dir(&self.dir(place))
+    }
+
+    /// Reads a state file.
+    pub fn read_state(&self, place: Place, id: Uuid) -> io::Result<UploadState> {
+        let path = self.state_path(place, id);
+        let bytes = fs::read(&path).map_err(|e| with_path(e, "cannot read", &path))?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        })
+    }
+
+    /// The ids of the packages in `place` (ready or failed), oldest id first (UUIDv7 ids
+    /// sort by time).
+    pub fn list(&self, place: Place) -> io::Result<Vec<Uuid>> {
+        let mut ids: Vec<Uuid> = fs::read_dir(self.dir(place))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                Uuid::parse_str(name.strip_suffix(".erec")?).ok()
+            })
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Moves a package and its state between `ready/` and `failed/` (package first, so a
+    /// crash in between leaves a package whose state recovery rebuilds).
+    pub fn move_package(&self, id: Uuid, from: Place, to: Place) -> io::Result<()> {
+        fs::rename(self.package_path(from, id), self.package_path(to, id))?;
+        fs::rename(self.state_path(from, id), self.state_path(to, id))?;
+        sync_dir(&self.dir(to))?;
+        sync_dir(&self.dir(from))
+    }
+
+    /// Removes a package from `ready/` after the store confirmed it (state file last).
+    pub fn remove_stored(&self, id: Uuid) -> io::Result<()> {
+        fs::remove_file(self.package_path(Place::Ready, id))?;
+        fs::remove_file(self.state_path(Place::Ready, id))?;
+        sync_dir(&self.dir(Place::Ready))
+    }
+
+    fn quarantine(&self, from: &Path, name: &str, reason: &str) -> io::Result<Recovery> {
+        let to = self.dir(Place::Quarantine).join(name);
+        fs::rename(from, &to)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(self.dir(Place::Quarantine).join(format!("{name}.reason")))?;
+        writeln!(f, "{reason}")?;
+        f.sync_all()?;
+        sync_dir(&self.dir(Place::Quarantine))?;
+        Ok(Recovery::Quarantined {
+            name: name.to_string(),
+            reason: reason.to_string(),
+        })
+    }
+
+    fn rebuild_state(&self, id: Uuid, terminated: bool, now_ms: u64) -> io::Result<UploadState> {
+        let path = self.package_path(Place::Ready, id);
+        let state = UploadState {
+            id,
+            size: fs::metadata(&path)?.len(),
+            sha256: hex::encode(sha256_file(&path)?),
+            terminated,
+            unterminated_reason: (!terminated).then(|| "recovered after a crash".to_string()),
+            ready_ms: now_ms,
+            attempts: 0,
+            next_attempt_ms: 0,
+            last_error: None,
+        };
+        self.write_state(Place::Ready, &state)?;
+        Ok(state)
+    }
+
+    /// Recovers what a crash left (see the module documentation). Call once at start,
+    /// before recording. Errors are only I/O errors of the spool itself.
+    pub fn recover(&self, now_ms: u64) -> io::Result<Vec<Recovery>> {
+        let mut done = Vec::new();
+        let mut names: Vec<_> = fs::read_dir(self.dir(Place::Active))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .collect();
+        names.sort();
+        for name in names {
+            let from = self.dir(Place::Active).join(&name);
+            let name = name.to_string_lossy().into_owned();
+            let Some(id) = name
+                .strip_suffix(".erec.part")
+                .and_then(|s| Uuid::parse_str(s).ok())
+            else {
+                done.push(self.quarantine(&from, &name, "not a spool file name")?);
+                continue;
+            };
+            let file = OpenOptions::new().read(true).write(true).open(&from)?;
+            match cut_torn_tail(&file) {
+                Ok(r) => {
+                    drop(file);
+                    fs::rename(&from, self.package_path(Place::Ready, id))?;
+                    self.rebuild_state(id, r.walk.terminated, now_ms)?;
+                    sync_dir(&self.dir(Place::Active))?;
+                    done.push(Recovery::Recovered {
+                        id,
+                        terminated: r.walk.terminated,
+                        cut: r.cut_bytes,
+                    });
+                }
+                Err(crate::Error::Io(e)) => return Err(e),
+                Err(e) => done.push(self.quarantine(&from, &name, &e.to_string())?),
+            }
+        }
+        for id in self.list(Place::Ready)? {
+            if !self.state_path(Place::Ready, id).exists() {
+                let path = self.package_path(Place::Ready, id);
+                let file = File::open(&path)?;
+                match crate::recover::walk_file(&file, crate::format::Tail::Strict) {
+                    Ok(w) => {
+                        self.rebuild_state(id, w.terminated, now_ms)?;
+                        done.push(Recovery::StateRebuilt(id));
+                    }
+                    Err(crate::Error::Io(e)) => return Err(e),
+                    Err(e) => {
+                        let name = format!("{id}.erec");
+                        done.push(self.quarantine(&path, &name, &e.to_string())?);
+                    }
+                }
+            }
+        }
+        for place in [Place::Ready, Place::Failed] {
+            for e in fs::read_dir(self.dir(place))?.filter_map(|e| e.ok()) {
+                if e.file_name().to_string_lossy().ends_with(".json.tmp") {
+                    fs::remove_file(e.path())?;
+                }
+            }
+        }
+        Ok(done)
+    }
+}
+
+/// A package being written in `active/`.
+#[derive(Debug)]
+pub struct ActiveFile {
+    id: Uuid,
+    file: File,
+    hash: Sha256,
+    len: u64,
+    dirty: bool,
+}
+
+impl ActiveFile {
+    /// The recording id.
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether only nothing has been written (never: the header is written at creation).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends encoded records in one write. On error (a full disk) the file may hold part
+    /// of them: the recording must end, and recovery cuts the torn tail.
+    pub fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.file.write_all(bytes)?;
+        self.hash.update(bytes);
+        self.len += bytes.len() as u64;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Makes what was appended durable (fdatasync), if anything was.
+    pub fn sync(&mut self) -> io::Result<()> {
+        if self.dirty {
+            self.file.sync_data()?;
+            self.dirty = false;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &Path) -> u32 {
+        fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn layout_permissions_and_the_happy_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("spool")).unwrap();
+        for p in ["active", "ready", "failed", "quarantine"] {
+            assert_eq!(mode(&dir.path().join("spool").join(p)), 0o700);
+        }
+        let id = Uuid::now_v7();
+        let mut f = spool.create(id, b"HEADER").unwrap();
+        assert_eq!(mode(&spool.package_path(Place::Active, id)), 0o600);
+        f.append(b"chunk").unwrap();
+        f.sync().unwrap();
+        let st = spool.finish(f, b"END", 42).unwrap();
+        assert_eq!(st.size, 14);
+        assert_eq!(st.sha256, hex::encode(Sha256::digest(b"HEADERchunkEND")));
+        assert!(!spool.package_path(Place::Active, id).exists());
+        assert_eq!(spool.read_state(Place::Ready, id).unwrap(), st);
+        assert_eq!(mode(&spool.state_path(Place::Ready, id)), 0o600);
+        assert_eq!(spool.list(Place::Ready).unwrap(), vec![id]);
+        spool.move_package(id, Place::Ready, Place::Failed).unwrap();
+        assert_eq!(spool.list(Place::Failed).unwrap(), vec![id]);
+        spool.move_package(id, Place::Failed, Place::Ready).unwrap();
+        spool.remove_stored(id).unwrap();
+        assert!(spool.list(Place::Ready).unwrap().is_empty());
+        assert!(spool.create(id, b"H").is_ok(), "a removed id can be reused");
+        assert!(spool.create(id, b"H").is_err(), "O_EXCL");
+    }
+
+    #[test]
+    fn an_unwritable_spool_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("plain-file");
+        fs::write(&file, b"x").unwrap();
+        let e = Spool::open(&file.join("spool")).unwrap_err();
+        assert!(e.to_string().contains("plain-file"), "{e}");
+    }
+}

@@ -1,0 +1,133 @@
+//! The spool after a simulated crash: recovery cuts torn tails, keeps every synced record,
+//! rebuilds missing state and quarantines what cannot be walked, without any key.
+
+use std::fs;
+
+use edgerec::format::{EndReason, Kind};
+use edgerec::reader::ReadMode;
+use edgerec::spool::{Place, Recovery, Spool};
+use edgerec::writer::{Media, SealOptions, Sealer};
+use uuid::Uuid;
+
+use crate::common::*;
+
+fn sealer() -> Sealer {
+    let opts = SealOptions {
+        media: Media::Rtp,
+        max_chunk: 4096,
+        ..SealOptions::default()
+    };
+    Sealer::new(&[public("test")], &opts).unwrap()
+}
+
+#[test]
+fn a_crash_mid_recording_is_recovered_with_every_synced_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path()).unwrap();
+    let mut s = sealer();
+    let id = s.recording_id();
+    let mut f = spool.create(id, s.header_bytes()).unwrap();
+    for i in 0..3u8 {
+        let mut rec = Vec::new();
+        s.seal(Kind::Media, &[i; 1000], &mut rec).unwrap();
+        f.append(&rec).unwrap();
+    }
+    f.sync().unwrap();
+    // A fourth chunk only partly written when the power went.
+    let mut rec = Vec::new();
+    s.seal(Kind::Media, &[9; 1000], &mut rec).unwrap();
+    f.append(&rec[..500]).unwrap();
+    drop(f);
+    drop(s);
+
+    let done = spool.recover(1).unwrap();
+    assert_eq!(
+        done,
+        vec![Recovery::Recovered {
+            id,
+            terminated: false,
+            cut: 500
+        }]
+    );
+    let state = spool.read_state(Place::Ready, id).unwrap();
+    assert!(!state.terminated);
+    assert_eq!(
+        state.unterminated_reason.as_deref(),
+        Some("recovered after a crash")
+    );
+    let pkg = fs::read(spool.package_path(Place::Ready, id)).unwrap();
+    assert_eq!(state.size, pkg.len() as u64);
+    let (out, summary) = open_bytes(&pkg, &ring(&["test"]), ReadMode::Recovery).unwrap();
+    assert!(!summary.terminated());
+    assert_eq!(out, [[0u8; 1000], [1; 1000], [2; 1000]].concat());
+    // A second start finds nothing more to do.
+    assert!(spool.recover(2).unwrap().is_empty());
+}
+
+#[test]
+fn an_end_record_that_reached_the_disk_counts_as_terminated() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path()).unwrap();
+    let mut s = sealer();
+    let id = s.recording_id();
+    let mut f = spool.create(id, s.header_bytes()).unwrap();
+    let mut rec = Vec::new();
+    s.seal(Kind::Media, b"abc", &mut rec).unwrap();
+    s.finish(EndReason::Complete, 5, &mut rec);
+    f.append(&rec).unwrap();
+    f.sync().unwrap();
+    drop(f); // crashed before the rename
+    let done = spool.recover(1).unwrap();
+    assert!(matches!(
+        done[0],
+        Recovery::Recovered {
+            terminated: true,
+            cut: 0,
+            ..
+        }
+    ));
+    assert!(spool.read_state(Place::Ready, id).unwrap().terminated);
+}
+
+#[test]
+fn garbage_is_quarantined_and_missing_state_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path()).unwrap();
+    let junk = Uuid::now_v7();
+    fs::write(spool.package_path(Place::Active, junk), b"not a package").unwrap();
+    fs::write(spool.dir(Place::Active).join("stray.tmp"), b"?").unwrap();
+    // A finished package whose state file was lost.
+    let mut s = sealer();
+    let id = s.recording_id();
+    let f = spool.create(id, s.header_bytes()).unwrap();
+    let mut end = Vec::new();
+    s.finish(EndReason::IdleTimeout, 9, &mut end);
+    let st = spool.finish(f, &end, 3).unwrap();
+    fs::remove_file(spool.state_path(Place::Ready, id)).unwrap();
+
+    let done = spool.recover(4).unwrap();
+    assert_eq!(done.len(), 3, "{done:?}");
+    assert!(
+        done.iter()
+            .any(|r| matches!(r, Recovery::Quarantined { name, .. } if name == "stray.tmp"))
+    );
+    assert!(
+        done.iter().any(
+            |r| matches!(r, Recovery::Quarantined { reason, .. } if reason.contains("corrupt"))
+        )
+    );
+    assert!(done.contains(&Recovery::StateRebuilt(id)));
+    let rebuilt = spool.read_state(Place::Ready, id).unwrap();
+    assert_eq!(
+        (rebuilt.sha256, rebuilt.size, rebuilt.terminated),
+        (st.sha256, st.size, true)
+    );
+    let q = spool.dir(Place::Quarantine);
+    assert!(q.join(format!("{junk}.erec.part.reason")).exists());
+    assert!(
+        fs::read_dir(spool.dir(Place::Active))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+}
