@@ -97,7 +97,7 @@ fn garbage_is_quarantined_and_missing_state_rebuilt() {
     fs::write(spool.package_path(Place::Active, junk), b"not a package").unwrap();
     fs::write(spool.dir(Place::Active).join("stray.tmp"), b"?").unwrap();
     // A finished package whose state file was lost.
-    let mut s = sealer();
+    let s = sealer();
     let id = s.recording_id();
     let f = spool.create(id, s.header_bytes()).unwrap();
     let mut end = Vec::new();
