@@ -14,6 +14,7 @@
 //! - [`rtp`]: RTP and RTCP told apart and checked; sequence accounting (RFC 3550 A.1).
 //! - [`session`]: the sans-IO recording state machine (ports, streams, chunks, timers).
 //! - [`spool`]: the spool directories, package files, upload state and crash recovery.
+//! - [`store`]: the store interface, object keys, and the `dir` store.
 //! - [`recover`]: keyless crash recovery (cut a torn tail).
 //! - [`pipeline`]: the ordered parallel map both use.
 //! - [`clock`]: unix milliseconds and UTC calendar dates.
@@ -40,6 +41,7 @@ pub mod recover;
 pub mod rtp;
 pub mod session;
 pub mod spool;
+pub mod store;
 pub mod writer;
 
 pub use error::Error;

@@ -1,0 +1,259 @@
+//! The recording store: the interface every store implements, the object key of a package,
+//! and the first implementation, a directory (local disk or an NFS mount).
+//!
+//! Invariants:
+//! - [`Store::put`] returns `Ok` only once the store holds the object and has confirmed the
+//!   package's SHA-256; only then may the spool delete its copy.
+//! - A store never overwrites an object: the same key with the same SHA-256 is success
+//!   (a retry after a lost answer), with another SHA-256 a [`StoreError::Conflict`].
+//! - Object keys come from the recording id alone (`{prefix}{yyyy}/{mm}/{dd}/{id}.erec`, the
+//!   UTC date of the UUIDv7 timestamp), so retries and restarts never make duplicates and
+//!   no counter can reset and overwrite an older upload.
+//! - The appliance needs no permission to delete from the store.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use uuid::Uuid;
+
+use crate::clock::Utc;
+use crate::spool::sha256_file;
+
+/// The object key of a package: `{prefix}{yyyy}/{mm}/{dd}/{id}.erec`.
+pub fn object_key(prefix: &str, id: Uuid) -> String {
+    let ms = id
+        .get_timestamp()
+        .map(|t| {
+            let (s, n) = t.to_unix();
+            s * 1000 + u64::from(n / 1_000_000)
+        })
+        .unwrap_or(0);
+    let d = Utc::from_unix_ms(ms);
+    format!(
+        "{prefix}{:04}/{:02}/{:02}/{}.erec",
+        d.year,
+        d.month,
+        d.day,
+        id.hyphenated()
+    )
+}
+
+/// Why a put did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Worth retrying later: the store is unreachable, busy, or the copy did not verify.
+    #[error("store unavailable: {0}")]
+    Transient(String),
+    /// The store refuses this package for good (permissions, a bad request); it goes to
+    /// `failed/` with this reason.
+    #[error("store refused the package: {0}")]
+    Permanent(String),
+    /// The key holds another object (a different SHA-256); never overwritten.
+    #[error("the store already holds a different object under {key} (SHA-256 {existing})")]
+    Conflict {
+        /// The key.
+        key: String,
+        /// The SHA-256 of what the store holds, hex.
+        existing: String,
+    },
+}
+
+/// What a successful put found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// Written now.
+    Written,
+    /// It was already there with the same SHA-256 (an earlier attempt's answer was lost).
+    AlreadyThere,
+}
+
+/// A recording store.
+pub trait Store: Send + Sync {
+    /// Stores the package at `file` under `key`; returns once the store confirmed `sha256`.
+    fn put(&self, key: &str, file: &Path, sha256: &[u8; 32]) -> Result<Stored, StoreError>;
+
+    /// A short name for logs and metrics (`dir`, `http`, `s3`).
+    fn kind(&self) -> &'static str;
+}
+
+/// A directory as the store: `root/{key}`. Each put copies to a temporary file beside the
+/// destination, syncs it, reads it back to verify the SHA-256, and links it into place
+/// (a hard link fails if the name exists, so nothing is ever overwritten, even by a
+/// concurrent writer), then syncs the directory.
+#[derive(Debug, Clone)]
+pub struct DirStore {
+    root: PathBuf,
+}
+
+fn transient(what: &str, p: &Path, e: io::Error) -> StoreError {
+    StoreError::Transient(format!("{what} {}: {e}", p.display()))
+}
+
+impl DirStore {
+    /// A store rooted at `root` (created if missing).
+    pub fn open(root: &Path) -> io::Result<DirStore> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(root)?;
+        Ok(DirStore {
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// Where `key` lives.
+    pub fn path_of(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+
+    fn check_existing(
+        &self,
+        key: &str,
+        dest: &Path,
+        sha256: &[u8; 32],
+    ) -> Result<Stored, StoreError> {
+        let existing = sha256_file(dest).map_err(|e| transient("cannot read", dest, e))?;
+        if existing == *sha256 {
+            Ok(Stored::AlreadyThere)
+        } else {
+            Err(StoreError::Conflict {
+                key: key.to_string(),
+                existing: hex::encode(existing),
+            })
+        }
+    }
+}
+
+impl Store for DirStore {
+    fn put(&self, key: &str, file: &Path, sha256: &[u8; 32]) -> Result<Stored, StoreError> {
+        if key
+            .split('/')
+            .any(|p| p.is_empty() || p == "." || p == "..")
+        {
+            return Err(StoreError::Permanent(format!("bad object key {key:?}")));
+        }
+        let dest = self.path_of(key);
+        if dest.exists() {
+            return self.check_existing(key, &dest, sha256);
+        }
+        let dir = dest.parent().expect("a key has at least one component");
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(dir)
+            .map_err(|e| transient("cannot create", dir, e))?;
+        let tmp = dir.join(format!(
+            ".{}.{}.tmp",
+            dest.file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+            Uuid::new_v4().simple()
+        ));
+        let result = (|| {
+            let mut src = File::open(file).map_err(|e| transient("cannot read", file, e))?;
+            let mut out = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o640)
+                .open(&tmp)
+                .map_err(|e| transient("cannot create", &tmp, e))?;
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = src
+                    .read(&mut buf)
+                    .map_err(|e| transient("cannot read", file, e))?;
+                if n == 0 {
+                    break;
+                }
+                out.write_all(&buf[..n])
+                    .map_err(|e| transient("cannot write", &tmp, e))?;
+            }
+            out.sync_all()
+                .map_err(|e| transient("cannot sync", &tmp, e))?;
+            drop(out);
+            let copied = sha256_file(&tmp).map_err(|e| transient("cannot read", &tmp, e))?;
+            if copied != *sha256 {
+                return Err(StoreError::Transient(format!(
+                    "the copy in {} does not match the package's SHA-256",
+                    tmp.display()
+                )));
+            }
+            match fs::hard_link(&tmp, &dest) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    return self.check_existing(key, &dest, sha256);
+                }
+                Err(e) => return Err(transient("cannot link", &dest, e)),
+            }
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| transient("cannot sync", dir, e))?;
+            Ok(Stored::Written)
+        })();
+        let _ = fs::remove_file(&tmp);
+        result
+    }
+
+    fn kind(&self) -> &'static str {
+        "dir"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::{Digest, Sha256};
+
+    #[test]
+    fn keys_follow_the_uuid_v7_date() {
+        // 0x019acd8c2c00 ms = 2025-11-29T... ; check against the clock module.
+        let id = Uuid::parse_str("019acd8c-2c00-7abc-8def-0123456789ab").unwrap();
+        let ms = 0x019a_cd8c_2c00u64;
+        let d = Utc::from_unix_ms(ms);
+        assert_eq!(
+            object_key("rec/", id),
+            format!(
+                "rec/{:04}/{:02}/{:02}/019acd8c-2c00-7abc-8def-0123456789ab.erec",
+                d.year, d.month, d.day
+            )
+        );
+        assert_eq!(&object_key("", id)[..11], "2025/11/29/");
+    }
+
+    #[test]
+    fn put_verifies_never_overwrites_and_is_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DirStore::open(&dir.path().join("store")).unwrap();
+        let pkg = dir.path().join("p.erec");
+        fs::write(&pkg, b"ciphertext").unwrap();
+        let sha: [u8; 32] = Sha256::digest(b"ciphertext").into();
+        let key = "2026/11/29/x.erec";
+        assert_eq!(store.put(key, &pkg, &sha).unwrap(), Stored::Written);
+        assert_eq!(fs::read(store.path_of(key)).unwrap(), b"ciphertext");
+        assert_eq!(store.put(key, &pkg, &sha).unwrap(), Stored::AlreadyThere);
+        fs::write(&pkg, b"other").unwrap();
+        let other: [u8; 32] = Sha256::digest(b"other").into();
+        assert!(matches!(
+            store.put(key, &pkg, &other),
+            Err(StoreError::Conflict { .. })
+        ));
+        assert_eq!(
+            fs::read(store.path_of(key)).unwrap(),
+            b"ciphertext",
+            "not overwritten"
+        );
+        // A package that changed after its SHA-256 was taken does not verify.
+        assert!(matches!(
+            store.put("2026/11/29/y.erec", &pkg, &sha),
+            Err(StoreError::Transient(_))
+        ));
+        assert!(!store.path_of("2026/11/29/y.erec").exists());
+        let leftovers: Vec<_> = fs::read_dir(store.path_of("2026/11/29")).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "no temporary files left");
+        assert!(matches!(
+            store.put("../x", &pkg, &sha),
+            Err(StoreError::Permanent(_))
+        ));
+    }
+}
