@@ -15,6 +15,8 @@
 //! - [`session`]: the sans-IO recording state machine (ports, streams, chunks, timers).
 //! - [`spool`]: the spool directories, package files, upload state and crash recovery.
 //! - [`store`]: the store interface, object keys, and the `dir` store.
+//! - `recorder`, `uploader`, `run` (feature `appliance`): the recorder thread, the uploader
+//!   thread, and `edgerec run`, which wires them to the ingest sockets.
 //! - [`recover`]: keyless crash recovery (cut a torn tail).
 //! - [`pipeline`]: the ordered parallel map both use.
 //! - [`clock`]: unix milliseconds and UTC calendar dates.
@@ -37,11 +39,19 @@ pub mod format;
 pub mod keys;
 pub mod pipeline;
 pub mod reader;
+#[cfg(feature = "appliance")]
+pub mod recorder;
 pub mod recover;
 pub mod rtp;
+#[cfg(feature = "appliance")]
+pub mod run;
 pub mod session;
+#[cfg(feature = "appliance")]
 pub mod spool;
+#[cfg(feature = "appliance")]
 pub mod store;
+#[cfg(feature = "appliance")]
+pub mod uploader;
 pub mod writer;
 
 pub use error::Error;

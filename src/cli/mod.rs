@@ -3,6 +3,8 @@
 //! contract (0 success, 1 other error, 2 usage, 3 wrong key, 4 corrupt, 5 unterminated,
 //! 6 unsupported version or suite).
 
+#[cfg(feature = "appliance")]
+mod appliance;
 mod io;
 mod package;
 
@@ -24,6 +26,14 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the recording appliance: receive RTP on the ingest ports, seal every call into
+    /// the spool, deliver the packages to the store. Stops cleanly on SIGTERM or SIGINT.
+    #[cfg(feature = "appliance")]
+    Run {
+        /// The TOML configuration (relative paths in it resolve against its directory).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Make a new RSA key-encryption key pair: DIR/<kek id>.pem (private, 0600) and
     /// DIR/<kek id>.pub.pem. Prints the kek id.
     ///
@@ -122,6 +132,8 @@ pub fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
+        #[cfg(feature = "appliance")]
+        Command::Run { config } => return appliance::run(&config),
         Command::Keygen { out, bits } => package::keygen(&out, bits.into()),
         Command::Seal {
             keks,

@@ -1,6 +1,7 @@
 //! The integration tests, one test binary: the library through its public API and the
 //! `edgerec` binary end to end.
 
+mod appliance;
 mod cli;
 mod common;
 mod spool;

@@ -1,0 +1,248 @@
+//! The recorder thread: drives the [`Sessions`] state machine with the datagrams the ingest
+//! tasks hand it and with its timers, and carries out its actions on the spool — a fresh
+//! data key and package per recording, sealed chunks appended, one group commit per flush
+//! tick, the end record and the move to `ready/`.
+//!
+//! It is a plain thread, not an async task: it does blocking file I/O and syncs, and it
+//! owns every open package, so no lock is needed. Ingest never blocks on it: the queue is
+//! bounded and a datagram that finds it full is counted as dropped (`overload`).
+//!
+//! Invariants: plaintext exists only in memory (the session's pending chunk, sealed before
+//! it is written); a recording whose package cannot be created or written is refused or
+//! ended and counted, never allowed to stop the others; at shutdown every recording gets its
+//! end record (reason shutdown) and everything is synced before the thread returns.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use crate::clock::now_ms;
+use crate::format::{Kind, Metadata, Wrap};
+use crate::keys::KekPublic;
+use crate::session::{Action, Limits, RecId, Sessions};
+use crate::spool::{ActiveFile, Spool};
+use crate::writer::{Media, SealOptions, Sealer};
+
+/// What the ingest tasks send.
+#[derive(Debug)]
+pub enum Msg {
+    /// One datagram, with its arrival time.
+    Datagram {
+        /// Where it arrived.
+        local: SocketAddr,
+        /// Where it came from.
+        remote: SocketAddr,
+        /// Its bytes.
+        data: Vec<u8>,
+        /// When it arrived.
+        at: Instant,
+    },
+    /// End every recording and return.
+    Shutdown,
+}
+
+/// Counters the recorder keeps for the metrics (never per recording).
+#[derive(Debug, Default)]
+pub struct RecorderStats {
+    /// Recordings refused (the package could not be created).
+    pub refused: AtomicU64,
+    /// Recordings ended early by a write error.
+    pub write_errors: AtomicU64,
+    /// Chunks written.
+    pub chunks: AtomicU64,
+    /// Group commits done.
+    pub syncs: AtomicU64,
+    /// Recordings in progress.
+    pub active: AtomicU64,
+}
+
+/// What the recorder needs.
+pub struct RecorderSetup {
+    /// The spool.
+    pub spool: Spool,
+    /// The KEK (and escrow KEK) every new recording is sealed to.
+    pub keks: Vec<KekPublic>,
+    /// The wrap.
+    pub wrap: Wrap,
+    /// The session limits.
+    pub limits: Limits,
+    /// Whether to sync at each flush tick.
+    pub sync: bool,
+    /// Told the id of every package that reached `ready/`.
+    pub ready: SyncSender<Uuid>,
+    /// Counters.
+    pub stats: Arc<RecorderStats>,
+}
+
+struct Open {
+    id: Uuid,
+    sealer: Sealer,
+    file: ActiveFile,
+}
+
+/// Runs until [`Msg::Shutdown`] arrives or every sender is gone.
+pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
+    let RecorderSetup {
+        spool,
+        keks,
+        wrap,
+        limits,
+        sync,
+        ready,
+        stats,
+    } = setup;
+    let epoch = Instant::now();
+    let us = |t: Instant| {
+        u64::try_from(t.saturating_duration_since(epoch).as_micros()).unwrap_or(u64::MAX)
+    };
+    let mut sessions = Sessions::new(limits);
+    let mut open: HashMap<RecId, Open> = HashMap::new();
+    let mut uuids: HashMap<RecId, Uuid> = HashMap::new();
+    let mut actions = Vec::new();
+    let mut buf = Vec::new();
+    loop {
+        let timeout = sessions
+            .poll_timeout()
+            .map(|t| Duration::from_micros(t.saturating_sub(us(Instant::now()))));
+        let msg = match timeout {
+            Some(d) => rx.recv_timeout(d),
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        let mut stop = false;
+        match msg {
+            Ok(Msg::Datagram {
+                local,
+                remote,
+                data,
+                at,
+            }) => sessions.handle(us(at), local, remote, &data, &mut actions),
+            Ok(Msg::Shutdown) | Err(RecvTimeoutError::Disconnected) => {
+                sessions.shutdown(&mut actions);
+                stop = true;
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        if !stop {
+            sessions.handle_timeout(us(Instant::now()), &mut actions);
+        }
+        for action in actions.drain(..) {
+            match action {
+                Action::Open {
+                    rec,
+                    local,
+                    continues,
+                } => {
+                    let mut public = Metadata::new();
+                    public.insert("port".into(), local.port().into());
+                    if let Some(prev) = continues.and_then(|c| uuids.get(&c)) {
+                        public.insert("continues".into(), prev.hyphenated().to_string().into());
+                    }
+                    let opts = SealOptions {
+                        wrap,
+                        max_chunk: u32::try_from(limits.max_chunk).unwrap_or(u32::MAX),
+                        media: Media::Rtp,
+                        public,
+                        recording_id: None,
+                        created_ms: None,
+                    };
+                    let started = Sealer::new(&keks, &opts)
+                        .map_err(|e| e.to_string())
+                        .and_then(|sealer| {
+                            let id = sealer.recording_id();
+                            spool
+                                .create(id, sealer.header_bytes())
+                                .map(|file| Open { id, sealer, file })
+                                .map_err(|e| e.to_string())
+                        });
+                    match started {
+                        Ok(o) => {
+                            tracing::info!(recording = %o.id, port = local.port(), "recording started");
+                            uuids.insert(rec, o.id);
+                            open.insert(rec, o);
+                            stats.active.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            tracing::error!(port = local.port(), error = %e, "recording refused");
+                            stats.refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                Action::Chunk { rec, plaintext } => {
+                    let Some(o) = open.get_mut(&rec) else {
+                        continue;
+                    };
+                    buf.clear();
+                    let written = o
+                        .sealer
+                        .seal(Kind::Media, &plaintext, &mut buf)
+                        .map_err(|e| e.to_string())
+                        .and_then(|()| o.file.append(&buf).map_err(|e| e.to_string()));
+                    match written {
+                        Ok(()) => {
+                            stats.chunks.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            // The package keeps what was written; recovery at the next start
+                            // cuts the torn tail and delivers it as unterminated.
+                            tracing::error!(recording = %o.id, error = %e, "write failed; recording ended");
+                            stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                            stats.active.fetch_sub(1, Ordering::Relaxed);
+                            open.remove(&rec);
+                        }
+                    }
+                }
+                Action::Sync => {
+                    let dirty = open.values().filter(|o| o.file.is_dirty()).count();
+                    if sync && dirty > 0 {
+                        group_commit(&spool, &mut open, dirty);
+                        stats.syncs.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(files = dirty, "synced");
+                    }
+                }
+                Action::Close { rec, reason } => {
+                    uuids.remove(&rec);
+                    let Some(o) = open.remove(&rec) else { continue };
+                    stats.active.fetch_sub(1, Ordering::Relaxed);
+                    buf.clear();
+                    o.sealer.finish(reason, now_ms(), &mut buf);
+                    match spool.finish(o.file, &buf, now_ms()) {
+                        Ok(state) => {
+                            tracing::info!(recording = %o.id, reason = reason.name(), bytes = state.size, "recording ended");
+                            let _ = ready.try_send(o.id);
+                        }
+                        Err(e) => {
+                            tracing::error!(recording = %o.id, error = %e, "cannot finish package; recovery will deliver it");
+                            stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        }
+        if stop {
+            return;
+        }
+    }
+}
+
+/// Syncs every dirty package: one `fdatasync` each when few are dirty, one `syncfs` for the
+/// whole spool when many are (thousands of recordings must not cost thousands of syncs).
+fn group_commit(spool: &Spool, open: &mut HashMap<RecId, Open>, dirty: usize) {
+    const PER_FILE_UP_TO: usize = 4;
+    if dirty > PER_FILE_UP_TO {
+        match spool.sync_fs() {
+            Ok(()) => open.values_mut().for_each(|o| o.file.mark_synced()),
+            Err(e) => tracing::error!(error = %e, "syncfs of the spool failed"),
+        }
+        return;
+    }
+    for o in open.values_mut() {
+        if let Err(e) = o.file.sync() {
+            tracing::error!(recording = %o.id, error = %e, "sync failed");
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! The uploader thread: moves packages from `ready/` to the store, and deletes the spool's
+//! copy only after the store confirmed the package's SHA-256.
+//!
+//! This is the first, plain version for the `dir` store: packages are taken oldest first,
+//! as the recorder announces them and from a scan of `ready/` at start and every
+//! `rescan` interval; a transient failure is retried with capped exponential backoff,
+//! forever; a refusal or a conflict moves the package to `failed/` with the reason. Attempts,
+//! the next attempt time and the last error are written to the package's state file, so a
+//! restart continues where it stopped.
+//!
+//! Invariant: a package leaves the spool only through [`Spool::remove_stored`] after
+//! [`Store::put`] returned `Ok`; nothing here deletes a package otherwise.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use crate::clock::now_ms;
+use crate::spool::{Place, Spool};
+use crate::store::{Store, StoreError, object_key};
+
+/// Counters for the metrics.
+#[derive(Debug, Default)]
+pub struct UploadStats {
+    /// Packages the store confirmed.
+    pub stored: AtomicU64,
+    /// Bytes of those packages.
+    pub stored_bytes: AtomicU64,
+    /// Attempts that will be retried.
+    pub retries: AtomicU64,
+    /// Packages moved to `failed/`.
+    pub failed: AtomicU64,
+}
+
+/// Backoff before attempt `n + 1` after `n` failed ones: 1 s doubling to a 5 min cap.
+pub fn backoff_ms(attempts: u32) -> u64 {
+    1000u64.saturating_mul(1 << attempts.min(9)).min(300_000)
+}
+
+/// Runs until `stop` is set (checked between packages) or the sender is gone.
+pub fn run(
+    spool: Spool,
+    store: Arc<dyn Store>,
+    prefix: String,
+    rx: Receiver<Uuid>,
+    stop: Arc<AtomicBool>,
+    stats: Arc<UploadStats>,
+    rescan: Duration,
+) {
+    let mut queue: BTreeSet<Uuid> = BTreeSet::new();
+    let mut last_scan = None;
+    while !stop.load(Ordering::Relaxed) {
+        if last_scan.is_none_or(|t: std::time::Instant| t.elapsed() >= rescan) {
+            match spool.list(Place::Ready) {
+                Ok(ids) => queue.extend(ids),
+                Err(e) => tracing::error!(error = %e, "cannot list the spool"),
+            }
+            last_scan = Some(std::time::Instant::now());
+        }
+        let now = now_ms();
+        let due = queue.iter().copied().find(|id| {
+            spool
+                .read_state(Place::Ready, *id)
+                .is_ok_and(|s| s.next_attempt_ms <= now)
+        });
+        let Some(id) = due else {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(id) => {
+                    queue.insert(id);
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    if queue.is_empty() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+            while let Ok(id) = rx.try_recv() {
+                queue.insert(id);
+            }
+            continue;
+        };
+        queue.remove(&id);
+        upload_one(&spool, store.as_ref(), &prefix, id, &stats);
+    }
+}
+
+fn upload_one(spool: &Spool, store: &dyn Store, prefix: &str, id: Uuid, stats: &UploadStats) {
+    let Ok(mut state) = spool.read_state(Place::Ready, id) else {
+        return; // gone meanwhile (stored, or moved by an operator)
+    };
+    let key = object_key(prefix, id);
+    let path = spool.package_path(Place::Ready, id);
+    let sha: [u8; 32] = match hex::decode(&state.sha256)
+        .ok()
+        .and_then(|v| v.try_into().ok())
+    {
+        Some(s) => s,
+        None => {
+            tracing::error!(recording = %id, "state file has no valid SHA-256");
+            return;
+        }
+    };
+    state.attempts += 1;
+    match store.put(&key, &path, &sha) {
+        Ok(how) => match spool.remove_stored(id) {
+            Ok(()) => {
+                stats.stored.fetch_add(1, Ordering::Relaxed);
+                stats.stored_bytes.fetch_add(state.size, Ordering::Relaxed);
+                tracing::info!(recording = %id, key, ?how, "stored");
+            }
+            Err(e) => {
+                tracing::error!(recording = %id, error = %e, "stored, but cannot remove from the spool")
+            }
+        },
+        Err(StoreError::Transient(why)) => {
+            stats.retries.fetch_add(1, Ordering::Relaxed);
+            state.next_attempt_ms = now_ms() + backoff_ms(state.attempts);
+            tracing::warn!(recording = %id, attempts = state.attempts, error = %why, "upload failed; will retry");
+            state.last_error = Some(why);
+            if let Err(e) = spool.write_state(Place::Ready, &state) {
+                tracing::error!(recording = %id, error = %e, "cannot write upload state");
+            }
+        }
+        Err(e) => {
+            stats.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(recording = %id, error = %e, "store refused the package; moved to failed/");
+            state.last_error = Some(e.to_string());
+            let moved = spool
+                .write_state(Place::Ready, &state)
+                .and_then(|()| spool.move_package(id, Place::Ready, Place::Failed));
+            if let Err(e) = moved {
+                tracing::error!(recording = %id, error = %e, "cannot move to failed/");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_a_cap() {
+        assert_eq!(backoff_ms(0), 1000);
+        assert_eq!(backoff_ms(1), 2000);
+        assert_eq!(backoff_ms(8), 256_000);
+        assert_eq!(backoff_ms(9), 300_000);
+        assert_eq!(backoff_ms(u32::MAX), 300_000);
+    }
+}

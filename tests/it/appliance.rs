@@ -1,0 +1,300 @@
+//! `edgerec run` end to end: the real binary on loopback ports, real UDP, the spool, the
+//! dir store; SIGTERM and kill -9.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use edgerec::entries::{Entry, entries};
+use edgerec::format::{EndReason, Kind};
+use edgerec::reader::{PackageReader, ReadMode};
+
+use crate::common::*;
+
+/// Four consecutive free UDP ports on loopback.
+fn free_ports() -> u16 {
+    for _ in 0..200 {
+        let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let base = probe.local_addr().unwrap().port();
+        drop(probe);
+        if base > 65000 {
+            continue;
+        }
+        if (base..base + 4).all(|p| UdpSocket::bind(("127.0.0.1", p)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no four free ports");
+}
+
+struct Appliance {
+    dir: tempfile::TempDir,
+    base: u16,
+    child: Option<Child>,
+    log: mpsc::Receiver<String>,
+}
+
+impl Appliance {
+    fn config(dir: &Path, base: u16) -> PathBuf {
+        let cfg = dir.join("edgerec.toml");
+        fs::write(
+            &cfg,
+            format!(
+                r#"
+[recorder]
+spool_dir = "spool"
+flush_interval_ms = 200
+idle_timeout_ms = 1500
+[ingest]
+ports = "{base}-{}"
+allow = ["127.0.0.0/8"]
+[keys]
+public_key = "{}"
+[store]
+path = "store"
+[metrics]
+listen = "127.0.0.1:0"
+"#,
+                base + 3,
+                key_path("test-kek.pub.pem").display()
+            ),
+        )
+        .unwrap();
+        cfg
+    }
+
+    fn start() -> Appliance {
+        let dir = tempfile::tempdir().unwrap();
+        let base = free_ports();
+        Self::config(dir.path(), base);
+        let mut a = Appliance {
+            dir,
+            base,
+            child: None,
+            log: mpsc::channel().1,
+        };
+        a.spawn();
+        a
+    }
+
+    fn spawn(&mut self) {
+        let cfg = self.dir.path().join("edgerec.toml");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_edgerec"))
+            .args(["run", "--config", cfg.to_str().unwrap()])
+            .env("EDGEREC_LOG", "debug")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        self.child = Some(child);
+        self.log = rx;
+        self.wait_log("listening for RTP");
+    }
+
+    /// Waits for a log line containing `what` (observable state, not a sleep).
+    fn wait_log(&self, what: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while let Ok(line) = self.log.recv_timeout(deadline - Instant::now()) {
+            if line.contains(what) {
+                return line;
+            }
+        }
+        panic!("no log line with {what:?}");
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn sigterm(&mut self) {
+        let mut child = self.child.take().unwrap();
+        let st = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        assert!(child.wait().unwrap().success(), "exit 0 after SIGTERM");
+    }
+
+    fn kill9(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+impl Drop for Appliance {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn rtp(seq: u16, ssrc: u32, fill: u8) -> Vec<u8> {
+    let mut p = vec![0x80, 0];
+    p.extend_from_slice(&seq.to_be_bytes());
+    p.extend_from_slice(&(u32::from(seq) * 160).to_be_bytes());
+    p.extend_from_slice(&ssrc.to_be_bytes());
+    p.extend_from_slice(&[fill; 160]);
+    p
+}
+
+fn stored(store: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![store.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "erec") {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+fn wait_stored(store: &Path, n: usize) -> Vec<PathBuf> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = stored(store);
+        if s.len() >= n {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {n} packages stored",
+            s.len()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Opens a stored package and returns (stream count, RTP packets per stream, end reason).
+fn decode(path: &Path, mode: ReadMode) -> (usize, Vec<Vec<u16>>, Option<EndReason>) {
+    let ring = ring(&["test"]);
+    let mut r = PackageReader::new(fs::File::open(path).unwrap(), &ring, mode).unwrap();
+    let mut streams = 0;
+    let mut seqs: Vec<Vec<u16>> = Vec::new();
+    while let Some(rec) = r.next_record().unwrap() {
+        assert_eq!(rec.kind, Kind::Media);
+        for e in entries(&rec.plaintext) {
+            match e.unwrap() {
+                Entry::StreamOpened { stream, .. } => {
+                    assert_eq!(usize::from(stream), streams);
+                    streams += 1;
+                    seqs.push(Vec::new());
+                }
+                Entry::Rtp { stream, packet, .. } => {
+                    assert_eq!(&packet[12..], &[packet[12]; 160][..]);
+                    seqs[usize::from(stream)].push(u16::from_be_bytes([packet[2], packet[3]]));
+                }
+                _ => {}
+            }
+        }
+    }
+    (streams, seqs, r.end().map(|e| e.reason))
+}
+
+#[test]
+fn a_two_leg_call_is_recorded_sealed_and_stored() {
+    let mut a = Appliance::start();
+    let leg_a = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let leg_b = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = a.base + 1;
+    for i in 0..100u16 {
+        leg_a
+            .send_to(&rtp(i, 0xAAAA, 0x11), ("127.0.0.1", port))
+            .unwrap();
+        if i != 50 {
+            leg_b
+                .send_to(&rtp(1000 + i, 0xBBBB, 0x22), ("127.0.0.1", port))
+                .unwrap();
+        }
+        if i % 10 == 0 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    // The call ends by idle timeout; the package reaches the store without a signal.
+    let files = wait_stored(&a.path("store"), 1);
+    let (streams, seqs, end) = decode(&files[0], ReadMode::Strict);
+    assert_eq!(streams, 2);
+    assert_eq!(seqs[0], (0..100).collect::<Vec<_>>());
+    assert_eq!(seqs[1].len(), 99);
+    assert_eq!(end, Some(EndReason::IdleTimeout));
+    // Only ciphertext anywhere: no run of the payload bytes in the stored package.
+    let bytes = fs::read(&files[0]).unwrap();
+    assert!(
+        !bytes
+            .windows(16)
+            .any(|w| w == [0x11; 16] || w == [0x22; 16])
+    );
+    // The spool is empty once the store confirmed.
+    let ready: Vec<_> = fs::read_dir(a.path("spool/ready")).unwrap().collect();
+    assert!(ready.is_empty(), "{ready:?}");
+    a.sigterm();
+}
+
+#[test]
+fn sigterm_ends_recordings_properly() {
+    let mut a = Appliance::start();
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for i in 0..20u16 {
+        s.send_to(&rtp(i, 7, 0x33), ("127.0.0.1", a.base)).unwrap();
+    }
+    a.wait_log("recording started");
+    a.sigterm();
+    let files = wait_stored(&a.path("store"), 1);
+    let (_, seqs, end) = decode(&files[0], ReadMode::Strict);
+    assert_eq!(end, Some(EndReason::Shutdown));
+    assert_eq!(seqs[0].len(), 20);
+}
+
+#[test]
+fn kill_9_mid_call_then_restart_delivers_the_synced_part() {
+    let mut a = Appliance::start();
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for i in 0..50u16 {
+        s.send_to(&rtp(i, 9, 0x44), ("127.0.0.1", a.base + 2))
+            .unwrap();
+    }
+    // Wait until a chunk was written and synced: the .part file grows past its header.
+    let active = a.path("spool/active");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let grown = fs::read_dir(&active)
+            .unwrap()
+            .flatten()
+            .any(|e| e.metadata().unwrap().len() > 1000);
+        if grown {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no chunk written");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    a.wait_log("synced"); // the group commit after the chunk
+    a.kill9();
+    a.spawn();
+    let files = wait_stored(&a.path("store"), 1);
+    let (_, seqs, end) = decode(&files[0], ReadMode::Recovery);
+    assert_eq!(end, None, "unterminated");
+    assert_eq!(
+        seqs[0],
+        (0..50).collect::<Vec<_>>(),
+        "every synced packet is there"
+    );
+    a.sigterm();
+}
