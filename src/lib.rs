@@ -37,6 +37,8 @@ pub mod entries;
 pub mod error;
 pub mod format;
 pub mod keys;
+#[cfg(feature = "appliance")]
+pub mod metrics;
 pub mod pipeline;
 pub mod reader;
 #[cfg(feature = "appliance")]

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::time::{Duration, Instant};
 
@@ -24,7 +24,8 @@ use uuid::Uuid;
 use crate::clock::now_ms;
 use crate::format::{Kind, Metadata, Wrap};
 use crate::keys::KekPublic;
-use crate::session::{Action, Limits, RecId, Sessions};
+use crate::metrics::Metrics;
+use crate::session::{Action, Counters, Limits, RecId, Sessions};
 use crate::spool::{ActiveFile, Spool};
 use crate::writer::{Media, SealOptions, Sealer};
 
@@ -46,21 +47,6 @@ pub enum Msg {
     Shutdown,
 }
 
-/// Counters the recorder keeps for the metrics (never per recording).
-#[derive(Debug, Default)]
-pub struct RecorderStats {
-    /// Recordings refused (the package could not be created).
-    pub refused: AtomicU64,
-    /// Recordings ended early by a write error.
-    pub write_errors: AtomicU64,
-    /// Chunks written.
-    pub chunks: AtomicU64,
-    /// Group commits done.
-    pub syncs: AtomicU64,
-    /// Recordings in progress.
-    pub active: AtomicU64,
-}
-
 /// What the recorder needs.
 pub struct RecorderSetup {
     /// The spool.
@@ -75,9 +61,15 @@ pub struct RecorderSetup {
     pub sync: bool,
     /// Told the id of every package that reached `ready/`.
     pub ready: SyncSender<Uuid>,
-    /// Counters.
-    pub stats: Arc<RecorderStats>,
+    /// The metrics.
+    pub metrics: Arc<Metrics>,
+    /// False while the spool is over its quota or short of free space: new recordings are
+    /// refused (nothing already spooled is touched).
+    pub accepting: Arc<AtomicBool>,
 }
+
+/// How often the session's counters reach the metrics (at most).
+const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 
 struct Open {
     id: Uuid,
@@ -94,8 +86,12 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
         limits,
         sync,
         ready,
-        stats,
+        metrics,
+        accepting,
     } = setup;
+    let mut published = Counters::default();
+    let mut last_publish = Instant::now();
+    let mut unpublished = false;
     let epoch = Instant::now();
     let us = |t: Instant| {
         u64::try_from(t.saturating_duration_since(epoch).as_micros()).unwrap_or(u64::MAX)
@@ -106,9 +102,13 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
     let mut actions = Vec::new();
     let mut buf = Vec::new();
     loop {
-        let timeout = sessions
+        let mut timeout = sessions
             .poll_timeout()
             .map(|t| Duration::from_micros(t.saturating_sub(us(Instant::now()))));
+        if unpublished {
+            // Counts not yet in the metrics: come back in time to publish them.
+            timeout = Some(timeout.map_or(PUBLISH_EVERY, |t| t.min(PUBLISH_EVERY)));
+        }
         let msg = match timeout {
             Some(d) => rx.recv_timeout(d),
             None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
@@ -120,7 +120,10 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
                 remote,
                 data,
                 at,
-            }) => sessions.handle(us(at), local, remote, &data, &mut actions),
+            }) => {
+                sessions.handle(us(at), local, remote, &data, &mut actions);
+                unpublished = true;
+            }
             Ok(Msg::Shutdown) | Err(RecvTimeoutError::Disconnected) => {
                 sessions.shutdown(&mut actions);
                 stop = true;
@@ -130,6 +133,7 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
         if !stop {
             sessions.handle_timeout(us(Instant::now()), &mut actions);
         }
+        unpublished |= !actions.is_empty();
         for action in actions.drain(..) {
             match action {
                 Action::Open {
@@ -150,6 +154,14 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
                         recording_id: None,
                         created_ms: None,
                     };
+                    if !accepting.load(Ordering::Relaxed) {
+                        tracing::error!(
+                            port = local.port(),
+                            "recording refused: the spool is full"
+                        );
+                        Metrics::inc(&metrics.recordings_refused, "spool_full", 1);
+                        continue;
+                    }
                     let started = Sealer::new(&keks, &opts)
                         .map_err(|e| e.to_string())
                         .and_then(|sealer| {
@@ -164,11 +176,11 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
                             tracing::info!(recording = %o.id, port = local.port(), "recording started");
                             uuids.insert(rec, o.id);
                             open.insert(rec, o);
-                            stats.active.fetch_add(1, Ordering::Relaxed);
+                            metrics.recordings_active.inc();
                         }
                         Err(e) => {
                             tracing::error!(port = local.port(), error = %e, "recording refused");
-                            stats.refused.fetch_add(1, Ordering::Relaxed);
+                            Metrics::inc(&metrics.recordings_refused, "spool_error", 1);
                         }
                     }
                 }
@@ -184,14 +196,14 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
                         .and_then(|()| o.file.append(&buf).map_err(|e| e.to_string()));
                     match written {
                         Ok(()) => {
-                            stats.chunks.fetch_add(1, Ordering::Relaxed);
+                            metrics.chunks_written.inc();
                         }
                         Err(e) => {
                             // The package keeps what was written; recovery at the next start
                             // cuts the torn tail and delivers it as unterminated.
                             tracing::error!(recording = %o.id, error = %e, "write failed; recording ended");
-                            stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                            stats.active.fetch_sub(1, Ordering::Relaxed);
+                            Metrics::inc(&metrics.recordings_ended, "write_error", 1);
+                            metrics.recordings_active.dec();
                             open.remove(&rec);
                         }
                     }
@@ -199,15 +211,16 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
                 Action::Sync => {
                     let dirty = open.values().filter(|o| o.file.is_dirty()).count();
                     if sync && dirty > 0 {
+                        let t = Instant::now();
                         group_commit(&spool, &mut open, dirty);
-                        stats.syncs.fetch_add(1, Ordering::Relaxed);
+                        metrics.sync_duration.observe(t.elapsed().as_secs_f64());
                         tracing::debug!(files = dirty, "synced");
                     }
                 }
                 Action::Close { rec, reason } => {
                     uuids.remove(&rec);
                     let Some(o) = open.remove(&rec) else { continue };
-                    stats.active.fetch_sub(1, Ordering::Relaxed);
+                    metrics.recordings_active.dec();
                     buf.clear();
                     o.sealer.finish(reason, now_ms(), &mut buf);
                     match spool.finish(o.file, &buf, now_ms()) {
@@ -217,16 +230,47 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
                         }
                         Err(e) => {
                             tracing::error!(recording = %o.id, error = %e, "cannot finish package; recovery will deliver it");
-                            stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                            Metrics::inc(&metrics.recordings_refused, "finish_error", 1);
                         }
                     }
                 }
             }
         }
+        if stop || (unpublished && last_publish.elapsed() >= PUBLISH_EVERY) {
+            publish(&metrics, sessions.counters(), &mut published);
+            last_publish = Instant::now();
+            unpublished = false;
+        }
         if stop {
             return;
         }
     }
+}
+
+/// Adds what the session counted since the last call to the metrics.
+fn publish(m: &Metrics, now: &Counters, last: &mut Counters) {
+    m.rtp_received.inc_by(now.rtp_packets - last.rtp_packets);
+    m.rtp_lost
+        .inc_by(now.rtp_lost.saturating_sub(last.rtp_lost));
+    m.rtp_duplicate
+        .inc_by(now.rtp_duplicates - last.rtp_duplicates);
+    m.rtp_reordered
+        .inc_by(now.rtp_reordered - last.rtp_reordered);
+    m.rtcp.inc_by(now.rtcp_packets - last.rtcp_packets);
+    m.recordings_started.inc_by(now.started - last.started);
+    for (reason, n) in &now.dropped {
+        let before = last.dropped.get(reason).copied().unwrap_or(0);
+        if *n > before {
+            Metrics::inc(&m.datagrams_rejected, reason, n - before);
+        }
+    }
+    for (reason, n) in &now.ended {
+        let before = last.ended.get(reason).copied().unwrap_or(0);
+        if *n > before {
+            Metrics::inc(&m.recordings_ended, reason, n - before);
+        }
+    }
+    last.clone_from(now);
 }
 
 /// Syncs every dirty package: one `fdatasync` each when few are dirty, one `syncfs` for the

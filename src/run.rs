@@ -16,7 +16,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
 
@@ -26,10 +26,11 @@ use tokio::net::UdpSocket;
 use crate::clock::now_ms;
 use crate::config::{Config, SyncMode};
 use crate::keys::KekPublic;
-use crate::recorder::{self, Msg, RecorderSetup, RecorderStats};
+use crate::metrics::{KekLabel, Metrics, SpoolState};
+use crate::recorder::{self, Msg, RecorderSetup};
 use crate::spool::{Recovery, Spool};
 use crate::store::DirStore;
-use crate::uploader::{self, UploadStats};
+use crate::uploader;
 
 /// Why the appliance did not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -46,15 +47,6 @@ fn start<E: std::fmt::Display>(what: impl std::fmt::Display) -> impl FnOnce(E) -
 /// Datagrams the recorder may have queued before ingest drops (and counts) them: about two
 /// seconds of 2,000 G.711 streams.
 const QUEUE: usize = 200_000;
-
-/// Ingest counters.
-#[derive(Debug, Default)]
-pub struct IngestStats {
-    /// Datagrams from sources outside `ingest.allow`.
-    pub denied: AtomicU64,
-    /// Datagrams dropped because the recorder's queue was full.
-    pub overload: AtomicU64,
-}
 
 /// Runs the appliance until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
@@ -81,6 +73,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         keks.push(KekPublic::from_file(escrow).map_err(start("keys.escrow_public_key"))?);
     }
     tracing::info!(kek_id = %keks[0].id(), "sealing to KEK");
+    let (metrics, registry) = Metrics::new();
+    metrics
+        .kek_info
+        .get_or_create(&KekLabel {
+            kek_id: keks[0].id().to_hex(),
+        })
+        .set(1);
+    let (metrics_addr, metrics_server) =
+        crate::metrics::serve(config.metrics.listen, Arc::clone(&metrics), registry)
+            .await
+            .map_err(start(format!(
+                "metrics.listen: cannot listen on {}",
+                config.metrics.listen
+            )))?;
+    tracing::info!(%metrics_addr, "metrics at /metrics, /healthz, /readyz");
     let store = DirStore::open(&config.store_path).map_err(start("store.path"))?;
 
     let (first, last) = config.ports;
@@ -109,7 +116,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     let (tx, rx) = sync_channel::<Msg>(QUEUE);
     let (ready_tx, ready_rx) = sync_channel(10_000);
-    let rec_stats = Arc::new(RecorderStats::default());
+    let accepting = Arc::new(AtomicBool::new(true));
     let setup = RecorderSetup {
         spool: spool.clone(),
         keks,
@@ -117,16 +124,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         limits: config.limits(),
         sync: config.recorder.sync == SyncMode::Data,
         ready: ready_tx,
-        stats: Arc::clone(&rec_stats),
+        metrics: Arc::clone(&metrics),
+        accepting: Arc::clone(&accepting),
     };
     let recorder = std::thread::Builder::new()
         .name("recorder".into())
         .spawn(move || recorder::run(setup, rx))
         .map_err(start("starting the recorder"))?;
     let up_stop = Arc::new(AtomicBool::new(false));
-    let up_stats = Arc::new(UploadStats::default());
     let uploader = {
-        let (spool, stop, stats) = (spool.clone(), Arc::clone(&up_stop), Arc::clone(&up_stats));
+        let (spool, stop, m) = (spool.clone(), Arc::clone(&up_stop), Arc::clone(&metrics));
         std::thread::Builder::new()
             .name("uploader".into())
             .spawn(move || {
@@ -136,14 +143,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                     String::new(),
                     ready_rx,
                     stop,
-                    stats,
+                    m,
                     Duration::from_secs(30),
                 )
             })
             .map_err(start("starting the uploader"))?
     };
 
-    let ingest_stats = Arc::new(IngestStats::default());
     let allow = Arc::new(config.allow.clone());
     let mut tasks = tokio::task::JoinSet::new();
     for s in sockets {
@@ -151,9 +157,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             s,
             tx.clone(),
             Arc::clone(&allow),
-            Arc::clone(&ingest_stats),
+            Arc::clone(&metrics),
         ));
     }
+    tasks.spawn(metrics_server);
+    tasks.spawn(watch_spool(
+        spool.clone(),
+        config.recorder.spool_max_bytes.into_inner(),
+        config.recorder.min_free_bytes.into_inner(),
+        accepting,
+        Arc::clone(&metrics),
+    ));
     shutdown.await;
     tracing::info!("shutting down: ending every recording");
     tasks.abort_all();
@@ -163,10 +177,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let _ = tokio::task::spawn_blocking(move || recorder.join()).await;
     up_stop.store(true, Ordering::Relaxed);
     let _ = tokio::task::spawn_blocking(move || uploader.join()).await;
-    tracing::info!(
-        stored = up_stats.stored.load(Ordering::Relaxed),
-        "stopped; what was not stored waits in the spool"
-    );
+    tracing::info!("stopped; what was not stored waits in the spool");
     Ok(())
 }
 
@@ -175,7 +186,7 @@ async fn ingest(
     socket: UdpSocket,
     tx: SyncSender<Msg>,
     allow: Arc<Vec<IpNet>>,
-    stats: Arc<IngestStats>,
+    metrics: Arc<Metrics>,
 ) {
     let local = match socket.local_addr() {
         Ok(a) => a,
@@ -194,7 +205,7 @@ async fn ingest(
             match socket.try_recv_from(&mut buf) {
                 Ok((n, remote)) => {
                     if !allow.is_empty() && !allow.iter().any(|net| net.contains(&remote.ip())) {
-                        stats.denied.fetch_add(1, Ordering::Relaxed);
+                        Metrics::inc(&metrics.datagrams_rejected, "denied_source", 1);
                         continue;
                     }
                     let msg = Msg::Datagram {
@@ -206,7 +217,7 @@ async fn ingest(
                     match tx.try_send(msg) {
                         Ok(()) => {}
                         Err(TrySendError::Full(_)) => {
-                            stats.overload.fetch_add(1, Ordering::Relaxed);
+                            Metrics::inc(&metrics.datagrams_rejected, "overload", 1);
                         }
                         Err(TrySendError::Disconnected(_)) => return,
                     }
@@ -217,6 +228,74 @@ async fn ingest(
                     break;
                 }
             }
+        }
+    }
+}
+
+/// Every two seconds: the spool's files, bytes and free space into the metrics; new
+/// recordings refused (and `/readyz` false) while the spool is over `max_bytes`, short of
+/// `min_free` or not writable. Nothing already spooled is ever dropped.
+async fn watch_spool(
+    spool: Spool,
+    max_bytes: u64,
+    min_free: u64,
+    accepting: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        let s = spool.clone();
+        let Ok((usage, writable)) =
+            tokio::task::spawn_blocking(move || (s.usage(), s.writable())).await
+        else {
+            return;
+        };
+        let problem = match &usage {
+            Err(e) => Some(format!("cannot read the spool: {e}")),
+            Ok(_) if !writable => Some("the spool is not writable".to_string()),
+            Ok(u) if u.bytes >= max_bytes => Some(format!(
+                "the spool holds {} bytes, recorder.spool_max_bytes is {max_bytes}",
+                u.bytes
+            )),
+            Ok(u) if u.free_bytes < min_free => Some(format!(
+                "{} bytes free, recorder.min_free_bytes is {min_free}",
+                u.free_bytes
+            )),
+            Ok(_) => None,
+        };
+        let ok = problem.is_none();
+        if accepting.swap(ok, Ordering::Relaxed) != ok {
+            match &problem {
+                Some(why) => tracing::error!(why, "refusing new recordings"),
+                None => tracing::info!("accepting new recordings again"),
+            }
+        }
+        metrics.set_ready(ok, problem.as_deref().unwrap_or(""));
+        if let Ok(u) = usage {
+            for (i, state) in ["active", "ready", "failed", "quarantine"]
+                .into_iter()
+                .enumerate()
+            {
+                metrics
+                    .spool_files
+                    .get_or_create(&SpoolState {
+                        state: state.into(),
+                    })
+                    .set(i64::try_from(u.files[i]).unwrap_or(i64::MAX));
+            }
+            metrics
+                .spool_bytes
+                .set(i64::try_from(u.bytes).unwrap_or(i64::MAX));
+            metrics
+                .spool_capacity
+                .set(i64::try_from(max_bytes).unwrap_or(i64::MAX));
+            let age = u
+                .oldest_ready_ms
+                .map_or(0, |t| now_ms().saturating_sub(t) / 1000);
+            metrics
+                .spool_oldest_ready_age
+                .set(i64::try_from(age).unwrap_or(i64::MAX));
         }
     }
 }

@@ -120,6 +120,19 @@ pub fn sha256_file(path: &Path) -> io::Result<[u8; 32]> {
     Ok(h.finalize().into())
 }
 
+/// What the spool holds, for the metrics and the disk policy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Package files: active, ready, failed, quarantine.
+    pub files: [u64; 4],
+    /// Bytes of all files.
+    pub bytes: u64,
+    /// When the oldest package in `ready/` got there (its modification time), unix ms.
+    pub oldest_ready_ms: Option<u64>,
+    /// Bytes free for unprivileged use on the spool's file system.
+    pub free_bytes: u64,
+}
+
 /// What recovery did with one file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Recovery {
@@ -245,6 +258,55 @@ impl Spool {
         self.write_state(Place::Ready, &state)?;
         sync_dir(&self.dir(Place::Active))?;
         Ok(state)
+    }
+
+    /// Counts files and bytes per place, the oldest ready package, and the free space.
+    pub fn usage(&self) -> io::Result<Usage> {
+        let mut u = Usage::default();
+        for (i, place) in [
+            Place::Active,
+            Place::Ready,
+            Place::Failed,
+            Place::Quarantine,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            for e in fs::read_dir(self.dir(place))?.filter_map(|e| e.ok()) {
+                let Ok(meta) = e.metadata() else { continue };
+                u.bytes += meta.len();
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                if name.ends_with(".erec") || name.ends_with(".erec.part") {
+                    u.files[i] += 1;
+                    if place == Place::Ready {
+                        let ms = meta
+                            .modified()
+                            .ok()
+                            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                        u.oldest_ready_ms = Some(u.oldest_ready_ms.map_or(ms, |o| o.min(ms)));
+                    }
+                }
+            }
+        }
+        let st = rustix::fs::statvfs(&self.root).map_err(io::Error::from)?;
+        u.free_bytes = st.f_bavail.saturating_mul(st.f_frsize);
+        Ok(u)
+    }
+
+    /// Whether a file can be created in the spool now.
+    pub fn writable(&self) -> bool {
+        let probe = self.dir(Place::Active).join(".write-probe");
+        let ok = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&probe)
+            .is_ok();
+        let _ = fs::remove_file(&probe);
+        ok
     }
 
     /// One group commit: makes every file written on the spool's file system durable with

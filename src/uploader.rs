@@ -13,28 +13,16 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
 
 use uuid::Uuid;
 
 use crate::clock::now_ms;
+use crate::metrics::{Metrics, Outcome};
 use crate::spool::{Place, Spool};
-use crate::store::{Store, StoreError, object_key};
-
-/// Counters for the metrics.
-#[derive(Debug, Default)]
-pub struct UploadStats {
-    /// Packages the store confirmed.
-    pub stored: AtomicU64,
-    /// Bytes of those packages.
-    pub stored_bytes: AtomicU64,
-    /// Attempts that will be retried.
-    pub retries: AtomicU64,
-    /// Packages moved to `failed/`.
-    pub failed: AtomicU64,
-}
+use crate::store::{Store, StoreError, Stored, object_key};
 
 /// Backoff before attempt `n + 1` after `n` failed ones: 1 s doubling to a 5 min cap.
 pub fn backoff_ms(attempts: u32) -> u64 {
@@ -48,7 +36,7 @@ pub fn run(
     prefix: String,
     rx: Receiver<Uuid>,
     stop: Arc<AtomicBool>,
-    stats: Arc<UploadStats>,
+    metrics: Arc<Metrics>,
     rescan: Duration,
 ) {
     let mut queue: BTreeSet<Uuid> = BTreeSet::new();
@@ -86,11 +74,11 @@ pub fn run(
             continue;
         };
         queue.remove(&id);
-        upload_one(&spool, store.as_ref(), &prefix, id, &stats);
+        upload_one(&spool, store.as_ref(), &prefix, id, &metrics);
     }
 }
 
-fn upload_one(spool: &Spool, store: &dyn Store, prefix: &str, id: Uuid, stats: &UploadStats) {
+fn upload_one(spool: &Spool, store: &dyn Store, prefix: &str, id: Uuid, metrics: &Metrics) {
     let Ok(mut state) = spool.read_state(Place::Ready, id) else {
         return; // gone meanwhile (stored, or moved by an operator)
     };
@@ -107,11 +95,27 @@ fn upload_one(spool: &Spool, store: &dyn Store, prefix: &str, id: Uuid, stats: &
         }
     };
     state.attempts += 1;
-    match store.put(&key, &path, &sha) {
+    let started = std::time::Instant::now();
+    let result = store.put(&key, &path, &sha);
+    metrics
+        .upload_duration
+        .observe(started.elapsed().as_secs_f64());
+    let outcome = |o: &str| {
+        metrics
+            .uploads
+            .get_or_create(&Outcome { outcome: o.into() })
+            .inc();
+    };
+    match result {
         Ok(how) => match spool.remove_stored(id) {
             Ok(()) => {
-                stats.stored.fetch_add(1, Ordering::Relaxed);
-                stats.stored_bytes.fetch_add(state.size, Ordering::Relaxed);
+                outcome(match how {
+                    Stored::Written => "stored",
+                    Stored::AlreadyThere => "already_stored",
+                });
+                metrics.uploaded_bytes.inc_by(state.size);
+                let age_ms = now_ms().saturating_sub(state.ready_ms);
+                metrics.recording_to_stored.observe(age_ms as f64 / 1000.0);
                 tracing::info!(recording = %id, key, ?how, "stored");
             }
             Err(e) => {
@@ -119,7 +123,8 @@ fn upload_one(spool: &Spool, store: &dyn Store, prefix: &str, id: Uuid, stats: &
             }
         },
         Err(StoreError::Transient(why)) => {
-            stats.retries.fetch_add(1, Ordering::Relaxed);
+            outcome("retry");
+            metrics.upload_retries.inc();
             state.next_attempt_ms = now_ms() + backoff_ms(state.attempts);
             tracing::warn!(recording = %id, attempts = state.attempts, error = %why, "upload failed; will retry");
             state.last_error = Some(why);
@@ -128,7 +133,7 @@ fn upload_one(spool: &Spool, store: &dyn Store, prefix: &str, id: Uuid, stats: &
             }
         }
         Err(e) => {
-            stats.failed.fetch_add(1, Ordering::Relaxed);
+            outcome("failed");
             tracing::error!(recording = %id, error = %e, "store refused the package; moved to failed/");
             state.last_error = Some(e.to_string());
             let moved = spool

@@ -2,7 +2,7 @@
 //! dir store; SIGTERM and kill -9.
 
 use std::fs;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -36,6 +36,7 @@ struct Appliance {
     base: u16,
     child: Option<Child>,
     log: mpsc::Receiver<String>,
+    metrics: String,
 }
 
 impl Appliance {
@@ -76,6 +77,7 @@ listen = "127.0.0.1:0"
             base,
             child: None,
             log: mpsc::channel().1,
+            metrics: String::new(),
         };
         a.spawn();
         a
@@ -98,7 +100,49 @@ listen = "127.0.0.1:0"
         });
         self.child = Some(child);
         self.log = rx;
+        let line = self.wait_log("metrics at");
+        self.metrics = line
+            .split("metrics_addr=")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .expect("the log names the metrics address")
+            .to_string();
         self.wait_log("listening for RTP");
+    }
+
+    /// GET a path of the metrics listener: (status, body).
+    fn get(&self, path: &str) -> (u16, String) {
+        let mut s = std::net::TcpStream::connect(&self.metrics).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        let status = text[9..12].parse().unwrap();
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    /// The value of one metric line (exact name with labels).
+    fn metric(&self, name: &str) -> f64 {
+        let (_, body) = self.get("/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+            .map_or(0.0, |v| v.trim().parse().unwrap())
+    }
+
+    /// Waits until a metric reaches a value (observable state, not a sleep).
+    fn wait_metric(&self, name: &str, at_least: f64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.metric(name) < at_least {
+            assert!(Instant::now() < deadline, "{name} stayed below {at_least}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Waits for a log line containing `what` (observable state, not a sleep).
@@ -245,6 +289,26 @@ fn a_two_leg_call_is_recorded_sealed_and_stored() {
     // The spool is empty once the store confirmed.
     let ready: Vec<_> = fs::read_dir(a.path("spool/ready")).unwrap().collect();
     assert!(ready.is_empty(), "{ready:?}");
+    // The metrics say so.
+    a.wait_metric("edgerec_uploads_total{outcome=\"stored\"}", 1.0);
+    assert_eq!(a.metric("edgerec_rtp_packets_received_total"), 199.0);
+    assert_eq!(a.metric("edgerec_recordings_started_total"), 1.0);
+    assert_eq!(
+        a.metric("edgerec_recordings_ended_total{reason=\"idle_timeout\"}"),
+        1.0
+    );
+    assert_eq!(a.metric("edgerec_recordings_active"), 0.0);
+    assert!(a.metric("edgerec_chunks_written_total") >= 1.0);
+    assert_eq!(a.get("/healthz").0, 200);
+    let (status, body) = a.get("/metrics");
+    assert_eq!(status, 200);
+    assert!(body.contains("edgerec_build_info{version="), "{body}");
+    assert!(body.contains(&format!(
+        "edgerec_kek_info{{kek_id=\"{}\"}} 1",
+        public("test").id()
+    )));
+    a.wait_metric("edgerec_spool_capacity_bytes", 1.0);
+    assert_eq!(a.get("/readyz").0, 200);
     a.sigterm();
 }
 
@@ -252,6 +316,25 @@ fn a_two_leg_call_is_recorded_sealed_and_stored() {
 fn sigterm_ends_recordings_properly() {
     let mut a = Appliance::start();
     let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    // Bad input first: it is counted and changes nothing.
+    s.send_to(b"\x80\x00", ("127.0.0.1", a.base)).unwrap();
+    s.send_to(&[0u8; 40], ("127.0.0.1", a.base)).unwrap();
+    let mut bye_alone = vec![0x81, 203, 0, 1];
+    bye_alone.extend_from_slice(&7u32.to_be_bytes());
+    s.send_to(&bye_alone, ("127.0.0.1", a.base + 3)).unwrap();
+    a.wait_metric(
+        "edgerec_datagrams_rejected_total{reason=\"rtcp_without_recording\"}",
+        1.0,
+    );
+    assert_eq!(
+        a.metric("edgerec_datagrams_rejected_total{reason=\"short\"}"),
+        1.0
+    );
+    assert_eq!(
+        a.metric("edgerec_datagrams_rejected_total{reason=\"version\"}"),
+        1.0
+    );
+    assert_eq!(a.metric("edgerec_recordings_started_total"), 0.0);
     for i in 0..20u16 {
         s.send_to(&rtp(i, 7, 0x33), ("127.0.0.1", a.base)).unwrap();
     }
@@ -285,7 +368,7 @@ fn kill_9_mid_call_then_restart_delivers_the_synced_part() {
         assert!(Instant::now() < deadline, "no chunk written");
         std::thread::sleep(Duration::from_millis(20));
     }
-    a.wait_log("synced"); // the group commit after the chunk
+    a.wait_metric("edgerec_sync_duration_seconds_count", 1.0); // the group commit
     a.kill9();
     a.spawn();
     let files = wait_stored(&a.path("store"), 1);

@@ -1,0 +1,332 @@
+//! The appliance's metrics (Prometheus text, crate prometheus-client) and its `/metrics`,
+//! `/healthz` and `/readyz` endpoints.
+//!
+//! Invariants: no label carries a recording id, a conversation, an address or anything
+//! else per recording (cardinality stays fixed, and no metadata leaks into monitoring);
+//! "uploaded" is only ever counted after the store confirmed a package.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// A label set of one label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    /// The reason, outcome or state.
+    pub reason: String,
+}
+
+/// `{outcome}`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    /// stored, already_stored, retry, failed.
+    pub outcome: String,
+}
+
+/// `{state}`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SpoolState {
+    /// active, ready, failed, quarantine.
+    pub state: String,
+}
+
+/// `{kek_id}`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KekLabel {
+    /// Hex kek id.
+    pub kek_id: String,
+}
+
+/// `{version}`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Version {
+    /// The crate version.
+    pub version: String,
+}
+
+/// Every metric of the appliance.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Recordings in progress.
+    pub recordings_active: Gauge,
+    /// Recordings started.
+    pub recordings_started: Counter,
+    /// Recordings ended, by reason.
+    pub recordings_ended: Family<Reason, Counter>,
+    /// Recordings refused, by reason.
+    pub recordings_refused: Family<Reason, Counter>,
+    /// RTP packets stored.
+    pub rtp_received: Counter,
+    /// RTP packets found missing.
+    pub rtp_lost: Counter,
+    /// Duplicate RTP packets.
+    pub rtp_duplicate: Counter,
+    /// Late RTP packets.
+    pub rtp_reordered: Counter,
+    /// RTCP packets stored.
+    pub rtcp: Counter,
+    /// Datagrams not stored, by reason.
+    pub datagrams_rejected: Family<Reason, Counter>,
+    /// Media chunks sealed and written.
+    pub chunks_written: Counter,
+    /// Duration of each group commit.
+    pub sync_duration: Histogram,
+    /// Bytes in the spool.
+    pub spool_bytes: Gauge,
+    /// Files in the spool, by state.
+    pub spool_files: Family<SpoolState, Gauge>,
+    /// Bytes the spool may hold.
+    pub spool_capacity: Gauge,
+    /// Age of the oldest package waiting in `ready/`.
+    pub spool_oldest_ready_age: Gauge,
+    /// Uploads by outcome.
+    pub uploads: Family<Outcome, Counter>,
+    /// Upload attempts that will be retried.
+    pub upload_retries: Counter,
+    /// Bytes the store confirmed.
+    pub uploaded_bytes: Counter,
+    /// Duration of each upload attempt.
+    pub upload_duration: Histogram,
+    /// From the end of a recording to the store's confirmation.
+    pub recording_to_stored: Histogram,
+    /// The KEK new recordings are sealed to (value 1).
+    pub kek_info: Family<KekLabel, Gauge>,
+    /// Whether the spool is writable and under its quota (1) or not (0), for /readyz.
+    ready: Arc<AtomicBool>,
+    /// Why not ready.
+    not_ready_reason: std::sync::Mutex<String>,
+}
+
+fn seconds_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+impl Metrics {
+    /// All metrics, registered.
+    pub fn new() -> (Arc<Metrics>, Registry) {
+        let m = Metrics {
+            recordings_active: Gauge::default(),
+            recordings_started: Counter::default(),
+            recordings_ended: Family::default(),
+            recordings_refused: Family::default(),
+            rtp_received: Counter::default(),
+            rtp_lost: Counter::default(),
+            rtp_duplicate: Counter::default(),
+            rtp_reordered: Counter::default(),
+            rtcp: Counter::default(),
+            datagrams_rejected: Family::default(),
+            chunks_written: Counter::default(),
+            sync_duration: seconds_buckets(),
+            spool_bytes: Gauge::default(),
+            spool_files: Family::default(),
+            spool_capacity: Gauge::default(),
+            spool_oldest_ready_age: Gauge::default(),
+            uploads: Family::default(),
+            upload_retries: Counter::default(),
+            uploaded_bytes: Counter::default(),
+            upload_duration: seconds_buckets(),
+            recording_to_stored: Histogram::new(exponential_buckets(0.01, 2.0, 20)),
+            kek_info: Family::default(),
+            ready: Arc::new(AtomicBool::new(true)),
+            not_ready_reason: std::sync::Mutex::new(String::new()),
+        };
+        let mut r = Registry::with_prefix("edgerec");
+        let build: Family<Version, Gauge> = Family::default();
+        build
+            .get_or_create(&Version {
+                version: env!("CARGO_PKG_VERSION").into(),
+            })
+            .set(1);
+        r.register("build_info", "edgerec's version", build);
+        r.register(
+            "recordings_active",
+            "Recordings in progress",
+            m.recordings_active.clone(),
+        );
+        r.register(
+            "recordings_started",
+            "Recordings started",
+            m.recordings_started.clone(),
+        );
+        r.register(
+            "recordings_ended",
+            "Recordings ended, by reason",
+            m.recordings_ended.clone(),
+        );
+        r.register(
+            "recordings_refused",
+            "Recordings refused (spool full, package not creatable), by reason",
+            m.recordings_refused.clone(),
+        );
+        r.register(
+            "rtp_packets_received",
+            "RTP packets stored",
+            m.rtp_received.clone(),
+        );
+        r.register(
+            "rtp_packets_lost",
+            "RTP packets found missing",
+            m.rtp_lost.clone(),
+        );
+        r.register(
+            "rtp_packets_duplicate",
+            "Duplicate RTP packets (not stored)",
+            m.rtp_duplicate.clone(),
+        );
+        r.register(
+            "rtp_packets_reordered",
+            "Late RTP packets (stored)",
+            m.rtp_reordered.clone(),
+        );
+        r.register("rtcp_packets", "RTCP packets stored", m.rtcp.clone());
+        r.register(
+            "datagrams_rejected",
+            "Datagrams not stored, by reason",
+            m.datagrams_rejected.clone(),
+        );
+        r.register(
+            "chunks_written",
+            "Media chunks sealed and written",
+            m.chunks_written.clone(),
+        );
+        r.register(
+            "sync_duration_seconds",
+            "Duration of each group commit",
+            m.sync_duration.clone(),
+        );
+        r.register("spool_bytes", "Bytes in the spool", m.spool_bytes.clone());
+        r.register(
+            "spool_files",
+            "Package files in the spool, by state",
+            m.spool_files.clone(),
+        );
+        r.register(
+            "spool_capacity_bytes",
+            "Bytes the spool may hold",
+            m.spool_capacity.clone(),
+        );
+        r.register(
+            "spool_oldest_ready_age_seconds",
+            "Age of the oldest package waiting for the store",
+            m.spool_oldest_ready_age.clone(),
+        );
+        r.register("uploads", "Uploads by outcome", m.uploads.clone());
+        r.register(
+            "upload_retries",
+            "Upload attempts to be retried",
+            m.upload_retries.clone(),
+        );
+        r.register(
+            "uploaded_bytes",
+            "Bytes the store confirmed",
+            m.uploaded_bytes.clone(),
+        );
+        r.register(
+            "upload_duration_seconds",
+            "Duration of each upload attempt",
+            m.upload_duration.clone(),
+        );
+        r.register(
+            "recording_to_stored_seconds",
+            "From the end of a recording to the store's confirmation",
+            m.recording_to_stored.clone(),
+        );
+        r.register(
+            "kek_info",
+            "The KEK new recordings are sealed to",
+            m.kek_info.clone(),
+        );
+        (Arc::new(m), r)
+    }
+
+    /// Counts one more of a labelled counter.
+    pub fn inc(family: &Family<Reason, Counter>, reason: &str, by: u64) {
+        family
+            .get_or_create(&Reason {
+                reason: reason.to_string(),
+            })
+            .inc_by(by);
+    }
+
+    /// Sets readiness; `why` says what is wrong when not ready.
+    pub fn set_ready(&self, ready: bool, why: &str) {
+        self.ready.store(ready, Ordering::Relaxed);
+        if let Ok(mut r) = self.not_ready_reason.lock() {
+            *r = why.to_string();
+        }
+    }
+}
+
+struct Served {
+    metrics: Arc<Metrics>,
+    registry: Registry,
+}
+
+async fn metrics_text(State(s): State<Arc<Served>>) -> impl IntoResponse {
+    let mut text = String::new();
+    match prometheus_client::encoding::text::encode(&mut text, &s.registry) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!("cannot encode metrics: {e}\n"),
+        ),
+    }
+}
+
+async fn readyz(State(s): State<Arc<Served>>) -> impl IntoResponse {
+    if s.metrics.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n".to_string())
+    } else {
+        let why = s
+            .metrics
+            .not_ready_reason
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default();
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        )
+    }
+}
+
+/// Binds the metrics listener; returns its address and the server future.
+pub async fn serve(
+    listen: SocketAddr,
+    metrics: Arc<Metrics>,
+    registry: Registry,
+) -> std::io::Result<(SocketAddr, impl std::future::Future<Output = ()>)> {
+    let served = Arc::new(Served { metrics, registry });
+    let app = Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(served);
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    Ok((addr, async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics listener failed");
+        }
+    }))
+}
