@@ -4,6 +4,7 @@
 mod appliance;
 mod cli;
 mod common;
+mod deploy;
 mod spool;
 mod tamper;
 mod vectors;
