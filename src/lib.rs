@@ -11,10 +11,12 @@
 //! - [`writer`] and [`reader`]: streaming sealing and opening, bounded in memory, parallel
 //!   across cores.
 //! - [`entries`]: the media plaintext of an `rtp` recording (stream, RTP, event, RTCP).
+//! - [`g711`]: µ-law and A-law to and from linear PCM.
 //! - [`rtp`]: RTP and RTCP told apart and checked; sequence accounting (RFC 3550 A.1).
 //! - [`session`]: the sans-IO recording state machine (ports, streams, chunks, timers).
 //! - [`spool`]: the spool directories, package files, upload state and crash recovery.
 //! - [`store`]: the store interface, object keys, and the `dir` store.
+//! - `loadgen` (feature `appliance`): paced G.711 test streams.
 //! - `recorder`, `uploader`, `run` (feature `appliance`): the recorder thread, the uploader
 //!   thread, and `edgerec run`, which wires them to the ingest sockets.
 //! - [`recover`]: keyless crash recovery (cut a torn tail).
@@ -36,7 +38,10 @@ pub mod crypto;
 pub mod entries;
 pub mod error;
 pub mod format;
+pub mod g711;
 pub mod keys;
+#[cfg(feature = "appliance")]
+pub mod loadgen;
 #[cfg(feature = "appliance")]
 pub mod metrics;
 pub mod pipeline;

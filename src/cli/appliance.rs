@@ -59,3 +59,38 @@ pub fn run(config: &Path) -> ExitCode {
         }
     }
 }
+
+/// `edgerec loadgen`.
+pub fn loadgen(
+    target: &str,
+    ports: &str,
+    streams: usize,
+    seconds: f64,
+    seed: u32,
+) -> Result<(), crate::Error> {
+    use std::net::ToSocketAddrs;
+    let invalid = |m: String| crate::Error::Invalid(m);
+    let (first, last) = crate::config::parse_ports(ports)
+        .ok_or_else(|| invalid(format!("--ports {ports}: not a port range A-B")))?;
+    let ip = (target, first)
+        .to_socket_addrs()
+        .map_err(|e| invalid(format!("--target {target}: {e}")))?
+        .next()
+        .ok_or_else(|| invalid(format!("--target {target}: no address")))?
+        .ip();
+    if !(seconds > 0.0 && seconds.is_finite()) || streams == 0 {
+        return Err(invalid("--streams and --seconds must be positive".into()));
+    }
+    let plan = crate::loadgen::Plan::new(first, last, streams, seed);
+    eprintln!(
+        "loadgen: {streams} streams of 20 ms PCMU to {ip} ports {first}-{last} for {seconds} s"
+    );
+    let r = crate::loadgen::run(ip, &plan, seconds)?;
+    println!("streams {streams}");
+    println!("ticks {}", r.ticks);
+    println!("packets_sent {}", r.packets);
+    println!("bytes_sent {}", r.bytes);
+    println!("send_errors {}", r.errors);
+    println!("late_ticks {}", r.late_ticks);
+    Ok(())
+}

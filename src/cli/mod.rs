@@ -34,6 +34,26 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Send paced 20 ms G.711 µ-law test streams (two legs per port, distinct SSRCs, a
+    /// 1,000 Hz tone on leg 0 and 1,500 Hz on leg 1) for sizing and benchmarks.
+    #[cfg(feature = "appliance")]
+    Loadgen {
+        /// Host or address to send to.
+        #[arg(long)]
+        target: String,
+        /// Destination port range A-B (or one port); two streams per port.
+        #[arg(long, value_name = "A-B")]
+        ports: String,
+        /// Number of streams.
+        #[arg(long, default_value_t = 2)]
+        streams: usize,
+        /// How long to send.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Seed for SSRCs and sequence numbers.
+        #[arg(long, default_value_t = 1)]
+        seed: u32,
+    },
     /// Make a new RSA key-encryption key pair: DIR/<kek id>.pem (private, 0600) and
     /// DIR/<kek id>.pub.pem. Prints the kek id.
     ///
@@ -134,6 +154,14 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         #[cfg(feature = "appliance")]
         Command::Run { config } => return appliance::run(&config),
+        #[cfg(feature = "appliance")]
+        Command::Loadgen {
+            target,
+            ports,
+            streams,
+            seconds,
+            seed,
+        } => appliance::loadgen(&target, &ports, streams, seconds, seed),
         Command::Keygen { out, bits } => package::keygen(&out, bits.into()),
         Command::Seal {
             keks,

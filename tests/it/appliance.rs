@@ -381,3 +381,60 @@ fn kill_9_mid_call_then_restart_delivers_the_synced_part() {
     );
     a.sigterm();
 }
+
+/// Zero crossings per second of µ-law samples: twice the frequency of a pure tone.
+fn tone_hz(payload: &[u8]) -> f64 {
+    let pcm: Vec<i16> = payload
+        .iter()
+        .map(|b| edgerec::g711::ulaw_to_linear(*b))
+        .collect();
+    let crossings = pcm.windows(2).filter(|w| (w[0] < 0) != (w[1] < 0)).count();
+    crossings as f64 / 2.0 / (pcm.len() as f64 / 8000.0)
+}
+
+#[test]
+fn loadgen_calls_are_recorded_whole_with_their_tones() {
+    let a = Appliance::start();
+    let out = edgerec(&[
+        "loadgen",
+        "--target",
+        "127.0.0.1",
+        "--ports",
+        &format!("{}-{}", a.base, a.base + 2),
+        "--streams",
+        "6",
+        "--seconds",
+        "1",
+    ]);
+    assert!(out.status.success());
+    let report = String::from_utf8(out.stdout).unwrap();
+    assert!(report.contains("packets_sent 300"), "{report}");
+    let files = wait_stored(&a.path("store"), 3);
+    assert_eq!(files.len(), 3, "one recording per port");
+    let ring = ring(&["test"]);
+    let mut total = 0;
+    for f in files {
+        let mut r =
+            PackageReader::new(fs::File::open(&f).unwrap(), &ring, ReadMode::Strict).unwrap();
+        let mut audio: Vec<Vec<u8>> = vec![Vec::new(); 2];
+        while let Some(rec) = r.next_record().unwrap() {
+            for e in entries(&rec.plaintext) {
+                if let Entry::Rtp { stream, packet, .. } = e.unwrap() {
+                    audio[usize::from(stream)].extend_from_slice(&packet[12..]);
+                    total += 1;
+                }
+            }
+        }
+        assert_eq!(r.end().unwrap().reason, EndReason::IdleTimeout);
+        // Leg 0 carries 1,000 Hz and leg 1 1,500 Hz (streams open in arrival order).
+        let mut hz: Vec<f64> = audio.iter().map(|a| tone_hz(a)).collect();
+        hz.sort_by(f64::total_cmp);
+        assert!(
+            (hz[0] - 1000.0).abs() < 20.0 && (hz[1] - 1500.0).abs() < 20.0,
+            "{hz:?}"
+        );
+        assert_eq!(audio[0].len(), 50 * 160);
+    }
+    assert_eq!(total, 300, "every packet sent is in a package");
+    assert_eq!(a.metric("edgerec_rtp_packets_lost_total"), 0.0);
+}
