@@ -11,6 +11,7 @@
 //! - [`writer`] and [`reader`]: streaming sealing and opening, bounded in memory, parallel
 //!   across cores.
 //! - [`entries`]: the media plaintext of an `rtp` recording (stream, RTP, event, RTCP).
+//! - `export` (feature `cli`): recordings decrypted into WAV, pcap or their original file.
 //! - [`g711`]: µ-law and A-law to and from linear PCM.
 //! - [`rtp`]: RTP and RTCP told apart and checked; sequence accounting (RFC 3550 A.1).
 //! - [`session`]: the sans-IO recording state machine (ports, streams, chunks, timers).
@@ -37,6 +38,8 @@ pub mod config;
 pub mod crypto;
 pub mod entries;
 pub mod error;
+#[cfg(feature = "cli")]
+pub mod export;
 pub mod format;
 pub mod g711;
 pub mod keys;

@@ -105,6 +105,23 @@ enum Command {
         /// is the only signal of failure).
         output: PathBuf,
     },
+    /// Decrypt recordings into the export layout:
+    /// OUT/year=YYYY/month=MM/day=DD/conversation_id=ID/<recording id>.{wav|pcap} with a
+    /// <recording id>_metadata.json beside it (a file package restores its original file).
+    Export {
+        /// A private key (PKCS#8 or PKCS#1 PEM); repeat to offer several.
+        #[arg(long = "key", required = true, value_name = "PRIV.pem")]
+        keys: Vec<PathBuf>,
+        /// The output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Audio as WAV (one channel per stream) or the original packets as pcap.
+        #[arg(long, value_enum, default_value_t = FormatArg::Wav)]
+        format: FormatArg,
+        /// Package files, or directories searched for *.erec (a dir store, say).
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+    },
     /// Show a package's header facts without any key.
     Inspect {
         /// Print JSON (recording_id, created_ms, media, kek_ids, wraps, max_chunk, records,
@@ -114,6 +131,15 @@ enum Command {
         /// The package, or - for standard input.
         file: PathBuf,
     },
+}
+
+/// The `--format` values.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum FormatArg {
+    /// 16-bit PCM WAV, one channel per stream.
+    Wav,
+    /// The original packets in UDP frames.
+    Pcap,
 }
 
 /// The `--wrap` values.
@@ -179,6 +205,12 @@ pub fn main() -> ExitCode {
             output,
         } => package::open(&keys, allow_unterminated, threads, &input, &output),
         Command::Inspect { json, file } => package::inspect(&file, json),
+        Command::Export {
+            keys,
+            out,
+            format,
+            inputs,
+        } => package::export(&keys, &out, format, &inputs),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

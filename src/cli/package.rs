@@ -205,3 +205,52 @@ fn write_text(out: &mut impl Write, w: &Walk, r: &serde_json::Value) -> io::Resu
         "(tags and the header MAC need the key: `edgerec open` verifies them)"
     )
 }
+
+/// `edgerec export --key PRIV --out DIR [--format wav|pcap] INPUT...`: every package is
+/// tried; one that fails is reported and the rest go on. The exit code is that of the first
+/// failure (3 wrong key, 4 corrupt, …), or 0.
+pub fn export(
+    keys: &[PathBuf],
+    out: &Path,
+    format: super::FormatArg,
+    inputs: &[PathBuf],
+) -> Result<(), Error> {
+    use crate::export::{Format, export_file, find_packages};
+    let ring = KeyRing::from_files(keys)?;
+    let format = match format {
+        super::FormatArg::Wav => Format::Wav,
+        super::FormatArg::Pcap => Format::Pcap,
+    };
+    let mut files = Vec::new();
+    for i in inputs {
+        files.extend(
+            find_packages(i).map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot read {}: {e}", i.display()))
+            })?,
+        );
+    }
+    let (mut ok, mut first_err) = (0usize, None);
+    for f in &files {
+        match export_file(f, &ring, out, format) {
+            Ok(x) => {
+                ok += 1;
+                let warn = if x.terminated {
+                    ""
+                } else {
+                    " (unterminated: see its metadata)"
+                };
+                eprintln!("exported {} -> {}{warn}", f.display(), x.media.display());
+            }
+            Err(e) => {
+                eprintln!("edgerec: {}: {e}", f.display());
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    let failed = files.len() - ok;
+    eprintln!("export: {ok} exported, {failed} failed");
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}

@@ -437,4 +437,108 @@ fn loadgen_calls_are_recorded_whole_with_their_tones() {
     }
     assert_eq!(total, 300, "every packet sent is in a package");
     assert_eq!(a.metric("edgerec_rtp_packets_lost_total"), 0.0);
+    export_checks(&a, 6);
+}
+
+/// Exports the store to WAV and pcap and checks both with independent readers.
+fn export_checks(a: &Appliance, streams: usize) {
+    let key = key_path("test-kek.pem");
+    let store = a.path("store");
+    let out = a.path("export");
+    for format in ["wav", "pcap"] {
+        let r = edgerec(&[
+            "export",
+            "--key",
+            key.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--format",
+            format,
+            store.to_str().unwrap(),
+        ]);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    }
+    let mut wavs = Vec::new();
+    let mut pcaps = Vec::new();
+    let mut metas = Vec::new();
+    let mut stack = vec![out.clone()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            let name = p.to_string_lossy().to_string();
+            if p.is_dir() {
+                stack.push(p);
+            } else if name.ends_with(".wav") {
+                wavs.push(p);
+            } else if name.ends_with(".pcap") {
+                pcaps.push(p);
+            } else if name.ends_with("_metadata.json") {
+                metas.push(p);
+            }
+        }
+    }
+    assert_eq!(
+        (wavs.len(), pcaps.len(), metas.len()),
+        (streams / 2, streams / 2, streams / 2)
+    );
+    assert!(
+        wavs[0]
+            .to_string_lossy()
+            .contains("/conversation_id=untagged/")
+    );
+    assert!(wavs[0].to_string_lossy().contains("/year="));
+    for w in &wavs {
+        let r = hound::WavReader::open(w).unwrap();
+        let spec = r.spec();
+        assert_eq!(
+            (spec.channels, spec.sample_rate, spec.bits_per_sample),
+            (2, 8000, 16)
+        );
+        let d = r.duration();
+        assert!((7900..=8400).contains(&d), "about one second: {d} samples");
+    }
+    let m: serde_json::Value = serde_json::from_slice(&fs::read(&metas[0]).unwrap()).unwrap();
+    assert_eq!(m["terminated"], true);
+    assert_eq!(m["end_reason"], "idle_timeout");
+    assert_eq!(m["streams"][0]["packets"], 50);
+    assert_eq!(m["streams"][0]["lost"], 0);
+    assert_eq!(m["streams"][1]["codec"], "PCMU");
+    // tshark decodes the pcap as RTP: two streams of 50 packets on the recorded port.
+    let port = m["streams"][0]["local"]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let pcap = pcaps
+        .iter()
+        .find(|p| {
+            p.to_string_lossy()
+                .contains(m["recording_id"].as_str().unwrap())
+        })
+        .unwrap();
+    let t = Command::new("tshark")
+        .args([
+            "-r",
+            pcap.to_str().unwrap(),
+            "-d",
+            &format!("udp.port=={port},rtp"),
+            "-T",
+            "fields",
+            "-e",
+            "rtp.ssrc",
+            "-e",
+            "rtp.p_type",
+        ])
+        .output()
+        .expect("tshark is installed by the test command");
+    assert!(t.status.success(), "{}", String::from_utf8_lossy(&t.stderr));
+    let lines = String::from_utf8(t.stdout).unwrap();
+    let rtp: Vec<_> = lines.lines().filter(|l| l.ends_with("\t0")).collect();
+    assert_eq!(rtp.len(), 100, "{lines}");
+    let mut ssrcs: Vec<_> = rtp.iter().map(|l| l.split('\t').next().unwrap()).collect();
+    ssrcs.sort_unstable();
+    ssrcs.dedup();
+    assert_eq!(ssrcs.len(), 2);
 }

@@ -349,3 +349,61 @@ fn core_dumps_are_disabled_while_keys_are_in_memory() {
     let fields: Vec<_> = line.split_whitespace().collect();
     assert_eq!(fields.get(4..6), Some(&["0", "0"][..]), "{line}");
 }
+
+#[test]
+fn export_restores_a_sealed_file_under_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("transcript.txt");
+    let data = pattern(70_000);
+    fs::write(&input, &data).unwrap();
+    let pkg = dir.path().join("t.erec");
+    ok(&edgerec(&[
+        "seal",
+        "--kek",
+        s(&key_path("test-kek.pub.pem")),
+        s(&input),
+        s(&pkg),
+    ]));
+    let j: Value = serde_json::from_str(&ok(&edgerec(&["inspect", "--json", s(&pkg)]))).unwrap();
+    let id = j["recording_id"].as_str().unwrap().to_string();
+    let out = dir.path().join("out");
+    let r = edgerec(&[
+        "export",
+        "--key",
+        s(&key_path("test-kek.pem")),
+        "--out",
+        s(&out),
+        s(&pkg),
+    ]);
+    ok(&r);
+    let day = edgerec::clock::Utc::from_unix_ms(j["created_ms"].as_u64().unwrap());
+    let folder = out.join(format!(
+        "year={:04}/month={:02}/day={:02}/conversation_id=untagged",
+        day.year, day.month, day.day
+    ));
+    assert_eq!(
+        fs::read(folder.join(format!("{id}_transcript.txt"))).unwrap(),
+        data
+    );
+    let m: Value =
+        serde_json::from_slice(&fs::read(folder.join(format!("{id}_metadata.json"))).unwrap())
+            .unwrap();
+    assert_eq!(m["media"], "file");
+    assert_eq!(m["metadata"]["name"], "transcript.txt");
+    assert_eq!(m["end_reason"], "complete");
+    // A wrong key exports nothing and says so with exit code 3.
+    let out2 = dir.path().join("out2");
+    let r = edgerec(&[
+        "export",
+        "--key",
+        s(&key_path("other-kek.pem")),
+        "--out",
+        s(&out2),
+        s(&pkg),
+    ]);
+    assert_eq!(r.status.code(), Some(3));
+    let left: Vec<_> = fs::read_dir(&out2)
+        .map(|d| d.flatten().collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+}
