@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The recorder under load: for each stream count, the release binary records loadgen's
+# paced 20 ms G.711 streams on loopback for S seconds, and this prints packets lost, the
+# recorder's CPU microseconds per stream-second and its memory per active stream; then
+# tcpdump -w captures the same traffic (a plain, unencrypted capture) for comparison.
+#   bash benches/recorder_load.sh [SECONDS] [STREAMS...]     (defaults: 20 s; 500 2000 5000)
+# Needs tcpdump (apt-get install tcpdump) for the comparison; loadgen runs on the same two
+# cores, so the figures include that competition.
+set -euo pipefail
+secs=${1:-20}; shift || true
+counts=("${@:-500 2000 5000}")
+read -r -a counts <<< "${counts[*]}"
+cd "$(dirname "$0")/.."
+cargo build --release --quiet
+bin=$PWD/target/release/edgerec
+work=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+hz=$(getconf CLK_TCK)
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+metric() { curl -s "http://$maddr/metrics" | awk -v n="$1" '$1 == n {print $2}'; }
+
+printf '%-8s %-10s %-10s %-8s %-22s %-16s %-20s\n' streams sent stored lost cpu_us_per_stream_s rss_per_stream tcpdump_cpu_us_per_stream_s
+for n in "${counts[@]}"; do
+  ports=$(( (n + 1) / 2 ))
+  first=41000; last=$(( first + ports - 1 ))
+  rm -rf "$work/run"; mkdir -p "$work/run"
+  cat > "$work/run/edgerec.toml" <<TOML
+[recorder]
+spool_dir = "spool"
+idle_timeout_ms = 3000
+[ingest]
+ports = "$first-$last"
+[keys]
+public_key = "$PWD/samples/demo-kek.pub.pem"
+[store]
+path = "store"
+[metrics]
+listen = "127.0.0.1:0"
+TOML
+  "$bin" run --config "$work/run/edgerec.toml" 2> "$work/run/log" &
+  pid=$!
+  until grep -q "listening for RTP" "$work/run/log"; do
+    kill -0 $pid 2>/dev/null || { cat "$work/run/log"; exit 1; }
+    sleep 0.1
+  done
+  maddr=$(grep -o 'metrics_addr=[^ ]*' "$work/run/log" | head -1 | cut -d= -f2)
+  rss0=$(rss_kb $pid); t0=$(cpu_ticks $pid)
+  "$bin" loadgen --target 127.0.0.1 --ports "$first-$last" --streams "$n" --seconds "$secs" > "$work/run/lg" 2>/dev/null &
+  lg=$!
+  sleep $(( secs / 2 )); rss1=$(rss_kb $pid)
+  wait $lg
+  t1=$(cpu_ticks $pid)
+  sent=$(awk '/packets_sent/ {print $2}' "$work/run/lg")
+  sleep 1
+  stored=$(metric edgerec_rtp_packets_received_total)
+  kill -TERM $pid; wait $pid || true
+  echo "  (shutdown with $ports recordings took until $(date +%T))" >&2
+  # The same traffic into tcpdump -w.
+  tcpcpu=n/a
+  if command -v tcpdump >/dev/null; then
+    tcpdump -i lo -w "$work/cap.pcap" -B 65536 "udp and dst portrange $first-$last" 2>/dev/null &
+    td=$!; sleep 1; c0=$(cpu_ticks $td)
+    "$bin" loadgen --target 127.0.0.1 --ports "$first-$last" --streams "$n" --seconds "$secs" > /dev/null 2>&1
+    c1=$(cpu_ticks $td); kill $td; wait $td 2>/dev/null || true; rm -f "$work/cap.pcap"
+    tcpcpu=$(python3 -c "print(round(($c1-$c0)/$hz*1e6/($n*$secs), 1))")
+  fi
+  python3 - "$n" "$secs" "$sent" "${stored:-0}" "$t0" "$t1" "$hz" "$rss0" "$rss1" "$tcpcpu" <<'PY'
+import sys
+n, secs, sent, stored, t0, t1, hz, rss0, rss1, tcp = sys.argv[1:]
+n, secs, sent, stored = int(n), float(secs), int(sent), int(float(stored))
+cpu_us = (int(t1) - int(t0)) / int(hz) * 1e6 / (n * secs)
+per = (int(rss1) - int(rss0)) * 1024 / n
+print(f"{n:<8} {sent:<10} {stored:<10} {sent - stored:<8} {cpu_us:<22.1f} {per / 1024:<13.1f}KiB   {tcp}")
+PY
+done
