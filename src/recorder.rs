@@ -100,6 +100,7 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
     let mut open: HashMap<RecId, Open> = HashMap::new();
     let mut uuids: HashMap<RecId, Uuid> = HashMap::new();
     let mut actions = Vec::new();
+    let mut closing: Vec<(ActiveFile, Vec<u8>)> = Vec::new();
     let mut buf = Vec::new();
     loop {
         let mut timeout = sessions
@@ -114,6 +115,10 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
             None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
         };
         let mut stop = false;
+        // Timers run on the clock of the data: while datagrams wait in the queue, "now" is
+        // the arrival of the one just taken, so a recorder that fell behind never ends a
+        // call as idle whose packets are still queued.
+        let mut clock = us(Instant::now());
         match msg {
             Ok(Msg::Datagram {
                 local,
@@ -121,7 +126,8 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
                 data,
                 at,
             }) => {
-                sessions.handle(us(at), local, remote, &data, &mut actions);
+                clock = us(at);
+                sessions.handle(clock, local, remote, &data, &mut actions);
                 unpublished = true;
             }
             Ok(Msg::Shutdown) | Err(RecvTimeoutError::Disconnected) => {
@@ -131,7 +137,7 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
             Err(RecvTimeoutError::Timeout) => {}
         }
         if !stop {
-            sessions.handle_timeout(us(Instant::now()), &mut actions);
+            sessions.handle_timeout(clock, &mut actions);
         }
         unpublished |= !actions.is_empty();
         for action in actions.drain(..) {
@@ -167,7 +173,7 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
                         .and_then(|sealer| {
                             let id = sealer.recording_id();
                             spool
-                                .create(id, sealer.header_bytes())
+                                .create_unsynced(id, sealer.header_bytes())
                                 .map(|file| Open { id, sealer, file })
                                 .map_err(|e| e.to_string())
                         });
@@ -221,17 +227,24 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
                     uuids.remove(&rec);
                     let Some(o) = open.remove(&rec) else { continue };
                     metrics.recordings_active.dec();
-                    buf.clear();
-                    o.sealer.finish(reason, now_ms(), &mut buf);
-                    match spool.finish(o.file, &buf, now_ms()) {
-                        Ok(state) => {
-                            tracing::info!(recording = %o.id, reason = reason.name(), bytes = state.size, "recording ended");
-                            let _ = ready.try_send(o.id);
-                        }
-                        Err(e) => {
-                            tracing::error!(recording = %o.id, error = %e, "cannot finish package; recovery will deliver it");
-                            Metrics::inc(&metrics.recordings_refused, "finish_error", 1);
-                        }
+                    let mut end = Vec::new();
+                    o.sealer.finish(reason, now_ms(), &mut end);
+                    tracing::info!(recording = %o.id, reason = reason.name(), "recording ended");
+                    closing.push((o.file, end));
+                }
+            }
+        }
+        if !closing.is_empty() {
+            // Every call that ended in this round, sealed with a fixed number of syncs.
+            for (id, r) in spool.finish_all(std::mem::take(&mut closing), now_ms()) {
+                match r {
+                    Ok(state) => {
+                        tracing::debug!(recording = %id, bytes = state.size, "package ready");
+                        let _ = ready.try_send(id);
+                    }
+                    Err(e) => {
+                        tracing::error!(recording = %id, error = %e, "cannot finish package; recovery will deliver it");
+                        Metrics::inc(&metrics.recordings_refused, "finish_error", 1);
                     }
                 }
             }
@@ -284,9 +297,16 @@ fn group_commit(spool: &Spool, open: &mut HashMap<RecId, Open>, dirty: usize) {
         }
         return;
     }
+    let mut new_entries = false;
     for o in open.values_mut() {
         if let Err(e) = o.file.sync() {
             tracing::error!(recording = %o.id, error = %e, "sync failed");
+        }
+        new_entries |= o.file.take_new_entry();
+    }
+    if new_entries {
+        if let Err(e) = spool.sync_active_dir() {
+            tracing::error!(error = %e, "sync of spool/active failed");
         }
     }
 }

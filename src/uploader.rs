@@ -50,11 +50,20 @@ pub fn run(
             last_scan = Some(std::time::Instant::now());
         }
         let now = now_ms();
-        let due = queue.iter().copied().find(|id| {
-            spool
-                .read_state(Place::Ready, *id)
-                .is_ok_and(|s| s.next_attempt_ms <= now)
-        });
+        let mut gone = Vec::new();
+        let due = queue
+            .iter()
+            .copied()
+            .find(|id| match spool.read_state(Place::Ready, *id) {
+                Ok(s) => s.next_attempt_ms <= now,
+                Err(_) => {
+                    gone.push(*id); // stored or moved meanwhile
+                    false
+                }
+            });
+        for id in gone {
+            queue.remove(&id);
+        }
         let Some(id) = due else {
             match rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(id) => {

@@ -131,3 +131,46 @@ fn garbage_is_quarantined_and_missing_state_rebuilt() {
             .is_none()
     );
 }
+
+#[test]
+fn many_recordings_end_together_with_a_group_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path()).unwrap();
+    let mut items = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..20u8 {
+        let mut s = sealer();
+        let mut f = spool.create(s.recording_id(), s.header_bytes()).unwrap();
+        let mut rec = Vec::new();
+        s.seal(Kind::Media, &[i; 100], &mut rec).unwrap();
+        f.append(&rec).unwrap();
+        ids.push(s.recording_id());
+        let mut end = Vec::new();
+        s.finish(EndReason::Shutdown, 7, &mut end);
+        items.push((f, end));
+    }
+    let results = spool.finish_all(items, 9);
+    assert_eq!(results.len(), 20);
+    assert!(results.iter().all(|(_, r)| r.is_ok()));
+    let mut listed = spool.list(Place::Ready).unwrap();
+    listed.sort();
+    ids.sort();
+    assert_eq!(listed, ids);
+    for id in ids {
+        let st = spool.read_state(Place::Ready, id).unwrap();
+        let pkg = fs::read(spool.package_path(Place::Ready, id)).unwrap();
+        assert_eq!(st.size, pkg.len() as u64);
+        assert_eq!(
+            st.sha256,
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&pkg))
+        );
+        let (_, s) = open_bytes(&pkg, &ring(&["test"]), ReadMode::Strict).unwrap();
+        assert_eq!(s.end.unwrap().reason, EndReason::Shutdown);
+    }
+    assert!(
+        fs::read_dir(spool.dir(Place::Active))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+}
