@@ -40,7 +40,7 @@ struct Appliance {
 }
 
 impl Appliance {
-    fn config(dir: &Path, base: u16) -> PathBuf {
+    fn config(dir: &Path, base: u16, allow: &str) -> PathBuf {
         let cfg = dir.join("edgerec.toml");
         fs::write(
             &cfg,
@@ -52,7 +52,7 @@ flush_interval_ms = 200
 idle_timeout_ms = 1500
 [ingest]
 ports = "{base}-{}"
-allow = ["127.0.0.0/8"]
+allow = [{allow}]
 [keys]
 public_key = "{}"
 [store]
@@ -61,7 +61,7 @@ path = "store"
 listen = "127.0.0.1:0"
 "#,
                 base + 3,
-                key_path("test-kek.pub.pem").display()
+                key_path("test-kek.pub.pem").display(),
             ),
         )
         .unwrap();
@@ -69,9 +69,13 @@ listen = "127.0.0.1:0"
     }
 
     fn start() -> Appliance {
+        Self::start_allowing("\"127.0.0.0/8\"")
+    }
+
+    fn start_allowing(allow: &str) -> Appliance {
         let dir = tempfile::tempdir().unwrap();
         let base = free_ports();
-        Self::config(dir.path(), base);
+        Self::config(dir.path(), base, allow);
         let mut a = Appliance {
             dir,
             base,
@@ -369,6 +373,15 @@ fn kill_9_mid_call_then_restart_delivers_the_synced_part() {
         std::thread::sleep(Duration::from_millis(20));
     }
     a.wait_metric("edgerec_sync_duration_seconds_count", 1.0); // the group commit
+    // Mid-recording, the spool holds only ciphertext: no run of the payload bytes anywhere.
+    for e in fs::read_dir(&active).unwrap().flatten() {
+        let bytes = fs::read(e.path()).unwrap();
+        assert!(
+            !bytes.windows(16).any(|w| w == [0x44; 16]),
+            "plaintext in {:?}",
+            e.path()
+        );
+    }
     a.kill9();
     a.spawn();
     let files = wait_stored(&a.path("store"), 1);
@@ -541,4 +554,22 @@ fn export_checks(a: &Appliance, streams: usize) {
     ssrcs.sort_unstable();
     ssrcs.dedup();
     assert_eq!(ssrcs.len(), 2);
+}
+
+#[test]
+fn sources_outside_the_allow_list_are_counted_and_never_recorded() {
+    let mut a = Appliance::start_allowing("\"10.0.0.0/8\", \"2001:db8::/32\"");
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for i in 0..30u16 {
+        s.send_to(&rtp(i, 5, 0x55), ("127.0.0.1", a.base)).unwrap();
+    }
+    a.wait_metric(
+        "edgerec_datagrams_rejected_total{reason=\"denied_source\"}",
+        30.0,
+    );
+    assert_eq!(a.metric("edgerec_recordings_started_total"), 0.0);
+    a.sigterm();
+    assert!(stored(&a.path("store")).is_empty());
+    let active: Vec<_> = fs::read_dir(a.path("spool/active")).unwrap().collect();
+    assert!(active.is_empty());
 }
