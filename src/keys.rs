@@ -310,6 +310,38 @@ impl KekPrivate {
     }
 }
 
+/// The recipients new recordings are sealed to, behind a handle a key change can swap:
+/// each new recording takes the current set once, so recordings in progress keep the key
+/// they started with while later ones use the new one.
+#[derive(Debug, Clone)]
+pub struct KekHandle(std::sync::Arc<std::sync::RwLock<std::sync::Arc<Vec<KekPublic>>>>);
+
+impl KekHandle {
+    /// A handle holding `keks` (the current KEK first, then any escrow KEK).
+    pub fn new(keks: Vec<KekPublic>) -> KekHandle {
+        KekHandle(std::sync::Arc::new(std::sync::RwLock::new(
+            std::sync::Arc::new(keks),
+        )))
+    }
+
+    /// The current set.
+    pub fn current(&self) -> std::sync::Arc<Vec<KekPublic>> {
+        match self.0.read() {
+            Ok(g) => std::sync::Arc::clone(&g),
+            Err(poisoned) => std::sync::Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Replaces the set for every recording started from now on.
+    pub fn replace(&self, keks: Vec<KekPublic>) {
+        let new = std::sync::Arc::new(keks);
+        match self.0.write() {
+            Ok(mut g) => *g = new,
+            Err(poisoned) => *poisoned.into_inner() = new,
+        }
+    }
+}
+
 /// Why an unwrapper did not return a DEK.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UnwrapError {
@@ -433,6 +465,31 @@ mod tests {
         assert!(KekPublic::from_pem("x", PRIV).is_err());
         assert!(KekPublic::from_pem("x", "hello").is_err());
         assert!(KekPrivate::from_pem("x", PUB).is_err());
+    }
+
+    #[test]
+    fn a_key_change_swaps_the_handle_for_new_users_only() {
+        let a = KekPublic::from_pem("a", PUB).unwrap();
+        let b = KekPrivate::from_pem("b", PRIV).unwrap();
+        let h = KekHandle::new(vec![a.clone()]);
+        let in_progress = h.current();
+        let other = KekPublic::from_pem(
+            "o",
+            &std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/vectors/other-kek.pub.pem"
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        h.replace(vec![other.clone(), b.public().clone()]);
+        assert_eq!(
+            in_progress[0].id(),
+            a.id(),
+            "a recording in progress keeps its key"
+        );
+        assert_eq!(h.current()[0].id(), other.id());
+        assert_eq!(h.clone().current().len(), 2, "clones share the swap");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 use crate::clock::now_ms;
 use crate::format::{Kind, Metadata, Wrap};
-use crate::keys::KekPublic;
+use crate::keys::KekHandle;
 use crate::metrics::Metrics;
 use crate::session::{Action, Counters, Limits, RecId, Sessions};
 use crate::spool::{ActiveFile, Spool};
@@ -51,8 +51,8 @@ pub enum Msg {
 pub struct RecorderSetup {
     /// The spool.
     pub spool: Spool,
-    /// The KEK (and escrow KEK) every new recording is sealed to.
-    pub keks: Vec<KekPublic>,
+    /// The KEK (and escrow KEK) new recordings are sealed to; a key change swaps it.
+    pub keks: KekHandle,
     /// The wrap.
     pub wrap: Wrap,
     /// The session limits.
@@ -168,7 +168,7 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
                         Metrics::inc(&metrics.recordings_refused, "spool_full", 1);
                         continue;
                     }
-                    let started = Sealer::new(&keks, &opts)
+                    let started = Sealer::new(&keks.current(), &opts)
                         .map_err(|e| e.to_string())
                         .and_then(|sealer| {
                             let id = sealer.recording_id();

@@ -25,7 +25,7 @@ use tokio::net::UdpSocket;
 
 use crate::clock::now_ms;
 use crate::config::{Config, SyncMode};
-use crate::keys::KekPublic;
+use crate::keys::{KekHandle, KekPublic};
 use crate::metrics::{KekLabel, Metrics, SpoolState};
 use crate::recorder::{self, Msg, RecorderSetup};
 use crate::spool::{Recovery, Spool};
@@ -119,7 +119,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let accepting = Arc::new(AtomicBool::new(true));
     let setup = RecorderSetup {
         spool: spool.clone(),
-        keks,
+        keks: KekHandle::new(keks),
         wrap: config.wrap,
         limits: config.limits(),
         sync: config.recorder.sync == SyncMode::Data,
