@@ -122,6 +122,23 @@ impl Entry<'_> {
         }
     }
 
+    /// For an RTP or RTCP entry: (stream, arrival µs, raw packet, is RTCP).
+    pub fn as_packet(&self) -> Option<(u8, u64, &[u8], bool)> {
+        match self {
+            Entry::Rtp {
+                stream,
+                arrival_us,
+                packet,
+            } => Some((*stream, *arrival_us, packet, false)),
+            Entry::Rtcp {
+                stream,
+                arrival_us,
+                packet,
+            } => Some((*stream, *arrival_us, packet, true)),
+            _ => None,
+        }
+    }
+
     /// Body length in bytes.
     pub fn body_len(&self) -> usize {
         match self {

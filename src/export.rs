@@ -130,7 +130,17 @@ pub fn export_file(
             continue;
         }
         for e in entries(&rec.plaintext) {
-            match e.map_err(|e| bad_entry(e, rec.index))? {
+            let e = e.map_err(|e| bad_entry(e, rec.index))?;
+            if let Some((stream, arrival_us, packet, rtcp)) = e.as_packet() {
+                call.packets.push(Packet {
+                    stream,
+                    arrival_us,
+                    bytes: packet.to_vec(),
+                    rtcp,
+                });
+                continue;
+            }
+            match e {
                 Entry::StreamOpened {
                     stream,
                     ssrc,
@@ -148,24 +158,6 @@ pub fn export_file(
                         });
                     }
                 }
-                Entry::Rtp {
-                    stream,
-                    arrival_us,
-                    packet,
-                }
-                | Entry::Rtcp {
-                    stream,
-                    arrival_us,
-                    packet,
-                } => {
-                    let rtcp = classify(packet).is_ok_and(|d| matches!(d, Datagram::Rtcp(_)));
-                    call.packets.push(Packet {
-                        stream,
-                        arrival_us,
-                        bytes: packet.to_vec(),
-                        rtcp,
-                    });
-                }
                 Entry::Event {
                     stream,
                     time_us,
@@ -180,6 +172,7 @@ pub fn export_file(
                         Event::Resume => json!("resume"),
                     },
                 })),
+                Entry::Rtp { .. } | Entry::Rtcp { .. } => {} // taken above
             }
         }
     }

@@ -177,14 +177,6 @@ impl Sessions {
         self.by_port.len()
     }
 
-    /// The monotonic time a recording's entry times count from.
-    pub fn started_us(&self, rec: RecId) -> Option<u64> {
-        self.by_port
-            .values()
-            .find(|r| r.id == rec)
-            .map(|r| r.started_us)
-    }
-
     fn discard(&mut self, d: Discard) {
         *self.counters.dropped.entry(d.label()).or_default() += 1;
     }

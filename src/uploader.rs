@@ -11,7 +11,7 @@
 //! Invariant: a package leaves the spool only through [`Spool::remove_stored`] after
 //! [`Store::put`] returned `Ok`; nothing here deletes a package otherwise.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -39,35 +39,48 @@ pub fn run(
     metrics: Arc<Metrics>,
     rescan: Duration,
 ) {
-    let mut queue: BTreeSet<Uuid> = BTreeSet::new();
+    // Each queued package with its next attempt time, read from its state file once and
+    // then kept here, so a long outage does not re-read every state file on every loop.
+    let mut queue: BTreeMap<Uuid, Option<u64>> = BTreeMap::new();
     let mut last_scan = None;
     while !stop.load(Ordering::Relaxed) {
         if last_scan.is_none_or(|t: std::time::Instant| t.elapsed() >= rescan) {
             match spool.list(Place::Ready) {
-                Ok(ids) => queue.extend(ids),
+                Ok(ids) => {
+                    for id in ids {
+                        queue.entry(id).or_insert(None);
+                    }
+                }
                 Err(e) => tracing::error!(error = %e, "cannot list the spool"),
             }
             last_scan = Some(std::time::Instant::now());
         }
         let now = now_ms();
         let mut gone = Vec::new();
-        let due = queue
-            .iter()
-            .copied()
-            .find(|id| match spool.read_state(Place::Ready, *id) {
-                Ok(s) => s.next_attempt_ms <= now,
-                Err(_) => {
-                    gone.push(*id); // stored or moved meanwhile
-                    false
-                }
-            });
+        let mut due = None;
+        for (id, next) in queue.iter_mut() {
+            let at = match *next {
+                Some(at) => at,
+                None => match spool.read_state(Place::Ready, *id) {
+                    Ok(s) => *next.insert(s.next_attempt_ms),
+                    Err(_) => {
+                        gone.push(*id); // stored or moved meanwhile
+                        continue;
+                    }
+                },
+            };
+            if at <= now {
+                due = Some(*id);
+                break;
+            }
+        }
         for id in gone {
             queue.remove(&id);
         }
         let Some(id) = due else {
             match rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(id) => {
-                    queue.insert(id);
+                    queue.entry(id).or_insert(None);
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
@@ -78,18 +91,27 @@ pub fn run(
                 }
             }
             while let Ok(id) = rx.try_recv() {
-                queue.insert(id);
+                queue.entry(id).or_insert(None);
             }
             continue;
         };
         queue.remove(&id);
-        upload_one(&spool, store.as_ref(), &prefix, id, &metrics);
+        if let Some(next) = upload_one(&spool, store.as_ref(), &prefix, id, &metrics) {
+            queue.insert(id, Some(next));
+        }
     }
 }
 
-fn upload_one(spool: &Spool, store: &dyn Store, prefix: &str, id: Uuid, metrics: &Metrics) {
+/// One attempt. Returns the next attempt time if the package stays in `ready/`.
+fn upload_one(
+    spool: &Spool,
+    store: &dyn Store,
+    prefix: &str,
+    id: Uuid,
+    metrics: &Metrics,
+) -> Option<u64> {
     let Ok(mut state) = spool.read_state(Place::Ready, id) else {
-        return; // gone meanwhile (stored, or moved by an operator)
+        return None; // gone meanwhile (stored, or moved by an operator)
     };
     let key = object_key(prefix, id);
     let path = spool.package_path(Place::Ready, id);
@@ -100,7 +122,7 @@ fn upload_one(spool: &Spool, store: &dyn Store, prefix: &str, id: Uuid, metrics:
         Some(s) => s,
         None => {
             tracing::error!(recording = %id, "state file has no valid SHA-256");
-            return;
+            return None;
         }
     };
     state.attempts += 1;
@@ -126,9 +148,11 @@ fn upload_one(spool: &Spool, store: &dyn Store, prefix: &str, id: Uuid, metrics:
                 let age_ms = now_ms().saturating_sub(state.ready_ms);
                 metrics.recording_to_stored.observe(age_ms as f64 / 1000.0);
                 tracing::info!(recording = %id, key, ?how, "stored");
+                None
             }
             Err(e) => {
-                tracing::error!(recording = %id, error = %e, "stored, but cannot remove from the spool")
+                tracing::error!(recording = %id, error = %e, "stored, but cannot remove from the spool");
+                None
             }
         },
         Err(StoreError::Transient(why)) => {
@@ -140,6 +164,7 @@ fn upload_one(spool: &Spool, store: &dyn Store, prefix: &str, id: Uuid, metrics:
             if let Err(e) = spool.write_state(Place::Ready, &state) {
                 tracing::error!(recording = %id, error = %e, "cannot write upload state");
             }
+            Some(state.next_attempt_ms)
         }
         Err(e) => {
             outcome("failed");
@@ -151,6 +176,7 @@ fn upload_one(spool: &Spool, store: &dyn Store, prefix: &str, id: Uuid, metrics:
             if let Err(e) = moved {
                 tracing::error!(recording = %id, error = %e, "cannot move to failed/");
             }
+            None
         }
     }
 }
