@@ -42,6 +42,8 @@ pub mod error;
 pub mod export;
 pub mod format;
 pub mod g711;
+#[cfg(feature = "appliance")]
+pub mod ingest;
 pub mod keys;
 #[cfg(feature = "appliance")]
 pub mod loadgen;

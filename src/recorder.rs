@@ -1,5 +1,5 @@
-//! The recorder thread: drives the [`Sessions`] state machine with the datagrams the ingest
-//! tasks hand it and with its timers, and carries out its actions on the spool — a fresh
+//! The recorder thread: drives the [`Sessions`] state machine with the datagram batches the
+//! ingest thread hands it and with its timers, and carries out its actions on the spool — a fresh
 //! data key and package per recording, sealed chunks appended, one group commit per flush
 //! tick, the end record and the move to `ready/`.
 //!
@@ -13,9 +13,8 @@
 //! end record (reason shutdown) and everything is synced before the thread returns.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::time::{Duration, Instant};
 
@@ -23,26 +22,18 @@ use uuid::Uuid;
 
 use crate::clock::now_ms;
 use crate::format::{Kind, Metadata, Wrap};
+use crate::ingest::Batch;
 use crate::keys::KekHandle;
 use crate::metrics::Metrics;
 use crate::session::{Action, Counters, Limits, RecId, Sessions};
 use crate::spool::{ActiveFile, Spool};
 use crate::writer::{Media, SealOptions, Sealer};
 
-/// What the ingest tasks send.
+/// What the ingest thread sends.
 #[derive(Debug)]
 pub enum Msg {
-    /// One datagram, with its arrival time.
-    Datagram {
-        /// Where it arrived.
-        local: SocketAddr,
-        /// Where it came from.
-        remote: SocketAddr,
-        /// Its bytes.
-        data: Vec<u8>,
-        /// When it arrived.
-        at: Instant,
-    },
+    /// The datagrams of one ingest round, each with its arrival time.
+    Batch(Batch),
     /// End every recording and return.
     Shutdown,
 }
@@ -66,6 +57,10 @@ pub struct RecorderSetup {
     /// False while the spool is over its quota or short of free space: new recordings are
     /// refused (nothing already spooled is touched).
     pub accepting: Arc<AtomicBool>,
+    /// Datagrams queued by ingest; the recorder subtracts those it has taken.
+    pub queued: Arc<AtomicUsize>,
+    /// Where emptied batches go back to ingest for reuse.
+    pub recycle: SyncSender<Batch>,
 }
 
 /// How often the session's counters reach the metrics (at most).
@@ -88,6 +83,8 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
         ready,
         metrics,
         accepting,
+        queued,
+        recycle,
     } = setup;
     let mut published = Counters::default();
     let mut last_publish = Instant::now();
@@ -120,14 +117,18 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
         // call as idle whose packets are still queued.
         let mut clock = us(Instant::now());
         match msg {
-            Ok(Msg::Datagram {
-                local,
-                remote,
-                data,
-                at,
-            }) => {
-                clock = us(at);
-                sessions.handle(clock, local, remote, &data, &mut actions);
+            Ok(Msg::Batch(mut batch)) => {
+                for (d, data) in batch.iter() {
+                    clock = us(d.at);
+                    // A timer due before this datagram fires first (cheap when none is).
+                    if sessions.poll_timeout().is_some_and(|t| t <= clock) {
+                        sessions.handle_timeout(clock, &mut actions);
+                    }
+                    sessions.handle(clock, d.local, d.remote, data, &mut actions);
+                }
+                queued.fetch_sub(batch.len(), Ordering::Relaxed);
+                batch.clear();
+                let _ = recycle.try_send(batch);
                 unpublished = true;
             }
             Ok(Msg::Shutdown) | Err(RecvTimeoutError::Disconnected) => {

@@ -4,27 +4,24 @@
 //! Start-up, in order, each failure one clear line: the spool (created 0700, checked
 //! writable, crash leftovers recovered), the KEK public key(s), the store, the file limit
 //! (raised to cover every ingest port, or the start fails naming what is needed), then one
-//! UDP socket per ingest port. Then three parts run: ingest tasks on the tokio runtime (one
-//! per socket, draining each readable socket before yielding), the recorder thread and the
-//! uploader thread.
+//! UDP socket per ingest port. Then threads run: ingest (all sockets, epoll and `recvmmsg`,
+//! batches to the recorder; see [`crate::ingest`]), the recorder and the uploader; the tokio
+//! runtime serves the metrics and watches the spool.
 //!
 //! Shutdown (SIGTERM or SIGINT): stop taking packets, let the recorder end every recording
 //! with its end record and sync, then stop the uploader between packages; upload state is
 //! on disk, so whatever was not uploaded goes at the next start.
 
 use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
-use std::time::{Duration, Instant};
-
-use ipnet::IpNet;
-use tokio::net::UdpSocket;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::sync_channel;
+use std::time::Duration;
 
 use crate::clock::now_ms;
 use crate::config::{Config, SyncMode};
+use crate::ingest::{self, IngestSetup};
 use crate::keys::{KekHandle, KekPublic};
 use crate::metrics::{KekLabel, Metrics, SpoolState};
 use crate::recorder::{self, Msg, RecorderSetup};
@@ -47,6 +44,9 @@ fn start<E: std::fmt::Display>(what: impl std::fmt::Display) -> impl FnOnce(E) -
 /// Datagrams the recorder may have queued before ingest drops (and counts) them: about two
 /// seconds of 2,000 G.711 streams.
 const QUEUE: usize = 200_000;
+/// How long a busy ingest round gathers: each socket is read about this often, taking all
+/// that arrived meanwhile in one call (arrival times are those of the read).
+const ROUND: Duration = Duration::from_millis(100);
 
 /// Runs the appliance until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
@@ -105,7 +105,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         let addr = SocketAddr::new(config.ingest.bind, port);
         let s = std::net::UdpSocket::bind(addr)
             .and_then(|s| s.set_nonblocking(true).map(|()| s))
-            .and_then(UdpSocket::from_std)
             .map_err(start(format!("ingest: cannot bind udp {addr}")))?;
         sockets.push(s);
     }
@@ -114,7 +113,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     tracing::info!(bind = %config.ingest.bind, first, last, "listening for RTP");
 
-    let (tx, rx) = sync_channel::<Msg>(QUEUE);
+    // Bounded in datagrams by `queued`; the channel's own bound (in batches) is only a
+    // backstop.
+    let (tx, rx) = sync_channel::<Msg>(4096);
+    let queued = Arc::new(AtomicUsize::new(0));
+    let (recycle_tx, recycle) = sync_channel(16);
     let (ready_tx, ready_rx) = sync_channel(10_000);
     let accepting = Arc::new(AtomicBool::new(true));
     let setup = RecorderSetup {
@@ -126,6 +129,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         ready: ready_tx,
         metrics: Arc::clone(&metrics),
         accepting: Arc::clone(&accepting),
+        queued: Arc::clone(&queued),
+        recycle: recycle_tx,
     };
     let recorder = std::thread::Builder::new()
         .name("recorder".into())
@@ -150,16 +155,29 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .map_err(start("starting the uploader"))?
     };
 
-    let allow = Arc::new(config.allow.clone());
+    let in_stop = Arc::new(AtomicBool::new(false));
+    let ingest = {
+        let setup = IngestSetup {
+            sockets,
+            allow: Arc::new(config.allow.clone()),
+            tx: tx.clone(),
+            recycle,
+            queued,
+            max_queued: QUEUE,
+            metrics: Arc::clone(&metrics),
+            stop: Arc::clone(&in_stop),
+            round: ROUND,
+        };
+        std::thread::Builder::new()
+            .name("ingest".into())
+            .spawn(move || {
+                if let Err(e) = ingest::run(setup) {
+                    tracing::error!(error = %e, "ingest stopped");
+                }
+            })
+            .map_err(start("starting ingest"))?
+    };
     let mut tasks = tokio::task::JoinSet::new();
-    for s in sockets {
-        tasks.spawn(ingest(
-            s,
-            tx.clone(),
-            Arc::clone(&allow),
-            Arc::clone(&metrics),
-        ));
-    }
     tasks.spawn(metrics_server);
     tasks.spawn(watch_spool(
         spool.clone(),
@@ -170,6 +188,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     ));
     shutdown.await;
     tracing::info!("shutting down: ending every recording");
+    in_stop.store(true, Ordering::Relaxed);
+    let _ = tokio::task::spawn_blocking(move || ingest.join()).await;
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     let _ = tx.send(Msg::Shutdown);
@@ -179,57 +199,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let _ = tokio::task::spawn_blocking(move || uploader.join()).await;
     tracing::info!("stopped; what was not stored waits in the spool");
     Ok(())
-}
-
-/// One socket: receive, check the source, hand to the recorder, never block on it.
-async fn ingest(
-    socket: UdpSocket,
-    tx: SyncSender<Msg>,
-    allow: Arc<Vec<IpNet>>,
-    metrics: Arc<Metrics>,
-) {
-    let local = match socket.local_addr() {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::error!(error = %e, "ingest socket has no address");
-            return;
-        }
-    };
-    let mut buf = vec![0u8; 65_536];
-    loop {
-        if socket.readable().await.is_err() {
-            return;
-        }
-        // Drain everything that is queued before yielding: one wake-up, many datagrams.
-        loop {
-            match socket.try_recv_from(&mut buf) {
-                Ok((n, remote)) => {
-                    if !allow.is_empty() && !allow.iter().any(|net| net.contains(&remote.ip())) {
-                        Metrics::inc(&metrics.datagrams_rejected, "denied_source", 1);
-                        continue;
-                    }
-                    let msg = Msg::Datagram {
-                        local,
-                        remote,
-                        data: buf[..n].to_vec(),
-                        at: Instant::now(),
-                    };
-                    match tx.try_send(msg) {
-                        Ok(()) => {}
-                        Err(TrySendError::Full(_)) => {
-                            Metrics::inc(&metrics.datagrams_rejected, "overload", 1);
-                        }
-                        Err(TrySendError::Disconnected(_)) => return,
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    tracing::warn!(port = local.port(), error = %e, "receive error");
-                    break;
-                }
-            }
-        }
-    }
 }
 
 /// Every two seconds: the spool's files, bytes and free space into the metrics; new

@@ -26,6 +26,7 @@
 //! two; a datagram is either stored in exactly one recording or counted in [`Counters`].
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 
 use crate::entries::{ENTRY_HEADER_LEN, Entry, Event, NO_STREAM};
@@ -135,6 +136,38 @@ struct Stream {
     said_bye: bool,
 }
 
+/// Hashes a port for the per-datagram lookup: ports are not chosen by an attacker who could
+/// aim at collisions in a way that matters (they are the appliance's own range), so a
+/// multiplicative hash does instead of SipHash.
+#[derive(Debug, Default)]
+struct PortHasher(u64);
+
+impl Hasher for PortHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u8(*b);
+        }
+    }
+    fn write_u8(&mut self, b: u8) {
+        self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+    fn write_u16(&mut self, p: u16) {
+        self.0 = (self.0 ^ u64::from(p)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type PortMap<V> = HashMap<u16, V, BuildHasherDefault<PortHasher>>;
+
+/// Hands out a recording's pending chunk, leaving an empty one with the same capacity (a
+/// recording's chunks are alike in size, so the next one grows without reallocating).
+fn take_pending(pending: &mut Vec<u8>) -> Vec<u8> {
+    let cap = pending.len();
+    std::mem::replace(pending, Vec::with_capacity(cap))
+}
+
 #[derive(Debug)]
 struct Recording {
     id: RecId,
@@ -149,9 +182,13 @@ struct Recording {
 #[derive(Debug)]
 pub struct Sessions {
     limits: Limits,
-    by_port: HashMap<u16, Recording>,
+    by_port: PortMap<Recording>,
     next_id: u64,
     next_flush_us: Option<u64>,
+    /// No recording ends idle or at its maximum duration before this (a lower bound: packets
+    /// only push deadlines later), so timers cost one sweep over all recordings per actual
+    /// deadline, not one per datagram.
+    next_deadline_us: Option<u64>,
     counters: Counters,
 }
 
@@ -160,11 +197,21 @@ impl Sessions {
     pub fn new(limits: Limits) -> Sessions {
         Sessions {
             limits,
-            by_port: HashMap::new(),
+            by_port: PortMap::default(),
             next_id: 0,
             next_flush_us: None,
+            next_deadline_us: None,
             counters: Counters::default(),
         }
+    }
+
+    fn deadline(&self, r: &Recording) -> u64 {
+        (r.last_rtp_us + self.limits.idle_timeout_us)
+            .min(r.started_us + self.limits.max_recording_us)
+    }
+
+    fn note_deadline(&mut self, at: u64) {
+        self.next_deadline_us = Some(self.next_deadline_us.map_or(at, |d| d.min(at)));
     }
 
     /// The counters so far.
@@ -210,6 +257,9 @@ impl Sessions {
         if self.next_flush_us.is_none() {
             self.next_flush_us = Some(now + self.limits.flush_interval_us);
         }
+        self.note_deadline(
+            (now + self.limits.idle_timeout_us).min(now + self.limits.max_recording_us),
+        );
     }
 
     /// Appends an entry to a recording's pending chunk, handing out the chunk first if the
@@ -222,7 +272,7 @@ impl Sessions {
         if rec.pending.len() + len > limits.max_chunk {
             out.push(Action::Chunk {
                 rec: rec.id,
-                plaintext: std::mem::take(&mut rec.pending),
+                plaintext: take_pending(&mut rec.pending),
             });
         }
         e.encode(&mut rec.pending)
@@ -235,7 +285,7 @@ impl Sessions {
         if !rec.pending.is_empty() {
             out.push(Action::Chunk {
                 rec: rec.id,
-                plaintext: std::mem::take(&mut rec.pending),
+                plaintext: take_pending(&mut rec.pending),
             });
         }
         out.push(Action::Close {
@@ -245,6 +295,7 @@ impl Sessions {
         *self.counters.ended.entry(reason.name()).or_default() += 1;
         if self.by_port.is_empty() {
             self.next_flush_us = None;
+            self.next_deadline_us = None;
         }
         Some(rec)
     }
@@ -257,6 +308,7 @@ impl Sessions {
         };
         self.open(now, old.local, Some(old.id), out);
         let limits = self.limits;
+        self.note_deadline(old.last_rtp_us + limits.idle_timeout_us);
         let rec = self.by_port.get_mut(&port).expect("just opened");
         rec.last_rtp_us = old.last_rtp_us;
         for (i, s) in old.streams.into_iter().enumerate() {
@@ -442,11 +494,10 @@ impl Sessions {
 
     /// When [`Sessions::handle_timeout`] must run next (µs), if anything is in progress.
     pub fn poll_timeout(&self) -> Option<u64> {
-        let per_rec = self.by_port.values().map(|r| {
-            (r.last_rtp_us + self.limits.idle_timeout_us)
-                .min(r.started_us + self.limits.max_recording_us)
-        });
-        per_rec.chain(self.next_flush_us).min()
+        self.next_deadline_us
+            .into_iter()
+            .chain(self.next_flush_us)
+            .min()
     }
 
     /// Ends idle recordings, splits those at the maximum duration, and at each flush tick
@@ -454,12 +505,27 @@ impl Sessions {
     pub fn handle_timeout(&mut self, now: u64, out: &mut Vec<Action>) {
         let mut idle: Vec<u16> = Vec::new();
         let mut long: Vec<u16> = Vec::new();
-        for (port, r) in &self.by_port {
-            if now >= r.last_rtp_us + self.limits.idle_timeout_us {
-                idle.push(*port);
-            } else if now >= r.started_us + self.limits.max_recording_us {
-                long.push(*port);
+        if self.next_deadline_us.is_some_and(|d| now >= d) {
+            self.next_deadline_us = None;
+            for (port, r) in &self.by_port {
+                if now >= r.last_rtp_us + self.limits.idle_timeout_us {
+                    idle.push(*port);
+                } else if now >= r.started_us + self.limits.max_recording_us {
+                    long.push(*port);
+                }
             }
+            // The exact next deadline of the recordings that go on (those split below note
+            // their own when they reopen).
+            let next = self
+                .by_port
+                .values()
+                .filter(|r| {
+                    now < r.last_rtp_us + self.limits.idle_timeout_us
+                        && now < r.started_us + self.limits.max_recording_us
+                })
+                .map(|r| self.deadline(r))
+                .min();
+            self.next_deadline_us = next;
         }
         idle.sort_unstable();
         long.sort_unstable();
@@ -478,7 +544,7 @@ impl Sessions {
                 if !rec.pending.is_empty() {
                     out.push(Action::Chunk {
                         rec: rec.id,
-                        plaintext: std::mem::take(&mut rec.pending),
+                        plaintext: take_pending(&mut rec.pending),
                     });
                     wrote = true;
                 }
@@ -856,6 +922,11 @@ mod tests {
                         now += d;
                         h.tick_until(now);
                     }
+                }
+                // The timer is never later than the true next deadline of any recording.
+                let truth = h.s.by_port.values().map(|r| h.s.deadline(r)).min();
+                if let Some(t) = truth {
+                    prop_assert!(h.s.poll_timeout().is_some_and(|p| p <= t));
                 }
                 now += 1;
             }
