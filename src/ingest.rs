@@ -40,6 +40,9 @@ pub const SLOTS: usize = 32;
 /// Largest datagram taken whole (a jumbo frame); longer ones are truncated by the kernel
 /// and counted as `too_large`.
 pub const SLOT_BYTES: usize = 9216;
+/// Receive buffer asked for each socket (the kernel grants at most twice
+/// `net.core.rmem_max`; see the README's tuning notes).
+const RCVBUF: usize = 4 << 20;
 /// A batch goes to the recorder when it holds this many datagrams, even mid-round.
 const BATCH_MAX: usize = 8192;
 /// A kernel timestamp further back than this is not believed (the wall clock was stepped).
@@ -165,6 +168,15 @@ pub fn run(setup: IngestSetup) -> io::Result<()> {
         // Arrival times from the kernel: a datagram waits up to a round before it is read.
         if let Err(e) = setsockopt(s, sockopt::ReceiveTimestampns, &true) {
             tracing::warn!(error = %e, "no kernel receive timestamps; using the time of the read");
+        }
+        // Room for a burst between two reads; the kernel caps it at net.core.rmem_max.
+        if let Err(e) = setsockopt(s, sockopt::RcvBuf, &RCVBUF) {
+            tracing::warn!(error = %e, "cannot set the socket receive buffer");
+        }
+    }
+    if let Some(s) = sockets.first() {
+        if let Ok(got) = nix::sys::socket::getsockopt(s, sockopt::RcvBuf) {
+            tracing::debug!(bytes = got, "socket receive buffer per ingest port");
         }
     }
     let mut slots = vec![[0u8; SLOT_BYTES]; SLOTS];
@@ -298,6 +310,25 @@ fn arrival<S>(msg: &RecvMsg<'_, '_, S>, read_at: Instant, wall: SystemTime) -> I
     read_at
 }
 
+/// The kernel's count of datagrams it dropped because a socket's receive buffer was full,
+/// summed over the sockets bound to `ports`, from the text of `/proc/net/udp` or
+/// `/proc/net/udp6` (the last column, `drops`). Lines it cannot read are skipped.
+pub fn kernel_drops(proc_net_udp: &str, ports: (u16, u16)) -> u64 {
+    proc_net_udp
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (_, port) = fields.get(1)?.rsplit_once(':')?;
+            let port = u16::from_str_radix(port, 16).ok()?;
+            if port < ports.0 || port > ports.1 {
+                return None;
+            }
+            fields.last()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
 fn to_std(a: &SockaddrStorage) -> Option<SocketAddr> {
     if let Some(v4) = a.as_sockaddr_in() {
         return Some(SocketAddr::from(*v4));
@@ -357,6 +388,25 @@ mod tests {
             }
         }
         got
+    }
+
+    #[test]
+    fn kernel_drops_are_summed_over_our_ports_only() {
+        let text = "\
+  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+  133: 0100007F:9C40 00000000:0000 07 00000000:00000000 00:00000000 00000000  1000        0 81 2 0000000000000000 5
+  134: 00000000:9C41 00000000:0000 07 00000000:00030000 00:00000000 00000000  1000        0 82 2 0000000000000000 7
+  135: 0100007F:0035 00000000:0000 07 00000000:00000000 00:00000000 00000000   101        0 83 2 0000000000000000 1000
+  136: garbage
+";
+        assert_eq!(kernel_drops(text, (40000, 40001)), 12);
+        assert_eq!(kernel_drops(text, (40001, 40001)), 7);
+        assert_eq!(kernel_drops(text, (1, 100)), 1000);
+        let v6 = "\
+  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+  1: 00000000000000000000000001000000:9C40 00000000000000000000000000000000:0000 07 00000000:00000000 00:00000000 00000000  1000        0 9 2 0000000000000000 3
+";
+        assert_eq!(kernel_drops(v6, (40000, 40000)), 3);
     }
 
     fn rejected(metrics: &Metrics, reason: &str) -> u64 {

@@ -103,6 +103,8 @@ pub struct Metrics {
     pub recording_to_stored: Histogram,
     /// The KEK new recordings are sealed to (value 1).
     pub kek_info: Family<KekLabel, Gauge>,
+    /// Age of that KEK in seconds (for a key file: since the file was last written).
+    pub kek_age: Gauge,
     /// Whether the spool is writable and under its quota (1) or not (0), for /readyz.
     ready: Arc<AtomicBool>,
     /// Why not ready.
@@ -139,6 +141,7 @@ impl Metrics {
             upload_duration: seconds_buckets(),
             recording_to_stored: Histogram::new(exponential_buckets(0.01, 2.0, 20)),
             kek_info: Family::default(),
+            kek_age: Gauge::default(),
             ready: Arc::new(AtomicBool::new(true)),
             not_ready_reason: std::sync::Mutex::new(String::new()),
         };
@@ -247,6 +250,11 @@ impl Metrics {
             "kek_info",
             "The KEK new recordings are sealed to",
             m.kek_info.clone(),
+        );
+        r.register(
+            "kek_age_seconds",
+            "Age of the KEK new recordings are sealed to",
+            m.kek_age.clone(),
         );
         (Arc::new(m), r)
     }

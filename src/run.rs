@@ -14,10 +14,11 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::sync_channel;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crate::clock::now_ms;
 use crate::config::{Config, SyncMode};
@@ -46,7 +47,7 @@ fn start<E: std::fmt::Display>(what: impl std::fmt::Display) -> impl FnOnce(E) -
 const QUEUE: usize = 200_000;
 /// How long a busy ingest round gathers: each socket is read about this often, taking all
 /// that arrived meanwhile in one call (arrival times are those of the read).
-const ROUND: Duration = Duration::from_millis(100);
+const ROUND: Duration = Duration::from_millis(50);
 
 /// Runs the appliance until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
@@ -179,6 +180,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(metrics_server);
+    tasks.spawn(watch_kernel(
+        config.ports,
+        config.public_key.clone(),
+        Arc::clone(&metrics),
+    ));
     tasks.spawn(watch_spool(
         spool.clone(),
         config.recorder.spool_max_bytes.into_inner(),
@@ -199,6 +205,50 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let _ = tokio::task::spawn_blocking(move || uploader.join()).await;
     tracing::info!("stopped; what was not stored waits in the spool");
     Ok(())
+}
+
+/// Every two seconds: datagrams the kernel dropped at full socket buffers on the ingest
+/// ports (a burst larger than a socket holds between two reads) into
+/// `edgerec_datagrams_rejected_total{reason="socket_buffer_full"}`, and the age of the KEK
+/// file into `edgerec_kek_age_seconds`.
+async fn watch_kernel(ports: (u16, u16), kek_file: PathBuf, metrics: Arc<Metrics>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut counted = None;
+    loop {
+        tick.tick().await;
+        let file = kek_file.clone();
+        let Ok((drops, modified)) = tokio::task::spawn_blocking(move || {
+            let mut drops = None;
+            for table in ["/proc/net/udp", "/proc/net/udp6"] {
+                if let Ok(text) = std::fs::read_to_string(table) {
+                    *drops.get_or_insert(0) += ingest::kernel_drops(&text, ports);
+                }
+            }
+            (drops, std::fs::metadata(file).and_then(|m| m.modified()))
+        })
+        .await
+        else {
+            return;
+        };
+        if let Some(now) = drops {
+            // The sockets are this process's own, bound at start: their counts start at 0.
+            let before = counted.replace(now).unwrap_or(0);
+            if now > before {
+                Metrics::inc(
+                    &metrics.datagrams_rejected,
+                    "socket_buffer_full",
+                    now - before,
+                );
+            }
+        }
+        if let Ok(modified) = modified {
+            let age = SystemTime::now()
+                .duration_since(modified)
+                .unwrap_or_default()
+                .as_secs();
+            metrics.kek_age.set(i64::try_from(age).unwrap_or(i64::MAX));
+        }
+    }
 }
 
 /// Every two seconds: the spool's files, bytes and free space into the metrics; new

@@ -573,3 +573,162 @@ fn sources_outside_the_allow_list_are_counted_and_never_recorded() {
     let active: Vec<_> = fs::read_dir(a.path("spool/active")).unwrap().collect();
     assert!(active.is_empty());
 }
+
+/// Sum of every `edgerec_datagrams_rejected_total{reason=...}` line.
+fn rejected_total(body: &str) -> f64 {
+    body.lines()
+        .filter(|l| l.starts_with("edgerec_datagrams_rejected_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn metric_in(body: &str, name: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+#[test]
+fn bad_input_and_a_burst_to_one_port_are_counted_and_lose_nothing_accepted() {
+    let mut a = Appliance::start();
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut sent = 0u64;
+    let mut send = |data: &[u8], port: u16| {
+        if s.send_to(data, ("127.0.0.1", port)).is_ok() {
+            sent += 1;
+        }
+    };
+    // A good stream on the first port, with bad input to the same port between its packets:
+    // truncated RTP, wrong version, an RTP header claiming padding longer than the packet.
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for i in 0..100u16 {
+        let good = rtp(i, 0x600d, 0x11);
+        send(&good, a.base);
+        send(&good[..8], a.base);
+        let mut v1 = good.clone();
+        v1[0] = 0x40;
+        send(&v1, a.base);
+        let mut pad = good.clone();
+        pad[0] |= 0x20;
+        *pad.last_mut().unwrap() = 200;
+        send(&pad, a.base);
+        // Random bytes to the fourth port (what looks like RTP there is recorded there).
+        let len = 1 + (x % 300) as usize;
+        let junk: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        send(&junk, a.base + 3);
+        if i % 5 == 4 {
+            // Paced like a (fast) stream, so that this part is no burst.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    // RTCP alone, to a port with no recording (neither on it nor on the port below).
+    for _ in 0..10 {
+        send(&[0x81, 203, 0, 1, 0, 0, 0, 9], a.base + 2);
+    }
+    a.wait_metric(
+        "edgerec_datagrams_rejected_total{reason=\"rtcp_without_recording\"}",
+        10.0,
+    );
+    // A burst to the second port from two senders at once, as fast as they can send.
+    let port = a.base + 1;
+    let other = std::thread::spawn(move || {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        (0..20_000u32)
+            .filter(|i| {
+                s.send_to(
+                    &rtp(*i as u16, 0xb0258, (i % 251) as u8),
+                    ("127.0.0.1", port),
+                )
+                .is_ok()
+            })
+            .count() as u64
+    });
+    for i in 0..20_000u32 {
+        send(&rtp(i as u16, 0xb0257, (i % 251) as u8), port);
+    }
+    sent += other.join().unwrap();
+    // Every datagram sent is accounted for: stored, a duplicate, or rejected with a reason
+    // (socket-buffer drops are read from the kernel every two seconds).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        let (_, body) = a.get("/metrics");
+        let accounted = metric_in(&body, "edgerec_rtp_packets_received_total")
+            + metric_in(&body, "edgerec_rtcp_packets_total")
+            + metric_in(&body, "edgerec_rtp_packets_duplicate_total")
+            + rejected_total(&body);
+        if accounted as u64 == sent {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{accounted} of {sent} datagrams accounted for:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(a.get("/healthz").0, 200, "still running");
+    for reason in [
+        "short",
+        "version",
+        "malformed_rtp",
+        "rtcp_without_recording",
+    ] {
+        assert!(
+            body.contains(&format!(
+                "edgerec_datagrams_rejected_total{{reason=\"{reason}\"}}"
+            )),
+            "{reason} not counted:\n{body}"
+        );
+    }
+    let received = metric_in(&body, "edgerec_rtp_packets_received_total") as usize;
+    a.sigterm();
+
+    // Nothing accepted is lost: every stored RTP packet is in a package, whole and in order.
+    let mut in_packages = 0;
+    let mut good = None;
+    let mut burst = Vec::new();
+    // Ended by the shutdown, not yet uploaded: those wait in spool/ready for the next start.
+    let mut packages = stored(&a.path("store"));
+    packages.extend(stored(&a.path("spool/ready")));
+    for p in packages {
+        let ring = ring(&["test"]);
+        let mut r =
+            PackageReader::new(fs::File::open(&p).unwrap(), &ring, ReadMode::Strict).unwrap();
+        let mut by_ssrc: std::collections::HashMap<u32, Vec<u16>> = Default::default();
+        while let Some(rec) = r.next_record().unwrap() {
+            for e in entries(&rec.plaintext) {
+                if let Entry::Rtp { packet, .. } = e.unwrap() {
+                    in_packages += 1;
+                    let ssrc = u32::from_be_bytes(packet[8..12].try_into().unwrap());
+                    let seq = u16::from_be_bytes([packet[2], packet[3]]);
+                    if [0x600d, 0xb0257, 0xb0258].contains(&ssrc) {
+                        assert_eq!(packet.len(), 172);
+                        assert_eq!(&packet[12..], &[packet[12]; 160][..], "payload intact");
+                    }
+                    by_ssrc.entry(ssrc).or_default().push(seq);
+                }
+            }
+        }
+        good = good.or(by_ssrc.remove(&0x600d));
+        for ssrc in [0xb0257, 0xb0258] {
+            if let Some(seqs) = by_ssrc.remove(&ssrc) {
+                burst.push(seqs);
+            }
+        }
+    }
+    assert_eq!(
+        in_packages, received,
+        "every accepted packet is in a package"
+    );
+    assert_eq!(good.unwrap(), (0..100).collect::<Vec<u16>>());
+    assert_eq!(burst.len(), 2, "both burst streams recorded");
+    for seqs in burst {
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order, no repeats");
+    }
+}
