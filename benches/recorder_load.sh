@@ -17,10 +17,12 @@ work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 hz=$(getconf CLK_TCK)
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# CPU ticks of one named thread of a process.
+thread_ticks() { for t in /proc/$1/task/*; do if [ "$(cat "$t/comm")" = "$2" ]; then awk '{print $14 + $15}' "$t/stat"; fi; done | awk '{s += $1} END {print s + 0}'; }
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 metric() { curl -s "http://$maddr/metrics" | awk -v n="$1" '$1 == n {print $2}'; }
 
-printf '%-8s %-10s %-10s %-8s %-22s %-16s %-20s\n' streams sent stored lost cpu_us_per_stream_s rss_per_stream tcpdump_cpu_us_per_stream_s
+printf '%-8s %-10s %-10s %-8s %-22s %-18s %-16s %-20s\n' streams sent stored lost cpu_us_per_stream_s ingest/recorder rss_per_stream tcpdump_cpu_us_per_stream_s
 for n in "${counts[@]}"; do
   ports=$(( (n + 1) / 2 ))
   first=41000; last=$(( first + ports - 1 ))
@@ -46,14 +48,17 @@ TOML
   done
   maddr=$(grep -o 'metrics_addr=[^ ]*' "$work/run/log" | head -1 | cut -d= -f2)
   rss0=$(rss_kb $pid); t0=$(cpu_ticks $pid)
+  i0=$(thread_ticks $pid ingest); r0=$(thread_ticks $pid recorder)
   "$bin" loadgen --target 127.0.0.1 --ports "$first-$last" --streams "$n" --seconds "$secs" > "$work/run/lg" 2>/dev/null &
   lg=$!
   sleep $(( secs / 2 )); rss1=$(rss_kb $pid)
   wait $lg
   t1=$(cpu_ticks $pid)
+  i1=$(thread_ticks $pid ingest); r1=$(thread_ticks $pid recorder)
   sent=$(awk '/packets_sent/ {print $2}' "$work/run/lg")
   sleep 1
   stored=$(metric edgerec_rtp_packets_received_total)
+  curl -s "http://$maddr/metrics" | grep '^edgerec_datagrams_rejected_total' | sed 's/^/  /' >&2 || true
   kill -TERM $pid; wait $pid || true
   echo "  (shutdown with $ports recordings took until $(date +%T))" >&2
   # The same traffic into tcpdump -w.
@@ -65,12 +70,13 @@ TOML
     c1=$(cpu_ticks $td); kill $td; wait $td 2>/dev/null || true; rm -f "$work/cap.pcap"
     tcpcpu=$(python3 -c "print(round(($c1-$c0)/$hz*1e6/($n*$secs), 1))")
   fi
-  python3 - "$n" "$secs" "$sent" "${stored:-0}" "$t0" "$t1" "$hz" "$rss0" "$rss1" "$tcpcpu" <<'PY'
+  python3 - "$n" "$secs" "$sent" "${stored:-0}" "$t0" "$t1" "$hz" "$rss0" "$rss1" "$tcpcpu" "$i0" "$i1" "$r0" "$r1" <<'PY'
 import sys
-n, secs, sent, stored, t0, t1, hz, rss0, rss1, tcp = sys.argv[1:]
-n, secs, sent, stored = int(n), float(secs), int(sent), int(float(stored))
-cpu_us = (int(t1) - int(t0)) / int(hz) * 1e6 / (n * secs)
+n, secs, sent, stored, t0, t1, hz, rss0, rss1, tcp, i0, i1, r0, r1 = sys.argv[1:]
+n, secs, sent, stored, hz = int(n), float(secs), int(sent), int(float(stored)), int(hz)
+us = lambda a, b: (int(b) - int(a)) / hz * 1e6 / (n * secs)
 per = (int(rss1) - int(rss0)) * 1024 / n
-print(f"{n:<8} {sent:<10} {stored:<10} {sent - stored:<8} {cpu_us:<22.1f} {per / 1024:<13.1f}KiB   {tcp}")
+split = f"{us(i0, i1):.0f}/{us(r0, r1):.0f}"
+print(f"{n:<8} {sent:<10} {stored:<10} {sent - stored:<8} {us(t0, t1):<22.1f} {split:<18} {per / 1024:<13.1f}KiB   {tcp}")
 PY
 done

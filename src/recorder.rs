@@ -15,15 +15,15 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError};
 use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
 use crate::clock::now_ms;
-use crate::format::{Kind, Metadata, Wrap};
+use crate::format::{EndReason, Kind, Metadata, Wrap};
 use crate::ingest::Batch;
-use crate::keys::KekHandle;
+use crate::keys::{KekHandle, KekPublic};
 use crate::metrics::Metrics;
 use crate::session::{Action, Counters, Limits, RecId, Sessions};
 use crate::spool::{ActiveFile, Spool};
@@ -63,6 +63,9 @@ pub struct RecorderSetup {
     pub recycle: SyncSender<Batch>,
 }
 
+/// How soon the recorder looks for packages the opener has made, when nothing else wakes it.
+const OPENING_POLL: Duration = Duration::from_millis(10);
+
 /// How often the session's counters reach the metrics (at most).
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 
@@ -94,7 +97,11 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
         u64::try_from(t.saturating_duration_since(epoch).as_micros()).unwrap_or(u64::MAX)
     };
     let mut sessions = Sessions::new(limits);
+    let mut syncer = Syncer::start(spool.clone(), Arc::clone(&metrics));
     let mut open: HashMap<RecId, Open> = HashMap::new();
+    // Recordings whose package the opener is still making, with what waits for it.
+    let mut opening: HashMap<RecId, Vec<Pending>> = HashMap::new();
+    let opener = Opener::start(spool.clone());
     let mut uuids: HashMap<RecId, Uuid> = HashMap::new();
     let mut actions = Vec::new();
     let mut closing: Vec<(ActiveFile, Vec<u8>)> = Vec::new();
@@ -106,6 +113,10 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
         if unpublished {
             // Counts not yet in the metrics: come back in time to publish them.
             timeout = Some(timeout.map_or(PUBLISH_EVERY, |t| t.min(PUBLISH_EVERY)));
+        }
+        if !opening.is_empty() {
+            // Packages being made: take them up soon even if no datagram comes.
+            timeout = Some(timeout.map_or(OPENING_POLL, |t| t.min(OPENING_POLL)));
         }
         let msg = match timeout {
             Some(d) => rx.recv_timeout(d),
@@ -153,14 +164,6 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
                     if let Some(prev) = continues.and_then(|c| uuids.get(&c)) {
                         public.insert("continues".into(), prev.hyphenated().to_string().into());
                     }
-                    let opts = SealOptions {
-                        wrap,
-                        max_chunk: u32::try_from(limits.max_chunk).unwrap_or(u32::MAX),
-                        media: Media::Rtp,
-                        public,
-                        recording_id: None,
-                        created_ms: None,
-                    };
                     if !accepting.load(Ordering::Relaxed) {
                         tracing::error!(
                             port = local.port(),
@@ -169,69 +172,92 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
                         Metrics::inc(&metrics.recordings_refused, "spool_full", 1);
                         continue;
                     }
-                    let started = Sealer::new(&keks.current(), &opts)
-                        .map_err(|e| e.to_string())
-                        .and_then(|sealer| {
-                            let id = sealer.recording_id();
-                            spool
-                                .create_unsynced(id, sealer.header_bytes())
-                                .map(|file| Open { id, sealer, file })
-                                .map_err(|e| e.to_string())
-                        });
-                    match started {
-                        Ok(o) => {
-                            tracing::info!(recording = %o.id, port = local.port(), "recording started");
-                            uuids.insert(rec, o.id);
-                            open.insert(rec, o);
-                            metrics.recordings_active.inc();
-                        }
-                        Err(e) => {
-                            tracing::error!(port = local.port(), error = %e, "recording refused");
-                            Metrics::inc(&metrics.recordings_refused, "spool_error", 1);
-                        }
+                    // The id is chosen here, so a successor can name it at once; the data key,
+                    // its RSA wrap and the file are made by the opener thread.
+                    let id = Uuid::now_v7();
+                    let opts = SealOptions {
+                        wrap,
+                        max_chunk: u32::try_from(limits.max_chunk).unwrap_or(u32::MAX),
+                        media: Media::Rtp,
+                        public,
+                        recording_id: Some(id),
+                        created_ms: None,
+                    };
+                    uuids.insert(rec, id);
+                    opening.insert(rec, Vec::new());
+                    let job = OpenJob {
+                        rec,
+                        port: local.port(),
+                        keks: keks.current(),
+                        opts,
+                    };
+                    if opener.jobs.send(job).is_err() {
+                        opening.remove(&rec);
+                        tracing::error!(
+                            port = local.port(),
+                            "recording refused: the opener is gone"
+                        );
+                        Metrics::inc(&metrics.recordings_refused, "spool_error", 1);
                     }
                 }
                 Action::Chunk { rec, plaintext } => {
-                    let Some(o) = open.get_mut(&rec) else {
-                        continue;
-                    };
-                    buf.clear();
-                    let written = o
-                        .sealer
-                        .seal(Kind::Media, &plaintext, &mut buf)
-                        .map_err(|e| e.to_string())
-                        .and_then(|()| o.file.append(&buf).map_err(|e| e.to_string()));
-                    match written {
-                        Ok(()) => {
-                            metrics.chunks_written.inc();
-                        }
-                        Err(e) => {
-                            // The package keeps what was written; recovery at the next start
-                            // cuts the torn tail and delivers it as unterminated.
-                            tracing::error!(recording = %o.id, error = %e, "write failed; recording ended");
-                            Metrics::inc(&metrics.recordings_ended, "write_error", 1);
-                            metrics.recordings_active.dec();
-                            open.remove(&rec);
-                        }
+                    if let Some(waiting) = opening.get_mut(&rec) {
+                        waiting.push(Pending::Chunk(plaintext));
+                    } else {
+                        write_chunk(&mut open, rec, &plaintext, &mut buf, &metrics);
                     }
                 }
                 Action::Sync => {
-                    let dirty = open.values().filter(|o| o.file.is_dirty()).count();
-                    if sync && dirty > 0 {
-                        let t = Instant::now();
-                        group_commit(&spool, &mut open, dirty);
-                        metrics.sync_duration.observe(t.elapsed().as_secs_f64());
-                        tracing::debug!(files = dirty, "synced");
+                    if sync {
+                        syncer.poll(&mut open);
+                        syncer.commit(&spool, &mut open, &metrics);
                     }
                 }
                 Action::Close { rec, reason } => {
                     uuids.remove(&rec);
-                    let Some(o) = open.remove(&rec) else { continue };
-                    metrics.recordings_active.dec();
-                    let mut end = Vec::new();
-                    o.sealer.finish(reason, now_ms(), &mut end);
-                    tracing::info!(recording = %o.id, reason = reason.name(), "recording ended");
-                    closing.push((o.file, end));
+                    if let Some(waiting) = opening.get_mut(&rec) {
+                        waiting.push(Pending::Close(reason));
+                    } else {
+                        close(&mut open, rec, reason, &mut closing, &metrics);
+                    }
+                }
+            }
+        }
+        // Packages the opener has made: what waited for them is written now. At shutdown,
+        // every one is waited for, so that each recording gets its end record.
+        while !opening.is_empty() {
+            let made = if stop {
+                match opener.done.recv() {
+                    Ok(m) => m,
+                    Err(_) => break,
+                }
+            } else {
+                match opener.done.try_recv() {
+                    Ok(m) => m,
+                    Err(_) => break,
+                }
+            };
+            let (rec, port, result) = made;
+            let waiting = opening.remove(&rec).unwrap_or_default();
+            match result {
+                Ok(o) => {
+                    tracing::info!(recording = %o.id, port, "recording started");
+                    open.insert(rec, o);
+                    metrics.recordings_active.inc();
+                    for p in waiting {
+                        match p {
+                            Pending::Chunk(plaintext) => {
+                                write_chunk(&mut open, rec, &plaintext, &mut buf, &metrics)
+                            }
+                            Pending::Close(reason) => {
+                                close(&mut open, rec, reason, &mut closing, &metrics)
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(port, error = %e, "recording refused");
+                    Metrics::inc(&metrics.recordings_refused, "spool_error", 1);
                 }
             }
         }
@@ -256,8 +282,10 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
             unpublished = false;
         }
         if stop {
+            syncer.stop(&mut open);
             return;
         }
+        syncer.poll(&mut open);
     }
 }
 
@@ -287,27 +315,271 @@ fn publish(m: &Metrics, now: &Counters, last: &mut Counters) {
     last.clone_from(now);
 }
 
-/// Syncs every dirty package: one `fdatasync` each when few are dirty, one `syncfs` for the
-/// whole spool when many are (thousands of recordings must not cost thousands of syncs).
-fn group_commit(spool: &Spool, open: &mut HashMap<RecId, Open>, dirty: usize) {
-    const PER_FILE_UP_TO: usize = 4;
-    if dirty > PER_FILE_UP_TO {
-        match spool.sync_fs() {
-            Ok(()) => open.values_mut().for_each(|o| o.file.mark_synced()),
-            Err(e) => tracing::error!(error = %e, "syncfs of the spool failed"),
-        }
+/// What waits for a package that is still being made.
+enum Pending {
+    Chunk(Vec<u8>),
+    Close(EndReason),
+}
+
+/// Seals a chunk into its package and appends it; a failed write ends the recording (the
+/// package keeps what was written; recovery at the next start cuts the torn tail).
+fn write_chunk(
+    open: &mut HashMap<RecId, Open>,
+    rec: RecId,
+    plaintext: &[u8],
+    buf: &mut Vec<u8>,
+    metrics: &Metrics,
+) {
+    let Some(o) = open.get_mut(&rec) else {
         return;
-    }
-    let mut new_entries = false;
-    for o in open.values_mut() {
-        if let Err(e) = o.file.sync() {
-            tracing::error!(recording = %o.id, error = %e, "sync failed");
+    };
+    buf.clear();
+    let written = o
+        .sealer
+        .seal(Kind::Media, plaintext, buf)
+        .map_err(|e| e.to_string())
+        .and_then(|()| o.file.append(buf).map_err(|e| e.to_string()));
+    match written {
+        Ok(()) => {
+            metrics.chunks_written.inc();
         }
-        new_entries |= o.file.take_new_entry();
+        Err(e) => {
+            tracing::error!(recording = %o.id, error = %e, "write failed; recording ended");
+            Metrics::inc(&metrics.recordings_ended, "write_error", 1);
+            metrics.recordings_active.dec();
+            open.remove(&rec);
+        }
     }
-    if new_entries {
-        if let Err(e) = spool.sync_active_dir() {
-            tracing::error!(error = %e, "sync of spool/active failed");
+}
+
+/// Ends a recording: its end record goes into `closing`, finished with the others of the
+/// round.
+fn close(
+    open: &mut HashMap<RecId, Open>,
+    rec: RecId,
+    reason: EndReason,
+    closing: &mut Vec<(ActiveFile, Vec<u8>)>,
+    metrics: &Metrics,
+) {
+    let Some(o) = open.remove(&rec) else {
+        return;
+    };
+    metrics.recordings_active.dec();
+    let mut end = Vec::new();
+    o.sealer.finish(reason, now_ms(), &mut end);
+    tracing::info!(recording = %o.id, reason = reason.name(), "recording ended");
+    closing.push((o.file, end));
+}
+
+/// A package to make: a fresh data key wrapped to `keks` (an RSA operation) and its file in
+/// `active/` (an inode allocation, slow on a busy file system).
+struct OpenJob {
+    rec: RecId,
+    port: u16,
+    keks: Arc<Vec<KekPublic>>,
+    opts: SealOptions,
+}
+
+/// Makes packages off the recorder's thread, so that a thousand calls starting in the same
+/// second cost the recorder no time it needs for datagrams; chunks wait in memory meanwhile.
+struct Opener {
+    jobs: std::sync::mpsc::Sender<OpenJob>,
+    done: Receiver<(RecId, u16, Result<Open, String>)>,
+}
+
+impl Opener {
+    fn start(spool: Spool) -> Opener {
+        let (jobs, rx) = std::sync::mpsc::channel::<OpenJob>();
+        let (tx, done) = std::sync::mpsc::channel();
+        let work = move || {
+            for job in rx {
+                let made = Sealer::new(&job.keks, &job.opts)
+                    .map_err(|e| e.to_string())
+                    .and_then(|sealer| {
+                        let id = sealer.recording_id();
+                        spool
+                            .create_unsynced(id, sealer.header_bytes())
+                            .map(|file| Open { id, sealer, file })
+                            .map_err(|e| e.to_string())
+                    });
+                if tx.send((job.rec, job.port, made)).is_err() {
+                    return;
+                }
+            }
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("opener".into())
+            .spawn(work)
+        {
+            // Without the thread the jobs channel is closed: every open is refused, counted
+            // and logged, and the recorder goes on.
+            tracing::error!(error = %e, "cannot start the opener thread");
+        }
+        Opener { jobs, done }
+    }
+}
+
+/// Marks the open ones of `recs` as needing a sync again.
+fn unsynced(open: &mut HashMap<RecId, Open>, recs: &[RecId]) {
+    for rec in recs {
+        if let Some(o) = open.get_mut(rec) {
+            o.file.mark_unsynced();
+        }
+    }
+}
+
+/// Carries out one group commit and times it.
+fn run_job(spool: &Spool, job: SyncJob, metrics: &Metrics) -> std::io::Result<()> {
+    let t = Instant::now();
+    let r = match job {
+        SyncJob::Fs => spool.sync_fs(),
+        SyncJob::Files { files, dir } => files
+            .iter()
+            .try_for_each(std::fs::File::sync_data)
+            .and_then(|()| if dir { spool.sync_active_dir() } else { Ok(()) }),
+    };
+    metrics.sync_duration.observe(t.elapsed().as_secs_f64());
+    r
+}
+
+/// A group commit for the syncer thread.
+enum SyncJob {
+    /// `syncfs` of the spool's file system (many files dirty).
+    Fs,
+    /// `fdatasync` of each file, then of `active/` if `dir` (few files dirty).
+    Files {
+        files: Vec<std::fs::File>,
+        dir: bool,
+    },
+}
+
+/// The group commit, off the recorder's thread: a disk that takes a second to sync must not
+/// stop the recorder from taking datagrams. One commit is in flight at a time; files written
+/// meanwhile stay dirty for the next tick.
+struct Syncer {
+    jobs: SyncSender<SyncJob>,
+    done: Receiver<Result<(), String>>,
+    /// The recordings the commit in flight covers.
+    in_flight: Option<Vec<RecId>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Syncer {
+    fn start(spool: Spool, metrics: Arc<Metrics>) -> Syncer {
+        let (jobs, rx) = std::sync::mpsc::sync_channel::<SyncJob>(1);
+        let (tx, done) = std::sync::mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new()
+            .name("syncer".into())
+            .spawn(move || {
+                for job in rx {
+                    let r = run_job(&spool, job, &metrics);
+                    if tx.send(r.map_err(|e| e.to_string())).is_err() {
+                        return;
+                    }
+                }
+            });
+        let thread = match thread {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the syncer thread; syncing inline");
+                None
+            }
+        };
+        Syncer {
+            jobs,
+            done,
+            in_flight: None,
+            thread,
+        }
+    }
+
+    /// Takes the result of a finished commit, if any: on failure the files it covered need
+    /// a sync again.
+    fn poll(&mut self, open: &mut HashMap<RecId, Open>) {
+        let Some(covered) = &self.in_flight else {
+            return;
+        };
+        match self.done.try_recv() {
+            Ok(Ok(())) => {
+                tracing::debug!(files = covered.len(), "synced");
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "group commit failed; retrying at the next tick");
+                unsynced(open, covered);
+            }
+            Err(TryRecvError::Empty) => return,
+            Err(TryRecvError::Disconnected) => {
+                tracing::error!("the syncer thread is gone; syncing inline from now on");
+                unsynced(open, covered);
+                self.thread = None;
+            }
+        }
+        self.in_flight = None;
+    }
+
+    /// Starts a commit of every dirty package, unless one is in flight.
+    fn commit(&mut self, spool: &Spool, open: &mut HashMap<RecId, Open>, metrics: &Metrics) {
+        const PER_FILE_UP_TO: usize = 4;
+        if self.in_flight.is_some() {
+            return;
+        }
+        let dirty: Vec<RecId> = open
+            .iter()
+            .filter(|(_, o)| o.file.is_dirty())
+            .map(|(r, _)| *r)
+            .collect();
+        if dirty.is_empty() {
+            return;
+        }
+        let job = if dirty.len() > PER_FILE_UP_TO {
+            SyncJob::Fs
+        } else {
+            let mut files = Vec::with_capacity(dirty.len());
+            let mut dir = false;
+            for rec in &dirty {
+                let o = open.get_mut(rec).expect("listed above");
+                match o.file.sync_handle() {
+                    Ok(f) => files.push(f),
+                    // No second handle (out of descriptors): a file-system sync covers it.
+                    Err(_) => dir = true,
+                }
+                dir |= o.file.take_new_entry();
+            }
+            if files.len() < dirty.len() {
+                SyncJob::Fs
+            } else {
+                SyncJob::Files { files, dir }
+            }
+        };
+        for rec in &dirty {
+            open.get_mut(rec).expect("listed above").file.mark_synced();
+        }
+        if self.thread.is_none() {
+            // No thread: sync here.
+            if let Err(e) = run_job(spool, job, metrics) {
+                tracing::error!(error = %e, "sync failed");
+                unsynced(open, &dirty);
+            }
+            return;
+        }
+        match self.jobs.try_send(job) {
+            Ok(()) => self.in_flight = Some(dirty),
+            Err(_) => unsynced(open, &dirty),
+        }
+    }
+
+    /// Waits for the commit in flight and stops the thread.
+    fn stop(mut self, open: &mut HashMap<RecId, Open>) {
+        if self.in_flight.is_some() {
+            if let Ok(r) = self.done.recv() {
+                if r.is_err() {
+                    open.values_mut().for_each(|o| o.file.mark_unsynced());
+                }
+            }
+        }
+        drop(self.jobs);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }

@@ -635,6 +635,17 @@ impl ActiveFile {
     pub fn take_new_entry(&mut self) -> bool {
         std::mem::take(&mut self.new_entry)
     }
+
+    /// A second handle on the file, for syncing it on another thread.
+    pub fn sync_handle(&self) -> io::Result<File> {
+        self.file.try_clone()
+    }
+
+    /// Records that a sync meant to cover it failed: it needs one again (data and entry).
+    pub fn mark_unsynced(&mut self) {
+        self.dirty = true;
+        self.new_entry = true;
+    }
 }
 
 #[cfg(test)]
