@@ -25,7 +25,7 @@ use crate::format::{EndReason, Kind, Metadata, Wrap};
 use crate::ingest::Batch;
 use crate::keys::{KekHandle, KekPublic};
 use crate::metrics::Metrics;
-use crate::session::{Action, Counters, Limits, RecId, Sessions};
+use crate::session::{Action, Counters, Limits, RecId, Sessions, Tagged};
 use crate::spool::{ActiveFile, Spool};
 use crate::writer::{Media, SealOptions, Sealer};
 
@@ -34,6 +34,16 @@ use crate::writer::{Media, SealOptions, Sealer};
 pub enum Msg {
     /// The datagrams of one ingest round, each with its arrival time.
     Batch(Batch),
+    /// Metadata (a JSON object) for the recording on a port: written into the one in
+    /// progress, or held for the next one there.
+    Metadata {
+        /// The local port.
+        port: u16,
+        /// The document.
+        doc: Metadata,
+        /// Told what became of it, if anyone asks.
+        reply: Option<SyncSender<Tagged>>,
+    },
     /// End every recording and return.
     Shutdown,
 }
@@ -142,6 +152,14 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
                 let _ = recycle.try_send(batch);
                 unpublished = true;
             }
+            Ok(Msg::Metadata { port, doc, reply }) => {
+                let json = serde_json::to_vec(&doc).expect("a JSON map always serializes");
+                let tagged = sessions.metadata(port, json, &mut actions);
+                tracing::info!(port, outcome = ?tagged, "metadata");
+                if let Some(r) = reply {
+                    let _ = r.try_send(tagged);
+                }
+            }
             Ok(Msg::Shutdown) | Err(RecvTimeoutError::Disconnected) => {
                 sessions.shutdown(&mut actions);
                 stop = true;
@@ -202,9 +220,16 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
                 }
                 Action::Chunk { rec, plaintext } => {
                     if let Some(waiting) = opening.get_mut(&rec) {
-                        waiting.push(Pending::Chunk(plaintext));
+                        waiting.push(Pending::Record(Kind::Media, plaintext));
                     } else {
-                        write_chunk(&mut open, rec, &plaintext, &mut buf, &metrics);
+                        write_record(&mut open, rec, Kind::Media, &plaintext, &mut buf, &metrics);
+                    }
+                }
+                Action::Metadata { rec, json } => {
+                    if let Some(waiting) = opening.get_mut(&rec) {
+                        waiting.push(Pending::Record(Kind::Metadata, json));
+                    } else {
+                        write_record(&mut open, rec, Kind::Metadata, &json, &mut buf, &metrics);
                     }
                 }
                 Action::Sync => {
@@ -246,8 +271,8 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
                     metrics.recordings_active.inc();
                     for p in waiting {
                         match p {
-                            Pending::Chunk(plaintext) => {
-                                write_chunk(&mut open, rec, &plaintext, &mut buf, &metrics)
+                            Pending::Record(kind, plaintext) => {
+                                write_record(&mut open, rec, kind, &plaintext, &mut buf, &metrics)
                             }
                             Pending::Close(reason) => {
                                 close(&mut open, rec, reason, &mut closing, &metrics)
@@ -317,15 +342,17 @@ fn publish(m: &Metrics, now: &Counters, last: &mut Counters) {
 
 /// What waits for a package that is still being made.
 enum Pending {
-    Chunk(Vec<u8>),
+    Record(Kind, Vec<u8>),
     Close(EndReason),
 }
 
-/// Seals a chunk into its package and appends it; a failed write ends the recording (the
-/// package keeps what was written; recovery at the next start cuts the torn tail).
-fn write_chunk(
+/// Seals a record (a media chunk or metadata) into its package and appends it; a failed
+/// write ends the recording (the package keeps what was written; recovery at the next start
+/// cuts the torn tail).
+fn write_record(
     open: &mut HashMap<RecId, Open>,
     rec: RecId,
+    kind: Kind,
     plaintext: &[u8],
     buf: &mut Vec<u8>,
     metrics: &Metrics,
@@ -336,12 +363,14 @@ fn write_chunk(
     buf.clear();
     let written = o
         .sealer
-        .seal(Kind::Media, plaintext, buf)
+        .seal(kind, plaintext, buf)
         .map_err(|e| e.to_string())
         .and_then(|()| o.file.append(buf).map_err(|e| e.to_string()));
     match written {
         Ok(()) => {
-            metrics.chunks_written.inc();
+            if kind == Kind::Media {
+                metrics.chunks_written.inc();
+            }
         }
         Err(e) => {
             tracing::error!(recording = %o.id, error = %e, "write failed; recording ended");
@@ -581,5 +610,109 @@ impl Syncer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{KekPrivate, KeyRing};
+    use crate::reader::{PackageReader, ReadMode};
+    use crate::spool::Place;
+    use std::net::SocketAddr;
+    use std::path::Path;
+    use std::sync::mpsc::sync_channel;
+
+    fn key(name: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/vectors")
+            .join(name)
+    }
+
+    fn rtp(seq: u16) -> Vec<u8> {
+        let mut p = vec![0x80, 0];
+        p.extend_from_slice(&seq.to_be_bytes());
+        p.extend_from_slice(&(u32::from(seq) * 160).to_be_bytes());
+        p.extend_from_slice(&7u32.to_be_bytes());
+        p.extend_from_slice(&[0x55; 160]);
+        p
+    }
+
+    fn doc(k: &str, v: &str) -> Metadata {
+        let mut m = Metadata::new();
+        m.insert(k.into(), v.into());
+        m
+    }
+
+    #[test]
+    fn metadata_before_and_during_a_call_is_sealed_in_order_with_its_media() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("spool")).unwrap();
+        let (metrics, _registry) = Metrics::new();
+        let (tx, rx) = sync_channel(100);
+        let (ready_tx, ready_rx) = sync_channel(100);
+        let (recycle, _recycled) = sync_channel(16);
+        let setup = RecorderSetup {
+            spool: spool.clone(),
+            keks: KekHandle::new(vec![
+                KekPublic::from_file(&key("test-kek.pub.pem")).unwrap(),
+            ]),
+            wrap: Wrap::OaepSha256,
+            limits: Limits {
+                idle_timeout_us: 60_000_000,
+                max_recording_us: 3_600_000_000,
+                flush_interval_us: 1_000_000,
+                max_chunk: 65_536,
+            },
+            sync: true,
+            ready: ready_tx,
+            metrics,
+            accepting: Arc::new(AtomicBool::new(true)),
+            queued: Arc::new(AtomicUsize::new(0)),
+            recycle,
+        };
+        let t = std::thread::spawn(move || run(setup, rx));
+        let local: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let remote: SocketAddr = "10.0.0.1:5000".parse().unwrap();
+        let tag = |d: Metadata| {
+            let (reply, answer) = sync_channel(1);
+            tx.send(Msg::Metadata {
+                port: 40000,
+                doc: d,
+                reply: Some(reply),
+            })
+            .unwrap();
+            answer.recv().unwrap()
+        };
+        let media = |seqs: std::ops::Range<u16>| {
+            let mut b = Batch::default();
+            for s in seqs {
+                b.push(local, remote, Instant::now(), &rtp(s));
+            }
+            tx.send(Msg::Batch(b)).unwrap();
+        };
+        assert_eq!(tag(doc("conversation_id", "c1")), Tagged::Held);
+        media(0..3);
+        // Very likely while the package is still being made: the record waits for it.
+        assert_eq!(tag(doc("agent", "a1")), Tagged::Now);
+        media(3..5);
+        tx.send(Msg::Shutdown).unwrap();
+        t.join().unwrap();
+
+        let id = ready_rx.try_recv().unwrap();
+        let mut ring = KeyRing::new();
+        ring.add(KekPrivate::from_file(&key("test-kek.pem")).unwrap());
+        let file = std::fs::File::open(spool.package_path(Place::Ready, id)).unwrap();
+        let mut r = PackageReader::new(file, &ring, ReadMode::Strict).unwrap();
+        let mut kinds = Vec::new();
+        while let Some(rec) = r.next_record().unwrap() {
+            kinds.push(rec.kind);
+        }
+        assert_eq!(
+            kinds,
+            [Kind::Metadata, Kind::Media, Kind::Metadata, Kind::Media]
+        );
+        assert_eq!(r.metadata()["conversation_id"], "c1");
+        assert_eq!(r.metadata()["agent"], "a1");
     }
 }

@@ -95,6 +95,13 @@ pub enum Action {
         /// Media plaintext: whole entries, at most `max_chunk` bytes.
         plaintext: Vec<u8>,
     },
+    /// Seal one JSON object as a metadata record, after the media handed out before it.
+    Metadata {
+        /// The recording.
+        rec: RecId,
+        /// The JSON object.
+        json: Vec<u8>,
+    },
     /// Make every chunk appended since the last sync durable (one group commit).
     Sync,
     /// Write the end record and move the package to `ready/`.
@@ -161,11 +168,19 @@ impl Hasher for PortHasher {
 
 type PortMap<V> = HashMap<u16, V, BuildHasherDefault<PortHasher>>;
 
-/// Hands out a recording's pending chunk, leaving an empty one with the same capacity (a
-/// recording's chunks are alike in size, so the next one grows without reallocating).
-fn take_pending(pending: &mut Vec<u8>) -> Vec<u8> {
-    let cap = pending.len();
-    std::mem::replace(pending, Vec::with_capacity(cap))
+/// Hands out a recording's pending chunk, if it has one, leaving an empty one with the same
+/// capacity (a recording's chunks are alike in size, so the next one grows without
+/// reallocating). Returns whether it did.
+fn hand_out(rec: &mut Recording, out: &mut Vec<Action>) -> bool {
+    if rec.pending.is_empty() {
+        return false;
+    }
+    let cap = rec.pending.len();
+    out.push(Action::Chunk {
+        rec: rec.id,
+        plaintext: std::mem::replace(&mut rec.pending, Vec::with_capacity(cap)),
+    });
+    true
 }
 
 #[derive(Debug)]
@@ -176,13 +191,33 @@ struct Recording {
     last_rtp_us: u64,
     streams: Vec<Stream>,
     pending: Vec<u8>,
+    /// The metadata given to it, handed again to a recording that continues it.
+    tags: Vec<Vec<u8>>,
 }
+
+/// What became of metadata given for a port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tagged {
+    /// Written into the recording in progress on the port.
+    Now,
+    /// No recording on the port: held for the next one that starts there.
+    Held,
+    /// Refused: larger than a record may be.
+    TooLarge,
+    /// Refused: already [`MAX_HELD`] documents wait for the port.
+    TooManyHeld,
+}
+
+/// Metadata documents that may wait for a port's next recording.
+pub const MAX_HELD: usize = 16;
 
 /// All recordings in progress. See the module documentation.
 #[derive(Debug)]
 pub struct Sessions {
     limits: Limits,
     by_port: PortMap<Recording>,
+    /// Metadata waiting for the next recording on a port.
+    held: PortMap<Vec<Vec<u8>>>,
     next_id: u64,
     next_flush_us: Option<u64>,
     /// No recording ends idle or at its maximum duration before this (a lower bound: packets
@@ -198,6 +233,7 @@ impl Sessions {
         Sessions {
             limits,
             by_port: PortMap::default(),
+            held: PortMap::default(),
             next_id: 0,
             next_flush_us: None,
             next_deadline_us: None,
@@ -252,8 +288,12 @@ impl Sessions {
                 last_rtp_us: now,
                 streams: Vec::new(),
                 pending: Vec::new(),
+                tags: Vec::new(),
             },
         );
+        for json in self.held.remove(&local.port()).unwrap_or_default() {
+            self.tag(local.port(), json, out);
+        }
         if self.next_flush_us.is_none() {
             self.next_flush_us = Some(now + self.limits.flush_interval_us);
         }
@@ -270,10 +310,7 @@ impl Sessions {
             return false;
         }
         if rec.pending.len() + len > limits.max_chunk {
-            out.push(Action::Chunk {
-                rec: rec.id,
-                plaintext: take_pending(&mut rec.pending),
-            });
+            hand_out(rec, out);
         }
         e.encode(&mut rec.pending)
             .expect("body length checked against u16 above");
@@ -282,12 +319,7 @@ impl Sessions {
 
     fn close(&mut self, port: u16, reason: EndReason, out: &mut Vec<Action>) -> Option<Recording> {
         let mut rec = self.by_port.remove(&port)?;
-        if !rec.pending.is_empty() {
-            out.push(Action::Chunk {
-                rec: rec.id,
-                plaintext: take_pending(&mut rec.pending),
-            });
-        }
+        hand_out(&mut rec, out);
         out.push(Action::Close {
             rec: rec.id,
             reason,
@@ -307,6 +339,9 @@ impl Sessions {
             return;
         };
         self.open(now, old.local, Some(old.id), out);
+        for json in old.tags {
+            self.tag(port, json, out);
+        }
         let limits = self.limits;
         self.note_deadline(old.last_rtp_us + limits.idle_timeout_us);
         let rec = self.by_port.get_mut(&port).expect("just opened");
@@ -323,6 +358,38 @@ impl Sessions {
             Self::push(&limits, rec, &opened, out);
             rec.streams.push(s);
         }
+    }
+
+    /// Takes a metadata document (one JSON object) for the recording on `port`: written now
+    /// if one is in progress (after the media before it), else held for the next recording
+    /// there. A recording that continues another at the maximum duration carries its
+    /// metadata again, so each package stands alone.
+    pub fn metadata(&mut self, port: u16, json: Vec<u8>, out: &mut Vec<Action>) -> Tagged {
+        if json.is_empty() || json.len() > self.limits.max_chunk {
+            return Tagged::TooLarge;
+        }
+        if self.by_port.contains_key(&port) {
+            self.tag(port, json, out);
+            return Tagged::Now;
+        }
+        let held = self.held.entry(port).or_default();
+        if held.len() >= MAX_HELD {
+            return Tagged::TooManyHeld;
+        }
+        held.push(json);
+        Tagged::Held
+    }
+
+    fn tag(&mut self, port: u16, json: Vec<u8>, out: &mut Vec<Action>) {
+        let Some(rec) = self.by_port.get_mut(&port) else {
+            return;
+        };
+        hand_out(rec, out);
+        out.push(Action::Metadata {
+            rec: rec.id,
+            json: json.clone(),
+        });
+        rec.tags.push(json);
     }
 
     /// Takes one datagram that arrived at `local` from `remote` at monotonic time `now` (µs).
@@ -541,13 +608,7 @@ impl Sessions {
             ports.sort_unstable();
             for port in ports {
                 let rec = self.by_port.get_mut(&port).expect("listed above");
-                if !rec.pending.is_empty() {
-                    out.push(Action::Chunk {
-                        rec: rec.id,
-                        plaintext: take_pending(&mut rec.pending),
-                    });
-                    wrote = true;
-                }
+                wrote |= hand_out(rec, out);
             }
             self.next_flush_us =
                 (!self.by_port.is_empty()).then_some(now + self.limits.flush_interval_us);
@@ -883,6 +944,7 @@ mod tests {
             ssrc: u8,
         },
         Junk(Vec<u8>),
+        Tag(u16),
         Wait(u64),
     }
 
@@ -893,7 +955,92 @@ mod tests {
             1 => (0u16..4, 0u8..4, 0u8..4).prop_map(|(port, from, ssrc)| Input::Bye { port, from, ssrc }),
             1 => proptest::collection::vec(any::<u8>(), 0..30).prop_map(Input::Junk),
             2 => (0u64..8000).prop_map(|ms| Input::Wait(ms * MS)),
+            1 => (0u16..3).prop_map(Input::Tag),
         ]
+    }
+
+    /// The order of chunks and metadata of a recording: 'c' for a media chunk, the JSON
+    /// text for a metadata record.
+    fn records_of(h: &Harness, rec: RecId) -> Vec<String> {
+        h.actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Chunk { rec: r, .. } if *r == rec => Some("c".to_string()),
+                Action::Metadata { rec: r, json } if *r == rec => {
+                    Some(String::from_utf8(json.clone()).unwrap())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn metadata_goes_in_order_now_or_waits_for_the_next_recording_on_its_port() {
+        let mut h = Harness::new();
+        // Before any call: held.
+        assert_eq!(
+            h.s.metadata(
+                40000,
+                br#"{"conversation_id":"c1"}"#.to_vec(),
+                &mut h.actions
+            ),
+            Tagged::Held
+        );
+        assert!(h.actions.is_empty());
+        h.send(0, 40000, "10.0.0.1:5000", &rtp(1, 7));
+        let rec = h.opens()[0].0;
+        // Given when the recording opens, before its media.
+        assert_eq!(records_of(&h, rec), [r#"{"conversation_id":"c1"}"#]);
+        // During the call: the media before it is handed out first.
+        h.send(20 * MS, 40000, "10.0.0.1:5000", &rtp(2, 7));
+        assert_eq!(
+            h.s.metadata(40000, br#"{"agent":"a"}"#.to_vec(), &mut h.actions),
+            Tagged::Now
+        );
+        h.send(40 * MS, 40000, "10.0.0.1:5000", &rtp(3, 7));
+        h.s.shutdown(&mut h.actions);
+        assert_eq!(
+            records_of(&h, rec),
+            [r#"{"conversation_id":"c1"}"#, "c", r#"{"agent":"a"}"#, "c"]
+        );
+        // Held documents are bounded, and so is their size.
+        let mut h = Harness::new();
+        for _ in 0..MAX_HELD {
+            assert_eq!(
+                h.s.metadata(1, b"{}".to_vec(), &mut h.actions),
+                Tagged::Held
+            );
+        }
+        assert_eq!(
+            h.s.metadata(1, b"{}".to_vec(), &mut h.actions),
+            Tagged::TooManyHeld
+        );
+        assert_eq!(
+            h.s.metadata(2, vec![b' '; limits().max_chunk + 1], &mut h.actions),
+            Tagged::TooLarge
+        );
+    }
+
+    #[test]
+    fn a_recording_continued_at_the_maximum_duration_carries_its_metadata_again() {
+        let mut h = Harness::new();
+        h.send(0, 40000, "10.0.0.1:5000", &rtp(1, 7));
+        h.s.metadata(
+            40000,
+            br#"{"conversation_id":"c1"}"#.to_vec(),
+            &mut h.actions,
+        );
+        let mut seq = 2u16;
+        let mut now = 0;
+        while h.opens().len() < 2 {
+            now += 20 * MS;
+            h.tick_until(now);
+            h.send(now, 40000, "10.0.0.1:5000", &rtp(seq, 7));
+            seq += 1;
+        }
+        let (second, continues) = h.opens()[1];
+        assert_eq!(continues, Some(h.opens()[0].0));
+        assert_eq!(records_of(&h, second)[0], r#"{"conversation_id":"c1"}"#);
     }
 
     proptest! {
@@ -921,6 +1068,9 @@ mod tests {
                     Input::Wait(d) => {
                         now += d;
                         h.tick_until(now);
+                    }
+                    Input::Tag(port) => {
+                        h.s.metadata(40000 + port, b"{}".to_vec(), &mut h.actions);
                     }
                 }
                 // The timer is never later than the true next deadline of any recording.
@@ -950,6 +1100,9 @@ mod tests {
                                 stored += 1;
                             }
                         }
+                    }
+                    Action::Metadata { rec, .. } => {
+                        prop_assert!(open.contains(rec) && !closed.contains(rec));
                     }
                     Action::Sync => {}
                 }
