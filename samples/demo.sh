@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The appliance end to end on one machine, with the embedded defaults (samples/edgerec.toml,
-# the demo key, a local directory as the store): start it, send it a short two-leg sample
-# call (edgerec loadgen: 3 s of PCMU, a 1,000 Hz and a 1,500 Hz tone), wait until the sealed
-# package is in the store, stop the appliance, then decrypt the call to WAV and pcap.
+# the demo key, a local directory as the store): start it, replay the sample call into it
+# (samples/sample-call.pcap: 4 s, two legs of PCMU, a 1,000 Hz and a 1,500 Hz tone), wait
+# until the sealed package is in the store, stop the appliance, then decrypt the call to WAV
+# and pcap.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --quiet
@@ -17,8 +18,8 @@ until grep -q "listening for RTP" "$log" 2>/dev/null; do
   kill -0 "$pid" 2>/dev/null || { cat "$log"; exit 1; }
   sleep 0.1
 done
-echo "== sending a 3 s two-leg call to 127.0.0.1:40000"
-"$bin" loadgen --target 127.0.0.1 --ports 40000-40000 --streams 2 --seconds 3
+echo "== replaying samples/sample-call.pcap (a 4 s two-leg call) to 127.0.0.1:40000"
+"$bin" loadgen --target 127.0.0.1 --ports 40000-40099 --replay samples/sample-call.pcap
 echo "== waiting for the call to end (5 s idle) and reach the store"
 until [ -n "$(find var/store -name '*.erec' 2>/dev/null)" ]; do sleep 0.2; done
 kill -TERM "$pid"; wait "$pid" || true; trap - EXIT

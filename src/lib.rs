@@ -17,9 +17,10 @@
 //! - [`session`]: the sans-IO recording state machine (ports, streams, chunks, timers).
 //! - [`spool`]: the spool directories, package files, upload state and crash recovery.
 //! - [`store`]: the store interface, object keys, and the `dir` store.
-//! - `loadgen` (feature `appliance`): paced G.711 test streams.
-//! - `recorder`, `uploader`, `run` (feature `appliance`): the recorder thread, the uploader
-//!   thread, and `edgerec run`, which wires them to the ingest sockets.
+//! - `loadgen` (feature `appliance`): paced G.711 test streams; `replay` (feature `cli`): a
+//!   pcap capture sent again with its own timing.
+//! - `ingest`, `recorder`, `uploader`, `run` (feature `appliance`): the ingest thread (epoll,
+//!   `recvmmsg`), the recorder and uploader threads, and `edgerec run`, which wires them.
 //! - [`recover`]: keyless crash recovery (cut a torn tail).
 //! - [`pipeline`]: the ordered parallel map both use.
 //! - [`clock`]: unix milliseconds and UTC calendar dates.
@@ -54,6 +55,8 @@ pub mod reader;
 #[cfg(feature = "appliance")]
 pub mod recorder;
 pub mod recover;
+#[cfg(feature = "cli")]
+pub mod replay;
 pub mod rtp;
 #[cfg(feature = "appliance")]
 pub mod run;

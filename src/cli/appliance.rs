@@ -67,6 +67,7 @@ pub fn loadgen(
     streams: usize,
     seconds: f64,
     seed: u32,
+    replay: Option<&std::path::Path>,
 ) -> Result<(), crate::Error> {
     use std::net::ToSocketAddrs;
     let invalid = |m: String| crate::Error::Invalid(m);
@@ -78,6 +79,28 @@ pub fn loadgen(
         .next()
         .ok_or_else(|| invalid(format!("--target {target}: no address")))?
         .ip();
+    if let Some(file) = replay {
+        let f = std::fs::File::open(file)
+            .map_err(|e| invalid(format!("--replay {}: {e}", file.display())))?;
+        let bad =
+            |e: crate::replay::ReplayError| invalid(format!("--replay {}: {e}", file.display()));
+        let (datagrams, skipped) = crate::replay::read(std::io::BufReader::new(f)).map_err(bad)?;
+        let r = crate::replay::Replay::new(datagrams, first, last).map_err(bad)?;
+        let span = r.datagrams().last().map(|d| d.offset).unwrap_or_default();
+        eprintln!(
+            "loadgen: replaying {} datagrams ({} skipped: not UDP) of {} to {ip} over {:.1} s",
+            r.datagrams().len(),
+            skipped,
+            file.display(),
+            span.as_secs_f64()
+        );
+        let sent = r.run(ip)?;
+        println!("sources {}", sent.sources);
+        println!("packets_sent {}", sent.packets);
+        println!("bytes_sent {}", sent.bytes);
+        println!("send_errors {}", sent.errors);
+        return Ok(());
+    }
     if !(seconds > 0.0 && seconds.is_finite()) || streams == 0 {
         return Err(invalid("--streams and --seconds must be positive".into()));
     }

@@ -35,7 +35,8 @@ enum Command {
         config: PathBuf,
     },
     /// Send paced 20 ms G.711 µ-law test streams (two legs per port, distinct SSRCs, a
-    /// 1,000 Hz tone on leg 0 and 1,500 Hz on leg 1) for sizing and benchmarks.
+    /// 1,000 Hz tone on leg 0 and 1,500 Hz on leg 1) for sizing and benchmarks, or replay a
+    /// captured call (--replay FILE.pcap).
     #[cfg(feature = "appliance")]
     Loadgen {
         /// Host or address to send to.
@@ -53,6 +54,10 @@ enum Command {
         /// Seed for SSRCs and sequence numbers.
         #[arg(long, default_value_t = 1)]
         seed: u32,
+        /// Instead of generated streams, send the UDP datagrams of this pcap file with their
+        /// own timing (its lowest destination port goes to the first of --ports).
+        #[arg(long, value_name = "FILE.pcap", conflicts_with_all = ["streams", "seconds", "seed"])]
+        replay: Option<PathBuf>,
     },
     /// Make a new RSA key-encryption key pair: DIR/<kek id>.pem (private, 0600) and
     /// DIR/<kek id>.pub.pem. Prints the kek id.
@@ -187,7 +192,8 @@ pub fn main() -> ExitCode {
             streams,
             seconds,
             seed,
-        } => appliance::loadgen(&target, &ports, streams, seconds, seed),
+            replay,
+        } => appliance::loadgen(&target, &ports, streams, seconds, seed, replay.as_deref()),
         Command::Keygen { out, bits } => package::keygen(&out, bits.into()),
         Command::Seal {
             keks,

@@ -199,6 +199,13 @@ fn rtp(seq: u16, ssrc: u32, fill: u8) -> Vec<u8> {
     p
 }
 
+/// `edgerec loadgen --target 127.0.0.1 --ports PORTS ARGS…`.
+fn loadgen(ports: &str, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["loadgen", "--target", "127.0.0.1", "--ports", ports];
+    all.extend_from_slice(args);
+    edgerec(&all)
+}
+
 fn stored(store: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![store.to_path_buf()];
@@ -408,17 +415,10 @@ fn tone_hz(payload: &[u8]) -> f64 {
 #[test]
 fn loadgen_calls_are_recorded_whole_with_their_tones() {
     let a = Appliance::start();
-    let out = edgerec(&[
-        "loadgen",
-        "--target",
-        "127.0.0.1",
-        "--ports",
+    let out = loadgen(
         &format!("{}-{}", a.base, a.base + 2),
-        "--streams",
-        "6",
-        "--seconds",
-        "1",
-    ]);
+        &["--streams", "6", "--seconds", "1"],
+    );
     assert!(out.status.success());
     let report = String::from_utf8(out.stdout).unwrap();
     assert!(report.contains("packets_sent 300"), "{report}");
@@ -731,4 +731,41 @@ fn bad_input_and_a_burst_to_one_port_are_counted_and_lose_nothing_accepted() {
     for seqs in burst {
         assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order, no repeats");
     }
+}
+
+#[test]
+fn the_sample_call_replays_into_one_recording_byte_for_byte() {
+    let sample = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("samples/sample-call.pcap");
+    let (captured, _) = edgerec::replay::read(fs::File::open(&sample).unwrap()).unwrap();
+    let a = Appliance::start();
+    let out = loadgen(
+        &format!("{}-{}", a.base, a.base + 3),
+        &["--replay", sample.to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        report.contains(&format!("packets_sent {}", captured.len())),
+        "{report}"
+    );
+    assert!(report.contains("sources 2"), "{report}");
+    let files = wait_stored(&a.path("store"), 1);
+    assert_eq!(files.len(), 1, "one call, one recording");
+    let ring = ring(&["test"]);
+    let mut r =
+        PackageReader::new(fs::File::open(&files[0]).unwrap(), &ring, ReadMode::Strict).unwrap();
+    let mut recorded = Vec::new();
+    while let Some(rec) = r.next_record().unwrap() {
+        for e in entries(&rec.plaintext) {
+            if let Entry::Rtp { packet, .. } = e.unwrap() {
+                recorded.push(packet.to_vec());
+            }
+        }
+    }
+    let sent: Vec<Vec<u8>> = captured.into_iter().map(|d| d.payload).collect();
+    assert_eq!(recorded, sent, "every packet, in order, byte for byte");
 }
