@@ -17,7 +17,7 @@
 //! - [`session`]: the sans-IO recording state machine (ports, streams, chunks, timers).
 //! - [`spool`]: the spool directories, package files, upload state and crash recovery.
 //! - [`store`]: the store interface, object keys, and the `dir` store.
-//! - `loadgen` (feature `appliance`): paced G.711 test streams; `replay` (feature `cli`): a
+//! - `loadgen` (feature `appliance`): paced G.711 test streams; `replay` (feature `pcap`, part of `cli`): a
 //!   pcap capture sent again with its own timing.
 //! - `ingest`, `recorder`, `uploader`, `run` (feature `appliance`): the ingest thread (epoll,
 //!   `recvmmsg`), the recorder and uploader threads, and `edgerec run`, which wires them.
@@ -55,7 +55,7 @@ pub mod reader;
 #[cfg(feature = "appliance")]
 pub mod recorder;
 pub mod recover;
-#[cfg(feature = "cli")]
+#[cfg(feature = "pcap")]
 pub mod replay;
 pub mod rtp;
 #[cfg(feature = "appliance")]
