@@ -140,6 +140,31 @@ fn default_kind() -> Spanned<String> {
     Spanned::new(0..0, "dir".into())
 }
 
+/// `[upload]`: the retry policy of the uploader (see [`crate::retry`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Upload {
+    /// Upper bound of the first wait after a transient failure. 1 s: a store that blinked is
+    /// tried again at once.
+    pub retry_initial_ms: Spanned<u64>,
+    /// Cap on any wait. 5 min: a store that comes back after an outage is found within
+    /// minutes, and a thousand waiting packages cost a few attempts a second.
+    pub retry_max_ms: Spanned<u64>,
+    /// Give up on a package (to `failed/`) after this many attempts; 0, the default, retries
+    /// forever: a recording must never be dropped because the store was down for a week.
+    pub max_attempts: Spanned<u32>,
+}
+
+impl Default for Upload {
+    fn default() -> Self {
+        Upload {
+            retry_initial_ms: Spanned::new(0..0, 1000),
+            retry_max_ms: Spanned::new(0..0, 300_000),
+            max_attempts: Spanned::new(0..0, 0),
+        }
+    }
+}
+
 /// `[metrics]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -166,6 +191,8 @@ struct Raw {
     keys: Keys,
     store: Store,
     #[serde(default)]
+    upload: Upload,
+    #[serde(default)]
     metrics: Metrics,
 }
 
@@ -190,6 +217,8 @@ pub struct Config {
     pub wrap: Wrap,
     /// The `dir` store's root, absolute.
     pub store_path: PathBuf,
+    /// The upload retry policy.
+    pub retry: crate::retry::Policy,
     /// `[metrics]`.
     pub metrics: Metrics,
 }
@@ -347,6 +376,20 @@ impl Config {
             .as_deref()
             .map(|p| cx.resolve(p))
             .ok_or_else(|| cx.missing("store.path", "the dir store's root directory"))?;
+        let u = &raw.upload;
+        positive("upload.retry_initial_ms", &u.retry_initial_ms)?;
+        if u.retry_max_ms.get_ref() < u.retry_initial_ms.get_ref() {
+            return Err(cx.err(
+                "upload.retry_max_ms",
+                &u.retry_max_ms,
+                "must be at least upload.retry_initial_ms",
+            ));
+        }
+        let retry = crate::retry::Policy {
+            initial: std::time::Duration::from_millis(*u.retry_initial_ms.get_ref()),
+            max: std::time::Duration::from_millis(*u.retry_max_ms.get_ref()),
+            max_attempts: Some(*u.max_attempts.get_ref()).filter(|n| *n > 0),
+        };
         let mut recorder = raw.recorder.clone();
         recorder.spool_dir = cx.resolve(&recorder.spool_dir);
         Ok(Config {
@@ -359,6 +402,7 @@ impl Config {
             public_key,
             wrap,
             store_path,
+            retry,
             metrics: raw.metrics,
         })
     }
@@ -450,6 +494,28 @@ path = "/srv/store"
         assert!(e.contains("keys.wrap = rsa"), "{e}");
         let e = err("[recorder]\n");
         assert!(e.contains("keys"), "{e}");
+        let e = err(&format!(
+            "{GOOD}\n[upload]\nretry_initial_ms = 500\nretry_max_ms = 100\n"
+        ));
+        assert!(
+            e.contains("line 19") && e.contains("upload.retry_max_ms = 100"),
+            "{e}"
+        );
+        let e = err(&format!("{GOOD}\n[upload]\nconcurrency = 9\n"));
+        assert!(e.contains("concurrency"), "{e}");
+    }
+
+    #[test]
+    fn the_retry_policy_defaults_to_forever_and_takes_its_keys() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.retry, crate::retry::Policy::default());
+        let c = parse(&format!(
+            "{GOOD}\n[upload]\nretry_initial_ms = 200\nretry_max_ms = 60000\nmax_attempts = 10\n"
+        ))
+        .unwrap();
+        assert_eq!(c.retry.initial, std::time::Duration::from_millis(200));
+        assert_eq!(c.retry.max, std::time::Duration::from_secs(60));
+        assert_eq!(c.retry.max_attempts, Some(10));
     }
 
     #[test]

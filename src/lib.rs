@@ -22,6 +22,7 @@
 //! - `ingest`, `recorder`, `uploader`, `run` (feature `appliance`): the ingest thread (epoll,
 //!   `recvmmsg`), the recorder and uploader threads, and `edgerec run`, which wires them.
 //! - [`recover`]: keyless crash recovery (cut a torn tail).
+//! - [`retry`]: the upload retry policy (which outcomes retry, backoff with full jitter).
 //! - [`pipeline`]: the ordered parallel map both use.
 //! - [`clock`]: unix milliseconds and UTC calendar dates.
 //! - [`error`]: the error type and the exit codes of the interface contract.
@@ -57,6 +58,7 @@ pub mod recorder;
 pub mod recover;
 #[cfg(feature = "pcap")]
 pub mod replay;
+pub mod retry;
 pub mod rtp;
 #[cfg(feature = "appliance")]
 pub mod run;

@@ -28,7 +28,7 @@ use crate::metrics::{KekLabel, Metrics, SpoolState};
 use crate::recorder::{self, Msg, RecorderSetup};
 use crate::spool::{Recovery, Spool};
 use crate::store::DirStore;
-use crate::uploader;
+use crate::uploader::{self, UploaderSetup};
 
 /// Why the appliance did not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -139,20 +139,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .map_err(start("starting the recorder"))?;
     let up_stop = Arc::new(AtomicBool::new(false));
     let uploader = {
-        let (spool, stop, m) = (spool.clone(), Arc::clone(&up_stop), Arc::clone(&metrics));
+        let setup = UploaderSetup {
+            spool: spool.clone(),
+            store: Arc::new(store),
+            prefix: String::new(),
+            ready: ready_rx,
+            stop: Arc::clone(&up_stop),
+            metrics: Arc::clone(&metrics),
+            rescan: Duration::from_secs(30),
+            policy: config.retry,
+        };
         std::thread::Builder::new()
             .name("uploader".into())
-            .spawn(move || {
-                uploader::run(
-                    spool,
-                    Arc::new(store),
-                    String::new(),
-                    ready_rx,
-                    stop,
-                    m,
-                    Duration::from_secs(30),
-                )
-            })
+            .spawn(move || uploader::run(setup))
             .map_err(start("starting the uploader"))?
     };
 

@@ -44,8 +44,13 @@ pub fn object_key(prefix: &str, id: Uuid) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// Worth retrying later: the store is unreachable, busy, or the copy did not verify.
-    #[error("store unavailable: {0}")]
-    Transient(String),
+    #[error("store unavailable: {why}")]
+    Transient {
+        /// What happened.
+        why: String,
+        /// When the store asked to be tried again (`Retry-After`), if it did.
+        retry_after: Option<std::time::Duration>,
+    },
     /// The store refuses this package for good (permissions, a bad request); it goes to
     /// `failed/` with this reason.
     #[error("store refused the package: {0}")]
@@ -58,6 +63,16 @@ pub enum StoreError {
         /// The SHA-256 of what the store holds, hex.
         existing: String,
     },
+}
+
+impl StoreError {
+    /// A transient failure with no word from the store on when to come back.
+    pub fn transient(why: impl Into<String>) -> StoreError {
+        StoreError::Transient {
+            why: why.into(),
+            retry_after: None,
+        }
+    }
 }
 
 /// What a successful put found.
@@ -88,7 +103,7 @@ pub struct DirStore {
 }
 
 fn transient(what: &str, p: &Path, e: io::Error) -> StoreError {
-    StoreError::Transient(format!("{what} {}: {e}", p.display()))
+    StoreError::transient(format!("{what} {}: {e}", p.display()))
 }
 
 impl DirStore {
@@ -174,7 +189,7 @@ impl Store for DirStore {
             drop(out);
             let copied = sha256_file(&tmp).map_err(|e| transient("cannot read", &tmp, e))?;
             if copied != *sha256 {
-                return Err(StoreError::Transient(format!(
+                return Err(StoreError::transient(format!(
                     "the copy in {} does not match the package's SHA-256",
                     tmp.display()
                 )));
@@ -246,7 +261,7 @@ mod tests {
         // A package that changed after its SHA-256 was taken does not verify.
         assert!(matches!(
             store.put("2026/11/29/y.erec", &pkg, &sha),
-            Err(StoreError::Transient(_))
+            Err(StoreError::Transient { .. })
         ));
         assert!(!store.path_of("2026/11/29/y.erec").exists());
         let leftovers: Vec<_> = fs::read_dir(store.path_of("2026/11/29")).unwrap().collect();

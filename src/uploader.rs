@@ -3,8 +3,8 @@
 //!
 //! This is the first, plain version for the `dir` store: packages are taken oldest first,
 //! as the recorder announces them and from a scan of `ready/` at start and every
-//! `rescan` interval; a transient failure is retried with capped exponential backoff,
-//! forever; a refusal or a conflict moves the package to `failed/` with the reason. Attempts,
+//! `rescan` interval; a transient failure is retried after the wait the [`Policy`] draws
+//! (capped exponential backoff with full jitter, forever by default); a refusal or a conflict moves the package to `failed/` with the reason. Attempts,
 //! the next attempt time and the last error are written to the package's state file, so a
 //! restart continues where it stopped.
 //!
@@ -21,24 +21,42 @@ use uuid::Uuid;
 
 use crate::clock::now_ms;
 use crate::metrics::{Metrics, Outcome};
-use crate::spool::{Place, Spool};
+use crate::retry::{Policy, Verdict};
+use crate::spool::{Place, Spool, UploadState};
 use crate::store::{Store, StoreError, Stored, object_key};
 
-/// Backoff before attempt `n + 1` after `n` failed ones: 1 s doubling to a 5 min cap.
-pub fn backoff_ms(attempts: u32) -> u64 {
-    1000u64.saturating_mul(1 << attempts.min(9)).min(300_000)
+/// What the uploader needs.
+pub struct UploaderSetup {
+    /// The spool.
+    pub spool: Spool,
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// Prefix of every object key.
+    pub prefix: String,
+    /// Told the id of every package that reached `ready/`.
+    pub ready: Receiver<Uuid>,
+    /// Set to stop (checked between packages).
+    pub stop: Arc<AtomicBool>,
+    /// The metrics.
+    pub metrics: Arc<Metrics>,
+    /// How often `ready/` is scanned as a safety net.
+    pub rescan: Duration,
+    /// The retry policy.
+    pub policy: Policy,
 }
 
 /// Runs until `stop` is set (checked between packages) or the sender is gone.
-pub fn run(
-    spool: Spool,
-    store: Arc<dyn Store>,
-    prefix: String,
-    rx: Receiver<Uuid>,
-    stop: Arc<AtomicBool>,
-    metrics: Arc<Metrics>,
-    rescan: Duration,
-) {
+pub fn run(setup: UploaderSetup) {
+    let UploaderSetup {
+        spool,
+        store,
+        prefix,
+        ready: rx,
+        stop,
+        metrics,
+        rescan,
+        policy,
+    } = setup;
     // Each queued package with its next attempt time, read from its state file once and
     // then kept here, so a long outage does not re-read every state file on every loop.
     let mut queue: BTreeMap<Uuid, Option<u64>> = BTreeMap::new();
@@ -96,7 +114,7 @@ pub fn run(
             continue;
         };
         queue.remove(&id);
-        if let Some(next) = upload_one(&spool, store.as_ref(), &prefix, id, &metrics) {
+        if let Some(next) = upload_one(&spool, store.as_ref(), &prefix, id, &metrics, &policy) {
             queue.insert(id, Some(next));
         }
     }
@@ -109,6 +127,7 @@ fn upload_one(
     prefix: &str,
     id: Uuid,
     metrics: &Metrics,
+    policy: &Policy,
 ) -> Option<u64> {
     let Ok(mut state) = spool.read_state(Place::Ready, id) else {
         return None; // gone meanwhile (stored, or moved by an operator)
@@ -155,42 +174,182 @@ fn upload_one(
                 None
             }
         },
-        Err(StoreError::Transient(why)) => {
+        Err(StoreError::Transient { why, retry_after }) => {
+            let wait = match policy.after_transient(state.attempts, retry_after, random()) {
+                Verdict::RetryAfter(w) => w,
+                _ => {
+                    let e = StoreError::Permanent(format!(
+                        "gave up after {} attempts (upload.max_attempts); last: {why}",
+                        state.attempts
+                    ));
+                    return fail(spool, &mut state, &e, metrics);
+                }
+            };
             outcome("retry");
             metrics.upload_retries.inc();
-            state.next_attempt_ms = now_ms() + backoff_ms(state.attempts);
-            tracing::warn!(recording = %id, attempts = state.attempts, error = %why, "upload failed; will retry");
+            state.next_attempt_ms = now_ms() + u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+            tracing::warn!(recording = %id, attempts = state.attempts, wait_ms = wait.as_millis(), error = %why, "upload failed; will retry");
             state.last_error = Some(why);
             if let Err(e) = spool.write_state(Place::Ready, &state) {
                 tracing::error!(recording = %id, error = %e, "cannot write upload state");
             }
             Some(state.next_attempt_ms)
         }
-        Err(e) => {
-            outcome("failed");
-            tracing::error!(recording = %id, error = %e, "store refused the package; moved to failed/");
-            state.last_error = Some(e.to_string());
-            let moved = spool
-                .write_state(Place::Ready, &state)
-                .and_then(|()| spool.move_package(id, Place::Ready, Place::Failed));
-            if let Err(e) = moved {
-                tracing::error!(recording = %id, error = %e, "cannot move to failed/");
-            }
-            None
-        }
+        Err(e) => fail(spool, &mut state, &e, metrics),
     }
+}
+
+/// Moves a package the store refused (or that used up its attempts) to `failed/`, with the
+/// reason in its state file. Never deletes it.
+fn fail(spool: &Spool, state: &mut UploadState, e: &StoreError, metrics: &Metrics) -> Option<u64> {
+    let id = state.id;
+    metrics
+        .uploads
+        .get_or_create(&Outcome {
+            outcome: "failed".into(),
+        })
+        .inc();
+    tracing::error!(recording = %id, error = %e, "store refused the package; moved to failed/");
+    state.last_error = Some(e.to_string());
+    let moved = spool
+        .write_state(Place::Ready, state)
+        .and_then(|()| spool.move_package(id, Place::Ready, Place::Failed));
+    if let Err(e) = moved {
+        tracing::error!(recording = %id, error = %e, "cannot move to failed/");
+    }
+    None
+}
+
+/// A uniformly random number for the jitter (the OS's generator; a failure only makes the
+/// wait the bound's full length).
+fn random() -> u64 {
+    getrandom::u64().unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
+    use std::sync::atomic::AtomicU32;
+    use std::sync::mpsc::sync_channel;
+    use std::time::Instant;
+
+    /// Fails transiently `fails` times, then stores.
+    struct Flaky {
+        fails: AtomicU32,
+        puts: AtomicU32,
+    }
+
+    impl Store for Flaky {
+        fn put(&self, _key: &str, _file: &Path, _sha: &[u8; 32]) -> Result<Stored, StoreError> {
+            self.puts.fetch_add(1, Ordering::Relaxed);
+            if self.fails.load(Ordering::Relaxed) > 0 {
+                self.fails.fetch_sub(1, Ordering::Relaxed);
+                return Err(StoreError::Transient {
+                    why: "503 Slow Down".into(),
+                    retry_after: None,
+                });
+            }
+            Ok(Stored::Written)
+        }
+        fn kind(&self) -> &'static str {
+            "flaky"
+        }
+    }
+
+    fn ready_package(spool: &Spool) -> Uuid {
+        let id = Uuid::now_v7();
+        let f = spool.create(id, b"HEADER").unwrap();
+        spool.finish(f, b"END", now_ms()).unwrap();
+        id
+    }
+
+    fn until(what: &str, f: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !f() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn start(
+        spool: &Spool,
+        store: Arc<Flaky>,
+        policy: Policy,
+    ) -> (
+        std::sync::mpsc::SyncSender<Uuid>,
+        Arc<AtomicBool>,
+        Arc<Metrics>,
+        std::thread::JoinHandle<()>,
+    ) {
+        let (tx, rx) = sync_channel(10);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (metrics, _registry) = Metrics::new();
+        let setup = UploaderSetup {
+            spool: spool.clone(),
+            store,
+            prefix: String::new(),
+            ready: rx,
+            stop: Arc::clone(&stop),
+            metrics: Arc::clone(&metrics),
+            rescan: Duration::from_secs(60),
+            policy,
+        };
+        let t = std::thread::spawn(move || run(setup));
+        (tx, stop, metrics, t)
+    }
 
     #[test]
-    fn backoff_doubles_to_a_cap() {
-        assert_eq!(backoff_ms(0), 1000);
-        assert_eq!(backoff_ms(1), 2000);
-        assert_eq!(backoff_ms(8), 256_000);
-        assert_eq!(backoff_ms(9), 300_000);
-        assert_eq!(backoff_ms(u32::MAX), 300_000);
+    fn transient_failures_are_retried_until_the_store_confirms() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let id = ready_package(&spool);
+        let store = Arc::new(Flaky {
+            fails: AtomicU32::new(3),
+            puts: AtomicU32::new(0),
+        });
+        let policy = Policy {
+            initial: Duration::from_millis(1),
+            max: Duration::from_millis(5),
+            max_attempts: None,
+        };
+        let (tx, stop, metrics, t) = start(&spool, Arc::clone(&store), policy);
+        tx.send(id).unwrap();
+        until("the package leaves the spool", || {
+            !spool.package_path(Place::Ready, id).exists()
+        });
+        stop.store(true, Ordering::Relaxed);
+        t.join().unwrap();
+        assert_eq!(store.puts.load(Ordering::Relaxed), 4);
+        assert_eq!(metrics.upload_retries.get(), 3);
+        assert!(!spool.package_path(Place::Failed, id).exists());
+    }
+
+    #[test]
+    fn bounded_attempts_end_in_failed_with_the_reason_never_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let id = ready_package(&spool);
+        let store = Arc::new(Flaky {
+            fails: AtomicU32::new(u32::MAX),
+            puts: AtomicU32::new(0),
+        });
+        let policy = Policy {
+            initial: Duration::from_millis(1),
+            max: Duration::from_millis(2),
+            max_attempts: Some(3),
+        };
+        let (tx, stop, _metrics, t) = start(&spool, Arc::clone(&store), policy);
+        tx.send(id).unwrap();
+        until("the package reaches failed/", || {
+            spool.package_path(Place::Failed, id).exists()
+        });
+        stop.store(true, Ordering::Relaxed);
+        t.join().unwrap();
+        assert_eq!(store.puts.load(Ordering::Relaxed), 3);
+        let state = spool.read_state(Place::Failed, id).unwrap();
+        let why = state.last_error.unwrap();
+        assert!(why.contains("gave up after 3 attempts"), "{why}");
+        assert!(why.contains("503 Slow Down"), "{why}");
     }
 }

@@ -1,0 +1,273 @@
+//! The upload retry policy: what an attempt's outcome means, and how long to wait before the
+//! next one. Pure functions of (policy, attempts, outcome, a random number), tested on fixed
+//! inputs; the uploader supplies the randomness and the clock.
+//!
+//! Rules (DESIGN.md): 5xx, 408, 429, timeouts and connection errors are retried, forever by
+//! default, with exponential backoff and full jitter applied after the cap (the wait is
+//! uniform between zero and `min(max, initial × 2^(attempts−1))`, so a thousand appliances
+//! that lost the store at the same moment do not come back in step). A `Retry-After` the
+//! store sends is a floor for the wait, within the cap. 409 and 412 mean "something is
+//! already there": the store looks at what (same SHA-256: done; another: a conflict). Every
+//! other 4xx is permanent: the package goes to `failed/` with the reason, never deleted.
+
+use std::time::{Duration, SystemTime};
+
+/// The policy's knobs (`[upload]`: `retry_initial_ms`, `retry_max_ms`, `max_attempts`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// The first wait's upper bound.
+    pub initial: Duration,
+    /// The cap on any wait.
+    pub max: Duration,
+    /// Give up (to `failed/`) after this many attempts; `None` retries forever.
+    pub max_attempts: Option<u32>,
+}
+
+impl Default for Policy {
+    fn default() -> Policy {
+        Policy {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(300),
+            max_attempts: None,
+        }
+    }
+}
+
+/// How an attempt ended, as far as the policy cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The store answered with this HTTP status; `retry_after` if it said when to come back.
+    Status {
+        /// The status code.
+        code: u16,
+        /// Its `Retry-After`, if any.
+        retry_after: Option<Duration>,
+    },
+    /// No answer in time (the attempt's own timeout).
+    Timeout,
+    /// No connection, or it broke (refused, reset, DNS, TLS handshake).
+    Connection,
+}
+
+/// What to do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Stored and confirmed.
+    Done,
+    /// Look at what the store holds under the key: the same SHA-256 is done, another a
+    /// conflict.
+    CheckExisting,
+    /// Try again after this long.
+    RetryAfter(Duration),
+    /// Give up: the package goes to `failed/`.
+    Fail,
+}
+
+/// The class of an HTTP status.
+pub fn classify(code: u16) -> Class {
+    match code {
+        200..=299 => Class::Success,
+        409 | 412 => Class::Exists,
+        408 | 429 | 500..=599 => Class::Transient,
+        _ => Class::Permanent,
+    }
+}
+
+/// See [`classify`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// 2xx.
+    Success,
+    /// 409, 412: something is already under the key.
+    Exists,
+    /// 408, 429, 5xx.
+    Transient,
+    /// Every other status (auth, bad request, not found, …).
+    Permanent,
+}
+
+impl Policy {
+    /// The verdict on attempt number `attempts` (1 for the first) that ended with `outcome`;
+    /// `random` is any uniformly random number (it draws the jitter).
+    pub fn verdict(&self, attempts: u32, outcome: &Outcome, random: u64) -> Verdict {
+        let retry_after = match outcome {
+            Outcome::Status { code, retry_after } => match classify(*code) {
+                Class::Success => return Verdict::Done,
+                Class::Exists => return Verdict::CheckExisting,
+                Class::Permanent => return Verdict::Fail,
+                Class::Transient => *retry_after,
+            },
+            Outcome::Timeout | Outcome::Connection => None,
+        };
+        self.after_transient(attempts, retry_after, random)
+    }
+
+    /// The verdict on attempt number `attempts` that failed transiently (the store already
+    /// told transient from permanent): retry after a jittered wait, or give up if attempts
+    /// are bounded and used up.
+    pub fn after_transient(
+        &self,
+        attempts: u32,
+        retry_after: Option<Duration>,
+        random: u64,
+    ) -> Verdict {
+        if self.max_attempts.is_some_and(|m| attempts >= m) {
+            return Verdict::Fail;
+        }
+        Verdict::RetryAfter(self.wait(attempts, retry_after, random))
+    }
+
+    /// The wait before attempt `attempts + 1`: full jitter under the capped exponential
+    /// bound, raised to `retry_after` (itself capped) if the store asked for more.
+    pub fn wait(&self, attempts: u32, retry_after: Option<Duration>, random: u64) -> Duration {
+        let bound = self.bound(attempts);
+        let bound_ms = u64::try_from(bound.as_millis()).unwrap_or(u64::MAX);
+        let jitter = Duration::from_millis(random % bound_ms.saturating_add(1));
+        match retry_after {
+            Some(asked) => jitter.max(asked.min(self.max)),
+            None => jitter,
+        }
+    }
+
+    /// `min(max, initial × 2^(attempts−1))`.
+    pub fn bound(&self, attempts: u32) -> Duration {
+        let doublings = attempts.saturating_sub(1).min(63);
+        let factor = 1u64 << doublings;
+        let initial_ms = u64::try_from(self.initial.as_millis()).unwrap_or(u64::MAX);
+        let max_ms = u64::try_from(self.max.as_millis()).unwrap_or(u64::MAX);
+        Duration::from_millis(initial_ms.saturating_mul(factor).min(max_ms))
+    }
+}
+
+/// Reads an HTTP `Retry-After` value: delay-seconds, or an HTTP date (RFC 9110) relative
+/// to `now`. Anything else is ignored.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let v = value.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(at.duration_since(now).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: Policy = Policy {
+        initial: Duration::from_millis(1000),
+        max: Duration::from_millis(300_000),
+        max_attempts: None,
+    };
+
+    fn status(code: u16) -> Outcome {
+        Outcome::Status {
+            code,
+            retry_after: None,
+        }
+    }
+
+    #[test]
+    fn statuses_are_classified_as_the_design_says() {
+        assert_eq!(P.verdict(1, &status(200), 0), Verdict::Done);
+        assert_eq!(P.verdict(1, &status(201), 0), Verdict::Done);
+        for code in [409, 412] {
+            assert_eq!(P.verdict(1, &status(code), 0), Verdict::CheckExisting);
+        }
+        for code in [400, 401, 403, 404, 405, 411, 413] {
+            assert_eq!(P.verdict(1, &status(code), 0), Verdict::Fail, "{code}");
+        }
+        for o in [
+            status(500),
+            status(502),
+            status(503),
+            status(504),
+            status(408),
+            status(429),
+            Outcome::Timeout,
+            Outcome::Connection,
+        ] {
+            assert!(
+                matches!(P.verdict(1, &o, 0), Verdict::RetryAfter(_)),
+                "{o:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_bound_doubles_to_the_cap_and_the_jitter_stays_under_it() {
+        let ms = |d: Duration| d.as_millis() as u64;
+        assert_eq!(ms(P.bound(1)), 1000);
+        assert_eq!(ms(P.bound(2)), 2000);
+        assert_eq!(ms(P.bound(9)), 256_000);
+        assert_eq!(ms(P.bound(10)), 300_000);
+        assert_eq!(ms(P.bound(u32::MAX)), 300_000);
+        // Full jitter: anything from 0 to the bound, drawn from the random number.
+        assert_eq!(ms(P.wait(3, None, 0)), 0);
+        assert_eq!(ms(P.wait(3, None, 4000)), 4000);
+        assert_eq!(ms(P.wait(3, None, 4001)), 0);
+        assert_eq!(ms(P.wait(3, None, 2500)), 2500);
+        for r in [1u64, 77, 123_456_789, u64::MAX] {
+            assert!(P.wait(40, None, r) <= P.max);
+        }
+    }
+
+    #[test]
+    fn retry_after_is_a_floor_within_the_cap() {
+        let asked = |s| Outcome::Status {
+            code: 503,
+            retry_after: Some(Duration::from_secs(s)),
+        };
+        assert_eq!(
+            P.verdict(1, &asked(30), 0),
+            Verdict::RetryAfter(Duration::from_secs(30))
+        );
+        assert_eq!(
+            P.verdict(1, &asked(86_400), 0),
+            Verdict::RetryAfter(P.max),
+            "a store cannot park a package for a day"
+        );
+        assert_eq!(
+            P.verdict(12, &asked(1), 299_000),
+            Verdict::RetryAfter(Duration::from_millis(299_000))
+        );
+    }
+
+    #[test]
+    fn forever_by_default_bounded_if_asked() {
+        assert!(matches!(
+            P.verdict(1_000_000, &Outcome::Timeout, 5),
+            Verdict::RetryAfter(_)
+        ));
+        let bounded = Policy {
+            max_attempts: Some(3),
+            ..P
+        };
+        assert!(matches!(
+            bounded.verdict(2, &Outcome::Timeout, 5),
+            Verdict::RetryAfter(_)
+        ));
+        assert_eq!(bounded.verdict(3, &Outcome::Timeout, 5), Verdict::Fail);
+    }
+
+    #[test]
+    fn retry_after_values_parse() {
+        // Sun, 06 Nov 1994 08:49:37 GMT
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777);
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:51:37 GMT", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        for bad in ["", "soon", "-5", "Sun, 06 Nov 1994 25:00:00 GMT"] {
+            assert_eq!(parse_retry_after(bad, now), None, "{bad}");
+        }
+    }
+}
