@@ -7,11 +7,13 @@
 mod appliance;
 mod io;
 mod package;
+#[cfg(feature = "appliance")]
+mod spool;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::format::Wrap;
 
@@ -58,6 +60,13 @@ enum Command {
         /// own timing (its lowest destination port goes to the first of --ports).
         #[arg(long, value_name = "FILE.pcap", conflicts_with_all = ["streams", "seconds", "seed"])]
         replay: Option<PathBuf>,
+    },
+    /// The spool: what waits for the store, and sending refused packages again. Needs no
+    /// key and never deletes anything.
+    #[cfg(feature = "appliance")]
+    Spool {
+        #[command(subcommand)]
+        action: SpoolAction,
     },
     /// Make a new RSA key-encryption key pair: DIR/<kek id>.pem (private, 0600) and
     /// DIR/<kek id>.pub.pem. Prints the kek id.
@@ -147,6 +156,53 @@ enum FormatArg {
     Pcap,
 }
 
+/// What `edgerec spool` does.
+#[cfg(feature = "appliance")]
+#[derive(Debug, Subcommand)]
+enum SpoolAction {
+    /// Every package in the spool: ready (waiting for the store, with attempts, next attempt
+    /// and last error), failed (refused for good), active (being recorded), quarantined.
+    List {
+        #[command(flatten)]
+        at: SpoolAt,
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One package's upload state, place and object key, as JSON.
+    Show {
+        #[command(flatten)]
+        at: SpoolAt,
+        /// The recording id.
+        id: String,
+    },
+    /// Move failed packages back to ready/ (attempts reset, last error kept) so that they
+    /// are sent again.
+    Retry {
+        #[command(flatten)]
+        at: SpoolAt,
+        /// Every package in failed/.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        /// The recording ids.
+        #[arg(required_unless_present = "all")]
+        ids: Vec<String>,
+    },
+}
+
+/// Which spool.
+#[cfg(feature = "appliance")]
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+struct SpoolAt {
+    /// The appliance's config file (its recorder.spool_dir).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The spool directory itself.
+    #[arg(long, value_name = "DIR")]
+    spool: Option<PathBuf>,
+}
+
 /// The `--wrap` values.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum WrapArg {
@@ -194,6 +250,19 @@ pub fn main() -> ExitCode {
             seed,
             replay,
         } => appliance::loadgen(&target, &ports, streams, seconds, seed, replay.as_deref()),
+        #[cfg(feature = "appliance")]
+        Command::Spool { action } => match action {
+            SpoolAction::List { at, json } => {
+                spool::open(at.config.as_deref(), at.spool.as_deref())
+                    .and_then(|s| spool::list(&s, json))
+            }
+            SpoolAction::Show { at, id } => spool::open(at.config.as_deref(), at.spool.as_deref())
+                .and_then(|s| spool::show(&s, &id)),
+            SpoolAction::Retry { at, all, ids } => {
+                spool::open(at.config.as_deref(), at.spool.as_deref())
+                    .and_then(|s| spool::retry(&s, &ids, all))
+            }
+        },
         Command::Keygen { out, bits } => package::keygen(&out, bits.into()),
         Command::Seal {
             keks,

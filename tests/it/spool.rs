@@ -174,3 +174,112 @@ fn many_recordings_end_together_with_a_group_commit() {
             .is_none()
     );
 }
+
+/// A sealed package in `ready/`.
+fn ready_package(spool: &Spool) -> Uuid {
+    let s = sealer();
+    let id = s.recording_id();
+    let f = spool.create(id, s.header_bytes()).unwrap();
+    let mut end = Vec::new();
+    s.finish(EndReason::Complete, 5, &mut end);
+    spool.finish(f, &end, 1_000).unwrap();
+    id
+}
+
+#[test]
+fn spool_list_show_and_retry_for_the_operator() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path()).unwrap();
+    let root = dir.path().to_str().unwrap();
+    // One waiting after two attempts, one refused for good, one being recorded.
+    let waiting = ready_package(&spool);
+    let mut st = spool.read_state(Place::Ready, waiting).unwrap();
+    st.attempts = 2;
+    st.last_error = Some("store unavailable: 503".into());
+    spool.write_state(Place::Ready, &st).unwrap();
+    let refused = ready_package(&spool);
+    let mut st = spool.read_state(Place::Ready, refused).unwrap();
+    st.attempts = 1;
+    st.last_error = Some("store refused the package: 403 Forbidden".into());
+    spool.write_state(Place::Ready, &st).unwrap();
+    spool
+        .move_package(refused, Place::Ready, Place::Failed)
+        .unwrap();
+    let recording = sealer();
+    spool
+        .create(recording.recording_id(), recording.header_bytes())
+        .unwrap();
+
+    let out = edgerec(&["spool", "list", "--spool", root, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = |id: Uuid| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == id.hyphenated().to_string())
+            .unwrap_or_else(|| panic!("{id} not listed: {rows}"))
+            .clone()
+    };
+    assert_eq!(row(waiting)["place"], "ready");
+    assert_eq!(row(waiting)["attempts"], 2);
+    assert_eq!(row(refused)["place"], "failed");
+    assert!(row(refused)["note"].as_str().unwrap().contains("403"));
+    assert_eq!(row(recording.recording_id())["place"], "active");
+    // The same through the appliance's config file.
+    let cfg = dir.path().join("edgerec.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "[recorder]\nspool_dir = \"{root}\"\n[keys]\npublic_key = \"k.pem\"\n[store]\npath = \"s\"\n"
+        ),
+    )
+    .unwrap();
+    let table = edgerec(&["spool", "list", "--config", cfg.to_str().unwrap()]);
+    assert!(
+        table.status.success(),
+        "{}",
+        String::from_utf8_lossy(&table.stderr)
+    );
+    assert!(String::from_utf8_lossy(&table.stdout).contains(&refused.to_string()));
+
+    let out = edgerec(&["spool", "show", "--spool", root, &refused.to_string()]);
+    assert!(out.status.success());
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["place"], "failed");
+    assert!(
+        shown["object_key"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("/{refused}.erec"))
+    );
+
+    // A package in ready/ is not retried (it is being delivered); a failed one is.
+    let out = edgerec(&["spool", "retry", "--spool", root, &waiting.to_string()]);
+    assert_eq!(out.status.code(), Some(1));
+    let out = edgerec(&["spool", "retry", "--spool", root, "--all"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(spool.package_path(Place::Ready, refused).exists());
+    assert!(!spool.package_path(Place::Failed, refused).exists());
+    let st = spool.read_state(Place::Ready, refused).unwrap();
+    assert_eq!(st.attempts, 0);
+    assert!(
+        st.last_error.unwrap().contains("403"),
+        "the last error is kept"
+    );
+
+    // Which spool must be said; a directory that is not one is refused.
+    assert_eq!(edgerec(&["spool", "list"]).status.code(), Some(2));
+    let empty = tempfile::tempdir().unwrap();
+    let out = edgerec(&["spool", "list", "--spool", empty.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a spool"));
+}
