@@ -153,6 +153,9 @@ pub struct Upload {
     /// Give up on a package (to `failed/`) after this many attempts; 0, the default, retries
     /// forever: a recording must never be dropped because the store was down for a week.
     pub max_attempts: Spanned<u32>,
+    /// `ready/` is scanned this often besides being watched. 30 s: a safety net for events
+    /// the watcher missed, cheap even with thousands of packages waiting.
+    pub rescan_secs: Spanned<u64>,
 }
 
 impl Default for Upload {
@@ -161,6 +164,7 @@ impl Default for Upload {
             retry_initial_ms: Spanned::new(0..0, 1000),
             retry_max_ms: Spanned::new(0..0, 300_000),
             max_attempts: Spanned::new(0..0, 0),
+            rescan_secs: Spanned::new(0..0, 30),
         }
     }
 }
@@ -219,6 +223,8 @@ pub struct Config {
     pub store_path: PathBuf,
     /// The upload retry policy.
     pub retry: crate::retry::Policy,
+    /// How often the uploader scans `ready/` besides watching it.
+    pub rescan: std::time::Duration,
     /// `[metrics]`.
     pub metrics: Metrics,
 }
@@ -378,6 +384,7 @@ impl Config {
             .ok_or_else(|| cx.missing("store.path", "the dir store's root directory"))?;
         let u = &raw.upload;
         positive("upload.retry_initial_ms", &u.retry_initial_ms)?;
+        positive("upload.rescan_secs", &u.rescan_secs)?;
         if u.retry_max_ms.get_ref() < u.retry_initial_ms.get_ref() {
             return Err(cx.err(
                 "upload.retry_max_ms",
@@ -403,6 +410,7 @@ impl Config {
             wrap,
             store_path,
             retry,
+            rescan: std::time::Duration::from_secs(*raw.upload.rescan_secs.get_ref()),
             metrics: raw.metrics,
         })
     }

@@ -127,7 +127,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         wrap: config.wrap,
         limits: config.limits(),
         sync: config.recorder.sync == SyncMode::Data,
-        ready: ready_tx,
+        ready: ready_tx.clone(),
         metrics: Arc::clone(&metrics),
         accepting: Arc::clone(&accepting),
         queued: Arc::clone(&queued),
@@ -138,6 +138,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .spawn(move || recorder::run(setup, rx))
         .map_err(start("starting the recorder"))?;
     let up_stop = Arc::new(AtomicBool::new(false));
+    // Packages put into ready/ by other means (spool retry, an operator) go at once.
+    let _watcher = match uploader::watch_ready(&spool, ready_tx) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch spool/ready; relying on the periodic scan");
+            None
+        }
+    };
     let uploader = {
         let setup = UploaderSetup {
             spool: spool.clone(),
@@ -146,7 +154,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             ready: ready_rx,
             stop: Arc::clone(&up_stop),
             metrics: Arc::clone(&metrics),
-            rescan: Duration::from_secs(30),
+            rescan: config.rescan,
             policy: config.retry,
         };
         std::thread::Builder::new()

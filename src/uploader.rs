@@ -25,6 +25,36 @@ use crate::retry::{Policy, Verdict};
 use crate::spool::{Place, Spool, UploadState};
 use crate::store::{Store, StoreError, Stored, object_key};
 
+/// The recording id of a state file in `ready/` (`<id>.json`), the last file a package
+/// that arrives there gets (packages move before their state, and new state files are
+/// renamed into place).
+pub fn ready_id(path: &std::path::Path) -> Option<Uuid> {
+    let name = path.file_name()?.to_str()?;
+    Uuid::parse_str(name.strip_suffix(".json")?).ok()
+}
+
+/// Watches `ready/` (inotify) and tells the uploader of every package that arrives there by
+/// other means than the recorder (`edgerec spool retry`, an operator's copy, a restore),
+/// at once instead of at the next scan. Keep the watcher alive for as long as it should
+/// watch; the periodic scan stays as the safety net (a full event queue, a rename the
+/// watcher missed).
+pub fn watch_ready(
+    spool: &Spool,
+    tx: std::sync::mpsc::SyncSender<Uuid>,
+) -> notify::Result<notify::RecommendedWatcher> {
+    use notify::{EventKind, RecursiveMode, Watcher};
+    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        let Ok(ev) = ev else { return };
+        if matches!(ev.kind, EventKind::Create(_) | EventKind::Modify(_)) {
+            for id in ev.paths.iter().filter_map(|p| ready_id(p)) {
+                let _ = tx.try_send(id);
+            }
+        }
+    })?;
+    watcher.watch(&spool.dir(Place::Ready), RecursiveMode::NonRecursive)?;
+    Ok(watcher)
+}
+
 /// What the uploader needs.
 pub struct UploaderSetup {
     /// The spool.
@@ -39,7 +69,7 @@ pub struct UploaderSetup {
     pub stop: Arc<AtomicBool>,
     /// The metrics.
     pub metrics: Arc<Metrics>,
-    /// How often `ready/` is scanned as a safety net.
+    /// How often `ready/` is scanned as a safety net (`upload.rescan_secs`).
     pub rescan: Duration,
     /// The retry policy.
     pub policy: Policy,
@@ -297,6 +327,22 @@ mod tests {
         };
         let t = std::thread::spawn(move || run(setup));
         (tx, stop, metrics, t)
+    }
+
+    #[test]
+    fn only_state_files_name_a_ready_package() {
+        let id = Uuid::now_v7();
+        assert_eq!(
+            ready_id(Path::new(&format!("/s/ready/{id}.json"))),
+            Some(id)
+        );
+        for other in [
+            format!("/s/ready/{id}.erec"),
+            format!("/s/ready/{id}.json.tmp"),
+            "/s/ready/notes.json".to_string(),
+        ] {
+            assert_eq!(ready_id(Path::new(&other)), None, "{other}");
+        }
     }
 
     #[test]

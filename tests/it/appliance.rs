@@ -57,6 +57,8 @@ allow = [{allow}]
 public_key = "{}"
 [store]
 path = "store"
+[upload]
+rescan_secs = 3600
 [metrics]
 listen = "127.0.0.1:0"
 "#,
@@ -768,4 +770,49 @@ fn the_sample_call_replays_into_one_recording_byte_for_byte() {
     }
     let sent: Vec<Vec<u8>> = captured.into_iter().map(|d| d.payload).collect();
     assert_eq!(recorded, sent, "every packet, in order, byte for byte");
+}
+
+#[test]
+fn a_package_sent_again_with_spool_retry_is_delivered_at_once() {
+    let a = Appliance::start();
+    // A refused package, as the uploader leaves it in failed/ (made in a spool of its own,
+    // then moved in, so that nothing announces it).
+    let other = tempfile::tempdir().unwrap();
+    let side = edgerec::spool::Spool::open(other.path()).unwrap();
+    let opts = edgerec::writer::SealOptions {
+        media: edgerec::writer::Media::Rtp,
+        ..Default::default()
+    };
+    let s = edgerec::writer::Sealer::new(&[public("test")], &opts).unwrap();
+    let id = s.recording_id();
+    let f = side.create(id, s.header_bytes()).unwrap();
+    let mut end = Vec::new();
+    s.finish(EndReason::Complete, 1, &mut end);
+    side.finish(f, &end, 1).unwrap();
+    let mut st = side.read_state(edgerec::spool::Place::Ready, id).unwrap();
+    st.last_error = Some("store refused the package: 403".into());
+    side.write_state(edgerec::spool::Place::Ready, &st).unwrap();
+    for ext in ["erec", "json"] {
+        fs::rename(
+            other.path().join(format!("ready/{id}.{ext}")),
+            a.path(&format!("spool/failed/{id}.{ext}")),
+        )
+        .unwrap();
+    }
+    let cfg = a.path("edgerec.toml");
+    let out = edgerec(&["spool", "retry", "--config", cfg.to_str().unwrap(), "--all"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The periodic scan is an hour away here: only the watch on ready/ can deliver it.
+    let files = wait_stored(&a.path("store"), 1);
+    assert!(files[0].ends_with(format!("{id}.erec")));
+    // Then the spool lets go of its copy.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while a.path(&format!("spool/ready/{id}.json")).exists() {
+        assert!(Instant::now() < deadline, "still in the spool");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
