@@ -129,11 +129,35 @@ fn default_wrap() -> Spanned<String> {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Store {
-    /// `dir` (this build), `http` or `s3` (the upload issue).
+    /// `dir` or `s3` (`http` comes with a later release).
     #[serde(default = "default_kind")]
     pub kind: Spanned<String>,
     /// dir: the store's root directory.
     pub path: Option<PathBuf>,
+    /// s3: `http(s)://host[:port]` of the S3 API (path-style requests).
+    pub endpoint: Option<Spanned<String>>,
+    /// s3: the SigV4 region. `us-east-1`: what most S3-compatible stores expect.
+    pub region: Option<String>,
+    /// s3: the bucket.
+    pub bucket: Option<Spanned<String>>,
+    /// s3: prefix of every object key (`recordings/` → `recordings/2026/11/29/<id>.erec`).
+    pub prefix: Option<Spanned<String>>,
+    /// s3: an AWS shared-credentials file; without it the credentials come from
+    /// `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`.
+    pub credentials_file: Option<PathBuf>,
+    /// s3: the profile in `credentials_file`. `default`.
+    pub profile: Option<String>,
+    /// s3: a CA certificate (PEM) to trust for HTTPS besides the system's.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// The store the appliance delivers to, validated.
+#[derive(Debug, Clone)]
+pub enum StoreKind {
+    /// A directory.
+    Dir(PathBuf),
+    /// An S3-compatible store.
+    S3(crate::s3::S3Config),
 }
 
 fn default_kind() -> Spanned<String> {
@@ -156,6 +180,8 @@ pub struct Upload {
     /// `ready/` is scanned this often besides being watched. 30 s: a safety net for events
     /// the watcher missed, cheap even with thousands of packages waiting.
     pub rescan_secs: Spanned<u64>,
+    /// The longest one request to the store may take. 300 s: a 1 GiB package at 30 Mbit/s.
+    pub attempt_timeout_secs: Spanned<u64>,
 }
 
 impl Default for Upload {
@@ -165,6 +191,7 @@ impl Default for Upload {
             retry_max_ms: Spanned::new(0..0, 300_000),
             max_attempts: Spanned::new(0..0, 0),
             rescan_secs: Spanned::new(0..0, 30),
+            attempt_timeout_secs: Spanned::new(0..0, 300),
         }
     }
 }
@@ -219,8 +246,10 @@ pub struct Config {
     pub escrow_public_key: Option<PathBuf>,
     /// The wrap.
     pub wrap: Wrap,
-    /// The `dir` store's root, absolute.
-    pub store_path: PathBuf,
+    /// The store.
+    pub store: StoreKind,
+    /// Prefix of every object key.
+    pub prefix: String,
     /// The upload retry policy.
     pub retry: crate::retry::Policy,
     /// How often the uploader scans `ready/` besides watching it.
@@ -369,22 +398,111 @@ impl Config {
                 ));
             }
         };
-        if raw.store.kind.get_ref() != "dir" {
-            return Err(cx.err(
-                "store.kind",
-                &raw.store.kind,
-                "this build supports \"dir\" (http and s3 come with the upload engine)",
-            ));
-        }
-        let store_path = raw
-            .store
-            .path
-            .as_deref()
-            .map(|p| cx.resolve(p))
-            .ok_or_else(|| cx.missing("store.path", "the dir store's root directory"))?;
+        let st = &raw.store;
+        let mut prefix = String::new();
+        let store = match st.kind.get_ref().as_str() {
+            "dir" => StoreKind::Dir(
+                st.path
+                    .as_deref()
+                    .map(|p| cx.resolve(p))
+                    .ok_or_else(|| cx.missing("store.path", "the dir store's root directory"))?,
+            ),
+            "s3" => {
+                let endpoint = st
+                    .endpoint
+                    .as_ref()
+                    .ok_or_else(|| cx.missing("store.endpoint", "the S3 API's http(s) URL"))?;
+                let e = endpoint.get_ref().trim_end_matches('/');
+                if !(e.starts_with("http://") || e.starts_with("https://")) || e.contains('?') {
+                    return Err(cx.err(
+                        "store.endpoint",
+                        endpoint,
+                        "must be http(s)://host[:port]",
+                    ));
+                }
+                let bucket = st
+                    .bucket
+                    .as_ref()
+                    .ok_or_else(|| cx.missing("store.bucket", "the bucket packages go to"))?;
+                let b = bucket.get_ref();
+                if b.len() < 3
+                    || b.len() > 63
+                    || !b.bytes().all(|c| {
+                        c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.'
+                    })
+                {
+                    return Err(cx.err("store.bucket", bucket, "not an S3 bucket name"));
+                }
+                if let Some(p) = &st.prefix {
+                    if !p
+                        .get_ref()
+                        .bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || b"-_./".contains(&c))
+                    {
+                        return Err(cx.err("store.prefix", p, "only letters, digits and - _ . /"));
+                    }
+                    prefix = p.get_ref().clone();
+                }
+                let (access_key, secret_key) = match &st.credentials_file {
+                    Some(f) => {
+                        let f = cx.resolve(f);
+                        let profile = st.profile.as_deref().unwrap_or("default");
+                        let text = std::fs::read_to_string(&f).map_err(|e| {
+                            ConfigError(format!(
+                                "config {}: store.credentials_file {}: {e}",
+                                file.display(),
+                                f.display()
+                            ))
+                        })?;
+                        crate::s3::credentials_from_file(&text, profile).ok_or_else(|| {
+                            ConfigError(format!(
+                                "config {}: store.credentials_file {}: no aws_access_key_id and \
+                                 aws_secret_access_key in profile [{profile}]",
+                                file.display(),
+                                f.display()
+                            ))
+                        })?
+                    }
+                    None => match (
+                        std::env::var("AWS_ACCESS_KEY_ID"),
+                        std::env::var("AWS_SECRET_ACCESS_KEY"),
+                    ) {
+                        (Ok(id), Ok(secret)) if !id.is_empty() && !secret.is_empty() => {
+                            (id, zeroize::Zeroizing::new(secret))
+                        }
+                        _ => {
+                            return Err(cx.missing(
+                                "store.credentials_file",
+                                "S3 credentials: a shared-credentials file, or \
+                                 AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment",
+                            ));
+                        }
+                    },
+                };
+                StoreKind::S3(crate::s3::S3Config {
+                    endpoint: e.to_string(),
+                    region: st.region.clone().unwrap_or_else(|| "us-east-1".into()),
+                    bucket: b.clone(),
+                    access_key,
+                    secret_key,
+                    ca_file: st.ca_file.as_deref().map(|p| cx.resolve(p)),
+                    timeout: std::time::Duration::from_secs(
+                        *raw.upload.attempt_timeout_secs.get_ref(),
+                    ),
+                })
+            }
+            _ => {
+                return Err(cx.err(
+                    "store.kind",
+                    &st.kind,
+                    "must be \"dir\" or \"s3\" (\"http\" comes with a later release)",
+                ));
+            }
+        };
         let u = &raw.upload;
         positive("upload.retry_initial_ms", &u.retry_initial_ms)?;
         positive("upload.rescan_secs", &u.rescan_secs)?;
+        positive("upload.attempt_timeout_secs", &u.attempt_timeout_secs)?;
         if u.retry_max_ms.get_ref() < u.retry_initial_ms.get_ref() {
             return Err(cx.err(
                 "upload.retry_max_ms",
@@ -408,7 +526,8 @@ impl Config {
             allow,
             public_key,
             wrap,
-            store_path,
+            store,
+            prefix,
             retry,
             rescan: std::time::Duration::from_secs(*raw.upload.rescan_secs.get_ref()),
             metrics: raw.metrics,
@@ -459,7 +578,7 @@ path = "/srv/store"
         assert_eq!(c.allow.len(), 2);
         assert_eq!(c.recorder.spool_dir, Path::new("/etc/edgerec/var/spool"));
         assert_eq!(c.public_key, Path::new("/etc/edgerec/keys/kek.pub.pem"));
-        assert_eq!(c.store_path, Path::new("/srv/store"));
+        assert!(matches!(&c.store, StoreKind::Dir(p) if p == Path::new("/srv/store")));
         assert_eq!(c.wrap, Wrap::OaepSha256);
         let l = c.limits();
         assert_eq!(
@@ -494,8 +613,16 @@ path = "/srv/store"
         assert!(e.contains("line 4") && e.contains("greater than 0"), "{e}");
         let e = err(&GOOD.replace("flush_interval_ms = 500", "flush_interval_ms = \"fast\""));
         assert!(e.contains("line 4") && e.contains("invalid type"), "{e}");
+        let e = err(&GOOD.replace("kind = \"dir\"", "kind = \"nfs\""));
+        assert!(e.contains("store.kind = nfs"), "{e}");
         let e = err(&GOOD.replace("kind = \"dir\"", "kind = \"s3\""));
-        assert!(e.contains("store.kind = s3"), "{e}");
+        assert!(e.contains("store.endpoint is missing"), "{e}");
+        let s3 = GOOD.replace(
+            "kind = \"dir\"",
+            "kind = \"s3\"\nendpoint = \"http://127.0.0.1:8333\"\nbucket = \"Bad_Bucket\"",
+        );
+        let e = err(&s3);
+        assert!(e.contains("store.bucket = Bad_Bucket"), "{e}");
         let e = err(&GOOD.replace("public_key = \"keys/kek.pub.pem\"", ""));
         assert!(e.contains("keys.public_key is missing"), "{e}");
         let e = err(&GOOD.replace("[keys]", "[keys]\nwrap = \"rsa\""));

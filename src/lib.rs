@@ -16,7 +16,9 @@
 //! - [`rtp`]: RTP and RTCP told apart and checked; sequence accounting (RFC 3550 A.1).
 //! - [`session`]: the sans-IO recording state machine (ports, streams, chunks, timers).
 //! - [`spool`]: the spool directories, package files, upload state and crash recovery.
-//! - [`store`]: the store interface, object keys, and the `dir` store.
+//! - [`store`]: the store interface, object keys, and the `dir` store; `s3` (feature
+//!   `appliance`): the S3 store (SigV4). The one `unsafe` block of the crate maps a spool
+//!   package for upload (`s3::map`); everything else is safe code (`deny(unsafe_code)`).
 //! - `loadgen` (feature `appliance`): paced G.711 test streams; `replay` (feature `pcap`, part of `cli`): a
 //!   pcap capture sent again with its own timing.
 //! - `ingest`, `recorder`, `uploader`, `run` (feature `appliance`): the ingest thread (epoll,
@@ -29,7 +31,7 @@
 //!
 //! The command-line tools live behind the `cli` feature in [`cli`]; the appliance's
 //! configuration (`config`) behind the `appliance` feature.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 #[cfg(feature = "cli")]
@@ -62,6 +64,8 @@ pub mod retry;
 pub mod rtp;
 #[cfg(feature = "appliance")]
 pub mod run;
+#[cfg(feature = "appliance")]
+pub mod s3;
 pub mod session;
 #[cfg(feature = "appliance")]
 pub mod spool;

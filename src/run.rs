@@ -21,13 +21,15 @@ use std::sync::mpsc::sync_channel;
 use std::time::{Duration, SystemTime};
 
 use crate::clock::now_ms;
+use crate::config::StoreKind;
 use crate::config::{Config, SyncMode};
 use crate::ingest::{self, IngestSetup};
 use crate::keys::{KekHandle, KekPublic};
 use crate::metrics::{KekLabel, Metrics, SpoolState};
 use crate::recorder::{self, Msg, RecorderSetup};
+use crate::s3::S3Store;
 use crate::spool::{Recovery, Spool};
-use crate::store::DirStore;
+use crate::store::{DirStore, Store};
 use crate::uploader::{self, UploaderSetup};
 
 /// Why the appliance did not start or stopped.
@@ -89,7 +91,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 config.metrics.listen
             )))?;
     tracing::info!(%metrics_addr, "metrics at /metrics, /healthz, /readyz");
-    let store = DirStore::open(&config.store_path).map_err(start("store.path"))?;
+    let store: Arc<dyn Store> = match &config.store {
+        StoreKind::Dir(path) => Arc::new(DirStore::open(path).map_err(start("store.path"))?),
+        StoreKind::S3(s3) => {
+            tracing::info!(endpoint = %s3.endpoint, bucket = %s3.bucket, prefix = %config.prefix, "s3 store");
+            // The blocking HTTP client runs a runtime of its own: made (and later dropped)
+            // outside this async context.
+            let cfg = s3.clone();
+            let made = tokio::task::spawn_blocking(move || S3Store::new(cfg))
+                .await
+                .map_err(start("store"))?;
+            Arc::new(made.map_err(start("store"))?)
+        }
+    };
 
     let (first, last) = config.ports;
     let count = u64::from(last - first) + 1;
@@ -149,8 +163,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let uploader = {
         let setup = UploaderSetup {
             spool: spool.clone(),
-            store: Arc::new(store),
-            prefix: String::new(),
+            store,
+            prefix: config.prefix.clone(),
             ready: ready_rx,
             stop: Arc::clone(&up_stop),
             metrics: Arc::clone(&metrics),

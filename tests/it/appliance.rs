@@ -40,7 +40,7 @@ struct Appliance {
 }
 
 impl Appliance {
-    fn config(dir: &Path, base: u16, allow: &str) -> PathBuf {
+    fn config(dir: &Path, base: u16, allow: &str, store: &str) -> PathBuf {
         let cfg = dir.join("edgerec.toml");
         fs::write(
             &cfg,
@@ -56,7 +56,7 @@ allow = [{allow}]
 [keys]
 public_key = "{}"
 [store]
-path = "store"
+{store}
 [upload]
 rescan_secs = 3600
 [metrics]
@@ -75,9 +75,13 @@ listen = "127.0.0.1:0"
     }
 
     fn start_allowing(allow: &str) -> Appliance {
+        Self::start_with(allow, "path = \"store\"")
+    }
+
+    fn start_with(allow: &str, store: &str) -> Appliance {
         let dir = tempfile::tempdir().unwrap();
         let base = free_ports();
-        Self::config(dir.path(), base, allow);
+        Self::config(dir.path(), base, allow, store);
         let mut a = Appliance {
             dir,
             base,
@@ -815,4 +819,50 @@ fn a_package_sent_again_with_spool_retry_is_delivered_at_once() {
         assert!(Instant::now() < deadline, "still in the spool");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+#[test]
+fn calls_are_delivered_to_an_s3_store() {
+    use crate::s3::{ACCESS_KEY, SECRET_KEY, Weed};
+    let weed = Weed::start();
+    let creds = weed.dir.path().join("credentials");
+    fs::write(
+        &creds,
+        format!(
+            "[default]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n"
+        ),
+    )
+    .unwrap();
+    let a = Appliance::start_with(
+        "\"127.0.0.0/8\"",
+        &format!(
+            "kind = \"s3\"\nendpoint = \"{}\"\nbucket = \"edgerec\"\nprefix = \"calls/\"\ncredentials_file = \"{}\"",
+            weed.endpoint,
+            creds.display()
+        ),
+    );
+    let out = loadgen(
+        &format!("{}-{}", a.base, a.base),
+        &["--streams", "2", "--seconds", "1"],
+    );
+    assert!(out.status.success());
+    let line = a.wait_log("stored");
+    let key = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("key="))
+        .expect("the log names the object key")
+        .trim_matches('"')
+        .to_string();
+    assert!(key.starts_with("calls/") && key.ends_with(".erec"), "{key}");
+    let bytes = weed.store(SECRET_KEY).get(&key).unwrap();
+    let ring = ring(&["test"]);
+    let mut r = PackageReader::new(&bytes[..], &ring, ReadMode::Strict).unwrap();
+    let mut packets = 0;
+    while let Some(rec) = r.next_record().unwrap() {
+        packets += entries(&rec.plaintext)
+            .filter(|e| matches!(e, Ok(Entry::Rtp { .. })))
+            .count();
+    }
+    assert_eq!(packets, 100, "both legs, every packet, from the store");
+    assert_eq!(a.metric("edgerec_uploads_total{outcome=\"stored\"}"), 1.0);
 }

@@ -5,6 +5,7 @@ mod appliance;
 mod cli;
 mod common;
 mod deploy;
+mod s3;
 mod spool;
 mod tamper;
 mod vectors;

@@ -1,0 +1,379 @@
+//! The `s3` store: any S3-compatible object store (AWS S3, SeaweedFS, MinIO, Ceph RGW, …),
+//! spoken to with SigV4-signed requests (the `aws-sigv4` crate) over HTTP or HTTPS (rustls).
+//!
+//! A put, following the store invariants of [`crate::store`]:
+//! 1. `HEAD` the key: an object already there with the package's SHA-256 in its
+//!    `x-amz-meta-erec-sha256` is success (an earlier attempt's answer was lost); one with
+//!    another SHA-256 is a conflict, never overwritten.
+//! 2. `PUT` the package, memory-mapped and handed to the request body without a copy, with
+//!    `x-amz-checksum-sha256` (the store verifies the bytes it received),
+//!    `x-amz-meta-erec-sha256` and `If-None-Match: *` (a store that supports it refuses to
+//!    overwrite even in a race); a 409 or 412 goes back to step 1's comparison.
+//! 3. `HEAD` again: only an object of the right size whose `erec-sha256` matches counts as
+//!    stored.
+//!
+//! Statuses map onto the retry policy ([`crate::retry::classify`]): 5xx, 408, 429, timeouts
+//! and connection errors are transient (with the store's `Retry-After`); other 4xx are
+//! permanent, with the store's error code and message as the reason. The credentials need
+//! `s3:PutObject` and `s3:GetObject` (HEAD) on the prefix, never a delete.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use aws_sigv4::http_request::{
+    PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest, SigningSettings,
+    UriPathNormalizationMode, sign,
+};
+use aws_sigv4::sign::v4;
+use base64::Engine;
+use zeroize::Zeroizing;
+
+use crate::retry::{Class, classify, parse_retry_after};
+use crate::store::{Store, StoreError, Stored};
+
+/// What an `s3` store needs (`[store]` with `kind = "s3"`).
+#[derive(Clone)]
+pub struct S3Config {
+    /// `http(s)://host:port`, no trailing slash; requests are path-style.
+    pub endpoint: String,
+    /// The SigV4 region (`us-east-1` for most non-AWS stores).
+    pub region: String,
+    /// The bucket.
+    pub bucket: String,
+    /// The access key id.
+    pub access_key: String,
+    /// The secret key.
+    pub secret_key: Zeroizing<String>,
+    /// A CA certificate (PEM) to trust for HTTPS besides the system's.
+    pub ca_file: Option<PathBuf>,
+    /// The longest one request may take.
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Config")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("bucket", &self.bucket)
+            .field("access_key", &self.access_key)
+            .field("secret_key", &"(secret)")
+            .finish_non_exhaustive()
+    }
+}
+
+/// The `s3` store.
+pub struct S3Store {
+    cfg: S3Config,
+    client: reqwest::blocking::Client,
+}
+
+/// What a `HEAD` found.
+enum Head {
+    Missing,
+    Present { size: u64, sha256: Option<String> },
+}
+
+impl S3Store {
+    /// A client for `cfg`.
+    pub fn new(cfg: S3Config) -> Result<S3Store, String> {
+        let mut b = reqwest::blocking::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(cfg.timeout);
+        if let Some(ca) = &cfg.ca_file {
+            let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .map_err(|e| format!("{}: not a PEM certificate: {e}", ca.display()))?;
+            b = b.add_root_certificate(cert);
+        }
+        let client = b.build().map_err(|e| e.to_string())?;
+        Ok(S3Store { cfg, client })
+    }
+
+    fn url(&self, key: &str) -> String {
+        format!("{}/{}/{}", self.cfg.endpoint, self.cfg.bucket, key)
+    }
+
+    /// Signs and sends one request; `body_sha256` is the hex SHA-256 of the body.
+    fn send(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, String)],
+        body: Option<reqwest::blocking::Body>,
+        body_sha256: &str,
+    ) -> Result<reqwest::blocking::Response, StoreError> {
+        let creds = aws_credential_types::Credentials::new(
+            self.cfg.access_key.clone(),
+            self.cfg.secret_key.as_str().to_owned(),
+            None,
+            None,
+            "edgerec",
+        );
+        let identity = creds.into();
+        let mut settings = SigningSettings::default();
+        settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
+        settings.percent_encoding_mode = PercentEncodingMode::Single;
+        settings.uri_path_normalization_mode = UriPathNormalizationMode::Disabled;
+        let params = v4::SigningParams::builder()
+            .identity(&identity)
+            .region(&self.cfg.region)
+            .name("s3")
+            .time(SystemTime::now())
+            .settings(settings)
+            .build()
+            .map_err(|e| StoreError::Permanent(format!("cannot sign: {e}")))?
+            .into();
+        let signable = SignableRequest::new(
+            method,
+            url,
+            headers.iter().map(|(k, v)| (*k, v.as_str())),
+            SignableBody::Precomputed(body_sha256.to_string()),
+        )
+        .map_err(|e| StoreError::Permanent(format!("cannot sign {url}: {e}")))?;
+        let (instructions, _) = sign(signable, &params)
+            .map_err(|e| StoreError::Permanent(format!("cannot sign {url}: {e}")))?
+            .into_parts();
+        let method = reqwest::Method::from_bytes(method.as_bytes())
+            .map_err(|e| StoreError::Permanent(e.to_string()))?;
+        let mut req = self.client.request(method, url);
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        for (k, v) in instructions.headers() {
+            req = req.header(k, v);
+        }
+        if let Some(b) = body {
+            req = req.body(b);
+        }
+        req.send().map_err(|e| {
+            StoreError::transient(if e.is_timeout() {
+                format!("{url}: no answer in {:?}", self.cfg.timeout)
+            } else {
+                format!("{url}: {e}")
+            })
+        })
+    }
+
+    /// The object under `key`, whole (for checks and small objects; export streams).
+    pub fn get(&self, key: &str) -> Result<Vec<u8>, StoreError> {
+        let url = self.url(key);
+        let r = self.send("GET", &url, &[], None, EMPTY_SHA256)?;
+        if classify(r.status().as_u16()) != Class::Success {
+            return Err(status_error(&url, r));
+        }
+        r.bytes()
+            .map(|b| b.to_vec())
+            .map_err(|e| StoreError::transient(format!("{url}: {e}")))
+    }
+
+    fn head(&self, key: &str) -> Result<Head, StoreError> {
+        let url = self.url(key);
+        let r = self.send("HEAD", &url, &[], None, EMPTY_SHA256)?;
+        let code = r.status().as_u16();
+        if code == 404 {
+            return Ok(Head::Missing);
+        }
+        if classify(code) != Class::Success {
+            return Err(status_error(&url, r));
+        }
+        let size = r
+            .headers()
+            .get(reqwest::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let sha256 = r
+            .headers()
+            .get("x-amz-meta-erec-sha256")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_ascii_lowercase);
+        Ok(Head::Present { size, sha256 })
+    }
+
+    /// What is under `key` compared with the package: `Some` if it decides the put.
+    fn compare(
+        &self,
+        key: &str,
+        size: u64,
+        sha_hex: &str,
+    ) -> Result<Option<Result<Stored, StoreError>>, StoreError> {
+        Ok(match self.head(key)? {
+            Head::Missing => None,
+            Head::Present {
+                size: s,
+                sha256: Some(h),
+            } if h == sha_hex && s == size => Some(Ok(Stored::AlreadyThere)),
+            Head::Present { sha256, .. } => Some(Err(StoreError::Conflict {
+                key: key.to_string(),
+                existing: sha256.unwrap_or_else(|| "(none recorded)".into()),
+            })),
+        })
+    }
+}
+
+/// SHA-256 of nothing, hex.
+const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+/// A failed status as a store error, with the store's own code and message.
+fn status_error(url: &str, r: reqwest::blocking::Response) -> StoreError {
+    let code = r.status().as_u16();
+    let r_status = r.status();
+    let retry_after = r
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_retry_after(v, SystemTime::now()));
+    let body = r.text().unwrap_or_default();
+    let field = |tag: &str| {
+        body.split_once(&format!("<{tag}>"))
+            .and_then(|(_, rest)| rest.split_once(&format!("</{tag}>")))
+            .map(|(v, _)| v.to_string())
+    };
+    let why = match (field("Code"), field("Message")) {
+        (Some(c), Some(m)) => format!("{url}: {code} {c}: {m}"),
+        (Some(c), None) => format!("{url}: {code} {c}"),
+        // A HEAD answer has no body: the status says it all.
+        _ => format!("{url}: HTTP {}", r_status),
+    };
+    match classify(code) {
+        Class::Transient => StoreError::Transient { why, retry_after },
+        _ => StoreError::Permanent(why),
+    }
+}
+
+/// Maps a spool package read-only, for a request body that costs no copy of it in memory.
+#[allow(unsafe_code)]
+fn map(file: &File) -> std::io::Result<memmap2::Mmap> {
+    // SAFETY: the mapped file is a package in spool/ready/, which nothing writes: the
+    // recorder writes only active/ files and renames them into ready/ complete, and edgerec
+    // only ever reads, moves or unlinks a ready/ package (an unlink keeps the mapping
+    // valid). The spool is 0700 and owned by the service user, so no other process may
+    // truncate it under the mapping.
+    unsafe { memmap2::Mmap::map(file) }
+}
+
+impl Store for S3Store {
+    fn put(&self, key: &str, file: &Path, sha256: &[u8; 32]) -> Result<Stored, StoreError> {
+        let sha_hex = hex::encode(sha256);
+        let f = File::open(file)
+            .map_err(|e| StoreError::transient(format!("cannot open {}: {e}", file.display())))?;
+        let size = f
+            .metadata()
+            .map_err(|e| StoreError::transient(format!("{}: {e}", file.display())))?
+            .len();
+        if let Some(decided) = self.compare(key, size, &sha_hex)? {
+            return decided;
+        }
+        let mapped = map(&f)
+            .map_err(|e| StoreError::transient(format!("cannot map {}: {e}", file.display())))?;
+        let body = reqwest::blocking::Body::from(bytes::Bytes::from_owner(mapped));
+        let url = self.url(key);
+        let headers = [
+            (
+                "x-amz-checksum-sha256",
+                base64::engine::general_purpose::STANDARD.encode(sha256),
+            ),
+            ("x-amz-meta-erec-sha256", sha_hex.clone()),
+            ("if-none-match", "*".to_string()),
+            (
+                "content-type",
+                "application/vnd.edgerec.package".to_string(),
+            ),
+            ("content-length", size.to_string()),
+        ];
+        let r = self.send("PUT", &url, &headers, Some(body), &sha_hex)?;
+        let code = r.status().as_u16();
+        match classify(code) {
+            Class::Success => {}
+            Class::Exists => {
+                return self.compare(key, size, &sha_hex)?.unwrap_or_else(|| {
+                    Err(StoreError::transient(format!(
+                        "{url}: {code}, but nothing is there"
+                    )))
+                });
+            }
+            _ => return Err(status_error(&url, r)),
+        }
+        // Stored only once the store shows the object with this package's SHA-256.
+        match self.compare(key, size, &sha_hex)? {
+            Some(Ok(_)) => Ok(Stored::Written),
+            Some(Err(e)) => Err(e),
+            None => Err(StoreError::transient(format!(
+                "{url}: the store answered {code} but does not show the object"
+            ))),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        "s3"
+    }
+}
+
+/// Reads `aws_access_key_id` and `aws_secret_access_key` of `profile` from a file in the
+/// AWS shared-credentials format (`[profile]` sections of `key = value` lines).
+pub fn credentials_from_file(text: &str, profile: &str) -> Option<(String, Zeroizing<String>)> {
+    let mut section = None;
+    let (mut id, mut secret) = (None, None);
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = Some(name.trim().to_string());
+            continue;
+        }
+        if section.as_deref() != Some(profile) {
+            continue;
+        }
+        if let Some((k, v)) = line.split_once('=') {
+            match k.trim() {
+                "aws_access_key_id" => id = Some(v.trim().to_string()),
+                "aws_secret_access_key" => secret = Some(Zeroizing::new(v.trim().to_string())),
+                _ => {}
+            }
+        }
+    }
+    Some((id?, secret?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_credentials_files_are_read_by_profile() {
+        let text = "\
+# comment
+[default]
+aws_access_key_id = AKIDDEFAULT
+aws_secret_access_key = s3cr3t
+
+[recorder]
+aws_access_key_id=AKIDREC
+aws_secret_access_key=other
+";
+        let (id, secret) = credentials_from_file(text, "default").unwrap();
+        assert_eq!((id.as_str(), secret.as_str()), ("AKIDDEFAULT", "s3cr3t"));
+        let (id, _) = credentials_from_file(text, "recorder").unwrap();
+        assert_eq!(id, "AKIDREC");
+        assert!(credentials_from_file(text, "missing").is_none());
+        assert!(credentials_from_file("[default]\naws_access_key_id = x\n", "default").is_none());
+    }
+
+    #[test]
+    fn the_secret_never_shows_in_debug_output() {
+        let cfg = S3Config {
+            endpoint: "http://127.0.0.1:8333".into(),
+            region: "us-east-1".into(),
+            bucket: "b".into(),
+            access_key: "AKID".into(),
+            secret_key: Zeroizing::new("very-secret".into()),
+            ca_file: None,
+            timeout: Duration::from_secs(1),
+        };
+        assert!(!format!("{cfg:?}").contains("very-secret"));
+    }
+}

