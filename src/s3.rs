@@ -168,6 +168,37 @@ impl S3Store {
             .map_err(|e| StoreError::transient(format!("{url}: {e}")))
     }
 
+    /// The keys of every object under `prefix` (ListObjectsV2, page by page).
+    pub fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let mut keys = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut url = format!(
+                "{}/{}?list-type=2&prefix={}",
+                self.cfg.endpoint,
+                self.cfg.bucket,
+                query_escape(prefix)
+            );
+            if let Some(t) = &token {
+                url.push_str(&format!("&continuation-token={}", query_escape(t)));
+            }
+            let r = self.send("GET", &url, &[], None, EMPTY_SHA256)?;
+            if classify(r.status().as_u16()) != Class::Success {
+                return Err(status_error(&url, r));
+            }
+            let body = r
+                .text()
+                .map_err(|e| StoreError::transient(format!("{url}: {e}")))?;
+            keys.extend(xml_all(&body, "Key"));
+            token = xml_all(&body, "NextContinuationToken").into_iter().next();
+            let truncated =
+                xml_all(&body, "IsTruncated").first().map(String::as_str) == Some("true");
+            if !truncated || token.is_none() {
+                return Ok(keys);
+            }
+        }
+    }
+
     fn head(&self, key: &str) -> Result<Head, StoreError> {
         let url = self.url(key);
         let r = self.send("HEAD", &url, &[], None, EMPTY_SHA256)?;
@@ -213,6 +244,41 @@ impl S3Store {
     }
 }
 
+/// Percent-encodes a query value (everything but the unreserved characters).
+fn query_escape(v: &str) -> String {
+    v.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// The text of every `<tag>…</tag>` in an S3 answer, XML entities for `&`, `<`, `>`
+/// resolved (keys here hold none of them, but a listing may).
+fn xml_all(body: &str, tag: &str) -> Vec<String> {
+    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+    let mut out = Vec::new();
+    let mut rest = body;
+    while let Some((_, after)) = rest.split_once(&open) {
+        let Some((v, tail)) = after.split_once(&close) else {
+            break;
+        };
+        out.push(
+            v.replace("&lt;", "<")
+                .replace("&gt;", ">")
+                .replace("&quot;", "\"")
+                .replace("&apos;", "'")
+                .replace("&amp;", "&"),
+        );
+        rest = tail;
+    }
+    out
+}
+
 /// SHA-256 of nothing, hex.
 const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
@@ -226,11 +292,7 @@ fn status_error(url: &str, r: reqwest::blocking::Response) -> StoreError {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| parse_retry_after(v, SystemTime::now()));
     let body = r.text().unwrap_or_default();
-    let field = |tag: &str| {
-        body.split_once(&format!("<{tag}>"))
-            .and_then(|(_, rest)| rest.split_once(&format!("</{tag}>")))
-            .map(|(v, _)| v.to_string())
-    };
+    let field = |tag: &str| xml_all(&body, tag).into_iter().next();
     let why = match (field("Code"), field("Message")) {
         (Some(c), Some(m)) => format!("{url}: {code} {c}: {m}"),
         (Some(c), None) => format!("{url}: {code} {c}"),
@@ -361,6 +423,17 @@ aws_secret_access_key=other
         assert_eq!(id, "AKIDREC");
         assert!(credentials_from_file(text, "missing").is_none());
         assert!(credentials_from_file("[default]\naws_access_key_id = x\n", "default").is_none());
+    }
+
+    #[test]
+    fn listing_answers_and_query_values_are_read_and_written_right() {
+        let body = "<ListBucketResult><IsTruncated>true</IsTruncated>\
+            <Contents><Key>a/1.erec</Key></Contents><Contents><Key>a/&amp;2</Key></Contents>\
+            <NextContinuationToken>x+y/z=</NextContinuationToken></ListBucketResult>";
+        assert_eq!(xml_all(body, "Key"), ["a/1.erec", "a/&2"]);
+        assert_eq!(xml_all(body, "IsTruncated"), ["true"]);
+        assert!(xml_all(body, "Missing").is_empty());
+        assert_eq!(query_escape("calls/x+y=z~"), "calls%2Fx%2By%3Dz~");
     }
 
     #[test]

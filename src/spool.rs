@@ -98,7 +98,9 @@ impl Place {
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| with_path(e, "cannot sync", dir))
 }
 
 fn with_path(e: io::Error, what: &str, p: &Path) -> io::Error {
@@ -178,8 +180,7 @@ impl Spool {
                 .create(&d)
                 .map_err(|e| with_path(e, "cannot create spool directory", &d))?;
         }
-        let probe = spool.dir(Place::Active).join(".write-probe");
-        let _ = fs::remove_file(&probe);
+        let probe = spool.probe_path();
         OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -187,8 +188,38 @@ impl Spool {
             .open(&probe)
             .and_then(|mut f| f.write_all(b"probe"))
             .map_err(|e| with_path(e, "spool is not writable:", &spool.root))?;
-        fs::remove_file(&probe)?;
+        fs::remove_file(&probe).map_err(|e| with_path(e, "cannot remove", &probe))?;
         Ok(spool)
+    }
+
+    /// The spool at `root` as it is, for the operator's tools: nothing is created or probed
+    /// (the appliance may be running on it).
+    pub fn existing(root: &Path) -> io::Result<Spool> {
+        let spool = Spool {
+            root: root.to_path_buf(),
+        };
+        for place in [Place::Ready, Place::Failed] {
+            let d = spool.dir(place);
+            if !d.is_dir() {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!(
+                        "{} is not a spool (no {} in it)",
+                        root.display(),
+                        d.display()
+                    ),
+                ));
+            }
+        }
+        Ok(spool)
+    }
+
+    /// A write probe of this process's own, so that two processes probing one spool (the
+    /// appliance and an operator's tool) never remove each other's probe.
+    fn probe_path(&self) -> PathBuf {
+        let n = getrandom::u64().unwrap_or(0);
+        self.dir(Place::Active)
+            .join(format!(".write-probe-{}-{n:016x}", std::process::id()))
     }
 
     /// The spool's root.
@@ -376,11 +407,10 @@ impl Spool {
 
     /// Whether a file can be created in the spool now.
     pub fn writable(&self) -> bool {
-        let probe = self.dir(Place::Active).join(".write-probe");
+        let probe = self.probe_path();
         let ok = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
             .open(&probe)
             .is_ok();
@@ -416,12 +446,13 @@ impl Spool {
             .create(true)
             .truncate(true)
             .mode(0o600)
-            .open(&tmp)?;
+            .open(&tmp)
+            .map_err(|e| with_path(e, "cannot create", &tmp))?;
         f.write_all(&serde_json::to_vec_pretty(state).map_err(io::Error::other)?)?;
         if sync_file {
             f.sync_all()?;
         }
-        fs::rename(&tmp, &path)
+        fs::rename(&tmp, &path).map_err(|e| with_path(e, "cannot rename", &tmp))
     }
 
     /// Reads a state file.
@@ -453,8 +484,10 @@ impl Spool {
     /// Moves a package and its state between `ready/` and `failed/` (package first, so a
     /// crash in between leaves a package whose state recovery rebuilds).
     pub fn move_package(&self, id: Uuid, from: Place, to: Place) -> io::Result<()> {
-        fs::rename(self.package_path(from, id), self.package_path(to, id))?;
-        fs::rename(self.state_path(from, id), self.state_path(to, id))?;
+        let p = self.package_path(from, id);
+        fs::rename(&p, self.package_path(to, id)).map_err(|e| with_path(e, "cannot move", &p))?;
+        let s = self.state_path(from, id);
+        fs::rename(&s, self.state_path(to, id)).map_err(|e| with_path(e, "cannot move", &s))?;
         sync_dir(&self.dir(to))?;
         sync_dir(&self.dir(from))
     }

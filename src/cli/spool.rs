@@ -33,13 +33,7 @@ pub fn open(config: Option<&Path>, dir: Option<&Path>) -> Result<Spool, Error> {
             ));
         }
     };
-    if !root.join("ready").is_dir() {
-        return Err(Error::Invalid(format!(
-            "{} is not a spool (no ready/ in it)",
-            root.display()
-        )));
-    }
-    Ok(Spool::open(&root)?)
+    Spool::existing(&root).map_err(|e| Error::Invalid(e.to_string()))
 }
 
 fn when(ms: u64) -> String {

@@ -59,6 +59,8 @@ public_key = "{}"
 {store}
 [upload]
 rescan_secs = 3600
+retry_initial_ms = 100
+retry_max_ms = 1000
 [metrics]
 listen = "127.0.0.1:0"
 "#,
@@ -821,26 +823,42 @@ fn a_package_sent_again_with_spool_retry_is_delivered_at_once() {
     }
 }
 
-#[test]
-fn calls_are_delivered_to_an_s3_store() {
-    use crate::s3::{ACCESS_KEY, SECRET_KEY, Weed};
-    let weed = Weed::start();
+/// The `[store]` lines for `weed`, with a credentials file holding `secret`.
+fn s3_store(weed: &crate::s3::Weed, secret: &str) -> String {
     let creds = weed.dir.path().join("credentials");
     fs::write(
         &creds,
         format!(
-            "[default]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n"
+            "[default]\naws_access_key_id = {}\naws_secret_access_key = {secret}\n",
+            crate::s3::ACCESS_KEY
         ),
     )
     .unwrap();
-    let a = Appliance::start_with(
-        "\"127.0.0.0/8\"",
-        &format!(
-            "kind = \"s3\"\nendpoint = \"{}\"\nbucket = \"edgerec\"\nprefix = \"calls/\"\ncredentials_file = \"{}\"",
-            weed.endpoint,
-            creds.display()
-        ),
-    );
+    format!(
+        "kind = \"s3\"\nendpoint = \"{}\"\nbucket = \"edgerec\"\nprefix = \"calls/\"\ncredentials_file = \"{}\"",
+        weed.endpoint,
+        creds.display()
+    )
+}
+
+/// RTP packets in a package.
+fn rtp_packets(bytes: &[u8]) -> usize {
+    let ring = ring(&["test"]);
+    let mut r = PackageReader::new(bytes, &ring, ReadMode::Strict).unwrap();
+    let mut packets = 0;
+    while let Some(rec) = r.next_record().unwrap() {
+        packets += entries(&rec.plaintext)
+            .filter(|e| matches!(e, Ok(Entry::Rtp { .. })))
+            .count();
+    }
+    packets
+}
+
+#[test]
+fn calls_are_delivered_to_an_s3_store() {
+    use crate::s3::{SECRET_KEY, Weed};
+    let weed = Weed::start();
+    let a = Appliance::start_with("\"127.0.0.0/8\"", &s3_store(&weed, SECRET_KEY));
     let out = loadgen(
         &format!("{}-{}", a.base, a.base),
         &["--streams", "2", "--seconds", "1"],
@@ -855,14 +873,97 @@ fn calls_are_delivered_to_an_s3_store() {
         .to_string();
     assert!(key.starts_with("calls/") && key.ends_with(".erec"), "{key}");
     let bytes = weed.store(SECRET_KEY).get(&key).unwrap();
-    let ring = ring(&["test"]);
-    let mut r = PackageReader::new(&bytes[..], &ring, ReadMode::Strict).unwrap();
-    let mut packets = 0;
-    while let Some(rec) = r.next_record().unwrap() {
-        packets += entries(&rec.plaintext)
-            .filter(|e| matches!(e, Ok(Entry::Rtp { .. })))
-            .count();
-    }
-    assert_eq!(packets, 100, "both legs, every packet, from the store");
+    assert_eq!(
+        rtp_packets(&bytes),
+        100,
+        "both legs, every packet, from the store"
+    );
     assert_eq!(a.metric("edgerec_uploads_total{outcome=\"stored\"}"), 1.0);
+}
+
+#[test]
+fn wrong_credentials_send_packages_to_failed_until_fixed_and_retried() {
+    use crate::s3::{SECRET_KEY, Weed};
+    let weed = Weed::start();
+    let mut a = Appliance::start_with("\"127.0.0.0/8\"", &s3_store(&weed, "wrong-secret"));
+    let out = loadgen(
+        &format!("{}-{}", a.base, a.base + 1),
+        &["--streams", "4", "--seconds", "1"],
+    );
+    assert!(out.status.success());
+    // Refused for good: to failed/, counted, and the log says why.
+    a.wait_metric("edgerec_uploads_total{outcome=\"failed\"}", 2.0);
+    let why = a.wait_log("moved to failed/");
+    assert!(why.contains("403"), "{why}");
+    assert_eq!(
+        fs::read_dir(a.path("spool/failed")).unwrap().count(),
+        4,
+        "2 packages + states"
+    );
+    assert!(weed.store(SECRET_KEY).list("calls/").unwrap().is_empty());
+    // The operator fixes the credentials, restarts, and sends the failed packages again.
+    a.sigterm();
+    let cfg = a.path("edgerec.toml");
+    let text = fs::read_to_string(&cfg).unwrap();
+    let creds = text
+        .lines()
+        .find_map(|l| l.strip_prefix("credentials_file = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    fs::write(
+        &creds,
+        format!(
+            "[default]\naws_access_key_id = {}\naws_secret_access_key = {SECRET_KEY}\n",
+            crate::s3::ACCESS_KEY
+        ),
+    )
+    .unwrap();
+    a.spawn();
+    let out = edgerec(&["spool", "retry", "--config", cfg.to_str().unwrap(), "--all"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    a.wait_metric("edgerec_uploads_total{outcome=\"stored\"}", 2.0);
+    let store = weed.store(SECRET_KEY);
+    let keys = store.list("calls/").unwrap();
+    assert_eq!(keys.len(), 2);
+    for k in keys {
+        assert_eq!(rtp_packets(&store.get(&k).unwrap()), 100);
+    }
+}
+
+#[test]
+fn a_store_killed_under_load_gets_every_recording_exactly_once_after_it_returns() {
+    use crate::s3::{SECRET_KEY, Weed};
+    let mut weed = Weed::start();
+    let a = Appliance::start_with("\"127.0.0.0/8\"", &s3_store(&weed, SECRET_KEY));
+    // Four calls; the store dies (kill -9) while they are being recorded.
+    let lg = {
+        let ports = format!("{}-{}", a.base, a.base + 3);
+        std::thread::spawn(move || loadgen(&ports, &["--streams", "8", "--seconds", "2"]))
+    };
+    a.wait_metric("edgerec_recordings_active", 4.0);
+    weed.kill9();
+    assert!(lg.join().unwrap().status.success());
+    // The calls end and fail to upload, again and again, while the store is down.
+    a.wait_metric("edgerec_upload_retries_total", 8.0);
+    assert_eq!(a.metric("edgerec_uploads_total{outcome=\"failed\"}"), 0.0);
+    weed.restart();
+    a.wait_metric("edgerec_uploads_total{outcome=\"stored\"}", 4.0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fs::read_dir(a.path("spool/ready")).unwrap().count() > 0 {
+        assert!(Instant::now() < deadline, "the spool did not empty");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let store = weed.store(SECRET_KEY);
+    let keys = store.list("calls/").unwrap();
+    assert_eq!(keys.len(), 4, "each recording once: {keys:?}");
+    for k in keys {
+        let bytes = store.get(&k).unwrap();
+        assert_eq!(rtp_packets(&bytes), 200, "{k}");
+    }
+    assert_eq!(a.metric("edgerec_uploads_total{outcome=\"stored\"}"), 4.0);
 }

