@@ -154,8 +154,8 @@ pub struct Store {
 /// The store the appliance delivers to, validated.
 #[derive(Debug, Clone)]
 pub enum StoreKind {
-    /// A directory.
-    Dir(PathBuf),
+    /// A directory, and the bandwidth limit.
+    Dir(PathBuf, Option<crate::bandwidth::Limit>),
     /// An S3-compatible store.
     S3(crate::s3::S3Config),
 }
@@ -182,6 +182,9 @@ pub struct Upload {
     pub rescan_secs: Spanned<u64>,
     /// The longest one request to the store may take. 300 s: a 1 GiB package at 30 Mbit/s.
     pub attempt_timeout_secs: Spanned<u64>,
+    /// Upload bandwidth for all uploads together, bytes a second; 0 (the default) leaves it
+    /// to the network. Edge links carry live calls: set it below what they can spare.
+    pub bandwidth_bytes_per_sec: Spanned<u64>,
 }
 
 impl Default for Upload {
@@ -192,6 +195,7 @@ impl Default for Upload {
             max_attempts: Spanned::new(0..0, 0),
             rescan_secs: Spanned::new(0..0, 30),
             attempt_timeout_secs: Spanned::new(0..0, 300),
+            bandwidth_bytes_per_sec: Spanned::new(0..0, 0),
         }
     }
 }
@@ -400,12 +404,16 @@ impl Config {
         };
         let st = &raw.store;
         let mut prefix = String::new();
+        let limit = Some(*raw.upload.bandwidth_bytes_per_sec.get_ref())
+            .filter(|b| *b > 0)
+            .map(crate::bandwidth::Limit::new);
         let store = match st.kind.get_ref().as_str() {
             "dir" => StoreKind::Dir(
                 st.path
                     .as_deref()
                     .map(|p| cx.resolve(p))
                     .ok_or_else(|| cx.missing("store.path", "the dir store's root directory"))?,
+                limit,
             ),
             "s3" => {
                 let endpoint = st
@@ -489,6 +497,7 @@ impl Config {
                     timeout: std::time::Duration::from_secs(
                         *raw.upload.attempt_timeout_secs.get_ref(),
                     ),
+                    limit,
                 })
             }
             _ => {
@@ -578,7 +587,7 @@ path = "/srv/store"
         assert_eq!(c.allow.len(), 2);
         assert_eq!(c.recorder.spool_dir, Path::new("/etc/edgerec/var/spool"));
         assert_eq!(c.public_key, Path::new("/etc/edgerec/keys/kek.pub.pem"));
-        assert!(matches!(&c.store, StoreKind::Dir(p) if p == Path::new("/srv/store")));
+        assert!(matches!(&c.store, StoreKind::Dir(p, None) if p == Path::new("/srv/store")));
         assert_eq!(c.wrap, Wrap::OaepSha256);
         let l = c.limits();
         assert_eq!(

@@ -35,6 +35,9 @@
 #![warn(missing_docs)]
 
 #[cfg(feature = "cli")]
+#[cfg(feature = "appliance")]
+pub mod bandwidth;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod clock;
 #[cfg(feature = "appliance")]

@@ -92,7 +92,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             )))?;
     tracing::info!(%metrics_addr, "metrics at /metrics, /healthz, /readyz");
     let store: Arc<dyn Store> = match &config.store {
-        StoreKind::Dir(path) => Arc::new(DirStore::open(path).map_err(start("store.path"))?),
+        StoreKind::Dir(path, limit) => Arc::new(
+            DirStore::open(path)
+                .map_err(start("store.path"))?
+                .with_limit(limit.clone()),
+        ),
         StoreKind::S3(s3) => {
             tracing::info!(endpoint = %s3.endpoint, bucket = %s3.bucket, prefix = %config.prefix, "s3 store");
             // The blocking HTTP client runs a runtime of its own: made (and later dropped)

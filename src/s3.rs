@@ -49,6 +49,8 @@ pub struct S3Config {
     pub ca_file: Option<PathBuf>,
     /// The longest one request may take.
     pub timeout: Duration,
+    /// The bandwidth limit shared by all uploads, if any.
+    pub limit: Option<crate::bandwidth::Limit>,
 }
 
 impl std::fmt::Debug for S3Config {
@@ -330,7 +332,15 @@ impl Store for S3Store {
         }
         let mapped = map(&f)
             .map_err(|e| StoreError::transient(format!("cannot map {}: {e}", file.display())))?;
-        let body = reqwest::blocking::Body::from(bytes::Bytes::from_owner(mapped));
+        let bytes = bytes::Bytes::from_owner(mapped);
+        let body = match &self.cfg.limit {
+            // Paced through the bucket, 64 KiB at a time, straight from the mapping.
+            Some(l) => reqwest::blocking::Body::sized(
+                crate::bandwidth::Throttled::new(std::io::Cursor::new(bytes), l.clone()),
+                size,
+            ),
+            None => reqwest::blocking::Body::from(bytes),
+        };
         let url = self.url(key);
         let headers = [
             (
@@ -446,6 +456,7 @@ aws_secret_access_key=other
             secret_key: Zeroizing::new("very-secret".into()),
             ca_file: None,
             timeout: Duration::from_secs(1),
+            limit: None,
         };
         assert!(!format!("{cfg:?}").contains("very-secret"));
     }

@@ -100,6 +100,7 @@ pub trait Store: Send + Sync {
 #[derive(Debug, Clone)]
 pub struct DirStore {
     root: PathBuf,
+    limit: Option<crate::bandwidth::Limit>,
 }
 
 fn transient(what: &str, p: &Path, e: io::Error) -> StoreError {
@@ -115,7 +116,15 @@ impl DirStore {
             .create(root)?;
         Ok(DirStore {
             root: root.to_path_buf(),
+            limit: None,
         })
+    }
+
+    /// Copies kept to `limit` (`[upload] bandwidth_bytes_per_sec`; an NFS store shares the
+    /// link too).
+    pub fn with_limit(mut self, limit: Option<crate::bandwidth::Limit>) -> DirStore {
+        self.limit = limit;
+        self
     }
 
     /// Where `key` lives.
@@ -166,7 +175,11 @@ impl Store for DirStore {
             Uuid::new_v4().simple()
         ));
         let result = (|| {
-            let mut src = File::open(file).map_err(|e| transient("cannot read", file, e))?;
+            let src = File::open(file).map_err(|e| transient("cannot read", file, e))?;
+            let mut src: Box<dyn Read> = match &self.limit {
+                Some(l) => Box::new(crate::bandwidth::Throttled::new(src, l.clone())),
+                None => Box::new(src),
+            };
             let mut out = OpenOptions::new()
                 .write(true)
                 .create_new(true)

@@ -159,6 +159,7 @@ impl Weed {
             secret_key: Zeroizing::new(secret.into()),
             ca_file: None,
             timeout: Duration::from_secs(30),
+            limit: None,
         }
     }
 
@@ -241,4 +242,17 @@ fn bytes_that_do_not_match_their_sha256_are_never_stored() {
     let r = store.put("mismatch.erec", &p, &claimed);
     assert!(matches!(r, Err(StoreError::Permanent(_))), "{r:?}");
     assert!(store.get("mismatch.erec").is_err(), "nothing under the key");
+}
+
+#[test]
+fn a_bandwidth_limited_upload_stores_the_same_bytes() {
+    let weed = Weed::start();
+    let mut cfg = weed.config(SECRET_KEY);
+    cfg.limit = Some(edgerec::bandwidth::Limit::new(64 << 20));
+    let store = S3Store::new(cfg).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pattern(3 << 20);
+    let (p, sha) = file(tmp.path(), "big", &data);
+    assert_eq!(store.put("big.erec", &p, &sha).unwrap(), Stored::Written);
+    assert_eq!(store.get("big.erec").unwrap(), data);
 }
