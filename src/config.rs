@@ -182,6 +182,9 @@ pub struct Upload {
     pub rescan_secs: Spanned<u64>,
     /// The longest one request to the store may take. 300 s: a 1 GiB package at 30 Mbit/s.
     pub attempt_timeout_secs: Spanned<u64>,
+    /// Uploads at once. 4: keeps a link busy across the round trips of small packages
+    /// without crowding a store that is just coming back.
+    pub concurrency: Spanned<u32>,
     /// Upload bandwidth for all uploads together, bytes a second; 0 (the default) leaves it
     /// to the network. Edge links carry live calls: set it below what they can spare.
     pub bandwidth_bytes_per_sec: Spanned<u64>,
@@ -196,6 +199,7 @@ impl Default for Upload {
             rescan_secs: Spanned::new(0..0, 30),
             attempt_timeout_secs: Spanned::new(0..0, 300),
             bandwidth_bytes_per_sec: Spanned::new(0..0, 0),
+            concurrency: Spanned::new(0..0, 4),
         }
     }
 }
@@ -258,6 +262,8 @@ pub struct Config {
     pub retry: crate::retry::Policy,
     /// How often the uploader scans `ready/` besides watching it.
     pub rescan: std::time::Duration,
+    /// Uploads at once.
+    pub concurrency: usize,
     /// `[metrics]`.
     pub metrics: Metrics,
 }
@@ -512,6 +518,9 @@ impl Config {
         positive("upload.retry_initial_ms", &u.retry_initial_ms)?;
         positive("upload.rescan_secs", &u.rescan_secs)?;
         positive("upload.attempt_timeout_secs", &u.attempt_timeout_secs)?;
+        if !(1..=64).contains(u.concurrency.get_ref()) {
+            return Err(cx.err("upload.concurrency", &u.concurrency, "must be 1 to 64"));
+        }
         if u.retry_max_ms.get_ref() < u.retry_initial_ms.get_ref() {
             return Err(cx.err(
                 "upload.retry_max_ms",
@@ -539,6 +548,7 @@ impl Config {
             prefix,
             retry,
             rescan: std::time::Duration::from_secs(*raw.upload.rescan_secs.get_ref()),
+            concurrency: *raw.upload.concurrency.get_ref() as usize,
             metrics: raw.metrics,
         })
     }
@@ -645,8 +655,10 @@ path = "/srv/store"
             e.contains("line 19") && e.contains("upload.retry_max_ms = 100"),
             "{e}"
         );
-        let e = err(&format!("{GOOD}\n[upload]\nconcurrency = 9\n"));
-        assert!(e.contains("concurrency"), "{e}");
+        let e = err(&format!("{GOOD}\n[upload]\nconcurrency = 0\n"));
+        assert!(e.contains("upload.concurrency = 0"), "{e}");
+        let e = err(&format!("{GOOD}\n[upload]\nparallelism = 9\n"));
+        assert!(e.contains("parallelism"), "{e}");
     }
 
     #[test]

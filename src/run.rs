@@ -174,6 +174,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             metrics: Arc::clone(&metrics),
             rescan: config.rescan,
             policy: config.retry,
+            concurrency: config.concurrency,
         };
         std::thread::Builder::new()
             .name("uploader".into())

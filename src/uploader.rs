@@ -73,6 +73,8 @@ pub struct UploaderSetup {
     pub rescan: Duration,
     /// The retry policy.
     pub policy: Policy,
+    /// Uploads at once (`[upload] concurrency`).
+    pub concurrency: usize,
 }
 
 /// Runs until `stop` is set (checked between packages) or the sender is gone.
@@ -86,12 +88,56 @@ pub fn run(setup: UploaderSetup) {
         metrics,
         rescan,
         policy,
+        concurrency,
     } = setup;
+    // Workers take one package at a time from `jobs` and answer on `done` with the next
+    // attempt time, if the package stays. This thread keeps the queue and hands out at most
+    // `concurrency` packages at once, never the same one twice.
+    let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<Uuid>();
+    let jobs_rx = Arc::new(std::sync::Mutex::new(jobs_rx));
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<(Uuid, Option<u64>)>();
+    let workers: Vec<_> = (0..concurrency.max(1))
+        .filter_map(|i| {
+            let (spool, store, prefix, metrics) = (
+                spool.clone(),
+                Arc::clone(&store),
+                prefix.clone(),
+                Arc::clone(&metrics),
+            );
+            let (jobs, done) = (Arc::clone(&jobs_rx), done_tx.clone());
+            std::thread::Builder::new()
+                .name(format!("upload-{i}"))
+                .spawn(move || {
+                    loop {
+                        let job = match jobs.lock() {
+                            Ok(rx) => rx.recv(),
+                            Err(_) => return,
+                        };
+                        let Ok(id) = job else { return };
+                        let next =
+                            upload_one(&spool, store.as_ref(), &prefix, id, &metrics, &policy);
+                        if done.send((id, next)).is_err() {
+                            return;
+                        }
+                    }
+                })
+                .map_err(|e| tracing::error!(error = %e, "cannot start an upload worker"))
+                .ok()
+        })
+        .collect();
+    let slots = workers.len();
     // Each queued package with its next attempt time, read from its state file once and
     // then kept here, so a long outage does not re-read every state file on every loop.
     let mut queue: BTreeMap<Uuid, Option<u64>> = BTreeMap::new();
+    let mut in_flight = 0usize;
     let mut last_scan = None;
-    while !stop.load(Ordering::Relaxed) {
+    while !stop.load(Ordering::Relaxed) && slots > 0 {
+        while let Ok((id, next)) = done_rx.try_recv() {
+            in_flight -= 1;
+            if let Some(next) = next {
+                queue.insert(id, Some(next));
+            }
+        }
         if last_scan.is_none_or(|t: std::time::Instant| t.elapsed() >= rescan) {
             match spool.list(Place::Ready) {
                 Ok(ids) => {
@@ -106,36 +152,40 @@ pub fn run(setup: UploaderSetup) {
         let now = now_ms();
         let mut gone = Vec::new();
         let mut due = None;
-        for (id, next) in queue.iter_mut() {
-            let at = match *next {
-                Some(at) => at,
-                None => match spool.read_state(Place::Ready, *id) {
-                    Ok(s) => *next.insert(s.next_attempt_ms),
-                    Err(_) => {
-                        gone.push(*id); // stored or moved meanwhile
-                        continue;
-                    }
-                },
-            };
-            if at <= now {
-                due = Some(*id);
-                break;
+        if in_flight < slots {
+            for (id, next) in queue.iter_mut() {
+                let at = match *next {
+                    Some(at) => at,
+                    None => match spool.read_state(Place::Ready, *id) {
+                        Ok(s) => *next.insert(s.next_attempt_ms),
+                        Err(_) => {
+                            gone.push(*id); // stored or moved meanwhile
+                            continue;
+                        }
+                    },
+                };
+                if at <= now {
+                    due = Some(*id);
+                    break;
+                }
             }
         }
         for id in gone {
             queue.remove(&id);
         }
         let Some(id) = due else {
-            match rx.recv_timeout(Duration::from_millis(200)) {
+            // Nothing to hand out now: wait for news (a new package, or soon a worker).
+            let wait = if in_flight > 0 { 20 } else { 200 };
+            match rx.recv_timeout(Duration::from_millis(wait)) {
                 Ok(id) => {
                     queue.entry(id).or_insert(None);
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
-                    if queue.is_empty() {
-                        return;
+                    if queue.is_empty() && in_flight == 0 {
+                        break;
                     }
-                    std::thread::sleep(Duration::from_millis(200));
+                    std::thread::sleep(Duration::from_millis(wait));
                 }
             }
             while let Ok(id) = rx.try_recv() {
@@ -144,9 +194,16 @@ pub fn run(setup: UploaderSetup) {
             continue;
         };
         queue.remove(&id);
-        if let Some(next) = upload_one(&spool, store.as_ref(), &prefix, id, &metrics, &policy) {
-            queue.insert(id, Some(next));
+        if jobs_tx.send(id).is_err() {
+            break;
         }
+        in_flight += 1;
+    }
+    // Stopping: the packages in flight finish (their state is on disk either way), then the
+    // workers go.
+    drop(jobs_tx);
+    for w in workers {
+        let _ = w.join();
     }
 }
 
@@ -304,8 +361,9 @@ mod tests {
 
     fn start(
         spool: &Spool,
-        store: Arc<Flaky>,
+        store: Arc<dyn Store>,
         policy: Policy,
+        concurrency: usize,
     ) -> (
         std::sync::mpsc::SyncSender<Uuid>,
         Arc<AtomicBool>,
@@ -324,9 +382,64 @@ mod tests {
             metrics: Arc::clone(&metrics),
             rescan: Duration::from_secs(60),
             policy,
+            concurrency,
         };
         let t = std::thread::spawn(move || run(setup));
         (tx, stop, metrics, t)
+    }
+
+    /// Takes its time over each put and notes how many run at once.
+    struct Slow {
+        now: AtomicU32,
+        most: AtomicU32,
+        puts: AtomicU32,
+    }
+
+    impl Store for Slow {
+        fn put(&self, _key: &str, _file: &Path, _sha: &[u8; 32]) -> Result<Stored, StoreError> {
+            let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(n, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(100));
+            self.now.fetch_sub(1, Ordering::SeqCst);
+            self.puts.fetch_add(1, Ordering::SeqCst);
+            Ok(Stored::Written)
+        }
+        fn kind(&self) -> &'static str {
+            "slow"
+        }
+    }
+
+    #[test]
+    fn uploads_run_side_by_side_up_to_the_bound_each_package_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let ids: Vec<Uuid> = (0..9).map(|_| ready_package(&spool)).collect();
+        let store = Arc::new(Slow {
+            now: AtomicU32::new(0),
+            most: AtomicU32::new(0),
+            puts: AtomicU32::new(0),
+        });
+        let (_tx, stop, _metrics, t) = start(
+            &spool,
+            Arc::clone(&store) as Arc<dyn Store>,
+            Policy::default(),
+            3,
+        );
+        until("every package is stored", || {
+            spool.list(Place::Ready).unwrap().is_empty()
+        });
+        stop.store(true, Ordering::Relaxed);
+        t.join().unwrap();
+        assert_eq!(store.puts.load(Ordering::SeqCst), 9, "each once");
+        assert_eq!(
+            store.most.load(Ordering::SeqCst),
+            3,
+            "three at a time, never more"
+        );
+        assert!(
+            ids.iter()
+                .all(|id| !spool.package_path(Place::Ready, *id).exists())
+        );
     }
 
     #[test]
@@ -359,7 +472,7 @@ mod tests {
             max: Duration::from_millis(5),
             max_attempts: None,
         };
-        let (tx, stop, metrics, t) = start(&spool, Arc::clone(&store), policy);
+        let (tx, stop, metrics, t) = start(&spool, Arc::clone(&store) as Arc<dyn Store>, policy, 1);
         tx.send(id).unwrap();
         until("the package leaves the spool", || {
             !spool.package_path(Place::Ready, id).exists()
@@ -385,7 +498,8 @@ mod tests {
             max: Duration::from_millis(2),
             max_attempts: Some(3),
         };
-        let (tx, stop, _metrics, t) = start(&spool, Arc::clone(&store), policy);
+        let (tx, stop, _metrics, t) =
+            start(&spool, Arc::clone(&store) as Arc<dyn Store>, policy, 1);
         tx.send(id).unwrap();
         until("the package reaches failed/", || {
             spool.package_path(Place::Failed, id).exists()
