@@ -69,6 +69,9 @@ impl std::fmt::Debug for S3Config {
 pub struct S3Store {
     cfg: S3Config,
     client: reqwest::blocking::Client,
+    /// Made once: every request signs with a clone (a reference count, not a copy of the
+    /// secret; the crate keeps it zeroized).
+    credentials: aws_credential_types::Credentials,
 }
 
 /// What a `HEAD` found.
@@ -90,7 +93,18 @@ impl S3Store {
             b = b.add_root_certificate(cert);
         }
         let client = b.build().map_err(|e| e.to_string())?;
-        Ok(S3Store { cfg, client })
+        let credentials = aws_credential_types::Credentials::new(
+            cfg.access_key.clone(),
+            cfg.secret_key.as_str().to_owned(),
+            None,
+            None,
+            "edgerec",
+        );
+        Ok(S3Store {
+            cfg,
+            client,
+            credentials,
+        })
     }
 
     fn url(&self, key: &str) -> String {
@@ -106,14 +120,7 @@ impl S3Store {
         body: Option<reqwest::blocking::Body>,
         body_sha256: &str,
     ) -> Result<reqwest::blocking::Response, StoreError> {
-        let creds = aws_credential_types::Credentials::new(
-            self.cfg.access_key.clone(),
-            self.cfg.secret_key.as_str().to_owned(),
-            None,
-            None,
-            "edgerec",
-        );
-        let identity = creds.into();
+        let identity = self.credentials.clone().into();
         let mut settings = SigningSettings::default();
         settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
         settings.percent_encoding_mode = PercentEncodingMode::Single;
