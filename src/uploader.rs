@@ -290,13 +290,6 @@ fn upload_one(
 /// reason in its state file. Never deletes it.
 fn fail(spool: &Spool, state: &mut UploadState, e: &StoreError, metrics: &Metrics) -> Option<u64> {
     let id = state.id;
-    metrics
-        .uploads
-        .get_or_create(&Outcome {
-            outcome: "failed".into(),
-        })
-        .inc();
-    tracing::error!(recording = %id, error = %e, "store refused the package; moved to failed/");
     state.last_error = Some(e.to_string());
     let moved = spool
         .write_state(Place::Ready, state)
@@ -304,6 +297,14 @@ fn fail(spool: &Spool, state: &mut UploadState, e: &StoreError, metrics: &Metric
     if let Err(e) = moved {
         tracing::error!(recording = %id, error = %e, "cannot move to failed/");
     }
+    // Logged and counted once it is in failed/, so what the metric says is on disk.
+    tracing::error!(recording = %id, error = %e, "store refused the package; moved to failed/");
+    metrics
+        .uploads
+        .get_or_create(&Outcome {
+            outcome: "failed".into(),
+        })
+        .inc();
     None
 }
 
