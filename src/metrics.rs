@@ -95,6 +95,10 @@ pub struct Metrics {
     pub uploads: Family<Outcome, Counter>,
     /// Upload attempts that will be retried.
     pub upload_retries: Counter,
+    /// Multipart parts the store confirmed.
+    pub upload_parts: Counter,
+    /// Orphaned multipart uploads aborted.
+    pub multipart_orphans_aborted: Counter,
     /// Bytes the store confirmed.
     pub uploaded_bytes: Counter,
     /// Duration of each upload attempt.
@@ -137,6 +141,8 @@ impl Metrics {
             spool_oldest_ready_age: Gauge::default(),
             uploads: Family::default(),
             upload_retries: Counter::default(),
+            upload_parts: Counter::default(),
+            multipart_orphans_aborted: Counter::default(),
             uploaded_bytes: Counter::default(),
             upload_duration: seconds_buckets(),
             recording_to_stored: Histogram::new(exponential_buckets(0.01, 2.0, 20)),
@@ -230,6 +236,16 @@ impl Metrics {
             "upload_retries",
             "Upload attempts to be retried",
             m.upload_retries.clone(),
+        );
+        r.register(
+            "upload_parts",
+            "Multipart parts the store confirmed",
+            m.upload_parts.clone(),
+        );
+        r.register(
+            "multipart_orphans_aborted",
+            "Multipart uploads no package referred to, aborted",
+            m.multipart_orphans_aborted.clone(),
         );
         r.register(
             "uploaded_bytes",

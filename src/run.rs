@@ -175,6 +175,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             rescan: config.rescan,
             policy: config.retry,
             concurrency: config.concurrency,
+            abort_orphans_after: config.abort_orphans_after,
         };
         std::thread::Builder::new()
             .name("uploader".into())

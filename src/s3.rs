@@ -17,6 +17,7 @@
 //! permanent, with the store's error code and message as the reason. The credentials need
 //! `s3:PutObject` and `s3:GetObject` (HEAD) on the prefix, never a delete.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -27,10 +28,12 @@ use aws_sigv4::http_request::{
 };
 use aws_sigv4::sign::v4;
 use base64::Engine;
+use sha2::Digest;
 use zeroize::Zeroizing;
 
 use crate::retry::{Class, classify, parse_retry_after};
-use crate::store::{Store, StoreError, Stored};
+use crate::spool::{Multipart, PartDone};
+use crate::store::{Checkpoint, Store, StoreError, Stored};
 
 /// What an `s3` store needs (`[store]` with `kind = "s3"`).
 #[derive(Clone)]
@@ -51,6 +54,11 @@ pub struct S3Config {
     pub timeout: Duration,
     /// The bandwidth limit shared by all uploads, if any.
     pub limit: Option<crate::bandwidth::Limit>,
+    /// Packages of this many bytes or more go up in parts (`upload.multipart_threshold_bytes`).
+    pub multipart_threshold: u64,
+    /// Bytes per part (`upload.multipart_part_bytes`), raised for a package that would
+    /// otherwise need more than 10,000 parts.
+    pub part_bytes: u64,
 }
 
 impl std::fmt::Debug for S3Config {
@@ -177,6 +185,19 @@ impl S3Store {
             .map_err(|e| StoreError::transient(format!("{url}: {e}")))
     }
 
+    /// The text of a GET (a listing); `None` for a 404.
+    fn get_text(&self, url: &str) -> Result<Option<String>, StoreError> {
+        let r = self.send("GET", url, &[], None, EMPTY_SHA256)?;
+        match r.status().as_u16() {
+            404 => Ok(None),
+            c if classify(c) == Class::Success => r
+                .text()
+                .map(Some)
+                .map_err(|e| StoreError::transient(format!("{url}: {e}"))),
+            _ => Err(status_error(url, r)),
+        }
+    }
+
     /// The keys of every object under `prefix` (ListObjectsV2, page by page).
     pub fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         let mut keys = Vec::new();
@@ -191,13 +212,9 @@ impl S3Store {
             if let Some(t) = &token {
                 url.push_str(&format!("&continuation-token={}", query_escape(t)));
             }
-            let r = self.send("GET", &url, &[], None, EMPTY_SHA256)?;
-            if classify(r.status().as_u16()) != Class::Success {
-                return Err(status_error(&url, r));
-            }
-            let body = r
-                .text()
-                .map_err(|e| StoreError::transient(format!("{url}: {e}")))?;
+            let Some(body) = self.get_text(&url)? else {
+                return Err(StoreError::Permanent(format!("{url}: 404, no such bucket")));
+            };
             keys.extend(xml_all(&body, "Key"));
             token = xml_all(&body, "NextContinuationToken").into_iter().next();
             let truncated =
@@ -276,16 +293,55 @@ fn xml_all(body: &str, tag: &str) -> Vec<String> {
         let Some((v, tail)) = after.split_once(&close) else {
             break;
         };
-        out.push(
-            v.replace("&lt;", "<")
-                .replace("&gt;", ">")
-                .replace("&quot;", "\"")
-                .replace("&apos;", "'")
-                .replace("&amp;", "&"),
-        );
+        out.push(unescape(v));
         rest = tail;
     }
     out
+}
+
+/// Resolves XML's five named entities and numeric character references (`&#34;`, `&#x22;`,
+/// which some stores write for the quotes of an ETag); anything else stays as it is.
+fn unescape(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    let mut rest = v;
+    while let Some(at) = rest.find('&') {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at..];
+        let decoded = tail.find(';').filter(|end| *end <= 10).and_then(|end| {
+            let c = match &tail[1..end] {
+                "lt" => Some('<'),
+                "gt" => Some('>'),
+                "quot" => Some('"'),
+                "apos" => Some('\''),
+                "amp" => Some('&'),
+                n => n
+                    .strip_prefix("#x")
+                    .or_else(|| n.strip_prefix("#X"))
+                    .map(|h| u32::from_str_radix(h, 16))
+                    .or_else(|| n.strip_prefix('#').map(str::parse::<u32>))
+                    .and_then(Result::ok)
+                    .and_then(char::from_u32),
+            }?;
+            Some((c, end))
+        });
+        match decoded {
+            Some((c, end)) => {
+                out.push(c);
+                rest = &tail[end + 1..];
+            }
+            None => {
+                out.push('&');
+                rest = &tail[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Whether two ETags name the same part (stores differ in quoting them).
+fn same_etag(a: &str, b: &str) -> bool {
+    a.trim_matches('"') == b.trim_matches('"')
 }
 
 /// SHA-256 of nothing, hex.
@@ -327,6 +383,16 @@ fn map(file: &File) -> std::io::Result<memmap2::Mmap> {
 
 impl Store for S3Store {
     fn put(&self, key: &str, file: &Path, sha256: &[u8; 32]) -> Result<Stored, StoreError> {
+        self.put_resumable(key, file, sha256, &mut crate::store::InMemory::default())
+    }
+
+    fn put_resumable(
+        &self,
+        key: &str,
+        file: &Path,
+        sha256: &[u8; 32],
+        checkpoint: &mut dyn Checkpoint,
+    ) -> Result<Stored, StoreError> {
         let sha_hex = hex::encode(sha256);
         let f = File::open(file)
             .map_err(|e| StoreError::transient(format!("cannot open {}: {e}", file.display())))?;
@@ -340,14 +406,10 @@ impl Store for S3Store {
         let mapped = map(&f)
             .map_err(|e| StoreError::transient(format!("cannot map {}: {e}", file.display())))?;
         let bytes = bytes::Bytes::from_owner(mapped);
-        let body = match &self.cfg.limit {
-            // Paced through the bucket, 64 KiB at a time, straight from the mapping.
-            Some(l) => reqwest::blocking::Body::sized(
-                crate::bandwidth::Throttled::new(std::io::Cursor::new(bytes), l.clone()),
-                size,
-            ),
-            None => reqwest::blocking::Body::from(bytes),
-        };
+        if size >= self.cfg.multipart_threshold.max(1) {
+            return self.put_multipart(key, bytes, sha256, checkpoint);
+        }
+        let body = self.body(bytes);
         let url = self.url(key);
         let headers = [
             (
@@ -356,10 +418,7 @@ impl Store for S3Store {
             ),
             ("x-amz-meta-erec-sha256", sha_hex.clone()),
             ("if-none-match", "*".to_string()),
-            (
-                "content-type",
-                "application/vnd.edgerec.package".to_string(),
-            ),
+            ("content-type", CONTENT_TYPE.to_string()),
             ("content-length", size.to_string()),
         ];
         let r = self.send("PUT", &url, &headers, Some(body), &sha_hex)?;
@@ -385,9 +444,370 @@ impl Store for S3Store {
         }
     }
 
+    fn abort_upload(&self, key: &str, upload_id: &str) -> Result<(), StoreError> {
+        let url = format!("{}?uploadId={}", self.url(key), query_escape(upload_id));
+        let r = self.send("DELETE", &url, &[], None, EMPTY_SHA256)?;
+        match r.status().as_u16() {
+            404 => Ok(()), // gone already
+            c if classify(c) == Class::Success => Ok(()),
+            _ => Err(status_error(&url, r)),
+        }
+    }
+
+    fn abort_orphans(
+        &self,
+        prefix: &str,
+        keep: &HashSet<String>,
+        older_than: Duration,
+    ) -> Result<Vec<String>, StoreError> {
+        let cutoff = crate::clock::now_ms()
+            .saturating_sub(u64::try_from(older_than.as_millis()).unwrap_or(u64::MAX));
+        let mut aborted = Vec::new();
+        for u in self.list_uploads(prefix)? {
+            let old = u.initiated_ms.is_some_and(|t| t <= cutoff);
+            if old && !keep.contains(&u.upload_id) {
+                self.abort_upload(&u.key, &u.upload_id)?;
+                aborted.push(u.key);
+            }
+        }
+        Ok(aborted)
+    }
+
     fn kind(&self) -> &'static str {
         "s3"
     }
+}
+
+/// A multipart upload the store lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upload {
+    /// The object key.
+    pub key: String,
+    /// The upload id.
+    pub upload_id: String,
+    /// When it was started, unix ms, if the store said in a form we read.
+    pub initiated_ms: Option<u64>,
+}
+
+impl S3Store {
+    /// A body straight from the mapping, paced through the bandwidth limit if there is one.
+    fn body(&self, bytes: bytes::Bytes) -> reqwest::blocking::Body {
+        match &self.cfg.limit {
+            // Paced through the bucket, 64 KiB at a time.
+            Some(l) => {
+                let len = bytes.len() as u64;
+                reqwest::blocking::Body::sized(
+                    crate::bandwidth::Throttled::new(std::io::Cursor::new(bytes), l.clone()),
+                    len,
+                )
+            }
+            None => reqwest::blocking::Body::from(bytes),
+        }
+    }
+
+    /// The multipart uploads in progress under `prefix` (ListMultipartUploads, page by page).
+    pub fn list_uploads(&self, prefix: &str) -> Result<Vec<Upload>, StoreError> {
+        let mut out = Vec::new();
+        let mut marker: Option<(String, String)> = None;
+        loop {
+            let mut url = format!(
+                "{}/{}?prefix={}&uploads=",
+                self.cfg.endpoint,
+                self.cfg.bucket,
+                query_escape(prefix)
+            );
+            if let Some((k, u)) = &marker {
+                url = format!(
+                    "{}/{}?key-marker={}&prefix={}&upload-id-marker={}&uploads=",
+                    self.cfg.endpoint,
+                    self.cfg.bucket,
+                    query_escape(k),
+                    query_escape(prefix),
+                    query_escape(u)
+                );
+            }
+            let Some(body) = self.get_text(&url)? else {
+                return Err(StoreError::Permanent(format!("{url}: 404, no such bucket")));
+            };
+            for u in xml_all(&body, "Upload") {
+                let field = |t: &str| xml_all(&u, t).into_iter().next();
+                if let (Some(key), Some(upload_id)) = (field("Key"), field("UploadId")) {
+                    out.push(Upload {
+                        key,
+                        upload_id,
+                        initiated_ms: field("Initiated")
+                            .and_then(|t| crate::clock::parse_rfc3339_ms(&t)),
+                    });
+                }
+            }
+            let truncated =
+                xml_all(&body, "IsTruncated").first().map(String::as_str) == Some("true");
+            let next = (
+                xml_all(&body, "NextKeyMarker").into_iter().next(),
+                xml_all(&body, "NextUploadIdMarker").into_iter().next(),
+            );
+            match next {
+                (Some(k), Some(u))
+                    if truncated && marker.as_ref() != Some(&(k.clone(), u.clone())) =>
+                {
+                    marker = Some((k, u));
+                }
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// The parts the store holds for an upload, by number with their ETags; `None` if the
+    /// store no longer knows the upload (completed, aborted, or expired by a lifecycle rule).
+    fn list_parts(
+        &self,
+        key: &str,
+        upload_id: &str,
+    ) -> Result<Option<Vec<(u32, String)>>, StoreError> {
+        let mut parts = Vec::new();
+        let mut marker = 0u32;
+        loop {
+            let url = format!(
+                "{}?part-number-marker={marker}&uploadId={}",
+                self.url(key),
+                query_escape(upload_id)
+            );
+            let Some(body) = self.get_text(&url)? else {
+                return Ok(None);
+            };
+            for p in xml_all(&body, "Part") {
+                let field = |t: &str| xml_all(&p, t).into_iter().next();
+                if let (Some(n), Some(etag)) = (
+                    field("PartNumber").and_then(|n| n.parse().ok()),
+                    field("ETag"),
+                ) {
+                    parts.push((n, etag));
+                }
+            }
+            let truncated =
+                xml_all(&body, "IsTruncated").first().map(String::as_str) == Some("true");
+            let next: Option<u32> = xml_all(&body, "NextPartNumberMarker")
+                .first()
+                .and_then(|n| n.parse().ok());
+            match next {
+                Some(n) if truncated && n > marker => marker = n,
+                _ => return Ok(Some(parts)),
+            }
+        }
+    }
+
+    /// Starts a multipart upload carrying the package's SHA-256 as metadata.
+    fn create_upload(&self, key: &str, sha_hex: &str) -> Result<String, StoreError> {
+        let url = format!("{}?uploads=", self.url(key));
+        let headers = [
+            ("x-amz-checksum-algorithm", "SHA256".to_string()),
+            ("x-amz-meta-erec-sha256", sha_hex.to_string()),
+            ("content-type", CONTENT_TYPE.to_string()),
+        ];
+        let r = self.send("POST", &url, &headers, None, EMPTY_SHA256)?;
+        if classify(r.status().as_u16()) != Class::Success {
+            return Err(status_error(&url, r));
+        }
+        let body = r
+            .text()
+            .map_err(|e| StoreError::transient(format!("{url}: {e}")))?;
+        xml_all(&body, "UploadId")
+            .into_iter()
+            .next()
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| StoreError::transient(format!("{url}: no UploadId in the answer")))
+    }
+
+    /// A multipart put: resumes the upload `checkpoint` holds if the store still has it
+    /// (keeping the parts the store lists with the same ETag), or starts one; uploads the
+    /// missing parts, each with its SHA-256 for the store to verify, saving progress after
+    /// each; completes; and counts as stored only once a HEAD shows the package's SHA-256.
+    fn put_multipart(
+        &self,
+        key: &str,
+        bytes: bytes::Bytes,
+        sha256: &[u8; 32],
+        checkpoint: &mut dyn Checkpoint,
+    ) -> Result<Stored, StoreError> {
+        let size = bytes.len() as u64;
+        let sha_hex = hex::encode(sha256);
+        let url = self.url(key);
+        let resumed = match checkpoint.multipart().cloned() {
+            Some(mut m) => match self.list_parts(key, &m.upload_id)? {
+                Some(listed) => {
+                    m.parts.retain(|p| {
+                        listed
+                            .iter()
+                            .any(|(n, e)| *n == p.number && same_etag(e, &p.etag))
+                    });
+                    tracing::info!(key, upload_id = %m.upload_id, parts_done = m.parts.len(), "resuming multipart upload");
+                    Some(m)
+                }
+                None => {
+                    tracing::info!(key, upload_id = %m.upload_id, "the store no longer knows the multipart upload; starting over");
+                    checkpoint.save(None)?;
+                    None
+                }
+            },
+            None => None,
+        };
+        let mut m = match resumed {
+            Some(m) => m,
+            None => {
+                let part_bytes = part_size(size, self.cfg.part_bytes);
+                let upload_id = self.create_upload(key, &sha_hex)?;
+                let m = Multipart {
+                    upload_id,
+                    part_bytes,
+                    parts: Vec::new(),
+                };
+                checkpoint.save(Some(m.clone()))?;
+                m
+            }
+        };
+        let count = size.div_ceil(m.part_bytes.max(1));
+        for number in
+            1..=u32::try_from(count).map_err(|_| StoreError::Permanent("too many parts".into()))?
+        {
+            if m.parts.iter().any(|p| p.number == number) {
+                continue;
+            }
+            let start = u64::from(number - 1) * m.part_bytes;
+            let end = (start + m.part_bytes).min(size);
+            let (start, end) = (
+                usize::try_from(start).expect("within a mapped file"),
+                usize::try_from(end).expect("within a mapped file"),
+            );
+            let part = bytes.slice(start..end);
+            let digest: [u8; 32] = sha2::Sha256::digest(&part).into();
+            let b64 = base64::engine::general_purpose::STANDARD.encode(digest);
+            let part_url = format!(
+                "{url}?partNumber={number}&uploadId={}",
+                query_escape(&m.upload_id)
+            );
+            let headers = [
+                ("x-amz-checksum-sha256", b64.clone()),
+                ("content-length", (end - start).to_string()),
+            ];
+            let r = self.send(
+                "PUT",
+                &part_url,
+                &headers,
+                Some(self.body(part)),
+                &hex::encode(digest),
+            )?;
+            match r.status().as_u16() {
+                404 => {
+                    checkpoint.save(None)?;
+                    return Err(StoreError::transient(format!(
+                        "{part_url}: the store no longer knows the upload; starting over"
+                    )));
+                }
+                c if classify(c) == Class::Success => {}
+                _ => return Err(status_error(&part_url, r)),
+            }
+            let etag = r
+                .headers()
+                .get(reqwest::header::ETAG)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    StoreError::transient(format!("{part_url}: no ETag in the answer"))
+                })?;
+            m.parts.push(PartDone {
+                number,
+                etag,
+                sha256: b64,
+            });
+            m.parts.sort_by_key(|p| p.number);
+            checkpoint.save(Some(m.clone()))?;
+        }
+        let xml = complete_body(&m);
+        let body_sha = hex::encode(sha2::Sha256::digest(xml.as_bytes()));
+        let done_url = format!("{url}?uploadId={}", query_escape(&m.upload_id));
+        let headers = [
+            ("content-type", "application/xml".to_string()),
+            ("content-length", xml.len().to_string()),
+        ];
+        let r = self.send("POST", &done_url, &headers, Some(xml.into()), &body_sha)?;
+        let code = r.status().as_u16();
+        if code == 404 {
+            // Completed by an earlier attempt whose answer was lost, or gone: what is there decides.
+            return match self.compare(key, size, &sha_hex)? {
+                Some(d) => d,
+                None => {
+                    checkpoint.save(None)?;
+                    Err(StoreError::transient(format!(
+                        "{done_url}: the store no longer knows the upload; starting over"
+                    )))
+                }
+            };
+        }
+        if classify(code) == Class::Exists {
+            return self.compare(key, size, &sha_hex)?.unwrap_or_else(|| {
+                Err(StoreError::transient(format!(
+                    "{done_url}: {code}, but nothing is there"
+                )))
+            });
+        }
+        if classify(code) != Class::Success {
+            return Err(status_error(&done_url, r));
+        }
+        // A 200 may still carry an error (S3 answers before it has finished assembling).
+        let answer = r
+            .text()
+            .map_err(|e| StoreError::transient(format!("{done_url}: {e}")))?;
+        if answer.contains("<Error>") {
+            let field = |t: &str| xml_all(&answer, t).into_iter().next().unwrap_or_default();
+            let (c, msg) = (field("Code"), field("Message"));
+            if matches!(
+                c.as_str(),
+                "InvalidPart" | "InvalidPartOrder" | "NoSuchUpload"
+            ) {
+                checkpoint.save(None)?;
+            }
+            return Err(StoreError::transient(format!("{done_url}: {c}: {msg}")));
+        }
+        match self.compare(key, size, &sha_hex)? {
+            Some(Ok(_)) => Ok(Stored::Written),
+            Some(Err(e)) => Err(e),
+            None => Err(StoreError::transient(format!(
+                "{done_url}: the store completed the upload but does not show the object"
+            ))),
+        }
+    }
+}
+
+/// The content type of a package.
+const CONTENT_TYPE: &str = "application/vnd.edgerec.package";
+
+/// Bytes per part for a package of `size`: `wanted`, raised (to whole MiB) where the package
+/// would otherwise need more than S3's 10,000 parts.
+pub fn part_size(size: u64, wanted: u64) -> u64 {
+    const MIB: u64 = 1 << 20;
+    let least = size.div_ceil(10_000).div_ceil(MIB) * MIB;
+    wanted.max(least).max(1)
+}
+
+/// The CompleteMultipartUpload body: every part with its ETag and SHA-256, in order.
+fn complete_body(m: &Multipart) -> String {
+    let esc = |v: &str| {
+        v.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+    };
+    let mut x =
+        String::from("<CompleteMultipartUpload xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">");
+    for p in &m.parts {
+        x.push_str(&format!(
+            "<Part><ChecksumSHA256>{}</ChecksumSHA256><ETag>{}</ETag><PartNumber>{}</PartNumber></Part>",
+            esc(&p.sha256),
+            esc(&p.etag),
+            p.number
+        ));
+    }
+    x.push_str("</CompleteMultipartUpload>");
+    x
 }
 
 /// Reads `aws_access_key_id` and `aws_secret_access_key` of `profile` from a file in the
@@ -448,6 +868,12 @@ aws_secret_access_key=other
             <Contents><Key>a/1.erec</Key></Contents><Contents><Key>a/&amp;2</Key></Contents>\
             <NextContinuationToken>x+y/z=</NextContinuationToken></ListBucketResult>";
         assert_eq!(xml_all(body, "Key"), ["a/1.erec", "a/&2"]);
+        assert_eq!(
+            unescape("&#34;b64&#x22;&amp;lt;&bogus;&"),
+            "\"b64\"&lt;&bogus;&"
+        );
+        assert!(same_etag("\"abc\"", "abc"));
+        assert!(!same_etag("\"abc\"", "abd"));
         assert_eq!(xml_all(body, "IsTruncated"), ["true"]);
         assert!(xml_all(body, "Missing").is_empty());
         assert_eq!(query_escape("calls/x+y=z~"), "calls%2Fx%2By%3Dz~");
@@ -464,6 +890,8 @@ aws_secret_access_key=other
             ca_file: None,
             timeout: Duration::from_secs(1),
             limit: None,
+            multipart_threshold: 64 << 20,
+            part_bytes: 16 << 20,
         };
         assert!(!format!("{cfg:?}").contains("very-secret"));
     }

@@ -65,6 +65,33 @@ pub struct UploadState {
     /// The last error, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// A multipart upload in progress, so that a restart resumes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multipart: Option<Multipart>,
+}
+
+/// A multipart upload in progress (S3), kept in the package's state file after every part
+/// the store confirmed: a restart resumes with the parts still missing instead of starting
+/// over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Multipart {
+    /// The store's upload id.
+    pub upload_id: String,
+    /// Bytes per part (the last one may be shorter); fixed for the life of the upload.
+    pub part_bytes: u64,
+    /// The parts the store confirmed, by number.
+    pub parts: Vec<PartDone>,
+}
+
+/// One part the store confirmed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartDone {
+    /// Its number, from 1.
+    pub number: u32,
+    /// The store's ETag for it, as the store gave it.
+    pub etag: String,
+    /// Its SHA-256, base64 (what the store verified it against).
+    pub sha256: String,
 }
 
 /// The spool's directories.
@@ -345,6 +372,7 @@ impl Spool {
                 attempts: 0,
                 next_attempt_ms: 0,
                 last_error: None,
+                multipart: None,
             };
             let r = fs::rename(&from, &to)
                 .map_err(|e| with_path(e, "cannot move", &from))
@@ -537,6 +565,7 @@ impl Spool {
             attempts: 0,
             next_attempt_ms: 0,
             last_error: None,
+            multipart: None,
         };
         self.write_state(Place::Ready, &state)?;
         Ok(state)

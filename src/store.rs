@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
 use crate::clock::Utc;
-use crate::spool::sha256_file;
+use crate::spool::{Multipart, sha256_file};
 
 /// The object key of a package: `{prefix}{yyyy}/{mm}/{dd}/{id}.erec`.
 pub fn object_key(prefix: &str, id: Uuid) -> String {
@@ -84,10 +84,65 @@ pub enum Stored {
     AlreadyThere,
 }
 
+/// Where a put that spans attempts keeps its progress: the package's state file (an S3
+/// multipart upload's id and confirmed parts).
+pub trait Checkpoint {
+    /// The multipart upload an earlier attempt left, if any.
+    fn multipart(&self) -> Option<&Multipart>;
+    /// Persists `m` (durably) before the put goes on; `None` forgets the upload.
+    fn save(&mut self, m: Option<Multipart>) -> Result<(), StoreError>;
+}
+
+/// A checkpoint kept in memory only (a put with nothing to resume from).
+#[derive(Debug, Default)]
+pub struct InMemory(pub Option<Multipart>);
+
+impl Checkpoint for InMemory {
+    fn multipart(&self) -> Option<&Multipart> {
+        self.0.as_ref()
+    }
+    fn save(&mut self, m: Option<Multipart>) -> Result<(), StoreError> {
+        self.0 = m;
+        Ok(())
+    }
+}
+
 /// A recording store.
 pub trait Store: Send + Sync {
     /// Stores the package at `file` under `key`; returns once the store confirmed `sha256`.
     fn put(&self, key: &str, file: &Path, sha256: &[u8; 32]) -> Result<Stored, StoreError>;
+
+    /// [`Store::put`], resuming the progress `checkpoint` holds and saving it as it goes.
+    /// Stores that finish a put in one request need no checkpoint.
+    fn put_resumable(
+        &self,
+        key: &str,
+        file: &Path,
+        sha256: &[u8; 32],
+        checkpoint: &mut dyn Checkpoint,
+    ) -> Result<Stored, StoreError> {
+        let _ = checkpoint;
+        self.put(key, file, sha256)
+    }
+
+    /// Abandons the multipart upload `upload_id` of `key` (its package went to `failed/`).
+    fn abort_upload(&self, key: &str, upload_id: &str) -> Result<(), StoreError> {
+        let _ = (key, upload_id);
+        Ok(())
+    }
+
+    /// Aborts the multipart uploads under `prefix` that were started more than `older_than`
+    /// ago and whose id is not in `keep` (uploads a crash or a lost answer left behind); returns
+    /// the keys of those aborted.
+    fn abort_orphans(
+        &self,
+        prefix: &str,
+        keep: &std::collections::HashSet<String>,
+        older_than: std::time::Duration,
+    ) -> Result<Vec<String>, StoreError> {
+        let _ = (prefix, keep, older_than);
+        Ok(Vec::new())
+    }
 
     /// A short name for logs and metrics (`dir`, `http`, `s3`).
     fn kind(&self) -> &'static str;

@@ -22,8 +22,8 @@ use uuid::Uuid;
 use crate::clock::now_ms;
 use crate::metrics::{Metrics, Outcome};
 use crate::retry::{Policy, Verdict};
-use crate::spool::{Place, Spool, UploadState};
-use crate::store::{Store, StoreError, Stored, object_key};
+use crate::spool::{Multipart, Place, Spool, UploadState};
+use crate::store::{Checkpoint, Store, StoreError, Stored, object_key};
 
 /// The recording id of a state file in `ready/` (`<id>.json`), the last file a package
 /// that arrives there gets (packages move before their state, and new state files are
@@ -75,7 +75,12 @@ pub struct UploaderSetup {
     pub policy: Policy,
     /// Uploads at once (`[upload] concurrency`).
     pub concurrency: usize,
+    /// Orphaned multipart uploads are aborted after this long (`None`: never).
+    pub abort_orphans_after: Option<Duration>,
 }
+
+/// How often the store is swept for orphaned multipart uploads (and once at start).
+const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
 /// Runs until `stop` is set (checked between packages) or the sender is gone.
 pub fn run(setup: UploaderSetup) {
@@ -89,7 +94,34 @@ pub fn run(setup: UploaderSetup) {
         rescan,
         policy,
         concurrency,
+        abort_orphans_after,
     } = setup;
+    let sweeper = abort_orphans_after.and_then(|older_than| {
+        let (spool, store, prefix, metrics, stop) = (
+            spool.clone(),
+            Arc::clone(&store),
+            prefix.clone(),
+            Arc::clone(&metrics),
+            Arc::clone(&stop),
+        );
+        std::thread::Builder::new()
+            .name("upload-sweep".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Err(e) =
+                        sweep_orphans(&spool, store.as_ref(), &prefix, older_than, &metrics)
+                    {
+                        tracing::warn!(error = %e, "cannot sweep the store for orphaned multipart uploads");
+                    }
+                    let next = std::time::Instant::now() + SWEEP_EVERY;
+                    while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < next {
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                }
+            })
+            .map_err(|e| tracing::error!(error = %e, "cannot start the orphan sweep"))
+            .ok()
+    });
     // Workers take one package at a time from `jobs` and answer on `done` with the next
     // attempt time, if the package stays. This thread keeps the queue and hands out at most
     // `concurrency` packages at once, never the same one twice.
@@ -129,11 +161,14 @@ pub fn run(setup: UploaderSetup) {
     // Each queued package with its next attempt time, read from its state file once and
     // then kept here, so a long outage does not re-read every state file on every loop.
     let mut queue: BTreeMap<Uuid, Option<u64>> = BTreeMap::new();
-    let mut in_flight = 0usize;
+    // The packages a worker has now: news of them (the watcher sees their state file
+    // rewritten as multipart parts are saved, a rescan lists them) must not hand them out
+    // a second time; the worker's answer decides what becomes of them.
+    let mut in_flight: std::collections::HashSet<Uuid> = std::collections::HashSet::new();
     let mut last_scan = None;
     while !stop.load(Ordering::Relaxed) && slots > 0 {
         while let Ok((id, next)) = done_rx.try_recv() {
-            in_flight -= 1;
+            in_flight.remove(&id);
             if let Some(next) = next {
                 queue.insert(id, Some(next));
             }
@@ -141,7 +176,7 @@ pub fn run(setup: UploaderSetup) {
         if last_scan.is_none_or(|t: std::time::Instant| t.elapsed() >= rescan) {
             match spool.list(Place::Ready) {
                 Ok(ids) => {
-                    for id in ids {
+                    for id in ids.into_iter().filter(|id| !in_flight.contains(id)) {
                         queue.entry(id).or_insert(None);
                     }
                 }
@@ -152,7 +187,7 @@ pub fn run(setup: UploaderSetup) {
         let now = now_ms();
         let mut gone = Vec::new();
         let mut due = None;
-        if in_flight < slots {
+        if in_flight.len() < slots {
             for (id, next) in queue.iter_mut() {
                 let at = match *next {
                     Some(at) => at,
@@ -175,21 +210,24 @@ pub fn run(setup: UploaderSetup) {
         }
         let Some(id) = due else {
             // Nothing to hand out now: wait for news (a new package, or soon a worker).
-            let wait = if in_flight > 0 { 20 } else { 200 };
+            let wait = if in_flight.is_empty() { 200 } else { 20 };
             match rx.recv_timeout(Duration::from_millis(wait)) {
-                Ok(id) => {
+                Ok(id) if !in_flight.contains(&id) => {
                     queue.entry(id).or_insert(None);
                 }
+                Ok(_) => {}
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
-                    if queue.is_empty() && in_flight == 0 {
+                    if queue.is_empty() && in_flight.is_empty() {
                         break;
                     }
                     std::thread::sleep(Duration::from_millis(wait));
                 }
             }
             while let Ok(id) = rx.try_recv() {
-                queue.entry(id).or_insert(None);
+                if !in_flight.contains(&id) {
+                    queue.entry(id).or_insert(None);
+                }
             }
             continue;
         };
@@ -197,13 +235,16 @@ pub fn run(setup: UploaderSetup) {
         if jobs_tx.send(id).is_err() {
             break;
         }
-        in_flight += 1;
+        in_flight.insert(id);
     }
     // Stopping: the packages in flight finish (their state is on disk either way), then the
     // workers go.
     drop(jobs_tx);
     for w in workers {
         let _ = w.join();
+    }
+    if let Some(s) = sweeper {
+        let _ = s.join();
     }
 }
 
@@ -233,7 +274,16 @@ fn upload_one(
     };
     state.attempts += 1;
     let started = std::time::Instant::now();
-    let result = store.put(&key, &path, &sha);
+    let result = store.put_resumable(
+        &key,
+        &path,
+        &sha,
+        &mut StateCheckpoint {
+            spool,
+            state: &mut state,
+            metrics,
+        },
+    );
     metrics
         .upload_duration
         .observe(started.elapsed().as_secs_f64());
@@ -269,7 +319,7 @@ fn upload_one(
                         "gave up after {} attempts (upload.max_attempts); last: {why}",
                         state.attempts
                     ));
-                    return fail(spool, &mut state, &e, metrics);
+                    return fail(spool, store, &key, &mut state, &e, metrics);
                 }
             };
             outcome("retry");
@@ -282,15 +332,33 @@ fn upload_one(
             }
             Some(state.next_attempt_ms)
         }
-        Err(e) => fail(spool, &mut state, &e, metrics),
+        Err(e) => fail(spool, store, &key, &mut state, &e, metrics),
     }
 }
 
 /// Moves a package the store refused (or that used up its attempts) to `failed/`, with the
 /// reason in its state file. Never deletes it.
-fn fail(spool: &Spool, state: &mut UploadState, e: &StoreError, metrics: &Metrics) -> Option<u64> {
+fn fail(
+    spool: &Spool,
+    store: &dyn Store,
+    key: &str,
+    state: &mut UploadState,
+    e: &StoreError,
+    metrics: &Metrics,
+) -> Option<u64> {
     let id = state.id;
     state.last_error = Some(e.to_string());
+    // Its parts would only take space in the store: a retry from failed/ starts afresh.
+    if let Some(m) = state.multipart.take() {
+        match store.abort_upload(key, &m.upload_id) {
+            Ok(()) => {
+                tracing::info!(recording = %id, upload_id = %m.upload_id, "multipart upload aborted")
+            }
+            Err(e) => {
+                tracing::warn!(recording = %id, upload_id = %m.upload_id, error = %e, "cannot abort the multipart upload; the orphan sweep will")
+            }
+        }
+    }
     let moved = spool
         .write_state(Place::Ready, state)
         .and_then(|()| spool.move_package(id, Place::Ready, Place::Failed));
@@ -306,6 +374,65 @@ fn fail(spool: &Spool, state: &mut UploadState, e: &StoreError, metrics: &Metric
         })
         .inc();
     None
+}
+
+/// The package's state file as the store's checkpoint: multipart progress is written to it
+/// (atomically, synced) before the upload goes on.
+struct StateCheckpoint<'a> {
+    spool: &'a Spool,
+    state: &'a mut UploadState,
+    metrics: &'a Metrics,
+}
+
+impl Checkpoint for StateCheckpoint<'_> {
+    fn multipart(&self) -> Option<&Multipart> {
+        self.state.multipart.as_ref()
+    }
+
+    fn save(&mut self, m: Option<Multipart>) -> Result<(), StoreError> {
+        let parts = |m: &Option<Multipart>| m.as_ref().map_or(0, |m| m.parts.len());
+        if parts(&m) > parts(&self.state.multipart) {
+            self.metrics.upload_parts.inc();
+        }
+        self.state.multipart = m;
+        self.spool
+            .write_state(Place::Ready, self.state)
+            .map_err(|e| StoreError::transient(format!("cannot save the upload's progress: {e}")))
+    }
+}
+
+/// Aborts the multipart uploads under `prefix` that no package in the spool refers to, once
+/// they are older than `older_than` (see `upload.abort_orphans_after_secs`). Returns how many.
+pub fn sweep_orphans(
+    spool: &Spool,
+    store: &dyn Store,
+    prefix: &str,
+    older_than: Duration,
+    metrics: &Metrics,
+) -> Result<usize, StoreError> {
+    let mut keep = std::collections::HashSet::new();
+    for place in [Place::Ready, Place::Failed] {
+        for id in spool.list(place).unwrap_or_default() {
+            match spool.read_state(place, id) {
+                Ok(s) => keep.extend(s.multipart.map(|m| m.upload_id)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {} // stored meanwhile
+                // A state file being rewritten: skip this sweep rather than abort its upload.
+                Err(e) => {
+                    return Err(StoreError::transient(format!(
+                        "orphan sweep postponed: {e}"
+                    )));
+                }
+            }
+        }
+    }
+    let aborted = store.abort_orphans(prefix, &keep, older_than)?;
+    for key in &aborted {
+        tracing::info!(key, "orphaned multipart upload aborted");
+    }
+    metrics
+        .multipart_orphans_aborted
+        .inc_by(aborted.len() as u64);
+    Ok(aborted.len())
 }
 
 /// A uniformly random number for the jitter (the OS's generator; a failure only makes the
@@ -384,6 +511,7 @@ mod tests {
             rescan: Duration::from_secs(60),
             policy,
             concurrency,
+            abort_orphans_after: None,
         };
         let t = std::thread::spawn(move || run(setup));
         (tx, stop, metrics, t)
@@ -440,6 +568,83 @@ mod tests {
         assert!(
             ids.iter()
                 .all(|id| !spool.package_path(Place::Ready, *id).exists())
+        );
+    }
+
+    /// Saves multipart progress three times per put (as an S3 multipart upload does), and
+    /// announces the package each time, as the `ready/` watcher does when it sees the state
+    /// file rewritten.
+    struct Chatty {
+        news: std::sync::Mutex<Option<std::sync::mpsc::SyncSender<Uuid>>>,
+        puts: AtomicU32,
+    }
+
+    impl Store for Chatty {
+        fn put(&self, _key: &str, _file: &Path, _sha: &[u8; 32]) -> Result<Stored, StoreError> {
+            unreachable!("the uploader resumes")
+        }
+        fn put_resumable(
+            &self,
+            key: &str,
+            _file: &Path,
+            _sha: &[u8; 32],
+            cp: &mut dyn Checkpoint,
+        ) -> Result<Stored, StoreError> {
+            self.puts.fetch_add(1, Ordering::SeqCst);
+            let id =
+                Uuid::parse_str(key.trim_end_matches(".erec").rsplit('/').next().unwrap()).unwrap();
+            let mut m = Multipart {
+                upload_id: "u".into(),
+                part_bytes: 5 << 20,
+                parts: Vec::new(),
+            };
+            for number in 1..=3 {
+                m.parts.push(crate::spool::PartDone {
+                    number,
+                    etag: format!("e{number}"),
+                    sha256: String::new(),
+                });
+                cp.save(Some(m.clone()))?;
+                if let Some(tx) = self.news.lock().unwrap().as_ref() {
+                    let _ = tx.try_send(id);
+                }
+                std::thread::sleep(Duration::from_millis(30));
+            }
+            Ok(Stored::Written)
+        }
+        fn kind(&self) -> &'static str {
+            "chatty"
+        }
+    }
+
+    #[test]
+    fn news_of_a_package_being_uploaded_never_starts_a_second_upload_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let ids: Vec<Uuid> = (0..3).map(|_| ready_package(&spool)).collect();
+        let store = Arc::new(Chatty {
+            news: std::sync::Mutex::new(None),
+            puts: AtomicU32::new(0),
+        });
+        let (tx, stop, metrics, t) = start(
+            &spool,
+            Arc::clone(&store) as Arc<dyn Store>,
+            Policy::default(),
+            4,
+        );
+        *store.news.lock().unwrap() = Some(tx);
+        until("every package is stored", || {
+            spool.list(Place::Ready).unwrap().is_empty()
+        });
+        stop.store(true, Ordering::Relaxed);
+        t.join().unwrap();
+        // The first package may have been handed out before the news channel was set, the
+        // rest were announced again and again while being uploaded: each went up once.
+        assert_eq!(store.puts.load(Ordering::SeqCst), 3, "each once");
+        assert_eq!(metrics.upload_parts.get(), 9, "every saved part counted");
+        assert!(
+            ids.iter()
+                .all(|id| !spool.state_path(Place::Ready, *id).exists())
         );
     }
 

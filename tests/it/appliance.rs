@@ -4,6 +4,7 @@
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::UdpSocket;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -40,7 +41,7 @@ struct Appliance {
 }
 
 impl Appliance {
-    fn config(dir: &Path, base: u16, allow: &str, store: &str) -> PathBuf {
+    fn config(dir: &Path, base: u16, allow: &str, store: &str, upload: &str) -> PathBuf {
         let cfg = dir.join("edgerec.toml");
         fs::write(
             &cfg,
@@ -61,6 +62,7 @@ public_key = "{}"
 rescan_secs = 3600
 retry_initial_ms = 100
 retry_max_ms = 1000
+{upload}
 [metrics]
 listen = "127.0.0.1:0"
 "#,
@@ -81,18 +83,23 @@ listen = "127.0.0.1:0"
     }
 
     fn start_with(allow: &str, store: &str) -> Appliance {
+        let mut a = Self::prepare(allow, store, "");
+        a.spawn();
+        a
+    }
+
+    /// Configured (with extra `[upload]` lines), not started.
+    fn prepare(allow: &str, store: &str, upload: &str) -> Appliance {
         let dir = tempfile::tempdir().unwrap();
         let base = free_ports();
-        Self::config(dir.path(), base, allow, store);
-        let mut a = Appliance {
+        Self::config(dir.path(), base, allow, store, upload);
+        Appliance {
             dir,
             base,
             child: None,
             log: mpsc::channel().1,
             metrics: String::new(),
-        };
-        a.spawn();
-        a
+        }
     }
 
     fn spawn(&mut self) {
@@ -966,4 +973,106 @@ fn a_store_killed_under_load_gets_every_recording_exactly_once_after_it_returns(
         assert_eq!(rtp_packets(&bytes), 200, "{k}");
     }
     assert_eq!(a.metric("edgerec_uploads_total{outcome=\"stored\"}"), 4.0);
+}
+
+#[test]
+fn a_recorder_killed_during_multipart_uploads_resumes_them_after_restart() {
+    use crate::s3::{SECRET_KEY, Weed};
+    let weed = Weed::start();
+    // Parts of 5 MiB above 5 MiB, and a slow link, so the kill lands mid-upload.
+    let mut a = Appliance::prepare(
+        "\"127.0.0.0/8\"",
+        &s3_store(&weed, SECRET_KEY),
+        "multipart_threshold_bytes = 5242880\nmultipart_part_bytes = 5242880\n\
+         bandwidth_bytes_per_sec = 4194304",
+    );
+    // Two large packages (as a long call or a digital recording makes them) waiting in the
+    // spool: sealed, and left in active/ as a crash would, so the start recovers them.
+    let active = a.path("spool/active");
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&active)
+        .unwrap();
+    fs::set_permissions(a.path("spool"), fs::Permissions::from_mode(0o700)).unwrap();
+    let mut packages = Vec::new();
+    for i in 0..2u8 {
+        let plain = a.path(&format!("plain{i}"));
+        let mut data = pattern((22 << 20) + 1000 * usize::from(i));
+        data[0] = i;
+        fs::write(&plain, &data).unwrap();
+        let sealed = a.path(&format!("sealed{i}.erec"));
+        let kek = key_path("test-kek.pub.pem");
+        let out = edgerec(&[
+            "seal",
+            "--kek",
+            kek.to_str().unwrap(),
+            plain.to_str().unwrap(),
+            sealed.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = edgerec(&["inspect", "--json", sealed.to_str().unwrap()]);
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let id = info["recording_id"].as_str().unwrap().to_string();
+        let part = active.join(format!("{id}.erec.part"));
+        fs::copy(&sealed, &part).unwrap();
+        fs::set_permissions(&part, fs::Permissions::from_mode(0o600)).unwrap();
+        packages.push((id, fs::read(&sealed).unwrap()));
+    }
+    a.spawn();
+    let parts_saved = |a: &Appliance| -> Vec<usize> {
+        packages
+            .iter()
+            .map(|(id, _)| {
+                fs::read(a.path(&format!("spool/ready/{id}.json")))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                    .and_then(|v| v["multipart"]["parts"].as_array().map(Vec::len))
+                    .unwrap_or(0)
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while parts_saved(&a).contains(&0) {
+        assert!(Instant::now() < deadline, "no part was confirmed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    a.kill9();
+    let saved: usize = parts_saved(&a).iter().sum();
+    assert!(saved < 10, "killed mid-upload: {saved} of 10 parts");
+    let store = weed.store(SECRET_KEY);
+    assert_eq!(store.list_uploads("calls/").unwrap().len(), 2);
+    assert!(store.list("calls/").unwrap().is_empty());
+    // Restarted, on a free link: the uploads resume with the parts still missing.
+    let cfg = a.path("edgerec.toml");
+    let text = fs::read_to_string(&cfg).unwrap();
+    fs::write(&cfg, text.replace("bandwidth_bytes_per_sec = 4194304", "")).unwrap();
+    a.spawn();
+    let line = a.wait_log("resuming multipart upload");
+    assert!(!line.contains("parts_done=0"), "{line}");
+    a.wait_metric("edgerec_uploads_total{outcome=\"stored\"}", 2.0);
+    assert_eq!(
+        a.metric("edgerec_upload_parts_total"),
+        (10 - saved) as f64,
+        "only the missing parts went up again"
+    );
+    let keys = store.list("calls/").unwrap();
+    assert_eq!(keys.len(), 2, "each package once: {keys:?}");
+    for (id, bytes) in &packages {
+        let key = keys.iter().find(|k| k.contains(id.as_str())).unwrap();
+        assert!(store.get(key).unwrap() == *bytes, "{key}: the sealed bytes");
+    }
+    assert!(
+        store.list_uploads("calls/").unwrap().is_empty(),
+        "no upload left behind"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fs::read_dir(a.path("spool/ready")).unwrap().count() > 0 {
+        assert!(Instant::now() < deadline, "the spool did not empty");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

