@@ -1076,3 +1076,68 @@ fn a_recorder_killed_during_multipart_uploads_resumes_them_after_restart() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn store_faults_are_retried_and_a_lost_answer_is_recognised_as_stored() {
+    use crate::proxy::{Fault, Proxy, Rule};
+    use crate::s3::{SECRET_KEY, Weed};
+    let weed = Weed::start();
+    let proxy = Proxy::start(&weed.endpoint);
+    let fault = |fault| Rule {
+        method: "PUT",
+        path_has: "/edgerec/calls/",
+        fault,
+    };
+    proxy.add([
+        fault(Fault::Status500),
+        fault(Fault::Busy(1)),
+        fault(Fault::Reset),
+        fault(Fault::Hang),
+        fault(Fault::LoseAnswer),
+    ]);
+    let store = s3_store(&weed, SECRET_KEY).replace(&weed.endpoint, &proxy.endpoint);
+    let mut a = Appliance::prepare("\"127.0.0.0/8\"", &store, "attempt_timeout_secs = 1");
+    a.spawn();
+    let out = loadgen(
+        &format!("{}-{}", a.base, a.base + 3),
+        &["--streams", "8", "--seconds", "1"],
+    );
+    assert!(out.status.success());
+    // The 503's Retry-After (1 s) is the floor of the wait that follows it.
+    let busy = a.wait_log("503");
+    let wait: u64 = busy
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("wait_ms="))
+        .and_then(|w| w.parse().ok())
+        .expect("the retry names its wait");
+    assert!(wait >= 1000, "{busy}");
+    let done = |a: &Appliance| {
+        a.metric("edgerec_uploads_total{outcome=\"stored\"}")
+            + a.metric("edgerec_uploads_total{outcome=\"already_stored\"}")
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while done(&a) < 4.0 {
+        assert!(Instant::now() < deadline, "not every recording was stored");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(proxy.pending(), 0, "every fault fired: {:?}", proxy.fired());
+    assert_eq!(
+        a.metric("edgerec_uploads_total{outcome=\"already_stored\"}"),
+        1.0,
+        "the put whose answer was lost is found in the store, not sent twice"
+    );
+    assert!(a.metric("edgerec_upload_retries_total") >= 5.0);
+    assert_eq!(a.metric("edgerec_uploads_total{outcome=\"failed\"}"), 0.0);
+    let s3 = weed.store(SECRET_KEY);
+    let keys = s3.list("calls/").unwrap();
+    assert_eq!(keys.len(), 4, "each recording once: {keys:?}");
+    for k in keys {
+        assert_eq!(rtp_packets(&s3.get(&k).unwrap()), 100, "{k}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fs::read_dir(a.path("spool/ready")).unwrap().count() > 0 {
+        assert!(Instant::now() < deadline, "the spool did not empty");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    a.sigterm();
+}

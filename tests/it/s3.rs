@@ -418,3 +418,48 @@ fn orphaned_multipart_uploads_are_aborted_and_kept_ones_are_not() {
     );
     assert_eq!(store.get("calls/b.erec").unwrap(), data);
 }
+
+#[test]
+fn multipart_uploads_ride_out_store_faults_and_a_lost_completion() {
+    use crate::proxy::{Fault, Proxy, Rule};
+    let weed = Weed::start();
+    let proxy = Proxy::start(&weed.endpoint);
+    let mut cfg = weed.config(SECRET_KEY);
+    cfg.endpoint = proxy.endpoint.clone();
+    cfg.timeout = Duration::from_secs(1);
+    cfg.multipart_threshold = 5 << 20;
+    cfg.part_bytes = 5 << 20;
+    let store = S3Store::new(cfg).unwrap();
+    let rule = |method, path_has, fault| Rule {
+        method,
+        path_has,
+        fault,
+    };
+    proxy.add([
+        rule("PUT", "partNumber=2", Fault::Status500),
+        rule("PUT", "partNumber=3", Fault::Reset),
+        rule("PUT", "partNumber=3", Fault::Hang),
+        rule("POST", "uploadId=", Fault::LoseAnswer),
+    ]);
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pattern(11 << 20); // three parts
+    let (p, sha) = file(tmp.path(), "f", &data);
+    let key = "calls/2026/11/29/faults.erec";
+    let mut progress = Progress::new(None, None);
+    let mut failures = Vec::new();
+    let stored = loop {
+        match store.put_resumable(key, &p, &sha, &mut progress) {
+            Ok(s) => break s,
+            Err(StoreError::Transient { why, .. }) => failures.push(why),
+            Err(e) => panic!("{e}"),
+        }
+        assert!(failures.len() <= 8, "{failures:#?}");
+    };
+    assert_eq!(proxy.pending(), 0, "every fault fired: {:?}", proxy.fired());
+    assert_eq!(failures.len(), 4, "{failures:#?}");
+    // The completion reached the store but its answer was lost: the retry finds the object.
+    assert_eq!(stored, Stored::AlreadyThere);
+    assert_eq!(progress.parts_confirmed, 3, "each part confirmed once");
+    assert_eq!(store.get(key).unwrap(), data);
+    assert!(store.list_uploads("calls/").unwrap().is_empty());
+}
