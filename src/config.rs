@@ -129,7 +129,7 @@ fn default_wrap() -> Spanned<String> {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Store {
-    /// `dir` or `s3` (`http` comes with a later release).
+    /// `dir`, `http` or `s3`.
     #[serde(default = "default_kind")]
     pub kind: Spanned<String>,
     /// dir: the store's root directory.
@@ -147,8 +147,18 @@ pub struct Store {
     pub credentials_file: Option<PathBuf>,
     /// s3: the profile in `credentials_file`. `default`.
     pub profile: Option<String>,
-    /// s3: a CA certificate (PEM) to trust for HTTPS besides the system's.
+    /// http: where a package goes, `https://…/{key}` (`{key}` is its object key, prefix
+    /// included).
+    pub url: Option<Spanned<String>>,
+    /// http: a file holding the bearer token; without it the token comes from
+    /// `EDGEREC_STORE_TOKEN`.
+    pub token_file: Option<PathBuf>,
+    /// http, s3: a CA certificate (PEM) to trust for HTTPS besides the system's.
     pub ca_file: Option<PathBuf>,
+    /// http, s3: a client certificate (PEM) for a store that asks for one.
+    pub client_cert: Option<PathBuf>,
+    /// http, s3: the client certificate's private key (PEM).
+    pub client_key: Option<PathBuf>,
 }
 
 /// The store the appliance delivers to, validated.
@@ -158,6 +168,8 @@ pub enum StoreKind {
     Dir(PathBuf, Option<crate::bandwidth::Limit>),
     /// An S3-compatible store.
     S3(crate::s3::S3Config),
+    /// A PUT to a URL template.
+    Http(crate::http_store::HttpConfig),
 }
 
 fn default_kind() -> Spanned<String> {
@@ -430,6 +442,32 @@ impl Config {
         let limit = Some(*raw.upload.bandwidth_bytes_per_sec.get_ref())
             .filter(|b| *b > 0)
             .map(crate::bandwidth::Limit::new);
+        if let Some(p) = &st.prefix {
+            if !p
+                .get_ref()
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b"-_./".contains(&c))
+            {
+                return Err(cx.err("store.prefix", p, "only letters, digits and - _ . /"));
+            }
+            prefix = p.get_ref().clone();
+        }
+        let tls = crate::http_store::Tls {
+            ca_file: st.ca_file.as_deref().map(|p| cx.resolve(p)),
+            client_cert: st.client_cert.as_deref().map(|p| cx.resolve(p)),
+            client_key: st.client_key.as_deref().map(|p| cx.resolve(p)),
+        };
+        if tls.client_cert.is_some() != tls.client_key.is_some() {
+            return Err(cx.missing(
+                if tls.client_cert.is_some() {
+                    "store.client_key"
+                } else {
+                    "store.client_cert"
+                },
+                "client_cert and client_key go together",
+            ));
+        }
+        let timeout = std::time::Duration::from_secs(*raw.upload.attempt_timeout_secs.get_ref());
         let store = match st.kind.get_ref().as_str() {
             "dir" => StoreKind::Dir(
                 st.path
@@ -463,16 +501,6 @@ impl Config {
                     })
                 {
                     return Err(cx.err("store.bucket", bucket, "not an S3 bucket name"));
-                }
-                if let Some(p) = &st.prefix {
-                    if !p
-                        .get_ref()
-                        .bytes()
-                        .all(|c| c.is_ascii_alphanumeric() || b"-_./".contains(&c))
-                    {
-                        return Err(cx.err("store.prefix", p, "only letters, digits and - _ . /"));
-                    }
-                    prefix = p.get_ref().clone();
                 }
                 let (access_key, secret_key) = match &st.credentials_file {
                     Some(f) => {
@@ -516,20 +544,58 @@ impl Config {
                     bucket: b.clone(),
                     access_key,
                     secret_key,
-                    ca_file: st.ca_file.as_deref().map(|p| cx.resolve(p)),
-                    timeout: std::time::Duration::from_secs(
-                        *raw.upload.attempt_timeout_secs.get_ref(),
-                    ),
+                    tls,
+                    timeout,
                     limit,
                     multipart_threshold: *raw.upload.multipart_threshold_bytes.get_ref(),
                     part_bytes: *raw.upload.multipart_part_bytes.get_ref(),
+                })
+            }
+            "http" => {
+                let url = st
+                    .url
+                    .as_ref()
+                    .ok_or_else(|| cx.missing("store.url", "where packages go, https://…/{key}"))?;
+                crate::http_store::check_template(url.get_ref())
+                    .map_err(|why| cx.err("store.url", url, why))?;
+                let token = match &st.token_file {
+                    Some(f) => {
+                        let f = cx.resolve(f);
+                        let text =
+                            zeroize::Zeroizing::new(std::fs::read_to_string(&f).map_err(|e| {
+                                ConfigError(format!(
+                                    "config {}: store.token_file {}: {e}",
+                                    file.display(),
+                                    f.display()
+                                ))
+                            })?);
+                        Some(zeroize::Zeroizing::new(text.trim().to_string()))
+                    }
+                    None => std::env::var("EDGEREC_STORE_TOKEN")
+                        .ok()
+                        .map(|t| zeroize::Zeroizing::new(t.trim().to_string())),
+                }
+                .filter(|t| !t.is_empty());
+                if token.is_none() && tls.client_cert.is_none() {
+                    return Err(cx.missing(
+                        "store.token_file",
+                        "a bearer token (token_file, or EDGEREC_STORE_TOKEN in the \
+                         environment) or a client certificate (client_cert, client_key)",
+                    ));
+                }
+                StoreKind::Http(crate::http_store::HttpConfig {
+                    url: url.get_ref().clone(),
+                    token,
+                    tls,
+                    timeout,
+                    limit,
                 })
             }
             _ => {
                 return Err(cx.err(
                     "store.kind",
                     &st.kind,
-                    "must be \"dir\" or \"s3\" (\"http\" comes with a later release)",
+                    "must be \"dir\", \"http\" or \"s3\"",
                 ));
             }
         };
@@ -679,6 +745,36 @@ path = "/srv/store"
         );
         let e = err(&s3);
         assert!(e.contains("store.bucket = Bad_Bucket"), "{e}");
+        let http =
+            |lines: &str| GOOD.replace("kind = \"dir\"", &format!("kind = \"http\"\n{lines}"));
+        let e = err(&http(""));
+        assert!(e.contains("store.url is missing"), "{e}");
+        let e = err(&http("url = \"https://s.example/rec/\""));
+        assert!(
+            e.contains("store.url = https://s.example/rec/") && e.contains("{key}"),
+            "{e}"
+        );
+        let e = err(&http("url = \"https://s.example/{key}\""));
+        assert!(e.contains("store.token_file is missing"), "{e}");
+        let e = err(&http(
+            "url = \"https://s.example/{key}\"\nclient_cert = \"c.pem\"",
+        ));
+        assert!(e.contains("store.client_key is missing"), "{e}");
+        let e = err(&http(
+            "url = \"https://s.example/{key}\"\ntoken_file = \"/nonexistent/token\"",
+        ));
+        assert!(e.contains("store.token_file /nonexistent/token"), "{e}");
+        let c = parse(&http(
+            "url = \"https://s.example/{key}\"\nclient_cert = \"c.pem\"\nclient_key = \"k.pem\"",
+        ))
+        .unwrap();
+        match c.store {
+            StoreKind::Http(h) => {
+                assert_eq!(h.tls.client_key, Some(PathBuf::from("/etc/edgerec/k.pem")));
+                assert!(h.token.is_none());
+            }
+            other => panic!("{other:?}"),
+        }
         let e = err(&GOOD.replace("public_key = \"keys/kek.pub.pem\"", ""));
         assert!(e.contains("keys.public_key is missing"), "{e}");
         let e = err(&GOOD.replace("[keys]", "[keys]\nwrap = \"rsa\""));

@@ -50,6 +50,8 @@ pub mod export;
 pub mod format;
 pub mod g711;
 #[cfg(feature = "appliance")]
+pub mod http_store;
+#[cfg(feature = "appliance")]
 pub mod ingest;
 pub mod keys;
 #[cfg(feature = "appliance")]

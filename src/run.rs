@@ -23,6 +23,7 @@ use std::time::{Duration, SystemTime};
 use crate::clock::now_ms;
 use crate::config::StoreKind;
 use crate::config::{Config, SyncMode};
+use crate::http_store::HttpStore;
 use crate::ingest::{self, IngestSetup};
 use crate::keys::{KekHandle, KekPublic};
 use crate::metrics::{KekLabel, Metrics, SpoolState};
@@ -103,6 +104,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             // outside this async context.
             let cfg = s3.clone();
             let made = tokio::task::spawn_blocking(move || S3Store::new(cfg))
+                .await
+                .map_err(start("store"))?;
+            Arc::new(made.map_err(start("store"))?)
+        }
+        StoreKind::Http(h) => {
+            tracing::info!(url = %h.url, prefix = %config.prefix, "http store");
+            let cfg = h.clone();
+            let made = tokio::task::spawn_blocking(move || HttpStore::new(cfg))
                 .await
                 .map_err(start("store"))?;
             Arc::new(made.map_err(start("store"))?)

@@ -19,7 +19,7 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use aws_sigv4::http_request::{
@@ -31,7 +31,7 @@ use base64::Engine;
 use sha2::Digest;
 use zeroize::Zeroizing;
 
-use crate::retry::{Class, classify, parse_retry_after};
+use crate::retry::{Class, classify};
 use crate::spool::{Multipart, PartDone};
 use crate::store::{Checkpoint, Store, StoreError, Stored};
 
@@ -48,8 +48,8 @@ pub struct S3Config {
     pub access_key: String,
     /// The secret key.
     pub secret_key: Zeroizing<String>,
-    /// A CA certificate (PEM) to trust for HTTPS besides the system's.
-    pub ca_file: Option<PathBuf>,
+    /// TLS: an extra CA, a client certificate.
+    pub tls: crate::http_store::Tls,
     /// The longest one request may take.
     pub timeout: Duration,
     /// The bandwidth limit shared by all uploads, if any.
@@ -91,16 +91,7 @@ enum Head {
 impl S3Store {
     /// A client for `cfg`.
     pub fn new(cfg: S3Config) -> Result<S3Store, String> {
-        let mut b = reqwest::blocking::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(cfg.timeout);
-        if let Some(ca) = &cfg.ca_file {
-            let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
-            let cert = reqwest::Certificate::from_pem(&pem)
-                .map_err(|e| format!("{}: not a PEM certificate: {e}", ca.display()))?;
-            b = b.add_root_certificate(cert);
-        }
-        let client = b.build().map_err(|e| e.to_string())?;
+        let client = crate::http_store::client(&cfg.tls, cfg.timeout)?;
         let credentials = aws_credential_types::Credentials::new(
             cfg.access_key.clone(),
             cfg.secret_key.as_str().to_owned(),
@@ -164,13 +155,8 @@ impl S3Store {
         if let Some(b) = body {
             req = req.body(b);
         }
-        req.send().map_err(|e| {
-            StoreError::transient(if e.is_timeout() {
-                format!("{url}: no answer in {:?}", self.cfg.timeout)
-            } else {
-                format!("{url}: {e}")
-            })
-        })
+        req.send()
+            .map_err(|e| crate::http_store::no_answer(url, self.cfg.timeout, &e))
     }
 
     /// The object under `key`, whole (for checks and small objects; export streams).
@@ -349,30 +335,20 @@ const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495
 
 /// A failed status as a store error, with the store's own code and message.
 fn status_error(url: &str, r: reqwest::blocking::Response) -> StoreError {
-    let code = r.status().as_u16();
-    let r_status = r.status();
-    let retry_after = r
-        .headers()
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| parse_retry_after(v, SystemTime::now()));
-    let body = r.text().unwrap_or_default();
-    let field = |tag: &str| xml_all(&body, tag).into_iter().next();
-    let why = match (field("Code"), field("Message")) {
-        (Some(c), Some(m)) => format!("{url}: {code} {c}: {m}"),
-        (Some(c), None) => format!("{url}: {code} {c}"),
-        // A HEAD answer has no body: the status says it all.
-        _ => format!("{url}: HTTP {}", r_status),
-    };
-    match classify(code) {
-        Class::Transient => StoreError::Transient { why, retry_after },
-        _ => StoreError::Permanent(why),
-    }
+    crate::http_store::failed_answer(url, r, |body| {
+        let field = |tag: &str| xml_all(body, tag).into_iter().next();
+        match (field("Code"), field("Message")) {
+            (Some(c), Some(m)) => Some(format!("{c}: {m}")),
+            (Some(c), None) => Some(c),
+            // A HEAD answer has no body: the status says it all.
+            _ => None,
+        }
+    })
 }
 
 /// Maps a spool package read-only, for a request body that costs no copy of it in memory.
 #[allow(unsafe_code)]
-fn map(file: &File) -> std::io::Result<memmap2::Mmap> {
+pub(crate) fn map(file: &File) -> std::io::Result<memmap2::Mmap> {
     // SAFETY: the mapped file is a package in spool/ready/, which nothing writes: the
     // recorder writes only active/ files and renames them into ready/ complete, and edgerec
     // only ever reads, moves or unlinks a ready/ package (an unlink keeps the mapping
@@ -409,7 +385,7 @@ impl Store for S3Store {
         if size >= self.cfg.multipart_threshold.max(1) {
             return self.put_multipart(key, bytes, sha256, checkpoint);
         }
-        let body = self.body(bytes);
+        let body = body(bytes, self.cfg.limit.as_ref());
         let url = self.url(key);
         let headers = [
             (
@@ -490,21 +466,6 @@ pub struct Upload {
 }
 
 impl S3Store {
-    /// A body straight from the mapping, paced through the bandwidth limit if there is one.
-    fn body(&self, bytes: bytes::Bytes) -> reqwest::blocking::Body {
-        match &self.cfg.limit {
-            // Paced through the bucket, 64 KiB at a time.
-            Some(l) => {
-                let len = bytes.len() as u64;
-                reqwest::blocking::Body::sized(
-                    crate::bandwidth::Throttled::new(std::io::Cursor::new(bytes), l.clone()),
-                    len,
-                )
-            }
-            None => reqwest::blocking::Body::from(bytes),
-        }
-    }
-
     /// The multipart uploads in progress under `prefix` (ListMultipartUploads, page by page).
     pub fn list_uploads(&self, prefix: &str) -> Result<Vec<Upload>, StoreError> {
         let mut out = Vec::new();
@@ -693,7 +654,7 @@ impl S3Store {
                 "PUT",
                 &part_url,
                 &headers,
-                Some(self.body(part)),
+                Some(body(part, self.cfg.limit.as_ref())),
                 &hex::encode(digest),
             )?;
             match r.status().as_u16() {
@@ -778,8 +739,26 @@ impl S3Store {
     }
 }
 
+/// A request body straight from a mapping, paced through the bandwidth limit if there is one.
+pub(crate) fn body(
+    bytes: bytes::Bytes,
+    limit: Option<&crate::bandwidth::Limit>,
+) -> reqwest::blocking::Body {
+    match limit {
+        // Paced through the bucket, 64 KiB at a time.
+        Some(l) => {
+            let len = bytes.len() as u64;
+            reqwest::blocking::Body::sized(
+                crate::bandwidth::Throttled::new(std::io::Cursor::new(bytes), l.clone()),
+                len,
+            )
+        }
+        None => reqwest::blocking::Body::from(bytes),
+    }
+}
+
 /// The content type of a package.
-const CONTENT_TYPE: &str = "application/vnd.edgerec.package";
+pub(crate) const CONTENT_TYPE: &str = "application/vnd.edgerec.package";
 
 /// Bytes per part for a package of `size`: `wanted`, raised (to whole MiB) where the package
 /// would otherwise need more than S3's 10,000 parts.
@@ -887,7 +866,7 @@ aws_secret_access_key=other
             bucket: "b".into(),
             access_key: "AKID".into(),
             secret_key: Zeroizing::new("very-secret".into()),
-            ca_file: None,
+            tls: Default::default(),
             timeout: Duration::from_secs(1),
             limit: None,
             multipart_threshold: 64 << 20,

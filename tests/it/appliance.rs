@@ -1141,3 +1141,37 @@ fn store_faults_are_retried_and_a_lost_answer_is_recognised_as_stored() {
     }
     a.sigterm();
 }
+
+#[test]
+fn calls_are_delivered_to_an_http_store_over_mutual_tls() {
+    use crate::http_store::{Receiver, TOKEN};
+    let rx = Receiver::start();
+    let token = rx.pki.path("token");
+    fs::write(&token, format!("{TOKEN}\n")).unwrap();
+    let store = format!(
+        "kind = \"http\"\nurl = \"{}\"\nprefix = \"site-a/\"\ntoken_file = \"{}\"\n\
+         ca_file = \"{}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"",
+        rx.url,
+        token.display(),
+        rx.pki.path("ca.pem").display(),
+        rx.pki.path("client.pem").display(),
+        rx.pki.path("client.key").display(),
+    );
+    let mut a = Appliance::start_with("\"127.0.0.0/8\"", &store);
+    let out = loadgen(
+        &format!("{}-{}", a.base, a.base + 1),
+        &["--streams", "4", "--seconds", "1"],
+    );
+    assert!(out.status.success());
+    a.wait_metric("edgerec_uploads_total{outcome=\"stored\"}", 2.0);
+    let objects = rx.objects.lock().unwrap().clone();
+    assert_eq!(objects.len(), 2);
+    for (key, bytes) in objects {
+        assert!(
+            key.starts_with("site-a/") && key.ends_with(".erec"),
+            "{key}"
+        );
+        assert_eq!(rtp_packets(&bytes), 100, "{key}");
+    }
+    a.sigterm();
+}

@@ -5,6 +5,7 @@ mod appliance;
 mod cli;
 mod common;
 mod deploy;
+mod http_store;
 mod proxy;
 mod s3;
 mod spool;

@@ -84,7 +84,7 @@ impl Proxy {
 }
 
 /// One request: its head (request line and headers, `\r\n\r\n` included) and its body.
-fn read_request(c: &mut TcpStream) -> Option<(Vec<u8>, Vec<u8>)> {
+pub fn read_request(c: &mut impl Read) -> Option<(Vec<u8>, Vec<u8>)> {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {

@@ -159,7 +159,7 @@ impl Weed {
             bucket: BUCKET.into(),
             access_key: ACCESS_KEY.into(),
             secret_key: Zeroizing::new(secret.into()),
-            ca_file: None,
+            tls: Default::default(),
             timeout: Duration::from_secs(30),
             limit: None,
             multipart_threshold: 64 << 20,
