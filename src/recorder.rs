@@ -115,6 +115,7 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
     let mut uuids: HashMap<RecId, Uuid> = HashMap::new();
     let mut actions = Vec::new();
     let mut closing: Vec<(ActiveFile, Vec<u8>)> = Vec::new();
+    let mut broken: Vec<(ActiveFile, String)> = Vec::new();
     let mut buf = Vec::new();
     loop {
         let mut timeout = sessions
@@ -222,14 +223,30 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
                     if let Some(waiting) = opening.get_mut(&rec) {
                         waiting.push(Pending::Record(Kind::Media, plaintext));
                     } else {
-                        write_record(&mut open, rec, Kind::Media, &plaintext, &mut buf, &metrics);
+                        write_record(
+                            &mut open,
+                            rec,
+                            Kind::Media,
+                            &plaintext,
+                            &mut buf,
+                            &mut broken,
+                            &metrics,
+                        );
                     }
                 }
                 Action::Metadata { rec, json } => {
                     if let Some(waiting) = opening.get_mut(&rec) {
                         waiting.push(Pending::Record(Kind::Metadata, json));
                     } else {
-                        write_record(&mut open, rec, Kind::Metadata, &json, &mut buf, &metrics);
+                        write_record(
+                            &mut open,
+                            rec,
+                            Kind::Metadata,
+                            &json,
+                            &mut buf,
+                            &mut broken,
+                            &metrics,
+                        );
                     }
                 }
                 Action::Sync => {
@@ -271,9 +288,15 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
                     metrics.recordings_active.inc();
                     for p in waiting {
                         match p {
-                            Pending::Record(kind, plaintext) => {
-                                write_record(&mut open, rec, kind, &plaintext, &mut buf, &metrics)
-                            }
+                            Pending::Record(kind, plaintext) => write_record(
+                                &mut open,
+                                rec,
+                                kind,
+                                &plaintext,
+                                &mut buf,
+                                &mut broken,
+                                &metrics,
+                            ),
                             Pending::Close(reason) => {
                                 close(&mut open, rec, reason, &mut closing, &metrics)
                             }
@@ -283,6 +306,20 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
                 Err(e) => {
                     tracing::error!(port, error = %e, "recording refused");
                     Metrics::inc(&metrics.recordings_refused, "spool_error", 1);
+                }
+            }
+        }
+        // Recordings whose write failed (a full disk): what they hold up to their last whole
+        // record goes to ready/, unterminated, so the call so far is delivered.
+        for (f, why) in broken.drain(..) {
+            let id = f.id();
+            match spool.salvage(f, &why, now_ms()) {
+                Ok(state) => {
+                    tracing::warn!(recording = %id, bytes = state.size, "package kept up to the failed write; ready, unterminated");
+                    let _ = ready.try_send(id);
+                }
+                Err(e) => {
+                    tracing::error!(recording = %id, error = %e, "cannot move the package yet; recovery at the next start delivers it");
                 }
             }
         }
@@ -347,14 +384,15 @@ enum Pending {
 }
 
 /// Seals a record (a media chunk or metadata) into its package and appends it; a failed
-/// write ends the recording (the package keeps what was written; recovery at the next start
-/// cuts the torn tail).
+/// write ends the recording, and its package goes to `broken` with the reason, to be kept up
+/// to its last whole record.
 fn write_record(
     open: &mut HashMap<RecId, Open>,
     rec: RecId,
     kind: Kind,
     plaintext: &[u8],
     buf: &mut Vec<u8>,
+    broken: &mut Vec<(ActiveFile, String)>,
     metrics: &Metrics,
 ) {
     let Some(o) = open.get_mut(&rec) else {
@@ -376,7 +414,9 @@ fn write_record(
             tracing::error!(recording = %o.id, error = %e, "write failed; recording ended");
             Metrics::inc(&metrics.recordings_ended, "write_error", 1);
             metrics.recordings_active.dec();
-            open.remove(&rec);
+            if let Some(o) = open.remove(&rec) {
+                broken.push((o.file, format!("write failed: {e}")));
+            }
         }
     }
 }

@@ -70,6 +70,31 @@ pub struct UploadState {
     pub multipart: Option<Multipart>,
 }
 
+impl UploadState {
+    /// The state of a package that just became ready: no attempt yet; `unterminated` says
+    /// why it has no end record, if it has none.
+    pub fn new(
+        id: Uuid,
+        size: u64,
+        sha256: String,
+        unterminated: Option<String>,
+        now_ms: u64,
+    ) -> Self {
+        UploadState {
+            id,
+            size,
+            sha256,
+            terminated: unterminated.is_none(),
+            unterminated_reason: unterminated,
+            ready_ms: now_ms,
+            attempts: 0,
+            next_attempt_ms: 0,
+            last_error: None,
+            multipart: None,
+        }
+    }
+}
+
 /// A multipart upload in progress (S3), kept in the package's state file after every part
 /// the store confirmed: a restart resumes with the parts still missing instead of starting
 /// over.
@@ -324,6 +349,38 @@ impl Spool {
             .unwrap_or_else(|| Err(io::Error::other(format!("package {id} was not finished"))))
     }
 
+    /// Keeps a package whose write failed (a full disk): cuts what the failed write left past
+    /// its last whole record, syncs, moves it to `ready/` unterminated with `why`, and writes
+    /// its state. If that fails too, the file stays in `active/` (or `ready/` without a state)
+    /// and recovery at the next start delivers it.
+    pub fn salvage(&self, f: ActiveFile, why: &str, now_ms: u64) -> io::Result<UploadState> {
+        let ActiveFile {
+            id,
+            file,
+            hash,
+            len,
+            ..
+        } = f;
+        let from = self.package_path(Place::Active, id);
+        file.set_len(len)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| with_path(e, "cannot cut", &from))?;
+        drop(file);
+        fs::rename(&from, self.package_path(Place::Ready, id))
+            .map_err(|e| with_path(e, "cannot move", &from))?;
+        sync_dir(&self.dir(Place::Ready))?;
+        sync_dir(&self.dir(Place::Active))?;
+        let state = UploadState::new(
+            id,
+            len,
+            hex::encode(hash.finalize()),
+            Some(why.to_string()),
+            now_ms,
+        );
+        self.write_state(Place::Ready, &state)?;
+        Ok(state)
+    }
+
     /// Ends many packages at once (every call that ends in one tick), with a fixed number of
     /// syncs instead of several per package: end records appended, one group commit, the
     /// renames to `ready/` and the state files, one more group commit. With a few packages
@@ -362,18 +419,7 @@ impl Spool {
         for f in staged {
             let from = self.package_path(Place::Active, f.id);
             let to = self.package_path(Place::Ready, f.id);
-            let state = UploadState {
-                id: f.id,
-                size: f.len,
-                sha256: hex::encode(f.hash.finalize()),
-                terminated: true,
-                unterminated_reason: None,
-                ready_ms: now_ms,
-                attempts: 0,
-                next_attempt_ms: 0,
-                last_error: None,
-                multipart: None,
-            };
+            let state = UploadState::new(f.id, f.len, hex::encode(f.hash.finalize()), None, now_ms);
             let r = fs::rename(&from, &to)
                 .map_err(|e| with_path(e, "cannot move", &from))
                 .and_then(|()| self.write_state_unsynced(Place::Ready, &state, !many));
@@ -555,18 +601,13 @@ impl Spool {
 
     fn rebuild_state(&self, id: Uuid, terminated: bool, now_ms: u64) -> io::Result<UploadState> {
         let path = self.package_path(Place::Ready, id);
-        let state = UploadState {
+        let state = UploadState::new(
             id,
-            size: fs::metadata(&path)?.len(),
-            sha256: hex::encode(sha256_file(&path)?),
-            terminated,
-            unterminated_reason: (!terminated).then(|| "recovered after a crash".to_string()),
-            ready_ms: now_ms,
-            attempts: 0,
-            next_attempt_ms: 0,
-            last_error: None,
-            multipart: None,
-        };
+            fs::metadata(&path)?.len(),
+            hex::encode(sha256_file(&path)?),
+            (!terminated).then(|| "recovered after a crash".to_string()),
+            now_ms,
+        );
         self.write_state(Place::Ready, &state)?;
         Ok(state)
     }
@@ -745,6 +786,34 @@ mod tests {
         assert!(spool.list(Place::Ready).unwrap().is_empty());
         assert!(spool.create(id, b"H").is_ok(), "a removed id can be reused");
         assert!(spool.create(id, b"H").is_err(), "O_EXCL");
+    }
+
+    #[test]
+    fn a_package_whose_write_failed_is_kept_up_to_its_last_whole_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let id = Uuid::now_v7();
+        let mut f = spool.create(id, b"HEADER").unwrap();
+        f.append(b"chunk1").unwrap();
+        // A write that failed half-way (ENOSPC) left part of a record behind.
+        OpenOptions::new()
+            .append(true)
+            .open(spool.package_path(Place::Active, id))
+            .unwrap()
+            .write_all(b"chu")
+            .unwrap();
+        let st = spool.salvage(f, "write failed: no space", 7).unwrap();
+        let kept = fs::read(spool.package_path(Place::Ready, id)).unwrap();
+        assert_eq!(kept, b"HEADERchunk1", "the torn bytes are cut");
+        assert_eq!(st.size, 12);
+        assert_eq!(st.sha256, hex::encode(Sha256::digest(&kept)));
+        assert!(!st.terminated);
+        assert_eq!(
+            st.unterminated_reason.as_deref(),
+            Some("write failed: no space")
+        );
+        assert_eq!(spool.read_state(Place::Ready, id).unwrap(), st);
+        assert!(!spool.package_path(Place::Active, id).exists());
     }
 
     #[test]

@@ -850,8 +850,13 @@ fn s3_store(weed: &crate::s3::Weed, secret: &str) -> String {
 
 /// RTP packets in a package.
 fn rtp_packets(bytes: &[u8]) -> usize {
+    rtp_packets_in(bytes, ReadMode::Strict)
+}
+
+/// RTP packets in a package, read in `mode`.
+fn rtp_packets_in(bytes: &[u8], mode: ReadMode) -> usize {
     let ring = ring(&["test"]);
-    let mut r = PackageReader::new(bytes, &ring, ReadMode::Strict).unwrap();
+    let mut r = PackageReader::new(bytes, &ring, mode).unwrap();
     let mut packets = 0;
     while let Some(rec) = r.next_record().unwrap() {
         packets += entries(&rec.plaintext)
@@ -1174,4 +1179,194 @@ fn calls_are_delivered_to_an_http_store_over_mutual_tls() {
         assert_eq!(rtp_packets(&bytes), 100, "{key}");
     }
     a.sigterm();
+}
+
+/// A tmpfs mounted for a test, unmounted (lazily) on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` on `dir`. Without the privilege to mount (a developer's
+    /// unprivileged run) it says so and gives `None`; `.ci/run` sets
+    /// `EDGEREC_TEST_REQUIRE_MOUNT`, so there it fails instead.
+    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            return Some(Tmpfs(dir.to_path_buf()));
+        }
+        let why = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            std::env::var_os("EDGEREC_TEST_REQUIRE_MOUNT").is_none(),
+            "cannot mount a tmpfs: {why}"
+        );
+        eprintln!("SKIPPED: cannot mount a tmpfs (needs root): {why}");
+        None
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_spool_file_system_refuses_new_calls_keeps_the_spooled_ones_and_recovers() {
+    // The store is unreachable, so every package stays in the spool.
+    let creds = tempfile::tempdir().unwrap();
+    fs::write(
+        creds.path().join("c"),
+        "[default]\naws_access_key_id = x\naws_secret_access_key = y\n",
+    )
+    .unwrap();
+    let store = format!(
+        "kind = \"s3\"\nendpoint = \"http://127.0.0.1:9\"\nbucket = \"edgerec\"\n\
+         credentials_file = \"{}\"",
+        creds.path().join("c").display()
+    );
+    let mut a = Appliance::prepare("\"127.0.0.0/8\"", &store, "");
+    let cfg = a.path("edgerec.toml");
+    let text = fs::read_to_string(&cfg).unwrap();
+    fs::write(
+        &cfg,
+        text.replace(
+            "idle_timeout_ms = 1500",
+            "idle_timeout_ms = 1500\nmin_free_bytes = 2097152",
+        ),
+    )
+    .unwrap();
+    fs::create_dir(a.path("spool")).unwrap();
+    let Some(_tmpfs) = Tmpfs::mount(&a.path("spool"), "12m") else {
+        return;
+    };
+    a.spawn();
+    let ports = |i: u16| format!("{}-{}", a.base + i, a.base + i);
+    let packages = |a: &Appliance| -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = fs::read_dir(a.path("spool/ready"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "erec"))
+            .collect();
+        v.sort();
+        v
+    };
+    // Call A is recorded and waits in the spool.
+    assert!(
+        loadgen(&ports(0), &["--streams", "1", "--seconds", "1"])
+            .status
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while packages(&a).is_empty() {
+        assert!(Instant::now() < deadline, "call A did not reach ready/");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let call_a = packages(&a)[0].clone();
+    let a_bytes = fs::read(&call_a).unwrap();
+    // Call B is being recorded when the file system fills up.
+    let call_b = {
+        let p = ports(1);
+        std::thread::spawn(move || loadgen(&p, &["--streams", "1", "--seconds", "4"]))
+    };
+    a.wait_metric("edgerec_recordings_active", 1.0);
+    let chunks = a.metric("edgerec_chunks_written_total");
+    a.wait_metric("edgerec_chunks_written_total", chunks + 1.0);
+    {
+        let mut ballast = fs::File::create(a.path("spool/ballast")).unwrap();
+        let block = vec![0u8; 64 << 10];
+        while ballast.write_all(&block).is_ok() {}
+    }
+    // B's next write fails (ENOSPC): it ends, counted, kept up to its last whole record.
+    a.wait_metric(
+        "edgerec_recordings_ended_total{reason=\"write_error\"}",
+        1.0,
+    );
+    a.wait_log("write failed; recording ended");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while packages(&a).len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "call B was not moved to ready/ while the disk is full"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // New calls are refused, /readyz says so, the appliance stays alive.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while a.get("/readyz").0 != 503 {
+        assert!(
+            Instant::now() < deadline,
+            "/readyz stayed ready on a full disk"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(call_b.join().unwrap().status.success());
+    assert!(
+        loadgen(&ports(2), &["--streams", "1", "--seconds", "1"])
+            .status
+            .success()
+    );
+    a.wait_metric(
+        "edgerec_recordings_refused_total{reason=\"spool_full\"}",
+        1.0,
+    );
+    assert_eq!(a.get("/healthz").0, 200);
+    assert_eq!(fs::read(&call_a).unwrap(), a_bytes, "call A untouched");
+    // Space comes back: recording resumes.
+    fs::remove_file(a.path("spool/ballast")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while a.get("/readyz").0 != 200 {
+        assert!(Instant::now() < deadline, "/readyz did not recover");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let started = a.metric("edgerec_recordings_started_total");
+    assert!(
+        loadgen(&ports(3), &["--streams", "1", "--seconds", "1"])
+            .status
+            .success()
+    );
+    a.wait_metric("edgerec_recordings_started_total", started + 1.0);
+    a.sigterm();
+    // A restart rebuilds any state the full disk kept from being written.
+    a.spawn();
+    a.sigterm();
+    let mut terminated = 0;
+    let mut unterminated = Vec::new();
+    for p in packages(&a) {
+        let bytes = fs::read(&p).unwrap();
+        let state: serde_json::Value =
+            serde_json::from_slice(&fs::read(p.with_extension("json")).unwrap()).unwrap();
+        assert_eq!(
+            state["sha256"].as_str().unwrap(),
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)),
+            "{}",
+            p.display()
+        );
+        if state["terminated"].as_bool().unwrap() {
+            assert_eq!(rtp_packets(&bytes), 50, "{}", p.display());
+            terminated += 1;
+        } else {
+            unterminated.push(rtp_packets_in(&bytes, ReadMode::Recovery));
+        }
+    }
+    assert_eq!(terminated, 2, "calls A and D, whole");
+    assert_eq!(unterminated.len(), 1, "call B, kept up to the full disk");
+    assert!(
+        unterminated[0] > 0 && unterminated[0] < 200,
+        "{unterminated:?}"
+    );
+    assert!(
+        fs::read_dir(a.path("spool/active"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
 }
