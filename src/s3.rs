@@ -2,15 +2,21 @@
 //! spoken to with SigV4-signed requests (the `aws-sigv4` crate) over HTTP or HTTPS (rustls).
 //!
 //! A put, following the store invariants of [`crate::store`]:
-//! 1. `HEAD` the key: an object already there with the package's SHA-256 in its
-//!    `x-amz-meta-erec-sha256` is success (an earlier attempt's answer was lost); one with
-//!    another SHA-256 is a conflict, never overwritten.
+//! 1. `HEAD` the key — unless this is the first try of a package never refused (its key, from
+//!    a fresh UUIDv7, can then hold only an earlier copy of the same bytes): an object already
+//!    there with the package's SHA-256 in its `x-amz-meta-erec-sha256` is success (an earlier
+//!    attempt's answer was lost); one with another SHA-256 is a conflict, never overwritten.
 //! 2. `PUT` the package, memory-mapped and handed to the request body without a copy, with
 //!    `x-amz-checksum-sha256` (the store verifies the bytes it received),
 //!    `x-amz-meta-erec-sha256` and `If-None-Match: *` (a store that supports it refuses to
-//!    overwrite even in a race); a 409 or 412 goes back to step 1's comparison.
-//! 3. `HEAD` again: only an object of the right size whose `erec-sha256` matches counts as
-//!    stored.
+//!    overwrite); a 409 or 412 goes to step 1's comparison.
+//! 3. Stored once the store confirmed the SHA-256 it verified: echoed in the answer's
+//!    `x-amz-checksum-sha256`, or else a `HEAD` showing an object of the right size whose
+//!    `erec-sha256` matches.
+//!
+//! Above `multipart_threshold` the package goes up in parts instead (see `put_multipart`):
+//! progress saved in the state file after every part, resumed after a restart, and only a
+//! `HEAD` showing the `erec-sha256` counts (multipart checksums are composite).
 //!
 //! Statuses map onto the retry policy ([`crate::retry::classify`]): 5xx, 408, 429, timeouts
 //! and connection errors are transient (with the store's `Retry-After`); other 4xx are
@@ -376,8 +382,12 @@ impl Store for S3Store {
             .metadata()
             .map_err(|e| StoreError::transient(format!("{}: {e}", file.display())))?
             .len();
-        if let Some(decided) = self.compare(key, size, &sha_hex)? {
-            return decided;
+        // Look first unless this is the first try of a fresh package (its key can then hold
+        // only an earlier copy of the same bytes; `If-None-Match` guards the rest).
+        if checkpoint.attempted_before() || checkpoint.multipart().is_some() {
+            if let Some(decided) = self.compare(key, size, &sha_hex)? {
+                return decided;
+            }
         }
         let mapped = map(&f)
             .map_err(|e| StoreError::transient(format!("cannot map {}: {e}", file.display())))?;
@@ -387,11 +397,9 @@ impl Store for S3Store {
         }
         let body = body(bytes, self.cfg.limit.as_ref());
         let url = self.url(key);
+        let checksum = base64::engine::general_purpose::STANDARD.encode(sha256);
         let headers = [
-            (
-                "x-amz-checksum-sha256",
-                base64::engine::general_purpose::STANDARD.encode(sha256),
-            ),
+            ("x-amz-checksum-sha256", checksum.clone()),
             ("x-amz-meta-erec-sha256", sha_hex.clone()),
             ("if-none-match", "*".to_string()),
             ("content-type", CONTENT_TYPE.to_string()),
@@ -410,7 +418,16 @@ impl Store for S3Store {
             }
             _ => return Err(status_error(&url, r)),
         }
-        // Stored only once the store shows the object with this package's SHA-256.
+        // Stored once the store confirmed the SHA-256 it verified: echoed in its answer (as
+        // S3 does for a put with a checksum), or else shown by a HEAD.
+        let echoed = r
+            .headers()
+            .get("x-amz-checksum-sha256")
+            .and_then(|v| v.to_str().ok())
+            == Some(checksum.as_str());
+        if echoed {
+            return Ok(Stored::Written);
+        }
         match self.compare(key, size, &sha_hex)? {
             Some(Ok(_)) => Ok(Stored::Written),
             Some(Err(e)) => Err(e),

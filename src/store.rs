@@ -91,6 +91,14 @@ pub trait Checkpoint {
     fn multipart(&self) -> Option<&Multipart>;
     /// Persists `m` (durably) before the put goes on; `None` forgets the upload.
     fn save(&mut self, m: Option<Multipart>) -> Result<(), StoreError>;
+
+    /// Whether an earlier attempt may have reached the store (or found something there).
+    /// `false` only for a package never tried and never refused: its key, from a fresh
+    /// UUIDv7, cannot hold anything but an earlier copy of these same bytes, so a store may
+    /// skip looking before it writes.
+    fn attempted_before(&self) -> bool {
+        true
+    }
 }
 
 /// A checkpoint kept in memory only (a put with nothing to resume from).

@@ -208,6 +208,18 @@ pub fn run(setup: UploaderSetup) {
         for id in gone {
             queue.remove(&id);
         }
+        if due.is_none() && in_flight.len() >= slots {
+            // Every worker busy: wake as soon as one answers (it frees a slot for the next
+            // package), taking in the news that came meanwhile.
+            if let Ok((id, next)) = done_rx.recv_timeout(Duration::from_millis(200)) {
+                in_flight.remove(&id);
+                if let Some(next) = next {
+                    queue.insert(id, Some(next));
+                }
+            }
+            take_news(&rx, &in_flight, &mut queue);
+            continue;
+        }
         let Some(id) = due else {
             // Nothing to hand out now: wait for news (a new package, or soon a worker).
             let wait = if in_flight.is_empty() { 200 } else { 20 };
@@ -224,11 +236,7 @@ pub fn run(setup: UploaderSetup) {
                     std::thread::sleep(Duration::from_millis(wait));
                 }
             }
-            while let Ok(id) = rx.try_recv() {
-                if !in_flight.contains(&id) {
-                    queue.entry(id).or_insert(None);
-                }
-            }
+            take_news(&rx, &in_flight, &mut queue);
             continue;
         };
         queue.remove(&id);
@@ -245,6 +253,19 @@ pub fn run(setup: UploaderSetup) {
     }
     if let Some(s) = sweeper {
         let _ = s.join();
+    }
+}
+
+/// Queues the packages announced meanwhile, except those a worker has now.
+fn take_news(
+    rx: &Receiver<Uuid>,
+    in_flight: &std::collections::HashSet<Uuid>,
+    queue: &mut BTreeMap<Uuid, Option<u64>>,
+) {
+    while let Ok(id) = rx.try_recv() {
+        if !in_flight.contains(&id) {
+            queue.entry(id).or_insert(None);
+        }
     }
 }
 
@@ -398,6 +419,11 @@ impl Checkpoint for StateCheckpoint<'_> {
         self.spool
             .write_state(Place::Ready, self.state)
             .map_err(|e| StoreError::transient(format!("cannot save the upload's progress: {e}")))
+    }
+
+    fn attempted_before(&self) -> bool {
+        // `attempts` counts this one already; `spool retry` resets it but keeps the error.
+        self.state.attempts > 1 || self.state.last_error.is_some() || self.state.multipart.is_some()
     }
 }
 

@@ -63,7 +63,15 @@ fn rows(spool: &Spool) -> Result<Vec<Row>, Error> {
                     place: name,
                     id: id.hyphenated().to_string(),
                     bytes,
-                    note: st.last_error.clone().unwrap_or_default(),
+                    note: match (&st.multipart, &st.last_error) {
+                        (Some(m), e) => format!(
+                            "{} of {} parts stored{}",
+                            m.parts.len(),
+                            st.size.div_ceil(m.part_bytes.max(1)),
+                            e.as_ref().map(|e| format!("; {e}")).unwrap_or_default()
+                        ),
+                        (None, e) => e.clone().unwrap_or_default(),
+                    },
                     state: Some(st),
                 }),
                 Err(e) => rows.push(Row {

@@ -1049,11 +1049,14 @@ fn a_recorder_killed_during_multipart_uploads_resumes_them_after_restart() {
     a.kill9();
     let saved: usize = parts_saved(&a).iter().sum();
     assert!(saved < 10, "killed mid-upload: {saved} of 10 parts");
+    let cfg = a.path("edgerec.toml");
+    let out = edgerec(&["spool", "list", "--config", cfg.to_str().unwrap()]);
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(listing.contains("of 5 parts stored"), "{listing}");
     let store = weed.store(SECRET_KEY);
     assert_eq!(store.list_uploads("calls/").unwrap().len(), 2);
     assert!(store.list("calls/").unwrap().is_empty());
     // Restarted, on a free link: the uploads resume with the parts still missing.
-    let cfg = a.path("edgerec.toml");
     let text = fs::read_to_string(&cfg).unwrap();
     fs::write(&cfg, text.replace("bandwidth_bytes_per_sec = 4194304", "")).unwrap();
     a.spawn();
