@@ -178,7 +178,7 @@ impl HttpStore {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         let sha256 = header("repr-digest")
-            .and_then(sha256_of_digest)
+            .and_then(crate::answers::sha256_of_digest)
             .or_else(|| {
                 header("x-erec-sha256").and_then(|h| hex::decode(h.trim()).ok()?.try_into().ok())
             });
@@ -205,22 +205,6 @@ impl HttpStore {
             })),
         })
     }
-}
-
-/// The SHA-256 in an RFC 9530 digest field (`sha-256=:<base64>:`, among others).
-pub fn sha256_of_digest(field: &str) -> Option<[u8; 32]> {
-    field.split(',').find_map(|item| {
-        let (alg, value) = item.trim().split_once('=')?;
-        if !alg.trim().eq_ignore_ascii_case("sha-256") {
-            return None;
-        }
-        let b64 = value.trim().strip_prefix(':')?.strip_suffix(':')?;
-        base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .ok()?
-            .try_into()
-            .ok()
-    })
 }
 
 /// A failed answer as a store error: `describe` turns the body into the reason (`None`: the
@@ -346,19 +330,5 @@ mod tests {
             "https://s.example/rec/site/2026/11/29/a%20b.erec?v=1"
         );
         assert!(!format!("{:?}", store.cfg).contains("secret-token"));
-    }
-
-    #[test]
-    fn digest_fields_give_their_sha256() {
-        let sha = [7u8; 32];
-        let b64 = base64::engine::general_purpose::STANDARD.encode(sha);
-        assert_eq!(sha256_of_digest(&format!("sha-256=:{b64}:")), Some(sha));
-        assert_eq!(
-            sha256_of_digest(&format!("sha-512=:AAAA:, SHA-256=:{b64}:")),
-            Some(sha)
-        );
-        assert_eq!(sha256_of_digest("sha-256=:AAAA:"), None, "wrong length");
-        assert_eq!(sha256_of_digest(&format!("sha-256={b64}")), None);
-        assert_eq!(sha256_of_digest("md5=:AAAA:"), None);
     }
 }

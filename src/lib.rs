@@ -34,7 +34,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
-#[cfg(feature = "cli")]
+pub mod answers;
 #[cfg(feature = "appliance")]
 pub mod bandwidth;
 #[cfg(feature = "cli")]

@@ -37,6 +37,7 @@ use base64::Engine;
 use sha2::Digest;
 use zeroize::Zeroizing;
 
+use crate::answers::xml_all;
 use crate::retry::{Class, classify};
 use crate::spool::{Multipart, PartDone};
 use crate::store::{Checkpoint, Store, StoreError, Stored};
@@ -273,62 +274,6 @@ fn query_escape(v: &str) -> String {
             }
         })
         .collect()
-}
-
-/// The text of every `<tag>…</tag>` in an S3 answer, XML entities for `&`, `<`, `>`
-/// resolved (keys here hold none of them, but a listing may).
-fn xml_all(body: &str, tag: &str) -> Vec<String> {
-    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
-    let mut out = Vec::new();
-    let mut rest = body;
-    while let Some((_, after)) = rest.split_once(&open) {
-        let Some((v, tail)) = after.split_once(&close) else {
-            break;
-        };
-        out.push(unescape(v));
-        rest = tail;
-    }
-    out
-}
-
-/// Resolves XML's five named entities and numeric character references (`&#34;`, `&#x22;`,
-/// which some stores write for the quotes of an ETag); anything else stays as it is.
-fn unescape(v: &str) -> String {
-    let mut out = String::with_capacity(v.len());
-    let mut rest = v;
-    while let Some(at) = rest.find('&') {
-        out.push_str(&rest[..at]);
-        let tail = &rest[at..];
-        let decoded = tail.find(';').filter(|end| *end <= 10).and_then(|end| {
-            let c = match &tail[1..end] {
-                "lt" => Some('<'),
-                "gt" => Some('>'),
-                "quot" => Some('"'),
-                "apos" => Some('\''),
-                "amp" => Some('&'),
-                n => n
-                    .strip_prefix("#x")
-                    .or_else(|| n.strip_prefix("#X"))
-                    .map(|h| u32::from_str_radix(h, 16))
-                    .or_else(|| n.strip_prefix('#').map(str::parse::<u32>))
-                    .and_then(Result::ok)
-                    .and_then(char::from_u32),
-            }?;
-            Some((c, end))
-        });
-        match decoded {
-            Some((c, end)) => {
-                out.push(c);
-                rest = &tail[end + 1..];
-            }
-            None => {
-                out.push('&');
-                rest = &tail[1..];
-            }
-        }
-    }
-    out.push_str(rest);
-    out
 }
 
 /// Whether two ETags name the same part (stores differ in quoting them).
@@ -859,20 +804,30 @@ aws_secret_access_key=other
     }
 
     #[test]
-    fn listing_answers_and_query_values_are_read_and_written_right() {
-        let body = "<ListBucketResult><IsTruncated>true</IsTruncated>\
-            <Contents><Key>a/1.erec</Key></Contents><Contents><Key>a/&amp;2</Key></Contents>\
-            <NextContinuationToken>x+y/z=</NextContinuationToken></ListBucketResult>";
-        assert_eq!(xml_all(body, "Key"), ["a/1.erec", "a/&2"]);
-        assert_eq!(
-            unescape("&#34;b64&#x22;&amp;lt;&bogus;&"),
-            "\"b64\"&lt;&bogus;&"
-        );
+    fn etags_and_query_values_are_compared_and_written_right() {
         assert!(same_etag("\"abc\"", "abc"));
         assert!(!same_etag("\"abc\"", "abd"));
-        assert_eq!(xml_all(body, "IsTruncated"), ["true"]);
-        assert!(xml_all(body, "Missing").is_empty());
         assert_eq!(query_escape("calls/x+y=z~"), "calls%2Fx%2By%3Dz~");
+        assert_eq!(part_size(100 << 20, 16 << 20), 16 << 20);
+        // 200 GiB in at most 10,000 parts: raised to whole MiB.
+        let p = part_size(200 << 30, 16 << 20);
+        assert!(
+            (200u64 << 30).div_ceil(p) <= 10_000 && p % (1 << 20) == 0,
+            "{p}"
+        );
+        let xml = complete_body(&Multipart {
+            upload_id: "u".into(),
+            part_bytes: 5 << 20,
+            parts: vec![PartDone {
+                number: 1,
+                etag: "\"e&1\"".into(),
+                sha256: "c2hh".into(),
+            }],
+        });
+        assert!(
+            xml.contains("<Part><ChecksumSHA256>c2hh</ChecksumSHA256><ETag>\"e&amp;1\"</ETag><PartNumber>1</PartNumber></Part>"),
+            "{xml}"
+        );
     }
 
     #[test]

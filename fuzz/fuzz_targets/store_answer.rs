@@ -1,0 +1,24 @@
+//! Feeds arbitrary text to the parsers of what a store answers: the fields of an S3 XML
+//! answer (with entity resolution), RFC 9530 digest fields, the `Initiated` times of a
+//! multipart listing and `Retry-After` values. Nothing may panic, and every field found lies
+//! within the text it came from (unescaping only shortens).
+#![no_main]
+
+use edgerec::answers::{sha256_of_digest, unescape, xml_all};
+use edgerec::clock::parse_rfc3339_ms;
+use edgerec::retry::parse_retry_after;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let text = String::from_utf8_lossy(data);
+    for tag in ["Key", "UploadId", "ETag", "Part", "Upload", "Code", "Message"] {
+        for field in xml_all(&text, tag) {
+            assert!(field.len() <= text.len());
+            let _ = parse_rfc3339_ms(&field);
+        }
+    }
+    assert!(unescape(&text).len() <= text.len());
+    let _ = sha256_of_digest(&text);
+    let _ = parse_rfc3339_ms(&text);
+    let _ = parse_retry_after(&text, std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_000_000));
+});
