@@ -53,6 +53,8 @@ pub mod g711;
 pub mod http_store;
 #[cfg(feature = "appliance")]
 pub mod ingest;
+#[cfg(feature = "appliance")]
+pub mod kek_watch;
 pub mod keys;
 #[cfg(feature = "appliance")]
 pub mod loadgen;

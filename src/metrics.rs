@@ -109,6 +109,8 @@ pub struct Metrics {
     pub kek_info: Family<KekLabel, Gauge>,
     /// Age of that KEK in seconds (for a key file: since the file was last written).
     pub kek_age: Gauge,
+    /// KEK files (or, later, key manager answers) that could not be read.
+    pub kek_fetch_errors: Counter,
     /// Whether the spool is writable and under its quota (1) or not (0), for /readyz.
     ready: Arc<AtomicBool>,
     /// Why not ready.
@@ -148,6 +150,7 @@ impl Metrics {
             recording_to_stored: Histogram::new(exponential_buckets(0.01, 2.0, 20)),
             kek_info: Family::default(),
             kek_age: Gauge::default(),
+            kek_fetch_errors: Counter::default(),
             ready: Arc::new(AtomicBool::new(true)),
             not_ready_reason: std::sync::Mutex::new(String::new()),
         };
@@ -271,6 +274,11 @@ impl Metrics {
             "kek_age_seconds",
             "Age of the KEK new recordings are sealed to",
             m.kek_age.clone(),
+        );
+        r.register(
+            "kek_fetch_errors",
+            "KEK files that changed but could not be read (the current key stays)",
+            m.kek_fetch_errors.clone(),
         );
         (Arc::new(m), r)
     }

@@ -141,6 +141,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     tracing::info!(bind = %config.ingest.bind, first, last, "listening for RTP");
 
+    // Replacing the key file rotates the KEK for new recordings.
+    let keks = KekHandle::new(keks);
+    let _kek_watch = crate::kek_watch::watch(
+        config.public_key.clone(),
+        config.escrow_public_key.clone(),
+        keks.clone(),
+        Arc::clone(&metrics),
+    )
+    .map_err(start("keys.public_key: cannot watch its directory"))?;
+
     // Bounded in datagrams by `queued`; the channel's own bound (in batches) is only a
     // backstop.
     let (tx, rx) = sync_channel::<Msg>(4096);
@@ -150,7 +160,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let accepting = Arc::new(AtomicBool::new(true));
     let setup = RecorderSetup {
         spool: spool.clone(),
-        keks: KekHandle::new(keks),
+        keks: keks.clone(),
         wrap: config.wrap,
         limits: config.limits(),
         sync: config.recorder.sync == SyncMode::Data,

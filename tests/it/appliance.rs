@@ -1373,3 +1373,102 @@ fn a_full_spool_file_system_refuses_new_calls_keeps_the_spooled_ones_and_recover
             .is_none()
     );
 }
+
+/// The hex kek ids a package is sealed to (`inspect --json`).
+fn kek_ids(package: &Path) -> Vec<String> {
+    let out = edgerec(&["inspect", "--json", package.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["kek_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn replacing_the_key_file_rotates_the_kek_for_new_recordings_only() {
+    let mut a = Appliance::prepare("\"127.0.0.0/8\"", "path = \"store\"", "");
+    let keys = a.path("keys");
+    fs::create_dir(&keys).unwrap();
+    let kek = keys.join("kek.pub.pem");
+    fs::copy(key_path("test-kek.pub.pem"), &kek).unwrap();
+    let cfg = a.path("edgerec.toml");
+    let text = fs::read_to_string(&cfg).unwrap();
+    fs::write(
+        &cfg,
+        text.replace(
+            &key_path("test-kek.pub.pem").display().to_string(),
+            &kek.display().to_string(),
+        ),
+    )
+    .unwrap();
+    a.spawn();
+    let (old_id, new_id) = (public("test").id().to_hex(), public("other").id().to_hex());
+    assert_eq!(
+        a.metric(&format!("edgerec_kek_info{{kek_id=\"{old_id}\"}}")),
+        1.0
+    );
+    // Call 1 is in progress when the key is replaced (renamed over the file, as careful
+    // tools do).
+    let call1 = {
+        let p = format!("{}-{}", a.base, a.base);
+        std::thread::spawn(move || loadgen(&p, &["--streams", "1", "--seconds", "3"]))
+    };
+    a.wait_metric("edgerec_recordings_active", 1.0);
+    let staged = keys.join(".kek.pub.pem.new");
+    fs::copy(key_path("other-kek.pub.pem"), &staged).unwrap();
+    fs::rename(&staged, &kek).unwrap();
+    a.wait_log("KEK rotated");
+    assert_eq!(
+        a.metric(&format!("edgerec_kek_info{{kek_id=\"{new_id}\"}}")),
+        1.0
+    );
+    assert_eq!(
+        a.metric(&format!("edgerec_kek_info{{kek_id=\"{old_id}\"}}")),
+        0.0
+    );
+    // Call 2 starts after the rotation.
+    assert!(
+        loadgen(
+            &format!("{}-{}", a.base + 1, a.base + 1),
+            &["--streams", "1", "--seconds", "1"]
+        )
+        .status
+        .success()
+    );
+    assert!(call1.join().unwrap().status.success());
+    // A broken file (written in place) is counted and the current key stays.
+    fs::write(&kek, b"-----BEGIN PUBLIC KEY-----\nnot a key\n").unwrap();
+    a.wait_metric("edgerec_kek_fetch_errors_total", 1.0);
+    assert_eq!(
+        a.metric(&format!("edgerec_kek_info{{kek_id=\"{new_id}\"}}")),
+        1.0
+    );
+    let mut packages = wait_stored(&a.path("store"), 2);
+    packages.sort(); // UUIDv7 names: call 1 first
+    assert_eq!(
+        kek_ids(&packages[0]),
+        [old_id],
+        "call 1 keeps the key it began with"
+    );
+    assert_eq!(
+        kek_ids(&packages[1]),
+        [new_id],
+        "call 2 is sealed to the new key"
+    );
+    let out = a.path("call2.bin");
+    let opened = edgerec(&[
+        "open",
+        "--key",
+        key_path("other-kek.pem").to_str().unwrap(),
+        packages[1].to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        opened.status.success(),
+        "{}",
+        String::from_utf8_lossy(&opened.stderr)
+    );
+    a.sigterm();
+}
