@@ -1,7 +1,7 @@
 //! Parsing what a store answers: the fields of an S3 XML answer and RFC 9530 digest fields.
 //!
 //! Pure functions over untrusted text from the network: they never panic, do work linear in
-//! their input, and return nothing rather than guess (fuzzed by `fuzz/store_answer`).
+//! their input, and return nothing rather than guess (fuzzed by `fuzz/text_read`).
 
 use base64::Engine;
 

@@ -46,6 +46,9 @@ pub enum Error {
     /// The key source could not answer.
     #[error("key source unavailable: {0}")]
     KeyUnavailable(String),
+    /// An audit log whose hash chain is broken: a line removed, moved or changed.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
     /// A key file or key problem.
     #[error(transparent)]
     Key(#[from] KeyError),
@@ -82,7 +85,7 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::WrongKey { .. } => 3,
-            Error::Corrupt { .. } => 4,
+            Error::Corrupt { .. } | Error::Audit(_) => 4,
             Error::Unterminated { .. } => 5,
             Error::Unsupported { .. } => 6,
             Error::KeyUnavailable(_) | Error::Key(_) | Error::Io(_) | Error::Invalid(_) => 1,

@@ -68,6 +68,11 @@ enum Command {
         #[command(subcommand)]
         action: SpoolAction,
     },
+    /// The Local Key Manager's tools.
+    Lkm {
+        #[command(subcommand)]
+        action: LkmAction,
+    },
     /// Make a new RSA key-encryption key pair: DIR/<kek id>.pem (private, 0600) and
     /// DIR/<kek id>.pub.pem. Prints the kek id.
     ///
@@ -190,6 +195,19 @@ enum SpoolAction {
     },
 }
 
+/// What `edgerec lkm` does.
+#[derive(Debug, Subcommand)]
+enum LkmAction {
+    /// Check an audit log's hash chain: every line there, in order, unchanged. Prints the
+    /// number of lines and the last line's hash; keep that hash elsewhere, since lines cut off
+    /// the end are found only against it. Exit status 4 names the first line that breaks the
+    /// chain.
+    VerifyAudit {
+        /// The audit log (JSON lines).
+        file: PathBuf,
+    },
+}
+
 /// Which spool.
 #[cfg(feature = "appliance")]
 #[derive(Debug, Args)]
@@ -263,6 +281,9 @@ pub fn main() -> ExitCode {
                     .and_then(|s| spool::retry(&s, &ids, all))
             }
         },
+        Command::Lkm {
+            action: LkmAction::VerifyAudit { file },
+        } => verify_audit(&file),
         Command::Keygen { out, bits } => package::keygen(&out, bits.into()),
         Command::Seal {
             keks,
@@ -294,4 +315,18 @@ pub fn main() -> ExitCode {
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+/// `edgerec lkm verify-audit FILE`.
+fn verify_audit(file: &std::path::Path) -> Result<(), crate::Error> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| crate::Error::Invalid(format!("{}: {e}", file.display())))?;
+    let chain = crate::audit::verify(&text)?;
+    println!(
+        "{}: {} lines, chain intact; last hash {}",
+        file.display(),
+        chain.next_seq,
+        hex::encode(chain.last_hash)
+    );
+    Ok(())
 }

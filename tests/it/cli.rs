@@ -407,3 +407,41 @@ fn export_restores_a_sealed_file_under_its_name() {
         .unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
 }
+
+#[test]
+fn lkm_verify_audit_reports_an_intact_chain_and_names_a_changed_line() {
+    use edgerec::audit::{AuditLog, Event};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let mut log = AuditLog::open(&path).unwrap();
+    for (i, outcome) in ["ok", "denied", "ok"].into_iter().enumerate() {
+        log.append(
+            &Event {
+                who: "recorder-1".into(),
+                user: None,
+                action: "decrypt".into(),
+                key: Some("ab".repeat(32)),
+                recording: Some(format!("rec-{i}")),
+                outcome: outcome.into(),
+            },
+            1_796_051_045_000 + i as u64,
+        )
+        .unwrap();
+    }
+    let last = hex::encode(log.chain().last_hash);
+    let p = path.to_str().unwrap();
+    let out = edgerec(&["lkm", "verify-audit", p]);
+    assert_eq!(out.status.code(), Some(0));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("3 lines, chain intact") && said.contains(&last),
+        "{said}"
+    );
+    // Someone hides the refusal.
+    let text = fs::read_to_string(&path).unwrap();
+    fs::write(&path, text.replacen("\"denied\"", "\"ok\"", 1)).unwrap();
+    let out = edgerec(&["lkm", "verify-audit", p]);
+    assert_eq!(out.status.code(), Some(4), "corrupt");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 3") && err.contains("line 2"), "{err}");
+}

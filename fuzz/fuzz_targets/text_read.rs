@@ -1,7 +1,8 @@
-//! Feeds arbitrary text to the parsers of what a store answers: the fields of an S3 XML
-//! answer (with entity resolution), RFC 9530 digest fields, the `Initiated` times of a
-//! multipart listing and `Retry-After` values. Nothing may panic, and every field found lies
-//! within the text it came from (unescaping only shortens).
+//! Feeds arbitrary text to the parsers of text from outside: what a store answers (the
+//! fields of an S3 XML answer with entity resolution, RFC 9530 digest fields, the `Initiated`
+//! times of a multipart listing, `Retry-After` values) and audit logs. Nothing may panic,
+//! every field found lies within the text it came from (unescaping only shortens), and a log
+//! that verifies has as many lines as it says.
 #![no_main]
 
 use edgerec::answers::{sha256_of_digest, unescape, xml_all};
@@ -20,5 +21,8 @@ fuzz_target!(|data: &[u8]| {
     assert!(unescape(&text).len() <= text.len());
     let _ = sha256_of_digest(&text);
     let _ = parse_rfc3339_ms(&text);
+    if let Ok(chain) = edgerec::audit::verify(&text) {
+        assert_eq!(chain.next_seq, text.matches('\n').count() as u64);
+    }
     let _ = parse_retry_after(&text, std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_000_000));
 });
