@@ -35,6 +35,7 @@
 #![warn(missing_docs)]
 
 pub mod answers;
+pub mod at_rest;
 pub mod audit;
 #[cfg(feature = "appliance")]
 pub mod bandwidth;
