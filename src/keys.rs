@@ -194,6 +194,13 @@ impl KekPublic {
         self.key.n().bit_width() as usize
     }
 
+    /// The PKCS#1 `RSAPublicKey` DER: the key-manager contract's `publicKey` (base64 of it).
+    pub fn to_pkcs1_der(&self) -> Vec<u8> {
+        rsa::pkcs1::EncodeRsaPublicKey::to_pkcs1_der(&self.key)
+            .expect("an RSA public key always encodes")
+            .into_vec()
+    }
+
     /// The SPKI PEM.
     pub fn to_pem(&self) -> String {
         self.key

@@ -58,6 +58,7 @@ pub mod ingest;
 #[cfg(feature = "appliance")]
 pub mod kek_watch;
 pub mod keys;
+pub mod keystore;
 #[cfg(feature = "appliance")]
 pub mod loadgen;
 #[cfg(feature = "appliance")]
