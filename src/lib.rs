@@ -52,6 +52,8 @@ pub mod export;
 pub mod format;
 pub mod g711;
 #[cfg(feature = "appliance")]
+pub mod hawk_auth;
+#[cfg(feature = "appliance")]
 pub mod http_store;
 #[cfg(feature = "appliance")]
 pub mod ingest;
