@@ -62,6 +62,8 @@ pub mod kek_watch;
 pub mod keys;
 pub mod keystore;
 #[cfg(feature = "appliance")]
+pub mod lkm;
+#[cfg(feature = "appliance")]
 pub mod loadgen;
 #[cfg(feature = "appliance")]
 pub mod metrics;

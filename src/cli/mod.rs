@@ -6,6 +6,8 @@
 #[cfg(feature = "appliance")]
 mod appliance;
 mod io;
+#[cfg(feature = "appliance")]
+mod lkm;
 mod package;
 #[cfg(feature = "appliance")]
 mod spool;
@@ -198,6 +200,57 @@ enum SpoolAction {
 /// What `edgerec lkm` does.
 #[derive(Debug, Subcommand)]
 enum LkmAction {
+    /// Set up a key manager: a master key (if there is none; never replaced), the key store,
+    /// and its first key pair. Prints the kek id.
+    #[cfg(feature = "appliance")]
+    Init {
+        /// The key manager's config file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Make a new key pair, the one recorders seal to from now on; older keys stay for
+    /// decryption. Prints the kek id.
+    #[cfg(feature = "appliance")]
+    Rotate {
+        /// The key manager's config file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// The key pairs: id, state, creation time (the current one marked).
+    #[cfg(feature = "appliance")]
+    Keys {
+        /// The key manager's config file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hawk credentials for the key manager's clients.
+    #[cfg(feature = "appliance")]
+    Credentials {
+        #[command(subcommand)]
+        action: CredentialAction,
+    },
+    /// Write every key record, private keys still sealed, to FILE (0600).
+    #[cfg(feature = "appliance")]
+    Backup {
+        /// The key manager's config file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Where the backup goes (never overwritten).
+        out: PathBuf,
+    },
+    /// Restore a backup into the key store (records already there must be equal; nothing is
+    /// overwritten). The master key that sealed the backup must be the configured one.
+    #[cfg(feature = "appliance")]
+    Restore {
+        /// The key manager's config file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The backup.
+        backup: PathBuf,
+    },
     /// Check an audit log's hash chain: every line there, in order, unchanged. Prints the
     /// number of lines and the last line's hash; keep that hash elsewhere, since lines cut off
     /// the end are found only against it. Exit status 4 names the first line that breaks the
@@ -205,6 +258,24 @@ enum LkmAction {
     VerifyAudit {
         /// The audit log (JSON lines).
         file: PathBuf,
+    },
+}
+
+/// What `edgerec lkm credentials` does.
+#[cfg(feature = "appliance")]
+#[derive(Debug, Subcommand)]
+enum CredentialAction {
+    /// Issue a credential: prints its id and key (base64) once, for the client's
+    /// configuration. Only this local command issues credentials.
+    Add {
+        /// The key manager's config file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// May administer through the API as well.
+        #[arg(long)]
+        admin: bool,
+        /// The credential id (letters, digits, - _ .).
+        id: String,
     },
 }
 
@@ -281,9 +352,23 @@ pub fn main() -> ExitCode {
                     .and_then(|s| spool::retry(&s, &ids, all))
             }
         },
-        Command::Lkm {
-            action: LkmAction::VerifyAudit { file },
-        } => verify_audit(&file),
+        Command::Lkm { action } => match action {
+            LkmAction::VerifyAudit { file } => verify_audit(&file),
+            #[cfg(feature = "appliance")]
+            LkmAction::Init { config } => lkm::init(&config),
+            #[cfg(feature = "appliance")]
+            LkmAction::Rotate { config } => lkm::rotate(&config),
+            #[cfg(feature = "appliance")]
+            LkmAction::Keys { config, json } => lkm::keys(&config, json),
+            #[cfg(feature = "appliance")]
+            LkmAction::Credentials {
+                action: CredentialAction::Add { config, admin, id },
+            } => lkm::add_credential(&config, &id, admin),
+            #[cfg(feature = "appliance")]
+            LkmAction::Backup { config, out } => lkm::backup(&config, &out),
+            #[cfg(feature = "appliance")]
+            LkmAction::Restore { config, backup } => lkm::restore(&config, &backup),
+        },
         Command::Keygen { out, bits } => package::keygen(&out, bits.into()),
         Command::Seal {
             keks,

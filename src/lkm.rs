@@ -1,0 +1,348 @@
+//! The Local Key Manager's configuration (`lkm.toml`) and its administrator's acts: setting
+//! up a key store, rotating, listing keys, issuing Hawk credentials, backing up and
+//! restoring. Every act is written to the audit log.
+//!
+//! Invariants:
+//! - Private keys exist in the clear only in memory; the store holds them sealed under the
+//!   master key (see [`crate::at_rest`]), and a backup holds them sealed too.
+//! - Credentials are issued only by these local commands (an administrator's act), never by
+//!   anyone who can reach a port; a credential's key is shown once, at issue, and stored
+//!   0600 beside the service.
+//! - Relative paths in `lkm.toml` resolve against the file's own directory.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::at_rest::MasterKey;
+use crate::audit::{AuditLog, Event};
+use crate::hawk_auth::Credential;
+use crate::keystore::{KeyRecord, KeyStore};
+
+/// How often the key manager rotates on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rotation {
+    /// Only on `edgerec lkm rotate`.
+    Never,
+    /// Every day.
+    Daily,
+    /// Every week.
+    Weekly,
+    /// Every 30 days.
+    Monthly,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    lkm: RawLkm,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLkm {
+    #[serde(default = "default_listen")]
+    listen: SocketAddr,
+    store_dir: PathBuf,
+    master_key_file: PathBuf,
+    credentials_file: PathBuf,
+    audit_log: PathBuf,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    #[serde(default = "default_rotation")]
+    rotation: Rotation,
+    #[serde(default = "default_skew")]
+    skew_secs: u64,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8443))
+}
+
+fn default_rotation() -> Rotation {
+    Rotation::Never
+}
+
+fn default_skew() -> u64 {
+    60
+}
+
+/// A validated `lkm.toml`, paths resolved.
+#[derive(Debug, Clone)]
+pub struct LkmConfig {
+    /// Where the service listens (`lkm serve`). Loopback by default.
+    pub listen: SocketAddr,
+    /// The key store's directory (0700).
+    pub store_dir: PathBuf,
+    /// The master key file (0600) that seals the private keys at rest.
+    pub master_key_file: PathBuf,
+    /// The Hawk credentials (0600).
+    pub credentials_file: PathBuf,
+    /// The audit log (JSON lines, hash-chained, 0600).
+    pub audit_log: PathBuf,
+    /// The TLS certificate chain and key (PEM) of the service.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Scheduled rotation.
+    pub rotation: Rotation,
+    /// Allowed clock skew of Hawk-signed requests, seconds.
+    pub skew_secs: u64,
+}
+
+impl LkmConfig {
+    /// Reads and validates `lkm.toml`.
+    pub fn load(file: &Path) -> Result<LkmConfig, String> {
+        let shown = file.display();
+        let text = std::fs::read_to_string(file).map_err(|e| format!("config {shown}: {e}"))?;
+        let raw: Raw = toml::from_str(&text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| format!(", line {}", text[..s.start].matches('\n').count() + 1))
+                .unwrap_or_default();
+            format!("config {shown}{line}: {}", e.message().trim_end())
+        })?;
+        let base = file.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+        let l = raw.lkm;
+        let tls = match (l.tls_cert, l.tls_key) {
+            (Some(c), Some(k)) => Some((resolve(&c), resolve(&k))),
+            (None, None) => None,
+            _ => {
+                return Err(format!(
+                    "config {shown}: lkm.tls_cert and lkm.tls_key go together"
+                ));
+            }
+        };
+        if !(1..=600).contains(&l.skew_secs) {
+            return Err(format!(
+                "config {shown}: lkm.skew_secs = {}: must be 1 to 600",
+                l.skew_secs
+            ));
+        }
+        Ok(LkmConfig {
+            listen: l.listen,
+            store_dir: resolve(&l.store_dir),
+            master_key_file: resolve(&l.master_key_file),
+            credentials_file: resolve(&l.credentials_file),
+            audit_log: resolve(&l.audit_log),
+            tls,
+            rotation: l.rotation,
+            skew_secs: l.skew_secs,
+        })
+    }
+}
+
+/// The key manager's state, opened for an administrator's act or for serving.
+pub struct Lkm {
+    /// Its configuration.
+    pub config: LkmConfig,
+    /// The key store.
+    pub store: KeyStore,
+    /// The audit log.
+    pub audit: AuditLog,
+}
+
+/// One stored credential (the key base64).
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredCredential {
+    key: String,
+    #[serde(default)]
+    admin: bool,
+}
+
+impl Lkm {
+    /// Opens the key manager of `config`; with `init`, makes a master key first if there is
+    /// none (never replacing one).
+    pub fn open(config: LkmConfig, init: bool) -> Result<Lkm, String> {
+        let mk = &config.master_key_file;
+        let master = if init && !mk.exists() {
+            MasterKey::create(mk).map_err(|e| format!("lkm.master_key_file: {e}"))?
+        } else {
+            MasterKey::from_file(mk).map_err(|e| format!("lkm.master_key_file: {e}"))?
+        };
+        let store = KeyStore::open(&config.store_dir, Arc::new(master))
+            .map_err(|e| format!("lkm.store_dir {}: {e}", config.store_dir.display()))?;
+        let audit = AuditLog::open(&config.audit_log).map_err(|e| format!("lkm.audit_log: {e}"))?;
+        Ok(Lkm {
+            config,
+            store,
+            audit,
+        })
+    }
+
+    /// Writes an administrator's act to the audit log.
+    pub fn record(&mut self, action: &str, key: Option<&str>, outcome: &str) -> Result<(), String> {
+        let who = std::env::var("SUDO_USER")
+            .or_else(|_| std::env::var("USER"))
+            .unwrap_or_else(|_| "unknown".into());
+        self.audit
+            .append(
+                &Event {
+                    who: "admin".into(),
+                    user: Some(who),
+                    action: action.into(),
+                    key: key.map(str::to_string),
+                    recording: None,
+                    outcome: outcome.into(),
+                },
+                crate::clock::now_ms(),
+            )
+            .map(|_| ())
+            .map_err(|e| format!("lkm.audit_log: {e}"))
+    }
+
+    /// Makes a new key pair, the current one from now on.
+    pub fn rotate(&mut self, action: &str) -> Result<KeyRecord, String> {
+        match self.store.generate(crate::clock::now_ms()) {
+            Ok(r) => {
+                self.record(action, Some(&r.id), "ok")?;
+                Ok(r)
+            }
+            Err(e) => {
+                self.record(action, None, "failed")?;
+                Err(e.to_string())
+            }
+        }
+    }
+}
+
+fn read_credentials(path: &Path) -> Result<BTreeMap<String, StoredCredential>, String> {
+    match std::fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// The credentials the service accepts.
+pub fn load_credentials(path: &Path) -> Result<HashMap<String, Credential>, String> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    read_credentials(path)?
+        .into_iter()
+        .map(|(id, c)| {
+            let key = Zeroizing::new(
+                b64.decode(&c.key)
+                    .map_err(|e| format!("{}: credential {id}: {e}", path.display()))?,
+            );
+            Ok((
+                id,
+                Credential {
+                    key,
+                    admin: c.admin,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Issues a Hawk credential: a fresh 32-byte key, stored (0600, written to a temporary name
+/// and renamed) and returned base64 for the administrator to hand to the client. An id that
+/// exists is refused.
+pub fn add_credential(path: &Path, id: &str, admin: bool) -> Result<Zeroizing<String>, String> {
+    if id.is_empty()
+        || id.len() > 64
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(format!(
+            "credential id {id:?}: 1 to 64 letters, digits, - _ ."
+        ));
+    }
+    let mut all = read_credentials(path)?;
+    if all.contains_key(id) {
+        return Err(format!("credential {id} exists already"));
+    }
+    let mut key = Zeroizing::new([0u8; 32]);
+    getrandom::fill(key.as_mut()).map_err(|e| e.to_string())?;
+    let encoded = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(key.as_ref()));
+    all.insert(
+        id.to_string(),
+        StoredCredential {
+            key: encoded.to_string(),
+            admin,
+        },
+    );
+    let text = Zeroizing::new(serde_json::to_vec_pretty(&all).map_err(|e| e.to_string())?);
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    f.write_all(&text)
+        .and_then(|()| f.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(encoded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configs_resolve_paths_and_name_their_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("lkm.toml");
+        std::fs::write(
+            &f,
+            "[lkm]\nstore_dir = \"store\"\nmaster_key_file = \"/etc/m.key\"\n\
+             credentials_file = \"c.json\"\naudit_log = \"audit.jsonl\"\nrotation = \"weekly\"\n",
+        )
+        .unwrap();
+        let c = LkmConfig::load(&f).unwrap();
+        assert_eq!(c.store_dir, dir.path().join("store"));
+        assert_eq!(c.master_key_file, PathBuf::from("/etc/m.key"));
+        assert_eq!(c.rotation, Rotation::Weekly);
+        assert_eq!(c.listen, default_listen());
+        std::fs::write(&f, "[lkm]\nstore_dir = \"s\"\nbogus = 1\n").unwrap();
+        let e = LkmConfig::load(&f).unwrap_err();
+        assert!(e.contains("line 3") && e.contains("bogus"), "{e}");
+        std::fs::write(
+            &f,
+            "[lkm]\nstore_dir = \"s\"\nmaster_key_file = \"m\"\ncredentials_file = \"c\"\n\
+             audit_log = \"a\"\nrotation = \"hourly\"\n",
+        )
+        .unwrap();
+        assert!(LkmConfig::load(&f).unwrap_err().contains("hourly"));
+    }
+
+    #[test]
+    fn credentials_are_issued_once_each_and_load_back() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("credentials.json");
+        let k = add_credential(&path, "recorder-1", false).unwrap();
+        add_credential(&path, "ops", true).unwrap();
+        assert!(add_credential(&path, "recorder-1", false).is_err());
+        assert!(add_credential(&path, "bad id", false).is_err());
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let all = load_credentials(&path).unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(
+            base64::engine::general_purpose::STANDARD.encode(all["recorder-1"].key.as_slice()),
+            *k
+        );
+        assert!(all["ops"].admin && !all["recorder-1"].admin);
+    }
+}
