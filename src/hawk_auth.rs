@@ -2,10 +2,13 @@
 //!
 //! The `hawk` crate checks a request's MAC (in constant time), its payload hash and its
 //! timestamp against the allowed clock skew. This module adds what the crate leaves to a
-//! server: the credential lookup, a payload hash required on every request with a body (a
-//! MAC over the method and path alone would let a body be swapped), a nonce cache that
-//! refuses a request seen before within the skew window (a replay), and one answer for every
-//! failure — the caller learns only "authentication failed"; the reason goes to the audit log.
+//! server: the credential lookup, the payload hash checked whenever a client sends one (and,
+//! with `require_payload_hash`, required on every request with a body — off by default, as
+//! the platform's sample key manager does not check it and contract clients need not send
+//! it; TLS and the nonce cache already keep a captured request from being replayed with
+//! another body), a nonce cache that refuses a request seen before within the skew window
+//! (a replay), and one answer for every failure — the caller learns only "authentication
+//! failed"; the reason goes to the audit log.
 //!
 //! Invariants:
 //! - Credential keys live in zeroizing buffers and never appear in `Debug` or logs.
@@ -134,15 +137,22 @@ impl NonceCache {
 pub struct Verifier {
     credentials: HashMap<String, Credential>,
     skew: Duration,
+    require_payload_hash: bool,
     nonces: Mutex<NonceCache>,
 }
 
 impl Verifier {
-    /// A verifier for `credentials`, allowing `skew` between the client's clock and ours.
-    pub fn new(credentials: HashMap<String, Credential>, skew: Duration) -> Verifier {
+    /// A verifier for `credentials`, allowing `skew` between the client's clock and ours;
+    /// with `require_payload_hash`, a request with a body must carry its hash.
+    pub fn new(
+        credentials: HashMap<String, Credential>,
+        skew: Duration,
+        require_payload_hash: bool,
+    ) -> Verifier {
         Verifier {
             credentials,
             skew,
+            require_payload_hash,
             nonces: Mutex::new(NonceCache::default()),
         }
     }
@@ -169,16 +179,16 @@ impl Verifier {
             .ok_or_else(|| deny(Some(id), "unknown credential id"))?;
         let key = hawk::Key::new(cred.key.as_slice(), hawk::SHA256)
             .map_err(|_| deny(Some(id), "unusable key"))?;
-        let hash = if req.body.is_empty() {
-            None
-        } else {
-            if header.hash.is_none() {
-                return Err(deny(Some(id), "a body without a payload hash"));
-            }
-            Some(
+        // A hash the client sent is always checked against the body.
+        let hash = match (&header.hash, req.body.is_empty()) {
+            (Some(_), _) => Some(
                 hawk::PayloadHasher::hash(req.content_type, hawk::SHA256, req.body)
                     .map_err(|_| deny(Some(id), "cannot hash the payload"))?,
-            )
+            ),
+            (None, false) if self.require_payload_hash => {
+                return Err(deny(Some(id), "a body without a payload hash"));
+            }
+            (None, _) => None,
         };
         let request = hawk::RequestBuilder::new(req.method, req.host, req.port, req.path)
             .hash(hash.as_deref())
@@ -231,7 +241,7 @@ mod tests {
                 admin: true,
             },
         );
-        Verifier::new(creds, DEFAULT_SKEW)
+        Verifier::new(creds, DEFAULT_SKEW, true)
     }
 
     /// A client's header, made by the hawk crate as a contract client would.
@@ -389,6 +399,32 @@ mod tests {
             let e = v.verify(&parts("POST", path, body, &auth)).unwrap_err();
             assert_eq!(e.reason, reason, "{auth}");
         }
+        // Without the requirement, a body without a hash passes (contract clients), one with
+        // a hash must match it.
+        let lenient = Verifier::new(
+            HashMap::from([(
+                "recorder-1".to_string(),
+                Credential {
+                    key: Zeroizing::new(KEY.to_vec()),
+                    admin: false,
+                },
+            )]),
+            DEFAULT_SKEW,
+            false,
+        );
+        let unhashed = header("recorder-1", KEY, "POST", PATH, b"", now);
+        assert!(
+            lenient
+                .verify(&parts("POST", PATH, BODY, &unhashed))
+                .is_ok()
+        );
+        let hashed = header("recorder-1", KEY, "POST", PATH, BODY, now);
+        let other = br#"{"keypairId":"cd"}"#;
+        assert!(
+            lenient
+                .verify(&parts("POST", PATH, other, &hashed))
+                .is_err()
+        );
         let mut none = parts("POST", PATH, BODY, "");
         none.authorization = None;
         assert_eq!(

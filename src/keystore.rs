@@ -3,8 +3,9 @@
 //! KMS) and bound to its kek id.
 //!
 //! A key file `keys/<kek id>.json` (0600) holds `id` (hex kek id), `publicKey` (base64 of the
-//! PKCS#1 `RSAPublicKey` DER, the key-manager contract's form), `dateCreated` (RFC 3339),
-//! `state` (`active`, `retired`, `destroyed`), `retiredAt`/`destroyedAt` when so, and
+//! PKCS#1 `RSAPublicKey` DER, the key-manager contract's form), `dateCreated` (unix ms, as
+//! the contract has it), `state` (`active`, `retired`, `destroyed`), `retiredAt`/`destroyedAt`
+//! (unix ms) when so, and
 //! `sealedPrivateKey` (base64 of the sealed PKCS#8 PEM), which `destroy` removes for good.
 //!
 //! Invariants:
@@ -48,16 +49,16 @@ pub struct KeyRecord {
     pub id: String,
     /// Base64 of the PKCS#1 `RSAPublicKey` DER.
     pub public_key: String,
-    /// RFC 3339.
-    pub date_created: String,
+    /// When it was made, unix milliseconds (the contract's `dateCreated`, a number).
+    pub date_created: u64,
     /// Its state.
     pub state: KeyState,
-    /// When it was retired, RFC 3339.
+    /// When it was retired, unix milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retired_at: Option<String>,
-    /// When its private key was destroyed, RFC 3339.
+    pub retired_at: Option<u64>,
+    /// When its private key was destroyed, unix milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub destroyed_at: Option<String>,
+    pub destroyed_at: Option<u64>,
     /// Base64 of the sealed private key; absent once destroyed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed_private_key: Option<String>,
@@ -99,10 +100,6 @@ pub struct KeyStore {
 
 fn b64() -> base64::engine::general_purpose::GeneralPurpose {
     base64::engine::general_purpose::STANDARD
-}
-
-fn when(ms: u64) -> String {
-    crate::clock::Utc::from_unix_ms(ms).rfc3339()
 }
 
 impl KeyStore {
@@ -173,7 +170,7 @@ impl KeyStore {
                 out.push(self.get(id)?);
             }
         }
-        out.sort_by(|a, b| (&a.date_created, &a.id).cmp(&(&b.date_created, &b.id)));
+        out.sort_by(|a, b| (a.date_created, &a.id).cmp(&(b.date_created, &b.id)));
         Ok(out)
     }
 
@@ -201,7 +198,7 @@ impl KeyStore {
         let r = KeyRecord {
             id,
             public_key: b64().encode(key.public().to_pkcs1_der()),
-            date_created: when(now_ms),
+            date_created: now_ms,
             state: KeyState::Active,
             retired_at: None,
             destroyed_at: None,
@@ -268,7 +265,7 @@ impl KeyStore {
             return Err(KeyStoreError::State(r.id, r.state));
         }
         r.state = KeyState::Retired;
-        r.retired_at = Some(when(now_ms));
+        r.retired_at = Some(now_ms);
         self.write(&r)?;
         Ok(r)
     }
@@ -281,7 +278,7 @@ impl KeyStore {
             return Err(KeyStoreError::Destroyed(r.id));
         }
         r.state = KeyState::Destroyed;
-        r.destroyed_at = Some(when(now_ms));
+        r.destroyed_at = Some(now_ms);
         r.sealed_private_key = None;
         self.write(&r)?;
         Ok(r)

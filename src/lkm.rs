@@ -61,6 +61,8 @@ struct RawLkm {
     rotation: Rotation,
     #[serde(default = "default_skew")]
     skew_secs: u64,
+    #[serde(default)]
+    require_payload_hash: bool,
 }
 
 fn default_listen() -> SocketAddr {
@@ -94,6 +96,9 @@ pub struct LkmConfig {
     pub rotation: Rotation,
     /// Allowed clock skew of Hawk-signed requests, seconds.
     pub skew_secs: u64,
+    /// Whether a request with a body must carry its Hawk payload hash (a hash sent is always
+    /// checked). Off by default: contract clients need not send one.
+    pub require_payload_hash: bool,
 }
 
 impl LkmConfig {
@@ -141,6 +146,7 @@ impl LkmConfig {
             tls,
             rotation: l.rotation,
             skew_secs: l.skew_secs,
+            require_payload_hash: l.require_payload_hash,
         })
     }
 }
@@ -228,29 +234,27 @@ fn read_credentials(path: &Path) -> Result<BTreeMap<String, StoredCredential>, S
     }
 }
 
-/// The credentials the service accepts.
+/// The credentials the service accepts. A credential's key is its text: the contract's
+/// clients (the platform's `apiKey`) use the string they were given as the Hawk key.
 pub fn load_credentials(path: &Path) -> Result<HashMap<String, Credential>, String> {
-    let b64 = base64::engine::general_purpose::STANDARD;
-    read_credentials(path)?
+    Ok(read_credentials(path)?
         .into_iter()
         .map(|(id, c)| {
-            let key = Zeroizing::new(
-                b64.decode(&c.key)
-                    .map_err(|e| format!("{}: credential {id}: {e}", path.display()))?,
-            );
-            Ok((
+            let key = Zeroizing::new(c.key.as_bytes().to_vec());
+            (
                 id,
                 Credential {
                     key,
                     admin: c.admin,
                 },
-            ))
+            )
         })
-        .collect()
+        .collect())
 }
 
-/// Issues a Hawk credential: a fresh 32-byte key, stored (0600, written to a temporary name
-/// and renamed) and returned base64 for the administrator to hand to the client. An id that
+/// Issues a Hawk credential: a key of 256 random bits written as 43 base64url characters,
+/// stored (0600, written to a temporary name and renamed) and returned for the administrator
+/// to hand to the client, which uses that text as its Hawk key (algorithm sha256). An id that
 /// exists is refused.
 pub fn add_credential(path: &Path, id: &str, admin: bool) -> Result<Zeroizing<String>, String> {
     if id.is_empty()
@@ -269,7 +273,8 @@ pub fn add_credential(path: &Path, id: &str, admin: bool) -> Result<Zeroizing<St
     }
     let mut key = Zeroizing::new([0u8; 32]);
     getrandom::fill(key.as_mut()).map_err(|e| e.to_string())?;
-    let encoded = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(key.as_ref()));
+    let encoded =
+        Zeroizing::new(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key.as_ref()));
     all.insert(
         id.to_string(),
         StoredCredential {
@@ -340,9 +345,11 @@ mod tests {
         let all = load_credentials(&path).unwrap();
         assert_eq!(all.len(), 2);
         assert_eq!(
-            base64::engine::general_purpose::STANDARD.encode(all["recorder-1"].key.as_slice()),
-            *k
+            all["recorder-1"].key.as_slice(),
+            k.as_bytes(),
+            "the text is the key"
         );
+        assert_eq!(k.len(), 43);
         assert!(all["ops"].admin && !all["recorder-1"].admin);
     }
 }

@@ -78,7 +78,7 @@ pub fn keys(config: &Path, json: bool) -> Result<(), Error> {
             "{:<66} {:<10} {:<25} {}",
             r.id,
             state.as_str().unwrap_or_default(),
-            r.date_created,
+            crate::clock::Utc::from_unix_ms(r.date_created).rfc3339(),
             if current.as_deref() == Some(r.id.as_str()) {
                 "*"
             } else {
@@ -104,7 +104,7 @@ pub fn add_credential(config: &Path, id: &str, admin: bool) -> Result<(), Error>
                 "ok",
             )
             .map_err(Error::Invalid)?;
-            println!("id: {id}\nkey: {}", key.as_str());
+            println!("id: {id}\nkey: {}\nalgorithm: sha256", key.as_str());
             eprintln!(
                 "edgerec: give this key to the client's configuration now; it is not shown again"
             );
