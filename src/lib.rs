@@ -64,6 +64,8 @@ pub mod keystore;
 #[cfg(feature = "appliance")]
 pub mod lkm;
 #[cfg(feature = "appliance")]
+pub mod lkm_server;
+#[cfg(feature = "appliance")]
 pub mod loadgen;
 #[cfg(feature = "appliance")]
 pub mod metrics;

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use crate::config::Config;
 
-/// Loads the config, starts the runtime, runs until SIGTERM or SIGINT.
-pub fn run(config: &Path) -> ExitCode {
+/// Logs to standard error at `EDGEREC_LOG` (info by default).
+pub fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("EDGEREC_LOG")
@@ -16,6 +16,11 @@ pub fn run(config: &Path) -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+}
+
+/// Loads the config, starts the runtime, runs until SIGTERM or SIGINT.
+pub fn run(config: &Path) -> ExitCode {
+    init_logging();
     let config = match Config::load(config) {
         Ok(c) => c,
         Err(e) => {

@@ -158,3 +158,16 @@ pub fn restore(config: &Path, backup: &Path) -> Result<(), Error> {
         }
     }
 }
+
+/// `edgerec lkm serve`.
+pub fn serve(config: &Path) -> Result<(), Error> {
+    super::appliance::init_logging();
+    let cfg = LkmConfig::load(config).map_err(Error::Invalid)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Invalid(format!("cannot start the runtime: {e}")))?;
+    runtime
+        .block_on(crate::lkm_server::serve(cfg))
+        .map_err(Error::Invalid)
+}

@@ -208,6 +208,13 @@ enum LkmAction {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// The key manager's HTTPS service (the platform's key-manager contract), until SIGTERM.
+    #[cfg(feature = "appliance")]
+    Serve {
+        /// The key manager's config file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Make a new key pair, the one recorders seal to from now on; older keys stay for
     /// decryption. Prints the kek id.
     #[cfg(feature = "appliance")]
@@ -356,6 +363,8 @@ pub fn main() -> ExitCode {
             LkmAction::VerifyAudit { file } => verify_audit(&file),
             #[cfg(feature = "appliance")]
             LkmAction::Init { config } => lkm::init(&config),
+            #[cfg(feature = "appliance")]
+            LkmAction::Serve { config } => lkm::serve(&config),
             #[cfg(feature = "appliance")]
             LkmAction::Rotate { config } => lkm::rotate(&config),
             #[cfg(feature = "appliance")]

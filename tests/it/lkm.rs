@@ -135,3 +135,366 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A running `edgerec lkm serve` over TLS, with a recorder's and an administrator's
+/// credentials issued by the command line.
+struct Service {
+    child: std::process::Child,
+    port: u16,
+    dir: tempfile::TempDir,
+    pki: crate::http_store::Pki,
+    recorder_key: String,
+    admin_key: String,
+    client: reqwest::blocking::Client,
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn issued_key(out: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix("key: "))
+        .expect("the key is printed")
+        .to_string()
+}
+
+impl Service {
+    fn start() -> Service {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().unwrap();
+        let pki = crate::http_store::Pki::make();
+        let config = dir.path().join("lkm.toml");
+        fs::write(
+            &config,
+            format!(
+                "[lkm]\nlisten = \"127.0.0.1:0\"\nstore_dir = \"store\"\nmaster_key_file = \"master.key\"\n\
+                 credentials_file = \"credentials.json\"\naudit_log = \"audit.jsonl\"\n\
+                 tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                pki.path("server.pem").display(),
+                pki.path("server.key").display()
+            ),
+        )
+        .unwrap();
+        assert_eq!(lkm(&["init"], &config).0, 0);
+        let recorder_key = issued_key(&lkm(&["credentials", "add", "recorder-1"], &config).1);
+        let admin_key = issued_key(&lkm(&["credentials", "add", "--admin", "ops"], &config).1);
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_edgerec"))
+            .args(["lkm", "serve", "--config", config.to_str().unwrap()])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        let port = loop {
+            let line = lines
+                .next()
+                .expect("the service logs where it listens")
+                .unwrap();
+            if let Some(addr) = line.split("addr=").nth(1) {
+                break addr
+                    .split_whitespace()
+                    .next()
+                    .unwrap()
+                    .rsplit(':')
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        let ca = reqwest::Certificate::from_pem(&fs::read(pki.path("ca.pem")).unwrap()).unwrap();
+        let client = reqwest::blocking::Client::builder()
+            .add_root_certificate(ca)
+            .build()
+            .unwrap();
+        Service {
+            child,
+            port,
+            dir,
+            pki,
+            recorder_key,
+            admin_key,
+            client,
+        }
+    }
+
+    /// A request as a contract client makes it: Hawk-signed (with a payload hash if `hash`).
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+        id: &str,
+        key: &str,
+        hash: bool,
+    ) -> (u16, serde_json::Value) {
+        let bytes = body
+            .map(|b| serde_json::to_vec(b).unwrap())
+            .unwrap_or_default();
+        let auth = hawk_header(method, self.port, path, &bytes, id, key, hash);
+        self.send(method, path, &bytes, Some(&auth))
+    }
+
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        bytes: &[u8],
+        auth: Option<&str>,
+    ) -> (u16, serde_json::Value) {
+        let url = format!("https://127.0.0.1:{}{path}", self.port);
+        let mut req = self
+            .client
+            .request(reqwest::Method::from_bytes(method.as_bytes()).unwrap(), url)
+            .header("PureCloud-User-Id", "user-42");
+        if let Some(a) = auth {
+            req = req.header("Authorization", a);
+        }
+        if !bytes.is_empty() {
+            req = req
+                .header("Content-Type", "application/json")
+                .body(bytes.to_vec());
+        }
+        let r = req.send().unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        )
+    }
+}
+
+fn hawk_header(
+    method: &str,
+    port: u16,
+    path: &str,
+    body: &[u8],
+    id: &str,
+    key: &str,
+    hash: bool,
+) -> String {
+    let credentials = hawk::Credentials {
+        id: id.to_string(),
+        key: hawk::Key::new(key.as_bytes(), hawk::SHA256).unwrap(),
+    };
+    let payload = (hash && !body.is_empty())
+        .then(|| hawk::PayloadHasher::hash("application/json", hawk::SHA256, body).unwrap());
+    let h = hawk::RequestBuilder::new(method, "127.0.0.1", port, path)
+        .hash(payload.as_deref())
+        .request()
+        .make_header(&credentials)
+        .unwrap();
+    format!("Hawk {h}")
+}
+
+#[test]
+fn a_contract_client_creates_keys_and_unwraps_through_the_service() {
+    use base64::Engine;
+    use edgerec::format::Wrap;
+    use edgerec::keys::KekPublic;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let s = Service::start();
+    let (rid, rkey) = ("recorder-1", s.recorder_key.clone());
+    // POST keypair: {id, publicKey (base64 DER RSAPublicKey), dateCreated (a number)}.
+    let (code, made) = s.call("POST", "/key-management/v1/keypair", None, rid, &rkey, true);
+    assert_eq!(code, 200, "{made}");
+    let id = made["id"].as_str().unwrap().to_string();
+    assert!(made["dateCreated"].is_u64(), "{made}");
+    let public = KekPublic::from_der(
+        "publicKey",
+        &b64.decode(made["publicKey"].as_str().unwrap()).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(public.id().to_hex(), id, "the keypair id is the kek id");
+    assert_eq!(public.bits(), 3072);
+    let (code, all) = s.call("GET", "/key-management/v1/keypair", None, rid, &rkey, true);
+    assert_eq!(code, 200);
+    assert_eq!(all.as_array().unwrap().len(), 2, "init's key and this one");
+    let (code, one) = s.call(
+        "GET",
+        &format!("/key-management/v1/keypair/{id}"),
+        None,
+        rid,
+        &rkey,
+        true,
+    );
+    assert_eq!(
+        (code, one["publicKey"].clone()),
+        (200, made["publicKey"].clone())
+    );
+    let (code, cur) = s.call("GET", "/key-management/v1/current", None, rid, &rkey, true);
+    assert_eq!(
+        (code, cur["id"].as_str()),
+        (200, Some(id.as_str())),
+        "the newest key is current"
+    );
+    // Decrypt: a DEK wrapped RSA-OAEP-SHA1 (the contract's default), with and without a
+    // payload hash; wrap 1 with decryptType "erec".
+    let dek = edgerec::crypto::Dek::generate().unwrap();
+    let want = b64.encode(dek.expose());
+    for (wrap, ty, hash) in [
+        (Wrap::OaepSha1, None, true),
+        (Wrap::OaepSha1, None, false),
+        (Wrap::OaepSha256, Some("erec"), true),
+    ] {
+        let sealed = b64.encode(public.seal(&dek, wrap).unwrap());
+        let mut body =
+            serde_json::json!({ "keypairId": id, "body": sealed, "recordingId": "rec-1" });
+        if let Some(t) = ty {
+            body["decryptType"] = t.into();
+        }
+        let (code, got) = s.call(
+            "POST",
+            "/key-management/v1/decrypt",
+            Some(&body),
+            rid,
+            &rkey,
+            hash,
+        );
+        assert_eq!(
+            (code, got["body"].as_str()),
+            (200, Some(want.as_str())),
+            "{ty:?} {hash}"
+        );
+    }
+    // Every unwrap failure gets the same answer.
+    let wrong_wrap = b64.encode(public.seal(&dek, Wrap::OaepSha256).unwrap());
+    for bad in [wrong_wrap, b64.encode([7u8; 384]), "not base64".to_string()] {
+        let body = serde_json::json!({ "keypairId": id, "body": bad });
+        let (code, got) = s.call(
+            "POST",
+            "/key-management/v1/decrypt",
+            Some(&body),
+            rid,
+            &rkey,
+            true,
+        );
+        assert_eq!(
+            (code, got["message"].as_str()),
+            (400, Some("decrypt failed"))
+        );
+    }
+    let body = serde_json::json!({ "keypairId": "00".repeat(32), "body": "AAAA" });
+    assert_eq!(
+        s.call(
+            "POST",
+            "/key-management/v1/decrypt",
+            Some(&body),
+            rid,
+            &rkey,
+            true
+        )
+        .0,
+        404
+    );
+    // The authenticated OPTIONS the platform uses to check the endpoint.
+    assert_eq!(
+        s.call(
+            "OPTIONS",
+            "/key-management/v1/decrypt",
+            None,
+            rid,
+            &rkey,
+            true
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        s.send("OPTIONS", "/key-management/v1/decrypt", b"", None).0,
+        401
+    );
+    // Bad, missing and replayed credentials are refused.
+    assert_eq!(
+        s.call(
+            "GET",
+            "/key-management/v1/keypair",
+            None,
+            rid,
+            "not-the-key",
+            true
+        )
+        .0,
+        401
+    );
+    assert_eq!(
+        s.call(
+            "GET",
+            "/key-management/v1/keypair",
+            None,
+            "nobody",
+            &rkey,
+            true
+        )
+        .0,
+        401
+    );
+    assert_eq!(
+        s.send("GET", "/key-management/v1/keypair", b"", None).0,
+        401
+    );
+    let auth = hawk_header(
+        "GET",
+        s.port,
+        "/key-management/v1/keypair",
+        b"",
+        rid,
+        &rkey,
+        true,
+    );
+    assert_eq!(
+        s.send("GET", "/key-management/v1/keypair", b"", Some(&auth))
+            .0,
+        200
+    );
+    assert_eq!(
+        s.send("GET", "/key-management/v1/keypair", b"", Some(&auth))
+            .0,
+        401,
+        "a replay"
+    );
+    // Credentials through the API: administrators only.
+    let body = serde_json::json!({ "id": "platform-1" });
+    assert_eq!(
+        s.call(
+            "POST",
+            "/key-management/v1/auth",
+            Some(&body),
+            rid,
+            &rkey,
+            true
+        )
+        .0,
+        403
+    );
+    let (code, cred) = s.call(
+        "POST",
+        "/key-management/v1/auth",
+        Some(&body),
+        "ops",
+        &s.admin_key,
+        true,
+    );
+    assert_eq!((code, cred["algorithm"].as_str()), (200, Some("sha256")));
+    assert_eq!(cred["authKey"].as_str().unwrap().len(), 43);
+    // The audit log has every request, chained, with who asked.
+    let audit = fs::read_to_string(s.dir.path().join("audit.jsonl")).unwrap();
+    assert!(audit.lines().any(|l| l.contains("\"action\":\"decrypt\"")
+        && l.contains("\"user\":\"user-42\"")
+        && l.contains("\"recording\":\"rec-1\"")
+        && l.contains("\"outcome\":\"ok\"")));
+    assert!(audit.contains("denied: replayed nonce"));
+    let out = edgerec(&[
+        "lkm",
+        "verify-audit",
+        s.dir.path().join("audit.jsonl").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let _ = &s.pki;
+}

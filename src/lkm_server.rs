@@ -1,0 +1,514 @@
+//! `edgerec lkm serve`: the Local Key Manager's HTTPS service, speaking the platform's
+//! key-manager contract (`/key-management/v1/…`) so that a client written for it works
+//! unchanged, plus `GET /key-management/v1/current` for recorders.
+//!
+//! Invariants:
+//! - Every endpoint is Hawk-authenticated ([`crate::hawk_auth`]); a refusal says only
+//!   "authentication failed" (401) and its reason goes to the audit log.
+//! - Every request that touches a key is a line of the audit log: who (Hawk id and
+//!   `PureCloud-User-Id`), the action, the key, the recording id where the caller gives one,
+//!   the outcome.
+//! - No endpoint returns a private key. Every failure to unwrap a DEK gets the same answer
+//!   (400 "decrypt failed"), whatever went wrong inside; the DEK returned is zeroized after
+//!   it is encoded.
+//! - `POST /key-management/v1/auth` (issuing credentials) answers only an administrator's
+//!   credential; `edgerec lkm credentials add` is the usual way.
+//! - TLS handshakes run in their own tasks (10 s limit), so a slow client cannot stall the
+//!   accept loop.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine;
+use serde::Deserialize;
+use serde_json::json;
+use zeroize::Zeroizing;
+
+use crate::audit::{AuditLog, Event};
+use crate::format::Wrap;
+use crate::hawk_auth::{Authenticated, RequestParts, Verifier};
+use crate::keys::KekId;
+use crate::keystore::{KeyRecord, KeyState, KeyStore, KeyStoreError};
+use crate::lkm::{Lkm, LkmConfig};
+
+/// The service's shared state.
+struct App {
+    store: KeyStore,
+    audit: Mutex<AuditLog>,
+    verifier: Verifier,
+    credentials_file: std::path::PathBuf,
+}
+
+/// A TLS listener for axum: TCP accepted in one task, each handshake in its own.
+struct TlsListener {
+    rx: tokio::sync::mpsc::Receiver<(
+        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        SocketAddr,
+    )>,
+    local: SocketAddr,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.rx.recv().await {
+            Some(c) => c,
+            // The accept task is gone: nothing more will come.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
+fn tls_config(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<rustls::ServerConfig, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("lkm.tls_cert {}: {e}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("lkm.tls_key {}: {e}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("lkm.tls_cert / lkm.tls_key: {e}"))
+}
+
+/// Runs the service until SIGTERM or SIGINT.
+pub async fn serve(config: LkmConfig) -> Result<(), String> {
+    let (cert, key) = config
+        .tls
+        .clone()
+        .ok_or("lkm.tls_cert and lkm.tls_key are needed: the service speaks HTTPS only")?;
+    let tls = Arc::new(tls_config(&cert, &key)?);
+    let credentials = crate::lkm::load_credentials(&config.credentials_file)?;
+    if credentials.is_empty() {
+        tracing::warn!("no Hawk credentials yet: issue one with edgerec lkm credentials add");
+    }
+    let verifier = Verifier::new(
+        credentials,
+        Duration::from_secs(config.skew_secs),
+        config.require_payload_hash,
+    );
+    let credentials_file = config.credentials_file.clone();
+    let listen = config.listen;
+    let Lkm { store, audit, .. } = Lkm::open(config, false)?;
+    let app = Arc::new(App {
+        store,
+        audit: Mutex::new(audit),
+        verifier,
+        credentials_file,
+    });
+    let tcp = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("lkm.listen {listen}: {e}"))?;
+    let local = tcp.local_addr().map_err(|e| e.to_string())?;
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    tokio::spawn(async move {
+        loop {
+            let (sock, peer) = match tcp.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(sock)).await {
+                    Ok(Ok(s)) => {
+                        let _ = tx.send((s, peer)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    let router = Router::new()
+        .route(
+            "/key-management/v1/keypair",
+            get(list_keypairs).post(create_keypair),
+        )
+        .route("/key-management/v1/keypair/{id}", get(get_keypair))
+        .route(
+            "/key-management/v1/decrypt",
+            post(decrypt).options(decrypt_options),
+        )
+        .route("/key-management/v1/auth", post(register))
+        .route("/key-management/v1/current", get(current))
+        .layer(axum::extract::DefaultBodyLimit::max(64 << 10))
+        .with_state(app);
+    tracing::info!(addr = %local, "key manager listening (HTTPS)");
+    axum::serve(TlsListener { rx, local }, router)
+        .with_graceful_shutdown(async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("a SIGTERM handler can be installed");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// A JSON answer with a message.
+fn message(status: StatusCode, text: &str) -> Response {
+    (status, axum::Json(json!({ "message": text }))).into_response()
+}
+
+/// The caller, authenticated, and the `PureCloud-User-Id` it sent.
+struct Caller {
+    who: Authenticated,
+    user: Option<String>,
+}
+
+impl App {
+    /// Logs a request of `caller` that names no recording.
+    fn note(&self, caller: &Caller, action: &str, key: Option<&str>, outcome: &str) {
+        self.log(
+            &caller.who.id,
+            caller.user.as_deref(),
+            action,
+            key,
+            None,
+            outcome,
+        );
+    }
+
+    fn log(
+        &self,
+        who: &str,
+        user: Option<&str>,
+        action: &str,
+        key: Option<&str>,
+        recording: Option<&str>,
+        outcome: &str,
+    ) {
+        let event = Event {
+            who: who.to_string(),
+            user: user.map(str::to_string),
+            action: action.to_string(),
+            key: key.map(str::to_string),
+            recording: recording.map(str::to_string),
+            outcome: outcome.to_string(),
+        };
+        let written = match self.audit.lock() {
+            Ok(mut a) => a.append(&event, crate::clock::now_ms()).map(|_| ()),
+            Err(_) => Err(std::io::Error::other("audit log lock poisoned")),
+        };
+        if let Err(e) = written {
+            tracing::error!(error = %e, "cannot write the audit log");
+        }
+    }
+
+    /// Authenticates a request, or answers 401 (and logs why).
+    fn authenticate(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: &[u8],
+        action: &str,
+    ) -> Result<Caller, Box<Response>> {
+        let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+        let host_header = header("host").unwrap_or_default();
+        let (host, port) = match host_header.rsplit_once(':') {
+            Some((h, p)) if p.parse::<u16>().is_ok() => (h, p.parse().unwrap_or(443)),
+            _ => (host_header, 443),
+        };
+        let content_type = header("content-type")
+            .map(|c| c.split(';').next().unwrap_or_default().trim())
+            .unwrap_or_default();
+        let user = header("purecloud-user-id").map(str::to_string);
+        let parts = RequestParts {
+            method: method.as_str(),
+            host,
+            port,
+            path: uri.path(),
+            content_type,
+            body,
+            authorization: header("authorization"),
+        };
+        match self.verifier.verify(&parts) {
+            Ok(who) => Ok(Caller { who, user }),
+            Err(denied) => {
+                let who = denied.id.clone().unwrap_or_else(|| "-".into());
+                self.log(
+                    &who,
+                    user.as_deref(),
+                    action,
+                    None,
+                    None,
+                    &format!("denied: {}", denied.reason),
+                );
+                Err(Box::new(message(
+                    StatusCode::UNAUTHORIZED,
+                    "authentication failed",
+                )))
+            }
+        }
+    }
+}
+
+/// What a request is for, in the audit log.
+fn action_of(method: &Method, path: &str) -> &'static str {
+    match (method.as_str(), path.trim_end_matches('/')) {
+        ("POST", "/key-management/v1/keypair") => "keypair.create",
+        ("GET", "/key-management/v1/keypair") => "keypair.list",
+        ("GET", "/key-management/v1/current") => "keypair.current",
+        ("GET", _) => "keypair.get",
+        ("POST", "/key-management/v1/decrypt") => "decrypt",
+        ("OPTIONS", _) => "decrypt.options",
+        ("POST", "/key-management/v1/auth") => "credentials.add",
+        _ => "other",
+    }
+}
+
+/// An authenticated request: its caller and body. Extracting it answers 401 (logged) for
+/// anyone else.
+struct Authed {
+    caller: Caller,
+    body: Bytes,
+}
+
+impl axum::extract::FromRequest<Arc<App>> for Authed {
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, app: &Arc<App>) -> Result<Self, Response> {
+        let (parts, body) = req.into_parts();
+        let body = axum::body::to_bytes(body, 64 << 10)
+            .await
+            .map_err(|_| message(StatusCode::PAYLOAD_TOO_LARGE, "request too large"))?;
+        let action = action_of(&parts.method, parts.uri.path());
+        let caller = app
+            .authenticate(&parts.method, &parts.uri, &parts.headers, &body, action)
+            .map_err(|r| *r)?;
+        Ok(Authed { caller, body })
+    }
+}
+
+/// The contract's view of a key pair.
+fn keypair_json(r: &KeyRecord) -> serde_json::Value {
+    json!({ "id": r.id, "publicKey": r.public_key, "dateCreated": r.date_created, "state": r.state })
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Response> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| message(StatusCode::INTERNAL_SERVER_ERROR, "internal error"))
+}
+
+async fn create_keypair(State(app): State<Arc<App>>, Authed { caller, .. }: Authed) -> Response {
+    let a = Arc::clone(&app);
+    let made = match blocking(move || a.store.generate(crate::clock::now_ms())).await {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    match made {
+        Ok(r) => {
+            app.note(&caller, "keypair.create", Some(&r.id), "ok");
+            axum::Json(keypair_json(&r)).into_response()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot make a key pair");
+            app.note(&caller, "keypair.create", None, "failed");
+            message(StatusCode::INTERNAL_SERVER_ERROR, "cannot make a key pair")
+        }
+    }
+}
+
+async fn list_keypairs(State(app): State<Arc<App>>, Authed { caller, .. }: Authed) -> Response {
+    app.note(&caller, "keypair.list", None, "ok");
+    match app.store.list() {
+        Ok(all) => axum::Json(all.iter().map(keypair_json).collect::<Vec<_>>()).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot list the key store");
+            message(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot read the key store",
+            )
+        }
+    }
+}
+
+async fn get_keypair(
+    State(app): State<Arc<App>>,
+    UrlPath(id): UrlPath<String>,
+    Authed { caller, .. }: Authed,
+) -> Response {
+    match app.store.get(&id) {
+        Ok(r) => {
+            app.note(&caller, "keypair.get", Some(&id), "ok");
+            axum::Json(keypair_json(&r)).into_response()
+        }
+        Err(_) => {
+            app.note(&caller, "keypair.get", Some(&id), "unknown_key");
+            message(StatusCode::NOT_FOUND, "no such keypair")
+        }
+    }
+}
+
+async fn current(State(app): State<Arc<App>>, Authed { caller, .. }: Authed) -> Response {
+    match app.store.current() {
+        Ok(Some(r)) => {
+            app.note(&caller, "keypair.current", Some(&r.id), "ok");
+            axum::Json(keypair_json(&r)).into_response()
+        }
+        _ => message(StatusCode::NOT_FOUND, "no active keypair"),
+    }
+}
+
+/// The decrypt request of the contract (`recordingId` is edgerec's optional addition, for
+/// the audit log).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DecryptBody {
+    keypair_id: String,
+    body: String,
+    decrypt_type: Option<String>,
+    recording_id: Option<String>,
+}
+
+async fn decrypt(State(app): State<Arc<App>>, Authed { caller, body }: Authed) -> Response {
+    let log = |key: Option<&str>, rec: Option<&str>, outcome: &str| {
+        app.log(
+            &caller.who.id,
+            caller.user.as_deref(),
+            "decrypt",
+            key,
+            rec,
+            outcome,
+        )
+    };
+    let Ok(req) = serde_json::from_slice::<DecryptBody>(&body) else {
+        log(None, None, "bad_request");
+        return message(
+            StatusCode::BAD_REQUEST,
+            "Decrypt body and keypairId must be filled out",
+        );
+    };
+    let rec = req.recording_id.as_deref();
+    let wrap = match req.decrypt_type.as_deref() {
+        None | Some("") | Some("oaep") | Some("oaep-sha1") => Wrap::OaepSha1,
+        Some("erec") => Wrap::OaepSha256,
+        Some(_) => {
+            log(Some(&req.keypair_id), rec, "unsupported_type");
+            return message(StatusCode::BAD_REQUEST, "unsupported decryptType");
+        }
+    };
+    let Some(id) = KekId::from_hex(&req.keypair_id) else {
+        log(Some(&req.keypair_id), rec, "unknown_key");
+        return message(StatusCode::NOT_FOUND, "no such keypair");
+    };
+    match app.store.get(&req.keypair_id) {
+        Err(_) => {
+            log(Some(&req.keypair_id), rec, "unknown_key");
+            return message(StatusCode::NOT_FOUND, "no such keypair");
+        }
+        Ok(r) if r.state == KeyState::Destroyed => {
+            log(Some(&req.keypair_id), rec, "destroyed");
+            return message(StatusCode::GONE, "key destroyed");
+        }
+        Ok(_) => {}
+    }
+    let a = Arc::clone(&app);
+    let sealed = base64::engine::general_purpose::STANDARD.decode(req.body.as_bytes());
+    let unwrapped = blocking(
+        move || -> Result<Zeroizing<String>, Option<KeyStoreError>> {
+            let sealed = sealed.map_err(|_| None)?;
+            let key = a.store.private(&id).map_err(Some)?;
+            let dek = key.unseal(wrap, &sealed).map_err(|_| None)?;
+            Ok(Zeroizing::new(
+                base64::engine::general_purpose::STANDARD.encode(dek.expose()),
+            ))
+        },
+    )
+    .await;
+    match unwrapped {
+        Ok(Ok(dek)) => {
+            log(Some(&req.keypair_id), rec, "ok");
+            axum::Json(json!({ "body": dek.as_str() })).into_response()
+        }
+        Ok(Err(Some(KeyStoreError::Protection(e)))) => {
+            tracing::error!(error = %e, "the key's protection refused");
+            log(Some(&req.keypair_id), rec, "access_revoked");
+            message(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "access revoked: the key's protection refused",
+            )
+        }
+        _ => {
+            log(Some(&req.keypair_id), rec, "failed");
+            message(StatusCode::BAD_REQUEST, "decrypt failed")
+        }
+    }
+}
+
+async fn decrypt_options(State(app): State<Arc<App>>, Authed { caller, .. }: Authed) -> Response {
+    app.note(&caller, "decrypt.options", None, "ok");
+    axum::Json(json!({
+        "encryptBody": { "keypairId": null, "body": null, "decryptType": null },
+        "decryptResponse": { "body": "Decrypted Response" },
+    }))
+    .into_response()
+}
+
+#[derive(Deserialize)]
+struct Register {
+    id: String,
+}
+
+async fn register(State(app): State<Arc<App>>, Authed { caller, body }: Authed) -> Response {
+    if !caller.who.admin {
+        app.note(
+            &caller,
+            "credentials.add",
+            None,
+            "denied: not an administrator",
+        );
+        return message(
+            StatusCode::FORBIDDEN,
+            "only an administrator issues credentials",
+        );
+    }
+    let Ok(req) = serde_json::from_slice::<Register>(&body) else {
+        return message(StatusCode::BAD_REQUEST, "a JSON body with the id");
+    };
+    match crate::lkm::add_credential(&app.credentials_file, &req.id, false) {
+        Ok(key) => {
+            app.note(&caller, "credentials.add", None, "ok");
+            tracing::info!(id = %req.id, "credential issued; effective at the next start");
+            axum::Json(json!({ "id": req.id, "authKey": key.as_str(), "algorithm": "sha256" }))
+                .into_response()
+        }
+        Err(e) => {
+            app.note(&caller, "credentials.add", None, "failed");
+            message(StatusCode::BAD_REQUEST, &e)
+        }
+    }
+}
