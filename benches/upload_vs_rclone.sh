@@ -68,27 +68,34 @@ make_packages() {
   chmod 600 "$dir"/ready/*
 }
 
-# run edgerec on the spool DIR until ready/ is empty; prints seconds
-edgerec_upload() {
-  local dir=$1 prefix=$2 t0 t1 pid port
-  port=$(free_port)
-  cat > "$dir/edgerec.toml" <<TOML
+# write_config FILE SPOOL_DIR PORTS PREFIX [extra [recorder] lines]: an appliance config
+# delivering to the SeaweedFS above
+write_config() {
+  cat > "$1" <<TOML
 [recorder]
-spool_dir = "."
+spool_dir = "$2"
 min_free_bytes = 1048576
+${5:-}
 [ingest]
-ports = "$port-$port"
+ports = "$3"
 [keys]
 public_key = "$PWD/samples/demo-kek.pub.pem"
 [store]
 kind = "s3"
 endpoint = "http://127.0.0.1:$s3port"
 bucket = "edgerec"
-prefix = "$prefix"
+prefix = "$4"
 credentials_file = "$work/credentials"
 [metrics]
 listen = "127.0.0.1:0"
 TOML
+}
+
+# run edgerec on the spool DIR until ready/ is empty; prints seconds
+edgerec_upload() {
+  local dir=$1 prefix=$2 t0 t1 pid port
+  port=$(free_port)
+  write_config "$dir/edgerec.toml" . "$port-$port" "$prefix"
   t0=$(now_ms)
   "$bin" run --config "$dir/edgerec.toml" 2> "$dir/log" &
   pid=$!
@@ -133,24 +140,7 @@ done
 
 # From a recording's end to its object in the store: 40 two-leg calls recorded by the appliance.
 dir="$work/calls"; mkdir -p "$dir" && chmod 700 "$dir"
-cat > "$dir/edgerec.toml" <<TOML
-[recorder]
-spool_dir = "spool"
-idle_timeout_ms = 1000
-min_free_bytes = 1048576
-[ingest]
-ports = "41100-41139"
-[keys]
-public_key = "$PWD/samples/demo-kek.pub.pem"
-[store]
-kind = "s3"
-endpoint = "http://127.0.0.1:$s3port"
-bucket = "edgerec"
-prefix = "calls/"
-credentials_file = "$work/credentials"
-[metrics]
-listen = "127.0.0.1:0"
-TOML
+write_config "$dir/edgerec.toml" spool 41100-41139 calls/ "idle_timeout_ms = 1000"
 "$bin" run --config "$dir/edgerec.toml" 2> "$dir/log" &
 pid=$!
 until grep -q "listening for RTP" "$dir/log"; do sleep 0.1; done

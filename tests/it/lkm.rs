@@ -293,6 +293,10 @@ fn hawk_header(
     format!("Hawk {h}")
 }
 
+/// The contract's endpoints the test calls most.
+const KEYPAIRS: &str = "/key-management/v1/keypair";
+const DECRYPT: &str = "/key-management/v1/decrypt";
+
 #[test]
 fn a_contract_client_creates_keys_and_unwraps_through_the_service() {
     use base64::Engine;
@@ -302,7 +306,7 @@ fn a_contract_client_creates_keys_and_unwraps_through_the_service() {
     let s = Service::start();
     let (rid, rkey) = ("recorder-1", s.recorder_key.clone());
     // POST keypair: {id, publicKey (base64 DER RSAPublicKey), dateCreated (a number)}.
-    let (code, made) = s.call("POST", "/key-management/v1/keypair", None, rid, &rkey, true);
+    let (code, made) = s.call("POST", KEYPAIRS, None, rid, &rkey, true);
     assert_eq!(code, 200, "{made}");
     let id = made["id"].as_str().unwrap().to_string();
     assert!(made["dateCreated"].is_u64(), "{made}");
@@ -313,7 +317,7 @@ fn a_contract_client_creates_keys_and_unwraps_through_the_service() {
     .unwrap();
     assert_eq!(public.id().to_hex(), id, "the keypair id is the kek id");
     assert_eq!(public.bits(), 3072);
-    let (code, all) = s.call("GET", "/key-management/v1/keypair", None, rid, &rkey, true);
+    let (code, all) = s.call("GET", KEYPAIRS, None, rid, &rkey, true);
     assert_eq!(code, 200);
     assert_eq!(all.as_array().unwrap().len(), 2, "init's key and this one");
     let (code, one) = s.call(
@@ -349,14 +353,7 @@ fn a_contract_client_creates_keys_and_unwraps_through_the_service() {
         if let Some(t) = ty {
             body["decryptType"] = t.into();
         }
-        let (code, got) = s.call(
-            "POST",
-            "/key-management/v1/decrypt",
-            Some(&body),
-            rid,
-            &rkey,
-            hash,
-        );
+        let (code, got) = s.call("POST", DECRYPT, Some(&body), rid, &rkey, hash);
         assert_eq!(
             (code, got["body"].as_str()),
             (200, Some(want.as_str())),
@@ -367,14 +364,7 @@ fn a_contract_client_creates_keys_and_unwraps_through_the_service() {
     let wrong_wrap = b64.encode(public.seal(&dek, Wrap::OaepSha256).unwrap());
     for bad in [wrong_wrap, b64.encode([7u8; 384]), "not base64".to_string()] {
         let body = serde_json::json!({ "keypairId": id, "body": bad });
-        let (code, got) = s.call(
-            "POST",
-            "/key-management/v1/decrypt",
-            Some(&body),
-            rid,
-            &rkey,
-            true,
-        );
+        let (code, got) = s.call("POST", DECRYPT, Some(&body), rid, &rkey, true);
         assert_eq!(
             (code, got["message"].as_str()),
             (400, Some("decrypt failed"))
@@ -382,83 +372,22 @@ fn a_contract_client_creates_keys_and_unwraps_through_the_service() {
     }
     let body = serde_json::json!({ "keypairId": "00".repeat(32), "body": "AAAA" });
     assert_eq!(
-        s.call(
-            "POST",
-            "/key-management/v1/decrypt",
-            Some(&body),
-            rid,
-            &rkey,
-            true
-        )
-        .0,
+        s.call("POST", DECRYPT, Some(&body), rid, &rkey, true).0,
         404
     );
     // The authenticated OPTIONS the platform uses to check the endpoint.
-    assert_eq!(
-        s.call(
-            "OPTIONS",
-            "/key-management/v1/decrypt",
-            None,
-            rid,
-            &rkey,
-            true
-        )
-        .0,
-        200
-    );
-    assert_eq!(
-        s.send("OPTIONS", "/key-management/v1/decrypt", b"", None).0,
-        401
-    );
+    assert_eq!(s.call("OPTIONS", DECRYPT, None, rid, &rkey, true).0, 200);
+    assert_eq!(s.send("OPTIONS", DECRYPT, b"", None).0, 401);
     // Bad, missing and replayed credentials are refused.
     assert_eq!(
-        s.call(
-            "GET",
-            "/key-management/v1/keypair",
-            None,
-            rid,
-            "not-the-key",
-            true
-        )
-        .0,
+        s.call("GET", KEYPAIRS, None, rid, "not-the-key", true).0,
         401
     );
-    assert_eq!(
-        s.call(
-            "GET",
-            "/key-management/v1/keypair",
-            None,
-            "nobody",
-            &rkey,
-            true
-        )
-        .0,
-        401
-    );
-    assert_eq!(
-        s.send("GET", "/key-management/v1/keypair", b"", None).0,
-        401
-    );
-    let auth = hawk_header(
-        "GET",
-        s.port,
-        "/key-management/v1/keypair",
-        b"",
-        rid,
-        &rkey,
-        true,
-    );
-    assert_eq!(
-        s.send("GET", "/key-management/v1/keypair", b"", Some(&auth))
-            .0,
-        200
-    );
-    assert_eq!(
-        s.send("GET", "/key-management/v1/keypair", b"", Some(&auth))
-            .0,
-        401,
-        "a replay"
-    );
+    assert_eq!(s.call("GET", KEYPAIRS, None, "nobody", &rkey, true).0, 401);
+    assert_eq!(s.send("GET", KEYPAIRS, b"", None).0, 401);
+    let auth = hawk_header("GET", s.port, KEYPAIRS, b"", rid, &rkey, true);
+    assert_eq!(s.send("GET", KEYPAIRS, b"", Some(&auth)).0, 200);
+    assert_eq!(s.send("GET", KEYPAIRS, b"", Some(&auth)).0, 401, "a replay");
     // Credentials through the API: administrators only.
     let body = serde_json::json!({ "id": "platform-1" });
     assert_eq!(
