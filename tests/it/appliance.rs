@@ -166,9 +166,14 @@ listen = "127.0.0.1:0"
 
     /// Waits for a log line containing `what` (observable state, not a sleep).
     fn wait_log(&self, what: &str) -> String {
+        self.wait_log_where(what, |line| line.contains(what))
+    }
+
+    /// The first log line from now on that `wanted` accepts (`what` names it in the panic).
+    fn wait_log_where(&self, what: &str, wanted: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + Duration::from_secs(30);
         while let Ok(line) = self.log.recv_timeout(deadline - Instant::now()) {
-            if line.contains(what) {
+            if wanted(&line) {
                 return line;
             }
         }
@@ -1112,7 +1117,10 @@ fn store_faults_are_retried_and_a_lost_answer_is_recognised_as_stored() {
     );
     assert!(out.status.success());
     // The 503's Retry-After (1 s) is the floor of the wait that follows it.
-    let busy = a.wait_log("503");
+    // Only the retry line of the 503 itself: a recording id or a time may hold "503" too.
+    let busy = a.wait_log_where("a retry after 503", |l| {
+        l.contains("will retry") && (l.contains(": 503 ") || l.contains("HTTP 503"))
+    });
     let wait: u64 = busy
         .split_whitespace()
         .find_map(|w| w.strip_prefix("wait_ms="))
