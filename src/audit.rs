@@ -103,25 +103,32 @@ impl Chain {
 /// the one before. Returns where the chain stands after the last line. An edited line shows
 /// at the line after it (whose `prev` no longer matches), and the error names both.
 pub fn verify(text: &str) -> Result<Chain, AuditError> {
-    let mut chain = Chain::default();
+    verify_from(Chain::default(), text)
+}
+
+/// Checks lines that continue a log whose chain stood at `chain` (line numbers in errors
+/// count from that point's first line as 1 more than `chain.next_seq`).
+pub fn verify_from(start: Chain, text: &str) -> Result<Chain, AuditError> {
+    let mut chain = start;
+    let base = start.next_seq;
     let body = match text.strip_suffix('\n') {
         Some(b) => b,
         None if text.is_empty() => return Ok(chain),
         None => {
             return Err(AuditError {
-                line: text.lines().count() as u64,
+                line: base + text.lines().count() as u64,
                 why: "the last line is incomplete (no newline)".into(),
             });
         }
     };
     if body.is_empty() {
         return Err(AuditError {
-            line: 1,
+            line: base + 1,
             why: "an empty line".into(),
         });
     }
     for (i, raw) in body.split('\n').enumerate() {
-        let n = i as u64 + 1;
+        let n = base + i as u64 + 1;
         let bad = |why: String| AuditError { line: n, why };
         let line: Line =
             serde_json::from_str(raw).map_err(|e| bad(format!("not an audit line: {e}")))?;
@@ -143,12 +150,16 @@ pub fn verify(text: &str) -> Result<Chain, AuditError> {
     Ok(chain)
 }
 
-/// An audit log file, open for appending.
+/// An audit log file, open for appending. Several processes may append to one log (the
+/// service and an administrator's commands): each append holds an exclusive lock on the
+/// file, first reads and verifies what others appended since, and chains onto that.
 #[derive(Debug)]
 pub struct AuditLog {
     path: PathBuf,
     file: File,
     chain: Chain,
+    /// The bytes of the file this log has verified.
+    len: u64,
 }
 
 impl AuditLog {
@@ -174,19 +185,47 @@ impl AuditLog {
             path: path.to_path_buf(),
             file,
             chain,
+            len: text.len() as u64,
         })
     }
 
     /// Appends one event (one write, then a sync) and returns the chain after it.
     pub fn append(&mut self, event: &Event, time_ms: u64) -> io::Result<Chain> {
+        let shown = self.path.display().to_string();
+        let err = |e: io::Error| io::Error::new(e.kind(), format!("{shown}: {e}"));
+        self.file.lock().map_err(err)?;
+        let done = self.append_locked(event, time_ms);
+        let unlocked = self.file.unlock().map_err(err);
+        let chain = done.map_err(err)?;
+        unlocked?;
+        Ok(chain)
+    }
+
+    fn append_locked(&mut self, event: &Event, time_ms: u64) -> io::Result<Chain> {
+        use std::io::{Seek, SeekFrom};
+        let end = self.file.metadata()?.len();
+        if end != self.len {
+            // Lines another process appended: verified and chained onto, never trusted blindly.
+            self.file.seek(SeekFrom::Start(self.len))?;
+            let mut text = String::new();
+            (&mut self.file)
+                .take(end.saturating_sub(self.len))
+                .read_to_string(&mut text)?;
+            self.chain = verify_from(self.chain, &text).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{e}; not appending to a broken log"),
+                )
+            })?;
+            self.len = end;
+        }
         let mut next = self.chain;
         let mut line = next.append(event, time_ms);
         line.push('\n');
-        self.file
-            .write_all(line.as_bytes())
-            .and_then(|()| self.file.sync_data())
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.path.display())))?;
+        self.file.write_all(line.as_bytes())?;
+        self.file.sync_data()?;
         self.chain = next;
+        self.len += line.len() as u64;
         Ok(next)
     }
 
@@ -204,11 +243,11 @@ mod tests {
     fn event(i: u64) -> Event {
         Event {
             who: format!("client-{}", i % 3),
-            user: (i % 2 == 0).then(|| format!("user-{i}")),
+            user: i.is_multiple_of(2).then(|| format!("user-{i}")),
             action: "decrypt".into(),
             key: Some("ab".repeat(32)),
             recording: Some(format!("0194-{i}")),
-            outcome: if i % 5 == 0 { "denied" } else { "ok" }.into(),
+            outcome: if i.is_multiple_of(5) { "denied" } else { "ok" }.into(),
         }
     }
 
@@ -217,6 +256,31 @@ mod tests {
         (0..n)
             .map(|i| c.append(&event(i), 1_796_051_045_123 + i) + "\n")
             .collect()
+    }
+
+    #[test]
+    fn two_writers_of_one_log_chain_onto_each_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let mut service = AuditLog::open(&path).unwrap();
+        service.append(&event(0), 1).unwrap();
+        let mut admin = AuditLog::open(&path).unwrap();
+        admin.append(&event(1), 2).unwrap();
+        admin.append(&event(2), 3).unwrap();
+        service.append(&event(3), 4).unwrap();
+        admin.append(&event(4), 5).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(verify(&text).unwrap().next_seq, 5, "{text}");
+        // Lines appended by someone else that do not continue the chain are found before
+        // the next append, which refuses to chain onto them.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(log(1).as_bytes())
+            .unwrap();
+        let e = service.append(&event(5), 6).unwrap_err();
+        assert!(e.to_string().contains("broken log"), "{e}");
     }
 
     #[test]

@@ -105,11 +105,29 @@ impl Default for Ingest {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Keys {
-    /// `file` (this build) or `lkm` (the key manager's issue).
+    /// `file` (a public key file, watched) or `lkm` (the key manager's current key).
     #[serde(default = "default_source")]
     pub source: Spanned<String>,
     /// The KEK's public key file; watched, replacing it rotates the KEK.
     pub public_key: Option<PathBuf>,
+    /// lkm: the key manager, `https://host:port`.
+    pub lkm_url: Option<Spanned<String>>,
+    /// lkm: the CA that issued the key manager's certificate (the only root trusted).
+    pub lkm_ca: Option<PathBuf>,
+    /// lkm: the Hawk credential file (`id:` and `key:` lines).
+    pub lkm_credentials: Option<PathBuf>,
+    /// lkm: how often the current key is fetched.
+    #[serde(default = "default_refresh")]
+    pub refresh_secs: Spanned<u64>,
+    /// lkm: a cached key not confirmed by the key manager for this long is stale.
+    #[serde(default = "default_max_age")]
+    pub max_age_secs: Spanned<u64>,
+    /// lkm: `keep` (record on with the stale key, warned and counted) or `refuse` (refuse
+    /// new recordings until the key manager answers).
+    #[serde(default = "default_on_stale")]
+    pub on_stale: Spanned<String>,
+    /// lkm: where the last good key is cached (default: `lkm-key.json` in the spool).
+    pub cache_file: Option<PathBuf>,
     /// A second recipient of every data key.
     pub escrow_public_key: Option<PathBuf>,
     /// `oaep-sha256` (default) or `oaep-sha1` (for a KEK held by a contract LKM).
@@ -119,6 +137,51 @@ pub struct Keys {
 
 fn default_source() -> Spanned<String> {
     Spanned::new(0..0, "file".into())
+}
+
+fn default_refresh() -> Spanned<u64> {
+    Spanned::new(0..0, 60)
+}
+
+fn default_max_age() -> Spanned<u64> {
+    Spanned::new(0..0, 86_400)
+}
+
+fn default_on_stale() -> Spanned<String> {
+    Spanned::new(0..0, "keep".into())
+}
+
+/// Where new recordings' KEK comes from.
+#[derive(Debug, Clone)]
+pub enum KekSource {
+    /// A public key file, watched: replacing it rotates.
+    File(PathBuf),
+    /// The key manager's current key, fetched at an interval and cached on disk.
+    Lkm(LkmKeys),
+}
+
+/// `[keys] source = "lkm"`, validated.
+#[derive(Debug, Clone)]
+pub struct LkmKeys {
+    /// How to reach the key manager.
+    pub target: crate::lkm_client::LkmTarget,
+    /// How often the current key is fetched.
+    pub refresh: std::time::Duration,
+    /// When a cached key counts as stale.
+    pub max_age: std::time::Duration,
+    /// Whether recording goes on with a stale key.
+    pub on_stale: OnStale,
+    /// The cache file.
+    pub cache_file: PathBuf,
+}
+
+/// What a stale key means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStale {
+    /// Record on with it (warned, `edgerec_kek_age_seconds` shows it).
+    Keep,
+    /// Refuse new recordings until the key manager answers.
+    Refuse,
 }
 
 fn default_wrap() -> Spanned<String> {
@@ -275,8 +338,8 @@ pub struct Config {
     pub ports: (u16, u16),
     /// The allowed source networks.
     pub allow: Vec<IpNet>,
-    /// The KEK public key file, absolute.
-    pub public_key: PathBuf,
+    /// Where new recordings' KEK comes from.
+    pub kek_source: KekSource,
     /// The escrow key file, absolute.
     pub escrow_public_key: Option<PathBuf>,
     /// The wrap.
@@ -413,19 +476,64 @@ impl Config {
                     .map_err(|_| cx.err("ingest.allow", c, "not a CIDR network or address"))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        if raw.keys.source.get_ref() != "file" {
-            return Err(cx.err(
-                "keys.source",
-                &raw.keys.source,
-                "this build supports \"file\" (the key manager comes with \"lkm\")",
-            ));
-        }
-        let public_key = raw
-            .keys
-            .public_key
-            .as_deref()
-            .map(|p| cx.resolve(p))
-            .ok_or_else(|| cx.missing("keys.public_key", "the KEK public key file to seal to"))?;
+        let k = &raw.keys;
+        let kek_source = match k.source.get_ref().as_str() {
+            "file" => KekSource::File(k.public_key.as_deref().map(|p| cx.resolve(p)).ok_or_else(
+                || cx.missing("keys.public_key", "the KEK public key file to seal to"),
+            )?),
+            "lkm" => {
+                let url = k
+                    .lkm_url
+                    .as_ref()
+                    .ok_or_else(|| cx.missing("keys.lkm_url", "the key manager's https URL"))?;
+                if !url.get_ref().starts_with("https://") {
+                    return Err(cx.err("keys.lkm_url", url, "must be an https:// URL"));
+                }
+                let credentials = k.lkm_credentials.as_deref().map(|p| cx.resolve(p));
+                let credentials = credentials.ok_or_else(|| {
+                    cx.missing(
+                        "keys.lkm_credentials",
+                        "the credential file edgerec lkm credentials add gave",
+                    )
+                })?;
+                if *k.refresh_secs.get_ref() == 0 {
+                    return Err(cx.err("keys.refresh_secs", &k.refresh_secs, "must be above 0"));
+                }
+                if k.max_age_secs.get_ref() < k.refresh_secs.get_ref() {
+                    return Err(cx.err(
+                        "keys.max_age_secs",
+                        &k.max_age_secs,
+                        "must be at least keys.refresh_secs",
+                    ));
+                }
+                let on_stale = match k.on_stale.get_ref().as_str() {
+                    "keep" => OnStale::Keep,
+                    "refuse" => OnStale::Refuse,
+                    _ => {
+                        return Err(cx.err("keys.on_stale", &k.on_stale, "must be keep or refuse"));
+                    }
+                };
+                KekSource::Lkm(LkmKeys {
+                    target: crate::lkm_client::LkmTarget {
+                        url: url.get_ref().clone(),
+                        ca_file: k.lkm_ca.as_deref().map(|p| cx.resolve(p)),
+                        credentials,
+                        timeout: std::time::Duration::from_secs(10),
+                    },
+                    refresh: std::time::Duration::from_secs(*k.refresh_secs.get_ref()),
+                    max_age: std::time::Duration::from_secs(*k.max_age_secs.get_ref()),
+                    on_stale,
+                    cache_file: k
+                        .cache_file
+                        .as_deref()
+                        .map(|p| cx.resolve(p))
+                        .unwrap_or_else(|| {
+                            cx.resolve(&raw.recorder.spool_dir).join("lkm-key.json")
+                        }),
+                })
+            }
+            _ => return Err(cx.err("keys.source", &k.source, "must be file or lkm")),
+        };
         let wrap = match raw.keys.wrap.get_ref().as_str() {
             "oaep-sha256" => Wrap::OaepSha256,
             "oaep-sha1" => Wrap::OaepSha1,
@@ -642,7 +750,7 @@ impl Config {
             ingest: raw.ingest,
             ports,
             allow,
-            public_key,
+            kek_source,
             wrap,
             store,
             prefix,
@@ -699,7 +807,9 @@ path = "/srv/store"
         assert_eq!(c.ports, (40000, 40009));
         assert_eq!(c.allow.len(), 2);
         assert_eq!(c.recorder.spool_dir, Path::new("/etc/edgerec/var/spool"));
-        assert_eq!(c.public_key, Path::new("/etc/edgerec/keys/kek.pub.pem"));
+        assert!(
+            matches!(&c.kek_source, KekSource::File(p) if p == Path::new("/etc/edgerec/keys/kek.pub.pem"))
+        );
         assert!(matches!(&c.store, StoreKind::Dir(p, None) if p == Path::new("/srv/store")));
         assert_eq!(c.wrap, Wrap::OaepSha256);
         let l = c.limits();
@@ -803,6 +913,42 @@ path = "/srv/store"
     }
 
     #[test]
+    fn the_key_manager_source_takes_its_keys_and_names_what_is_missing() {
+        let lkm = GOOD.replace(
+            "public_key = \"keys/kek.pub.pem\"",
+            "source = \"lkm\"\nlkm_url = \"https://lkm.example:8443\"\nlkm_ca = \"ca.pem\"\n\
+             lkm_credentials = \"rec.cred\"\nrefresh_secs = 30\nmax_age_secs = 600\n\
+             on_stale = \"refuse\"",
+        );
+        let c = parse(&lkm).unwrap();
+        let KekSource::Lkm(k) = &c.kek_source else {
+            panic!("{:?}", c.kek_source)
+        };
+        assert_eq!(k.target.url, "https://lkm.example:8443");
+        assert_eq!(
+            k.target.ca_file.as_deref(),
+            Some(Path::new("/etc/edgerec/ca.pem"))
+        );
+        assert_eq!(k.target.credentials, Path::new("/etc/edgerec/rec.cred"));
+        assert_eq!(k.refresh, std::time::Duration::from_secs(30));
+        assert_eq!(k.max_age, std::time::Duration::from_secs(600));
+        assert_eq!(k.on_stale, OnStale::Refuse);
+        assert!(k.cache_file.ends_with("lkm-key.json"), "{:?}", k.cache_file);
+        let e = err(&lkm.replace("lkm_url = \"https://lkm.example:8443\"\n", ""));
+        assert!(e.contains("keys.lkm_url is missing"), "{e}");
+        let e = err(&lkm.replace("https://lkm", "http://lkm"));
+        assert!(e.contains("must be an https"), "{e}");
+        let e = err(&lkm.replace("lkm_credentials = \"rec.cred\"\n", ""));
+        assert!(e.contains("keys.lkm_credentials is missing"), "{e}");
+        let e = err(&lkm.replace("max_age_secs = 600", "max_age_secs = 10"));
+        assert!(e.contains("keys.max_age_secs = 10"), "{e}");
+        let e = err(&lkm.replace("\"refuse\"", "\"panic\""));
+        assert!(e.contains("keys.on_stale = panic"), "{e}");
+        let e = err(&lkm.replace("\"lkm\"", "\"vault\""));
+        assert!(e.contains("keys.source = vault"), "{e}");
+    }
+
+    #[test]
     fn the_retry_policy_defaults_to_forever_and_takes_its_keys() {
         let c = parse(GOOD).unwrap();
         assert_eq!(c.retry, crate::retry::Policy::default());
@@ -819,8 +965,11 @@ path = "/srv/store"
     fn the_sample_config_is_valid() {
         let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("samples/edgerec.toml");
         let c = Config::load(&file).unwrap();
-        assert!(c.public_key.ends_with("samples/demo-kek.pub.pem"));
-        crate::keys::KekPublic::from_file(&c.public_key).unwrap();
+        let KekSource::File(public_key) = &c.kek_source else {
+            panic!("the sample seals to a key file")
+        };
+        assert!(public_key.ends_with("samples/demo-kek.pub.pem"));
+        crate::keys::KekPublic::from_file(public_key).unwrap();
         assert_eq!(
             c.recorder.spool_dir,
             file.parent().unwrap().join("../var/spool")

@@ -21,6 +21,14 @@ pub enum Error {
         /// The kek ids offered (empty when the key source cannot list them).
         offered: Vec<KekId>,
     },
+    /// The package's key was destroyed in the key manager: it can never be opened again.
+    #[error(
+        "key destroyed: the package is sealed to {kek_id}, which the key manager destroyed; it cannot be opened"
+    )]
+    KeyDestroyed {
+        /// The destroyed key.
+        kek_id: KekId,
+    },
     /// A check failed: the package is damaged or was tampered with.
     #[error("corrupt package: {what}{}", .record.map(|r| format!(" (record {r})")).unwrap_or_default())]
     Corrupt {
@@ -84,7 +92,7 @@ impl Error {
     /// The process exit code of the interface contract.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::WrongKey { .. } => 3,
+            Error::WrongKey { .. } | Error::KeyDestroyed { .. } => 3,
             Error::Corrupt { .. } | Error::Audit(_) => 4,
             Error::Unterminated { .. } => 5,
             Error::Unsupported { .. } => 6,

@@ -175,10 +175,10 @@ pub fn run(setup: IngestSetup) -> io::Result<()> {
             tracing::warn!(error = %e, "cannot set the socket receive buffer");
         }
     }
-    if let Some(s) = sockets.first() {
-        if let Ok(got) = nix::sys::socket::getsockopt(s, sockopt::RcvBuf) {
-            tracing::debug!(bytes = got, "socket receive buffer per ingest port");
-        }
+    if let Some(s) = sockets.first()
+        && let Ok(got) = nix::sys::socket::getsockopt(s, sockopt::RcvBuf)
+    {
+        tracing::debug!(bytes = got, "socket receive buffer per ingest port");
     }
     let mut slots = vec![[0u8; SLOT_BYTES]; SLOTS];
     let mut headers =

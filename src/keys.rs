@@ -303,6 +303,14 @@ impl KekPrivate {
             .map_err(|e| KeyError::Rsa(e.to_string()))
     }
 
+    /// The PKCS#8 DER, zeroized when dropped (for a constant-time unwrapper to load).
+    pub fn to_pkcs8_der(&self) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        self.key
+            .to_pkcs8_der()
+            .map(|d| Zeroizing::new(d.as_bytes().to_vec()))
+            .map_err(|e| KeyError::Rsa(e.to_string()))
+    }
+
     /// Unwraps a sealed DEK; any failure, a wrong length included, is one coarse error.
     pub fn unseal(&self, wrap: Wrap, sealed: &[u8]) -> Result<Dek, UnwrapError> {
         let plain = match wrap {
@@ -355,6 +363,10 @@ pub enum UnwrapError {
     /// This unwrapper does not hold the key with that id; the reader tries the next recipient.
     #[error("key not held")]
     UnknownKey,
+    /// The key with that id was destroyed; the reader tries the next recipient, and says so
+    /// if none opens.
+    #[error("key destroyed")]
+    Destroyed,
     /// The key is held but the sealed DEK did not unwrap to 32 bytes (one coarse answer).
     #[error("unwrap failed")]
     Failed,
@@ -373,6 +385,28 @@ pub trait Unwrapper: Send + Sync {
     /// The ids this unwrapper holds, for error messages; empty when it cannot list them.
     fn held_ids(&self) -> Vec<KekId> {
         Vec::new()
+    }
+}
+
+/// Two key sources asked in turn: the first that holds the key answers. A key the first
+/// refuses (destroyed, a failed unwrap) is still asked of the second, and the first refusal
+/// is the answer if neither opens it.
+#[derive(Debug)]
+pub struct Either<A, B>(pub A, pub B);
+
+impl<A: Unwrapper, B: Unwrapper> Unwrapper for Either<A, B> {
+    fn unwrap_dek(&self, kek_id: &KekId, wrap: Wrap, sealed: &[u8]) -> Result<Dek, UnwrapError> {
+        match self.0.unwrap_dek(kek_id, wrap, sealed) {
+            Ok(dek) => Ok(dek),
+            Err(UnwrapError::UnknownKey) => self.1.unwrap_dek(kek_id, wrap, sealed),
+            Err(first) => self.1.unwrap_dek(kek_id, wrap, sealed).map_err(|_| first),
+        }
+    }
+
+    fn held_ids(&self) -> Vec<KekId> {
+        let mut ids = self.0.held_ids();
+        ids.extend(self.1.held_ids());
+        ids
     }
 }
 

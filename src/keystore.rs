@@ -18,8 +18,7 @@
 //!   overwrites a record that differs.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -39,6 +38,17 @@ pub enum KeyState {
     Retired,
     /// Its private key is gone: what was sealed to it can never be opened.
     Destroyed,
+}
+
+impl KeyState {
+    /// The state as written in the store and in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Active => "active",
+            KeyState::Retired => "retired",
+            KeyState::Destroyed => "destroyed",
+        }
+    }
 }
 
 /// A key's record as stored (and, without `sealedPrivateKey`, as listed).
@@ -120,19 +130,8 @@ impl KeyStore {
     }
 
     fn write(&self, r: &KeyRecord) -> Result<(), KeyStoreError> {
-        let path = self.path(&r.id);
-        let tmp = path.with_extension("json.tmp");
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(r).map_err(std::io::Error::other)?)?;
-        f.sync_all()?;
-        fs::rename(&tmp, &path)?;
-        fs::File::open(self.dir.join("keys"))?.sync_all()?;
-        Ok(())
+        let bytes = serde_json::to_vec_pretty(r).map_err(std::io::Error::other)?;
+        Ok(crate::durable::replace_file(&self.path(&r.id), &bytes)?)
     }
 
     /// One key's record.
@@ -189,7 +188,19 @@ impl KeyStore {
             path: "(new key)".into(),
             why: e.to_string(),
         })?;
+        self.import(&key, now_ms)
+    }
+
+    /// Takes an existing private key into the store (sealed, active, dated `now_ms`): how
+    /// an organisation moves from key files to the key manager. A key already held is
+    /// refused.
+    pub fn import(&self, key: &KekPrivate, now_ms: u64) -> Result<KeyRecord, KeyStoreError> {
         let id = key.public().id().to_hex();
+        match self.get(&id) {
+            Err(KeyStoreError::Unknown(_)) => {}
+            Ok(r) => return Err(KeyStoreError::State(r.id, r.state)),
+            Err(e) => return Err(e),
+        }
         let pem = key.to_pem().map_err(|e| KeyStoreError::Corrupt {
             path: "(new key)".into(),
             why: e.to_string(),
@@ -357,6 +368,10 @@ mod tests {
                 .unwrap()
                 .expose(),
             dek.expose()
+        );
+        assert!(
+            matches!(ks.import(&private, 9), Err(KeyStoreError::State(..))),
+            "a key held already is not imported again"
         );
         // Rotation: the newer active key is current; the older one still unwraps.
         let b = ks.generate(2_000).unwrap();

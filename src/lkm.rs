@@ -11,9 +11,7 @@
 //! - Relative paths in `lkm.toml` resolve against the file's own directory.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -25,6 +23,22 @@ use crate::at_rest::MasterKey;
 use crate::audit::{AuditLog, Event};
 use crate::hawk_auth::Credential;
 use crate::keystore::{KeyRecord, KeyStore};
+
+/// Whether a scheduled rotation is due: the current key (made at `current_ms`, or none) is
+/// older than the schedule's period at `now_ms`.
+pub fn rotation_due(rotation: Rotation, current_ms: Option<u64>, now_ms: u64) -> bool {
+    const DAY: u64 = 86_400_000;
+    let period = match rotation {
+        Rotation::Never => return false,
+        Rotation::Daily => DAY,
+        Rotation::Weekly => 7 * DAY,
+        Rotation::Monthly => 30 * DAY,
+    };
+    match current_ms {
+        None => true,
+        Some(made) => now_ms.saturating_sub(made) >= period,
+    }
+}
 
 /// How often the key manager rotates on its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -63,6 +77,27 @@ struct RawLkm {
     skew_secs: u64,
     #[serde(default)]
     require_payload_hash: bool,
+    #[serde(default = "default_key_cache")]
+    key_cache_secs: u64,
+    #[serde(default = "default_rate")]
+    unwrap_rate_per_sec: f64,
+    #[serde(default = "default_burst")]
+    unwrap_burst: f64,
+    metrics_listen: Option<SocketAddr>,
+    #[serde(default)]
+    demo: bool,
+}
+
+fn default_key_cache() -> u64 {
+    60
+}
+
+fn default_rate() -> f64 {
+    100.0
+}
+
+fn default_burst() -> f64 {
+    200.0
 }
 
 fn default_listen() -> SocketAddr {
@@ -99,6 +134,16 @@ pub struct LkmConfig {
     /// Whether a request with a body must carry its Hawk payload hash (a hash sent is always
     /// checked). Off by default: contract clients need not send one.
     pub require_payload_hash: bool,
+    /// How long an opened private key stays in memory; a KMS withdrawing access is obeyed
+    /// within this time (0: every unwrap asks the protector).
+    pub key_cache_secs: u64,
+    /// Unwraps per second and credential, and the burst above it.
+    pub unwrap_limit: crate::rate_limit::Limit,
+    /// Plain-HTTP `/metrics` listener (loopback), if any.
+    pub metrics_listen: Option<SocketAddr>,
+    /// The committed demo key store: its master key is public, so its file mode is not
+    /// checked, and every start says so.
+    pub demo: bool,
 }
 
 impl LkmConfig {
@@ -137,7 +182,32 @@ impl LkmConfig {
                 l.skew_secs
             ));
         }
+        if l.key_cache_secs > 86_400 {
+            return Err(format!(
+                "config {shown}: lkm.key_cache_secs = {}: at most 86400",
+                l.key_cache_secs
+            ));
+        }
+        if !(l.unwrap_rate_per_sec > 0.0 && l.unwrap_rate_per_sec.is_finite()) {
+            return Err(format!(
+                "config {shown}: lkm.unwrap_rate_per_sec = {}: must be above 0",
+                l.unwrap_rate_per_sec
+            ));
+        }
+        if !(l.unwrap_burst >= 1.0 && l.unwrap_burst.is_finite()) {
+            return Err(format!(
+                "config {shown}: lkm.unwrap_burst = {}: must be at least 1",
+                l.unwrap_burst
+            ));
+        }
         Ok(LkmConfig {
+            key_cache_secs: l.key_cache_secs,
+            unwrap_limit: crate::rate_limit::Limit {
+                rate: l.unwrap_rate_per_sec,
+                burst: l.unwrap_burst,
+            },
+            metrics_listen: l.metrics_listen,
+            demo: l.demo,
             listen: l.listen,
             store_dir: resolve(&l.store_dir),
             master_key_file: resolve(&l.master_key_file),
@@ -177,6 +247,12 @@ impl Lkm {
         let mk = &config.master_key_file;
         let master = if init && !mk.exists() {
             MasterKey::create(mk).map_err(|e| format!("lkm.master_key_file: {e}"))?
+        } else if config.demo {
+            eprintln!(
+                "edgerec: DEMO key store (lkm.demo = true): its master key is public; never \
+                 seal real recordings to its keys"
+            );
+            MasterKey::from_demo_file(mk).map_err(|e| format!("lkm.master_key_file: {e}"))?
         } else {
             MasterKey::from_file(mk).map_err(|e| format!("lkm.master_key_file: {e}"))?
         };
@@ -283,18 +359,7 @@ pub fn add_credential(path: &Path, id: &str, admin: bool) -> Result<Zeroizing<St
         },
     );
     let text = Zeroizing::new(serde_json::to_vec_pretty(&all).map_err(|e| e.to_string())?);
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| format!("{}: {e}", tmp.display()))?;
-    f.write_all(&text)
-        .and_then(|()| f.sync_all())
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    crate::durable::replace_file(path, &text).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(encoded)
 }
 
@@ -327,6 +392,32 @@ mod tests {
         )
         .unwrap();
         assert!(LkmConfig::load(&f).unwrap_err().contains("hourly"));
+    }
+
+    #[test]
+    fn scheduled_rotation_is_due_once_the_current_key_is_a_period_old() {
+        const DAY: u64 = 86_400_000;
+        let made = 1_000 * DAY;
+        assert!(!rotation_due(Rotation::Never, Some(made), made + 400 * DAY));
+        assert!(!rotation_due(Rotation::Never, None, made));
+        assert!(
+            rotation_due(Rotation::Daily, None, made),
+            "no key yet: make one"
+        );
+        assert!(!rotation_due(Rotation::Daily, Some(made), made + DAY - 1));
+        assert!(rotation_due(Rotation::Daily, Some(made), made + DAY));
+        assert!(!rotation_due(Rotation::Weekly, Some(made), made + 6 * DAY));
+        assert!(rotation_due(Rotation::Weekly, Some(made), made + 7 * DAY));
+        assert!(!rotation_due(
+            Rotation::Monthly,
+            Some(made),
+            made + 29 * DAY
+        ));
+        assert!(rotation_due(Rotation::Monthly, Some(made), made + 30 * DAY));
+        assert!(
+            !rotation_due(Rotation::Daily, Some(made), made - DAY),
+            "a key from the future (clock set back) is not rotated in a loop"
+        );
     }
 
     #[test]

@@ -35,15 +35,26 @@ use crate::audit::{AuditLog, Event};
 use crate::format::Wrap;
 use crate::hawk_auth::{Authenticated, RequestParts, Verifier};
 use crate::keys::KekId;
-use crate::keystore::{KeyRecord, KeyState, KeyStore, KeyStoreError};
-use crate::lkm::{Lkm, LkmConfig};
+use crate::keystore::{KeyRecord, KeyState, KeyStore};
+use crate::lkm::{Lkm, LkmConfig, Rotation, rotation_due};
+use crate::metrics::{LkmMetrics, SpoolState};
+use crate::oracle::{Oracle, OracleError};
+use crate::rate_limit::PerKey;
 
 /// The service's shared state.
 struct App {
-    store: KeyStore,
+    oracle: Oracle,
     audit: Mutex<AuditLog>,
     verifier: Verifier,
     credentials_file: std::path::PathBuf,
+    limiter: Mutex<PerKey<String>>,
+    metrics: Arc<LkmMetrics>,
+}
+
+impl App {
+    fn store(&self) -> &KeyStore {
+        self.oracle.store()
+    }
 }
 
 /// A TLS listener for axum: TCP accepted in one task, each handshake in its own.
@@ -109,14 +120,26 @@ pub async fn serve(config: LkmConfig) -> Result<(), String> {
         config.require_payload_hash,
     );
     let credentials_file = config.credentials_file.clone();
-    let listen = config.listen;
+    let (listen, rotation, limit) = (config.listen, config.rotation, config.unwrap_limit);
+    let (cache, metrics_listen) = (config.key_cache_secs, config.metrics_listen);
     let Lkm { store, audit, .. } = Lkm::open(config, false)?;
+    let (metrics, registry) = LkmMetrics::new();
     let app = Arc::new(App {
-        store,
+        oracle: Oracle::new(store, Duration::from_secs(cache)),
         audit: Mutex::new(audit),
         verifier,
         credentials_file,
+        limiter: Mutex::new(PerKey::new(limit, 10_000)),
+        metrics,
     });
+    if let Some(addr) = metrics_listen {
+        let (bound, server) = crate::metrics::serve_registry(addr, None, registry)
+            .await
+            .map_err(|e| format!("lkm.metrics_listen {addr}: {e}"))?;
+        tracing::info!(%bound, "key manager metrics at /metrics");
+        tokio::spawn(server);
+    }
+    tokio::spawn(housekeeping(Arc::clone(&app), rotation));
     let tcp = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("lkm.listen {listen}: {e}"))?;
@@ -172,6 +195,51 @@ pub async fn serve(config: LkmConfig) -> Result<(), String> {
         })
         .await
         .map_err(|e| e.to_string())
+}
+
+/// Every 2 s: the key gauges from the store (an administrator's command may have changed
+/// it), and the scheduled rotation when it is due.
+async fn housekeeping(app: Arc<App>, rotation: Rotation) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        let a = Arc::clone(&app);
+        let done = tokio::task::spawn_blocking(move || {
+            let all = a.store().list().map_err(|e| e.to_string())?;
+            let current = all
+                .iter()
+                .rev()
+                .find(|r| r.state == KeyState::Active)
+                .map(|r| r.date_created);
+            if rotation_due(rotation, current, crate::clock::now_ms()) {
+                let made = a.store().generate(crate::clock::now_ms());
+                let (key, outcome) = match &made {
+                    Ok(r) => (Some(r.id.as_str()), "ok"),
+                    Err(_) => (None, "failed"),
+                };
+                a.log("scheduler", None, "rotate.scheduled", key, None, outcome);
+                let r = made.map_err(|e| e.to_string())?;
+                tracing::info!(kek_id = %r.id, ?rotation, "scheduled rotation: new key pair");
+            }
+            let all = a.store().list().map_err(|e| e.to_string())?;
+            for state in [KeyState::Active, KeyState::Retired, KeyState::Destroyed] {
+                let n = all.iter().filter(|r| r.state == state).count();
+                a.metrics
+                    .keys
+                    .get_or_create(&SpoolState {
+                        state: state.as_str().into(),
+                    })
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+            Ok::<_, String>(())
+        })
+        .await;
+        match done {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "key store housekeeping failed"),
+            Err(e) => tracing::error!(error = %e, "key store housekeeping panicked"),
+        }
+    }
 }
 
 /// A JSON answer with a message.
@@ -325,7 +393,7 @@ async fn blocking<T: Send + 'static>(
 
 async fn create_keypair(State(app): State<Arc<App>>, Authed { caller, .. }: Authed) -> Response {
     let a = Arc::clone(&app);
-    let made = match blocking(move || a.store.generate(crate::clock::now_ms())).await {
+    let made = match blocking(move || a.store().generate(crate::clock::now_ms())).await {
         Ok(m) => m,
         Err(r) => return r,
     };
@@ -344,7 +412,7 @@ async fn create_keypair(State(app): State<Arc<App>>, Authed { caller, .. }: Auth
 
 async fn list_keypairs(State(app): State<Arc<App>>, Authed { caller, .. }: Authed) -> Response {
     app.note(&caller, "keypair.list", None, "ok");
-    match app.store.list() {
+    match app.store().list() {
         Ok(all) => axum::Json(all.iter().map(keypair_json).collect::<Vec<_>>()).into_response(),
         Err(e) => {
             tracing::error!(error = %e, "cannot list the key store");
@@ -361,7 +429,7 @@ async fn get_keypair(
     UrlPath(id): UrlPath<String>,
     Authed { caller, .. }: Authed,
 ) -> Response {
-    match app.store.get(&id) {
+    match app.store().get(&id) {
         Ok(r) => {
             app.note(&caller, "keypair.get", Some(&id), "ok");
             axum::Json(keypair_json(&r)).into_response()
@@ -374,7 +442,7 @@ async fn get_keypair(
 }
 
 async fn current(State(app): State<Arc<App>>, Authed { caller, .. }: Authed) -> Response {
-    match app.store.current() {
+    match app.store().current() {
         Ok(Some(r)) => {
             app.note(&caller, "keypair.current", Some(&r.id), "ok");
             axum::Json(keypair_json(&r)).into_response()
@@ -396,6 +464,7 @@ struct DecryptBody {
 
 async fn decrypt(State(app): State<Arc<App>>, Authed { caller, body }: Authed) -> Response {
     let log = |key: Option<&str>, rec: Option<&str>, outcome: &str| {
+        app.metrics.unwrap(outcome);
         app.log(
             &caller.who.id,
             caller.user.as_deref(),
@@ -405,6 +474,21 @@ async fn decrypt(State(app): State<Arc<App>>, Authed { caller, body }: Authed) -
             outcome,
         )
     };
+    let limited = match app.limiter.lock() {
+        Ok(mut l) => l.take(&caller.who.id, crate::clock::now_ms()).err(),
+        Err(_) => Some(1000),
+    };
+    if let Some(wait_ms) = limited {
+        log(None, None, "rate_limited");
+        let mut r = message(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many decrypt requests for this credential",
+        );
+        if let Ok(v) = axum::http::HeaderValue::from_str(&wait_ms.div_ceil(1000).to_string()) {
+            r.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
+        }
+        return r;
+    }
     let Ok(req) = serde_json::from_slice::<DecryptBody>(&body) else {
         log(None, None, "bad_request");
         return message(
@@ -425,45 +509,48 @@ async fn decrypt(State(app): State<Arc<App>>, Authed { caller, body }: Authed) -
         log(Some(&req.keypair_id), rec, "unknown_key");
         return message(StatusCode::NOT_FOUND, "no such keypair");
     };
-    match app.store.get(&req.keypair_id) {
-        Err(_) => {
-            log(Some(&req.keypair_id), rec, "unknown_key");
-            return message(StatusCode::NOT_FOUND, "no such keypair");
-        }
-        Ok(r) if r.state == KeyState::Destroyed => {
-            log(Some(&req.keypair_id), rec, "destroyed");
-            return message(StatusCode::GONE, "key destroyed");
-        }
-        Ok(_) => {}
-    }
     let a = Arc::clone(&app);
     let sealed = base64::engine::general_purpose::STANDARD.decode(req.body.as_bytes());
-    let unwrapped = blocking(
-        move || -> Result<Zeroizing<String>, Option<KeyStoreError>> {
-            let sealed = sealed.map_err(|_| None)?;
-            let key = a.store.private(&id).map_err(Some)?;
-            let dek = key.unseal(wrap, &sealed).map_err(|_| None)?;
-            Ok(Zeroizing::new(
-                base64::engine::general_purpose::STANDARD.encode(dek.expose()),
-            ))
-        },
-    )
+    let unwrapped = blocking(move || -> Result<Zeroizing<String>, OracleError> {
+        let sealed = sealed.map_err(|_| OracleError::Failed)?;
+        let dek = a.oracle.unwrap(&id, wrap, &sealed)?;
+        Ok(Zeroizing::new(
+            base64::engine::general_purpose::STANDARD.encode(dek.expose()),
+        ))
+    })
     .await;
+    let key = Some(req.keypair_id.as_str());
     match unwrapped {
         Ok(Ok(dek)) => {
-            log(Some(&req.keypair_id), rec, "ok");
+            log(key, rec, "ok");
             axum::Json(json!({ "body": dek.as_str() })).into_response()
         }
-        Ok(Err(Some(KeyStoreError::Protection(e)))) => {
-            tracing::error!(error = %e, "the key's protection refused");
-            log(Some(&req.keypair_id), rec, "access_revoked");
+        Ok(Err(OracleError::Unknown)) => {
+            log(key, rec, "unknown_key");
+            message(StatusCode::NOT_FOUND, "no such keypair")
+        }
+        Ok(Err(OracleError::Destroyed)) => {
+            log(key, rec, "destroyed");
+            message(StatusCode::GONE, "key destroyed")
+        }
+        Ok(Err(OracleError::Revoked(why))) => {
+            tracing::error!(kek_id = %req.keypair_id, error = %why, "the key's protection refused");
+            log(key, rec, "access_revoked");
             message(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "access revoked: the key's protection refused",
             )
         }
-        _ => {
-            log(Some(&req.keypair_id), rec, "failed");
+        Ok(Err(OracleError::Store(why))) => {
+            tracing::error!(kek_id = %req.keypair_id, error = %why, "key store");
+            log(key, rec, "error");
+            message(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the key store cannot be read",
+            )
+        }
+        Ok(Err(OracleError::Failed)) | Err(_) => {
+            log(key, rec, "failed");
             message(StatusCode::BAD_REQUEST, "decrypt failed")
         }
     }

@@ -302,7 +302,8 @@ impl Metrics {
 }
 
 struct Served {
-    metrics: Arc<Metrics>,
+    /// The appliance's metrics (for `/readyz`); none for the key manager, always ready.
+    metrics: Option<Arc<Metrics>>,
     registry: Registry,
 }
 
@@ -326,11 +327,13 @@ async fn metrics_text(State(s): State<Arc<Served>>) -> impl IntoResponse {
 }
 
 async fn readyz(State(s): State<Arc<Served>>) -> impl IntoResponse {
-    if s.metrics.ready.load(Ordering::Relaxed) {
+    let Some(metrics) = &s.metrics else {
+        return (StatusCode::OK, "ready\n".to_string());
+    };
+    if metrics.ready.load(Ordering::Relaxed) {
         (StatusCode::OK, "ready\n".to_string())
     } else {
-        let why = s
-            .metrics
+        let why = metrics
             .not_ready_reason
             .lock()
             .map(|r| r.clone())
@@ -346,6 +349,52 @@ async fn readyz(State(s): State<Arc<Served>>) -> impl IntoResponse {
 pub async fn serve(
     listen: SocketAddr,
     metrics: Arc<Metrics>,
+    registry: Registry,
+) -> std::io::Result<(SocketAddr, impl std::future::Future<Output = ()>)> {
+    serve_registry(listen, Some(metrics), registry).await
+}
+
+/// The key manager's own metrics (`edgerec lkm serve`).
+#[derive(Default)]
+pub struct LkmMetrics {
+    /// `edgerec_lkm_unwraps_total{outcome}`.
+    pub unwraps: Family<Outcome, Counter>,
+    /// `edgerec_lkm_keys{state}`.
+    pub keys: Family<SpoolState, Gauge>,
+}
+
+impl LkmMetrics {
+    /// The key manager's metrics and their registry.
+    pub fn new() -> (Arc<LkmMetrics>, Registry) {
+        let m = LkmMetrics::default();
+        let mut r = Registry::with_prefix("edgerec_lkm");
+        r.register(
+            "unwraps",
+            "DEK unwraps asked of the key manager, by outcome",
+            m.unwraps.clone(),
+        );
+        r.register(
+            "keys",
+            "Key pairs in the key store, by state",
+            m.keys.clone(),
+        );
+        (Arc::new(m), r)
+    }
+
+    /// Counts one unwrap.
+    pub fn unwrap(&self, outcome: &str) {
+        self.unwraps
+            .get_or_create(&Outcome {
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+}
+
+/// Binds a listener for `registry` (`/metrics`, `/healthz`, `/readyz`).
+pub async fn serve_registry(
+    listen: SocketAddr,
+    metrics: Option<Arc<Metrics>>,
     registry: Registry,
 ) -> std::io::Result<(SocketAddr, impl std::future::Future<Output = ()>)> {
     let served = Arc::new(Served { metrics, registry });

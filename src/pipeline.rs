@@ -41,10 +41,10 @@ impl BufPool {
 
     /// Gives a buffer back.
     pub fn give(&self, v: Vec<u8>) {
-        if let Ok(mut f) = self.free.lock() {
-            if f.len() < Self::KEEP {
-                f.push(v);
-            }
+        if let Ok(mut f) = self.free.lock()
+            && f.len() < Self::KEEP
+        {
+            f.push(v);
         }
     }
 }

@@ -74,6 +74,7 @@ pub fn open_header(src: &mut impl Read, unwrapper: &dyn Unwrapper) -> Result<Ope
     };
     let body = &buf[..header_len - TAG_LEN];
     let mut failed = false;
+    let mut destroyed = None;
     for r in &header.recipients {
         match unwrapper.unwrap_dek(&KekId(r.kek_id), r.wrap, &r.sealed_dek) {
             Ok(dek) => {
@@ -90,12 +91,16 @@ pub fn open_header(src: &mut impl Read, unwrapper: &dyn Unwrapper) -> Result<Ope
                 });
             }
             Err(UnwrapError::UnknownKey) => {}
+            Err(UnwrapError::Destroyed) => destroyed = Some(KekId(r.kek_id)),
             Err(UnwrapError::Failed) => failed = true,
             Err(UnwrapError::Unavailable(why)) => return Err(Error::KeyUnavailable(why)),
         }
     }
     if failed {
         return Err(Error::auth(None));
+    }
+    if let Some(kek_id) = destroyed {
+        return Err(Error::KeyDestroyed { kek_id });
     }
     Err(Error::WrongKey {
         recipients: header.recipients.iter().map(|r| KekId(r.kek_id)).collect(),

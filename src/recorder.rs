@@ -191,6 +191,15 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
                         Metrics::inc(&metrics.recordings_refused, "spool_full", 1);
                         continue;
                     }
+                    let current = keks.current();
+                    if current.is_empty() {
+                        tracing::error!(
+                            port = local.port(),
+                            "recording refused: no usable KEK (the key manager's key is stale)"
+                        );
+                        Metrics::inc(&metrics.recordings_refused, "kek_stale", 1);
+                        continue;
+                    }
                     // The id is chosen here, so a successor can name it at once; the data key,
                     // its RSA wrap and the file are made by the opener thread.
                     let id = Uuid::now_v7();
@@ -207,7 +216,7 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
                     let job = OpenJob {
                         rec,
                         port: local.port(),
-                        keks: keks.current(),
+                        keks: current,
                         opts,
                     };
                     if opener.jobs.send(job).is_err() {
@@ -639,12 +648,11 @@ impl Syncer {
 
     /// Waits for the commit in flight and stops the thread.
     fn stop(mut self, open: &mut HashMap<RecId, Open>) {
-        if self.in_flight.is_some() {
-            if let Ok(r) = self.done.recv() {
-                if r.is_err() {
-                    open.values_mut().for_each(|o| o.file.mark_unsynced());
-                }
-            }
+        if self.in_flight.is_some()
+            && let Ok(r) = self.done.recv()
+            && r.is_err()
+        {
+            open.values_mut().for_each(|o| o.file.mark_unsynced());
         }
         drop(self.jobs);
         if let Some(t) = self.thread.take() {

@@ -21,8 +21,8 @@ use std::sync::mpsc::sync_channel;
 use std::time::{Duration, SystemTime};
 
 use crate::clock::now_ms;
-use crate::config::StoreKind;
 use crate::config::{Config, SyncMode};
+use crate::config::{KekSource, StoreKind};
 use crate::http_store::HttpStore;
 use crate::ingest::{self, IngestSetup};
 use crate::keys::{KekHandle, KekPublic};
@@ -71,19 +71,53 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             }
         }
     }
-    let mut keks =
-        vec![KekPublic::from_file(&config.public_key).map_err(start("keys.public_key"))?];
-    if let Some(escrow) = &config.escrow_public_key {
-        keks.push(KekPublic::from_file(escrow).map_err(start("keys.escrow_public_key"))?);
-    }
-    tracing::info!(kek_id = %keks[0].id(), "sealing to KEK");
+    let escrow = match &config.escrow_public_key {
+        Some(e) => Some(KekPublic::from_file(e).map_err(start("keys.escrow_public_key"))?),
+        None => None,
+    };
     let (metrics, registry) = Metrics::new();
-    metrics
-        .kek_info
-        .get_or_create(&KekLabel {
-            kek_id: keks[0].id().to_hex(),
-        })
-        .set(1);
+    let fetch_stop = Arc::new(AtomicBool::new(false));
+    let keks = match &config.kek_source {
+        KekSource::File(path) => {
+            let mut keks = vec![KekPublic::from_file(path).map_err(start("keys.public_key"))?];
+            keks.extend(escrow.clone());
+            KekHandle::new(keks)
+        }
+        KekSource::Lkm(lkm) => {
+            let (lkm, escrow) = (lkm.clone(), escrow.clone());
+            let (m, stop) = (Arc::clone(&metrics), Arc::clone(&fetch_stop));
+            // The blocking HTTP client is made and kept on threads of its own, never
+            // dropped in the async context.
+            tokio::task::spawn_blocking(move || {
+                let now = crate::clock::now_ms();
+                let (fetcher, keks) = crate::kek_fetch::Fetcher::start(&lkm, escrow, now)?;
+                if keks.is_empty() {
+                    tracing::error!(
+                        kek_id = fetcher.kek_id(),
+                        "no usable KEK: the cached key is stale"
+                    );
+                }
+                fetcher.publish(&m, now);
+                let handle = KekHandle::new(keks);
+                fetcher
+                    .spawn(handle.clone(), m, stop)
+                    .map_err(|e| format!("cannot start the key fetcher: {e}"))?;
+                Ok::<_, String>(handle)
+            })
+            .await
+            .map_err(start("keys"))?
+            .map_err(start("keys.lkm_url"))?
+        }
+    };
+    if let Some(k) = keks.current().first() {
+        tracing::info!(kek_id = %k.id(), "sealing to KEK");
+        metrics
+            .kek_info
+            .get_or_create(&KekLabel {
+                kek_id: k.id().to_hex(),
+            })
+            .set(1);
+    }
     let (metrics_addr, metrics_server) =
         crate::metrics::serve(config.metrics.listen, Arc::clone(&metrics), registry)
             .await
@@ -141,15 +175,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     tracing::info!(bind = %config.ingest.bind, first, last, "listening for RTP");
 
-    // Replacing the key file rotates the KEK for new recordings.
-    let keks = KekHandle::new(keks);
-    let _kek_watch = crate::kek_watch::watch(
-        config.public_key.clone(),
-        config.escrow_public_key.clone(),
-        keks.clone(),
-        Arc::clone(&metrics),
-    )
-    .map_err(start("keys.public_key: cannot watch its directory"))?;
+    // Replacing the key file rotates the KEK for new recordings (the key manager's fetcher
+    // does the same for source = "lkm").
+    let (_kek_watch, kek_file) = match &config.kek_source {
+        KekSource::File(path) => {
+            let w = crate::kek_watch::watch(
+                path.clone(),
+                config.escrow_public_key.clone(),
+                keks.clone(),
+                Arc::clone(&metrics),
+            )
+            .map_err(start("keys.public_key: cannot watch its directory"))?;
+            (Some(w), Some(path.clone()))
+        }
+        KekSource::Lkm(_) => (None, None),
+    };
 
     // Bounded in datagrams by `queued`; the channel's own bound (in batches) is only a
     // backstop.
@@ -226,11 +266,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(metrics_server);
-    tasks.spawn(watch_kernel(
-        config.ports,
-        config.public_key.clone(),
-        Arc::clone(&metrics),
-    ));
+    tasks.spawn(watch_kernel(config.ports, kek_file, Arc::clone(&metrics)));
     tasks.spawn(watch_spool(
         spool.clone(),
         config.recorder.spool_max_bytes.into_inner(),
@@ -248,6 +284,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     drop(tx);
     let _ = tokio::task::spawn_blocking(move || recorder.join()).await;
     up_stop.store(true, Ordering::Relaxed);
+    fetch_stop.store(true, Ordering::Relaxed);
     let _ = tokio::task::spawn_blocking(move || uploader.join()).await;
     tracing::info!("stopped; what was not stored waits in the spool");
     Ok(())
@@ -257,7 +294,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 /// ports (a burst larger than a socket holds between two reads) into
 /// `edgerec_datagrams_rejected_total{reason="socket_buffer_full"}`, and the age of the KEK
 /// file into `edgerec_kek_age_seconds`.
-async fn watch_kernel(ports: (u16, u16), kek_file: PathBuf, metrics: Arc<Metrics>) {
+async fn watch_kernel(ports: (u16, u16), kek_file: Option<PathBuf>, metrics: Arc<Metrics>) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     let mut counted = None;
     loop {
@@ -270,7 +307,8 @@ async fn watch_kernel(ports: (u16, u16), kek_file: PathBuf, metrics: Arc<Metrics
                     *drops.get_or_insert(0) += ingest::kernel_drops(&text, ports);
                 }
             }
-            (drops, std::fs::metadata(file).and_then(|m| m.modified()))
+            let modified = file.map(|f| std::fs::metadata(f).and_then(|m| m.modified()));
+            (drops, modified)
         })
         .await
         else {
@@ -287,7 +325,7 @@ async fn watch_kernel(ports: (u16, u16), kek_file: PathBuf, metrics: Arc<Metrics
                 );
             }
         }
-        if let Ok(modified) = modified {
+        if let Some(Ok(modified)) = modified {
             let age = SystemTime::now()
                 .duration_since(modified)
                 .unwrap_or_default()

@@ -178,6 +178,22 @@ impl S3Store {
             .map_err(|e| StoreError::transient(format!("{url}: {e}")))
     }
 
+    /// The first `n` bytes of the object under `key` (fewer if it is shorter): a ranged GET.
+    pub fn get_first(&self, key: &str, n: usize) -> Result<Vec<u8>, StoreError> {
+        let url = self.url(key);
+        let range = [("range", format!("bytes=0-{}", n.max(1) - 1))];
+        let r = self.send("GET", &url, &range, None, EMPTY_SHA256)?;
+        if classify(r.status().as_u16()) != Class::Success {
+            return Err(status_error(&url, r));
+        }
+        let mut b = r
+            .bytes()
+            .map(|b| b.to_vec())
+            .map_err(|e| StoreError::transient(format!("{url}: {e}")))?;
+        b.truncate(n);
+        Ok(b)
+    }
+
     /// The text of a GET (a listing); `None` for a 404.
     fn get_text(&self, url: &str) -> Result<Option<String>, StoreError> {
         let r = self.send("GET", url, &[], None, EMPTY_SHA256)?;
@@ -329,10 +345,10 @@ impl Store for S3Store {
             .len();
         // Look first unless this is the first try of a fresh package (its key can then hold
         // only an earlier copy of the same bytes; `If-None-Match` guards the rest).
-        if checkpoint.attempted_before() || checkpoint.multipart().is_some() {
-            if let Some(decided) = self.compare(key, size, &sha_hex)? {
-                return decided;
-            }
+        if (checkpoint.attempted_before() || checkpoint.multipart().is_some())
+            && let Some(decided) = self.compare(key, size, &sha_hex)?
+        {
+            return decided;
         }
         let mapped = map(&f)
             .map_err(|e| StoreError::transient(format!("cannot map {}: {e}", file.display())))?;
@@ -812,7 +828,7 @@ aws_secret_access_key=other
         // 200 GiB in at most 10,000 parts: raised to whole MiB.
         let p = part_size(200 << 30, 16 << 20);
         assert!(
-            (200u64 << 30).div_ceil(p) <= 10_000 && p % (1 << 20) == 0,
+            (200u64 << 30).div_ceil(p) <= 10_000 && p.is_multiple_of(1 << 20),
             "{p}"
         );
         let xml = complete_body(&Multipart {

@@ -409,11 +409,9 @@ impl Spool {
                 results.push((f.id, Err(io::Error::new(e.kind(), e.to_string()))));
             }
         };
-        if many {
-            if let Err(e) = self.sync_fs() {
-                fail_all(&mut results, staged, &e);
-                return results;
-            }
+        if many && let Err(e) = self.sync_fs() {
+            fail_all(&mut results, staged, &e);
+            return results;
         }
         let mut moved = Vec::with_capacity(staged.len());
         for f in staged {

@@ -159,6 +159,124 @@ pub fn restore(config: &Path, backup: &Path) -> Result<(), Error> {
     }
 }
 
+/// `edgerec lkm import PRIV.pem`.
+pub fn import(config: &Path, key: &Path) -> Result<(), Error> {
+    let mut lkm = open(config, false)?;
+    let private = crate::keys::KekPrivate::from_file(key)?;
+    match lkm.store.import(&private, crate::clock::now_ms()) {
+        Ok(r) => {
+            lkm.record("import", Some(&r.id), "ok")
+                .map_err(Error::Invalid)?;
+            println!("{}", r.id);
+            eprintln!(
+                "edgerec: imported and sealed in the key store; now delete {} (it is the \
+                 current key for new recordings until the next rotation)",
+                key.display()
+            );
+            Ok(())
+        }
+        Err(e) => {
+            lkm.record("import", Some(&private.public().id().to_hex()), "failed")
+                .map_err(Error::Invalid)?;
+            Err(failed(e))
+        }
+    }
+}
+
+/// `edgerec lkm retire KEKID`.
+pub fn retire(config: &Path, id: &str) -> Result<(), Error> {
+    let mut lkm = open(config, false)?;
+    match lkm.store.retire(id, crate::clock::now_ms()) {
+        Ok(r) => {
+            lkm.record("retire", Some(&r.id), "ok")
+                .map_err(Error::Invalid)?;
+            eprintln!(
+                "edgerec: {} retired: no new recordings are sealed to it; it still decrypts",
+                r.id
+            );
+            if lkm.store.current().map_err(failed)?.is_none() {
+                eprintln!(
+                    "edgerec: warning: no active key remains; recorders keep their cached key \
+                     until edgerec lkm rotate makes a new one"
+                );
+            }
+            Ok(())
+        }
+        Err(e) => {
+            lkm.record("retire", Some(id), "failed")
+                .map_err(Error::Invalid)?;
+            Err(failed(e))
+        }
+    }
+}
+
+/// `edgerec lkm destroy KEKID --store-config FILE [--yes]`: shows how many recordings in
+/// the store are sealed to the key, then destroys it only when confirmed.
+pub fn destroy(config: &Path, store_config: &Path, id: &str, yes: bool) -> Result<(), Error> {
+    use std::io::IsTerminal;
+    let mut lkm = open(config, false)?;
+    let record = lkm.store.get(id).map_err(failed)?;
+    if record.state == crate::keystore::KeyState::Destroyed {
+        return Err(Error::Invalid(format!("{id} is destroyed already")));
+    }
+    let kek = crate::keys::KekId::from_hex(id)
+        .ok_or_else(|| Error::Invalid(format!("{id}: not a kek id")))?;
+    let appliance =
+        crate::config::Config::load(store_config).map_err(|e| Error::Invalid(e.to_string()))?;
+    eprintln!("edgerec: reading the headers of every package in the store ...");
+    match crate::census::count(&appliance.store, &appliance.prefix, &kek) {
+        Ok(c) => {
+            println!(
+                "{} of {} recordings in the store are sealed to {id}; {} of them to this key \
+                 alone.",
+                c.sealed_to, c.packages, c.only_to
+            );
+            for (key, why) in &c.unreadable {
+                println!("not counted, unreadable: {key}: {why}");
+            }
+            println!(
+                "WARNING: destroying the key makes those {} recordings unreadable for ever, \
+                 by anyone. A backup made before (edgerec lkm backup) still holds it.",
+                c.only_to
+            );
+        }
+        Err(why) => println!(
+            "the store could not be counted ({why}).\nWARNING: every recording sealed to \
+             {id} alone becomes unreadable for ever."
+        ),
+    }
+    let confirmed = yes || {
+        let stdin = std::io::stdin();
+        if stdin.is_terminal() {
+            eprint!("type the kek id to destroy it: ");
+            let mut line = String::new();
+            stdin.read_line(&mut line).is_ok() && line.trim() == id
+        } else {
+            false
+        }
+    };
+    if !confirmed {
+        lkm.record("destroy", Some(id), "not confirmed")
+            .map_err(Error::Invalid)?;
+        return Err(Error::Invalid(
+            "not destroyed: confirm with --yes (or type the kek id) after reading the count".into(),
+        ));
+    }
+    match lkm.store.destroy(id, crate::clock::now_ms()) {
+        Ok(r) => {
+            lkm.record("destroy", Some(&r.id), "ok")
+                .map_err(Error::Invalid)?;
+            eprintln!("edgerec: {id} destroyed; the key manager refuses it from its next request");
+            Ok(())
+        }
+        Err(e) => {
+            lkm.record("destroy", Some(id), "failed")
+                .map_err(Error::Invalid)?;
+            Err(failed(e))
+        }
+    }
+}
+
 /// `edgerec lkm serve`.
 pub fn serve(config: &Path) -> Result<(), Error> {
     super::appliance::init_logging();

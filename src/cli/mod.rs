@@ -110,9 +110,8 @@ enum Command {
     /// Verify and decrypt a package. Nothing unverified is released; a failed open to a
     /// file leaves no file.
     Open {
-        /// A private key (PKCS#8 or PKCS#1 PEM); repeat to offer several.
-        #[arg(long = "key", required = true, value_name = "PRIV.pem")]
-        keys: Vec<PathBuf>,
+        #[command(flatten)]
+        keys: KeySource,
         /// Accept a package that ends without its end record (after a crash) and write its
         /// verified prefix; exit 0 with a warning.
         #[arg(long)]
@@ -130,9 +129,8 @@ enum Command {
     /// OUT/year=YYYY/month=MM/day=DD/conversation_id=ID/<recording id>.{wav|pcap} with a
     /// <recording id>_metadata.json beside it (a file package restores its original file).
     Export {
-        /// A private key (PKCS#8 or PKCS#1 PEM); repeat to offer several.
-        #[arg(long = "key", required = true, value_name = "PRIV.pem")]
-        keys: Vec<PathBuf>,
+        #[command(flatten)]
+        keys: KeySource,
         /// The output directory.
         #[arg(long)]
         out: PathBuf,
@@ -152,6 +150,49 @@ enum Command {
         /// The package, or - for standard input.
         file: PathBuf,
     },
+}
+
+/// Where the reading side gets data keys: private key files, the key manager, or both (key
+/// files are asked first).
+#[derive(Debug, Args)]
+#[group(required = true, multiple = true)]
+pub struct KeySource {
+    /// A private key (PKCS#8 or PKCS#1 PEM); repeat to offer several.
+    #[arg(long = "key", value_name = "PRIV.pem")]
+    keys: Vec<PathBuf>,
+    /// Unwrap through the Local Key Manager at this URL (https://host:port); the private
+    /// keys stay there.
+    #[cfg(feature = "appliance")]
+    #[arg(long, value_name = "URL", requires = "lkm_credentials")]
+    lkm: Option<String>,
+    /// The key manager credential (the id: and key: lines `edgerec lkm credentials add`
+    /// printed); EDGEREC_LKM_KEY in the environment replaces its key.
+    #[cfg(feature = "appliance")]
+    #[arg(long, value_name = "FILE", requires = "lkm")]
+    lkm_credentials: Option<PathBuf>,
+    /// The CA certificate that issued the key manager's (the only root trusted for it).
+    #[cfg(feature = "appliance")]
+    #[arg(long, value_name = "CA.pem", requires = "lkm")]
+    lkm_ca: Option<PathBuf>,
+}
+
+impl KeySource {
+    /// The unwrapper these options name.
+    fn unwrapper(&self) -> Result<Box<dyn crate::keys::Unwrapper>, crate::Error> {
+        let ring = crate::keys::KeyRing::from_files(&self.keys)?;
+        #[cfg(feature = "appliance")]
+        if let (Some(url), Some(credentials)) = (&self.lkm, &self.lkm_credentials) {
+            let client = crate::lkm_client::LkmClient::new(&crate::lkm_client::LkmTarget {
+                url: url.clone(),
+                ca_file: self.lkm_ca.clone(),
+                credentials: credentials.clone(),
+                timeout: std::time::Duration::from_secs(30),
+            })
+            .map_err(crate::Error::Invalid)?;
+            return Ok(Box::new(crate::keys::Either(ring, client)));
+        }
+        Ok(Box::new(ring))
+    }
 }
 
 /// The `--format` values.
@@ -222,6 +263,42 @@ enum LkmAction {
         /// The key manager's config file.
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+    },
+    /// Take an existing private key file into the key store (sealed; active, the current
+    /// key until the next rotation): from key files to the key manager. Prints the kek id.
+    #[cfg(feature = "appliance")]
+    Import {
+        /// The key manager's config file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The private key (PKCS#8 or PKCS#1 PEM).
+        key: PathBuf,
+    },
+    /// Retire a key pair: no new recordings are sealed to it; it still decrypts.
+    #[cfg(feature = "appliance")]
+    Retire {
+        /// The key manager's config file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The kek id (64 hex characters).
+        kek_id: String,
+    },
+    /// Destroy a key pair's private key for good. First reads every package header in the
+    /// store and shows how many recordings are sealed to it (and to it alone); those become
+    /// unreadable. Asks for the kek id on a terminal; scripts pass --yes.
+    #[cfg(feature = "appliance")]
+    Destroy {
+        /// The key manager's config file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// An appliance config whose [store] is the recording store to count in.
+        #[arg(long, value_name = "FILE")]
+        store_config: PathBuf,
+        /// Destroy without asking (after the count is shown).
+        #[arg(long)]
+        yes: bool,
+        /// The kek id (64 hex characters).
+        kek_id: String,
     },
     /// The key pairs: id, state, creation time (the current one marked).
     #[cfg(feature = "appliance")]
@@ -370,6 +447,17 @@ pub fn main() -> ExitCode {
             #[cfg(feature = "appliance")]
             LkmAction::Keys { config, json } => lkm::keys(&config, json),
             #[cfg(feature = "appliance")]
+            LkmAction::Retire { config, kek_id } => lkm::retire(&config, &kek_id),
+            #[cfg(feature = "appliance")]
+            LkmAction::Import { config, key } => lkm::import(&config, &key),
+            #[cfg(feature = "appliance")]
+            LkmAction::Destroy {
+                config,
+                store_config,
+                yes,
+                kek_id,
+            } => lkm::destroy(&config, &store_config, &kek_id, yes),
+            #[cfg(feature = "appliance")]
             LkmAction::Credentials {
                 action: CredentialAction::Add { config, admin, id },
             } => lkm::add_credential(&config, &id, admin),
@@ -393,14 +481,18 @@ pub fn main() -> ExitCode {
             threads,
             input,
             output,
-        } => package::open(&keys, allow_unterminated, threads, &input, &output),
+        } => keys
+            .unwrapper()
+            .and_then(|u| package::open(u.as_ref(), allow_unterminated, threads, &input, &output)),
         Command::Inspect { json, file } => package::inspect(&file, json),
         Command::Export {
             keys,
             out,
             format,
             inputs,
-        } => package::export(&keys, &out, format, &inputs),
+        } => keys
+            .unwrapper()
+            .and_then(|u| package::export(u.as_ref(), &out, format, &inputs)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

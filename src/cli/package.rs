@@ -11,7 +11,7 @@ use super::io::{Output, input};
 use crate::clock::Utc;
 use crate::error::Error;
 use crate::format::{Metadata, Tail, Walk, Wrap, walk};
-use crate::keys::{KekId, KekPrivate, KekPublic, KeyRing};
+use crate::keys::{KekId, KekPrivate, KekPublic, Unwrapper};
 use crate::pipeline::default_workers;
 use crate::reader::{ReadMode, open_stream};
 use crate::recover::walk_file;
@@ -76,12 +76,12 @@ pub fn seal(
     let mut sealer = Sealer::new(&recipients, &opts)?;
     let mut out = Output::create(output_path)?;
     let mut first = sealer.header_bytes().to_vec();
-    if input_path.as_os_str() != "-" {
-        if let Some(name) = input_path.file_name() {
-            let mut meta = Metadata::new();
-            meta.insert("name".into(), name.to_string_lossy().into_owned().into());
-            sealer.seal_metadata(&meta, &mut first)?;
-        }
+    if input_path.as_os_str() != "-"
+        && let Some(name) = input_path.file_name()
+    {
+        let mut meta = Metadata::new();
+        meta.insert("name".into(), name.to_string_lossy().into_owned().into());
+        sealer.seal_metadata(&meta, &mut first)?;
     }
     out.writer().write_all(&first)?;
     let workers = threads.unwrap_or_else(default_workers);
@@ -91,13 +91,12 @@ pub fn seal(
 
 /// `edgerec open --key PRIV [--allow-unterminated] IN OUT`.
 pub fn open(
-    keys: &[PathBuf],
+    keys: &dyn Unwrapper,
     allow_unterminated: bool,
     threads: Option<usize>,
     input_path: &Path,
     output_path: &Path,
 ) -> Result<(), Error> {
-    let ring = KeyRing::from_files(keys)?;
     let src = input(input_path)?;
     let mode = if allow_unterminated {
         ReadMode::Recovery
@@ -107,7 +106,7 @@ pub fn open(
     let mut out = Output::create(output_path)?;
     let workers = threads.unwrap_or_else(default_workers);
     // On error `out` is dropped here, which removes the temporary file.
-    let summary = open_stream(src, &ring, mode, out.writer(), workers)?;
+    let summary = open_stream(src, keys, mode, out.writer(), workers)?;
     out.commit()?;
     if !summary.terminated() {
         eprintln!(
@@ -210,13 +209,12 @@ fn write_text(out: &mut impl Write, w: &Walk, r: &serde_json::Value) -> io::Resu
 /// tried; one that fails is reported and the rest go on. The exit code is that of the first
 /// failure (3 wrong key, 4 corrupt, …), or 0.
 pub fn export(
-    keys: &[PathBuf],
+    keys: &dyn Unwrapper,
     out: &Path,
     format: super::FormatArg,
     inputs: &[PathBuf],
 ) -> Result<(), Error> {
     use crate::export::{Format, export_file, find_packages};
-    let ring = KeyRing::from_files(keys)?;
     let format = match format {
         super::FormatArg::Wav => Format::Wav,
         super::FormatArg::Pcap => Format::Pcap,
@@ -231,7 +229,7 @@ pub fn export(
     }
     let (mut ok, mut first_err) = (0usize, None);
     for f in &files {
-        match export_file(f, &ring, out, format) {
+        match export_file(f, keys, out, format) {
             Ok(x) => {
                 ok += 1;
                 let warn = if x.terminated {

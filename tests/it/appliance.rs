@@ -227,14 +227,19 @@ fn loadgen(ports: &str, args: &[&str]) -> std::process::Output {
 }
 
 fn stored(store: &Path) -> Vec<PathBuf> {
+    files_with_ext(store, "erec")
+}
+
+/// Every file under `root` whose name ends `.ext`.
+fn files_with_ext(root: &Path, ext: &str) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    let mut stack = vec![store.to_path_buf()];
+    let mut stack = vec![root.to_path_buf()];
     while let Some(d) = stack.pop() {
         for e in fs::read_dir(&d).into_iter().flatten().flatten() {
             let p = e.path();
             if p.is_dir() {
                 stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "erec") {
+            } else if p.extension().is_some_and(|x| x == ext) {
                 out.push(p);
             }
         }
@@ -1478,5 +1483,122 @@ fn replacing_the_key_file_rotates_the_kek_for_new_recordings_only() {
         "{}",
         String::from_utf8_lossy(&opened.stderr)
     );
+    a.sigterm();
+}
+
+/// The port a package's call came in on (public metadata).
+fn port_of(package: &Path) -> u64 {
+    let out = edgerec(&["inspect", "--json", package.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["public_metadata"]["port"].as_u64().unwrap()
+}
+
+/// `edgerec export` through the key manager: (exit code, stderr, media files written).
+fn export_through(lkm: &crate::lkm::Service, store: &Path, out: &Path) -> (i32, String, usize) {
+    let mut args = vec!["export".to_string()];
+    args.extend(lkm.reading_args());
+    args.extend([
+        "--out".into(),
+        out.display().to_string(),
+        store.display().to_string(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = edgerec(&args);
+    (
+        r.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&r.stderr).into_owned(),
+        files_with_ext(out, "wav").len(),
+    )
+}
+
+#[test]
+fn recording_through_the_key_manager_rotates_mid_load_and_rides_out_its_outage() {
+    let mut lkm = crate::lkm::Service::start();
+    let mut a = Appliance::prepare("\"127.0.0.0/8\"", "path = \"store\"", "");
+    let cfg = a.path("edgerec.toml");
+    let text = fs::read_to_string(&cfg).unwrap().replace(
+        &format!(
+            "public_key = \"{}\"",
+            key_path("test-kek.pub.pem").display()
+        ),
+        &format!(
+            "source = \"lkm\"\nlkm_url = \"{}\"\nlkm_ca = \"{}\"\nlkm_credentials = \"{}\"\n\
+             refresh_secs = 1\nmax_age_secs = 3600",
+            lkm.url(),
+            lkm.ca().display(),
+            lkm.credentials().display()
+        ),
+    );
+    fs::write(&cfg, text).unwrap();
+    a.spawn();
+    let (code, before, _) = lkm.admin(&["keys", "--json"]);
+    assert_eq!(code, 0);
+    let old_id = serde_json::from_str::<serde_json::Value>(&before).unwrap()[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        a.metric(&format!("edgerec_kek_info{{kek_id=\"{old_id}\"}}")),
+        1.0
+    );
+    // Calls on the first two ports are in progress when the key manager rotates; calls on
+    // the other two start after the recorder took the new key.
+    let early = {
+        let p = format!("{}-{}", a.base, a.base + 1);
+        std::thread::spawn(move || loadgen(&p, &["--streams", "4", "--seconds", "3"]))
+    };
+    a.wait_metric("edgerec_recordings_active", 2.0);
+    let (code, new_id, err) = lkm.admin(&["rotate"]);
+    assert_eq!(code, 0, "{err}");
+    let new_id = new_id.trim().to_string();
+    let rotated = a.wait_log("KEK rotated by the key manager");
+    assert!(rotated.contains(&new_id), "{rotated}");
+    let late = loadgen(
+        &format!("{}-{}", a.base + 2, a.base + 3),
+        &["--streams", "4", "--seconds", "1"],
+    );
+    assert!(late.status.success());
+    assert!(early.join().unwrap().status.success());
+    let packages = wait_stored(&a.path("store"), 4);
+    for p in &packages {
+        let want = if port_of(p) < u64::from(a.base + 2) {
+            &old_id
+        } else {
+            &new_id
+        };
+        assert_eq!(kek_ids(p), [want.as_str()], "{}", p.display());
+    }
+    // Every one of them exports through the key manager.
+    let (code, err, media) = export_through(&lkm, &a.path("store"), &a.path("export1"));
+    assert_eq!((code, media), (0, 4), "{err}");
+    // The key manager goes down: recording goes on with the key in hand, also across a
+    // restart of the recorder (from its cached key), and the failed fetches are counted.
+    lkm.stop();
+    a.wait_metric("edgerec_kek_fetch_errors_total", 1.0);
+    a.sigterm();
+    a.spawn();
+    assert_eq!(
+        a.metric(&format!("edgerec_kek_info{{kek_id=\"{new_id}\"}}")),
+        1.0,
+        "started with the cached key"
+    );
+    let during = loadgen(
+        &format!("{}-{}", a.base, a.base),
+        &["--streams", "2", "--seconds", "1"],
+    );
+    assert!(during.status.success());
+    let packages = wait_stored(&a.path("store"), 5);
+    assert_eq!(packages.len(), 5);
+    // Export cannot unwrap while it is down: it fails clearly and writes no media.
+    let (code, err, media) = export_through(&lkm, &a.path("store"), &a.path("export2"));
+    assert_eq!((code, media), (1, 0), "{err}");
+    assert!(
+        err.contains("key manager") && err.contains("no answer"),
+        "{err}"
+    );
+    // Back up: everything exports, the outage's recording included.
+    lkm.restart();
+    let (code, err, media) = export_through(&lkm, &a.path("store"), &a.path("export3"));
+    assert_eq!((code, media), (0, 5), "{err}");
     a.sigterm();
 }

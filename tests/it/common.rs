@@ -108,3 +108,8 @@ pub fn edgerec(args: &[&str]) -> Output {
 pub fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 31 % 251) as u8).collect()
 }
+
+/// A path in the repository.
+pub fn repo_path(p: &str) -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+}

@@ -138,20 +138,21 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 
 /// A running `edgerec lkm serve` over TLS, with a recorder's and an administrator's
 /// credentials issued by the command line.
-struct Service {
-    child: std::process::Child,
-    port: u16,
-    dir: tempfile::TempDir,
-    pki: crate::http_store::Pki,
-    recorder_key: String,
+pub struct Service {
+    child: Option<std::process::Child>,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    pub pki: crate::http_store::Pki,
+    pub recorder_key: String,
     admin_key: String,
     client: reqwest::blocking::Client,
+    pub config: std::path::PathBuf,
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Drop for Service {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 
@@ -163,8 +164,12 @@ fn issued_key(out: &str) -> String {
 }
 
 impl Service {
-    fn start() -> Service {
-        use std::io::BufRead;
+    pub fn start() -> Service {
+        Self::start_with("")
+    }
+
+    /// With `extra` lines in `[lkm]`.
+    pub fn start_with(extra: &str) -> Service {
         let dir = tempfile::tempdir().unwrap();
         let pki = crate::http_store::Pki::make();
         let config = dir.path().join("lkm.toml");
@@ -173,7 +178,7 @@ impl Service {
             format!(
                 "[lkm]\nlisten = \"127.0.0.1:0\"\nstore_dir = \"store\"\nmaster_key_file = \"master.key\"\n\
                  credentials_file = \"credentials.json\"\naudit_log = \"audit.jsonl\"\n\
-                 tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                 tls_cert = \"{}\"\ntls_key = \"{}\"\n{extra}\n",
                 pki.path("server.pem").display(),
                 pki.path("server.key").display()
             ),
@@ -182,18 +187,46 @@ impl Service {
         assert_eq!(lkm(&["init"], &config).0, 0);
         let recorder_key = issued_key(&lkm(&["credentials", "add", "recorder-1"], &config).1);
         let admin_key = issued_key(&lkm(&["credentials", "add", "--admin", "ops"], &config).1);
+        fs::write(
+            dir.path().join("recorder.cred"),
+            format!("id: recorder-1\nkey: {recorder_key}\nalgorithm: sha256\n"),
+        )
+        .unwrap();
+        let ca = reqwest::Certificate::from_pem(&fs::read(pki.path("ca.pem")).unwrap()).unwrap();
+        let client = reqwest::blocking::Client::builder()
+            .add_root_certificate(ca)
+            .build()
+            .unwrap();
+        let mut s = Service {
+            child: None,
+            port: 0,
+            dir,
+            pki,
+            recorder_key,
+            admin_key,
+            client,
+            config,
+            log: Default::default(),
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        use std::io::BufRead;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_edgerec"))
-            .args(["lkm", "serve", "--config", config.to_str().unwrap()])
+            .args(["lkm", "serve", "--config", self.config.to_str().unwrap()])
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
         let stderr = child.stderr.take().unwrap();
         let mut lines = std::io::BufReader::new(stderr).lines();
-        let port = loop {
+        self.port = loop {
             let line = lines
                 .next()
                 .expect("the service logs where it listens")
                 .unwrap();
+            self.log.lock().unwrap().push(line.clone());
             if let Some(addr) = line.split("addr=").nth(1) {
                 break addr
                     .split_whitespace()
@@ -206,21 +239,71 @@ impl Service {
                     .unwrap();
             }
         };
-        std::thread::spawn(move || for _ in lines {});
-        let ca = reqwest::Certificate::from_pem(&fs::read(pki.path("ca.pem")).unwrap()).unwrap();
-        let client = reqwest::blocking::Client::builder()
-            .add_root_certificate(ca)
-            .build()
-            .unwrap();
-        Service {
-            child,
-            port,
-            dir,
-            pki,
-            recorder_key,
-            admin_key,
-            client,
+        let log = std::sync::Arc::clone(&self.log);
+        std::thread::spawn(move || {
+            for l in lines.map_while(Result::ok) {
+                log.lock().unwrap().push(l);
+            }
+        });
+        self.child = Some(child);
+    }
+
+    /// Kills the service (as a crash or an outage would).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
+    }
+
+    /// Starts it again on the same port.
+    pub fn restart(&mut self) {
+        let text = fs::read_to_string(&self.config).unwrap();
+        let port = self.port;
+        let text = text
+            .lines()
+            .map(|l| {
+                if l.starts_with("listen = ") {
+                    format!("listen = \"127.0.0.1:{port}\"")
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        fs::write(&self.config, text).unwrap();
+        self.spawn();
+        assert_eq!(self.port, port);
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// The recorder's credential file, as `lkm credentials add` printed it.
+    pub fn credentials(&self) -> std::path::PathBuf {
+        self.dir.path().join("recorder.cred")
+    }
+
+    pub fn ca(&self) -> std::path::PathBuf {
+        self.pki.path("ca.pem")
+    }
+
+    /// An administrator's command on this key manager.
+    pub fn admin(&self, args: &[&str]) -> (i32, String, String) {
+        lkm(args, &self.config)
+    }
+
+    /// The `--lkm …` options of `open` and `export`.
+    pub fn reading_args(&self) -> Vec<String> {
+        vec![
+            "--lkm".into(),
+            self.url(),
+            "--lkm-credentials".into(),
+            self.credentials().display().to_string(),
+            "--lkm-ca".into(),
+            self.ca().display().to_string(),
+        ]
     }
 
     /// A request as a contract client makes it: Hawk-signed (with a payload hash if `hash`).
@@ -426,4 +509,184 @@ fn a_contract_client_creates_keys_and_unwraps_through_the_service() {
     ]);
     assert_eq!(out.status.code(), Some(0));
     let _ = &s.pki;
+}
+
+/// The public key of keypair `id` as a PEM file in the service's directory.
+fn public_pem(s: &Service, id: &str) -> std::path::PathBuf {
+    use base64::Engine;
+    let (code, kp) = s.call(
+        "GET",
+        &format!("{KEYPAIRS}/{id}"),
+        None,
+        "recorder-1",
+        &s.recorder_key,
+        true,
+    );
+    assert_eq!(code, 200, "{kp}");
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(kp["publicKey"].as_str().unwrap())
+        .unwrap();
+    let key = edgerec::keys::KekPublic::from_der("publicKey", &der).unwrap();
+    let path = s.dir.path().join(format!("{id}.pub.pem"));
+    fs::write(&path, key.to_pem()).unwrap();
+    path
+}
+
+/// The metrics the service serves on its `metrics_listen`.
+fn service_metrics(s: &Service) -> String {
+    let addr = {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let found = s.log.lock().unwrap().iter().find_map(|l| {
+                l.split("bound=")
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next())
+                    .map(str::to_string)
+            });
+            if let Some(a) = found {
+                break a;
+            }
+            assert!(std::time::Instant::now() < deadline, "no metrics listener");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    reqwest::blocking::get(format!("http://{addr}/metrics"))
+        .unwrap()
+        .text()
+        .unwrap()
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn recordings_open_through_the_service_until_their_key_is_destroyed_after_a_census() {
+    let s = Service::start_with(
+        "unwrap_rate_per_sec = 0.5\nunwrap_burst = 4\nmetrics_listen = \"127.0.0.1:0\"",
+    );
+    let a = keys(&s.config)[0]["id"].as_str().unwrap().to_string();
+    let (code, b, _) = s.admin(&["rotate"]);
+    assert_eq!(code, 0);
+    let b = b.trim().to_string();
+    // One recording sealed to each key, in a dir store.
+    let day = s.dir.path().join("store/calls/2026/11/29");
+    fs::create_dir_all(&day).unwrap();
+    let original = repo_path("samples/sample-transcript.txt");
+    for id in [&a, &b] {
+        let pem = public_pem(&s, id);
+        let out = edgerec(&[
+            "seal",
+            "--kek",
+            pem.to_str().unwrap(),
+            original.to_str().unwrap(),
+            day.join(format!("{id}.erec")).to_str().unwrap(),
+        ]);
+        assert!(out.status.success());
+    }
+    let open = |id: &str| {
+        let mut args = vec!["open".to_string()];
+        args.extend(s.reading_args());
+        args.push(day.join(format!("{id}.erec")).display().to_string());
+        args.push("-".into());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        edgerec(&args)
+    };
+    for id in [&a, &b] {
+        let out = open(id);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            out.stdout,
+            fs::read(&original).unwrap(),
+            "through the key manager"
+        );
+    }
+    // Two of the burst of four are used: the next decrypts run into the limit (one token
+    // every two seconds).
+    let junk = serde_json::json!({ "keypairId": a, "body": "AAAA" });
+    let codes: Vec<u16> = (0..4)
+        .map(|_| {
+            s.call(
+                "POST",
+                DECRYPT,
+                Some(&junk),
+                "recorder-1",
+                &s.recorder_key,
+                true,
+            )
+            .0
+        })
+        .collect();
+    assert_eq!(&codes[..2], [400, 400], "{codes:?}");
+    assert_eq!(&codes[2..], [429, 429], "{codes:?}");
+    // The store census, then the destruction.
+    let app = s.dir.path().join("edgerec.toml");
+    fs::write(
+        &app,
+        format!(
+            "[recorder]\nspool_dir = \"spool\"\n[keys]\npublic_key = \"{}\"\n[store]\npath = \"store\"\n",
+            public_pem(&s, &b).display()
+        ),
+    )
+    .unwrap();
+    let destroy = |yes: bool| {
+        let mut args = vec!["destroy", "--store-config", app.to_str().unwrap(), &a];
+        if yes {
+            args.push("--yes");
+        }
+        s.admin(&args)
+    };
+    let (code, out, err) = destroy(false);
+    assert_eq!(code, 1, "not confirmed: {err}");
+    assert!(
+        out.contains("1 of 2 recordings in the store are sealed to")
+            && out.contains("1 of them to this key alone")
+            && out.contains("unreadable for ever"),
+        "{out} {err}"
+    );
+    assert!(err.contains("not destroyed"), "{err}");
+    std::thread::sleep(std::time::Duration::from_secs(2)); // the next token
+    assert!(open(&a).status.success(), "still there");
+    let (code, _, err) = destroy(true);
+    assert_eq!(code, 0, "{err}");
+    // Its recording can never be opened again, and says why; the other still opens.
+    std::thread::sleep(std::time::Duration::from_secs(2)); // the next token
+    let out = open(&a);
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("key destroyed"), "{err}");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(open(&b).status.success());
+    // Unwraps by outcome, and keys by state, in the service's metrics.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let text = loop {
+        let text = service_metrics(&s);
+        if metric(&text, "edgerec_lkm_keys{state=\"destroyed\"}") == 1.0 {
+            break text;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(metric(&text, "edgerec_lkm_keys{state=\"active\"}"), 1.0);
+    assert_eq!(
+        metric(&text, "edgerec_lkm_unwraps_total{outcome=\"ok\"}"),
+        4.0
+    );
+    assert_eq!(
+        metric(&text, "edgerec_lkm_unwraps_total{outcome=\"rate_limited\"}"),
+        2.0
+    );
+    assert_eq!(
+        metric(&text, "edgerec_lkm_unwraps_total{outcome=\"destroyed\"}"),
+        1.0
+    );
+    let audit = fs::read_to_string(s.dir.path().join("audit.jsonl")).unwrap();
+    assert!(audit.contains("\"action\":\"destroy\",") || audit.contains("\"action\":\"destroy\""));
+    assert!(audit.contains("not confirmed"));
 }
