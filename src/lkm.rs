@@ -258,6 +258,14 @@ impl Lkm {
         };
         let store = KeyStore::open(&config.store_dir, Arc::new(master))
             .map_err(|e| format!("lkm.store_dir {}: {e}", config.store_dir.display()))?;
+        if let Some(dir) = config.audit_log.parent() {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| format!("lkm.audit_log: {}: {e}", dir.display()))?;
+        }
         let audit = AuditLog::open(&config.audit_log).map_err(|e| format!("lkm.audit_log: {e}"))?;
         Ok(Lkm {
             config,

@@ -690,3 +690,99 @@ fn recordings_open_through_the_service_until_their_key_is_destroyed_after_a_cens
     assert!(audit.contains("\"action\":\"destroy\",") || audit.contains("\"action\":\"destroy\""));
     assert!(audit.contains("not confirmed"));
 }
+
+/// Copies a directory tree with the modes a fresh clone has (0644 files, 0755 directories).
+fn copy_as_cloned(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    fs::set_permissions(to, fs::Permissions::from_mode(0o755)).unwrap();
+    for e in fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        let dest = to.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_as_cloned(&p, &dest);
+        } else {
+            fs::copy(&p, &dest).unwrap();
+            fs::set_permissions(&dest, fs::Permissions::from_mode(0o644)).unwrap();
+        }
+    }
+}
+
+#[test]
+fn the_sample_key_manager_runs_as_it_stands_and_opens_the_demo_keys_recordings() {
+    // samples/ as a fresh clone has it, on free ports instead of 8443 and 9474.
+    let dir = tempfile::tempdir().unwrap();
+    let samples = dir.path().join("samples");
+    copy_as_cloned(&repo_path("samples"), &samples);
+    let config = samples.join("lkm.toml");
+    let text = fs::read_to_string(&config)
+        .unwrap()
+        .replace("127.0.0.1:8443", "127.0.0.1:0")
+        .replace("127.0.0.1:9474", "127.0.0.1:0");
+    fs::write(&config, text).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_edgerec"))
+        .args(["lkm", "serve", "--config", config.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let port = {
+        use std::io::BufRead;
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok);
+        let mut seen = String::new();
+        let port = loop {
+            let Some(line) = lines.next() else {
+                panic!("the sample did not start:\n{seen}")
+            };
+            seen.push_str(&line);
+            seen.push('\n');
+            if let Some(addr) = line.split(" addr=").nth(1) {
+                break addr
+                    .split_whitespace()
+                    .next()
+                    .unwrap()
+                    .rsplit(':')
+                    .next()
+                    .unwrap()
+                    .to_string();
+            }
+        };
+        assert!(seen.contains("DEMO key store"), "{seen}");
+        std::thread::spawn(move || lines.for_each(drop));
+        port
+    };
+    // A file sealed to the demo key (what samples/edgerec.toml records with) opens through
+    // the demo key manager with the demo credential, over TLS checked against the demo CA.
+    let sealed = dir.path().join("t.erec");
+    let original = samples.join("sample-transcript.txt");
+    let out = edgerec(&[
+        "seal",
+        "--kek",
+        samples.join("demo-kek.pub.pem").to_str().unwrap(),
+        original.to_str().unwrap(),
+        sealed.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    let out = edgerec(&[
+        "open",
+        "--lkm",
+        &format!("https://localhost:{port}"),
+        "--lkm-credentials",
+        samples.join("lkm/demo-recorder.cred").to_str().unwrap(),
+        "--lkm-ca",
+        samples.join("lkm/demo-ca.pem").to_str().unwrap(),
+        sealed.to_str().unwrap(),
+        "-",
+    ]);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, fs::read(&original).unwrap());
+    let audit = fs::read_to_string(dir.path().join("var/lkm/audit.jsonl")).unwrap();
+    assert!(audit.contains("\"who\":\"demo-recorder\""), "{audit}");
+}
