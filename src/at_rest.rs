@@ -39,9 +39,13 @@ pub enum AtRestError {
     /// The tag did not verify: another master key, another context, or a changed byte.
     #[error("sealed key does not open: authentication failed")]
     Authentication,
-    /// The protector could not answer (a KMS refusing, unreachable); the text says why.
+    /// The protector could not answer (a KMS unreachable or failing); the text says why.
     #[error("key protection unavailable: {0}")]
     Unavailable(String),
+    /// The protector refused (a KMS key disabled, access denied, its state invalid): the
+    /// organisation withdrew access. The text says which refusal.
+    #[error("access revoked: {0}")]
+    Revoked(String),
 }
 
 /// Seals and opens private keys at rest.

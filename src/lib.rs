@@ -67,6 +67,8 @@ pub mod kek_watch;
 pub mod keys;
 pub mod keystore;
 #[cfg(feature = "appliance")]
+pub mod kms;
+#[cfg(feature = "appliance")]
 pub mod lkm;
 #[cfg(feature = "appliance")]
 pub mod lkm_client;
@@ -93,6 +95,8 @@ pub mod run;
 #[cfg(feature = "appliance")]
 pub mod s3;
 pub mod session;
+#[cfg(feature = "appliance")]
+pub mod sigv4;
 #[cfg(feature = "appliance")]
 pub mod spool;
 #[cfg(feature = "appliance")]

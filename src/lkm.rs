@@ -19,7 +19,7 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use crate::at_rest::MasterKey;
+use crate::at_rest::{MasterKey, Protector};
 use crate::audit::{AuditLog, Event};
 use crate::hawk_auth::Credential;
 use crate::keystore::{KeyRecord, KeyStore};
@@ -66,7 +66,8 @@ struct RawLkm {
     #[serde(default = "default_listen")]
     listen: SocketAddr,
     store_dir: PathBuf,
-    master_key_file: PathBuf,
+    master_key_file: Option<PathBuf>,
+    kms: Option<RawKms>,
     credentials_file: PathBuf,
     audit_log: PathBuf,
     tls_cert: Option<PathBuf>,
@@ -86,6 +87,25 @@ struct RawLkm {
     metrics_listen: Option<SocketAddr>,
     #[serde(default)]
     demo: bool,
+}
+
+/// `[lkm.kms]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKms {
+    key_id: String,
+    region: String,
+    endpoint: Option<String>,
+    organisation: String,
+    credentials_file: Option<PathBuf>,
+    profile: Option<String>,
+    ca_file: Option<PathBuf>,
+    #[serde(default = "default_kms_timeout")]
+    timeout_secs: u64,
+}
+
+fn default_kms_timeout() -> u64 {
+    10
 }
 
 fn default_key_cache() -> u64 {
@@ -112,6 +132,15 @@ fn default_skew() -> u64 {
     60
 }
 
+/// What seals the key store's private keys at rest.
+#[derive(Debug, Clone)]
+pub enum Protection {
+    /// A master key file (0600, 64 hex digits).
+    MasterKey(PathBuf),
+    /// AWS KMS (`[lkm.kms]`).
+    Kms(crate::kms::KmsConfig),
+}
+
 /// A validated `lkm.toml`, paths resolved.
 #[derive(Debug, Clone)]
 pub struct LkmConfig {
@@ -119,8 +148,8 @@ pub struct LkmConfig {
     pub listen: SocketAddr,
     /// The key store's directory (0700).
     pub store_dir: PathBuf,
-    /// The master key file (0600) that seals the private keys at rest.
-    pub master_key_file: PathBuf,
+    /// What seals the private keys at rest.
+    pub protection: Protection,
     /// The Hawk credentials (0600).
     pub credentials_file: PathBuf,
     /// The audit log (JSON lines, hash-chained, 0600).
@@ -182,6 +211,71 @@ impl LkmConfig {
                 l.skew_secs
             ));
         }
+        let protection = match (&l.master_key_file, l.kms) {
+            (Some(m), None) => Protection::MasterKey(resolve(m)),
+            (None, Some(k)) => {
+                let (access_key, secret_key) = match &k.credentials_file {
+                    Some(f) => {
+                        let f = resolve(f);
+                        let text = Zeroizing::new(std::fs::read_to_string(&f).map_err(|e| {
+                            format!(
+                                "config {shown}: lkm.kms.credentials_file {}: {e}",
+                                f.display()
+                            )
+                        })?);
+                        let profile = k.profile.as_deref().unwrap_or("default");
+                        crate::s3::credentials_from_file(&text, profile).ok_or_else(|| {
+                            format!(
+                                "config {shown}: lkm.kms.credentials_file {}: no \
+                                 aws_access_key_id and aws_secret_access_key in [{profile}]",
+                                f.display()
+                            )
+                        })?
+                    }
+                    None => match (
+                        std::env::var("AWS_ACCESS_KEY_ID"),
+                        std::env::var("AWS_SECRET_ACCESS_KEY"),
+                    ) {
+                        (Ok(a), Ok(s)) => (a, Zeroizing::new(s)),
+                        _ => {
+                            return Err(format!(
+                                "config {shown}: lkm.kms needs credentials: credentials_file, or \
+                                 AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment"
+                            ));
+                        }
+                    },
+                };
+                if k.organisation.is_empty() || k.key_id.is_empty() || k.region.is_empty() {
+                    return Err(format!(
+                        "config {shown}: lkm.kms.key_id, region and organisation must not be empty"
+                    ));
+                }
+                Protection::Kms(crate::kms::KmsConfig {
+                    endpoint: k
+                        .endpoint
+                        .unwrap_or_else(|| format!("https://kms.{}.amazonaws.com", k.region)),
+                    region: k.region,
+                    key_id: k.key_id,
+                    organisation: k.organisation,
+                    access_key,
+                    secret_key,
+                    ca_file: k.ca_file.map(|p| resolve(&p)),
+                    timeout: std::time::Duration::from_secs(k.timeout_secs.clamp(1, 300)),
+                })
+            }
+            (Some(_), Some(_)) => {
+                return Err(format!(
+                    "config {shown}: lkm.master_key_file and [lkm.kms] exclude each other: the \
+                     private keys are sealed by one of them"
+                ));
+            }
+            (None, None) => {
+                return Err(format!(
+                    "config {shown}: lkm.master_key_file (or [lkm.kms]) is missing: what seals \
+                     the private keys at rest"
+                ));
+            }
+        };
         if l.key_cache_secs > 86_400 {
             return Err(format!(
                 "config {shown}: lkm.key_cache_secs = {}: at most 86400",
@@ -210,7 +304,7 @@ impl LkmConfig {
             demo: l.demo,
             listen: l.listen,
             store_dir: resolve(&l.store_dir),
-            master_key_file: resolve(&l.master_key_file),
+            protection,
             credentials_file: resolve(&l.credentials_file),
             audit_log: resolve(&l.audit_log),
             tls,
@@ -244,19 +338,23 @@ impl Lkm {
     /// Opens the key manager of `config`; with `init`, makes a master key first if there is
     /// none (never replacing one).
     pub fn open(config: LkmConfig, init: bool) -> Result<Lkm, String> {
-        let mk = &config.master_key_file;
-        let master = if init && !mk.exists() {
-            MasterKey::create(mk).map_err(|e| format!("lkm.master_key_file: {e}"))?
-        } else if config.demo {
-            eprintln!(
-                "edgerec: DEMO key store (lkm.demo = true): its master key is public; never \
-                 seal real recordings to its keys"
-            );
-            MasterKey::from_demo_file(mk).map_err(|e| format!("lkm.master_key_file: {e}"))?
-        } else {
-            MasterKey::from_file(mk).map_err(|e| format!("lkm.master_key_file: {e}"))?
+        let protector: Arc<dyn Protector> = match &config.protection {
+            Protection::MasterKey(mk) => Arc::new(if init && !mk.exists() {
+                MasterKey::create(mk).map_err(|e| format!("lkm.master_key_file: {e}"))?
+            } else if config.demo {
+                eprintln!(
+                    "edgerec: DEMO key store (lkm.demo = true): its master key is public; never \
+                     seal real recordings to its keys"
+                );
+                MasterKey::from_demo_file(mk).map_err(|e| format!("lkm.master_key_file: {e}"))?
+            } else {
+                MasterKey::from_file(mk).map_err(|e| format!("lkm.master_key_file: {e}"))?
+            }),
+            Protection::Kms(k) => {
+                Arc::new(crate::kms::Kms::new(k.clone()).map_err(|e| format!("lkm.kms: {e}"))?)
+            }
         };
-        let store = KeyStore::open(&config.store_dir, Arc::new(master))
+        let store = KeyStore::open(&config.store_dir, protector)
             .map_err(|e| format!("lkm.store_dir {}: {e}", config.store_dir.display()))?;
         if let Some(dir) = config.audit_log.parent() {
             use std::os::unix::fs::DirBuilderExt;
@@ -387,7 +485,7 @@ mod tests {
         .unwrap();
         let c = LkmConfig::load(&f).unwrap();
         assert_eq!(c.store_dir, dir.path().join("store"));
-        assert_eq!(c.master_key_file, PathBuf::from("/etc/m.key"));
+        assert!(matches!(&c.protection, Protection::MasterKey(m) if m == Path::new("/etc/m.key")));
         assert_eq!(c.rotation, Rotation::Weekly);
         assert_eq!(c.listen, default_listen());
         std::fs::write(&f, "[lkm]\nstore_dir = \"s\"\nbogus = 1\n").unwrap();

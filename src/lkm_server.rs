@@ -122,7 +122,10 @@ pub async fn serve(config: LkmConfig) -> Result<(), String> {
     let credentials_file = config.credentials_file.clone();
     let (listen, rotation, limit) = (config.listen, config.rotation, config.unwrap_limit);
     let (cache, metrics_listen) = (config.key_cache_secs, config.metrics_listen);
-    let Lkm { store, audit, .. } = Lkm::open(config, false)?;
+    // A KMS protector holds a blocking HTTP client: made outside the async context.
+    let Lkm { store, audit, .. } = tokio::task::spawn_blocking(move || Lkm::open(config, false))
+        .await
+        .map_err(|e| e.to_string())??;
     let (metrics, registry) = LkmMetrics::new();
     let app = Arc::new(App {
         oracle: Oracle::new(store, Duration::from_secs(cache)),
@@ -539,6 +542,14 @@ async fn decrypt(State(app): State<Arc<App>>, Authed { caller, body }: Authed) -
             message(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "access revoked: the key's protection refused",
+            )
+        }
+        Ok(Err(OracleError::Unavailable(why))) => {
+            tracing::error!(kek_id = %req.keypair_id, error = %why, "the key's protection cannot answer");
+            log(key, rec, "protection_unavailable");
+            message(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "key protection unavailable: try again later",
             )
         }
         Ok(Err(OracleError::Store(why))) => {

@@ -38,9 +38,12 @@ pub enum OracleError {
     /// The key was destroyed.
     #[error("key destroyed")]
     Destroyed,
-    /// The key's protection (master key, KMS) refused to open it.
+    /// The key's protection (a KMS) refused to open it: access was withdrawn.
     #[error("access revoked: {0}")]
     Revoked(String),
+    /// The key's protection could not answer (a KMS unreachable), or opened nothing.
+    #[error("key protection unavailable: {0}")]
+    Unavailable(String),
     /// Anything about the sealed DEK itself: one answer whatever it was.
     #[error("decrypt failed")]
     Failed,
@@ -93,8 +96,8 @@ impl Oracle {
         let private = self.store.private(id).map_err(|e| match e {
             KeyStoreError::Unknown(_) => OracleError::Unknown,
             KeyStoreError::Destroyed(_) => OracleError::Destroyed,
-            KeyStoreError::Protection(AtRestError::Unavailable(why)) => OracleError::Revoked(why),
-            KeyStoreError::Protection(e) => OracleError::Revoked(e.to_string()),
+            KeyStoreError::Protection(AtRestError::Revoked(why)) => OracleError::Revoked(why),
+            KeyStoreError::Protection(e) => OracleError::Unavailable(e.to_string()),
             e => OracleError::Store(e.to_string()),
         })?;
         let der = private
@@ -233,7 +236,7 @@ mod tests {
             if self.1.load(std::sync::atomic::Ordering::SeqCst) {
                 self.0.open(blob, context)
             } else {
-                Err(AtRestError::Unavailable("DisabledException".into()))
+                Err(AtRestError::Revoked("DisabledException".into()))
             }
         }
     }

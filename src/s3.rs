@@ -26,13 +26,8 @@
 use std::collections::HashSet;
 use std::fs::File;
 use std::path::Path;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use aws_sigv4::http_request::{
-    PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest, SigningSettings,
-    UriPathNormalizationMode, sign,
-};
-use aws_sigv4::sign::v4;
 use base64::Engine;
 use sha2::Digest;
 use zeroize::Zeroizing;
@@ -99,13 +94,7 @@ impl S3Store {
     /// A client for `cfg`.
     pub fn new(cfg: S3Config) -> Result<S3Store, String> {
         let client = crate::http_store::client(&cfg.tls, cfg.timeout)?;
-        let credentials = aws_credential_types::Credentials::new(
-            cfg.access_key.clone(),
-            cfg.secret_key.as_str().to_owned(),
-            None,
-            None,
-            "edgerec",
-        );
+        let credentials = crate::sigv4::credentials(&cfg.access_key, &cfg.secret_key);
         Ok(S3Store {
             cfg,
             client,
@@ -126,37 +115,23 @@ impl S3Store {
         body: Option<reqwest::blocking::Body>,
         body_sha256: &str,
     ) -> Result<reqwest::blocking::Response, StoreError> {
-        let identity = self.credentials.clone().into();
-        let mut settings = SigningSettings::default();
-        settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
-        settings.percent_encoding_mode = PercentEncodingMode::Single;
-        settings.uri_path_normalization_mode = UriPathNormalizationMode::Disabled;
-        let params = v4::SigningParams::builder()
-            .identity(&identity)
-            .region(&self.cfg.region)
-            .name("s3")
-            .time(SystemTime::now())
-            .settings(settings)
-            .build()
-            .map_err(|e| StoreError::Permanent(format!("cannot sign: {e}")))?
-            .into();
-        let signable = SignableRequest::new(
+        let signature = crate::sigv4::signature_headers(
+            crate::sigv4::Service::S3,
+            &self.credentials,
+            &self.cfg.region,
             method,
             url,
-            headers.iter().map(|(k, v)| (*k, v.as_str())),
-            SignableBody::Precomputed(body_sha256.to_string()),
+            headers,
+            body_sha256,
         )
-        .map_err(|e| StoreError::Permanent(format!("cannot sign {url}: {e}")))?;
-        let (instructions, _) = sign(signable, &params)
-            .map_err(|e| StoreError::Permanent(format!("cannot sign {url}: {e}")))?
-            .into_parts();
+        .map_err(StoreError::Permanent)?;
         let method = reqwest::Method::from_bytes(method.as_bytes())
             .map_err(|e| StoreError::Permanent(e.to_string()))?;
         let mut req = self.client.request(method, url);
         for (k, v) in headers {
             req = req.header(*k, v);
         }
-        for (k, v) in instructions.headers() {
+        for (k, v) in signature {
             req = req.header(k, v);
         }
         if let Some(b) = body {

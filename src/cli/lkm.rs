@@ -29,12 +29,21 @@ pub fn init(config: &Path) -> Result<(), Error> {
     }
     let r = lkm.rotate("init").map_err(Error::Invalid)?;
     println!("{}", r.id);
-    eprintln!(
-        "edgerec: key store {} set up; its private keys are sealed under {} (keep a copy of that \
-         file apart from the backups: without it no key opens)",
-        lkm.config.store_dir.display(),
-        lkm.config.master_key_file.display()
-    );
+    match &lkm.config.protection {
+        crate::lkm::Protection::MasterKey(mk) => eprintln!(
+            "edgerec: key store {} set up; its private keys are sealed under {} (keep a copy of \
+             that file apart from the backups: without it no key opens)",
+            lkm.config.store_dir.display(),
+            mk.display()
+        ),
+        crate::lkm::Protection::Kms(k) => eprintln!(
+            "edgerec: key store {} set up; its private keys are sealed by KMS key {} (context \
+             organisation={}): they open only while KMS grants Decrypt",
+            lkm.config.store_dir.display(),
+            k.key_id,
+            k.organisation
+        ),
+    }
     Ok(())
 }
 

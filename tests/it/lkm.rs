@@ -173,10 +173,16 @@ impl Service {
         let dir = tempfile::tempdir().unwrap();
         let pki = crate::http_store::Pki::make();
         let config = dir.path().join("lkm.toml");
+        // A [lkm.kms] table in `extra` replaces the master key.
+        let master = if extra.contains("[lkm.kms]") {
+            ""
+        } else {
+            "master_key_file = \"master.key\"\n"
+        };
         fs::write(
             &config,
             format!(
-                "[lkm]\nlisten = \"127.0.0.1:0\"\nstore_dir = \"store\"\nmaster_key_file = \"master.key\"\n\
+                "[lkm]\nlisten = \"127.0.0.1:0\"\nstore_dir = \"store\"\n{master}\
                  credentials_file = \"credentials.json\"\naudit_log = \"audit.jsonl\"\n\
                  tls_cert = \"{}\"\ntls_key = \"{}\"\n{extra}\n",
                 pki.path("server.pem").display(),
@@ -572,7 +578,7 @@ fn recordings_open_through_the_service_until_their_key_is_destroyed_after_a_cens
     assert_eq!(code, 0);
     let b = b.trim().to_string();
     // One recording sealed to each key, in a dir store.
-    let day = s.dir.path().join("store/calls/2026/11/29");
+    let day = s.dir.path().join("recordings/calls/2026/11/29");
     fs::create_dir_all(&day).unwrap();
     let original = repo_path("samples/sample-transcript.txt");
     for id in [&a, &b] {
@@ -630,7 +636,7 @@ fn recordings_open_through_the_service_until_their_key_is_destroyed_after_a_cens
     fs::write(
         &app,
         format!(
-            "[recorder]\nspool_dir = \"spool\"\n[keys]\npublic_key = \"{}\"\n[store]\npath = \"store\"\n",
+            "[recorder]\nspool_dir = \"spool\"\n[keys]\npublic_key = \"{}\"\n[store]\npath = \"recordings\"\n",
             public_pem(&s, &b).display()
         ),
     )
@@ -687,8 +693,30 @@ fn recordings_open_through_the_service_until_their_key_is_destroyed_after_a_cens
         1.0
     );
     let audit = fs::read_to_string(s.dir.path().join("audit.jsonl")).unwrap();
-    assert!(audit.contains("\"action\":\"destroy\",") || audit.contains("\"action\":\"destroy\""));
+    assert!(audit.contains("\"action\":\"destroy\""));
     assert!(audit.contains("not confirmed"));
+    // Backup, lose the key store, restore: the service answers as before.
+    let backup = s.dir.path().join("backup.json");
+    assert_eq!(s.admin(&["backup", backup.to_str().unwrap()]).0, 0);
+    fs::remove_dir_all(s.dir.path().join("store")).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2)); // the next token
+    let out = open(&b);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "the key manager holds no key: {err}"
+    );
+    let (code, _, err) = s.admin(&["restore", backup.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let out = open(&b);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, fs::read(&original).unwrap());
 }
 
 /// Copies a directory tree with the modes a fresh clone has (0644 files, 0755 directories).

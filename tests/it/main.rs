@@ -6,6 +6,7 @@ mod cli;
 mod common;
 mod deploy;
 mod http_store;
+mod kms;
 mod lkm;
 mod proxy;
 mod s3;

@@ -39,7 +39,11 @@ pub struct Proxy {
     pub endpoint: String,
     rules: Arc<Mutex<VecDeque<Rule>>>,
     fired: Arc<Mutex<Vec<(Fault, String)>>>,
+    refusal: Refusal,
 }
+
+/// An answer given to every request while set (status and JSON body), none passed on.
+type Refusal = Arc<Mutex<Option<(u16, String)>>>;
 
 impl Proxy {
     /// A proxy on a free loopback port in front of `upstream` (`http://host:port`).
@@ -52,19 +56,28 @@ impl Proxy {
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let rules: Arc<Mutex<VecDeque<Rule>>> = Arc::default();
         let fired: Arc<Mutex<Vec<(Fault, String)>>> = Arc::default();
-        let (r, f) = (Arc::clone(&rules), Arc::clone(&fired));
+        let refusal: Refusal = Arc::default();
+        let (r, f, no) = (Arc::clone(&rules), Arc::clone(&fired), Arc::clone(&refusal));
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
                 let (r, f, up) = (Arc::clone(&r), Arc::clone(&f), upstream.clone());
-                std::thread::spawn(move || serve(conn, &up, &r, &f));
+                let no = Arc::clone(&no);
+                std::thread::spawn(move || serve(conn, &up, &r, &f, &no));
             }
         });
         Proxy {
             endpoint,
             rules,
             fired,
+            refusal,
         }
+    }
+
+    /// From now on answers every request with `status` and the JSON `body` (as a service
+    /// that withdrew access does), or, with `None`, passes requests on again.
+    pub fn refuse(&self, answer: Option<(u16, &str)>) {
+        *self.refusal.lock().unwrap() = answer.map(|(s, b)| (s, b.to_string()));
     }
 
     /// Queues rules; each fires once, on the first request it matches, in order.
@@ -108,8 +121,19 @@ fn serve(
     upstream: &str,
     rules: &Mutex<VecDeque<Rule>>,
     fired: &Mutex<Vec<(Fault, String)>>,
+    refusal: &Mutex<Option<(u16, String)>>,
 ) {
     while let Some((head, body)) = read_request(&mut client) {
+        let refused = refusal.lock().unwrap().clone();
+        if let Some((status, answer)) = refused {
+            let _ = write!(
+                client,
+                "HTTP/1.1 {status} Refused\r\nContent-Type: application/x-amz-json-1.1\r\n\
+                 Content-Length: {}\r\n\r\n{answer}",
+                answer.len()
+            );
+            continue;
+        }
         let line = String::from_utf8_lossy(&head)
             .lines()
             .next()
