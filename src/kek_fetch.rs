@@ -216,8 +216,12 @@ impl Fetcher {
                 }
                 self.cached = c;
                 self.stale_logged = false;
-                if handle.current().first().map(|k| k.id()) != Some(k.kek.id()) {
+                let before = handle.current();
+                if before.first().map(|k| k.id()) != Some(k.kek.id()) {
                     handle.replace(self.recipients(k.kek));
+                    if before.is_empty() {
+                        tracing::info!(kek_id = %self.cached.id, "the key manager confirmed a key again: new recordings are taken");
+                    }
                 }
                 true
             }

@@ -129,6 +129,26 @@ listen = "127.0.0.1:0"
         self.wait_log("listening for RTP");
     }
 
+    /// Seals to the key manager's current key (fetched every second) instead of the key
+    /// file, with `extra` `[keys]` lines.
+    fn keys_from(&self, lkm: &crate::lkm::Service, extra: &str) {
+        let cfg = self.path("edgerec.toml");
+        let text = fs::read_to_string(&cfg).unwrap().replace(
+            &format!(
+                "public_key = \"{}\"",
+                key_path("test-kek.pub.pem").display()
+            ),
+            &format!(
+                "source = \"lkm\"\nlkm_url = \"{}\"\nlkm_ca = \"{}\"\nlkm_credentials = \"{}\"\n\
+                 refresh_secs = 1\n{extra}",
+                lkm.url(),
+                lkm.ca().display(),
+                lkm.credentials().display()
+            ),
+        );
+        fs::write(&cfg, text).unwrap();
+    }
+
     /// GET a path of the metrics listener: (status, body).
     fn get(&self, path: &str) -> (u16, String) {
         let mut s = std::net::TcpStream::connect(&self.metrics).unwrap();
@@ -1515,21 +1535,7 @@ fn export_through(lkm: &crate::lkm::Service, store: &Path, out: &Path) -> (i32, 
 fn recording_through_the_key_manager_rotates_mid_load_and_rides_out_its_outage() {
     let mut lkm = crate::lkm::Service::start();
     let mut a = Appliance::prepare("\"127.0.0.0/8\"", "path = \"store\"", "");
-    let cfg = a.path("edgerec.toml");
-    let text = fs::read_to_string(&cfg).unwrap().replace(
-        &format!(
-            "public_key = \"{}\"",
-            key_path("test-kek.pub.pem").display()
-        ),
-        &format!(
-            "source = \"lkm\"\nlkm_url = \"{}\"\nlkm_ca = \"{}\"\nlkm_credentials = \"{}\"\n\
-             refresh_secs = 1\nmax_age_secs = 3600",
-            lkm.url(),
-            lkm.ca().display(),
-            lkm.credentials().display()
-        ),
-    );
-    fs::write(&cfg, text).unwrap();
+    a.keys_from(&lkm, "max_age_secs = 3600");
     a.spawn();
     let (code, before, _) = lkm.admin(&["keys", "--json"]);
     assert_eq!(code, 0);
@@ -1601,4 +1607,37 @@ fn recording_through_the_key_manager_rotates_mid_load_and_rides_out_its_outage()
     let (code, err, media) = export_through(&lkm, &a.path("store"), &a.path("export3"));
     assert_eq!((code, media), (0, 5), "{err}");
     a.sigterm();
+}
+
+#[test]
+fn a_stale_key_refuses_new_recordings_when_the_policy_says_so() {
+    let mut lkm = crate::lkm::Service::start();
+    let mut a = Appliance::prepare("\"127.0.0.0/8\"", "path = \"store\"", "");
+    a.keys_from(&lkm, "max_age_secs = 2\non_stale = \"refuse\"");
+    a.spawn();
+    // The key manager goes away; once the key is older than max_age_secs, calls are refused
+    // and counted, nothing is sealed to a key nobody confirmed.
+    lkm.stop();
+    a.wait_log("the cached key is stale");
+    let call = |port: u16| {
+        loadgen(
+            &format!("{port}-{port}"),
+            &["--streams", "1", "--seconds", "0.5"],
+        )
+    };
+    assert!(call(a.base).status.success());
+    a.wait_metric(
+        "edgerec_recordings_refused_total{reason=\"kek_stale\"}",
+        1.0,
+    );
+    // Back: recording resumes at the next fetch.
+    lkm.restart();
+    a.wait_log("new recordings are taken");
+    assert!(call(a.base + 1).status.success());
+    let stored = wait_stored(&a.path("store"), 1);
+    a.sigterm();
+    // Only the call after the key manager came back was sealed.
+    assert_eq!(stored.len(), 1);
+    assert_eq!(port_of(&stored[0]), u64::from(a.base + 1));
+    assert!(files_with_ext(&a.path("spool"), "erec").is_empty());
 }

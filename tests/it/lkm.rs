@@ -814,3 +814,40 @@ fn the_sample_key_manager_runs_as_it_stands_and_opens_the_demo_keys_recordings()
     let audit = fs::read_to_string(dir.path().join("var/lkm/audit.jsonl")).unwrap();
     assert!(audit.contains("\"who\":\"demo-recorder\""), "{audit}");
 }
+
+#[test]
+fn the_service_rotates_on_its_schedule() {
+    let s = Service::start_with("rotation = \"daily\"");
+    let first = keys(&s.config);
+    assert_eq!(first.len(), 1);
+    let id = first[0]["id"].as_str().unwrap().to_string();
+    // The current key was made two days ago: the next scheduler round makes a new one.
+    let record = s.dir.path().join(format!("store/keys/{id}.json"));
+    let mut r: serde_json::Value = serde_json::from_slice(&fs::read(&record).unwrap()).unwrap();
+    let two_days_ago = r["dateCreated"].as_u64().unwrap() - 2 * 86_400_000;
+    r["dateCreated"] = two_days_ago.into();
+    fs::write(&record, serde_json::to_vec(&r).unwrap()).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let now = loop {
+        let now = keys(&s.config);
+        if now.len() == 2 {
+            break now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no scheduled rotation"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let current: Vec<_> = now.iter().filter(|k| k["current"] == true).collect();
+    assert_ne!(current[0]["id"], id.as_str(), "the new key is current");
+    assert!(
+        now.iter().all(|k| k["state"] == "active"),
+        "the old one still decrypts"
+    );
+    // Once: the new key is a day younger than the schedule.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(keys(&s.config).len(), 2);
+    let audit = fs::read_to_string(s.dir.path().join("audit.jsonl")).unwrap();
+    assert_eq!(audit.matches("\"action\":\"rotate.scheduled\"").count(), 1);
+}
