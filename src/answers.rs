@@ -1,9 +1,48 @@
-//! Parsing what a store answers: the fields of an S3 XML answer and RFC 9530 digest fields.
+//! Parsing what a store or a key service answers, and the credential files a client is
+//! given: the fields of an S3 XML answer, RFC 9530 digest fields, a KMS error's type and
+//! message, a key manager credential.
 //!
 //! Pure functions over untrusted text from the network: they never panic, do work linear in
 //! their input, and return nothing rather than guess (fuzzed by `fuzz/text_read`).
 
 use base64::Engine;
+
+/// A KMS (JSON 1.1) error answer: its type without the namespace (`com.amazonaws.kms#X` → `X`)
+/// and its message, at most 300 characters; `None` for anything else.
+pub fn kms_error(body: &[u8]) -> Option<(String, String)> {
+    #[derive(serde::Deserialize)]
+    struct Err {
+        #[serde(rename = "__type")]
+        kind: String,
+        #[serde(alias = "Message", default)]
+        message: String,
+    }
+    let e: Err = serde_json::from_slice(body).ok()?;
+    let kind = e.kind.rsplit('#').next().unwrap_or_default().to_string();
+    (!kind.is_empty()).then(|| (kind, e.message.chars().take(300).collect()))
+}
+
+/// A key manager credential as a client holds it: the `id:` and `key:` lines that
+/// `edgerec lkm credentials add` prints, or the contract's `POST /auth` answer
+/// (`{"id", "authKey"}`). Returns (id, key).
+pub fn credential(text: &str) -> Option<(String, String)> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct AuthAnswer {
+        id: String,
+        auth_key: String,
+    }
+    if let Ok(a) = serde_json::from_str::<AuthAnswer>(text) {
+        return Some((a.id, a.auth_key)).filter(|(i, k)| !i.is_empty() && !k.is_empty());
+    }
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    };
+    Some((field("id:")?, field("key:")?))
+}
 
 /// The text of every `<tag>…</tag>` in an S3 answer, XML entities for `&`, `<`, `>`
 /// resolved (keys here hold none of them, but a listing may).

@@ -72,30 +72,18 @@ const REFUSALS: [&str; 5] = [
 
 /// How a KMS error answer reads: `__type` (possibly `namespace#Name`) and message.
 pub fn classify_error(status: u16, body: &[u8]) -> AtRestError {
-    #[derive(Deserialize)]
-    struct Err {
-        #[serde(rename = "__type", default)]
-        kind: String,
-        #[serde(alias = "Message", default)]
-        message: String,
-    }
-    let e = serde_json::from_slice::<Err>(body).unwrap_or(Err {
-        kind: String::new(),
-        message: String::new(),
-    });
-    let kind = e.kind.rsplit('#').next().unwrap_or_default().to_string();
-    let said: String = format!("KMS {kind}: {}", e.message)
-        .chars()
-        .take(300)
-        .collect();
-    if REFUSALS.contains(&kind.as_str()) {
-        AtRestError::Revoked(said)
-    } else if kind == "InvalidCiphertextException" {
-        AtRestError::Authentication
-    } else if kind.is_empty() {
-        AtRestError::Unavailable(format!("KMS answered HTTP {status}"))
-    } else {
-        AtRestError::Unavailable(said)
+    match crate::answers::kms_error(body) {
+        Some((kind, message)) => {
+            let said = format!("KMS {kind}: {message}");
+            if REFUSALS.contains(&kind.as_str()) {
+                AtRestError::Revoked(said)
+            } else if kind == "InvalidCiphertextException" {
+                AtRestError::Authentication
+            } else {
+                AtRestError::Unavailable(said)
+            }
+        }
+        None => AtRestError::Unavailable(format!("KMS answered HTTP {status}")),
     }
 }
 

@@ -39,31 +39,13 @@ impl std::fmt::Debug for ClientCredential {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct AuthAnswer {
-    id: String,
-    auth_key: String,
-}
-
 impl ClientCredential {
-    /// Parses a credential file's text.
+    /// Parses a credential file's text ([`crate::answers::credential`]).
     pub fn parse(text: &str) -> Option<ClientCredential> {
-        if let Ok(a) = serde_json::from_str::<AuthAnswer>(text) {
-            return Some(ClientCredential {
-                id: a.id,
-                key: Zeroizing::new(a.auth_key),
-            });
-        }
-        let field = |name: &str| {
-            text.lines()
-                .find_map(|l| l.trim().strip_prefix(name))
-                .map(|v| v.trim().to_string())
-                .filter(|v| !v.is_empty())
-        };
+        let (id, key) = crate::answers::credential(text)?;
         Some(ClientCredential {
-            id: field("id:")?,
-            key: Zeroizing::new(field("key:")?),
+            id,
+            key: Zeroizing::new(key),
         })
     }
 

@@ -1,11 +1,12 @@
 //! Feeds arbitrary text to the parsers of text from outside: what a store answers (the
 //! fields of an S3 XML answer with entity resolution, RFC 9530 digest fields, the `Initiated`
-//! times of a multipart listing, `Retry-After` values) and audit logs. Nothing may panic,
+//! times of a multipart listing, `Retry-After` values, KMS error answers), key manager
+//! credential files and audit logs. Nothing may panic,
 //! every field found lies within the text it came from (unescaping only shortens), and a log
 //! that verifies has as many lines as it says.
 #![no_main]
 
-use edgerec::answers::{sha256_of_digest, unescape, xml_all};
+use edgerec::answers::{credential, kms_error, sha256_of_digest, unescape, xml_all};
 use edgerec::clock::parse_rfc3339_ms;
 use edgerec::retry::parse_retry_after;
 use libfuzzer_sys::fuzz_target;
@@ -20,6 +21,12 @@ fuzz_target!(|data: &[u8]| {
     }
     assert!(unescape(&text).len() <= text.len());
     let _ = sha256_of_digest(&text);
+    if let Some((kind, message)) = kms_error(data) {
+        assert!(!kind.is_empty() && message.chars().count() <= 300);
+    }
+    if let Some((id, key)) = credential(&text) {
+        assert!(!id.is_empty() && !key.is_empty());
+    }
     let _ = parse_rfc3339_ms(&text);
     if let Ok(chain) = edgerec::audit::verify(&text) {
         assert_eq!(chain.next_seq, text.matches('\n').count() as u64);
