@@ -135,7 +135,7 @@ impl NonceCache {
 /// Checks requests against a set of credentials.
 #[derive(Debug)]
 pub struct Verifier {
-    credentials: HashMap<String, Credential>,
+    credentials: std::sync::RwLock<std::sync::Arc<HashMap<String, Credential>>>,
     skew: Duration,
     require_payload_hash: bool,
     nonces: Mutex<NonceCache>,
@@ -150,10 +150,18 @@ impl Verifier {
         require_payload_hash: bool,
     ) -> Verifier {
         Verifier {
-            credentials,
+            credentials: std::sync::RwLock::new(std::sync::Arc::new(credentials)),
             skew,
             require_payload_hash,
             nonces: Mutex::new(NonceCache::default()),
+        }
+    }
+
+    /// Replaces the credentials (the file changed): requests from now on are checked
+    /// against these.
+    pub fn replace(&self, credentials: HashMap<String, Credential>) {
+        if let Ok(mut c) = self.credentials.write() {
+            *c = std::sync::Arc::new(credentials);
         }
     }
 
@@ -173,8 +181,12 @@ impl Verifier {
             hawk::Header::from_str(value).map_err(|_| deny(None, "malformed Hawk header"))?;
         let id = header.id.clone().ok_or_else(|| deny(None, "no id"))?;
         let id = id.as_str();
-        let cred = self
+        let all = self
             .credentials
+            .read()
+            .map(|c| std::sync::Arc::clone(&c))
+            .map_err(|_| deny(Some(id), "credentials lock poisoned"))?;
+        let cred = all
             .get(id)
             .ok_or_else(|| deny(Some(id), "unknown credential id"))?;
         let key = hawk::Key::new(cred.key.as_slice(), hawk::SHA256)

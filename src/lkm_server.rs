@@ -47,6 +47,8 @@ struct App {
     audit: Mutex<AuditLog>,
     verifier: Verifier,
     credentials_file: std::path::PathBuf,
+    /// The credentials file's modification time when last loaded.
+    credentials_loaded: Mutex<Option<std::time::SystemTime>>,
     limiter: Mutex<PerKey<String>>,
     metrics: Arc<LkmMetrics>,
 }
@@ -54,6 +56,30 @@ struct App {
 impl App {
     fn store(&self) -> &KeyStore {
         self.oracle.store()
+    }
+
+    /// Loads the credentials file again if it changed (`lkm credentials add` while the
+    /// service runs, or `POST /auth`): a new credential works at once, a removed one stops.
+    fn reload_credentials(&self) {
+        let modified = std::fs::metadata(&self.credentials_file)
+            .and_then(|m| m.modified())
+            .ok();
+        let Ok(mut loaded) = self.credentials_loaded.lock() else {
+            return;
+        };
+        if *loaded == modified {
+            return;
+        }
+        match crate::lkm::load_credentials(&self.credentials_file) {
+            Ok(c) => {
+                tracing::info!(credentials = c.len(), "credentials loaded");
+                self.verifier.replace(c);
+                *loaded = modified;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot load the credentials; the loaded ones stay")
+            }
+        }
     }
 }
 
@@ -131,6 +157,11 @@ pub async fn serve(config: LkmConfig) -> Result<(), String> {
         oracle: Oracle::new(store, Duration::from_secs(cache)),
         audit: Mutex::new(audit),
         verifier,
+        credentials_loaded: Mutex::new(
+            std::fs::metadata(&credentials_file)
+                .and_then(|m| m.modified())
+                .ok(),
+        ),
         credentials_file,
         limiter: Mutex::new(PerKey::new(limit, 10_000)),
         metrics,
@@ -200,14 +231,15 @@ pub async fn serve(config: LkmConfig) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-/// Every 2 s: the key gauges from the store (an administrator's command may have changed
-/// it), and the scheduled rotation when it is due.
+/// Every 2 s: the credentials file if it changed, the key gauges from the store (an
+/// administrator's command may have changed it), and the scheduled rotation when it is due.
 async fn housekeeping(app: Arc<App>, rotation: Rotation) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tick.tick().await;
         let a = Arc::clone(&app);
         let done = tokio::task::spawn_blocking(move || {
+            a.reload_credentials();
             let all = a.store().list().map_err(|e| e.to_string())?;
             let current = all
                 .iter()
@@ -600,7 +632,8 @@ async fn register(State(app): State<Arc<App>>, Authed { caller, body }: Authed) 
     match crate::lkm::add_credential(&app.credentials_file, &req.id, false) {
         Ok(key) => {
             app.note(&caller, "credentials.add", None, "ok");
-            tracing::info!(id = %req.id, "credential issued; effective at the next start");
+            tracing::info!(id = %req.id, "credential issued");
+            app.reload_credentials();
             axum::Json(json!({ "id": req.id, "authKey": key.as_str(), "algorithm": "sha256" }))
                 .into_response()
         }

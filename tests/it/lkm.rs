@@ -501,6 +501,26 @@ fn a_contract_client_creates_keys_and_unwraps_through_the_service() {
     );
     assert_eq!((code, cred["algorithm"].as_str()), (200, Some("sha256")));
     assert_eq!(cred["authKey"].as_str().unwrap().len(), 43);
+    // Issued credentials work at once, with no restart: through the API and by the command
+    // line while the service runs.
+    let pkey = cred["authKey"].as_str().unwrap().to_string();
+    assert_eq!(
+        s.call("GET", KEYPAIRS, None, "platform-1", &pkey, true).0,
+        200
+    );
+    let cli_key = issued_key(&s.admin(&["credentials", "add", "recorder-2"]).1);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while s
+        .call("GET", KEYPAIRS, None, "recorder-2", &cli_key, true)
+        .0
+        != 200
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new credential is not taken"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     // The audit log has every request, chained, with who asked.
     let audit = fs::read_to_string(s.dir.path().join("audit.jsonl")).unwrap();
     assert!(audit.lines().any(|l| l.contains("\"action\":\"decrypt\"")
