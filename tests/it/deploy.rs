@@ -7,26 +7,49 @@ use std::process::Command;
 
 #[test]
 fn the_systemd_unit_verifies_and_is_hardened() {
-    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/edgerec.service");
+    verify(
+        "edgerec.service",
+        &[
+            "DynamicUser=yes",
+            "StateDirectory=edgerec\n",
+            "LimitNOFILE=",
+        ],
+    );
+}
+
+#[test]
+fn the_key_managers_systemd_unit_verifies_and_is_hardened() {
+    verify(
+        "edgerec-lkm.service",
+        &[
+            "User=edgerec-lkm",
+            "StateDirectory=edgerec-lkm\n",
+            "lkm serve --config",
+        ],
+    );
+}
+
+/// The unit `name` verifies and has the hardening every unit needs, and `also`.
+fn verify(name: &str, also: &[&str]) {
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy")
+        .join(name);
     let text = fs::read_to_string(&unit).unwrap();
-    for must in [
-        "DynamicUser=yes",
-        "StateDirectory=edgerec",
+    for must in also.iter().copied().chain([
         "StateDirectoryMode=0700",
         "UMask=0077",
         "ProtectSystem=strict",
         "NoNewPrivileges=yes",
         "LimitCORE=0",
-        "LimitNOFILE=",
         "KillSignal=SIGTERM",
         "MemoryDenyWriteExecute=yes",
         "CapabilityBoundingSet=\n",
-    ] {
+    ]) {
         assert!(text.contains(must), "the unit lacks {must:?}");
     }
     // verify checks that ExecStart exists: point it at the binary under test.
     let dir = tempfile::tempdir().unwrap();
-    let copy = dir.path().join("edgerec.service");
+    let copy = dir.path().join(name);
     fs::write(
         &copy,
         text.replace("/usr/local/bin/edgerec", env!("CARGO_BIN_EXE_edgerec")),
