@@ -323,6 +323,32 @@ struct Raw {
     upload: Upload,
     #[serde(default)]
     metrics: Metrics,
+    #[serde(default)]
+    control: RawControl,
+}
+
+/// `[control]` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    listen: Option<SocketAddr>,
+    token_file: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    max_body_bytes: Option<Spanned<usize>>,
+}
+
+/// `[control]`, validated: the control API (conversation metadata, pause and resume).
+#[derive(Debug, Clone)]
+pub struct Control {
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// The bearer token (from `token_file`, or `EDGEREC_CONTROL_TOKEN`).
+    pub token: zeroize::Zeroizing<String>,
+    /// TLS certificate chain and key (PEM), if it speaks HTTPS.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// The largest request body taken.
+    pub max_body_bytes: usize,
 }
 
 /// A validated configuration, paths resolved.
@@ -358,6 +384,8 @@ pub struct Config {
     pub abort_orphans_after: Option<std::time::Duration>,
     /// `[metrics]`.
     pub metrics: Metrics,
+    /// `[control]`, if it has a `listen`.
+    pub control: Option<Control>,
 }
 
 /// Builds the error text: file, line, key, value, problem.
@@ -741,6 +769,64 @@ impl Config {
             max: std::time::Duration::from_millis(*u.retry_max_ms.get_ref()),
             max_attempts: Some(*u.max_attempts.get_ref()).filter(|n| *n > 0),
         };
+        let control = match &raw.control.listen {
+            None => None,
+            Some(listen) => {
+                let c = &raw.control;
+                let token = match (&c.token_file, std::env::var("EDGEREC_CONTROL_TOKEN")) {
+                    (_, Ok(t)) if !t.trim().is_empty() => {
+                        zeroize::Zeroizing::new(t.trim().to_string())
+                    }
+                    (Some(f), _) => {
+                        let f = cx.resolve(f);
+                        let text =
+                            zeroize::Zeroizing::new(std::fs::read_to_string(&f).map_err(|e| {
+                                ConfigError(format!(
+                                    "config {}: control.token_file {}: {e}",
+                                    file.display(),
+                                    f.display()
+                                ))
+                            })?);
+                        zeroize::Zeroizing::new(text.trim().to_string())
+                    }
+                    (None, _) => {
+                        return Err(cx.missing(
+                            "control.token_file",
+                            "the control API needs a bearer token (or EDGEREC_CONTROL_TOKEN)",
+                        ));
+                    }
+                };
+                if token.len() < 16 {
+                    return Err(ConfigError(format!(
+                        "config {}: the control token is shorter than 16 characters",
+                        file.display()
+                    )));
+                }
+                let tls = match (&c.tls_cert, &c.tls_key) {
+                    (Some(a), Some(b)) => Some((cx.resolve(a), cx.resolve(b))),
+                    (None, None) => None,
+                    _ => {
+                        return Err(ConfigError(format!(
+                            "config {}: control.tls_cert and control.tls_key go together",
+                            file.display()
+                        )));
+                    }
+                };
+                let max_body_bytes = match &c.max_body_bytes {
+                    Some(m) if !(256..=1 << 20).contains(m.get_ref()) => {
+                        return Err(cx.err("control.max_body_bytes", m, "must be 256 to 1048576"));
+                    }
+                    Some(m) => *m.get_ref(),
+                    None => 16 << 10,
+                };
+                Some(Control {
+                    listen: *listen,
+                    token,
+                    tls,
+                    max_body_bytes,
+                })
+            }
+        };
         let mut recorder = raw.recorder.clone();
         recorder.spool_dir = cx.resolve(&recorder.spool_dir);
         Ok(Config {
@@ -751,6 +837,7 @@ impl Config {
             ports,
             allow,
             kek_source,
+            control,
             wrap,
             store,
             prefix,
@@ -910,6 +997,35 @@ path = "/srv/store"
         assert!(e.contains("upload.multipart_threshold_bytes"), "{e}");
         let e = err(&format!("{GOOD}\n[upload]\nparallelism = 9\n"));
         assert!(e.contains("parallelism"), "{e}");
+    }
+
+    #[test]
+    fn the_control_api_needs_a_long_enough_token_and_takes_its_limits() {
+        assert!(
+            parse(GOOD).unwrap().control.is_none(),
+            "off without a listen"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "0123456789abcdef-long-enough\n").unwrap();
+        let with = |extra: &str| {
+            format!(
+                "{GOOD}\n[control]\nlisten = \"127.0.0.1:9465\"\ntoken_file = \"{}\"\n{extra}",
+                token.display()
+            )
+        };
+        let c = parse(&with("")).unwrap().control.unwrap();
+        assert_eq!(c.token.as_str(), "0123456789abcdef-long-enough");
+        assert_eq!(c.max_body_bytes, 16 << 10);
+        assert!(c.tls.is_none());
+        let e = err(&with("max_body_bytes = 10"));
+        assert!(e.contains("control.max_body_bytes = 10"), "{e}");
+        let e = err(&with("tls_cert = \"c.pem\""));
+        assert!(e.contains("go together"), "{e}");
+        std::fs::write(&token, "short").unwrap();
+        assert!(err(&with("")).contains("shorter than 16"));
+        let e = err(&format!("{GOOD}\n[control]\nlisten = \"127.0.0.1:9465\"\n"));
+        assert!(e.contains("control.token_file is missing"), "{e}");
     }
 
     #[test]

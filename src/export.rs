@@ -87,6 +87,30 @@ struct Call {
     streams: Vec<Stream>,
     packets: Vec<Packet>,
     events: Vec<Value>,
+    /// Pause (true) and resume (false) events of the whole recording, µs.
+    pauses: Vec<(u64, bool)>,
+}
+
+/// The paused spans of a recording from its pause and resume events, in ms: `to_ms` is
+/// `None` for a pause that lasted to the end. A resume without a pause, or a second pause,
+/// changes nothing.
+fn paused_spans(events: &[(u64, bool)]) -> Vec<(f64, Option<f64>)> {
+    let mut spans = Vec::new();
+    let mut from = None;
+    for &(t, pause) in events {
+        match (pause, from) {
+            (true, None) => from = Some(t),
+            (false, Some(f)) => {
+                spans.push((f as f64 / 1000.0, Some(t as f64 / 1000.0)));
+                from = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(f) = from {
+        spans.push((f as f64 / 1000.0, None));
+    }
+    spans
 }
 
 fn bad_entry(_: crate::entries::EntryError, record: u32) -> Error {
@@ -162,7 +186,11 @@ pub fn export_file(
                     stream,
                     time_us,
                     event,
-                } => call.events.push(json!({
+                } => {
+                    if stream == NO_STREAM && matches!(event, Event::Pause | Event::Resume) {
+                        call.pauses.push((time_us, event == Event::Pause));
+                    }
+                    call.events.push(json!({
                     "stream": stream,
                     "time_ms": time_us as f64 / 1000.0,
                     "event": match event {
@@ -171,7 +199,8 @@ pub fn export_file(
                         Event::Pause => json!("pause"),
                         Event::Resume => json!("resume"),
                     },
-                })),
+                    }))
+                }
                 Entry::Rtp { .. } | Entry::Rtcp { .. } => {} // taken above
             }
         }
@@ -219,6 +248,17 @@ pub fn export_file(
     } else {
         doc["streams"] = stream_stats(&call);
         doc["events"] = Value::Array(std::mem::take(&mut call.events));
+        let paused = paused_spans(&call.pauses);
+        if !paused.is_empty() {
+            doc["paused"] = paused
+                .iter()
+                .map(|(from, to)| json!({ "from_ms": from, "to_ms": to }))
+                .collect();
+            doc["paused_note"] = json!(
+                "recording was paused on request over these spans (times from the recording's \
+                 start; to_ms null: to the end): no media was stored, the audio is silence there"
+            );
+        }
         let (ext, tmp) = match format {
             Format::Wav => {
                 let (tmp, audio) = write_wav(&call, out)?;
@@ -552,6 +592,20 @@ mod tests {
         p
     }
 
+    #[test]
+    fn pause_and_resume_events_make_spans() {
+        assert_eq!(
+            paused_spans(&[(100_000, true), (7_000_000, false), (8_000_000, true)]),
+            vec![(100.0, Some(7000.0)), (8000.0, None)]
+        );
+        assert_eq!(
+            paused_spans(&[(1, false), (2_000, true), (3_000, true), (5_000, false)]),
+            vec![(2.0, Some(5.0))],
+            "a stray resume and a second pause change nothing"
+        );
+        assert!(paused_spans(&[]).is_empty());
+    }
+
     fn call(packets: Vec<(u8, u64, Vec<u8>)>, streams: usize) -> Call {
         let addr: SocketAddr = "127.0.0.1:4000".parse().unwrap();
         Call {
@@ -573,6 +627,7 @@ mod tests {
                 })
                 .collect(),
             events: Vec::new(),
+            pauses: Vec::new(),
         }
     }
 

@@ -46,6 +46,8 @@ pub mod cli;
 pub mod clock;
 #[cfg(feature = "appliance")]
 pub mod config;
+#[cfg(feature = "appliance")]
+pub mod control;
 pub mod crypto;
 pub mod durable;
 pub mod entries;
@@ -58,6 +60,8 @@ pub mod g711;
 pub mod hawk_auth;
 #[cfg(feature = "appliance")]
 pub mod http_store;
+#[cfg(feature = "appliance")]
+pub mod https;
 #[cfg(feature = "appliance")]
 pub mod ingest;
 #[cfg(feature = "appliance")]

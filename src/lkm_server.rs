@@ -16,7 +16,6 @@
 //! - TLS handshakes run in their own tasks (10 s limit), so a slow client cannot stall the
 //!   accept loop.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -83,59 +82,18 @@ impl App {
     }
 }
 
-/// A TLS listener for axum: TCP accepted in one task, each handshake in its own.
-struct TlsListener {
-    rx: tokio::sync::mpsc::Receiver<(
-        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
-        SocketAddr,
-    )>,
-    local: SocketAddr,
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.rx.recv().await {
-            Some(c) => c,
-            // The accept task is gone: nothing more will come.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
-    }
-}
-
-fn tls_config(
-    cert: &std::path::Path,
-    key: &std::path::Path,
-) -> Result<rustls::ServerConfig, String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let certs = CertificateDer::pem_file_iter(cert)
-        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("lkm.tls_cert {}: {e}", cert.display()))?;
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| format!("lkm.tls_key {}: {e}", key.display()))?;
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("lkm.tls_cert / lkm.tls_key: {e}"))
-}
-
 /// Runs the service until SIGTERM or SIGINT.
 pub async fn serve(config: LkmConfig) -> Result<(), String> {
     let (cert, key) = config
         .tls
         .clone()
         .ok_or("lkm.tls_cert and lkm.tls_key are needed: the service speaks HTTPS only")?;
-    let tls = Arc::new(tls_config(&cert, &key)?);
+    let tls = Arc::new(crate::https::server_config(
+        &cert,
+        &key,
+        "lkm.tls_cert",
+        "lkm.tls_key",
+    )?);
     let credentials = crate::lkm::load_credentials(&config.credentials_file)?;
     if credentials.is_empty() {
         tracing::warn!("no Hawk credentials yet: issue one with edgerec lkm credentials add");
@@ -177,31 +135,8 @@ pub async fn serve(config: LkmConfig) -> Result<(), String> {
     let tcp = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("lkm.listen {listen}: {e}"))?;
-    let local = tcp.local_addr().map_err(|e| e.to_string())?;
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    tokio::spawn(async move {
-        loop {
-            let (sock, peer) = match tcp.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            tokio::spawn(async move {
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(sock)).await {
-                    Ok(Ok(s)) => {
-                        let _ = tx.send((s, peer)).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
+    let listener = crate::https::TlsListener::start(tcp, tls).map_err(|e| e.to_string())?;
+    let local = listener.local;
     let router = Router::new()
         .route(
             "/key-management/v1/keypair",
@@ -217,7 +152,7 @@ pub async fn serve(config: LkmConfig) -> Result<(), String> {
         .layer(axum::extract::DefaultBodyLimit::max(64 << 10))
         .with_state(app);
     tracing::info!(addr = %local, "key manager listening (HTTPS)");
-    axum::serve(TlsListener { rx, local }, router)
+    axum::serve(listener, router)
         .with_graceful_shutdown(async {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

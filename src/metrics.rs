@@ -75,6 +75,8 @@ pub struct Metrics {
     pub rtp_duplicate: Counter,
     /// Late RTP packets.
     pub rtp_reordered: Counter,
+    /// `edgerec_rtp_packets_paused_total`.
+    pub rtp_paused: Counter,
     /// RTCP packets stored.
     pub rtcp: Counter,
     /// Datagrams not stored, by reason.
@@ -133,6 +135,7 @@ impl Metrics {
             rtp_lost: Counter::default(),
             rtp_duplicate: Counter::default(),
             rtp_reordered: Counter::default(),
+            rtp_paused: Counter::default(),
             rtcp: Counter::default(),
             datagrams_rejected: Family::default(),
             chunks_written: Counter::default(),
@@ -201,6 +204,11 @@ impl Metrics {
             "rtp_packets_reordered",
             "Late RTP packets (stored)",
             m.rtp_reordered.clone(),
+        );
+        r.register(
+            "rtp_packets_paused",
+            "RTP packets received while recording was paused (not stored)",
+            m.rtp_paused.clone(),
         );
         r.register("rtcp_packets", "RTCP packets stored", m.rtcp.clone());
         r.register(

@@ -25,7 +25,7 @@ use crate::format::{EndReason, Kind, Metadata, Wrap};
 use crate::ingest::Batch;
 use crate::keys::{KekHandle, KekPublic};
 use crate::metrics::Metrics;
-use crate::session::{Action, Counters, Limits, RecId, Sessions, Tagged};
+use crate::session::{Action, Counters, Limits, PauseApplied, RecId, Sessions, Tagged};
 use crate::spool::{ActiveFile, Spool};
 use crate::writer::{Media, SealOptions, Sealer};
 
@@ -43,6 +43,15 @@ pub enum Msg {
         doc: Metadata,
         /// Told what became of it, if anyone asks.
         reply: Option<SyncSender<Tagged>>,
+    },
+    /// Pause (or resume) recording on a port: no media stored until resumed.
+    Pause {
+        /// The local port.
+        port: u16,
+        /// Pause (true) or resume (false).
+        pause: bool,
+        /// Told what became of it, if anyone asks.
+        reply: Option<SyncSender<PauseApplied>>,
     },
     /// End every recording and return.
     Shutdown,
@@ -159,6 +168,17 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
                 tracing::info!(port, outcome = ?tagged, "metadata");
                 if let Some(r) = reply {
                     let _ = r.try_send(tagged);
+                }
+            }
+            Ok(Msg::Pause { port, pause, reply }) => {
+                let applied = if pause {
+                    sessions.pause(clock, port, &mut actions)
+                } else {
+                    sessions.resume(clock, port, &mut actions)
+                };
+                tracing::info!(port, pause, outcome = ?applied, "pause");
+                if let Some(r) = reply {
+                    let _ = r.try_send(applied);
                 }
             }
             Ok(Msg::Shutdown) | Err(RecvTimeoutError::Disconnected) => {
@@ -370,6 +390,7 @@ fn publish(m: &Metrics, now: &Counters, last: &mut Counters) {
     m.rtp_reordered
         .inc_by(now.rtp_reordered - last.rtp_reordered);
     m.rtcp.inc_by(now.rtcp_packets - last.rtcp_packets);
+    m.rtp_paused.inc_by(now.rtp_paused - last.rtp_paused);
     m.recordings_started.inc_by(now.started - last.started);
     for (reason, n) in &now.dropped {
         let before = last.dropped.get(reason).copied().unwrap_or(0);

@@ -132,6 +132,8 @@ pub struct Counters {
     pub started: u64,
     /// Recordings ended, by reason.
     pub ended: HashMap<&'static str, u64>,
+    /// RTP packets received while paused (not stored, by request).
+    pub rtp_paused: u64,
 }
 
 #[derive(Debug)]
@@ -193,6 +195,20 @@ struct Recording {
     pending: Vec<u8>,
     /// The metadata given to it, handed again to a recording that continues it.
     tags: Vec<Vec<u8>>,
+    /// Paused: RTP is tracked (streams, sequence numbers, idle time) but not stored.
+    paused: bool,
+}
+
+/// What became of a pause or a resume for a port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PauseApplied {
+    /// The recording in progress on the port is paused (resumed) from now on; the event is
+    /// in it.
+    Now,
+    /// No recording on the port: the next one starts paused (or not).
+    Next,
+    /// The port was in that state already: nothing changed.
+    Unchanged,
 }
 
 /// What became of metadata given for a port.
@@ -218,6 +234,9 @@ pub struct Sessions {
     by_port: PortMap<Recording>,
     /// Metadata waiting for the next recording on a port.
     held: PortMap<Vec<Vec<u8>>>,
+    /// Ports paused: no media is stored for them until resumed (a recording that starts on
+    /// one starts paused).
+    paused: PortMap<()>,
     next_id: u64,
     next_flush_us: Option<u64>,
     /// No recording ends idle or at its maximum duration before this (a lower bound: packets
@@ -234,6 +253,7 @@ impl Sessions {
             limits,
             by_port: PortMap::default(),
             held: PortMap::default(),
+            paused: PortMap::default(),
             next_id: 0,
             next_flush_us: None,
             next_deadline_us: None,
@@ -289,8 +309,12 @@ impl Sessions {
                 streams: Vec::new(),
                 pending: Vec::new(),
                 tags: Vec::new(),
+                paused: false,
             },
         );
+        if self.paused.contains_key(&local.port()) {
+            self.mark(now, local.port(), true, out);
+        }
         for json in self.held.remove(&local.port()).unwrap_or_default() {
             self.tag(local.port(), json, out);
         }
@@ -358,6 +382,45 @@ impl Sessions {
             Self::push(&limits, rec, &opened, out);
             rec.streams.push(s);
         }
+    }
+
+    /// Pauses recording on `port` (a caller reads out card details): from now on its RTP is
+    /// not stored, in the recording in progress and in any that starts there, until
+    /// [`Sessions::resume`]. The pause is an event in the recording (stream
+    /// [`NO_STREAM`]), so the export can say where the silence comes from.
+    pub fn pause(&mut self, now: u64, port: u16, out: &mut Vec<Action>) -> PauseApplied {
+        if self.paused.insert(port, ()).is_some() {
+            return PauseApplied::Unchanged;
+        }
+        self.mark(now, port, true, out)
+    }
+
+    /// Resumes recording on `port`.
+    pub fn resume(&mut self, now: u64, port: u16, out: &mut Vec<Action>) -> PauseApplied {
+        if self.paused.remove(&port).is_none() {
+            return PauseApplied::Unchanged;
+        }
+        self.mark(now, port, false, out)
+    }
+
+    /// Whether `port` is paused.
+    pub fn is_paused(&self, port: u16) -> bool {
+        self.paused.contains_key(&port)
+    }
+
+    fn mark(&mut self, now: u64, port: u16, pause: bool, out: &mut Vec<Action>) -> PauseApplied {
+        let limits = self.limits;
+        let Some(rec) = self.by_port.get_mut(&port) else {
+            return PauseApplied::Next;
+        };
+        rec.paused = pause;
+        let e = Entry::Event {
+            stream: NO_STREAM,
+            time_us: now.saturating_sub(rec.started_us),
+            event: if pause { Event::Pause } else { Event::Resume },
+        };
+        Self::push(&limits, rec, &e, out);
+        PauseApplied::Now
     }
 
     /// Takes a metadata document (one JSON object) for the recording on `port`: written now
@@ -506,6 +569,10 @@ impl Sessions {
                 self.counters.rtp_lost = self.counters.rtp_lost.saturating_sub(1);
             }
             SeqOutcome::InOrder | SeqOutcome::Stray | SeqOutcome::Restart => {}
+        }
+        if rec.paused {
+            self.counters.rtp_paused += 1;
+            return;
         }
         let entry = Entry::Rtp {
             stream,
@@ -734,7 +801,8 @@ mod tests {
                             Entry::Event { stream, event, .. } => match event {
                                 Event::Gap(n) => (3, stream, u64::from(n)),
                                 Event::SsrcChange(s) => (30, stream, u64::from(s)),
-                                _ => (31, stream, 0),
+                                Event::Pause => (32, stream, 0),
+                                Event::Resume => (33, stream, 0),
                             },
                             Entry::Rtcp { stream, .. } => (4, stream, 0),
                         });
@@ -743,6 +811,60 @@ mod tests {
             }
             v
         }
+    }
+
+    #[test]
+    fn a_paused_port_stores_no_media_until_resumed_and_the_recording_says_so() {
+        let mut h = Harness::new();
+        // 8 s of a call; paused from 100 ms to 7 s, longer than the idle timeout.
+        for i in 0..400u16 {
+            let t = u64::from(i) * 20 * MS;
+            if i == 5 {
+                assert_eq!(h.s.pause(t, 40000, &mut h.actions), PauseApplied::Now);
+                assert_eq!(h.s.pause(t, 40000, &mut h.actions), PauseApplied::Unchanged);
+                assert!(h.s.is_paused(40000));
+            }
+            if i == 350 {
+                assert_eq!(h.s.resume(t, 40000, &mut h.actions), PauseApplied::Now);
+            }
+            h.send(t, 40000, "10.0.0.1:5000", &rtp(i, 0xA));
+        }
+        assert_eq!(h.s.counters().rtp_paused, 345);
+        assert_eq!(h.s.counters().rtp_lost, 0, "a pause is not loss");
+        // A pause for a port with no recording: the next one there starts paused.
+        assert_eq!(
+            h.s.pause(8_000 * MS, 40002, &mut h.actions),
+            PauseApplied::Next
+        );
+        for i in 0..10u16 {
+            let t = 8_000 * MS + u64::from(i) * 20 * MS;
+            if i == 5 {
+                assert_eq!(h.s.resume(t, 40002, &mut h.actions), PauseApplied::Now);
+            }
+            h.send(t, 40002, "10.0.0.2:5000", &rtp(i, 0xB));
+        }
+        assert_eq!(
+            h.s.resume(9_000 * MS, 40002, &mut h.actions),
+            PauseApplied::Unchanged
+        );
+        h.tick_until(20_000 * MS);
+        assert_eq!(
+            h.closes(),
+            vec![
+                (RecId(0), EndReason::IdleTimeout),
+                (RecId(1), EndReason::IdleTimeout)
+            ],
+            "the paused call did not end idle"
+        );
+        let mut want = vec![(1, 0, 0xA)];
+        want.extend((0..5).map(|i| (2, 0, i)));
+        want.push((32, NO_STREAM, 0));
+        want.push((33, NO_STREAM, 0));
+        want.extend((350..400).map(|i| (2, 0, i)));
+        assert_eq!(h.entries_of(RecId(0)), want);
+        let mut want = vec![(32, NO_STREAM, 0), (1, 0, 0xB), (33, NO_STREAM, 0)];
+        want.extend((5..10).map(|i| (2, 0, i)));
+        assert_eq!(h.entries_of(RecId(1)), want);
     }
 
     #[test]

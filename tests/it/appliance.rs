@@ -32,9 +32,9 @@ fn free_ports() -> u16 {
     panic!("no four free ports");
 }
 
-struct Appliance {
+pub struct Appliance {
     dir: tempfile::TempDir,
-    base: u16,
+    pub base: u16,
     child: Option<Child>,
     log: mpsc::Receiver<String>,
     metrics: String,
@@ -89,7 +89,7 @@ listen = "127.0.0.1:0"
     }
 
     /// Configured (with extra `[upload]` lines), not started.
-    fn prepare(allow: &str, store: &str, upload: &str) -> Appliance {
+    pub fn prepare(allow: &str, store: &str, upload: &str) -> Appliance {
         let dir = tempfile::tempdir().unwrap();
         let base = free_ports();
         Self::config(dir.path(), base, allow, store, upload);
@@ -102,7 +102,7 @@ listen = "127.0.0.1:0"
         }
     }
 
-    fn spawn(&mut self) {
+    pub fn spawn(&mut self) {
         let cfg = self.dir.path().join("edgerec.toml");
         let mut child = Command::new(env!("CARGO_BIN_EXE_edgerec"))
             .args(["run", "--config", cfg.to_str().unwrap()])
@@ -176,7 +176,7 @@ listen = "127.0.0.1:0"
     }
 
     /// Waits until a metric reaches a value (observable state, not a sleep).
-    fn wait_metric(&self, name: &str, at_least: f64) {
+    pub fn wait_metric(&self, name: &str, at_least: f64) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.metric(name) < at_least {
             assert!(Instant::now() < deadline, "{name} stayed below {at_least}");
@@ -185,7 +185,7 @@ listen = "127.0.0.1:0"
     }
 
     /// Waits for a log line containing `what` (observable state, not a sleep).
-    fn wait_log(&self, what: &str) -> String {
+    pub fn wait_log(&self, what: &str) -> String {
         self.wait_log_where(what, |line| line.contains(what))
     }
 
@@ -200,11 +200,11 @@ listen = "127.0.0.1:0"
         panic!("no log line with {what:?}");
     }
 
-    fn path(&self, p: &str) -> PathBuf {
+    pub fn path(&self, p: &str) -> PathBuf {
         self.dir.path().join(p)
     }
 
-    fn sigterm(&mut self) {
+    pub fn sigterm(&mut self) {
         let mut child = self.child.take().unwrap();
         let st = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
@@ -240,7 +240,7 @@ fn rtp(seq: u16, ssrc: u32, fill: u8) -> Vec<u8> {
 }
 
 /// `edgerec loadgen --target 127.0.0.1 --ports PORTS ARGS…`.
-fn loadgen(ports: &str, args: &[&str]) -> std::process::Output {
+pub fn loadgen(ports: &str, args: &[&str]) -> std::process::Output {
     let mut all = vec!["loadgen", "--target", "127.0.0.1", "--ports", ports];
     all.extend_from_slice(args);
     edgerec(&all)
@@ -251,7 +251,7 @@ fn stored(store: &Path) -> Vec<PathBuf> {
 }
 
 /// Every file under `root` whose name ends `.ext`.
-fn files_with_ext(root: &Path, ext: &str) -> Vec<PathBuf> {
+pub fn files_with_ext(root: &Path, ext: &str) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -267,7 +267,7 @@ fn files_with_ext(root: &Path, ext: &str) -> Vec<PathBuf> {
     out
 }
 
-fn wait_stored(store: &Path, n: usize) -> Vec<PathBuf> {
+pub fn wait_stored(store: &Path, n: usize) -> Vec<PathBuf> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let s = stored(store);

@@ -4,6 +4,7 @@
 mod appliance;
 mod cli;
 mod common;
+mod control;
 mod deploy;
 mod http_store;
 mod kms;

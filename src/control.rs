@@ -1,0 +1,223 @@
+//! The control API (`[control]`): what the contact-center platform tells the appliance about
+//! the calls it records — the conversation and participants of the recording on a port, and
+//! a pause while a caller reads out card details.
+//!
+//! - `PUT /v1/ports/{port}/metadata` with a JSON object (`conversation_id`, `participants`,
+//!   anything else): sealed into the recording in progress on the port as a metadata record,
+//!   or held for the next recording there. → `{"port", "applied": "now" | "next"}`.
+//! - `POST /v1/ports/{port}/pause` and `…/resume`: no media is stored from the pause until
+//!   the resume, in the recording in progress and in any that starts on the port meanwhile;
+//!   the events are recorded. → `{"port", "paused", "applied": "now" | "next" | "unchanged"}`.
+//!
+//! Invariants:
+//! - Every request carries `Authorization: Bearer <token>`; the token is compared in
+//!   constant time (an HMAC under a random key of both sides), and a refusal says only 401.
+//! - Bodies above `max_body_bytes` are refused (413) before they are read whole; a port
+//!   outside `ingest.ports` is 404. Its own listener, loopback by default, TLS optional.
+//! - Metadata goes only into the package (encrypted) and nowhere else: not into logs, not
+//!   into metrics, not into answers beyond the port.
+
+use std::sync::Arc;
+use std::sync::mpsc::{SyncSender, sync_channel};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{post, put};
+use hmac::{KeyInit, Mac};
+use serde_json::json;
+
+use crate::config::Control;
+use crate::recorder::Msg;
+use crate::session::{PauseApplied, Tagged};
+
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+
+/// What the handlers share.
+struct Api {
+    /// A random key, and the HMAC of the token under it.
+    key: [u8; 32],
+    expected: Vec<u8>,
+    recorder: SyncSender<Msg>,
+    ports: (u16, u16),
+}
+
+impl Api {
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        let presented = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        let mut m = <HmacSha256 as KeyInit>::new_from_slice(&self.key)
+            .expect("HMAC takes a key of any length");
+        m.update(presented.as_bytes());
+        m.verify_slice(&self.expected).is_ok()
+    }
+}
+
+fn answer(status: StatusCode, body: serde_json::Value) -> Response {
+    (status, axum::Json(body)).into_response()
+}
+
+fn message(status: StatusCode, text: &str) -> Response {
+    answer(status, json!({ "message": text }))
+}
+
+/// Sends a message to the recorder and waits (off the async threads) for its answer.
+async fn ask<T: Send + 'static>(
+    recorder: SyncSender<Msg>,
+    make: impl FnOnce(SyncSender<T>) -> Msg + Send + 'static,
+) -> Option<T> {
+    tokio::task::spawn_blocking(move || {
+        let (tx, rx) = sync_channel(1);
+        recorder.send(make(tx)).ok()?;
+        rx.recv_timeout(Duration::from_secs(10)).ok()
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// The refusal for a request that is not authorized or names no ingest port, if any.
+fn refused(api: &Api, headers: &HeaderMap, port: u16) -> Option<Response> {
+    if !api.authorized(headers) {
+        return Some(message(StatusCode::UNAUTHORIZED, "authentication failed"));
+    }
+    if port < api.ports.0 || port > api.ports.1 {
+        return Some(message(
+            StatusCode::NOT_FOUND,
+            "not an ingest port of this appliance",
+        ));
+    }
+    None
+}
+
+async fn metadata(
+    State(api): State<Arc<Api>>,
+    Path(port): Path<u16>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(r) = refused(&api, &headers, port) {
+        return r;
+    }
+    let Ok(serde_json::Value::Object(doc)) = serde_json::from_slice::<serde_json::Value>(&body)
+    else {
+        return message(StatusCode::BAD_REQUEST, "the body must be one JSON object");
+    };
+    let tagged = ask(api.recorder.clone(), move |reply| Msg::Metadata {
+        port,
+        doc,
+        reply: Some(reply),
+    })
+    .await;
+    match tagged {
+        Some(Tagged::Now) => answer(StatusCode::OK, json!({ "port": port, "applied": "now" })),
+        Some(Tagged::Held) => answer(StatusCode::OK, json!({ "port": port, "applied": "next" })),
+        Some(Tagged::TooLarge) => message(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "larger than a record of this appliance (recorder.chunk_bytes)",
+        ),
+        Some(Tagged::TooManyHeld) => message(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many documents wait for the next recording on this port",
+        ),
+        None => message(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the recorder does not answer",
+        ),
+    }
+}
+
+async fn pause_or_resume(api: Arc<Api>, headers: HeaderMap, port: u16, pause: bool) -> Response {
+    if let Some(r) = refused(&api, &headers, port) {
+        return r;
+    }
+    let applied = ask(api.recorder.clone(), move |reply| Msg::Pause {
+        port,
+        pause,
+        reply: Some(reply),
+    })
+    .await;
+    let applied = match applied {
+        Some(PauseApplied::Now) => "now",
+        Some(PauseApplied::Next) => "next",
+        Some(PauseApplied::Unchanged) => "unchanged",
+        None => {
+            return message(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the recorder does not answer",
+            );
+        }
+    };
+    answer(
+        StatusCode::OK,
+        json!({ "port": port, "paused": pause, "applied": applied }),
+    )
+}
+
+/// Binds the control listener; returns its address and the server future.
+pub async fn serve(
+    cfg: &Control,
+    recorder: SyncSender<Msg>,
+    ports: (u16, u16),
+) -> Result<
+    (
+        std::net::SocketAddr,
+        impl std::future::Future<Output = ()> + use<>,
+    ),
+    String,
+> {
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key).map_err(|e| e.to_string())?;
+    let mut m = <HmacSha256 as KeyInit>::new_from_slice(&key).expect("any key length");
+    m.update(cfg.token.as_bytes());
+    let api = Arc::new(Api {
+        key,
+        expected: m.finalize().into_bytes().to_vec(),
+        recorder,
+        ports,
+    });
+    let router = Router::new()
+        .route("/v1/ports/{port}/metadata", put(metadata))
+        .route(
+            "/v1/ports/{port}/pause",
+            post(|State(a), Path(p), h| pause_or_resume(a, h, p, true)),
+        )
+        .route(
+            "/v1/ports/{port}/resume",
+            post(|State(a), Path(p), h| pause_or_resume(a, h, p, false)),
+        )
+        .layer(DefaultBodyLimit::max(cfg.max_body_bytes))
+        .with_state(api);
+    let tcp = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| format!("control.listen {}: {e}", cfg.listen))?;
+    let tls = match &cfg.tls {
+        Some((cert, key)) => Some(Arc::new(crate::https::server_config(
+            cert,
+            key,
+            "control.tls_cert",
+            "control.tls_key",
+        )?)),
+        None => None,
+    };
+    let addr = tcp.local_addr().map_err(|e| e.to_string())?;
+    let server = async move {
+        let done = match tls {
+            Some(tls) => match crate::https::TlsListener::start(tcp, tls) {
+                Ok(l) => axum::serve(l, router).await,
+                Err(e) => Err(e),
+            },
+            None => axum::serve(tcp, router).await,
+        };
+        if let Err(e) = done {
+            tracing::error!(error = %e, "control listener failed");
+        }
+    };
+    Ok((addr, server))
+}
