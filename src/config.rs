@@ -325,6 +325,25 @@ struct Raw {
     metrics: Metrics,
     #[serde(default)]
     control: RawControl,
+    #[serde(default)]
+    inbox: RawInbox,
+}
+
+/// `[inbox]` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInbox {
+    dir: Option<PathBuf>,
+    rescan_secs: Option<Spanned<u64>>,
+}
+
+/// `[inbox]`, validated: digital recordings and transcripts to seal.
+#[derive(Debug, Clone)]
+pub struct InboxConfig {
+    /// The directory another system renames files into.
+    pub dir: PathBuf,
+    /// How often it is scanned besides being watched.
+    pub rescan: std::time::Duration,
 }
 
 /// `[control]` as written.
@@ -386,6 +405,8 @@ pub struct Config {
     pub metrics: Metrics,
     /// `[control]`, if it has a `listen`.
     pub control: Option<Control>,
+    /// `[inbox]`, if it has a `dir`.
+    pub inbox: Option<InboxConfig>,
 }
 
 /// Builds the error text: file, line, key, value, problem.
@@ -827,6 +848,22 @@ impl Config {
                 })
             }
         };
+        let inbox = match &raw.inbox.dir {
+            None => None,
+            Some(d) => {
+                let rescan = match &raw.inbox.rescan_secs {
+                    Some(r) if !(1..=3600).contains(r.get_ref()) => {
+                        return Err(cx.err("inbox.rescan_secs", r, "must be 1 to 3600"));
+                    }
+                    Some(r) => *r.get_ref(),
+                    None => 30,
+                };
+                Some(InboxConfig {
+                    dir: cx.resolve(d),
+                    rescan: std::time::Duration::from_secs(rescan),
+                })
+            }
+        };
         let mut recorder = raw.recorder.clone();
         recorder.spool_dir = cx.resolve(&recorder.spool_dir);
         Ok(Config {
@@ -838,6 +875,7 @@ impl Config {
             allow,
             kek_source,
             control,
+            inbox,
             wrap,
             store,
             prefix,

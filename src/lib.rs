@@ -63,6 +63,8 @@ pub mod http_store;
 #[cfg(feature = "appliance")]
 pub mod https;
 #[cfg(feature = "appliance")]
+pub mod inbox;
+#[cfg(feature = "appliance")]
 pub mod ingest;
 #[cfg(feature = "appliance")]
 pub mod kek_fetch;

@@ -77,6 +77,10 @@ pub struct Metrics {
     pub rtp_reordered: Counter,
     /// `edgerec_rtp_packets_paused_total`.
     pub rtp_paused: Counter,
+    /// `edgerec_inbox_sealed_total`.
+    pub inbox_sealed: Counter,
+    /// `edgerec_inbox_errors_total`.
+    pub inbox_errors: Counter,
     /// RTCP packets stored.
     pub rtcp: Counter,
     /// Datagrams not stored, by reason.
@@ -136,6 +140,8 @@ impl Metrics {
             rtp_duplicate: Counter::default(),
             rtp_reordered: Counter::default(),
             rtp_paused: Counter::default(),
+            inbox_sealed: Counter::default(),
+            inbox_errors: Counter::default(),
             rtcp: Counter::default(),
             datagrams_rejected: Family::default(),
             chunks_written: Counter::default(),
@@ -211,6 +217,16 @@ impl Metrics {
             m.rtp_paused.clone(),
         );
         r.register("rtcp_packets", "RTCP packets stored", m.rtcp.clone());
+        r.register(
+            "inbox_sealed",
+            "Files of the inbox sealed into packages (and removed from it)",
+            m.inbox_sealed.clone(),
+        );
+        r.register(
+            "inbox_errors",
+            "Inbox files that could not be sealed this time (they stay and are tried again)",
+            m.inbox_errors.clone(),
+        );
         r.register(
             "datagrams_rejected",
             "Datagrams not stored, by reason",

@@ -56,6 +56,18 @@ const ROUND: Duration = Duration::from_millis(50);
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     let spool_dir = &config.recorder.spool_dir;
     let spool = Spool::open(spool_dir).map_err(start("recorder.spool_dir"))?;
+    if let Some(inbox) = &config.inbox {
+        // Before the spool's recovery: a package cut short while sealing an inbox file is
+        // made again from the file, not delivered unterminated.
+        let waiting = crate::inbox::Inbox::prepare_recovery(&inbox.dir, &spool)
+            .map_err(start("inbox.dir"))?;
+        if waiting > 0 {
+            tracing::warn!(
+                files = waiting,
+                "inbox: files claimed before a crash are sealed again"
+            );
+        }
+    }
     for r in spool.recover(now_ms()).map_err(start("spool recovery"))? {
         match r {
             Recovery::Recovered {
@@ -191,6 +203,34 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         KekSource::Lkm(_) => (None, None),
     };
 
+    let inbox_stop = Arc::new(AtomicBool::new(false));
+    let inbox_thread = match &config.inbox {
+        Some(cfg) => {
+            let inbox = crate::inbox::Inbox::open(
+                &cfg.dir,
+                spool.clone(),
+                keks.clone(),
+                config.wrap,
+                1 << 20,
+                Arc::clone(&metrics),
+            )
+            .map_err(start(format!("inbox.dir {}", cfg.dir.display())))?;
+            let (rescan, stop) = (cfg.rescan, Arc::clone(&inbox_stop));
+            tracing::info!(dir = %cfg.dir.display(), "inbox watched: files renamed into it are sealed");
+            Some(
+                std::thread::Builder::new()
+                    .name("inbox".into())
+                    .spawn(move || {
+                        if let Err(e) = inbox.run(rescan, stop) {
+                            tracing::error!(error = %e, "inbox: cannot watch the directory");
+                        }
+                    })
+                    .map_err(start("inbox thread"))?,
+            )
+        }
+        None => None,
+    };
+
     // Bounded in datagrams by `queued`; the channel's own bound (in batches) is only a
     // backstop.
     let (tx, rx) = sync_channel::<Msg>(4096);
@@ -292,6 +332,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let _ = tokio::task::spawn_blocking(move || recorder.join()).await;
     up_stop.store(true, Ordering::Relaxed);
     fetch_stop.store(true, Ordering::Relaxed);
+    inbox_stop.store(true, Ordering::Relaxed);
+    if let Some(t) = inbox_thread {
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
     let _ = tokio::task::spawn_blocking(move || uploader.join()).await;
     tracing::info!("stopped; what was not stored waits in the spool");
     Ok(())

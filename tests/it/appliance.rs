@@ -168,7 +168,7 @@ listen = "127.0.0.1:0"
     }
 
     /// The value of one metric line (exact name with labels).
-    fn metric(&self, name: &str) -> f64 {
+    pub fn metric(&self, name: &str) -> f64 {
         let (_, body) = self.get("/metrics");
         body.lines()
             .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))

@@ -7,6 +7,7 @@ mod common;
 mod control;
 mod deploy;
 mod http_store;
+mod inbox;
 mod kms;
 mod lkm;
 mod proxy;

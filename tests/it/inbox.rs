@@ -1,0 +1,166 @@
+//! The inbox of `edgerec run`: files renamed into it are sealed as `file` packages,
+//! delivered, and removed; what a crash leaves is sealed again, never lost, never doubled.
+
+use std::fs;
+use std::path::Path;
+
+use edgerec::writer::{Media, SealOptions, Sealer};
+
+use crate::appliance::{Appliance, files_with_ext, wait_stored};
+use crate::common::*;
+
+fn with_inbox() -> Appliance {
+    let a = Appliance::prepare("\"127.0.0.0/8\"", "path = \"store\"", "");
+    let cfg = a.path("edgerec.toml");
+    let mut text = fs::read_to_string(&cfg).unwrap();
+    text.push_str("[inbox]\ndir = \"inbox\"\nrescan_secs = 3600\n");
+    fs::write(&cfg, text).unwrap();
+    fs::create_dir(a.path("inbox")).unwrap();
+    fs::create_dir(a.path("staging")).unwrap();
+    a
+}
+
+/// Drops a file into the inbox as writers must: written elsewhere, renamed in.
+fn drop_in(a: &Appliance, name: &str, bytes: &[u8]) {
+    let staged = a.path("staging").join(name);
+    fs::write(&staged, bytes).unwrap();
+    fs::rename(&staged, a.path("inbox").join(name)).unwrap();
+}
+
+/// Exports a store's packages; returns the restored files' (name, bytes) and metadata.
+fn export_all(a: &Appliance, out: &str) -> Vec<(String, Vec<u8>, serde_json::Value)> {
+    let out = a.path(out);
+    let r = edgerec(&[
+        "export",
+        "--key",
+        key_path("test-kek.pem").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        a.path("store").to_str().unwrap(),
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let mut got = Vec::new();
+    for meta in files_with_ext(&out, "json") {
+        let m: serde_json::Value = serde_json::from_slice(&fs::read(&meta).unwrap()).unwrap();
+        let id = m["recording_id"].as_str().unwrap().to_string();
+        let name = m["metadata"]["name"].as_str().unwrap().to_string();
+        let file = meta.with_file_name(format!("{id}_{name}"));
+        got.push((name, fs::read(&file).unwrap(), m));
+    }
+    got.sort_by(|x, y| x.0.cmp(&y.0));
+    got
+}
+
+fn inbox_is_empty(dir: &Path) -> bool {
+    fs::read_dir(dir)
+        .unwrap()
+        .all(|e| e.unwrap().file_name() == ".edgerec")
+        && fs::read_dir(dir.join(".edgerec")).unwrap().count() == 0
+}
+
+#[test]
+fn files_dropped_while_down_and_while_running_are_sealed_delivered_and_removed() {
+    let mut a = with_inbox();
+    // Dropped while the appliance is down, with a sidecar of metadata.
+    let transcript = fs::read(repo_path("samples/sample-transcript.txt")).unwrap();
+    drop_in(
+        &a,
+        "chat-0001.txt.meta.json",
+        br#"{"conversation_id":"conv-7","channel":"chat"}"#,
+    );
+    drop_in(&a, "chat-0001.txt", &transcript);
+    a.spawn();
+    wait_stored(&a.path("store"), 1);
+    // Dropped while it runs: taken at once (inotify), with no scan due for an hour.
+    let voicemail: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    drop_in(&a, "voicemail 17.wav", &voicemail);
+    // A file written in place under a hidden name is not taken.
+    fs::write(a.path("inbox/.being-written"), b"partial").unwrap();
+    wait_stored(&a.path("store"), 2);
+    a.wait_metric("edgerec_inbox_sealed_total", 2.0);
+    a.sigterm();
+    let got = export_all(&a, "export");
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].0, "chat-0001.txt");
+    assert!(got[0].1 == transcript, "byte for byte");
+    assert_eq!(got[0].2["metadata"]["conversation_id"], "conv-7");
+    assert_eq!(got[0].2["metadata"]["channel"], "chat");
+    assert!(
+        got[0].2["media"] == "file" || got[0].2["public_metadata"]["media"] == "file",
+        "{}",
+        got[0].2
+    );
+    assert_eq!(got[1].0, "voicemail 17.wav");
+    assert!(got[1].1 == voicemail, "byte for byte");
+    // Gone from the inbox once sealed; the hidden file stays.
+    fs::remove_file(a.path("inbox/.being-written")).unwrap();
+    assert!(inbox_is_empty(&a.path("inbox")));
+    // The plaintext is nowhere in the spool or the store.
+    for f in files_with_ext(&a.path("store"), "erec") {
+        let bytes = fs::read(&f).unwrap();
+        assert!(!bytes.windows(16).any(|w| w == &transcript[..16]));
+    }
+}
+
+#[test]
+fn a_crash_between_sealing_and_removal_leaves_the_file_claimed_then_sealed_once() {
+    let a = with_inbox();
+    let mut a = a;
+    let original = fs::read(repo_path("samples/sample-transcript.txt")).unwrap();
+    // The state a crash leaves after the package was sealed (end record and all) but before
+    // the claimed file was removed from the inbox.
+    let id = uuid::Uuid::now_v7();
+    fs::create_dir_all(a.path("inbox/.edgerec")).unwrap();
+    fs::write(
+        a.path(&format!("inbox/.edgerec/{id}.call-note.txt")),
+        &original,
+    )
+    .unwrap();
+    let active = a.path("spool/active");
+    fs::create_dir_all(&active).unwrap();
+    fs::set_permissions(
+        a.path("spool"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let sealed = {
+        let opts = SealOptions {
+            media: Media::File,
+            recording_id: Some(id),
+            ..SealOptions::default()
+        };
+        let s = Sealer::new(&[public("test")], &opts).unwrap();
+        let mut out = s.header_bytes().to_vec();
+        let mut input = &original[..];
+        edgerec::writer::seal_stream(s, &mut input, &mut out, true, 1).unwrap();
+        out
+    };
+    fs::write(active.join(format!("{id}.erec.part")), &sealed).unwrap();
+    a.spawn();
+    let stored = wait_stored(&a.path("store"), 1);
+    a.wait_metric("edgerec_inbox_sealed_total", 1.0);
+    // Everything the spool held is gone to the store: no second package under the same id
+    // waits, and none was refused as a conflict.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !files_with_ext(&a.path("spool"), "erec").is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the spool did not empty"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(a.metric("edgerec_uploads_total{outcome=\"failed\"}"), 0.0);
+    assert_eq!(a.metric("edgerec_uploads_total{outcome=\"stored\"}"), 1.0);
+    a.sigterm();
+    assert_eq!(stored.len(), 1, "not doubled: {stored:?}");
+    assert!(
+        stored[0].to_str().unwrap().contains(&id.to_string()),
+        "under its claimed id"
+    );
+    let got = export_all(&a, "export");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0, "call-note.txt");
+    assert!(got[0].1 == original, "not lost: byte for byte");
+    assert!(inbox_is_empty(&a.path("inbox")));
+    assert!(files_with_ext(&a.path("spool"), "part").is_empty());
+}
