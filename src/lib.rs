@@ -39,6 +39,8 @@ pub mod at_rest;
 pub mod audit;
 #[cfg(feature = "appliance")]
 pub mod bandwidth;
+#[cfg(feature = "cli")]
+pub mod bulk;
 #[cfg(feature = "appliance")]
 pub mod census;
 #[cfg(feature = "cli")]

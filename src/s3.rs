@@ -209,6 +209,14 @@ impl S3Store {
         }
     }
 
+    /// The `erec-sha256` the store holds for an object (`None` if it has none).
+    pub fn object_sha256(&self, key: &str) -> Result<Option<String>, StoreError> {
+        match self.head(key)? {
+            Head::Present { sha256, .. } => Ok(sha256),
+            Head::Missing => Err(StoreError::Permanent(format!("{key}: no such object"))),
+        }
+    }
+
     fn head(&self, key: &str) -> Result<Head, StoreError> {
         let url = self.url(key);
         let r = self.send("HEAD", &url, &[], None, EMPTY_SHA256)?;

@@ -30,7 +30,7 @@
 //! [`Spool::remove_stored`], which the uploader calls only after the store confirmed it.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -159,20 +159,7 @@ fn with_path(e: io::Error, what: &str, p: &Path) -> io::Error {
     io::Error::new(e.kind(), format!("{what} {}: {e}", p.display()))
 }
 
-/// SHA-256 of a file.
-pub fn sha256_file(path: &Path) -> io::Result<[u8; 32]> {
-    let mut f = File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().into())
-}
+pub use crate::crypto::sha256_file;
 
 /// Above this many packages at once, one `syncfs` replaces the per-file syncs.
 const GROUP_SYNC_ABOVE: usize = 4;

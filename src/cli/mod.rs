@@ -138,8 +138,25 @@ enum Command {
         #[arg(long, value_enum, default_value_t = FormatArg::Wav)]
         format: FormatArg,
         /// Package files, or directories searched for *.erec (a dir store, say).
-        #[arg(required = true)]
+        #[arg(required_unless_present = "store_config")]
         inputs: Vec<PathBuf>,
+        /// Export from the recording store of this appliance config ([store]: dir or s3,
+        /// with its prefix) instead of, or besides, INPUT paths.
+        #[cfg(feature = "appliance")]
+        #[arg(long, value_name = "FILE")]
+        store_config: Option<PathBuf>,
+        /// The first UTC day to export from the store (YYYY-MM-DD; by the object keys'
+        /// {yyyy}/{mm}/{dd}/ layout).
+        #[cfg(feature = "appliance")]
+        #[arg(long, value_name = "DATE", requires = "store_config")]
+        from: Option<String>,
+        /// The last UTC day (inclusive; default: --from).
+        #[cfg(feature = "appliance")]
+        #[arg(long, value_name = "DATE", requires = "from")]
+        to: Option<String>,
+        /// Packages exported at once (default: every core).
+        #[arg(long)]
+        jobs: Option<usize>,
     },
     /// Show a package's header facts without any key.
     Inspect {
@@ -490,9 +507,31 @@ pub fn main() -> ExitCode {
             out,
             format,
             inputs,
-        } => keys
-            .unwrapper()
-            .and_then(|u| package::export(u.as_ref(), &out, format, &inputs)),
+            #[cfg(feature = "appliance")]
+            store_config,
+            #[cfg(feature = "appliance")]
+            from,
+            #[cfg(feature = "appliance")]
+            to,
+            jobs,
+        } => keys.unwrapper().and_then(|u| {
+            package::export(
+                u.as_ref(),
+                &out,
+                format,
+                package::ExportFrom {
+                    inputs,
+                    #[cfg(feature = "appliance")]
+                    store_config,
+                    #[cfg(feature = "appliance")]
+                    days: from.map(|f| {
+                        let t = to.unwrap_or_else(|| f.clone());
+                        (f, t)
+                    }),
+                },
+                jobs,
+            )
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -207,48 +207,143 @@ fn write_text(out: &mut impl Write, w: &Walk, r: &serde_json::Value) -> io::Resu
 
 /// `edgerec export --key PRIV --out DIR [--format wav|pcap] INPUT...`: every package is
 /// tried; one that fails is reported and the rest go on. The exit code is that of the first
-/// failure (3 wrong key, 4 corrupt, …), or 0.
+/// What `export` reads.
+pub struct ExportFrom {
+    /// Package files and directories.
+    pub inputs: Vec<PathBuf>,
+    /// An appliance config whose store to read.
+    #[cfg(feature = "appliance")]
+    pub store_config: Option<PathBuf>,
+    /// A UTC day range (from, to), inclusive.
+    #[cfg(feature = "appliance")]
+    pub days: Option<(String, String)>,
+}
+
+/// `edgerec export`: every package of the inputs and the store, in parallel, resumable,
+/// with progress on a terminal (plain lines otherwise) and a summary of failures.
 pub fn export(
     keys: &dyn Unwrapper,
     out: &Path,
     format: super::FormatArg,
-    inputs: &[PathBuf],
+    from: ExportFrom,
+    jobs: Option<usize>,
 ) -> Result<(), Error> {
-    use crate::export::{Format, export_file, find_packages};
+    use crate::bulk::{Exporter, Outcome};
+    use crate::export::Format;
+    use std::io::IsTerminal;
     let format = match format {
         super::FormatArg::Wav => Format::Wav,
         super::FormatArg::Pcap => Format::Pcap,
     };
-    let mut files = Vec::new();
-    for i in inputs {
-        files.extend(
-            find_packages(i).map_err(|e| {
-                io::Error::new(e.kind(), format!("cannot read {}: {e}", i.display()))
-            })?,
-        );
+    #[cfg_attr(not(feature = "appliance"), allow(unused_mut))]
+    let mut sources = crate::bulk::from_paths(&from.inputs)?;
+    #[cfg(feature = "appliance")]
+    let mut s3 = None;
+    #[cfg(feature = "appliance")]
+    if let Some(cfg) = &from.store_config {
+        let cfg = crate::config::Config::load(cfg).map_err(|e| Error::Invalid(e.to_string()))?;
+        let days = match &from.days {
+            Some((f, t)) => Some(crate::bulk::day_prefixes(f, t).map_err(Error::Invalid)?),
+            None => None,
+        };
+        match &cfg.store {
+            crate::config::StoreKind::Dir(root, _) => sources.extend(crate::bulk::from_dir_store(
+                root,
+                &cfg.prefix,
+                days.as_deref(),
+            )?),
+            crate::config::StoreKind::S3(c) => {
+                let store = crate::s3::S3Store::new(c.clone()).map_err(Error::Invalid)?;
+                sources.extend(
+                    crate::bulk::from_s3_store(&store, &cfg.prefix, days.as_deref())
+                        .map_err(Error::Invalid)?,
+                );
+                s3 = Some(store);
+            }
+            crate::config::StoreKind::Http(_) => {
+                return Err(Error::Invalid(
+                    "an http store cannot be listed: export from the receiving system's copy"
+                        .into(),
+                ));
+            }
+        }
     }
-    let (mut ok, mut first_err) = (0usize, None);
-    for f in &files {
-        match export_file(f, keys, out, format) {
-            Ok(x) => {
-                ok += 1;
-                let warn = if x.terminated {
+    fs::create_dir_all(out)?;
+    let exporter = Exporter {
+        keys,
+        out: out.to_path_buf(),
+        format,
+        #[cfg(feature = "appliance")]
+        s3,
+    };
+    let total = sources.len();
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(total as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:40}] {pos}/{len} {per_sec} ETA {eta} {msg}",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
+        );
+        b
+    });
+    let say = |line: String| match &bar {
+        Some(b) => b.println(line),
+        None => eprintln!("{line}"),
+    };
+    let results = exporter.all(sources, jobs.unwrap_or_else(default_workers), |src, o| {
+        match o {
+            Outcome::Exported { media, terminated } => {
+                let warn = if *terminated {
                     ""
                 } else {
                     " (unterminated: see its metadata)"
                 };
-                eprintln!("exported {} -> {}{warn}", f.display(), x.media.display());
+                if bar.is_none() || !*terminated {
+                    say(format!(
+                        "exported {} -> {}{warn}",
+                        src.name(),
+                        media.display()
+                    ));
+                }
             }
-            Err(e) => {
-                eprintln!("edgerec: {}: {e}", f.display());
-                first_err.get_or_insert(e);
+            Outcome::Skipped => {
+                if bar.is_none() {
+                    say(format!(
+                        "skipped {} (exported before, verified)",
+                        src.name()
+                    ));
+                }
             }
+            Outcome::Failed(e) => say(format!("FAILED {}: {e}", src.name())),
         }
+        if let Some(b) = &bar {
+            b.inc(1);
+        }
+    });
+    if let Some(b) = &bar {
+        b.finish_and_clear();
     }
-    let failed = files.len() - ok;
-    eprintln!("export: {ok} exported, {failed} failed");
-    match first_err {
-        Some(e) => Err(e),
-        None => Ok(()),
+    let count = |f: fn(&Outcome) -> bool| results.iter().filter(|(_, o)| f(o)).count();
+    let exported = count(|o| matches!(o, Outcome::Exported { .. }));
+    let skipped = count(|o| matches!(o, Outcome::Skipped));
+    let mut failed: Vec<_> = results
+        .into_iter()
+        .filter_map(|(s, o)| match o {
+            Outcome::Failed(e) => Some((s, e)),
+            _ => None,
+        })
+        .collect();
+    eprintln!(
+        "export: {total} packages: {exported} exported, {skipped} skipped (done before), {} failed",
+        failed.len()
+    );
+    for (s, e) in &failed {
+        eprintln!("  failed: {}: {e}", s.name());
+    }
+    match failed.is_empty() {
+        true => Ok(()),
+        false => Err(failed.swap_remove(0).1),
     }
 }

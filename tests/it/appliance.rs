@@ -861,7 +861,7 @@ fn a_package_sent_again_with_spool_retry_is_delivered_at_once() {
 }
 
 /// The `[store]` lines for `weed`, with a credentials file holding `secret`.
-fn s3_store(weed: &crate::s3::Weed, secret: &str) -> String {
+pub fn s3_store(weed: &crate::s3::Weed, secret: &str) -> String {
     let creds = weed.dir.path().join("credentials");
     fs::write(
         &creds,

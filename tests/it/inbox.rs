@@ -40,7 +40,10 @@ fn export_all(a: &Appliance, out: &str) -> Vec<(String, Vec<u8>, serde_json::Val
     ]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let mut got = Vec::new();
-    for meta in files_with_ext(&out, "json") {
+    for meta in files_with_ext(&out, "json")
+        .into_iter()
+        .filter(|p| p.to_str().unwrap().ends_with("_metadata.json"))
+    {
         let m: serde_json::Value = serde_json::from_slice(&fs::read(&meta).unwrap()).unwrap();
         let id = m["recording_id"].as_str().unwrap().to_string();
         let name = m["metadata"]["name"].as_str().unwrap().to_string();

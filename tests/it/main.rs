@@ -6,6 +6,7 @@ mod cli;
 mod common;
 mod control;
 mod deploy;
+mod export;
 mod http_store;
 mod inbox;
 mod kms;

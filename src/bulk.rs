@@ -1,0 +1,354 @@
+//! Bulk export (`edgerec export` over many packages): package files, directories, a `dir`
+//! store or an `s3` store (by the appliance config's `[store]`, optionally a UTC date range
+//! over the `{prefix}{yyyy}/{mm}/{dd}/` key layout), exported in parallel into the export
+//! layout, resumable, with progress and a summary of what failed and why.
+//!
+//! Invariants:
+//! - One bad package never stops the rest: each is exported, skipped or failed on its own,
+//!   and every failure is reported with its reason.
+//! - Resumable: after a package's outputs are in place,
+//!   `<out>/.edgerec-export/done/<id>.<format>.json` records the package's SHA-256 and each output's path and SHA-256. A later run skips a
+//!   package only if that record matches the package and every output still hashes to it;
+//!   anything else is exported again.
+//! - Packages fetched from S3 are ciphertext; they are checked against the `erec-sha256` the
+//!   store holds for them before they are opened, and removed after.
+
+use std::collections::VecDeque;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::mpsc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::export::{Exported, Format, export_file, find_packages};
+use crate::keys::Unwrapper;
+
+/// Where a package comes from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A package file.
+    File(PathBuf),
+    /// An object of the S3 store.
+    #[cfg(feature = "appliance")]
+    S3(String),
+}
+
+impl Source {
+    /// How it is named in progress lines and the summary.
+    pub fn name(&self) -> String {
+        match self {
+            Source::File(p) => p.display().to_string(),
+            #[cfg(feature = "appliance")]
+            Source::S3(k) => format!("s3:{k}"),
+        }
+    }
+}
+
+/// The record of a finished export.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Done {
+    /// The package's SHA-256 (hex).
+    pub package_sha256: String,
+    /// Each output, relative to the export directory, and its SHA-256 (hex).
+    pub outputs: Vec<(String, String)>,
+}
+
+/// What became of one package.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Exported now.
+    Exported {
+        /// The media file.
+        media: PathBuf,
+        /// Whether the package was terminated (else the metadata says it was not).
+        terminated: bool,
+    },
+    /// Exported before, and verified.
+    Skipped,
+    /// Not exported: why.
+    Failed(Error),
+}
+
+/// The UTC days from `from` to `to` (inclusive, `YYYY-MM-DD`) as key prefixes `yyyy/mm/dd/`.
+pub fn day_prefixes(from: &str, to: &str) -> Result<Vec<String>, String> {
+    let day = |d: &str| {
+        crate::clock::parse_rfc3339_ms(&format!("{d}T00:00:00Z"))
+            .ok_or_else(|| format!("{d}: not a date (YYYY-MM-DD)"))
+    };
+    let (a, b) = (day(from)?, day(to)?);
+    if b < a {
+        return Err(format!("--to {to} is before --from {from}"));
+    }
+    if (b - a) / 86_400_000 > 3660 {
+        return Err("a date range of more than ten years".into());
+    }
+    Ok((0..=(b - a) / 86_400_000)
+        .map(|i| {
+            let u = crate::clock::Utc::from_unix_ms(a + i * 86_400_000);
+            format!("{:04}/{:02}/{:02}/", u.year, u.month, u.day)
+        })
+        .collect())
+}
+
+/// The packages of the inputs (files and directories searched for `*.erec`).
+pub fn from_paths(inputs: &[PathBuf]) -> io::Result<Vec<Source>> {
+    let mut out = Vec::new();
+    for i in inputs {
+        out.extend(
+            find_packages(i)
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot read {}: {e}", i.display())))?
+                .into_iter()
+                .map(Source::File),
+        );
+    }
+    Ok(out)
+}
+
+/// The packages of a `dir` store under `prefix`, on `days` (all when `None`).
+pub fn from_dir_store(
+    root: &Path,
+    prefix: &str,
+    days: Option<&[String]>,
+) -> io::Result<Vec<Source>> {
+    let base = root.join(prefix);
+    match days {
+        None => from_paths(&[base]),
+        Some(days) => {
+            let dirs: Vec<PathBuf> = days
+                .iter()
+                .map(|d| base.join(d))
+                .filter(|d| d.is_dir())
+                .collect();
+            from_paths(&dirs)
+        }
+    }
+}
+
+/// The packages of an S3 store under `prefix`, on `days` (all when `None`).
+#[cfg(feature = "appliance")]
+pub fn from_s3_store(
+    store: &crate::s3::S3Store,
+    prefix: &str,
+    days: Option<&[String]>,
+) -> Result<Vec<Source>, String> {
+    let prefixes: Vec<String> = match days {
+        None => vec![prefix.to_string()],
+        Some(d) => d.iter().map(|d| format!("{prefix}{d}")).collect(),
+    };
+    let mut out = Vec::new();
+    for p in prefixes {
+        out.extend(
+            store
+                .list(&p)
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .filter(|k| k.ends_with(".erec"))
+                .map(Source::S3),
+        );
+    }
+    Ok(out)
+}
+
+fn sha256_hex(path: &Path) -> io::Result<String> {
+    crate::crypto::sha256_file(path).map(hex::encode)
+}
+
+/// Exports packages into `out`.
+pub struct Exporter<'a> {
+    /// The key source.
+    pub keys: &'a dyn Unwrapper,
+    /// The export directory.
+    pub out: PathBuf,
+    /// WAV or pcap.
+    pub format: Format,
+    /// The S3 store, for S3 sources.
+    #[cfg(feature = "appliance")]
+    pub s3: Option<crate::s3::S3Store>,
+}
+
+impl Exporter<'_> {
+    fn state_dir(&self) -> PathBuf {
+        self.out.join(".edgerec-export")
+    }
+
+    /// The record of `id` exported in this exporter's format (WAV and pcap of one recording
+    /// are two exports).
+    fn done_path(&self, id: &str) -> PathBuf {
+        let format = match self.format {
+            Format::Wav => "wav",
+            Format::Pcap => "pcap",
+        };
+        self.state_dir()
+            .join("done")
+            .join(format!("{id}.{format}.json"))
+    }
+
+    /// Whether the record of `id` matches the package and every output is intact.
+    fn is_done(&self, id: &str, package_sha256: &str) -> bool {
+        let Ok(bytes) = fs::read(self.done_path(id)) else {
+            return false;
+        };
+        let Ok(done) = serde_json::from_slice::<Done>(&bytes) else {
+            return false;
+        };
+        done.package_sha256 == package_sha256
+            && done
+                .outputs
+                .iter()
+                .all(|(p, h)| sha256_hex(&self.out.join(p)).is_ok_and(|got| got == *h))
+    }
+
+    fn record(&self, x: &Exported, package_sha256: String) -> io::Result<()> {
+        let mut outputs = Vec::new();
+        for p in [&x.media, &x.metadata] {
+            let rel = p
+                .strip_prefix(&self.out)
+                .unwrap_or(p)
+                .to_string_lossy()
+                .into_owned();
+            outputs.push((rel, sha256_hex(p)?));
+        }
+        let done = Done {
+            package_sha256,
+            outputs,
+        };
+        let path = self.done_path(&x.id.to_string());
+        fs::create_dir_all(path.parent().expect("done/ has a parent"))?;
+        crate::durable::replace_file(&path, &serde_json::to_vec(&done).map_err(io::Error::other)?)
+    }
+
+    /// The recording id of a package's key or file name (`…/<uuid>.erec`).
+    fn id_of(name: &str) -> Option<String> {
+        let stem = name.rsplit('/').next()?.strip_suffix(".erec")?;
+        uuid::Uuid::parse_str(stem).ok().map(|u| u.to_string())
+    }
+
+    /// Exports (or skips) one package.
+    pub fn one(&self, source: &Source) -> Outcome {
+        match self.try_one(source) {
+            Ok(o) => o,
+            Err(e) => Outcome::Failed(e),
+        }
+    }
+
+    fn try_one(&self, source: &Source) -> Result<Outcome, Error> {
+        let (path, sha, _fetched) = match source {
+            Source::File(p) => {
+                let sha = sha256_hex(p).map_err(|e| {
+                    io::Error::new(e.kind(), format!("cannot read {}: {e}", p.display()))
+                })?;
+                (p.clone(), sha, None::<tempfile::NamedTempFile>)
+            }
+            #[cfg(feature = "appliance")]
+            Source::S3(key) => {
+                let (tmp, sha) = self.fetch(key)?;
+                (tmp.path().to_path_buf(), sha, Some(tmp))
+            }
+        };
+        let id = Self::id_of(&source.name());
+        if let Some(id) = &id
+            && self.is_done(id, &sha)
+        {
+            return Ok(Outcome::Skipped);
+        }
+        let x = export_file(&path, self.keys, &self.out, self.format)?;
+        self.record(&x, sha)?;
+        Ok(Outcome::Exported {
+            media: x.media,
+            terminated: x.terminated,
+        })
+    }
+
+    /// Downloads an S3 package into a temporary file (ciphertext, 0600) and checks it
+    /// against the SHA-256 the store holds for it.
+    #[cfg(feature = "appliance")]
+    fn fetch(&self, key: &str) -> Result<(tempfile::NamedTempFile, String), Error> {
+        use std::io::Write;
+        let store = self
+            .s3
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("no S3 store configured".into()))?;
+        let bytes = store
+            .get(key)
+            .map_err(|e| Error::Invalid(format!("s3:{key}: {e}")))?;
+        let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+        if let Some(want) = store
+            .object_sha256(key)
+            .map_err(|e| Error::Invalid(format!("s3:{key}: {e}")))?
+            && want != sha
+        {
+            return Err(Error::Corrupt {
+                what: "the object's bytes are not the SHA-256 the store recorded for it",
+                record: None,
+            });
+        }
+        let dir = self.state_dir().join("fetch");
+        fs::create_dir_all(&dir)?;
+        let mut tmp = tempfile::Builder::new().suffix(".erec").tempfile_in(&dir)?;
+        tmp.write_all(&bytes)?;
+        Ok((tmp, sha))
+    }
+
+    /// Exports every source with `jobs` workers; `report` sees each outcome as it comes.
+    pub fn all(
+        &self,
+        sources: Vec<Source>,
+        jobs: usize,
+        mut report: impl FnMut(&Source, &Outcome),
+    ) -> Vec<(Source, Outcome)> {
+        let queue = Mutex::new(sources.into_iter().collect::<VecDeque<_>>());
+        let (tx, rx) = mpsc::channel();
+        let mut results = Vec::new();
+        std::thread::scope(|s| {
+            for _ in 0..jobs.max(1) {
+                let (queue, tx) = (&queue, tx.clone());
+                s.spawn(move || {
+                    loop {
+                        let next = queue.lock().ok().and_then(|mut q| q.pop_front());
+                        let Some(src) = next else { break };
+                        let outcome = self.one(&src);
+                        if tx.send((src, outcome)).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+            drop(tx);
+            for (src, outcome) in rx {
+                report(&src, &outcome);
+                results.push((src, outcome));
+            }
+        });
+        results
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn date_ranges_become_day_prefixes() {
+        assert_eq!(
+            day_prefixes("2026-11-29", "2026-12-01").unwrap(),
+            ["2026/11/29/", "2026/11/30/", "2026/12/01/"]
+        );
+        assert_eq!(day_prefixes("2028-02-28", "2028-03-01").unwrap().len(), 3);
+        assert!(day_prefixes("2026-12-01", "2026-11-29").is_err());
+        assert!(day_prefixes("yesterday", "2026-11-29").is_err());
+    }
+
+    #[test]
+    fn recording_ids_come_from_keys_and_file_names() {
+        let id = "0194f2a0-7c3e-7d4e-9f00-0123456789ab";
+        assert_eq!(
+            Exporter::id_of(&format!("s3:calls/2026/11/29/{id}.erec")).as_deref(),
+            Some(id)
+        );
+        assert_eq!(Exporter::id_of("/x/y/not-an-id.erec"), None);
+        assert_eq!(Exporter::id_of(&format!("{id}.wav")), None);
+    }
+}
