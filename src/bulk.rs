@@ -23,7 +23,7 @@ use std::sync::mpsc;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
-use crate::export::{Exported, Format, export_file, find_packages};
+use crate::export::{Exported, Format, export_file_to, find_packages};
 use crate::keys::Unwrapper;
 
 /// Where a package comes from.
@@ -164,6 +164,8 @@ pub struct Exporter<'a> {
     pub out: PathBuf,
     /// WAV or pcap.
     pub format: Format,
+    /// Encrypt every output to these OpenPGP certificates.
+    pub pgp: Option<crate::pgp_out::Recipients>,
     /// The S3 store, for S3 sources.
     #[cfg(feature = "appliance")]
     pub s3: Option<crate::s3::S3Store>,
@@ -177,9 +179,11 @@ impl Exporter<'_> {
     /// The record of `id` exported in this exporter's format (WAV and pcap of one recording
     /// are two exports).
     fn done_path(&self, id: &str) -> PathBuf {
-        let format = match self.format {
-            Format::Wav => "wav",
-            Format::Pcap => "pcap",
+        let format = match (self.format, self.pgp.is_some()) {
+            (Format::Wav, false) => "wav",
+            (Format::Pcap, false) => "pcap",
+            (Format::Wav, true) => "wav.pgp",
+            (Format::Pcap, true) => "pcap.pgp",
         };
         self.state_dir()
             .join("done")
@@ -254,7 +258,7 @@ impl Exporter<'_> {
         {
             return Ok(Outcome::Skipped);
         }
-        let x = export_file(&path, self.keys, &self.out, self.format)?;
+        let x = export_file_to(&path, self.keys, &self.out, self.format, self.pgp.as_ref())?;
         self.record(&x, sha)?;
         Ok(Outcome::Exported {
             media: x.media,

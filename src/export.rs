@@ -127,6 +127,45 @@ pub fn export_file(
     out: &Path,
     format: Format,
 ) -> Result<Exported, Error> {
+    export_file_to(input, unwrapper, out, format, None)
+}
+
+/// Exports one package file into `out`, each output encrypted to `pgp` (as `<name>.pgp`)
+/// when given.
+pub fn export_file_to(
+    input: &Path,
+    unwrapper: &dyn Unwrapper,
+    out: &Path,
+    format: Format,
+    pgp: Option<&crate::pgp_out::Recipients>,
+) -> Result<Exported, Error> {
+    let persist = |tmp: tempfile::NamedTempFile, dest: &Path| -> Result<PathBuf, Error> {
+        match pgp {
+            None => {
+                persist(tmp, dest)?;
+                Ok(dest.to_path_buf())
+            }
+            Some(r) => {
+                let name = dest
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let mut sealed = temp_in(out)?;
+                r.encrypt(
+                    tmp.path(),
+                    &name,
+                    &mut io::BufWriter::new(sealed.as_file_mut()),
+                )?;
+                sealed.as_file().sync_all()?;
+                let mut dest = dest.as_os_str().to_owned();
+                dest.push(".pgp");
+                let dest = PathBuf::from(dest);
+                persist(sealed, &dest)?;
+                drop(tmp); // the plaintext temporary is removed here
+                Ok(dest)
+            }
+        }
+    };
     let file = File::open(input)
         .map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", input.display())))?;
     let mut reader = PackageReader::new(io::BufReader::new(file), unwrapper, ReadMode::Recovery)?;
@@ -243,8 +282,7 @@ pub fn export_file(
             Some(t) => t,
             None => temp_in(out)?,
         };
-        persist(tmp, &path)?;
-        path
+        persist(tmp, &path)?
     } else {
         doc["streams"] = stream_stats(&call);
         doc["events"] = Value::Array(std::mem::take(&mut call.events));
@@ -268,14 +306,13 @@ pub fn export_file(
             Format::Pcap => ("pcap", write_pcap(&call, header.created_ms, out)?),
         };
         let path = dir.join(format!("{id}.{ext}"));
-        persist(tmp, &path)?;
-        path
+        persist(tmp, &path)?
     };
     let meta_path = dir.join(format!("{id}_metadata.json"));
     let mut tmp = temp_in(out)?;
     serde_json::to_writer_pretty(&mut tmp, &doc).map_err(io::Error::other)?;
     tmp.write_all(b"\n")?;
-    persist(tmp, &meta_path)?;
+    let meta_path = persist(tmp, &meta_path)?;
     Ok(Exported {
         id,
         media: media_path,

@@ -88,6 +88,8 @@ pub mod loadgen;
 pub mod metrics;
 #[cfg(feature = "appliance")]
 pub mod oracle;
+#[cfg(feature = "cli")]
+pub mod pgp_out;
 pub mod pipeline;
 pub mod rate_limit;
 pub mod reader;

@@ -157,6 +157,10 @@ enum Command {
         /// Packages exported at once (default: every core).
         #[arg(long)]
         jobs: Option<usize>,
+        /// Encrypt every output to this OpenPGP certificate (armored or binary); repeat for
+        /// several receivers. Outputs are written as <name>.pgp; no plaintext output is kept.
+        #[arg(long = "pgp-recipient", value_name = "CERT.asc")]
+        pgp_recipients: Vec<PathBuf>,
     },
     /// Show a package's header facts without any key.
     Inspect {
@@ -514,6 +518,7 @@ pub fn main() -> ExitCode {
             #[cfg(feature = "appliance")]
             to,
             jobs,
+            pgp_recipients,
         } => keys.unwrapper().and_then(|u| {
             package::export(
                 u.as_ref(),
@@ -528,6 +533,7 @@ pub fn main() -> ExitCode {
                         let t = to.unwrap_or_else(|| f.clone());
                         (f, t)
                     }),
+                    pgp_recipients,
                 },
                 jobs,
             )

@@ -217,6 +217,8 @@ pub struct ExportFrom {
     /// A UTC day range (from, to), inclusive.
     #[cfg(feature = "appliance")]
     pub days: Option<(String, String)>,
+    /// OpenPGP certificates to encrypt every output to.
+    pub pgp_recipients: Vec<PathBuf>,
 }
 
 /// `edgerec export`: every package of the inputs and the store, in parallel, resumable,
@@ -268,11 +270,16 @@ pub fn export(
             }
         }
     }
+    let pgp = match from.pgp_recipients.is_empty() {
+        true => None,
+        false => Some(crate::pgp_out::Recipients::load(&from.pgp_recipients)?),
+    };
     fs::create_dir_all(out)?;
     let exporter = Exporter {
         keys,
         out: out.to_path_buf(),
         format,
+        pgp,
         #[cfg(feature = "appliance")]
         s3,
     };
