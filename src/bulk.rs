@@ -7,9 +7,11 @@
 //! - One bad package never stops the rest: each is exported, skipped or failed on its own,
 //!   and every failure is reported with its reason.
 //! - Resumable: after a package's outputs are in place,
-//!   `<out>/.edgerec-export/done/<id>.<format>.json` records the package's SHA-256 and each output's path and SHA-256. A later run skips a
-//!   package only if that record matches the package and every output still hashes to it;
-//!   anything else is exported again.
+//!   `<out>/.edgerec-export/done/<id>.<format>.json` records what the package was (its header
+//!   MAC and size, or for S3 the `erec-sha256` the store holds) and each output's path, size
+//!   and modification time. A later run skips a package only if that record matches the
+//!   package and every output is still there, unchanged in size and time; anything else is
+//!   exported again. (An S3 package already done is not even downloaded.)
 //! - Packages fetched from S3 are ciphertext; they are checked against the `erec-sha256` the
 //!   store holds for them before they are opened, and removed after.
 
@@ -50,10 +52,21 @@ impl Source {
 /// The record of a finished export.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Done {
-    /// The package's SHA-256 (hex).
-    pub package_sha256: String,
-    /// Each output, relative to the export directory, and its SHA-256 (hex).
-    pub outputs: Vec<(String, String)>,
+    /// What the package was: `mac:<header MAC hex>:<size>`, or `sha256:<hex>` for S3.
+    pub package: String,
+    /// Each output: its path relative to the export directory, size, and modification time
+    /// (ns since the epoch).
+    pub outputs: Vec<(String, u64, u128)>,
+}
+
+/// An output file's size and modification time (ns).
+fn stamp(path: &Path) -> io::Result<(u64, u128)> {
+    let m = fs::metadata(path)?;
+    let t = m
+        .modified()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    Ok((m.len(), t))
 }
 
 /// What became of one package.
@@ -152,10 +165,6 @@ pub fn from_s3_store(
     Ok(out)
 }
 
-fn sha256_hex(path: &Path) -> io::Result<String> {
-    crate::crypto::sha256_file(path).map(hex::encode)
-}
-
 /// Exports packages into `out`.
 pub struct Exporter<'a> {
     /// The key source.
@@ -191,21 +200,23 @@ impl Exporter<'_> {
     }
 
     /// Whether the record of `id` matches the package and every output is intact.
-    fn is_done(&self, id: &str, package_sha256: &str) -> bool {
+    fn is_done(&self, id: &str, package: &str) -> bool {
         let Ok(bytes) = fs::read(self.done_path(id)) else {
             return false;
         };
         let Ok(done) = serde_json::from_slice::<Done>(&bytes) else {
             return false;
         };
-        done.package_sha256 == package_sha256
+        done.package == package
             && done
                 .outputs
                 .iter()
-                .all(|(p, h)| sha256_hex(&self.out.join(p)).is_ok_and(|got| got == *h))
+                .all(|(p, size, time)| stamp(&self.out.join(p)).is_ok_and(|s| s == (*size, *time)))
     }
 
-    fn record(&self, x: &Exported, package_sha256: String) -> io::Result<()> {
+    /// Records a finished export (atomically; not synced: a record lost in a crash only
+    /// means the package is exported again).
+    fn record(&self, x: &Exported, package: String) -> io::Result<()> {
         let mut outputs = Vec::new();
         for p in [&x.media, &x.metadata] {
             let rel = p
@@ -213,21 +224,38 @@ impl Exporter<'_> {
                 .unwrap_or(p)
                 .to_string_lossy()
                 .into_owned();
-            outputs.push((rel, sha256_hex(p)?));
+            let (size, time) = stamp(p)?;
+            outputs.push((rel, size, time));
         }
-        let done = Done {
-            package_sha256,
-            outputs,
-        };
+        let done = Done { package, outputs };
         let path = self.done_path(&x.id.to_string());
         fs::create_dir_all(path.parent().expect("done/ has a parent"))?;
-        crate::durable::replace_file(&path, &serde_json::to_vec(&done).map_err(io::Error::other)?)
+        let tmp = path.with_extension("tmp");
+        fs::write(&tmp, serde_json::to_vec(&done).map_err(io::Error::other)?)?;
+        fs::rename(&tmp, &path)
     }
 
-    /// The recording id of a package's key or file name (`…/<uuid>.erec`).
-    fn id_of(name: &str) -> Option<String> {
-        let stem = name.rsplit('/').next()?.strip_suffix(".erec")?;
-        uuid::Uuid::parse_str(stem).ok().map(|u| u.to_string())
+    /// A package file's recording id and identity (`mac:<header MAC>:<size>`), from its
+    /// header (keyless); `None` if it has no readable header.
+    fn identify(path: &Path) -> Option<(String, String)> {
+        use crate::format::{Decoded, Header};
+        use std::io::Read;
+        let mut f = fs::File::open(path).ok()?;
+        let size = f.metadata().ok()?.len();
+        let mut buf = Vec::new();
+        loop {
+            let want = match Header::decode(&buf).ok()? {
+                Decoded::Done(h, _) => {
+                    let id = uuid::Uuid::from_bytes(h.recording_id).to_string();
+                    return Some((id, format!("mac:{}:{size}", hex::encode(h.mac))));
+                }
+                Decoded::Need(n) if n > buf.len() && n <= 1 << 20 => n,
+                Decoded::Need(_) => return None,
+            };
+            let have = buf.len();
+            buf.resize(want, 0);
+            f.read_exact(&mut buf[have..]).ok()?;
+        }
     }
 
     /// Exports (or skips) one package.
@@ -239,37 +267,68 @@ impl Exporter<'_> {
     }
 
     fn try_one(&self, source: &Source) -> Result<Outcome, Error> {
-        let (path, sha, _fetched) = match source {
+        let (path, identity, _fetched) = match source {
             Source::File(p) => {
-                let sha = sha256_hex(p).map_err(|e| {
-                    io::Error::new(e.kind(), format!("cannot read {}: {e}", p.display()))
-                })?;
-                (p.clone(), sha, None::<tempfile::NamedTempFile>)
+                let Some((id, identity)) = Self::identify(p) else {
+                    // Not a package header: the export says what is wrong with it.
+                    return self.export(p, None);
+                };
+                if self.is_done(&id, &identity) {
+                    return Ok(Outcome::Skipped);
+                }
+                (p.clone(), identity, None::<tempfile::NamedTempFile>)
             }
             #[cfg(feature = "appliance")]
             Source::S3(key) => {
-                let (tmp, sha) = self.fetch(key)?;
-                (tmp.path().to_path_buf(), sha, Some(tmp))
+                let (identity, id) = self.s3_identity(key)?;
+                if let Some(id) = &id
+                    && self.is_done(id, &identity)
+                {
+                    return Ok(Outcome::Skipped);
+                }
+                let tmp = self.fetch(key, &identity)?;
+                (tmp.path().to_path_buf(), identity, Some(tmp))
             }
         };
-        let id = Self::id_of(&source.name());
-        if let Some(id) = &id
-            && self.is_done(id, &sha)
-        {
-            return Ok(Outcome::Skipped);
+        self.export(&path, Some(identity))
+    }
+
+    fn export(&self, path: &Path, identity: Option<String>) -> Result<Outcome, Error> {
+        let x = export_file_to(path, self.keys, &self.out, self.format, self.pgp.as_ref())?;
+        if let Some(identity) = identity {
+            self.record(&x, identity)?;
         }
-        let x = export_file_to(&path, self.keys, &self.out, self.format, self.pgp.as_ref())?;
-        self.record(&x, sha)?;
         Ok(Outcome::Exported {
             media: x.media,
             terminated: x.terminated,
         })
     }
 
+    /// An S3 package's identity (`sha256:` of the `erec-sha256` the store holds) and the
+    /// recording id its key names.
+    #[cfg(feature = "appliance")]
+    fn s3_identity(&self, key: &str) -> Result<(String, Option<String>), Error> {
+        let store = self
+            .s3
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("no S3 store configured".into()))?;
+        let sha = store
+            .object_sha256(key)
+            .map_err(|e| Error::Invalid(format!("s3:{key}: {e}")))?
+            .ok_or_else(|| Error::Invalid(format!("s3:{key}: the object has no erec-sha256")))?;
+        let id = key
+            .rsplit('/')
+            .next()
+            .and_then(|n| n.strip_suffix(".erec"))
+            .and_then(|n| uuid::Uuid::parse_str(n).ok())
+            .map(|u| u.to_string());
+        Ok((format!("sha256:{sha}"), id))
+    }
+
     /// Downloads an S3 package into a temporary file (ciphertext, 0600) and checks it
     /// against the SHA-256 the store holds for it.
     #[cfg(feature = "appliance")]
-    fn fetch(&self, key: &str) -> Result<(tempfile::NamedTempFile, String), Error> {
+    fn fetch(&self, key: &str, identity: &str) -> Result<tempfile::NamedTempFile, Error> {
         use std::io::Write;
         let store = self
             .s3
@@ -279,11 +338,7 @@ impl Exporter<'_> {
             .get(key)
             .map_err(|e| Error::Invalid(format!("s3:{key}: {e}")))?;
         let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
-        if let Some(want) = store
-            .object_sha256(key)
-            .map_err(|e| Error::Invalid(format!("s3:{key}: {e}")))?
-            && want != sha
-        {
+        if identity.strip_prefix("sha256:") != Some(sha.as_str()) {
             return Err(Error::Corrupt {
                 what: "the object's bytes are not the SHA-256 the store recorded for it",
                 record: None,
@@ -293,7 +348,7 @@ impl Exporter<'_> {
         fs::create_dir_all(&dir)?;
         let mut tmp = tempfile::Builder::new().suffix(".erec").tempfile_in(&dir)?;
         tmp.write_all(&bytes)?;
-        Ok((tmp, sha))
+        Ok(tmp)
     }
 
     /// Exports every source with `jobs` workers; `report` sees each outcome as it comes.
@@ -346,13 +401,17 @@ mod tests {
     }
 
     #[test]
-    fn recording_ids_come_from_keys_and_file_names() {
-        let id = "0194f2a0-7c3e-7d4e-9f00-0123456789ab";
-        assert_eq!(
-            Exporter::id_of(&format!("s3:calls/2026/11/29/{id}.erec")).as_deref(),
-            Some(id)
+    fn packages_are_identified_by_their_header_whatever_the_file_is_called() {
+        let vectors = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors");
+        let (id, identity) = Exporter::identify(&vectors.join("ok_one_byte.erec")).unwrap();
+        assert_eq!(id.len(), 36);
+        assert!(
+            identity.starts_with("mac:") && identity.len() > 70,
+            "{identity}"
         );
-        assert_eq!(Exporter::id_of("/x/y/not-an-id.erec"), None);
-        assert_eq!(Exporter::id_of(&format!("{id}.wav")), None);
+        let (_, other) = Exporter::identify(&vectors.join("ok_empty.erec")).unwrap();
+        assert_ne!(identity, other);
+        assert_eq!(Exporter::identify(&vectors.join("fail_magic.erec")), None);
+        assert_eq!(Exporter::identify(&vectors.join("MANIFEST.json")), None);
     }
 }

@@ -40,7 +40,6 @@ use crate::clock::Utc;
 use crate::entries::{Entry, Event, NO_STREAM, entries};
 use crate::error::Error;
 use crate::format::{EndInfo, Kind, parse_json_object};
-use crate::g711::{alaw_to_linear, ulaw_to_linear};
 use crate::keys::{KekId, Unwrapper};
 use crate::reader::{PackageReader, ReadMode};
 use crate::rtp::{Datagram, SeqOutcome, SeqTracker, classify};
@@ -457,10 +456,8 @@ fn render(call: &Call) -> Vec<Vec<i16>> {
         let Ok(Datagram::Rtp(h)) = classify(&p.bytes) else {
             continue;
         };
-        let decode: fn(u8) -> i16 = match h.payload_type {
-            0 => ulaw_to_linear,
-            8 => alaw_to_linear,
-            _ => continue,
+        let Some(decode) = crate::g711::table(h.payload_type) else {
+            continue;
         };
         let arrival_pos = i64::try_from(p.arrival_us * 8 / 1000).unwrap_or(i64::MAX);
         let pos = match anchors[i].as_mut() {
@@ -496,8 +493,8 @@ fn render(call: &Call) -> Vec<Vec<i16>> {
         if ch.len() < pos + payload.len() {
             ch.resize(pos + payload.len(), 0);
         }
-        for (k, b) in payload.iter().enumerate() {
-            ch[pos + k] = decode(*b);
+        for (d, b) in ch[pos..pos + payload.len()].iter_mut().zip(payload) {
+            *d = decode[usize::from(*b)];
         }
     }
     channels
@@ -515,17 +512,32 @@ fn write_wav(call: &Call, out: &Path) -> Result<(tempfile::NamedTempFile, Value)
     };
     let tmp = temp_in(out)?;
     {
-        let w = BufWriter::new(tmp.as_file().try_clone()?);
+        let w = BufWriter::with_capacity(1 << 16, tmp.as_file().try_clone()?);
         let mut wav = hound::WavWriter::new(w, spec).map_err(wav_err)?;
-        for t in 0..len {
-            for c in 0..usize::from(n) {
-                let s = channels
-                    .get(c)
-                    .and_then(|ch| ch.get(t))
-                    .copied()
-                    .unwrap_or(0);
-                wav.write_sample(s).map_err(wav_err)?;
+        if u32::try_from(len * usize::from(n)).is_err() {
+            return Err(Error::Io(io::Error::other(
+                "WAV: more samples than a WAV file holds",
+            )));
+        }
+        // In blocks of frames through the 16-bit writer, which takes exactly the samples it
+        // was sized for without a check per sample.
+        const FRAMES: usize = 16384;
+        let mut t = 0;
+        while t < len {
+            let frames = FRAMES.min(len - t);
+            let block = u32::try_from(frames * usize::from(n)).expect("checked above");
+            let mut samples = wav.get_i16_writer(block);
+            for f in t..t + frames {
+                for ch in &channels {
+                    samples.write_sample(ch.get(f).copied().unwrap_or(0));
+                }
+                // A call without streams still has one (silent) channel.
+                if channels.is_empty() {
+                    samples.write_sample(0);
+                }
             }
+            samples.flush().map_err(wav_err)?;
+            t += frames;
         }
         wav.finalize().map_err(wav_err)?;
     }

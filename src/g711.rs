@@ -19,15 +19,30 @@ pub fn linear_to_ulaw(sample: i16) -> u8 {
     !(sign | (exponent << 4) as u8 | mantissa as u8)
 }
 
-/// Decodes one µ-law byte.
+/// Decodes one µ-law byte (a table lookup).
 pub fn ulaw_to_linear(byte: u8) -> i16 {
+    ULAW[usize::from(byte)]
+}
+
+/// Every µ-law byte decoded, made at compile time.
+static ULAW: [i16; 256] = {
+    let mut t = [0i16; 256];
+    let mut b = 0;
+    while b < 256 {
+        t[b] = ulaw_decode(b as u8);
+        b += 1;
+    }
+    t
+};
+
+const fn ulaw_decode(byte: u8) -> i16 {
     let u = !byte;
     let sign = u & 0x80;
-    let exponent = i32::from((u >> 4) & 0x07);
-    let mantissa = i32::from(u & 0x0f);
+    let exponent = ((u >> 4) & 0x07) as i32;
+    let mantissa = (u & 0x0f) as i32;
     let magnitude = (((mantissa << 3) + BIAS) << exponent) - BIAS;
-    let v = if sign != 0 { -magnitude } else { magnitude };
-    i16::try_from(v).expect("µ-law magnitudes fit in 16 bits")
+    // At most (15 << 3 + 132) << 7 - 132 = 32124: always an i16.
+    (if sign != 0 { -magnitude } else { magnitude }) as i16
 }
 
 /// Encodes one 16-bit sample as A-law.
@@ -51,16 +66,40 @@ pub fn linear_to_alaw(sample: i16) -> u8 {
 
 /// Decodes one A-law byte.
 pub fn alaw_to_linear(byte: u8) -> i16 {
+    ALAW[usize::from(byte)]
+}
+
+/// Every A-law byte decoded, made at compile time.
+static ALAW: [i16; 256] = {
+    let mut t = [0i16; 256];
+    let mut b = 0;
+    while b < 256 {
+        t[b] = alaw_decode(b as u8);
+        b += 1;
+    }
+    t
+};
+
+const fn alaw_decode(byte: u8) -> i16 {
     let a = byte ^ 0x55;
-    let exponent = i32::from((a >> 4) & 0x07);
-    let mantissa = i32::from(a & 0x0f);
+    let exponent = ((a >> 4) & 0x07) as i32;
+    let mantissa = (a & 0x0f) as i32;
     let magnitude = if exponent == 0 {
         (mantissa << 4) + 8
     } else {
         ((mantissa << 4) + 0x108) << (exponent - 1)
     };
-    let v = if a & 0x80 != 0 { magnitude } else { -magnitude };
-    i16::try_from(v).expect("A-law magnitudes fit in 16 bits")
+    // At most (15 << 4 + 0x108) << 6 = 32256: always an i16.
+    (if a & 0x80 != 0 { magnitude } else { -magnitude }) as i16
+}
+
+/// The decoding table of an RTP payload type: 0 (PCMU) or 8 (PCMA).
+pub fn table(payload_type: u8) -> Option<&'static [i16; 256]> {
+    match payload_type {
+        0 => Some(&ULAW),
+        8 => Some(&ALAW),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

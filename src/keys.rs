@@ -229,6 +229,10 @@ impl KekPublic {
 pub struct KekPrivate {
     key: PrivateKey,
     public: KekPublic,
+    /// The same key loaded into aws-lc-rs (with the `appliance` feature, which links it for
+    /// TLS already): its OAEP is constant-time too and about seven times faster.
+    #[cfg(feature = "appliance")]
+    fast: Option<aws_lc_rs::rsa::OaepPrivateDecryptingKey>,
 }
 
 impl fmt::Debug for KekPrivate {
@@ -258,7 +262,18 @@ impl KekPrivate {
             detail: e.to_string(),
         })?;
         let public = KekPublic::from_key(what, key.to_public_key())?;
-        Ok(KekPrivate { key, public })
+        #[cfg(feature = "appliance")]
+        let fast = key
+            .to_pkcs8_der()
+            .ok()
+            .and_then(|der| aws_lc_rs::rsa::PrivateDecryptingKey::from_pkcs8(der.as_bytes()).ok())
+            .and_then(|k| aws_lc_rs::rsa::OaepPrivateDecryptingKey::new(k).ok());
+        Ok(KekPrivate {
+            key,
+            public,
+            #[cfg(feature = "appliance")]
+            fast,
+        })
     }
 
     /// Parses a private key in PEM: PKCS#8 (`PRIVATE KEY`) or PKCS#1 (`RSA PRIVATE KEY`).
@@ -303,16 +318,24 @@ impl KekPrivate {
             .map_err(|e| KeyError::Rsa(e.to_string()))
     }
 
-    /// The PKCS#8 DER, zeroized when dropped (for a constant-time unwrapper to load).
-    pub fn to_pkcs8_der(&self) -> Result<Zeroizing<Vec<u8>>, KeyError> {
-        self.key
-            .to_pkcs8_der()
-            .map(|d| Zeroizing::new(d.as_bytes().to_vec()))
-            .map_err(|e| KeyError::Rsa(e.to_string()))
-    }
-
     /// Unwraps a sealed DEK; any failure, a wrong length included, is one coarse error.
     pub fn unseal(&self, wrap: Wrap, sealed: &[u8]) -> Result<Dek, UnwrapError> {
+        #[cfg(feature = "appliance")]
+        if let Some(k) = &self.fast {
+            use aws_lc_rs::rsa::{OAEP_SHA1_MGF1SHA1, OAEP_SHA256_MGF1SHA256};
+            if sealed.len() != k.key_size_bytes() {
+                return Err(UnwrapError::Failed);
+            }
+            let mut out = Zeroizing::new(vec![0u8; k.min_output_size()]);
+            let plain = match wrap {
+                Wrap::OaepSha256 => {
+                    k.decrypt(&OAEP_SHA256_MGF1SHA256, sealed, &mut out, Some(WRAP1_LABEL))
+                }
+                Wrap::OaepSha1 => k.decrypt(&OAEP_SHA1_MGF1SHA1, sealed, &mut out, None),
+            }
+            .map_err(|_| UnwrapError::Failed)?;
+            return Dek::from_slice(plain).ok_or(UnwrapError::Failed);
+        }
         let plain = match wrap {
             Wrap::OaepSha256 => self
                 .key

@@ -11,22 +11,17 @@
 //! - An opened private key is kept at most `ttl`; after that it is opened again through the
 //!   store's protector, so a KMS that withdraws access is obeyed within `ttl` (0 keeps
 //!   nothing: every unwrap asks the protector).
-//! - Private keys live in aws-lc's memory (freed with `BN_clear_free`) and in zeroized
-//!   buffers on the way there; the DEK output buffer is zeroized.
+//! - Private keys live in [`KekPrivate`] (the `rsa` crate's zeroizing key and aws-lc's copy,
+//!   freed with `BN_clear_free`); the unwrap's output buffer is zeroized.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use aws_lc_rs::rsa::{
-    OAEP_SHA1_MGF1SHA1, OAEP_SHA256_MGF1SHA256, OaepPrivateDecryptingKey, PrivateDecryptingKey,
-};
-use zeroize::Zeroizing;
-
 use crate::at_rest::AtRestError;
 use crate::crypto::Dek;
 use crate::format::Wrap;
-use crate::keys::{KekId, WRAP1_LABEL};
+use crate::keys::{KekId, KekPrivate};
 use crate::keystore::{KeyState, KeyStore, KeyStoreError};
 
 /// Why an unwrap gave no DEK.
@@ -53,7 +48,7 @@ pub enum OracleError {
 }
 
 struct Opened {
-    key: Arc<OaepPrivateDecryptingKey>,
+    key: Arc<KekPrivate>,
     at: Instant,
 }
 
@@ -85,7 +80,7 @@ impl Oracle {
         }
     }
 
-    fn key(&self, id: &KekId) -> Result<Arc<OaepPrivateDecryptingKey>, OracleError> {
+    fn key(&self, id: &KekId) -> Result<Arc<KekPrivate>, OracleError> {
         let now = Instant::now();
         if let Ok(mut o) = self.opened.lock() {
             o.retain(|_, k| now.duration_since(k.at) < self.ttl);
@@ -93,20 +88,13 @@ impl Oracle {
                 return Ok(Arc::clone(&k.key));
             }
         }
-        let private = self.store.private(id).map_err(|e| match e {
+        let key = Arc::new(self.store.private(id).map_err(|e| match e {
             KeyStoreError::Unknown(_) => OracleError::Unknown,
             KeyStoreError::Destroyed(_) => OracleError::Destroyed,
             KeyStoreError::Protection(AtRestError::Revoked(why)) => OracleError::Revoked(why),
             KeyStoreError::Protection(e) => OracleError::Unavailable(e.to_string()),
             e => OracleError::Store(e.to_string()),
-        })?;
-        let der = private
-            .to_pkcs8_der()
-            .map_err(|e| OracleError::Store(e.to_string()))?;
-        let key = PrivateDecryptingKey::from_pkcs8(&der)
-            .and_then(|k| OaepPrivateDecryptingKey::new(k).map_err(Into::into))
-            .map_err(|e| OracleError::Store(format!("key {id} does not load: {e}")))?;
-        let key = Arc::new(key);
+        })?);
         if !self.ttl.is_zero()
             && let Ok(mut o) = self.opened.lock()
         {
@@ -121,7 +109,8 @@ impl Oracle {
         Ok(key)
     }
 
-    /// Unwraps `sealed` with key `id`.
+    /// Unwraps `sealed` with key `id` ([`KekPrivate::unseal`]: aws-lc-rs OAEP, constant
+    /// time, with the wrap-1 label).
     pub fn unwrap(&self, id: &KekId, wrap: Wrap, sealed: &[u8]) -> Result<Dek, OracleError> {
         match self.store.get(&id.to_hex()) {
             Err(KeyStoreError::Unknown(_)) => return Err(OracleError::Unknown),
@@ -132,19 +121,9 @@ impl Oracle {
             }
             Ok(_) => {}
         }
-        let key = self.key(id)?;
-        if sealed.len() != key.key_size_bytes() {
-            return Err(OracleError::Failed);
-        }
-        let mut out = Zeroizing::new(vec![0u8; key.min_output_size()]);
-        let plain = match wrap {
-            Wrap::OaepSha256 => {
-                key.decrypt(&OAEP_SHA256_MGF1SHA256, sealed, &mut out, Some(WRAP1_LABEL))
-            }
-            Wrap::OaepSha1 => key.decrypt(&OAEP_SHA1_MGF1SHA1, sealed, &mut out, None),
-        }
-        .map_err(|_| OracleError::Failed)?;
-        Dek::from_slice(plain).ok_or(OracleError::Failed)
+        self.key(id)?
+            .unseal(wrap, sealed)
+            .map_err(|_| OracleError::Failed)
     }
 
     /// How many keys are open in memory now.
@@ -232,7 +211,11 @@ mod tests {
         fn seal(&self, plain: &[u8], context: &str) -> Result<Vec<u8>, AtRestError> {
             self.0.seal(plain, context)
         }
-        fn open(&self, blob: &[u8], context: &str) -> Result<Zeroizing<Vec<u8>>, AtRestError> {
+        fn open(
+            &self,
+            blob: &[u8],
+            context: &str,
+        ) -> Result<zeroize::Zeroizing<Vec<u8>>, AtRestError> {
             if self.1.load(std::sync::atomic::Ordering::SeqCst) {
                 self.0.open(blob, context)
             } else {

@@ -125,6 +125,20 @@ fn a_call_tagged_and_paused_through_the_control_api_exports_silence_over_the_pau
         "{}",
         wav[0].display()
     );
+    // sox reads the WAV as the export layout says: 8 kHz, one channel per leg, 16-bit PCM.
+    let info = std::process::Command::new("sox")
+        .args(["--i", wav[0].to_str().unwrap()])
+        .output()
+        .expect("sox is installed by the test command");
+    let info = String::from_utf8_lossy(&info.stdout);
+    for want in [
+        "Channels       : 2",
+        "Sample Rate    : 8000",
+        "16-bit",
+        "Signed Integer PCM",
+    ] {
+        assert!(info.contains(want), "sox --i: {info}");
+    }
     let meta_file = wav[0].with_file_name(format!(
         "{}_metadata.json",
         wav[0].file_stem().unwrap().to_str().unwrap()
