@@ -5,7 +5,8 @@
 //! A file is taken when it is renamed into the inbox (writers write elsewhere on the same
 //! file system first, as maildir does), or when found there at start or by the periodic
 //! scan. A JSON object in `<name>.meta.json` beside it (renamed in first) is its metadata.
-//! Names starting with `.` are never taken.
+//! Names starting with `.` are never taken. While the disk policy refuses new recordings
+//! (`spool_max_bytes`, `min_free_bytes`), files wait in the inbox, counted as refused.
 //!
 //! Invariants — nothing lost, nothing doubled, across a crash at any point:
 //! 1. Claim: the file (and its sidecar) is renamed to `.edgerec/<recording id>.<name>` in
@@ -79,6 +80,8 @@ pub struct Inbox {
     wrap: Wrap,
     max_chunk: u32,
     metrics: Arc<Metrics>,
+    /// False while the disk policy refuses new recordings: files wait in the inbox.
+    accepting: Arc<AtomicBool>,
 }
 
 /// Appends through an active spool file.
@@ -107,6 +110,7 @@ impl Inbox {
         wrap: Wrap,
         max_chunk: u32,
         metrics: Arc<Metrics>,
+        accepting: Arc<AtomicBool>,
     ) -> io::Result<Inbox> {
         fs::DirBuilder::new()
             .recursive(true)
@@ -119,6 +123,7 @@ impl Inbox {
             wrap,
             max_chunk,
             metrics,
+            accepting,
         })
     }
 
@@ -217,6 +222,11 @@ impl Inbox {
         }
         if self.keks.current().is_empty() {
             self.failed(None, "no usable KEK");
+            return false;
+        }
+        if !self.accepting.load(Ordering::Relaxed) {
+            // The spool is full: the file waits where it is (the next scan takes it).
+            Metrics::inc(&self.metrics.recordings_refused, "spool_full", 1);
             return false;
         }
         let id = Uuid::now_v7();

@@ -203,6 +203,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         KekSource::Lkm(_) => (None, None),
     };
 
+    // Cleared by the disk policy (spool_max_bytes, min_free_bytes): no new recordings, calls
+    // or inbox files, while it is.
+    let accepting = Arc::new(AtomicBool::new(true));
     let inbox_stop = Arc::new(AtomicBool::new(false));
     let inbox_thread = match &config.inbox {
         Some(cfg) => {
@@ -213,6 +216,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 config.wrap,
                 1 << 20,
                 Arc::clone(&metrics),
+                Arc::clone(&accepting),
             )
             .map_err(start(format!("inbox.dir {}", cfg.dir.display())))?;
             let (rescan, stop) = (cfg.rescan, Arc::clone(&inbox_stop));
@@ -237,7 +241,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let queued = Arc::new(AtomicUsize::new(0));
     let (recycle_tx, recycle) = sync_channel(16);
     let (ready_tx, ready_rx) = sync_channel(10_000);
-    let accepting = Arc::new(AtomicBool::new(true));
     let setup = RecorderSetup {
         spool: spool.clone(),
         keks: keks.clone(),
