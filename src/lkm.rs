@@ -434,6 +434,16 @@ pub fn load_credentials(path: &Path) -> Result<HashMap<String, Credential>, Stri
         .collect())
 }
 
+/// Revokes a credential (the file rewritten without it, 0600, atomically).
+pub fn remove_credential(path: &Path, id: &str) -> Result<(), String> {
+    let mut all = read_credentials(path)?;
+    if all.remove(id).is_none() {
+        return Err(format!("no credential {id}"));
+    }
+    let text = Zeroizing::new(serde_json::to_vec_pretty(&all).map_err(|e| e.to_string())?);
+    crate::durable::replace_file(path, &text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// Issues a Hawk credential: a key of 256 random bits written as 43 base64url characters,
 /// stored (0600, written to a temporary name and renamed) and returned for the administrator
 /// to hand to the client, which uses that text as its Hawk key (algorithm sha256). An id that
@@ -548,5 +558,11 @@ mod tests {
         );
         assert_eq!(k.len(), 43);
         assert!(all["ops"].admin && !all["recorder-1"].admin);
+        remove_credential(&path, "recorder-1").unwrap();
+        assert!(remove_credential(&path, "recorder-1").is_err(), "gone");
+        assert_eq!(
+            load_credentials(&path).unwrap().keys().collect::<Vec<_>>(),
+            ["ops"]
+        );
     }
 }

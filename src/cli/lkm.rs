@@ -127,6 +127,20 @@ pub fn add_credential(config: &Path, id: &str, admin: bool) -> Result<(), Error>
     }
 }
 
+/// `edgerec lkm credentials remove`.
+pub fn remove_credential(config: &Path, id: &str) -> Result<(), Error> {
+    let mut lkm = open(config, false)?;
+    match crate::lkm::remove_credential(&lkm.config.credentials_file, id) {
+        Ok(()) => {
+            lkm.record("credentials.remove", None, &format!("ok: {id}"))
+                .map_err(Error::Invalid)?;
+            eprintln!("edgerec: credential {id} removed; a running service refuses it within 2 s");
+            Ok(())
+        }
+        Err(e) => Err(Error::Invalid(e)),
+    }
+}
+
 /// `edgerec lkm backup`.
 pub fn backup(config: &Path, out: &Path) -> Result<(), Error> {
     let mut lkm = open(config, false)?;

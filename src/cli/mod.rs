@@ -382,6 +382,14 @@ enum CredentialAction {
         /// The credential id (letters, digits, - _ .).
         id: String,
     },
+    /// Revoke a credential: a running service refuses it within 2 s.
+    Remove {
+        /// The key manager's config file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The credential id.
+        id: String,
+    },
 }
 
 /// Which spool.
@@ -482,6 +490,10 @@ pub fn main() -> ExitCode {
             LkmAction::Credentials {
                 action: CredentialAction::Add { config, admin, id },
             } => lkm::add_credential(&config, &id, admin),
+            #[cfg(feature = "appliance")]
+            LkmAction::Credentials {
+                action: CredentialAction::Remove { config, id },
+            } => lkm::remove_credential(&config, &id),
             #[cfg(feature = "appliance")]
             LkmAction::Backup { config, out } => lkm::backup(&config, &out),
             #[cfg(feature = "appliance")]

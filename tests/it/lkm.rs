@@ -521,6 +521,20 @@ fn a_contract_client_creates_keys_and_unwraps_through_the_service() {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+    // Revoked by the command line: refused within seconds, no restart.
+    assert_eq!(s.admin(&["credentials", "remove", "recorder-2"]).0, 0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while s
+        .call("GET", KEYPAIRS, None, "recorder-2", &cli_key, true)
+        .0
+        != 401
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the revoked credential still works"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     // The audit log has every request, chained, with who asked.
     let audit = fs::read_to_string(s.dir.path().join("audit.jsonl")).unwrap();
     assert!(audit.lines().any(|l| l.contains("\"action\":\"decrypt\"")
