@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
+use crate::durable::sync_dir;
 use crate::format::{Metadata, Wrap};
 use crate::keys::KekHandle;
 use crate::metrics::Metrics;
@@ -95,10 +96,6 @@ impl Write for Appender<'_> {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    fs::File::open(dir)?.sync_all()
 }
 
 impl Inbox {

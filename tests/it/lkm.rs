@@ -300,6 +300,15 @@ impl Service {
         lkm(args, &self.config)
     }
 
+    /// Polls `GET /keypair` with a credential until it answers `status` (10 s at most).
+    fn wait_status(&self, id: &str, key: &str, status: u16, why: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.call("GET", KEYPAIRS, None, id, key, true).0 != status {
+            assert!(std::time::Instant::now() < deadline, "{why}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
     /// The `--lkm …` options of `open` and `export`.
     pub fn reading_args(&self) -> Vec<String> {
         vec![
@@ -509,32 +518,20 @@ fn a_contract_client_creates_keys_and_unwraps_through_the_service() {
         200
     );
     let cli_key = issued_key(&s.admin(&["credentials", "add", "recorder-2"]).1);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while s
-        .call("GET", KEYPAIRS, None, "recorder-2", &cli_key, true)
-        .0
-        != 200
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the new credential is not taken"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    s.wait_status(
+        "recorder-2",
+        &cli_key,
+        200,
+        "the new credential is not taken",
+    );
     // Revoked by the command line: refused within seconds, no restart.
     assert_eq!(s.admin(&["credentials", "remove", "recorder-2"]).0, 0);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while s
-        .call("GET", KEYPAIRS, None, "recorder-2", &cli_key, true)
-        .0
-        != 401
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the revoked credential still works"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    s.wait_status(
+        "recorder-2",
+        &cli_key,
+        401,
+        "the revoked credential still works",
+    );
     // The audit log has every request, chained, with who asked.
     let audit = fs::read_to_string(s.dir.path().join("audit.jsonl")).unwrap();
     assert!(audit.lines().any(|l| l.contains("\"action\":\"decrypt\"")
