@@ -87,7 +87,10 @@ fn main() {
     )
     .expect("config written");
     edgerec(&["lkm", "init"], &config);
-    let issued = edgerec(&["lkm", "credentials", "add", "bench"], &config);
+    let issued = edgerec(
+        &["lkm", "credentials", "add", "--role", "decrypt", "bench"],
+        &config,
+    );
     let cred = dir.path().join("bench.cred");
     std::fs::write(&cred, issued).expect("credential written");
     let mut child = Command::new(env!("CARGO_BIN_EXE_edgerec"))
@@ -121,6 +124,7 @@ fn main() {
         ca_file: Some(repo.join("samples/lkm/demo-ca.pem")),
         credentials: cred,
         timeout: Duration::from_secs(30),
+        user: "bench".into(),
     };
     let probe = LkmClient::new(&target).expect("a client");
     let kek = probe.current().expect("the current key").kek;

@@ -16,7 +16,7 @@
 //!   replaces the master key without touching the store.
 
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use aes::Aes256;
@@ -48,13 +48,57 @@ pub enum AtRestError {
     Revoked(String),
 }
 
-/// Seals and opens private keys at rest.
+/// Seals and opens private keys at rest, and keys the integrity of the key manager's own
+/// records (the audit log's MACs, backups) to the same secret.
 pub trait Protector: Send + Sync {
     /// Seals `plain`, bound to `context`.
     fn seal(&self, plain: &[u8], context: &str) -> Result<Vec<u8>, AtRestError>;
     /// Opens a blob sealed with the same context.
     fn open(&self, blob: &[u8], context: &str) -> Result<Zeroizing<Vec<u8>>, AtRestError>;
+    /// A 32-byte key for `purpose` (`audit`, `backup`): whoever lacks the protector's
+    /// secret cannot compute it. A master key derives it; KMS mode derives it from a data key
+    /// it keeps sealed by KMS.
+    fn integrity_key(&self, purpose: &str) -> Result<Zeroizing<[u8; 32]>, AtRestError>;
+    /// What a backup carries so that [`Protector::integrity_key_from`] finds the same key
+    /// after the store is lost (KMS mode: the sealed data key); nothing for a master key.
+    fn integrity_blob(&self) -> Result<Option<Vec<u8>>, AtRestError> {
+        Ok(None)
+    }
+    /// The integrity key for `purpose` from a backup's blob (only a protector that makes
+    /// blobs opens one).
+    fn integrity_key_from(
+        &self,
+        _blob: &[u8],
+        _purpose: &str,
+    ) -> Result<Zeroizing<[u8; 32]>, AtRestError> {
+        Err(AtRestError::Malformed)
+    }
+    /// Takes a backup's blob as its own where it has none (a lost store restored).
+    fn adopt_integrity_blob(&self, _blob: &[u8]) -> Result<(), AtRestError> {
+        Ok(())
+    }
+    /// Makes what [`Protector::integrity_key`] derives from, if there is nothing yet (KMS
+    /// mode: a new sealed data key). Called only where nothing was keyed before: a key made
+    /// now cannot verify what an earlier one keyed.
+    fn prepare_integrity(&self) -> Result<(), AtRestError> {
+        Ok(())
+    }
 }
+
+/// The integrity key for `purpose` from a root secret (HKDF-SHA256, info
+/// `EREC/lkm/integrity/<purpose>`).
+pub fn derive_integrity(root: &[u8], purpose: &str) -> Zeroizing<[u8; 32]> {
+    let hk = Hkdf::<Sha256>::new(None, root);
+    let mut out = Zeroizing::new([0u8; 32]);
+    hk.expand_multi_info(&[b"EREC/lkm/integrity/", purpose.as_bytes()], out.as_mut())
+        .expect("32 bytes is a valid HKDF-SHA256 output length");
+    out
+}
+
+/// SHA-256 of the committed demo master key (`samples/lkm/master.DEMO-ONLY.key`): public, so
+/// a key manager without `demo = true` refuses it.
+const DEMO_MASTER_KEY_SHA256: &str =
+    "2cabec1c2ec575150a35baef98ead4de3948de1de710c6c18776aa88e8128b21";
 
 /// A local master key.
 pub struct MasterKey(Zeroizing<[u8; 32]>);
@@ -92,14 +136,7 @@ impl MasterKey {
 
     /// Reads a master key file (64 hex digits), which must be readable by its owner alone.
     pub fn from_file(path: &Path) -> Result<MasterKey, String> {
-        let shown = path.display();
-        let meta = std::fs::metadata(path).map_err(|e| format!("{shown}: {e}"))?;
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(format!(
-                "{shown}: mode {mode:o}: a master key file must be readable by its owner alone (chmod 600)"
-            ));
-        }
+        crate::durable::check_owner_only(path, "a master key file")?;
         Self::read(path)
     }
 
@@ -107,6 +144,12 @@ impl MasterKey {
     /// its file mode: a fresh clone has it 0644.
     pub fn from_demo_file(path: &Path) -> Result<MasterKey, String> {
         Self::read(path)
+    }
+
+    /// Whether this is the committed demo master key (public to anyone with the source).
+    pub fn is_demo(&self) -> bool {
+        use sha2::Digest;
+        hex::encode(Sha256::digest(self.0.as_ref())) == DEMO_MASTER_KEY_SHA256
     }
 
     fn read(path: &Path) -> Result<MasterKey, String> {
@@ -183,12 +226,17 @@ impl Protector for MasterKey {
         ctr(&enc).apply_keystream(&mut plain);
         Ok(plain)
     }
+
+    fn integrity_key(&self, purpose: &str) -> Result<Zeroizing<[u8; 32]>, AtRestError> {
+        Ok(derive_integrity(self.0.as_ref(), purpose))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn fixed() -> MasterKey {
         MasterKey(Zeroizing::new([42u8; 32]))

@@ -230,9 +230,7 @@ impl Exporter<'_> {
         let done = Done { package, outputs };
         let path = self.done_path(&x.id.to_string());
         fs::create_dir_all(path.parent().expect("done/ has a parent"))?;
-        let tmp = path.with_extension("tmp");
-        fs::write(&tmp, serde_json::to_vec(&done).map_err(io::Error::other)?)?;
-        fs::rename(&tmp, &path)
+        crate::durable::replace_file(&path, &serde_json::to_vec(&done).map_err(io::Error::other)?)
     }
 
     /// A package file's recording id and identity (`mac:<header MAC>:<size>`), from its

@@ -24,6 +24,8 @@ pub struct Census {
     pub sealed_to: usize,
     /// Of those, packages with no other recipient: unreadable once the KEK is destroyed.
     pub only_to: usize,
+    /// Their recording ids.
+    pub only_ids: Vec<String>,
     /// Objects that could not be read as packages: (key, why).
     pub unreadable: Vec<(String, String)>,
 }
@@ -36,6 +38,8 @@ impl Census {
             self.sealed_to += 1;
             if header.recipients.len() == 1 {
                 self.only_to += 1;
+                self.only_ids
+                    .push(uuid::Uuid::from_bytes(header.recording_id).to_string());
             }
         }
     }
@@ -148,6 +152,7 @@ mod tests {
         let kind = StoreKind::Dir(dir.path().to_path_buf(), None);
         let c = count(&kind, "", &a.public().id()).unwrap();
         assert_eq!((c.packages, c.sealed_to, c.only_to), (3, 2, 1));
+        assert_eq!(c.only_ids.len(), 1);
         assert_eq!(c.unreadable.len(), 1);
         assert!(
             c.unreadable[0].0.ends_with("junk.erec"),

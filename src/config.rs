@@ -350,11 +350,17 @@ pub struct InboxConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawControl {
-    listen: Option<SocketAddr>,
+    listen: Option<Spanned<SocketAddr>>,
     token_file: Option<PathBuf>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     max_body_bytes: Option<Spanned<usize>>,
+    #[serde(default)]
+    allow_plaintext: bool,
+    header_read_timeout_secs: Option<Spanned<u64>>,
+    idle_timeout_secs: Option<Spanned<u64>>,
+    max_connections: Option<Spanned<usize>>,
+    max_connections_per_address: Option<Spanned<usize>>,
 }
 
 /// `[control]`, validated: the control API (conversation metadata, pause and resume).
@@ -368,6 +374,8 @@ pub struct Control {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// The largest request body taken.
     pub max_body_bytes: usize,
+    /// What clients may hold of the listener (`header_read_timeout_secs`, …).
+    pub limits: crate::https::Limits,
 }
 
 /// A validated configuration, paths resolved.
@@ -568,6 +576,7 @@ impl Config {
                         ca_file: k.lkm_ca.as_deref().map(|p| cx.resolve(p)),
                         credentials,
                         timeout: std::time::Duration::from_secs(10),
+                        user: "edgerec-recorder".into(),
                     },
                     refresh: std::time::Duration::from_secs(*k.refresh_secs.get_ref()),
                     max_age: std::time::Duration::from_secs(*k.max_age_secs.get_ref()),
@@ -792,7 +801,8 @@ impl Config {
         };
         let control = match &raw.control.listen {
             None => None,
-            Some(listen) => {
+            Some(listen_at) => {
+                let listen = listen_at.get_ref();
                 let c = &raw.control;
                 let token = match (&c.token_file, std::env::var("EDGEREC_CONTROL_TOKEN")) {
                     (_, Ok(t)) if !t.trim().is_empty() => {
@@ -840,11 +850,40 @@ impl Config {
                     Some(m) => *m.get_ref(),
                     None => 16 << 10,
                 };
+                // The bearer token travels in every request: in the clear only on loopback,
+                // unless the operator says the network is trusted.
+                if tls.is_none() && !listen.ip().is_loopback() && !c.allow_plaintext {
+                    return Err(cx.err(
+                        "control.listen",
+                        listen_at,
+                        "not a loopback address, and no TLS (control.tls_cert, control.tls_key): \
+                         the bearer token would cross the network in the clear; add TLS, or \
+                         set control.allow_plaintext = true if the network is trusted",
+                    ));
+                }
+                let limits = crate::https::Limits::from_config(
+                    c.header_read_timeout_secs.as_ref().map(|v| *v.get_ref()),
+                    c.idle_timeout_secs.as_ref().map(|v| *v.get_ref()),
+                    c.max_connections.as_ref().map(|v| *v.get_ref()),
+                    c.max_connections_per_address.as_ref().map(|v| *v.get_ref()),
+                )
+                .map_err(|(key, why)| {
+                    let line = match key {
+                        "header_read_timeout_secs" => c.header_read_timeout_secs.as_ref().map(|v| v.span()),
+                        "idle_timeout_secs" => c.idle_timeout_secs.as_ref().map(|v| v.span()),
+                        "max_connections" => c.max_connections.as_ref().map(|v| v.span()),
+                        _ => c.max_connections_per_address.as_ref().map(|v| v.span()),
+                    }
+                    .map(|s| format!(", line {}", cx.line(&s)))
+                    .unwrap_or_default();
+                    ConfigError(format!("config {}{line}: control.{key} = {why}", file.display()))
+                })?;
                 Some(Control {
                     listen: *listen,
                     token,
                     tls,
                     max_body_bytes,
+                    limits,
                 })
             }
         };
@@ -1060,6 +1099,26 @@ path = "/srv/store"
         assert!(e.contains("control.max_body_bytes = 10"), "{e}");
         let e = err(&with("tls_cert = \"c.pem\""));
         assert!(e.contains("go together"), "{e}");
+        assert_eq!(c.limits, crate::https::Limits::default());
+        let c = parse(&with("header_read_timeout_secs = 3\nmax_connections_per_address = 8"))
+            .unwrap()
+            .control
+            .unwrap();
+        assert_eq!(c.limits.header_read_timeout, std::time::Duration::from_secs(3));
+        assert_eq!(c.limits.max_connections_per_address, 8);
+        let e = err(&with("idle_timeout_secs = 0"));
+        assert!(e.contains("control.idle_timeout_secs = 0") && e.contains("line"), "{e}");
+        // The token in the clear off loopback: only when the operator says so.
+        let open = |extra: &str| {
+            format!(
+                "{GOOD}\n[control]\nlisten = \"0.0.0.0:9465\"\ntoken_file = \"{}\"\n{extra}",
+                token.display()
+            )
+        };
+        let e = err(&open(""));
+        assert!(e.contains("control.listen") && e.contains("allow_plaintext"), "{e}");
+        assert!(parse(&open("allow_plaintext = true")).is_ok());
+        assert!(parse(&open("tls_cert = \"c.pem\"\ntls_key = \"k.pem\"")).is_ok());
         std::fs::write(&token, "short").unwrap();
         assert!(err(&with("")).contains("shorter than 16"));
         let e = err(&format!("{GOOD}\n[control]\nlisten = \"127.0.0.1:9465\"\n"));

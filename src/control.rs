@@ -13,7 +13,9 @@
 //! - Every request carries `Authorization: Bearer <token>`; the token is compared in
 //!   constant time (an HMAC under a random key of both sides), and a refusal says only 401.
 //! - Bodies above `max_body_bytes` are refused (413) before they are read whole; a port
-//!   outside `ingest.ports` is 404. Its own listener, loopback by default, TLS optional.
+//!   outside `ingest.ports` is 404. Its own listener, loopback by default, TLS optional but
+//!   required off loopback unless `allow_plaintext` (the token would cross the network in the
+//!   clear); connections held within [`crate::https::Limits`].
 //! - Metadata goes only into the package (encrypted) and nowhere else: not into logs, not
 //!   into metrics, not into answers beyond the port.
 
@@ -160,18 +162,14 @@ async fn pause_or_resume(api: Arc<Api>, headers: HeaderMap, port: u16, pause: bo
     )
 }
 
-/// Binds the control listener; returns its address and the server future.
-pub async fn serve(
+/// Binds the control listener; returns its address and the server future (which runs
+/// until `shutdown`).
+pub async fn serve<F: std::future::Future<Output = ()> + Send + 'static>(
     cfg: &Control,
     recorder: SyncSender<Msg>,
     ports: (u16, u16),
-) -> Result<
-    (
-        std::net::SocketAddr,
-        impl std::future::Future<Output = ()> + use<>,
-    ),
-    String,
-> {
+    shutdown: F,
+) -> Result<(std::net::SocketAddr, impl std::future::Future<Output = ()> + use<F>), String> {
     let mut key = [0u8; 32];
     getrandom::fill(&mut key).map_err(|e| e.to_string())?;
     let mut m = <HmacSha256 as KeyInit>::new_from_slice(&key).expect("any key length");
@@ -203,21 +201,19 @@ pub async fn serve(
             key,
             "control.tls_cert",
             "control.tls_key",
+            true,
         )?)),
         None => None,
     };
     let addr = tcp.local_addr().map_err(|e| e.to_string())?;
-    let server = async move {
-        let done = match tls {
-            Some(tls) => match crate::https::TlsListener::start(tcp, tls) {
-                Ok(l) => axum::serve(l, router).await,
-                Err(e) => Err(e),
-            },
-            None => axum::serve(tcp, router).await,
-        };
-        if let Err(e) = done {
-            tracing::error!(error = %e, "control listener failed");
-        }
-    };
+    let limits = cfg.limits;
+    let server = crate::https::serve(
+        tcp,
+        tls,
+        router,
+        limits,
+        Arc::new(|cut| tracing::debug!(?cut, "control connection refused or cut")),
+        shutdown,
+    );
     Ok((addr, server))
 }

@@ -12,9 +12,13 @@
 //!
 //! Invariants:
 //! - Credential keys live in zeroizing buffers and never appear in `Debug` or logs.
-//! - [`NonceCache`] is pure (a function of the nonces seen and the time given) and bounded:
-//!   entries expire once their timestamp is outside the window, so a replay outside it is
-//!   already refused by the timestamp check.
+//! - [`NonceCache`] is pure (a function of the nonces seen and the time given) and bounded,
+//!   in entries and in bytes: entries expire once their timestamp is outside the window, so a
+//!   replay outside it is already refused by the timestamp check.
+//! - Everything a caller sends is bounded before it is parsed or kept: the `Authorization`
+//!   header ([`MAX_AUTHORIZATION`] bytes), and then its `id` ([`MAX_ID`]), `nonce`
+//!   ([`MAX_NONCE`]) and `ext` ([`MAX_EXT`]) before the credential is looked up; a claimed id
+//!   is handed on (to the audit log) only within its bound.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::str::FromStr;
@@ -23,6 +27,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use zeroize::Zeroizing;
 
+use crate::roles::Role;
+
 /// The clock skew allowed by default: Hawk's customary 60 s.
 pub const DEFAULT_SKEW: Duration = Duration::from_secs(60);
 
@@ -30,18 +36,31 @@ pub const DEFAULT_SKEW: Duration = Duration::from_secs(60);
 /// of fresh nonces cannot push out the one an attacker wants to replay).
 pub const MAX_NONCES: usize = 1_000_000;
 
+/// Bytes the remembered nonces may take at most (ids and nonces with their bookkeeping):
+/// with the bounds below, at least 200,000 requests within the window.
+pub const MAX_NONCE_BYTES: usize = 64 << 20;
+
+/// The longest `Authorization` header read at all.
+pub const MAX_AUTHORIZATION: usize = 2048;
+/// The longest credential id (ours are at most 64 characters).
+pub const MAX_ID: usize = 128;
+/// The longest nonce (Hawk clients send 6 to 32 characters).
+pub const MAX_NONCE: usize = 64;
+/// The longest `ext` (application data the MAC covers).
+pub const MAX_EXT: usize = 1024;
+
 /// One Hawk credential.
 pub struct Credential {
     /// The shared key (HMAC-SHA256).
     pub key: Zeroizing<Vec<u8>>,
-    /// Whether it may administer (issue credentials through the API).
-    pub admin: bool,
+    /// What it may do.
+    pub role: Role,
 }
 
 impl std::fmt::Debug for Credential {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Credential")
-            .field("admin", &self.admin)
+            .field("role", &self.role)
             .finish_non_exhaustive()
     }
 }
@@ -70,8 +89,8 @@ pub struct RequestParts<'a> {
 pub struct Authenticated {
     /// The credential id.
     pub id: String,
-    /// Whether it is an administrator's.
-    pub admin: bool,
+    /// What it may do.
+    pub role: Role,
 }
 
 /// Why a request was refused (for the audit log; the caller is told only
@@ -86,13 +105,45 @@ pub struct Denied {
 }
 
 /// The nonces seen within the window, by expiry.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct NonceCache {
     seen: HashSet<(String, String)>,
     by_expiry: BTreeMap<u64, Vec<(String, String)>>,
+    /// What the entries take, by [`NonceCache::cost`].
+    bytes: usize,
+    max_entries: usize,
+    max_bytes: usize,
+}
+
+impl Default for NonceCache {
+    fn default() -> NonceCache {
+        NonceCache::bounded(MAX_NONCES, MAX_NONCE_BYTES)
+    }
 }
 
 impl NonceCache {
+    /// A cache of at most `max_entries` entries taking at most `max_bytes`.
+    pub fn bounded(max_entries: usize, max_bytes: usize) -> NonceCache {
+        NonceCache {
+            seen: HashSet::new(),
+            by_expiry: BTreeMap::new(),
+            bytes: 0,
+            max_entries,
+            max_bytes,
+        }
+    }
+
+    /// What one entry takes: its text twice (the set and the expiry list) and the
+    /// bookkeeping of both.
+    fn cost(id: &str, nonce: &str) -> usize {
+        2 * (id.len() + nonce.len() + 2 * std::mem::size_of::<String>()) + 32
+    }
+
+    /// Bytes the entries take now.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     /// Records `(id, nonce)` of a request stamped `ts` (unix s) at `now` (unix s); false if
     /// it was seen before (a replay) or the cache is full.
     pub fn check_and_insert(
@@ -108,13 +159,19 @@ impl NonceCache {
         let expired: Vec<u64> = self.by_expiry.range(..keep_from).map(|(t, _)| *t).collect();
         for t in expired {
             for k in self.by_expiry.remove(&t).unwrap_or_default() {
+                self.bytes = self.bytes.saturating_sub(Self::cost(&k.0, &k.1));
                 self.seen.remove(&k);
             }
         }
         let key = (id.to_string(), nonce.to_string());
-        if self.seen.contains(&key) || self.seen.len() >= MAX_NONCES {
+        let cost = Self::cost(id, nonce);
+        if self.seen.contains(&key)
+            || self.seen.len() >= self.max_entries
+            || self.bytes + cost > self.max_bytes
+        {
             return false;
         }
+        self.bytes += cost;
         self.seen.insert(key.clone());
         // Kept until its timestamp leaves the window (the timestamp check refuses it then).
         self.by_expiry.entry(ts).or_default().push(key);
@@ -174,13 +231,25 @@ impl Verifier {
         let value = req
             .authorization
             .ok_or_else(|| deny(None, "no Authorization header"))?;
+        if value.len() > MAX_AUTHORIZATION {
+            return Err(deny(None, "Authorization header too long"));
+        }
         let value = value
             .strip_prefix("Hawk ")
             .ok_or_else(|| deny(None, "not a Hawk Authorization header"))?;
         let header =
             hawk::Header::from_str(value).map_err(|_| deny(None, "malformed Hawk header"))?;
         let id = header.id.clone().ok_or_else(|| deny(None, "no id"))?;
+        if id.len() > MAX_ID {
+            return Err(deny(None, "id too long"));
+        }
         let id = id.as_str();
+        if header.nonce.as_ref().is_some_and(|n| n.len() > MAX_NONCE) {
+            return Err(deny(Some(id), "nonce too long"));
+        }
+        if header.ext.as_ref().is_some_and(|e| e.len() > MAX_EXT) {
+            return Err(deny(Some(id), "ext too long"));
+        }
         let all = self
             .credentials
             .read()
@@ -228,7 +297,7 @@ impl Verifier {
         }
         Ok(Authenticated {
             id: id.to_string(),
-            admin: cred.admin,
+            role: cred.role,
         })
     }
 }
@@ -243,14 +312,14 @@ mod tests {
             "recorder-1".to_string(),
             Credential {
                 key: Zeroizing::new(b"a 32-byte shared secret, test!!!".to_vec()),
-                admin: false,
+                role: Role::Recorder,
             },
         );
         creds.insert(
             "admin".to_string(),
             Credential {
                 key: Zeroizing::new(vec![7; 32]),
-                admin: true,
+                role: Role::Admin,
             },
         );
         Verifier::new(creds, DEFAULT_SKEW, true)
@@ -308,7 +377,7 @@ mod tests {
             v.verify(&parts("POST", PATH, BODY, &auth)),
             Ok(Authenticated {
                 id: "recorder-1".into(),
-                admin: false
+                role: Role::Recorder
             })
         );
         let again = v.verify(&parts("POST", PATH, BODY, &auth)).unwrap_err();
@@ -319,10 +388,9 @@ mod tests {
             "one answer for all"
         );
         let admin = header("admin", &[7; 32], "OPTIONS", PATH, b"", SystemTime::now());
-        assert!(
-            v.verify(&parts("OPTIONS", PATH, b"", &admin))
-                .unwrap()
-                .admin
+        assert_eq!(
+            v.verify(&parts("OPTIONS", PATH, b"", &admin)).unwrap().role,
+            Role::Admin
         );
     }
 
@@ -418,7 +486,7 @@ mod tests {
                 "recorder-1".to_string(),
                 Credential {
                     key: Zeroizing::new(KEY.to_vec()),
-                    admin: false,
+                    role: Role::Recorder,
                 },
             )]),
             DEFAULT_SKEW,
@@ -444,6 +512,72 @@ mod tests {
             "no Authorization header"
         );
         assert!(!format!("{:?}", v).contains("shared secret"));
+    }
+
+    #[test]
+    fn oversized_fields_are_refused_before_the_credential_is_looked_up() {
+        let v = verifier();
+        let now = SystemTime::now();
+        let make = |id: &str, nonce: String, ext: Option<&str>| {
+            let credentials = hawk::Credentials {
+                id: id.to_string(),
+                key: hawk::Key::new(KEY, hawk::SHA256).unwrap(),
+            };
+            let h = hawk::RequestBuilder::new("GET", "lkm.example", 8443, PATH)
+                .ext(ext)
+                .request()
+                .make_header_full(&credentials, now, nonce)
+                .unwrap();
+            format!("Hawk {h}")
+        };
+        let long_id = "r".repeat(MAX_ID + 1);
+        let cases = [
+            (make(&long_id, "n1".into(), None), "id too long", None),
+            (
+                make("recorder-1", "n".repeat(MAX_NONCE + 1), None),
+                "nonce too long",
+                Some("recorder-1"),
+            ),
+            (
+                make("recorder-1", "n2".into(), Some(&"e".repeat(MAX_EXT + 1))),
+                "ext too long",
+                Some("recorder-1"),
+            ),
+            (
+                format!("Hawk id=\"{}\"", "x".repeat(MAX_AUTHORIZATION)),
+                "Authorization header too long",
+                None,
+            ),
+        ];
+        for (auth, reason, id) in cases {
+            let e = v.verify(&parts("GET", PATH, b"", &auth)).unwrap_err();
+            assert_eq!((e.reason, e.id.as_deref()), (reason, id));
+        }
+        // At the bounds, a request passes.
+        let ok = make(
+            "recorder-1",
+            "n".repeat(MAX_NONCE),
+            Some(&"e".repeat(MAX_EXT)),
+        );
+        assert!(ok.len() <= MAX_AUTHORIZATION, "{}", ok.len());
+        assert!(v.verify(&parts("GET", PATH, b"", &ok)).is_ok());
+    }
+
+    #[test]
+    fn the_nonce_cache_is_bounded_in_bytes_as_well_as_entries() {
+        let mut c = NonceCache::bounded(1_000_000, 20_000);
+        let mut taken = 0;
+        while c.check_and_insert("recorder-1", &format!("{taken:064}"), 1000, 1000, 60) {
+            taken += 1;
+        }
+        assert!(c.bytes() <= 20_000 && c.bytes() > 19_000, "{}", c.bytes());
+        assert_eq!(c.len(), taken);
+        // Once the window has passed, the space is free again.
+        assert!(c.check_and_insert("recorder-1", "later", 1100, 1100, 60));
+        assert_eq!((c.len(), c.bytes()), (1, NonceCache::cost("recorder-1", "later")));
+        let mut few = NonceCache::bounded(2, 1 << 20);
+        assert!(few.check_and_insert("a", "1", 1, 1, 60) && few.check_and_insert("a", "2", 1, 1, 60));
+        assert!(!few.check_and_insert("a", "3", 1, 1, 60), "entries bounded too");
     }
 
     #[test]

@@ -14,6 +14,11 @@
 //!   [`AtRestError::Authentication`].
 //! - Plaintext key material passes through zeroized buffers here; the answer's bytes are
 //!   zeroized when dropped.
+//! - The integrity keys of the audit log and of backups come from a random 32-byte data key
+//!   that KMS sealed (`Encrypt`, context kek `integrity`), kept in `integrity_file` (0600,
+//!   made once — at `lkm init`, or on the first start after an upgrade, while nothing is
+//!   keyed yet — and never replaced) and carried by every backup, whose restore brings it
+//!   back to a lost store; it opens only while KMS grants `Decrypt`, like the private keys.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -47,6 +52,8 @@ pub struct KmsConfig {
     pub ca_file: Option<PathBuf>,
     /// The longest one request may take.
     pub timeout: Duration,
+    /// Where the KMS-sealed integrity data key is kept (`<store_dir>/integrity.kms`).
+    pub integrity_file: PathBuf,
 }
 
 impl std::fmt::Debug for KmsConfig {
@@ -92,7 +99,12 @@ pub struct Kms {
     cfg: KmsConfig,
     credentials: aws_credential_types::Credentials,
     http: reqwest::blocking::Client,
+    /// The integrity data key, once opened.
+    integrity: std::sync::Mutex<Option<Zeroizing<Vec<u8>>>>,
 }
+
+/// The encryption context's kek of the integrity data key (never a kek id: those are hex).
+const INTEGRITY: &str = "integrity";
 
 impl Kms {
     /// A client for `cfg`.
@@ -108,7 +120,42 @@ impl Kms {
             cfg,
             credentials,
             http,
+            integrity: std::sync::Mutex::new(None),
         })
+    }
+
+    /// The integrity data key, opened from `integrity_file` (once; then kept).
+    fn integrity_root(&self) -> Result<Zeroizing<Vec<u8>>, AtRestError> {
+        let mut cached = self
+            .integrity
+            .lock()
+            .map_err(|_| AtRestError::Unavailable("integrity key lock poisoned".into()))?;
+        if let Some(k) = cached.as_ref() {
+            return Ok(k.clone());
+        }
+        let path = &self.cfg.integrity_file;
+        let blob = std::fs::read(path).map_err(|e| {
+            AtRestError::Unavailable(format!(
+                "the KMS-sealed integrity key {}: {e}{}",
+                path.display(),
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    " (lost with the key store? edgerec lkm restore brings it back from a backup)"
+                } else {
+                    ""
+                }
+            ))
+        })?;
+        let root = self.open_root(&blob)?;
+        *cached = Some(root.clone());
+        Ok(root)
+    }
+
+    fn open_root(&self, blob: &[u8]) -> Result<Zeroizing<Vec<u8>>, AtRestError> {
+        let root = self.open(blob, INTEGRITY)?;
+        if root.len() != 32 {
+            return Err(AtRestError::Authentication);
+        }
+        Ok(root)
     }
 
     fn context(&self, kek: &str) -> serde_json::Value {
@@ -211,6 +258,78 @@ impl Protector for Kms {
             AtRestError::Unavailable("KMS Decrypt: Plaintext not base64".into())
         })?))
     }
+
+    fn integrity_key(&self, purpose: &str) -> Result<Zeroizing<[u8; 32]>, AtRestError> {
+        Ok(crate::at_rest::derive_integrity(
+            &self.integrity_root()?,
+            purpose,
+        ))
+    }
+
+    fn integrity_blob(&self) -> Result<Option<Vec<u8>>, AtRestError> {
+        self.integrity_root()?;
+        std::fs::read(&self.cfg.integrity_file).map(Some).map_err(|e| {
+            AtRestError::Unavailable(format!(
+                "integrity key {}: {e}",
+                self.cfg.integrity_file.display()
+            ))
+        })
+    }
+
+    fn integrity_key_from(
+        &self,
+        blob: &[u8],
+        purpose: &str,
+    ) -> Result<Zeroizing<[u8; 32]>, AtRestError> {
+        Ok(crate::at_rest::derive_integrity(
+            &self.open_root(blob)?,
+            purpose,
+        ))
+    }
+
+    fn prepare_integrity(&self) -> Result<(), AtRestError> {
+        if self.cfg.integrity_file.exists() {
+            return Ok(());
+        }
+        let mut fresh = Zeroizing::new(vec![0u8; 32]);
+        getrandom::fill(&mut fresh).map_err(|e| AtRestError::Unavailable(e.to_string()))?;
+        let blob = self.seal(&fresh, INTEGRITY)?;
+        match write_new(&self.cfg.integrity_file, &blob) {
+            // Another process made one first: theirs is the one.
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(AtRestError::Unavailable(format!(
+                "integrity key {}: {e}",
+                self.cfg.integrity_file.display()
+            ))),
+        }
+    }
+
+    fn adopt_integrity_blob(&self, blob: &[u8]) -> Result<(), AtRestError> {
+        self.open_root(blob)?;
+        match write_new(&self.cfg.integrity_file, blob) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(AtRestError::Unavailable(format!(
+                "integrity key {}: {e}",
+                self.cfg.integrity_file.display()
+            ))),
+        }
+    }
+}
+
+/// Writes a new file (0600, never over an existing one) and syncs it and its directory.
+fn write_new(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    crate::durable::sync_dir(path.parent().unwrap_or(std::path::Path::new(".")))
 }
 
 #[cfg(test)]

@@ -28,6 +28,13 @@
 //! - [`pipeline`]: the ordered parallel map both use.
 //! - [`clock`]: unix milliseconds and UTC calendar dates.
 //! - [`error`]: the error type and the exit codes of the interface contract.
+//! - [`durable`]: files replaced whole and durably, and the one way to make a temporary file.
+//! - `hardening` (feature `cli`): no core files, not dumpable — the first thing every
+//!   process does.
+//! - The key manager (feature `appliance`): `lkm` (config, credentials, administration),
+//!   `lkm_server` (the HTTPS contract), `roles` (who may do what), `hawk_auth`, `keystore`,
+//!   `at_rest` and `kms` (private keys at rest), `oracle` (the unwrap), [`audit`] (the keyed,
+//!   hash-chained audit log and its group-commit writer), `https` (the servers' limits).
 //!
 //! The command-line tools live behind the `cli` feature in [`cli`]; the appliance's
 //! configuration (`config`) behind the `appliance` feature.
@@ -58,6 +65,8 @@ pub mod error;
 pub mod export;
 pub mod format;
 pub mod g711;
+#[cfg(feature = "cli")]
+pub mod hardening;
 #[cfg(feature = "appliance")]
 pub mod hawk_auth;
 #[cfg(feature = "appliance")]
@@ -99,6 +108,8 @@ pub mod recover;
 #[cfg(feature = "pcap")]
 pub mod replay;
 pub mod retry;
+#[cfg(feature = "appliance")]
+pub mod roles;
 pub mod rtp;
 #[cfg(feature = "appliance")]
 pub mod run;

@@ -5,9 +5,14 @@
 //! Invariants:
 //! - Private keys exist in the clear only in memory; the store holds them sealed under the
 //!   master key (see [`crate::at_rest`]), and a backup holds them sealed too.
-//! - Credentials are issued only by these local commands (an administrator's act), never by
-//!   anyone who can reach a port; a credential's key is shown once, at issue, and stored
-//!   0600 beside the service.
+//! - Credentials are issued only by these local commands (an administrator's act) or by an
+//!   `admin` credential through the API; a credential's key is shown once, at issue, and
+//!   stored 0600 beside the service. Each carries a role ([`crate::roles`]); an entry of
+//!   before roles is read as `admin` if it said so, else as `platform` (what it could do),
+//!   and named in a warning at every start until its role is set.
+//! - The public demo credentials and demo master key are refused unless `demo = true`; the
+//!   credentials file, the master key and the TLS key must be readable by their owner alone
+//!   (not checked in demo mode: a fresh clone has them 0644).
 //! - Relative paths in `lkm.toml` resolve against the file's own directory.
 
 use std::collections::{BTreeMap, HashMap};
@@ -20,19 +25,16 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::at_rest::{MasterKey, Protector};
-use crate::audit::{AuditLog, Event};
+use crate::audit::{AuditKey, AuditLog, Event};
 use crate::hawk_auth::Credential;
 use crate::keystore::{KeyRecord, KeyStore};
+use crate::roles::Role;
 
 /// Whether a scheduled rotation is due: the current key (made at `current_ms`, or none) is
 /// older than the schedule's period at `now_ms`.
 pub fn rotation_due(rotation: Rotation, current_ms: Option<u64>, now_ms: u64) -> bool {
-    const DAY: u64 = 86_400_000;
-    let period = match rotation {
-        Rotation::Never => return false,
-        Rotation::Daily => DAY,
-        Rotation::Weekly => 7 * DAY,
-        Rotation::Monthly => 30 * DAY,
+    let Some(period) = rotation.period_ms() else {
+        return false;
     };
     match current_ms {
         None => true,
@@ -50,8 +52,24 @@ pub enum Rotation {
     Daily,
     /// Every week.
     Weekly,
-    /// Every 30 days.
+    /// Every 30 days (the default: the platform recommends short intervals).
     Monthly,
+    /// Every 365 days.
+    Yearly,
+}
+
+impl Rotation {
+    /// The period, in milliseconds; `None` for never.
+    pub fn period_ms(self) -> Option<u64> {
+        const DAY: u64 = 86_400_000;
+        match self {
+            Rotation::Never => None,
+            Rotation::Daily => Some(DAY),
+            Rotation::Weekly => Some(7 * DAY),
+            Rotation::Monthly => Some(30 * DAY),
+            Rotation::Yearly => Some(365 * DAY),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -87,6 +105,14 @@ struct RawLkm {
     metrics_listen: Option<SocketAddr>,
     #[serde(default)]
     demo: bool,
+    #[serde(default = "default_keypair_rate")]
+    keypair_rate_per_min: f64,
+    #[serde(default = "default_denial_lines")]
+    audit_denials_per_sec: f64,
+    header_read_timeout_secs: Option<u64>,
+    idle_timeout_secs: Option<u64>,
+    max_connections: Option<usize>,
+    max_connections_per_address: Option<usize>,
 }
 
 /// `[lkm.kms]`.
@@ -125,7 +151,19 @@ fn default_listen() -> SocketAddr {
 }
 
 fn default_rotation() -> Rotation {
-    Rotation::Never
+    Rotation::Monthly
+}
+
+/// Five key pairs a minute and credential: the platform makes one per rotation; a client
+/// making more is broken or hostile (each pair costs a key generation and becomes current).
+fn default_keypair_rate() -> f64 {
+    5.0
+}
+
+/// Ten lines a second about refused requests (bursts of fifty): enough to see who knocks,
+/// too few to fill a disk; beyond, one line a second with the count.
+fn default_denial_lines() -> f64 {
+    10.0
 }
 
 fn default_skew() -> u64 {
@@ -173,6 +211,12 @@ pub struct LkmConfig {
     /// The committed demo key store: its master key is public, so its file mode is not
     /// checked, and every start says so.
     pub demo: bool,
+    /// Key pairs made through the API, per credential (`keypair_rate_per_min`).
+    pub keypair_limit: crate::rate_limit::Limit,
+    /// Audit lines about refused requests (`audit_denials_per_sec`, bursts of five times).
+    pub audit_denials: crate::rate_limit::Limit,
+    /// What clients may hold of the service (`header_read_timeout_secs`, …).
+    pub server: crate::https::Limits,
 }
 
 impl LkmConfig {
@@ -261,6 +305,7 @@ impl LkmConfig {
                     secret_key,
                     ca_file: k.ca_file.map(|p| resolve(&p)),
                     timeout: std::time::Duration::from_secs(k.timeout_secs.clamp(1, 300)),
+                    integrity_file: resolve(&l.store_dir).join("integrity.kms"),
                 })
             }
             (Some(_), Some(_)) => {
@@ -294,7 +339,35 @@ impl LkmConfig {
                 l.unwrap_burst
             ));
         }
+        if !(l.keypair_rate_per_min > 0.0 && l.keypair_rate_per_min.is_finite()) {
+            return Err(format!(
+                "config {shown}: lkm.keypair_rate_per_min = {}: must be above 0",
+                l.keypair_rate_per_min
+            ));
+        }
+        if !(l.audit_denials_per_sec > 0.0 && l.audit_denials_per_sec.is_finite()) {
+            return Err(format!(
+                "config {shown}: lkm.audit_denials_per_sec = {}: must be above 0",
+                l.audit_denials_per_sec
+            ));
+        }
+        let server = crate::https::Limits::from_config(
+            l.header_read_timeout_secs,
+            l.idle_timeout_secs,
+            l.max_connections,
+            l.max_connections_per_address,
+        )
+        .map_err(|(key, why)| format!("config {shown}: lkm.{key} = {why}"))?;
         Ok(LkmConfig {
+            keypair_limit: crate::rate_limit::Limit {
+                rate: l.keypair_rate_per_min / 60.0,
+                burst: l.keypair_rate_per_min.max(1.0),
+            },
+            audit_denials: crate::rate_limit::Limit {
+                rate: l.audit_denials_per_sec,
+                burst: (l.audit_denials_per_sec * 5.0).max(1.0),
+            },
+            server,
             key_cache_secs: l.key_cache_secs,
             unwrap_limit: crate::rate_limit::Limit {
                 rate: l.unwrap_rate_per_sec,
@@ -321,25 +394,25 @@ pub struct Lkm {
     pub config: LkmConfig,
     /// The key store.
     pub store: KeyStore,
-    /// The audit log.
+    /// The audit log (keyed by the protector's audit key).
     pub audit: AuditLog,
 }
 
-/// One stored credential (the key base64).
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StoredCredential {
-    key: String,
-    #[serde(default)]
-    admin: bool,
+/// The audit key of a protector ([`crate::at_rest::Protector::integrity_key`], purpose
+/// `audit`).
+pub fn audit_key(protector: &dyn Protector) -> Result<AuditKey, String> {
+    protector
+        .integrity_key("audit")
+        .map(AuditKey::new)
+        .map_err(|e| format!("the audit key: {e}"))
 }
 
-impl Lkm {
-    /// Opens the key manager of `config`; with `init`, makes a master key first if there is
-    /// none (never replacing one).
-    pub fn open(config: LkmConfig, init: bool) -> Result<Lkm, String> {
-        let protector: Arc<dyn Protector> = match &config.protection {
-            Protection::MasterKey(mk) => Arc::new(if init && !mk.exists() {
+/// The protector `config` names: the master key (made first, with `init`, if there is none;
+/// never replacing one), or KMS.
+pub fn protector(config: &LkmConfig, init: bool) -> Result<Arc<dyn Protector>, String> {
+    Ok(match &config.protection {
+        Protection::MasterKey(mk) => {
+            let key = if init && !mk.exists() {
                 MasterKey::create(mk).map_err(|e| format!("lkm.master_key_file: {e}"))?
             } else if config.demo {
                 eprintln!(
@@ -349,13 +422,31 @@ impl Lkm {
                 MasterKey::from_demo_file(mk).map_err(|e| format!("lkm.master_key_file: {e}"))?
             } else {
                 MasterKey::from_file(mk).map_err(|e| format!("lkm.master_key_file: {e}"))?
-            }),
-            Protection::Kms(k) => {
-                Arc::new(crate::kms::Kms::new(k.clone()).map_err(|e| format!("lkm.kms: {e}"))?)
+            };
+            if key.is_demo() && !config.demo {
+                return Err(format!(
+                    "lkm.master_key_file {}: this is the public DEMO master key (from samples/): \
+                     anyone can open what it seals. Make your own with edgerec lkm init on an \
+                     empty key store, or set lkm.demo = true for a demonstration",
+                    mk.display()
+                ));
             }
-        };
-        let store = KeyStore::open(&config.store_dir, protector)
-            .map_err(|e| format!("lkm.store_dir {}: {e}", config.store_dir.display()))?;
+            Arc::new(key)
+        }
+        Protection::Kms(k) => {
+            Arc::new(crate::kms::Kms::new(k.clone()).map_err(|e| format!("lkm.kms: {e}"))?)
+        }
+    })
+}
+
+impl Lkm {
+    /// Opens the key manager of `config`; with `init`, makes a master key first if there is
+    /// none (never replacing one).
+    pub fn open(config: LkmConfig, init: bool) -> Result<Lkm, String> {
+        let protector = protector(&config, init)?;
+        let store = KeyStore::open(&config.store_dir, Arc::clone(&protector))
+            .map_err(|e| format!("lkm.store_dir {}: {e}", config.store_dir.display()))?
+            .with_skew(config.skew_secs * 1000);
         if let Some(dir) = config.audit_log.parent() {
             use std::os::unix::fs::DirBuilderExt;
             std::fs::DirBuilder::new()
@@ -364,7 +455,16 @@ impl Lkm {
                 .create(dir)
                 .map_err(|e| format!("lkm.audit_log: {}: {e}", dir.display()))?;
         }
-        let audit = AuditLog::open(&config.audit_log).map_err(|e| format!("lkm.audit_log: {e}"))?;
+        // A new integrity key only where nothing was keyed yet (a new key manager, or the
+        // first start after an upgrade): one made later could not verify the lines before.
+        if init || !log_is_keyed(&config.audit_log)? {
+            protector
+                .prepare_integrity()
+                .map_err(|e| format!("the integrity key: {e}"))?;
+        }
+        let key = audit_key(protector.as_ref())?;
+        let audit = AuditLog::open(&config.audit_log, Some(key))
+            .map_err(|e| format!("lkm.audit_log: {e}"))?;
         Ok(Lkm {
             config,
             store,
@@ -372,16 +472,22 @@ impl Lkm {
         })
     }
 
-    /// Writes an administrator's act to the audit log.
+    /// The key store alone, without the audit log: for `lkm restore`, which may have to
+    /// bring back the integrity key that keys the log before the log can be opened.
+    pub fn open_store(config: &LkmConfig) -> Result<KeyStore, String> {
+        let protector = protector(config, false)?;
+        Ok(KeyStore::open(&config.store_dir, protector)
+            .map_err(|e| format!("lkm.store_dir {}: {e}", config.store_dir.display()))?
+            .with_skew(config.skew_secs * 1000))
+    }
+
+    /// Writes an administrator's act to the audit log (synced before it returns).
     pub fn record(&mut self, action: &str, key: Option<&str>, outcome: &str) -> Result<(), String> {
-        let who = std::env::var("SUDO_USER")
-            .or_else(|_| std::env::var("USER"))
-            .unwrap_or_else(|_| "unknown".into());
         self.audit
             .append(
                 &Event {
                     who: "admin".into(),
-                    user: Some(who),
+                    user: Some(os_user()),
                     action: action.into(),
                     key: key.map(str::to_string),
                     recording: None,
@@ -408,30 +514,133 @@ impl Lkm {
     }
 }
 
+/// Whether the audit log at `path` holds keyed lines already (a missing log holds none).
+fn log_is_keyed(path: &Path) -> Result<bool, String> {
+    match std::fs::read(path) {
+        Ok(b) => Ok(b.windows(7).any(|w| w == b"\"mac\":\"")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(format!("lkm.audit_log {}: {e}", path.display())),
+    }
+}
+
+/// Who runs this command: the user `sudo` was run by, else the process's user (by name
+/// where the system knows it, else the numeric uid).
+pub fn os_user() -> String {
+    if let Ok(u) = std::env::var("SUDO_USER")
+        && !u.is_empty()
+    {
+        return u;
+    }
+    let uid = nix::unistd::getuid();
+    match nix::unistd::User::from_uid(uid) {
+        Ok(Some(u)) => u.name,
+        _ => std::env::var("USER").unwrap_or_else(|_| format!("uid {uid}")),
+    }
+}
+
+/// One stored credential (the key base64).
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredCredential {
+    key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    role: Option<Role>,
+    /// Before roles: `true` made an administrator. Read, never written again (a role is).
+    #[serde(default, skip_serializing)]
+    admin: bool,
+}
+
+/// SHA-256 of the keys of the committed demo credentials (`samples/lkm/credentials.json`):
+/// public, so refused unless `demo = true`.
+const DEMO_CREDENTIALS_SHA256: [&str; 3] = [
+    "697b7a5a51bf4567276c88a4e2d0efea30915eb5b765b88ad616418c8d09900f",
+    "3eab3cc6dda3ec8f5dbd701b8f43a64704c080711256bddb2677a67c3c7d4532",
+    "dd2c3b7e143416944afd63fac0a95f7bb79f592300ac0709c6e51a680887c5d9",
+];
+
+/// The credentials file's entries, an entry of before roles read as `admin` (it said so) or
+/// left without a role (read as `platform`).
 fn read_credentials(path: &Path) -> Result<BTreeMap<String, StoredCredential>, String> {
     match std::fs::read(path) {
-        Ok(b) => serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", path.display())),
+        Ok(b) => {
+            let b = Zeroizing::new(b);
+            let mut all: BTreeMap<String, StoredCredential> =
+                serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", path.display()))?;
+            for c in all.values_mut() {
+                if c.admin && c.role.is_none() {
+                    c.role = Some(Role::Admin);
+                }
+            }
+            Ok(all)
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
         Err(e) => Err(format!("{}: {e}", path.display())),
     }
 }
 
-/// The credentials the service accepts. A credential's key is its text: the contract's
-/// clients (the platform's `apiKey`) use the string they were given as the Hawk key.
-pub fn load_credentials(path: &Path) -> Result<HashMap<String, Credential>, String> {
+fn write_credentials(path: &Path, all: &BTreeMap<String, StoredCredential>) -> Result<(), String> {
+    let text = Zeroizing::new(serde_json::to_vec_pretty(all).map_err(|e| e.to_string())?);
+    crate::durable::replace_file(path, &text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The credentials the service accepts.
+pub struct Credentials {
+    /// By id. A credential's key is its text: the contract's clients (the platform's
+    /// `apiKey`) use the string they were given as the Hawk key.
+    pub all: HashMap<String, Credential>,
+    /// Entries of before roles with no role set (read as `platform`): the service warns at
+    /// every start until an operator sets theirs.
+    pub unset: Vec<String>,
+}
+
+/// Loads the credentials file for the service: owner-only (unless `demo`), the demo
+/// credentials refused unless `demo`.
+pub fn load_credentials(path: &Path, demo: bool) -> Result<Credentials, String> {
+    use sha2::Digest;
+    if !demo && path.exists() {
+        crate::durable::check_owner_only(path, "the credentials file")
+            .map_err(|e| format!("lkm.credentials_file {e}"))?;
+    }
+    let mut out = Credentials {
+        all: HashMap::new(),
+        unset: Vec::new(),
+    };
+    for (id, c) in read_credentials(path)? {
+        let hash = hex::encode(sha2::Sha256::digest(c.key.as_bytes()));
+        if !demo && DEMO_CREDENTIALS_SHA256.contains(&hash.as_str()) {
+            return Err(format!(
+                "lkm.credentials_file {}: credential {id} has the public DEMO key (from \
+                 samples/): anyone can use it. Remove it (edgerec lkm credentials remove {id}) \
+                 and issue your own, or set lkm.demo = true for a demonstration",
+                path.display()
+            ));
+        }
+        let role = c.role.unwrap_or_else(|| {
+            out.unset.push(id.clone());
+            Role::Platform
+        });
+        let key = Zeroizing::new(c.key.as_bytes().to_vec());
+        out.all.insert(id, Credential { key, role });
+    }
+    Ok(out)
+}
+
+/// Every credential's id and role (`None`: an entry of before roles, read as `platform`);
+/// never a key.
+pub fn list_credentials(path: &Path) -> Result<Vec<(String, Option<Role>)>, String> {
     Ok(read_credentials(path)?
         .into_iter()
-        .map(|(id, c)| {
-            let key = Zeroizing::new(c.key.as_bytes().to_vec());
-            (
-                id,
-                Credential {
-                    key,
-                    admin: c.admin,
-                },
-            )
-        })
+        .map(|(id, c)| (id, c.role))
         .collect())
+}
+
+/// Sets a credential's role (the file rewritten atomically); returns the role it had.
+pub fn set_role(path: &Path, id: &str, role: Role) -> Result<Option<Role>, String> {
+    let mut all = read_credentials(path)?;
+    let c = all.get_mut(id).ok_or_else(|| format!("no credential {id}"))?;
+    let before = c.role.replace(role);
+    write_credentials(path, &all)?;
+    Ok(before)
 }
 
 /// Revokes a credential (the file rewritten without it, 0600, atomically).
@@ -440,15 +649,14 @@ pub fn remove_credential(path: &Path, id: &str) -> Result<(), String> {
     if all.remove(id).is_none() {
         return Err(format!("no credential {id}"));
     }
-    let text = Zeroizing::new(serde_json::to_vec_pretty(&all).map_err(|e| e.to_string())?);
-    crate::durable::replace_file(path, &text).map_err(|e| format!("{}: {e}", path.display()))
+    write_credentials(path, &all)
 }
 
-/// Issues a Hawk credential: a key of 256 random bits written as 43 base64url characters,
-/// stored (0600, written to a temporary name and renamed) and returned for the administrator
-/// to hand to the client, which uses that text as its Hawk key (algorithm sha256). An id that
-/// exists is refused.
-pub fn add_credential(path: &Path, id: &str, admin: bool) -> Result<Zeroizing<String>, String> {
+/// Issues a Hawk credential with `role`: a key of 256 random bits written as 43 base64url
+/// characters, stored (0600, written to a temporary name and renamed) and returned for the
+/// administrator to hand to the client, which uses that text as its Hawk key (algorithm
+/// sha256). An id that exists is refused.
+pub fn add_credential(path: &Path, id: &str, role: Role) -> Result<Zeroizing<String>, String> {
     if id.is_empty()
         || id.len() > 64
         || !id
@@ -471,17 +679,18 @@ pub fn add_credential(path: &Path, id: &str, admin: bool) -> Result<Zeroizing<St
         id.to_string(),
         StoredCredential {
             key: encoded.to_string(),
-            admin,
+            role: Some(role),
+            admin: false,
         },
     );
-    let text = Zeroizing::new(serde_json::to_vec_pretty(&all).map_err(|e| e.to_string())?);
-    crate::durable::replace_file(path, &text).map_err(|e| format!("{}: {e}", path.display()))?;
+    write_credentials(path, &all)?;
     Ok(encoded)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn configs_resolve_paths_and_name_their_errors() {
@@ -538,18 +747,17 @@ mod tests {
 
     #[test]
     fn credentials_are_issued_once_each_and_load_back() {
-        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("credentials.json");
-        let k = add_credential(&path, "recorder-1", false).unwrap();
-        add_credential(&path, "ops", true).unwrap();
-        assert!(add_credential(&path, "recorder-1", false).is_err());
-        assert!(add_credential(&path, "bad id", false).is_err());
+        let k = add_credential(&path, "recorder-1", Role::Recorder).unwrap();
+        add_credential(&path, "ops", Role::Admin).unwrap();
+        assert!(add_credential(&path, "recorder-1", Role::Recorder).is_err());
+        assert!(add_credential(&path, "bad id", Role::Recorder).is_err());
         assert_eq!(
             std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
             0o600
         );
-        let all = load_credentials(&path).unwrap();
+        let all = load_credentials(&path, false).unwrap().all;
         assert_eq!(all.len(), 2);
         assert_eq!(
             all["recorder-1"].key.as_slice(),
@@ -557,12 +765,71 @@ mod tests {
             "the text is the key"
         );
         assert_eq!(k.len(), 43);
-        assert!(all["ops"].admin && !all["recorder-1"].admin);
+        assert_eq!(
+            (all["ops"].role, all["recorder-1"].role),
+            (Role::Admin, Role::Recorder)
+        );
         remove_credential(&path, "recorder-1").unwrap();
         assert!(remove_credential(&path, "recorder-1").is_err(), "gone");
         assert_eq!(
-            load_credentials(&path).unwrap().keys().collect::<Vec<_>>(),
+            load_credentials(&path, false)
+                .unwrap()
+                .all
+                .keys()
+                .collect::<Vec<_>>(),
             ["ops"]
         );
+    }
+
+    #[test]
+    fn credentials_of_before_roles_keep_what_they_could_do_until_their_role_is_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("credentials.json");
+        std::fs::write(
+            &path,
+            r#"{"ops": {"key": "k1", "admin": true}, "rec-7": {"key": "k2", "admin": false},
+                "old": {"key": "k3"}}"#,
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let c = load_credentials(&path, false).unwrap();
+        assert_eq!(c.all["ops"].role, Role::Admin);
+        assert_eq!(c.all["rec-7"].role, Role::Platform, "today's behaviour");
+        assert_eq!(c.unset, ["old", "rec-7"]);
+        assert_eq!(set_role(&path, "rec-7", Role::Recorder).unwrap(), None);
+        // A rewrite keeps the administrator an administrator.
+        let listed = list_credentials(&path).unwrap();
+        assert_eq!(
+            listed,
+            [
+                ("old".to_string(), None),
+                ("ops".to_string(), Some(Role::Admin)),
+                ("rec-7".to_string(), Some(Role::Recorder))
+            ]
+        );
+        let c = load_credentials(&path, false).unwrap();
+        assert_eq!((c.all["rec-7"].role, c.unset), (Role::Recorder, vec!["old".to_string()]));
+        assert!(set_role(&path, "nobody", Role::Admin).is_err());
+    }
+
+    #[test]
+    fn demo_credentials_and_loose_modes_are_refused_outside_demo_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("credentials.json");
+        std::fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("samples/lkm/credentials.json"),
+            &path,
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = load_credentials(&path, false).err().unwrap();
+        assert!(e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let e = load_credentials(&path, false).err().unwrap();
+        assert!(e.contains("public DEMO key"), "{e}");
+        let demo = load_credentials(&path, true).unwrap();
+        assert_eq!(demo.all["demo-recorder"].role, Role::Recorder);
+        assert_eq!(demo.all["demo-decrypt"].role, Role::Decrypt);
+        assert!(demo.unset.is_empty());
     }
 }

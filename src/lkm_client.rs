@@ -79,6 +79,8 @@ pub struct LkmTarget {
     pub credentials: PathBuf,
     /// The longest one request may take.
     pub timeout: Duration,
+    /// Who asks, for the key manager's audit log (`PureCloud-User-Id`).
+    pub user: String,
 }
 
 /// Why a request to the key manager failed.
@@ -141,6 +143,7 @@ pub struct LkmClient {
     prefix: String,
     credential: ClientCredential,
     http: reqwest::blocking::Client,
+    user: String,
 }
 
 #[derive(Deserialize)]
@@ -186,6 +189,7 @@ impl LkmClient {
             prefix,
             credential,
             http,
+            user: target.user.clone(),
         })
     }
 
@@ -227,7 +231,7 @@ impl LkmClient {
             .http
             .request(method, &url)
             .header("Authorization", auth)
-            .header("PureCloud-User-Id", "edgerec");
+            .header("PureCloud-User-Id", &self.user);
         if !body.is_empty() {
             req = req
                 .header("Content-Type", "application/json")
@@ -328,7 +332,30 @@ impl LkmClient {
 
 impl Unwrapper for LkmClient {
     fn unwrap_dek(&self, kek_id: &KekId, wrap: Wrap, sealed: &[u8]) -> Result<Dek, UnwrapError> {
-        match self.decrypt(kek_id, wrap, sealed, None) {
+        self.unwrap_for(None, kek_id, wrap, sealed)
+    }
+
+    fn unwrap_dek_for(
+        &self,
+        recording: &[u8; 16],
+        kek_id: &KekId,
+        wrap: Wrap,
+        sealed: &[u8],
+    ) -> Result<Dek, UnwrapError> {
+        let id = uuid::Uuid::from_bytes(*recording).to_string();
+        self.unwrap_for(Some(&id), kek_id, wrap, sealed)
+    }
+}
+
+impl LkmClient {
+    fn unwrap_for(
+        &self,
+        recording: Option<&str>,
+        kek_id: &KekId,
+        wrap: Wrap,
+        sealed: &[u8],
+    ) -> Result<Dek, UnwrapError> {
+        match self.decrypt(kek_id, wrap, sealed, recording) {
             Ok(dek) => Ok(dek),
             Err(LkmClientError::Status { status: 404, .. }) => Err(UnwrapError::UnknownKey),
             Err(LkmClientError::Status { status: 410, .. }) => Err(UnwrapError::Destroyed),

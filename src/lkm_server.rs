@@ -1,20 +1,28 @@
 //! `edgerec lkm serve`: the Local Key Manager's HTTPS service, speaking the platform's
 //! key-manager contract (`/key-management/v1/…`) so that a client written for it works
-//! unchanged, plus `GET /key-management/v1/current` for recorders.
+//! unchanged, plus `GET /key-management/v1/current` for recorders and an unauthenticated
+//! `GET /key-management/v1/health` for load balancers.
 //!
 //! Invariants:
-//! - Every endpoint is Hawk-authenticated ([`crate::hawk_auth`]); a refusal says only
-//!   "authentication failed" (401) and its reason goes to the audit log.
+//! - Every endpoint but `health` is Hawk-authenticated ([`crate::hawk_auth`]); a refusal
+//!   says only "authentication failed" (401) and its reason goes to the audit log.
+//! - Every credential has a role ([`crate::roles`]) and every endpoint needs one: a
+//!   recorder's credential reads public keys and nothing more; a request beyond its role is
+//!   refused (403) and logged.
 //! - Every request that touches a key is a line of the audit log: who (Hawk id and
 //!   `PureCloud-User-Id`), the action, the key, the recording id where the caller gives one,
-//!   the outcome.
+//!   the outcome. An unwrap is answered, and a key pair or credential made, only after its
+//!   line is written and synced; when the log cannot be written the request is refused
+//!   (503), never served unaudited. Lines about refused requests are rate-limited.
 //! - No endpoint returns a private key. Every failure to unwrap a DEK gets the same answer
-//!   (400 "decrypt failed"), whatever went wrong inside; the DEK returned is zeroized after
-//!   it is encoded.
-//! - `POST /key-management/v1/auth` (issuing credentials) answers only an administrator's
-//!   credential; `edgerec lkm credentials add` is the usual way.
-//! - TLS handshakes run in their own tasks (10 s limit), so a slow client cannot stall the
-//!   accept loop.
+//!   (400 "decrypt failed"), whatever went wrong inside; the DEK returned lives in zeroizing
+//!   buffers up to the connection's write.
+//! - Unwraps and key pair creation are rate-limited per credential (429 + Retry-After).
+//! - Deliberately not offered: `decryptType: "pkcs1"` (RSA PKCS#1 v1.5), which the contract
+//!   allows: a service that unwraps it for anyone holding a credential is a padding oracle
+//!   (Bleichenbacher), and edgerec never seals with it.
+//! - Connections are held within [`crate::https::Limits`] (`[lkm]` header and idle timeouts,
+//!   connection caps).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,7 +30,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, State};
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine;
@@ -30,7 +38,7 @@ use serde::Deserialize;
 use serde_json::json;
 use zeroize::Zeroizing;
 
-use crate::audit::{AuditLog, Event};
+use crate::audit::{Durability, Event, Writer};
 use crate::format::Wrap;
 use crate::hawk_auth::{Authenticated, RequestParts, Verifier};
 use crate::keys::KekId;
@@ -39,16 +47,19 @@ use crate::lkm::{Lkm, LkmConfig, Rotation, rotation_due};
 use crate::metrics::{LkmMetrics, SpoolState};
 use crate::oracle::{Oracle, OracleError};
 use crate::rate_limit::PerKey;
+use crate::roles::{Action, Role};
 
 /// The service's shared state.
 struct App {
     oracle: Oracle,
-    audit: Mutex<AuditLog>,
+    audit: Writer,
     verifier: Verifier,
     credentials_file: std::path::PathBuf,
+    demo: bool,
     /// The credentials file's modification time when last loaded.
     credentials_loaded: Mutex<Option<std::time::SystemTime>>,
-    limiter: Mutex<PerKey<String>>,
+    unwraps: Mutex<PerKey<String>>,
+    keypairs: Mutex<PerKey<String>>,
     metrics: Arc<LkmMetrics>,
 }
 
@@ -69,16 +80,73 @@ impl App {
         if *loaded == modified {
             return;
         }
-        match crate::lkm::load_credentials(&self.credentials_file) {
+        match crate::lkm::load_credentials(&self.credentials_file, self.demo) {
             Ok(c) => {
-                tracing::info!(credentials = c.len(), "credentials loaded");
-                self.verifier.replace(c);
+                tracing::info!(credentials = c.all.len(), "credentials loaded");
+                warn_unset(&c.unset);
+                self.verifier.replace(c.all);
                 *loaded = modified;
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot load the credentials; the loaded ones stay")
             }
         }
+    }
+
+    /// A line the caller need not wait for.
+    fn line(&self, event: Event, durability: Durability) {
+        self.audit.write(event, durability, None);
+    }
+
+    /// Writes a line and waits until it is written and synced; the 503 to answer if it
+    /// cannot be.
+    async fn audited(&self, event: Event) -> Result<(), Response> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.audit.write(
+            event,
+            Durability::Synced,
+            Some(Box::new(move |r| {
+                let _ = tx.send(r);
+            })),
+        );
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) | Err(_) => Err(message(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the audit log cannot be written: request refused",
+            )),
+        }
+    }
+
+    /// [`App::audited`] from a blocking thread (the scheduler).
+    fn audited_blocking(&self, event: Event) -> Result<(), String> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.audit.write(
+            event,
+            Durability::Synced,
+            Some(Box::new(move |r| {
+                let _ = tx.send(r);
+            })),
+        );
+        rx.recv().map_err(|e| e.to_string())?
+    }
+
+    /// A refused request: counted by `reason`, and a rate-limited line.
+    fn denied(&self, event: Event, reason: &str) {
+        self.metrics.denied(reason);
+        self.line(event, Durability::Denial);
+    }
+}
+
+/// Warns of every credential of before roles (read as `platform`, which can decrypt).
+fn warn_unset(unset: &[String]) {
+    for id in unset {
+        tracing::warn!(
+            credential = %id,
+            "this credential has no role and is read as platform (it can decrypt and make key \
+             pairs); set the role it needs: edgerec lkm credentials set-role --config FILE {id} \
+             recorder (for a recording appliance)"
+        );
     }
 }
 
@@ -93,27 +161,44 @@ pub async fn serve(config: LkmConfig) -> Result<(), String> {
         &key,
         "lkm.tls_cert",
         "lkm.tls_key",
+        !config.demo,
     )?);
-    let credentials = crate::lkm::load_credentials(&config.credentials_file)?;
-    if credentials.is_empty() {
+    let credentials = crate::lkm::load_credentials(&config.credentials_file, config.demo)?;
+    if credentials.all.is_empty() {
         tracing::warn!("no Hawk credentials yet: issue one with edgerec lkm credentials add");
     }
+    warn_unset(&credentials.unset);
     let verifier = Verifier::new(
-        credentials,
+        credentials.all,
         Duration::from_secs(config.skew_secs),
         config.require_payload_hash,
     );
     let credentials_file = config.credentials_file.clone();
     let (listen, rotation, limit) = (config.listen, config.rotation, config.unwrap_limit);
-    let (cache, metrics_listen) = (config.key_cache_secs, config.metrics_listen);
+    let (cache, metrics_listen, demo) = (config.key_cache_secs, config.metrics_listen, config.demo);
+    let (keypair_limit, denials, server_limits) =
+        (config.keypair_limit, config.audit_denials, config.server);
     // A KMS protector holds a blocking HTTP client: made outside the async context.
     let Lkm { store, audit, .. } = tokio::task::spawn_blocking(move || Lkm::open(config, false))
         .await
         .map_err(|e| e.to_string())??;
     let (metrics, registry) = LkmMetrics::new();
+    metrics
+        .rotation_period
+        .set(rotation.period_ms().map_or(0, |ms| (ms / 1000) as i64));
+    let m = Arc::clone(&metrics);
+    let audit = Writer::start(
+        audit,
+        denials,
+        Box::new(move |e| {
+            m.audit_write_errors.inc();
+            tracing::error!(error = %e, "cannot write the audit log: audited requests are refused");
+        }),
+    )
+    .map_err(|e| format!("the audit writer: {e}"))?;
     let app = Arc::new(App {
         oracle: Oracle::new(store, Duration::from_secs(cache)),
-        audit: Mutex::new(audit),
+        audit,
         verifier,
         credentials_loaded: Mutex::new(
             std::fs::metadata(&credentials_file)
@@ -121,8 +206,10 @@ pub async fn serve(config: LkmConfig) -> Result<(), String> {
                 .ok(),
         ),
         credentials_file,
-        limiter: Mutex::new(PerKey::new(limit, 10_000)),
-        metrics,
+        demo,
+        unwraps: Mutex::new(PerKey::new(limit, 10_000)),
+        keypairs: Mutex::new(PerKey::new(keypair_limit, 10_000)),
+        metrics: Arc::clone(&metrics),
     });
     if let Some(addr) = metrics_listen {
         let (bound, server) = crate::metrics::serve_registry(addr, None, registry)
@@ -135,8 +222,7 @@ pub async fn serve(config: LkmConfig) -> Result<(), String> {
     let tcp = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("lkm.listen {listen}: {e}"))?;
-    let listener = crate::https::TlsListener::start(tcp, tls).map_err(|e| e.to_string())?;
-    let local = listener.local;
+    let local = tcp.local_addr().map_err(|e| e.to_string())?;
     let router = Router::new()
         .route(
             "/key-management/v1/keypair",
@@ -149,11 +235,27 @@ pub async fn serve(config: LkmConfig) -> Result<(), String> {
         )
         .route("/key-management/v1/auth", post(register))
         .route("/key-management/v1/current", get(current))
+        .route(
+            "/key-management/v1/health",
+            get(|| async { axum::Json(json!({ "status": "ok" })) }),
+        )
         .layer(axum::extract::DefaultBodyLimit::max(64 << 10))
         .with_state(app);
     tracing::info!(addr = %local, "key manager listening (HTTPS)");
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async {
+    let cut_metrics = Arc::clone(&metrics);
+    crate::https::serve(
+        tcp,
+        Some(tls),
+        router,
+        server_limits,
+        Arc::new(move |cut| {
+            use crate::https::Cut;
+            cut_metrics.denied(match cut {
+                Cut::TooManyConnections | Cut::TooManyFromAddress => "connection_limit",
+                Cut::HeaderTimeout | Cut::Idle => "timeout",
+            })
+        }),
+        async {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                     .expect("a SIGTERM handler can be installed");
@@ -161,9 +263,10 @@ pub async fn serve(config: LkmConfig) -> Result<(), String> {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
             }
-        })
-        .await
-        .map_err(|e| e.to_string())
+        },
+    )
+    .await;
+    Ok(())
 }
 
 /// Every 2 s: the credentials file if it changed, the key gauges from the store (an
@@ -175,19 +278,21 @@ async fn housekeeping(app: Arc<App>, rotation: Rotation) {
         let a = Arc::clone(&app);
         let done = tokio::task::spawn_blocking(move || {
             a.reload_credentials();
-            let all = a.store().list().map_err(|e| e.to_string())?;
-            let current = all
-                .iter()
-                .rev()
-                .find(|r| r.state == KeyState::Active)
+            let now = crate::clock::now_ms();
+            let current = a
+                .store()
+                .current(now)
+                .map_err(|e| e.to_string())?
                 .map(|r| r.date_created);
-            if rotation_due(rotation, current, crate::clock::now_ms()) {
-                let made = a.store().generate(crate::clock::now_ms());
+            if rotation_due(rotation, current, now) {
+                // Written before the key exists: a key that recorders seal to is never unaudited.
+                a.audited_blocking(scheduler_event(None, "started"))?;
+                let made = a.store().generate(now);
                 let (key, outcome) = match &made {
                     Ok(r) => (Some(r.id.as_str()), "ok"),
                     Err(_) => (None, "failed"),
                 };
-                a.log("scheduler", None, "rotate.scheduled", key, None, outcome);
+                a.audited_blocking(scheduler_event(key, outcome))?;
                 let r = made.map_err(|e| e.to_string())?;
                 tracing::info!(kek_id = %r.id, ?rotation, "scheduled rotation: new key pair");
             }
@@ -212,9 +317,29 @@ async fn housekeeping(app: Arc<App>, rotation: Rotation) {
     }
 }
 
+fn scheduler_event(key: Option<&str>, outcome: &str) -> Event {
+    Event {
+        who: "scheduler".into(),
+        user: None,
+        action: "rotate.scheduled".into(),
+        key: key.map(str::to_string),
+        recording: None,
+        outcome: outcome.into(),
+    }
+}
+
 /// A JSON answer with a message.
 fn message(status: StatusCode, text: &str) -> Response {
     (status, axum::Json(json!({ "message": text }))).into_response()
+}
+
+/// A 429 with the wait in `Retry-After`.
+fn too_many(text: &str, wait_ms: u64) -> Response {
+    let mut r = message(StatusCode::TOO_MANY_REQUESTS, text);
+    if let Ok(v) = axum::http::HeaderValue::from_str(&wait_ms.div_ceil(1000).to_string()) {
+        r.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
+    }
+    r
 }
 
 /// The caller, authenticated, and the `PureCloud-User-Id` it sent.
@@ -223,54 +348,36 @@ struct Caller {
     user: Option<String>,
 }
 
-impl App {
-    /// Logs a request of `caller` that names no recording.
-    fn note(&self, caller: &Caller, action: &str, key: Option<&str>, outcome: &str) {
-        self.log(
-            &caller.who.id,
-            caller.user.as_deref(),
-            action,
-            key,
-            None,
-            outcome,
-        );
-    }
-
-    fn log(
+impl Caller {
+    /// An event of this caller.
+    fn event(
         &self,
-        who: &str,
-        user: Option<&str>,
         action: &str,
         key: Option<&str>,
         recording: Option<&str>,
         outcome: &str,
-    ) {
-        let event = Event {
-            who: who.to_string(),
-            user: user.map(str::to_string),
+    ) -> Event {
+        Event {
+            who: self.who.id.clone(),
+            user: self.user.clone(),
             action: action.to_string(),
             key: key.map(str::to_string),
             recording: recording.map(str::to_string),
             outcome: outcome.to_string(),
-        };
-        let written = match self.audit.lock() {
-            Ok(mut a) => a.append(&event, crate::clock::now_ms()).map(|_| ()),
-            Err(_) => Err(std::io::Error::other("audit log lock poisoned")),
-        };
-        if let Err(e) = written {
-            tracing::error!(error = %e, "cannot write the audit log");
         }
     }
+}
 
-    /// Authenticates a request, or answers 401 (and logs why).
+impl App {
+    /// Authenticates a request and checks its role, or answers 401 / 403 (and logs why).
     fn authenticate(
         &self,
-        method: &Method,
-        uri: &Uri,
-        headers: &HeaderMap,
+        parts: &axum::http::request::Parts,
         body: &[u8],
-        action: &str,
+        action: Action,
     ) -> Result<Caller, Box<Response>> {
+        let (method, uri, headers): (&str, &Uri, &HeaderMap) =
+            (parts.method.as_str(), &parts.uri, &parts.headers);
         let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
         let host_header = header("host").unwrap_or_default();
         let (host, port) = match host_header.rsplit_once(':') {
@@ -280,9 +387,11 @@ impl App {
         let content_type = header("content-type")
             .map(|c| c.split(';').next().unwrap_or_default().trim())
             .unwrap_or_default();
-        let user = header("purecloud-user-id").map(str::to_string);
-        let parts = RequestParts {
-            method: method.as_str(),
+        // Cleaned and bounded again by the audit log; bounded here so nothing long is kept.
+        let user = header("purecloud-user-id")
+            .map(|u| crate::audit::clean(u, crate::audit::MAX_CALLER_FIELD));
+        let req = RequestParts {
+            method,
             host,
             port,
             path: uri.path(),
@@ -290,43 +399,56 @@ impl App {
             body,
             authorization: header("authorization"),
         };
-        match self.verifier.verify(&parts) {
-            Ok(who) => Ok(Caller { who, user }),
+        let who = match self.verifier.verify(&req) {
+            Ok(who) => who,
             Err(denied) => {
-                let who = denied.id.clone().unwrap_or_else(|| "-".into());
-                self.log(
-                    &who,
-                    user.as_deref(),
-                    action,
-                    None,
-                    None,
-                    &format!("denied: {}", denied.reason),
+                self.denied(
+                    Event {
+                        who: denied.id.clone().unwrap_or_else(|| "-".into()),
+                        user,
+                        action: action.name().into(),
+                        key: None,
+                        recording: None,
+                        outcome: format!("denied: {}", denied.reason),
+                    },
+                    "authentication",
                 );
-                Err(Box::new(message(
+                return Err(Box::new(message(
                     StatusCode::UNAUTHORIZED,
                     "authentication failed",
-                )))
+                )));
             }
+        };
+        let caller = Caller { who, user };
+        if !caller.who.role.may(action) {
+            self.denied(
+                caller.event(
+                    action.name(),
+                    None,
+                    None,
+                    &format!(
+                        "denied: role {} may not (needs {})",
+                        caller.who.role,
+                        action.needs()
+                    ),
+                ),
+                "role",
+            );
+            return Err(Box::new(message(
+                StatusCode::FORBIDDEN,
+                &format!(
+                    "this credential's role ({}) does not allow {}",
+                    caller.who.role,
+                    action.name()
+                ),
+            )));
         }
+        Ok(caller)
     }
 }
 
-/// What a request is for, in the audit log.
-fn action_of(method: &Method, path: &str) -> &'static str {
-    match (method.as_str(), path.trim_end_matches('/')) {
-        ("POST", "/key-management/v1/keypair") => "keypair.create",
-        ("GET", "/key-management/v1/keypair") => "keypair.list",
-        ("GET", "/key-management/v1/current") => "keypair.current",
-        ("GET", _) => "keypair.get",
-        ("POST", "/key-management/v1/decrypt") => "decrypt",
-        ("OPTIONS", _) => "decrypt.options",
-        ("POST", "/key-management/v1/auth") => "credentials.add",
-        _ => "other",
-    }
-}
-
-/// An authenticated request: its caller and body. Extracting it answers 401 (logged) for
-/// anyone else.
+/// An authenticated request whose role allows it: its caller and body. Extracting it
+/// answers 401 or 403 (logged) for anyone else.
 struct Authed {
     caller: Caller,
     body: Bytes,
@@ -340,10 +462,8 @@ impl axum::extract::FromRequest<Arc<App>> for Authed {
         let body = axum::body::to_bytes(body, 64 << 10)
             .await
             .map_err(|_| message(StatusCode::PAYLOAD_TOO_LARGE, "request too large"))?;
-        let action = action_of(&parts.method, parts.uri.path());
-        let caller = app
-            .authenticate(&parts.method, &parts.uri, &parts.headers, &body, action)
-            .map_err(|r| *r)?;
+        let action = Action::of(parts.method.as_str(), parts.uri.path());
+        let caller = app.authenticate(&parts, &body, action).map_err(|r| *r)?;
         Ok(Authed { caller, body })
     }
 }
@@ -361,27 +481,63 @@ async fn blocking<T: Send + 'static>(
         .map_err(|_| message(StatusCode::INTERNAL_SERVER_ERROR, "internal error"))
 }
 
+/// Takes a token of `caller` from `limiter`, or the 429 to answer (logged, counted).
+fn limited(
+    app: &App,
+    limiter: &Mutex<PerKey<String>>,
+    caller: &Caller,
+    action: &str,
+    text: &str,
+) -> Option<Response> {
+    let wait = match limiter.lock() {
+        Ok(mut l) => l.take(&caller.who.id, crate::clock::now_ms()).err(),
+        Err(_) => Some(1000),
+    }?;
+    app.denied(caller.event(action, None, None, "rate_limited"), "rate_limit");
+    Some(too_many(text, wait))
+}
+
 async fn create_keypair(State(app): State<Arc<App>>, Authed { caller, .. }: Authed) -> Response {
+    const ACTION: &str = "keypair.create";
+    if let Some(r) = limited(
+        &app,
+        &app.keypairs,
+        &caller,
+        ACTION,
+        "too many key pairs made with this credential",
+    ) {
+        return r;
+    }
+    // The act is in the log before the key exists: recorders may seal to it at once.
+    if let Err(r) = app.audited(caller.event(ACTION, None, None, "started")).await {
+        return r;
+    }
     let a = Arc::clone(&app);
     let made = match blocking(move || a.store().generate(crate::clock::now_ms())).await {
         Ok(m) => m,
         Err(r) => return r,
     };
     match made {
-        Ok(r) => {
-            app.note(&caller, "keypair.create", Some(&r.id), "ok");
-            axum::Json(keypair_json(&r)).into_response()
-        }
+        Ok(r) => match app.audited(caller.event(ACTION, Some(&r.id), None, "ok")).await {
+            Ok(()) => axum::Json(keypair_json(&r)).into_response(),
+            Err(resp) => resp,
+        },
         Err(e) => {
             tracing::error!(error = %e, "cannot make a key pair");
-            app.note(&caller, "keypair.create", None, "failed");
+            app.line(
+                caller.event(ACTION, None, None, "failed"),
+                Durability::Written,
+            );
             message(StatusCode::INTERNAL_SERVER_ERROR, "cannot make a key pair")
         }
     }
 }
 
 async fn list_keypairs(State(app): State<Arc<App>>, Authed { caller, .. }: Authed) -> Response {
-    app.note(&caller, "keypair.list", None, "ok");
+    app.line(
+        caller.event("keypair.list", None, None, "ok"),
+        Durability::Written,
+    );
     match app.store().list() {
         Ok(all) => axum::Json(all.iter().map(keypair_json).collect::<Vec<_>>()).into_response(),
         Err(e) => {
@@ -401,20 +557,29 @@ async fn get_keypair(
 ) -> Response {
     match app.store().get(&id) {
         Ok(r) => {
-            app.note(&caller, "keypair.get", Some(&id), "ok");
+            app.line(
+                caller.event("keypair.get", Some(&id), None, "ok"),
+                Durability::Written,
+            );
             axum::Json(keypair_json(&r)).into_response()
         }
         Err(_) => {
-            app.note(&caller, "keypair.get", Some(&id), "unknown_key");
+            app.line(
+                caller.event("keypair.get", Some(&id), None, "unknown_key"),
+                Durability::Written,
+            );
             message(StatusCode::NOT_FOUND, "no such keypair")
         }
     }
 }
 
 async fn current(State(app): State<Arc<App>>, Authed { caller, .. }: Authed) -> Response {
-    match app.store().current() {
+    match app.store().current(crate::clock::now_ms()) {
         Ok(Some(r)) => {
-            app.note(&caller, "keypair.current", Some(&r.id), "ok");
+            app.line(
+                caller.event("keypair.current", Some(&r.id), None, "ok"),
+                Durability::Written,
+            );
             axum::Json(keypair_json(&r)).into_response()
         }
         _ => message(StatusCode::NOT_FOUND, "no active keypair"),
@@ -432,35 +597,40 @@ struct DecryptBody {
     recording_id: Option<String>,
 }
 
+/// `{"body":"<base64 DEK>"}` in a buffer zeroized when the connection is done with it.
+fn dek_answer(dek: &[u8]) -> Response {
+    let mut text = Zeroizing::new(Vec::with_capacity(64));
+    text.extend_from_slice(b"{\"body\":\"");
+    let b64 = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(dek));
+    text.extend_from_slice(b64.as_bytes());
+    text.extend_from_slice(b"\"}");
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        axum::body::Body::from(Bytes::from_owner(text)),
+    )
+        .into_response()
+}
+
 async fn decrypt(State(app): State<Arc<App>>, Authed { caller, body }: Authed) -> Response {
-    let log = |key: Option<&str>, rec: Option<&str>, outcome: &str| {
+    let done = |key: Option<&str>, rec: Option<&str>, outcome: &str| {
         app.metrics.unwrap(outcome);
-        app.log(
-            &caller.who.id,
-            caller.user.as_deref(),
-            "decrypt",
-            key,
-            rec,
-            outcome,
-        )
-    };
-    let limited = match app.limiter.lock() {
-        Ok(mut l) => l.take(&caller.who.id, crate::clock::now_ms()).err(),
-        Err(_) => Some(1000),
-    };
-    if let Some(wait_ms) = limited {
-        log(None, None, "rate_limited");
-        let mut r = message(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too many decrypt requests for this credential",
+        app.line(
+            caller.event("decrypt", key, rec, outcome),
+            Durability::Written,
         );
-        if let Ok(v) = axum::http::HeaderValue::from_str(&wait_ms.div_ceil(1000).to_string()) {
-            r.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
-        }
+    };
+    if let Some(r) = limited(
+        &app,
+        &app.unwraps,
+        &caller,
+        "decrypt",
+        "too many decrypt requests for this credential",
+    ) {
+        app.metrics.unwrap("rate_limited");
         return r;
     }
     let Ok(req) = serde_json::from_slice::<DecryptBody>(&body) else {
-        log(None, None, "bad_request");
+        done(None, None, "bad_request");
         return message(
             StatusCode::BAD_REQUEST,
             "Decrypt body and keypairId must be filled out",
@@ -471,41 +641,45 @@ async fn decrypt(State(app): State<Arc<App>>, Authed { caller, body }: Authed) -
         None | Some("") | Some("oaep") | Some("oaep-sha1") => Wrap::OaepSha1,
         Some("erec") => Wrap::OaepSha256,
         Some(_) => {
-            log(Some(&req.keypair_id), rec, "unsupported_type");
-            return message(StatusCode::BAD_REQUEST, "unsupported decryptType");
+            done(Some(&req.keypair_id), rec, "unsupported_type");
+            return message(
+                StatusCode::BAD_REQUEST,
+                "unsupported decryptType: oaep (RSA-OAEP-SHA1) or erec; pkcs1 is not offered",
+            );
         }
     };
     let Some(id) = KekId::from_hex(&req.keypair_id) else {
-        log(Some(&req.keypair_id), rec, "unknown_key");
+        done(Some(&req.keypair_id), rec, "unknown_key");
         return message(StatusCode::NOT_FOUND, "no such keypair");
     };
     let a = Arc::clone(&app);
     let sealed = base64::engine::general_purpose::STANDARD.decode(req.body.as_bytes());
-    let unwrapped = blocking(move || -> Result<Zeroizing<String>, OracleError> {
+    let unwrapped = blocking(move || {
         let sealed = sealed.map_err(|_| OracleError::Failed)?;
-        let dek = a.oracle.unwrap(&id, wrap, &sealed)?;
-        Ok(Zeroizing::new(
-            base64::engine::general_purpose::STANDARD.encode(dek.expose()),
-        ))
+        a.oracle.unwrap(&id, wrap, &sealed)
     })
     .await;
     let key = Some(req.keypair_id.as_str());
     match unwrapped {
         Ok(Ok(dek)) => {
-            log(key, rec, "ok");
-            axum::Json(json!({ "body": dek.as_str() })).into_response()
+            app.metrics.unwrap("ok");
+            // The DEK leaves only once the line saying so is on disk.
+            match app.audited(caller.event("decrypt", key, rec, "ok")).await {
+                Ok(()) => dek_answer(dek.expose()),
+                Err(r) => r,
+            }
         }
         Ok(Err(OracleError::Unknown)) => {
-            log(key, rec, "unknown_key");
+            done(key, rec, "unknown_key");
             message(StatusCode::NOT_FOUND, "no such keypair")
         }
         Ok(Err(OracleError::Destroyed)) => {
-            log(key, rec, "destroyed");
+            done(key, rec, "destroyed");
             message(StatusCode::GONE, "key destroyed")
         }
         Ok(Err(OracleError::Revoked(why))) => {
             tracing::error!(kek_id = %req.keypair_id, error = %why, "the key's protection refused");
-            log(key, rec, "access_revoked");
+            done(key, rec, "access_revoked");
             message(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "access revoked: the key's protection refused",
@@ -513,7 +687,7 @@ async fn decrypt(State(app): State<Arc<App>>, Authed { caller, body }: Authed) -
         }
         Ok(Err(OracleError::Unavailable(why))) => {
             tracing::error!(kek_id = %req.keypair_id, error = %why, "the key's protection cannot answer");
-            log(key, rec, "protection_unavailable");
+            done(key, rec, "protection_unavailable");
             message(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "key protection unavailable: try again later",
@@ -521,21 +695,24 @@ async fn decrypt(State(app): State<Arc<App>>, Authed { caller, body }: Authed) -
         }
         Ok(Err(OracleError::Store(why))) => {
             tracing::error!(kek_id = %req.keypair_id, error = %why, "key store");
-            log(key, rec, "error");
+            done(key, rec, "error");
             message(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "the key store cannot be read",
             )
         }
         Ok(Err(OracleError::Failed)) | Err(_) => {
-            log(key, rec, "failed");
+            done(key, rec, "failed");
             message(StatusCode::BAD_REQUEST, "decrypt failed")
         }
     }
 }
 
 async fn decrypt_options(State(app): State<Arc<App>>, Authed { caller, .. }: Authed) -> Response {
-    app.note(&caller, "decrypt.options", None, "ok");
+    app.line(
+        caller.event("decrypt.options", None, None, "ok"),
+        Durability::Written,
+    );
     axum::Json(json!({
         "encryptBody": { "keypairId": null, "body": null, "decryptType": null },
         "decryptResponse": { "body": "Decrypted Response" },
@@ -543,37 +720,51 @@ async fn decrypt_options(State(app): State<Arc<App>>, Authed { caller, .. }: Aut
     .into_response()
 }
 
+/// `POST /auth`: `{id, role}` (role `recorder` unless given).
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Register {
     id: String,
+    #[serde(default)]
+    role: Option<Role>,
 }
 
 async fn register(State(app): State<Arc<App>>, Authed { caller, body }: Authed) -> Response {
-    if !caller.who.admin {
-        app.note(
-            &caller,
-            "credentials.add",
-            None,
-            "denied: not an administrator",
-        );
-        return message(
-            StatusCode::FORBIDDEN,
-            "only an administrator issues credentials",
-        );
-    }
+    const ACTION: &str = "credentials.add";
     let Ok(req) = serde_json::from_slice::<Register>(&body) else {
-        return message(StatusCode::BAD_REQUEST, "a JSON body with the id");
+        return message(
+            StatusCode::BAD_REQUEST,
+            "a JSON body with the id (and a role: recorder, decrypt, platform or admin)",
+        );
     };
-    match crate::lkm::add_credential(&app.credentials_file, &req.id, false) {
+    let role = req.role.unwrap_or(Role::Recorder);
+    let what = format!("{}: {} as {role}", "started", req.id);
+    if let Err(r) = app.audited(caller.event(ACTION, None, None, &what)).await {
+        return r;
+    }
+    match crate::lkm::add_credential(&app.credentials_file, &req.id, role) {
         Ok(key) => {
-            app.note(&caller, "credentials.add", None, "ok");
-            tracing::info!(id = %req.id, "credential issued");
+            let ok = format!("ok: {} as {role}", req.id);
+            if let Err(r) = app.audited(caller.event(ACTION, None, None, &ok)).await {
+                return r;
+            }
+            tracing::info!(id = %req.id, %role, "credential issued");
             app.reload_credentials();
-            axum::Json(json!({ "id": req.id, "authKey": key.as_str(), "algorithm": "sha256" }))
-                .into_response()
+            let mut answer = axum::Json(
+                json!({ "id": req.id, "authKey": key.as_str(), "algorithm": "sha256", "role": role }),
+            )
+            .into_response();
+            answer.headers_mut().insert(
+                axum::http::header::CACHE_CONTROL,
+                axum::http::HeaderValue::from_static("no-store"),
+            );
+            answer
         }
         Err(e) => {
-            app.note(&caller, "credentials.add", None, "failed");
+            app.line(
+                caller.event(ACTION, None, None, "failed"),
+                Durability::Written,
+            );
             message(StatusCode::BAD_REQUEST, &e)
         }
     }

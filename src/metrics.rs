@@ -385,6 +385,14 @@ pub struct LkmMetrics {
     pub unwraps: Family<Outcome, Counter>,
     /// `edgerec_lkm_keys{state}`.
     pub keys: Family<SpoolState, Gauge>,
+    /// `edgerec_lkm_requests_denied_total{reason}`: authentication, role, rate_limit,
+    /// connection_limit, timeout.
+    pub denied: Family<Reason, Counter>,
+    /// `edgerec_lkm_audit_write_errors_total`: batches of audit lines that could not be
+    /// written (their requests refused).
+    pub audit_write_errors: Counter,
+    /// `edgerec_lkm_rotation_period_seconds`: the scheduled rotation's period (0: never).
+    pub rotation_period: Gauge,
 }
 
 impl LkmMetrics {
@@ -402,7 +410,31 @@ impl LkmMetrics {
             "Key pairs in the key store, by state",
             m.keys.clone(),
         );
+        r.register(
+            "requests_denied",
+            "Requests and connections refused, by reason",
+            m.denied.clone(),
+        );
+        r.register(
+            "audit_write_errors",
+            "Batches of audit lines that could not be written (their requests were refused)",
+            m.audit_write_errors.clone(),
+        );
+        r.register(
+            "rotation_period_seconds",
+            "The scheduled key rotation's period (0: never)",
+            m.rotation_period.clone(),
+        );
         (Arc::new(m), r)
+    }
+
+    /// Counts one refusal.
+    pub fn denied(&self, reason: &str) {
+        self.denied
+            .get_or_create(&Reason {
+                reason: reason.to_string(),
+            })
+            .inc();
     }
 
     /// Counts one unwrap.

@@ -76,7 +76,12 @@ pub fn open_header(src: &mut impl Read, unwrapper: &dyn Unwrapper) -> Result<Ope
     let mut failed = false;
     let mut destroyed = None;
     for r in &header.recipients {
-        match unwrapper.unwrap_dek(&KekId(r.kek_id), r.wrap, &r.sealed_dek) {
+        match unwrapper.unwrap_dek_for(
+            &header.recording_id,
+            &KekId(r.kek_id),
+            r.wrap,
+            &r.sealed_dek,
+        ) {
             Ok(dek) => {
                 let keys = PackageKeys::derive(&dek, &header.recording_id);
                 if !keys.verify_header_mac(body, &header.mac) {

@@ -310,9 +310,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(metrics_server);
     if let Some(control) = &config.control {
-        let (addr, server) = crate::control::serve(control, tx.clone(), config.ports)
-            .await
-            .map_err(RunError::Start)?;
+        let (addr, server) =
+            crate::control::serve(control, tx.clone(), config.ports, std::future::pending())
+                .await
+                .map_err(RunError::Start)?;
         tracing::info!(control_addr = %addr, tls = control.tls.is_some(), "control API listening");
         tasks.spawn(server);
     }

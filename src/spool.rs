@@ -499,19 +499,15 @@ impl Spool {
         sync_file: bool,
     ) -> io::Result<()> {
         let path = self.state_path(place, state.id);
-        let tmp = path.with_extension("json.tmp");
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| with_path(e, "cannot create", &tmp))?;
-        f.write_all(&serde_json::to_vec_pretty(state).map_err(io::Error::other)?)?;
-        if sync_file {
-            f.sync_all()?;
+        let (mut f, tmp) = crate::durable::create_temp(&path, 0o600)?;
+        let written = f
+            .write_all(&serde_json::to_vec_pretty(state).map_err(io::Error::other)?)
+            .and_then(|()| if sync_file { f.sync_all() } else { Ok(()) })
+            .and_then(|()| fs::rename(&tmp, &path).map_err(|e| with_path(e, "cannot rename", &tmp)));
+        if written.is_err() {
+            let _ = fs::remove_file(&tmp);
         }
-        fs::rename(&tmp, &path).map_err(|e| with_path(e, "cannot rename", &tmp))
+        written
     }
 
     /// Reads a state file.
@@ -652,7 +648,7 @@ impl Spool {
         }
         for place in [Place::Ready, Place::Failed] {
             for e in fs::read_dir(self.dir(place))?.filter_map(|e| e.ok()) {
-                if e.file_name().to_string_lossy().ends_with(".json.tmp") {
+                if crate::durable::is_temp_name(&e.file_name().to_string_lossy()) {
                     fs::remove_file(e.path())?;
                 }
             }

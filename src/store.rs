@@ -11,9 +11,9 @@
 //!   no counter can reset and overwrite an older upload.
 //! - The appliance needs no permission to delete from the store.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
@@ -231,24 +231,15 @@ impl Store for DirStore {
             .mode(0o750)
             .create(dir)
             .map_err(|e| transient("cannot create", dir, e))?;
-        let tmp = dir.join(format!(
-            ".{}.{}.tmp",
-            dest.file_name()
-                .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
-            Uuid::new_v4().simple()
-        ));
+        let (out, tmp) =
+            crate::durable::create_temp(&dest, 0o640).map_err(|e| transient("cannot create", dir, e))?;
         let result = (|| {
             let src = File::open(file).map_err(|e| transient("cannot read", file, e))?;
             let mut src: Box<dyn Read> = match &self.limit {
                 Some(l) => Box::new(crate::bandwidth::Throttled::new(src, l.clone())),
                 None => Box::new(src),
             };
-            let mut out = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o640)
-                .open(&tmp)
-                .map_err(|e| transient("cannot create", &tmp, e))?;
+            let mut out = out;
             let mut buf = vec![0u8; 1 << 20];
             loop {
                 let n = src

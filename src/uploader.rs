@@ -683,7 +683,7 @@ mod tests {
         );
         for other in [
             format!("/s/ready/{id}.erec"),
-            format!("/s/ready/{id}.json.tmp"),
+            format!("/s/ready/.{id}.json.0123456789abcdef.tmp"),
             "/s/ready/notes.json".to_string(),
         ] {
             assert_eq!(ready_id(Path::new(&other)), None, "{other}");

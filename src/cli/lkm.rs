@@ -1,12 +1,16 @@
-//! `edgerec lkm init|rotate|keys|credentials|backup|restore`: the key manager administrator's
-//! acts, each written to its audit log. None prints or writes a private key in the clear.
+//! `edgerec lkm init|rotate|keys|credentials|backup|restore|destroy|…`: the key manager
+//! administrator's acts, each written to its audit log (synced before the command reports
+//! success; `destroy` writes its line before the key goes). None prints or writes a private
+//! key in the clear, and none prints a credential's key but `credentials add`, once.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use crate::Error;
+use crate::keystore::RestoreOptions;
 use crate::lkm::{Lkm, LkmConfig};
+use crate::roles::Role;
 
 fn open(config: &Path, init: bool) -> Result<Lkm, Error> {
     let cfg = LkmConfig::load(config).map_err(Error::Invalid)?;
@@ -20,7 +24,11 @@ fn failed(e: impl std::fmt::Display) -> Error {
 /// `edgerec lkm init`.
 pub fn init(config: &Path) -> Result<(), Error> {
     let mut lkm = open(config, true)?;
-    if let Some(current) = lkm.store.current().map_err(failed)? {
+    if let Some(current) = lkm
+        .store
+        .current(crate::clock::now_ms())
+        .map_err(failed)?
+    {
         return Err(Error::Invalid(format!(
             "the key store {} is set up already (current key {}); use edgerec lkm rotate for a new key",
             lkm.config.store_dir.display(),
@@ -59,7 +67,11 @@ pub fn rotate(config: &Path) -> Result<(), Error> {
 pub fn keys(config: &Path, json: bool) -> Result<(), Error> {
     let lkm = open(config, false)?;
     let all = lkm.store.list().map_err(failed)?;
-    let current = lkm.store.current().map_err(failed)?.map(|r| r.id);
+    let current = lkm
+        .store
+        .current(crate::clock::now_ms())
+        .map_err(failed)?
+        .map(|r| r.id);
     if json {
         let v: Vec<_> = all
             .iter()
@@ -98,24 +110,18 @@ pub fn keys(config: &Path, json: bool) -> Result<(), Error> {
     Ok(())
 }
 
-/// `edgerec lkm credentials add`.
-pub fn add_credential(config: &Path, id: &str, admin: bool) -> Result<(), Error> {
+/// `edgerec lkm credentials add [--role ROLE]`.
+pub fn add_credential(config: &Path, id: &str, role: Role) -> Result<(), Error> {
     let mut lkm = open(config, false)?;
-    match crate::lkm::add_credential(&lkm.config.credentials_file, id, admin) {
+    match crate::lkm::add_credential(&lkm.config.credentials_file, id, role) {
         Ok(key) => {
-            lkm.record(
-                if admin {
-                    "credentials.add_admin"
-                } else {
-                    "credentials.add"
-                },
-                None,
-                "ok",
-            )
-            .map_err(Error::Invalid)?;
+            lkm.record("credentials.add", None, &format!("ok: {id} as {role}"))
+                .map_err(Error::Invalid)?;
             println!("id: {id}\nkey: {}\nalgorithm: sha256", key.as_str());
             eprintln!(
-                "edgerec: give this key to the client's configuration now; it is not shown again"
+                "edgerec: give this key to the client's configuration now; it is not shown again \
+                 (role {role}: {})",
+                role_use(role)
             );
             Ok(())
         }
@@ -124,6 +130,72 @@ pub fn add_credential(config: &Path, id: &str, admin: bool) -> Result<(), Error>
                 .map_err(Error::Invalid)?;
             Err(Error::Invalid(e))
         }
+    }
+}
+
+/// What a role is for, in a sentence.
+fn role_use(role: Role) -> &'static str {
+    match role {
+        Role::Recorder => "public keys only, what a recording appliance holds",
+        Role::Decrypt => "also unwraps data keys: playback, edgerec open and export --lkm",
+        Role::Platform => "also makes key pairs: the platform's contract client",
+        Role::Admin => "everything, issuing credentials through the API included",
+    }
+}
+
+/// `edgerec lkm credentials list`: ids and roles, never keys.
+pub fn list_credentials(config: &Path, json: bool) -> Result<(), Error> {
+    let cfg = LkmConfig::load(config).map_err(Error::Invalid)?;
+    let all = crate::lkm::list_credentials(&cfg.credentials_file).map_err(Error::Invalid)?;
+    if json {
+        let v: Vec<_> = all
+            .iter()
+            .map(|(id, role)| {
+                serde_json::json!({
+                    "id": id,
+                    "role": role.unwrap_or(Role::Platform),
+                    "roleSet": role.is_some(),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).expect("JSON values always serialize")
+        );
+        return Ok(());
+    }
+    println!("{:<40} ROLE", "ID");
+    for (id, role) in &all {
+        match role {
+            Some(r) => println!("{id:<40} {r}"),
+            None => println!(
+                "{id:<40} platform (no role set: it can decrypt; edgerec lkm credentials \
+                 set-role {id} ROLE)"
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// `edgerec lkm credentials set-role ID ROLE`.
+pub fn set_role(config: &Path, id: &str, role: Role) -> Result<(), Error> {
+    let mut lkm = open(config, false)?;
+    match crate::lkm::set_role(&lkm.config.credentials_file, id, role) {
+        Ok(before) => {
+            let was = before.map_or("unset (platform)".to_string(), |r| r.to_string());
+            lkm.record(
+                "credentials.set_role",
+                None,
+                &format!("ok: {id} from {was} to {role}"),
+            )
+            .map_err(Error::Invalid)?;
+            eprintln!(
+                "edgerec: credential {id}: role {role} (was {was}); a running service applies it \
+                 within 2 s"
+            );
+            Ok(())
+        }
+        Err(e) => Err(Error::Invalid(e)),
     }
 }
 
@@ -144,7 +216,10 @@ pub fn remove_credential(config: &Path, id: &str) -> Result<(), Error> {
 /// `edgerec lkm backup`.
 pub fn backup(config: &Path, out: &Path) -> Result<(), Error> {
     let mut lkm = open(config, false)?;
-    let bytes = lkm.store.backup().map_err(failed)?;
+    let bytes = lkm
+        .store
+        .backup(crate::clock::now_ms())
+        .map_err(failed)?;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -156,22 +231,84 @@ pub fn backup(config: &Path, out: &Path) -> Result<(), Error> {
         .map_err(|e| Error::Invalid(format!("{}: {e}", out.display())))?;
     lkm.record("backup", None, "ok").map_err(Error::Invalid)?;
     eprintln!(
-        "edgerec: {} keys backed up to {} (sealed: restoring needs the master key too)",
+        "edgerec: {} keys backed up to {} (sealed, under a MAC: restoring needs the master key \
+         or KMS key too)",
         lkm.store.list().map_err(failed)?.len(),
         out.display()
     );
     Ok(())
 }
 
-/// `edgerec lkm restore`.
-pub fn restore(config: &Path, backup: &Path) -> Result<(), Error> {
-    let mut lkm = open(config, false)?;
+/// `edgerec lkm restore [--accept-unauthenticated] [--undestroy KEKID] FILE`. The key
+/// store is restored first and the audit log opened after: in KMS mode the backup may bring
+/// back the integrity key that keys the log.
+pub fn restore(
+    config: &Path,
+    backup: &Path,
+    accept_unauthenticated: bool,
+    undestroy: Option<&str>,
+) -> Result<(), Error> {
+    let cfg = LkmConfig::load(config).map_err(Error::Invalid)?;
+    let store = Lkm::open_store(&cfg).map_err(Error::Invalid)?;
     let bytes =
         std::fs::read(backup).map_err(|e| Error::Invalid(format!("{}: {e}", backup.display())))?;
-    match lkm.store.restore(&bytes) {
-        Ok(n) => {
-            lkm.record("restore", None, "ok").map_err(Error::Invalid)?;
-            eprintln!("edgerec: {n} keys restored from {}", backup.display());
+    let opts = RestoreOptions {
+        accept_unauthenticated,
+    };
+    let now = crate::clock::now_ms();
+    if let Some(id) = undestroy {
+        let done = store.undestroy(&bytes, id, opts, now);
+        drop(store);
+        let mut lkm = Lkm::open(cfg, false).map_err(Error::Invalid)?;
+        return match done {
+            Ok(r) => {
+                lkm.record("restore.undestroy", Some(&r.id), "ok: retired")
+                    .map_err(Error::Invalid)?;
+                eprintln!(
+                    "edgerec: {id} brought back from {} as retired: it decrypts what was sealed \
+                     to it and is never current again",
+                    backup.display()
+                );
+                Ok(())
+            }
+            Err(e) => {
+                lkm.record("restore.undestroy", Some(id), "failed")
+                    .map_err(Error::Invalid)?;
+                Err(failed(e))
+            }
+        };
+    }
+    let done = store.restore(&bytes, opts, now);
+    drop(store);
+    let mut lkm = Lkm::open(cfg, false).map_err(Error::Invalid)?;
+    match done {
+        Ok(done) => {
+            let what = format!(
+                "ok: {} written, {} retired, {} newer here{}",
+                done.written,
+                done.retired.len(),
+                done.kept_newer.len(),
+                if done.unauthenticated {
+                    ", WITHOUT a MAC (--accept-unauthenticated)"
+                } else {
+                    ""
+                }
+            );
+            lkm.record("restore", None, &what).map_err(Error::Invalid)?;
+            eprintln!(
+                "edgerec: {} keys restored from {}",
+                done.written,
+                backup.display()
+            );
+            for id in &done.retired {
+                eprintln!(
+                    "edgerec: {id} restored as retired: newer than the current key, which a \
+                     restore never changes"
+                );
+            }
+            for id in &done.kept_newer {
+                eprintln!("edgerec: {id} kept as it is here (retired or destroyed since the backup)");
+            }
             Ok(())
         }
         Err(e) => {
@@ -217,7 +354,12 @@ pub fn retire(config: &Path, id: &str) -> Result<(), Error> {
                 "edgerec: {} retired: no new recordings are sealed to it; it still decrypts",
                 r.id
             );
-            if lkm.store.current().map_err(failed)?.is_none() {
+            if lkm
+                .store
+                .current(crate::clock::now_ms())
+                .map_err(failed)?
+                .is_none()
+            {
                 eprintln!(
                     "edgerec: warning: no active key remains; recorders keep their cached key \
                      until edgerec lkm rotate makes a new one"
@@ -233,10 +375,27 @@ pub fn retire(config: &Path, id: &str) -> Result<(), Error> {
     }
 }
 
-/// `edgerec lkm destroy KEKID --store-config FILE [--yes]`: shows how many recordings in
-/// the store are sealed to the key, then destroys it only when confirmed.
-pub fn destroy(config: &Path, store_config: &Path, id: &str, yes: bool) -> Result<(), Error> {
+/// What `edgerec lkm destroy` is told.
+pub struct DestroyArgs<'a> {
+    /// The appliance config whose store is counted.
+    pub store_config: &'a Path,
+    /// The kek id.
+    pub id: &'a str,
+    /// Destroy without asking (after the count is shown).
+    pub yes: bool,
+    /// Destroy even though recordings sealed to the key alone remain, or the store could
+    /// not be counted whole.
+    pub force: bool,
+    /// Where to write the ids of the recordings sealed to the key alone.
+    pub list: Option<&'a Path>,
+}
+
+/// `edgerec lkm destroy KEKID --store-config FILE [--yes] [--force] [--list FILE]`: counts
+/// the recordings in the store sealed to the key, refuses while some are sealed to it alone
+/// (or the count is incomplete) unless forced, then destroys it only when confirmed.
+pub fn destroy(config: &Path, args: DestroyArgs) -> Result<(), Error> {
     use std::io::IsTerminal;
+    let id = args.id;
     let mut lkm = open(config, false)?;
     let record = lkm.store.get(id).map_err(failed)?;
     if record.state == crate::keystore::KeyState::Destroyed {
@@ -244,10 +403,10 @@ pub fn destroy(config: &Path, store_config: &Path, id: &str, yes: bool) -> Resul
     }
     let kek = crate::keys::KekId::from_hex(id)
         .ok_or_else(|| Error::Invalid(format!("{id}: not a kek id")))?;
-    let appliance =
-        crate::config::Config::load(store_config).map_err(|e| Error::Invalid(e.to_string()))?;
+    let appliance = crate::config::Config::load(args.store_config)
+        .map_err(|e| Error::Invalid(e.to_string()))?;
     eprintln!("edgerec: reading the headers of every package in the store ...");
-    match crate::census::count(&appliance.store, &appliance.prefix, &kek) {
+    let blocker = match crate::census::count(&appliance.store, &appliance.prefix, &kek) {
         Ok(c) => {
             println!(
                 "{} of {} recordings in the store are sealed to {id}; {} of them to this key \
@@ -257,18 +416,57 @@ pub fn destroy(config: &Path, store_config: &Path, id: &str, yes: bool) -> Resul
             for (key, why) in &c.unreadable {
                 println!("not counted, unreadable: {key}: {why}");
             }
+            if let Some(list) = args.list {
+                let mut text = c.only_ids.join("\n");
+                if !text.is_empty() {
+                    text.push('\n');
+                }
+                crate::durable::replace_file(list, text.as_bytes())
+                    .map_err(|e| Error::Invalid(format!("{}: {e}", list.display())))?;
+                println!(
+                    "the ids of those {} recordings are in {}",
+                    c.only_to,
+                    list.display()
+                );
+            }
             println!(
                 "WARNING: destroying the key makes those {} recordings unreadable for ever, \
                  by anyone. A backup made before (edgerec lkm backup) still holds it.",
                 c.only_to
             );
+            if c.only_to > 0 {
+                Some(format!(
+                    "{} recordings are sealed to this key alone (delete them first: --list \
+                     FILE names them)",
+                    c.only_to
+                ))
+            } else if !c.unreadable.is_empty() {
+                Some(format!(
+                    "{} objects in the store could not be read, so the count is incomplete",
+                    c.unreadable.len()
+                ))
+            } else {
+                None
+            }
         }
-        Err(why) => println!(
-            "the store could not be counted ({why}).\nWARNING: every recording sealed to \
-             {id} alone becomes unreadable for ever."
-        ),
+        Err(why) => {
+            println!(
+                "the store could not be counted ({why}).\nWARNING: every recording sealed to \
+                 {id} alone becomes unreadable for ever."
+            );
+            Some(format!("the store could not be counted ({why})"))
+        }
+    };
+    if let Some(why) = &blocker
+        && !args.force
+    {
+        lkm.record("destroy", Some(id), "refused: recordings remain")
+            .map_err(Error::Invalid)?;
+        return Err(Error::Invalid(format!(
+            "not destroyed: {why}; --force destroys it all the same"
+        )));
     }
-    let confirmed = yes || {
+    let confirmed = args.yes || {
         let stdin = std::io::stdin();
         if stdin.is_terminal() {
             eprint!("type the kek id to destroy it: ");
@@ -285,6 +483,17 @@ pub fn destroy(config: &Path, store_config: &Path, id: &str, yes: bool) -> Resul
             "not destroyed: confirm with --yes (or type the kek id) after reading the count".into(),
         ));
     }
+    // On disk before the key goes: an irreversible act is never unaudited.
+    lkm.record(
+        "destroy",
+        Some(id),
+        if blocker.is_some() {
+            "started (--force)"
+        } else {
+            "started"
+        },
+    )
+    .map_err(Error::Invalid)?;
     match lkm.store.destroy(id, crate::clock::now_ms()) {
         Ok(r) => {
             lkm.record("destroy", Some(&r.id), "ok")
@@ -298,6 +507,42 @@ pub fn destroy(config: &Path, store_config: &Path, id: &str, yes: bool) -> Resul
             Err(failed(e))
         }
     }
+}
+
+/// `edgerec lkm verify-audit [--config lkm.toml] FILE`: the chain, and with the key manager's
+/// config every line's MAC under its audit key.
+pub fn verify_audit(config: Option<&Path>, file: &Path) -> Result<(), Error> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| Error::Invalid(format!("{}: {e}", file.display())))?;
+    let key = match config {
+        Some(c) => {
+            let cfg = LkmConfig::load(c).map_err(Error::Invalid)?;
+            let p = crate::lkm::protector(&cfg, false).map_err(Error::Invalid)?;
+            Some(crate::lkm::audit_key(p.as_ref()).map_err(Error::Invalid)?)
+        }
+        None => None,
+    };
+    let chain = crate::audit::verify_keyed(&text, key.as_ref())?;
+    let keyed = match (chain.keyed_from, key.is_some()) {
+        (Some(1), true) => "every line's MAC verified under the audit key".to_string(),
+        (Some(n), true) => format!(
+            "MACs verified under the audit key from line {n}; lines 1 to {} were written before \
+             keying (hash chain only)",
+            n - 1
+        ),
+        (None, true) => "no keyed line: written before keying (hash chain only)".to_string(),
+        (Some(n), false) => format!(
+            "keyed from line {n}; MACs not checked (give --config lkm.toml to check them)"
+        ),
+        (None, false) => "no keyed line".to_string(),
+    };
+    println!(
+        "{}: {} lines, chain intact; {keyed}; last hash {}",
+        file.display(),
+        chain.next_seq,
+        hex::encode(chain.last_hash)
+    );
+    Ok(())
 }
 
 /// `edgerec lkm serve`.

@@ -195,6 +195,11 @@ pub struct KeySource {
     #[cfg(feature = "appliance")]
     #[arg(long, value_name = "CA.pem", requires = "lkm")]
     lkm_ca: Option<PathBuf>,
+    /// Who opens the recordings, for the key manager's audit log (PureCloud-User-Id;
+    /// default: the user running this command).
+    #[cfg(feature = "appliance")]
+    #[arg(long, value_name = "USER", requires = "lkm")]
+    lkm_user: Option<String>,
 }
 
 impl KeySource {
@@ -208,6 +213,10 @@ impl KeySource {
                 ca_file: self.lkm_ca.clone(),
                 credentials: credentials.clone(),
                 timeout: std::time::Duration::from_secs(30),
+                user: self
+                    .lkm_user
+                    .clone()
+                    .unwrap_or_else(crate::lkm::os_user),
             })
             .map_err(crate::Error::Invalid)?;
             return Ok(Box::new(crate::keys::Either(ring, client)));
@@ -305,8 +314,9 @@ enum LkmAction {
         kek_id: String,
     },
     /// Destroy a key pair's private key for good. First reads every package header in the
-    /// store and shows how many recordings are sealed to it (and to it alone); those become
-    /// unreadable. Asks for the kek id on a terminal; scripts pass --yes.
+    /// store and shows how many recordings are sealed to it (and to it alone); refuses while
+    /// any is sealed to it alone, or the store cannot be counted whole, unless --force. Asks
+    /// for the kek id on a terminal; scripts pass --yes.
     #[cfg(feature = "appliance")]
     Destroy {
         /// The key manager's config file.
@@ -318,6 +328,13 @@ enum LkmAction {
         /// Destroy without asking (after the count is shown).
         #[arg(long)]
         yes: bool,
+        /// Destroy even though recordings sealed to this key alone remain (they become
+        /// unreadable for ever), or the store could not be counted whole.
+        #[arg(long)]
+        force: bool,
+        /// Write the ids of the recordings sealed to this key alone to FILE, one a line.
+        #[arg(long, value_name = "FILE")]
+        list: Option<PathBuf>,
         /// The kek id (64 hex characters).
         kek_id: String,
     },
@@ -346,21 +363,36 @@ enum LkmAction {
         /// Where the backup goes (never overwritten).
         out: PathBuf,
     },
-    /// Restore a backup into the key store (records already there must be equal; nothing is
-    /// overwritten). The master key that sealed the backup must be the configured one.
+    /// Restore a backup into the key store: its MAC is checked, every private key opened and
+    /// matched to its id; nothing is overwritten and the current key does not change (unless
+    /// the store had none). The master key (or KMS key) that sealed the backup must be the
+    /// configured one.
     #[cfg(feature = "appliance")]
     Restore {
         /// The key manager's config file.
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+        /// Take an older backup without a MAC (made before edgerec signed backups): nothing
+        /// shows whether it was changed.
+        #[arg(long)]
+        accept_unauthenticated: bool,
+        /// Bring back only this destroyed key, from a backup made before its destruction; it
+        /// comes back retired (it decrypts, it is never current).
+        #[arg(long, value_name = "KEKID")]
+        undestroy: Option<String>,
         /// The backup.
         backup: PathBuf,
     },
-    /// Check an audit log's hash chain: every line there, in order, unchanged. Prints the
-    /// number of lines and the last line's hash; keep that hash elsewhere, since lines cut off
-    /// the end are found only against it. Exit status 4 names the first line that breaks the
-    /// chain.
+    /// Check an audit log: its hash chain (every line there, in order, unchanged) and, with
+    /// --config, every line's MAC under the key manager's audit key (lines removed and the
+    /// hashes recomputed are found). Prints the number of lines and the last line's hash; keep
+    /// that hash elsewhere, since lines cut off the end are found only against it. Exit
+    /// status 4 names the first line that breaks the chain.
     VerifyAudit {
+        /// The key manager's config file: check the MACs with its audit key.
+        #[cfg(feature = "appliance")]
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         /// The audit log (JSON lines).
         file: PathBuf,
     },
@@ -371,16 +403,41 @@ enum LkmAction {
 #[derive(Debug, Subcommand)]
 enum CredentialAction {
     /// Issue a credential: prints its id and key (base64) once, for the client's
-    /// configuration. Only this local command issues credentials.
+    /// configuration.
     Add {
         /// The key manager's config file.
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
-        /// May administer through the API as well.
-        #[arg(long)]
+        /// What it may do: recorder (public keys only: every recording appliance), decrypt
+        /// (and unwrap: playback, open/export --lkm), platform (and make key pairs: the
+        /// platform's contract client), admin (everything).
+        #[arg(long, value_enum, default_value_t = RoleArg::Recorder)]
+        role: RoleArg,
+        /// The same as --role admin.
+        #[arg(long, conflicts_with = "role")]
         admin: bool,
         /// The credential id (letters, digits, - _ .).
         id: String,
+    },
+    /// The credentials: ids and roles (never keys).
+    List {
+        /// The key manager's config file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a credential's role: a running service applies it within 2 s.
+    SetRole {
+        /// The key manager's config file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The credential id.
+        id: String,
+        /// Its role from now on.
+        #[arg(value_enum)]
+        role: RoleArg,
     },
     /// Revoke a credential: a running service refuses it within 2 s.
     Remove {
@@ -390,6 +447,32 @@ enum CredentialAction {
         /// The credential id.
         id: String,
     },
+}
+
+/// The `--role` values.
+#[cfg(feature = "appliance")]
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum RoleArg {
+    /// Public keys only: every recording appliance.
+    Recorder,
+    /// And unwraps: playback, `open` / `export --lkm`.
+    Decrypt,
+    /// And key pairs: the platform's contract client.
+    Platform,
+    /// Everything.
+    Admin,
+}
+
+#[cfg(feature = "appliance")]
+impl From<RoleArg> for crate::roles::Role {
+    fn from(r: RoleArg) -> crate::roles::Role {
+        match r {
+            RoleArg::Recorder => crate::roles::Role::Recorder,
+            RoleArg::Decrypt => crate::roles::Role::Decrypt,
+            RoleArg::Platform => crate::roles::Role::Platform,
+            RoleArg::Admin => crate::roles::Role::Admin,
+        }
+    }
 }
 
 /// Which spool.
@@ -425,9 +508,10 @@ impl From<WrapArg> for Wrap {
 
 /// Runs the command line and returns the exit code.
 pub fn main() -> ExitCode {
-    // Data keys and private keys live in this process's memory: never in a core file.
-    if let Err(e) = rlimit::setrlimit(rlimit::Resource::CORE, 0, 0) {
-        eprintln!("edgerec: cannot disable core dumps: {e}");
+    // Data keys and private keys live in this process's memory: never in a core file, and
+    // not readable by another process of the same user.
+    if let Err(e) = crate::hardening::no_dumps() {
+        eprintln!("edgerec: {e}");
         return ExitCode::from(1);
     }
     let cli = match Cli::try_parse() {
@@ -466,6 +550,9 @@ pub fn main() -> ExitCode {
             }
         },
         Command::Lkm { action } => match action {
+            #[cfg(feature = "appliance")]
+            LkmAction::VerifyAudit { config, file } => lkm::verify_audit(config.as_deref(), &file),
+            #[cfg(not(feature = "appliance"))]
             LkmAction::VerifyAudit { file } => verify_audit(&file),
             #[cfg(feature = "appliance")]
             LkmAction::Init { config } => lkm::init(&config),
@@ -484,12 +571,45 @@ pub fn main() -> ExitCode {
                 config,
                 store_config,
                 yes,
+                force,
+                list,
                 kek_id,
-            } => lkm::destroy(&config, &store_config, &kek_id, yes),
+            } => lkm::destroy(
+                &config,
+                lkm::DestroyArgs {
+                    store_config: &store_config,
+                    id: &kek_id,
+                    yes,
+                    force,
+                    list: list.as_deref(),
+                },
+            ),
             #[cfg(feature = "appliance")]
             LkmAction::Credentials {
-                action: CredentialAction::Add { config, admin, id },
-            } => lkm::add_credential(&config, &id, admin),
+                action:
+                    CredentialAction::Add {
+                        config,
+                        role,
+                        admin,
+                        id,
+                    },
+            } => lkm::add_credential(
+                &config,
+                &id,
+                if admin {
+                    crate::roles::Role::Admin
+                } else {
+                    role.into()
+                },
+            ),
+            #[cfg(feature = "appliance")]
+            LkmAction::Credentials {
+                action: CredentialAction::List { config, json },
+            } => lkm::list_credentials(&config, json),
+            #[cfg(feature = "appliance")]
+            LkmAction::Credentials {
+                action: CredentialAction::SetRole { config, id, role },
+            } => lkm::set_role(&config, &id, role.into()),
             #[cfg(feature = "appliance")]
             LkmAction::Credentials {
                 action: CredentialAction::Remove { config, id },
@@ -497,7 +617,17 @@ pub fn main() -> ExitCode {
             #[cfg(feature = "appliance")]
             LkmAction::Backup { config, out } => lkm::backup(&config, &out),
             #[cfg(feature = "appliance")]
-            LkmAction::Restore { config, backup } => lkm::restore(&config, &backup),
+            LkmAction::Restore {
+                config,
+                accept_unauthenticated,
+                undestroy,
+                backup,
+            } => lkm::restore(
+                &config,
+                &backup,
+                accept_unauthenticated,
+                undestroy.as_deref(),
+            ),
         },
         Command::Keygen { out, bits } => package::keygen(&out, bits.into()),
         Command::Seal {
@@ -560,7 +690,8 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// `edgerec lkm verify-audit FILE`.
+/// `edgerec lkm verify-audit FILE` (a build without the key manager: the chain only).
+#[cfg(not(feature = "appliance"))]
 fn verify_audit(file: &std::path::Path) -> Result<(), crate::Error> {
     let text = std::fs::read_to_string(file)
         .map_err(|e| crate::Error::Invalid(format!("{}: {e}", file.display())))?;

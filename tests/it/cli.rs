@@ -413,7 +413,7 @@ fn lkm_verify_audit_reports_an_intact_chain_and_names_a_changed_line() {
     use edgerec::audit::{AuditLog, Event};
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");
-    let mut log = AuditLog::open(&path).unwrap();
+    let mut log = AuditLog::open(&path, None).unwrap();
     for (i, outcome) in ["ok", "denied", "ok"].into_iter().enumerate() {
         log.append(
             &Event {

@@ -136,15 +136,18 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     out
 }
 
-/// A running `edgerec lkm serve` over TLS, with a recorder's and an administrator's
-/// credentials issued by the command line.
+/// A running `edgerec lkm serve` over TLS, with credentials of every role issued by the
+/// command line: `recorder-1` (recorder), `reader-1` (decrypt), `platform-1` (platform),
+/// `ops` (admin).
 pub struct Service {
     child: Option<std::process::Child>,
     pub port: u16,
     pub dir: tempfile::TempDir,
     pub pki: crate::http_store::Pki,
     pub recorder_key: String,
-    admin_key: String,
+    pub reader_key: String,
+    pub platform_key: String,
+    pub admin_key: String,
     client: reqwest::blocking::Client,
     pub config: std::path::PathBuf,
     pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
@@ -191,13 +194,22 @@ impl Service {
         )
         .unwrap();
         assert_eq!(lkm(&["init"], &config).0, 0);
-        let recorder_key = issued_key(&lkm(&["credentials", "add", "recorder-1"], &config).1);
-        let admin_key = issued_key(&lkm(&["credentials", "add", "--admin", "ops"], &config).1);
-        fs::write(
-            dir.path().join("recorder.cred"),
-            format!("id: recorder-1\nkey: {recorder_key}\nalgorithm: sha256\n"),
-        )
-        .unwrap();
+        let issue = |args: &[&str], id: &str, file: &str| {
+            let mut all = vec!["credentials", "add"];
+            all.extend_from_slice(args);
+            all.push(id);
+            let key = issued_key(&lkm(&all, &config).1);
+            fs::write(
+                dir.path().join(file),
+                format!("id: {id}\nkey: {key}\nalgorithm: sha256\n"),
+            )
+            .unwrap();
+            key
+        };
+        let recorder_key = issue(&[], "recorder-1", "recorder.cred");
+        let reader_key = issue(&["--role", "decrypt"], "reader-1", "reader.cred");
+        let platform_key = issue(&["--role", "platform"], "platform-1", "platform.cred");
+        let admin_key = issue(&["--admin"], "ops", "ops.cred");
         let ca = reqwest::Certificate::from_pem(&fs::read(pki.path("ca.pem")).unwrap()).unwrap();
         let client = reqwest::blocking::Client::builder()
             .add_root_certificate(ca)
@@ -209,6 +221,8 @@ impl Service {
             dir,
             pki,
             recorder_key,
+            reader_key,
+            platform_key,
             admin_key,
             client,
             config,
@@ -291,6 +305,11 @@ impl Service {
         self.dir.path().join("recorder.cred")
     }
 
+    /// The decrypt credential's file (what `open` and `export` use).
+    pub fn reader_credentials(&self) -> std::path::PathBuf {
+        self.dir.path().join("reader.cred")
+    }
+
     pub fn ca(&self) -> std::path::PathBuf {
         self.pki.path("ca.pem")
     }
@@ -301,7 +320,7 @@ impl Service {
     }
 
     /// Polls `GET /keypair` with a credential until it answers `status` (10 s at most).
-    fn wait_status(&self, id: &str, key: &str, status: u16, why: &str) {
+    pub fn wait_status(&self, id: &str, key: &str, status: u16, why: &str) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while self.call("GET", KEYPAIRS, None, id, key, true).0 != status {
             assert!(std::time::Instant::now() < deadline, "{why}");
@@ -315,14 +334,14 @@ impl Service {
             "--lkm".into(),
             self.url(),
             "--lkm-credentials".into(),
-            self.credentials().display().to_string(),
+            self.reader_credentials().display().to_string(),
             "--lkm-ca".into(),
             self.ca().display().to_string(),
         ]
     }
 
     /// A request as a contract client makes it: Hawk-signed (with a payload hash if `hash`).
-    fn call(
+    pub fn call(
         &self,
         method: &str,
         path: &str,
@@ -338,7 +357,7 @@ impl Service {
         self.send(method, path, &bytes, Some(&auth))
     }
 
-    fn send(
+    pub fn send(
         &self,
         method: &str,
         path: &str,
@@ -368,7 +387,7 @@ impl Service {
     }
 }
 
-fn hawk_header(
+pub fn hawk_header(
     method: &str,
     port: u16,
     path: &str,
@@ -392,8 +411,8 @@ fn hawk_header(
 }
 
 /// The contract's endpoints the test calls most.
-const KEYPAIRS: &str = "/key-management/v1/keypair";
-const DECRYPT: &str = "/key-management/v1/decrypt";
+pub const KEYPAIRS: &str = "/key-management/v1/keypair";
+pub const DECRYPT: &str = "/key-management/v1/decrypt";
 
 #[test]
 fn a_contract_client_creates_keys_and_unwraps_through_the_service() {
@@ -402,7 +421,8 @@ fn a_contract_client_creates_keys_and_unwraps_through_the_service() {
     use edgerec::keys::KekPublic;
     let b64 = base64::engine::general_purpose::STANDARD;
     let s = Service::start();
-    let (rid, rkey) = ("recorder-1", s.recorder_key.clone());
+    // The platform's contract client holds a platform credential.
+    let (rid, rkey) = ("platform-1", s.platform_key.clone());
     // POST keypair: {id, publicKey (base64 DER RSAPublicKey), dateCreated (a number)}.
     let (code, made) = s.call("POST", KEYPAIRS, None, rid, &rkey, true);
     assert_eq!(code, 200, "{made}");
@@ -487,7 +507,7 @@ fn a_contract_client_creates_keys_and_unwraps_through_the_service() {
     assert_eq!(s.send("GET", KEYPAIRS, b"", Some(&auth)).0, 200);
     assert_eq!(s.send("GET", KEYPAIRS, b"", Some(&auth)).0, 401, "a replay");
     // Credentials through the API: administrators only.
-    let body = serde_json::json!({ "id": "platform-1" });
+    let body = serde_json::json!({ "id": "platform-2", "role": "platform" });
     assert_eq!(
         s.call(
             "POST",
@@ -510,11 +530,12 @@ fn a_contract_client_creates_keys_and_unwraps_through_the_service() {
     );
     assert_eq!((code, cred["algorithm"].as_str()), (200, Some("sha256")));
     assert_eq!(cred["authKey"].as_str().unwrap().len(), 43);
+    assert_eq!(cred["role"], "platform");
     // Issued credentials work at once, with no restart: through the API and by the command
     // line while the service runs.
     let pkey = cred["authKey"].as_str().unwrap().to_string();
     assert_eq!(
-        s.call("GET", KEYPAIRS, None, "platform-1", &pkey, true).0,
+        s.call("GET", KEYPAIRS, None, "platform-2", &pkey, true).0,
         200
     );
     let cli_key = issued_key(&s.admin(&["credentials", "add", "recorder-2"]).1);
@@ -601,8 +622,9 @@ fn metric(text: &str, name: &str) -> f64 {
 
 #[test]
 fn recordings_open_through_the_service_until_their_key_is_destroyed_after_a_census() {
+    // Ten unwraps per credential for the whole test (no refill worth waiting for).
     let s = Service::start_with(
-        "unwrap_rate_per_sec = 0.5\nunwrap_burst = 4\nmetrics_listen = \"127.0.0.1:0\"",
+        "unwrap_rate_per_sec = 0.001\nunwrap_burst = 10\nmetrics_listen = \"127.0.0.1:0\"",
     );
     let a = keys(&s.config)[0]["id"].as_str().unwrap().to_string();
     let (code, b, _) = s.admin(&["rotate"]);
@@ -644,24 +666,23 @@ fn recordings_open_through_the_service_until_their_key_is_destroyed_after_a_cens
             "through the key manager"
         );
     }
-    // Two of the burst of four are used: the next decrypts run into the limit (one token
-    // every two seconds).
+    // The limit is per credential: another one with decrypt rights gets its ten, then 429.
     let junk = serde_json::json!({ "keypairId": a, "body": "AAAA" });
-    let codes: Vec<u16> = (0..4)
+    let codes: Vec<u16> = (0..12)
         .map(|_| {
             s.call(
                 "POST",
                 DECRYPT,
                 Some(&junk),
-                "recorder-1",
-                &s.recorder_key,
+                "platform-1",
+                &s.platform_key,
                 true,
             )
             .0
         })
         .collect();
-    assert_eq!(&codes[..2], [400, 400], "{codes:?}");
-    assert_eq!(&codes[2..], [429, 429], "{codes:?}");
+    assert_eq!(&codes[..10], [400; 10], "{codes:?}");
+    assert_eq!(&codes[10..], [429, 429], "{codes:?}");
     // The store census, then the destruction.
     let app = s.dir.path().join("edgerec.toml");
     fs::write(
@@ -672,15 +693,14 @@ fn recordings_open_through_the_service_until_their_key_is_destroyed_after_a_cens
         ),
     )
     .unwrap();
-    let destroy = |yes: bool| {
+    let list = s.dir.path().join("sealed-to-a-alone.txt");
+    let destroy = |extra: &[&str]| {
         let mut args = vec!["destroy", "--store-config", app.to_str().unwrap(), &a];
-        if yes {
-            args.push("--yes");
-        }
+        args.extend_from_slice(extra);
         s.admin(&args)
     };
-    let (code, out, err) = destroy(false);
-    assert_eq!(code, 1, "not confirmed: {err}");
+    let (code, out, err) = destroy(&["--list", list.to_str().unwrap()]);
+    assert_eq!(code, 1, "refused: {err}");
     assert!(
         out.contains("1 of 2 recordings in the store are sealed to")
             && out.contains("1 of them to this key alone")
@@ -688,17 +708,25 @@ fn recordings_open_through_the_service_until_their_key_is_destroyed_after_a_cens
         "{out} {err}"
     );
     assert!(err.contains("not destroyed"), "{err}");
-    std::thread::sleep(std::time::Duration::from_secs(2)); // the next token
+    // The list names the one recording sealed to it alone.
+    let inspect = edgerec(&["inspect", "--json", day.join(format!("{a}.erec")).to_str().unwrap()]);
+    let rec: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(
+        fs::read_to_string(&list).unwrap(),
+        format!("{}\n", rec["recording_id"].as_str().unwrap())
+    );
+    // Confirmed, but recordings sealed to it alone remain: still refused without --force.
+    let (code, _, err) = destroy(&["--yes"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("sealed to this key alone") && err.contains("--force"), "{err}");
     assert!(open(&a).status.success(), "still there");
-    let (code, _, err) = destroy(true);
+    let (code, _, err) = destroy(&["--yes", "--force"]);
     assert_eq!(code, 0, "{err}");
     // Its recording can never be opened again, and says why; the other still opens.
-    std::thread::sleep(std::time::Duration::from_secs(2)); // the next token
     let out = open(&a);
     assert_eq!(out.status.code(), Some(3));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("key destroyed"), "{err}");
-    std::thread::sleep(std::time::Duration::from_secs(2));
     assert!(open(&b).status.success());
     // Unwraps by outcome, and keys by state, in the service's metrics.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -725,12 +753,12 @@ fn recordings_open_through_the_service_until_their_key_is_destroyed_after_a_cens
     );
     let audit = fs::read_to_string(s.dir.path().join("audit.jsonl")).unwrap();
     assert!(audit.contains("\"action\":\"destroy\""));
-    assert!(audit.contains("not confirmed"));
+    assert!(audit.contains("refused: recordings remain"));
+    assert!(audit.contains("started (--force)"));
     // Backup, lose the key store, restore: the service answers as before.
     let backup = s.dir.path().join("backup.json");
     assert_eq!(s.admin(&["backup", backup.to_str().unwrap()]).0, 0);
     fs::remove_dir_all(s.dir.path().join("store")).unwrap();
-    std::thread::sleep(std::time::Duration::from_secs(2)); // the next token
     let out = open(&b);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
@@ -740,7 +768,6 @@ fn recordings_open_through_the_service_until_their_key_is_destroyed_after_a_cens
     );
     let (code, _, err) = s.admin(&["restore", backup.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
-    std::thread::sleep(std::time::Duration::from_secs(2));
     let out = open(&b);
     assert!(
         out.status.success(),
@@ -823,17 +850,24 @@ fn the_sample_key_manager_runs_as_it_stands_and_opens_the_demo_keys_recordings()
         sealed.to_str().unwrap(),
     ]);
     assert!(out.status.success());
-    let out = edgerec(&[
-        "open",
-        "--lkm",
-        &format!("https://localhost:{port}"),
-        "--lkm-credentials",
-        samples.join("lkm/demo-recorder.cred").to_str().unwrap(),
-        "--lkm-ca",
-        samples.join("lkm/demo-ca.pem").to_str().unwrap(),
-        sealed.to_str().unwrap(),
-        "-",
-    ]);
+    let open_as = |cred: &str| {
+        edgerec(&[
+            "open",
+            "--lkm",
+            &format!("https://localhost:{port}"),
+            "--lkm-credentials",
+            samples.join(cred).to_str().unwrap(),
+            "--lkm-ca",
+            samples.join("lkm/demo-ca.pem").to_str().unwrap(),
+            "--lkm-user",
+            "auditor-7",
+            sealed.to_str().unwrap(),
+            "-",
+        ])
+    };
+    let out = open_as("lkm/demo-decrypt.cred");
+    // The recorder's credential (what samples/edgerec.toml holds) cannot decrypt.
+    let refused = open_as("lkm/demo-recorder.cred");
     let _ = child.kill();
     let _ = child.wait();
     assert!(
@@ -842,8 +876,46 @@ fn the_sample_key_manager_runs_as_it_stands_and_opens_the_demo_keys_recordings()
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(out.stdout, fs::read(&original).unwrap());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{err}");
+    assert!(err.contains("403") && err.contains("role (recorder)"), "{err}");
+    assert!(refused.stdout.is_empty());
     let audit = fs::read_to_string(dir.path().join("var/lkm/audit.jsonl")).unwrap();
-    assert!(audit.contains("\"who\":\"demo-recorder\""), "{audit}");
+    let inspect = edgerec(&["inspect", "--json", sealed.to_str().unwrap()]);
+    let rec: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert!(
+        audit.lines().any(|l| l.contains("\"who\":\"demo-decrypt\"")
+            && l.contains("\"user\":\"auditor-7\"")
+            && l.contains(&format!(
+                "\"recording\":\"{}\"",
+                rec["recording_id"].as_str().unwrap()
+            ))
+            && l.contains("\"outcome\":\"ok\"")),
+        "who opened which recording: {audit}"
+    );
+    assert!(
+        audit.contains("\"who\":\"demo-recorder\"") && audit.contains("denied: role recorder"),
+        "{audit}"
+    );
+    // Without demo = true, the public demo material is refused at start: the TLS key's
+    // mode, then the credentials, then the master key.
+    let text = fs::read_to_string(&config).unwrap().replace("demo = true", "demo = false");
+    fs::write(&config, text).unwrap();
+    let start = || {
+        let out = edgerec(&["lkm", "serve", "--config", config.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = start();
+    assert!(err.contains("lkm.tls_key") && err.contains("chmod 600"), "{err}");
+    for f in ["lkm/tls.DEMO-ONLY.key", "lkm/credentials.json", "lkm/master.DEMO-ONLY.key"] {
+        fs::set_permissions(samples.join(f), fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let err = start();
+    assert!(err.contains("public DEMO key"), "{err}");
+    fs::remove_file(samples.join("lkm/credentials.json")).unwrap();
+    let err = start();
+    assert!(err.contains("public DEMO master key"), "{err}");
 }
 
 #[test]
@@ -880,5 +952,15 @@ fn the_service_rotates_on_its_schedule() {
     std::thread::sleep(std::time::Duration::from_secs(3));
     assert_eq!(keys(&s.config).len(), 2);
     let audit = fs::read_to_string(s.dir.path().join("audit.jsonl")).unwrap();
-    assert_eq!(audit.matches("\"action\":\"rotate.scheduled\"").count(), 1);
+    assert_eq!(
+        audit
+            .lines()
+            .filter(|l| l.contains("\"action\":\"rotate.scheduled\"")
+                && l.contains("\"outcome\":\"ok\""))
+            .count(),
+        1,
+        "{audit}"
+    );
+    // Its line was on disk before the key existed.
+    assert!(audit.contains("\"outcome\":\"started\""), "{audit}");
 }
