@@ -869,14 +869,19 @@ impl Config {
                 )
                 .map_err(|(key, why)| {
                     let line = match key {
-                        "header_read_timeout_secs" => c.header_read_timeout_secs.as_ref().map(|v| v.span()),
+                        "header_read_timeout_secs" => {
+                            c.header_read_timeout_secs.as_ref().map(|v| v.span())
+                        }
                         "idle_timeout_secs" => c.idle_timeout_secs.as_ref().map(|v| v.span()),
                         "max_connections" => c.max_connections.as_ref().map(|v| v.span()),
                         _ => c.max_connections_per_address.as_ref().map(|v| v.span()),
                     }
                     .map(|s| format!(", line {}", cx.line(&s)))
                     .unwrap_or_default();
-                    ConfigError(format!("config {}{line}: control.{key} = {why}", file.display()))
+                    ConfigError(format!(
+                        "config {}{line}: control.{key} = {why}",
+                        file.display()
+                    ))
                 })?;
                 Some(Control {
                     listen: *listen,
@@ -1100,14 +1105,22 @@ path = "/srv/store"
         let e = err(&with("tls_cert = \"c.pem\""));
         assert!(e.contains("go together"), "{e}");
         assert_eq!(c.limits, crate::https::Limits::default());
-        let c = parse(&with("header_read_timeout_secs = 3\nmax_connections_per_address = 8"))
-            .unwrap()
-            .control
-            .unwrap();
-        assert_eq!(c.limits.header_read_timeout, std::time::Duration::from_secs(3));
+        let c = parse(&with(
+            "header_read_timeout_secs = 3\nmax_connections_per_address = 8",
+        ))
+        .unwrap()
+        .control
+        .unwrap();
+        assert_eq!(
+            c.limits.header_read_timeout,
+            std::time::Duration::from_secs(3)
+        );
         assert_eq!(c.limits.max_connections_per_address, 8);
         let e = err(&with("idle_timeout_secs = 0"));
-        assert!(e.contains("control.idle_timeout_secs = 0") && e.contains("line"), "{e}");
+        assert!(
+            e.contains("control.idle_timeout_secs = 0") && e.contains("line"),
+            "{e}"
+        );
         // The token in the clear off loopback: only when the operator says so.
         let open = |extra: &str| {
             format!(
@@ -1116,7 +1129,10 @@ path = "/srv/store"
             )
         };
         let e = err(&open(""));
-        assert!(e.contains("control.listen") && e.contains("allow_plaintext"), "{e}");
+        assert!(
+            e.contains("control.listen") && e.contains("allow_plaintext"),
+            "{e}"
+        );
         assert!(parse(&open("allow_plaintext = true")).is_ok());
         assert!(parse(&open("tls_cert = \"c.pem\"\ntls_key = \"k.pem\"")).is_ok());
         std::fs::write(&token, "short").unwrap();

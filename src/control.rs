@@ -169,7 +169,13 @@ pub async fn serve<F: std::future::Future<Output = ()> + Send + 'static>(
     recorder: SyncSender<Msg>,
     ports: (u16, u16),
     shutdown: F,
-) -> Result<(std::net::SocketAddr, impl std::future::Future<Output = ()> + use<F>), String> {
+) -> Result<
+    (
+        std::net::SocketAddr,
+        impl std::future::Future<Output = ()> + use<F>,
+    ),
+    String,
+> {
     let mut key = [0u8; 32];
     getrandom::fill(&mut key).map_err(|e| e.to_string())?;
     let mut m = <HmacSha256 as KeyInit>::new_from_slice(&key).expect("any key length");

@@ -132,7 +132,10 @@ mod tests {
         assert_ne!(a, b, "two writers never share a temporary");
         for t in [&a, &b] {
             let name = t.file_name().unwrap().to_str().unwrap();
-            assert!(name.starts_with(".state.json.") && is_temp_name(name), "{name}");
+            assert!(
+                name.starts_with(".state.json.") && is_temp_name(name),
+                "{name}"
+            );
         }
         assert!(!is_temp_name("state.json"));
         assert!(!is_temp_name(".state.json.tmp"), "not one of ours");

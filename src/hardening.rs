@@ -10,9 +10,8 @@
 pub fn no_dumps() -> std::io::Result<()> {
     rlimit::setrlimit(rlimit::Resource::CORE, 0, 0)
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot disable core dumps: {e}")))?;
-    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable).map_err(
-        |e| std::io::Error::other(format!("cannot make the process undumpable: {e}")),
-    )
+    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+        .map_err(|e| std::io::Error::other(format!("cannot make the process undumpable: {e}")))
 }
 
 #[cfg(test)]

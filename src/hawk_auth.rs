@@ -574,10 +574,18 @@ mod tests {
         assert_eq!(c.len(), taken);
         // Once the window has passed, the space is free again.
         assert!(c.check_and_insert("recorder-1", "later", 1100, 1100, 60));
-        assert_eq!((c.len(), c.bytes()), (1, NonceCache::cost("recorder-1", "later")));
+        assert_eq!(
+            (c.len(), c.bytes()),
+            (1, NonceCache::cost("recorder-1", "later"))
+        );
         let mut few = NonceCache::bounded(2, 1 << 20);
-        assert!(few.check_and_insert("a", "1", 1, 1, 60) && few.check_and_insert("a", "2", 1, 1, 60));
-        assert!(!few.check_and_insert("a", "3", 1, 1, 60), "entries bounded too");
+        assert!(
+            few.check_and_insert("a", "1", 1, 1, 60) && few.check_and_insert("a", "2", 1, 1, 60)
+        );
+        assert!(
+            !few.check_and_insert("a", "3", 1, 1, 60),
+            "entries bounded too"
+        );
     }
 
     #[test]

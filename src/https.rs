@@ -191,12 +191,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
             // Bytes with no request in flight begin a head (a pipelined one counts from the
             // answer before it; hyper reads it then).
             if a.in_flight.load(Ordering::Relaxed) == 0 {
-                let _ = a.head_from.compare_exchange(
-                    0,
-                    now + 1,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                );
+                let _ =
+                    a.head_from
+                        .compare_exchange(0, now + 1, Ordering::Relaxed, Ordering::Relaxed);
             }
         }
         r
@@ -494,7 +491,8 @@ mod tests {
     fn connections_are_admitted_within_both_caps_and_given_back() {
         let l = limits();
         let census = Arc::new(Mutex::new(Census::default()));
-        let (one, two): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let (one, two): (IpAddr, IpAddr) =
+            ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
         let a1 = admit(&census, one, &l).unwrap();
         let _a2 = admit(&census, one, &l).unwrap();
         assert_eq!(admit(&census, one, &l).err(), Some(Cut::TooManyFromAddress));
@@ -506,13 +504,20 @@ mod tests {
 
     #[test]
     fn config_values_are_checked_with_their_key() {
-        assert_eq!(Limits::from_config(None, None, None, None), Ok(Limits::default()));
         assert_eq!(
-            Limits::from_config(Some(0), None, None, None).unwrap_err().0,
+            Limits::from_config(None, None, None, None),
+            Ok(Limits::default())
+        );
+        assert_eq!(
+            Limits::from_config(Some(0), None, None, None)
+                .unwrap_err()
+                .0,
             "header_read_timeout_secs"
         );
         assert_eq!(
-            Limits::from_config(None, None, Some(10), Some(20)).unwrap_err().0,
+            Limits::from_config(None, None, Some(10), Some(20))
+                .unwrap_err()
+                .0,
             "max_connections_per_address"
         );
     }

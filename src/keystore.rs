@@ -437,12 +437,15 @@ impl KeyStore {
                 None => None,
             };
             let key = match &blob {
-                Some(b) => self.protector.integrity_key_from(b, "backup").map_err(|e| {
-                    refused(format!(
-                        "its KMS integrity key does not open here ({e}): a backup of a key \
+                Some(b) => self
+                    .protector
+                    .integrity_key_from(b, "backup")
+                    .map_err(|e| {
+                        refused(format!(
+                            "its KMS integrity key does not open here ({e}): a backup of a key \
                          manager in KMS mode is restored into one with the same KMS key"
-                    ))
-                })?,
+                        ))
+                    })?,
                 None => self.protector.integrity_key("backup")?,
             };
             let body = BackupBody {
@@ -453,7 +456,10 @@ impl KeyStore {
             };
             let want = hex::decode(&file.mac).map_err(|_| refused("mac is not hex".into()))?;
             let mut m = backup_hmac(&key);
-            hmac::Mac::update(&mut m, &serde_json::to_vec(&body).map_err(std::io::Error::other)?);
+            hmac::Mac::update(
+                &mut m,
+                &serde_json::to_vec(&body).map_err(std::io::Error::other)?,
+            );
             // Constant time (hmac's verify_slice).
             hmac::Mac::verify_slice(m, &want).map_err(|_| {
                 refused(
@@ -572,9 +578,10 @@ impl KeyStore {
                 here.state.as_str()
             )));
         }
-        let mut r = all.into_iter().find(|r| r.id == id).ok_or_else(|| {
-            KeyStoreError::Refused(format!("the backup holds no key {id}"))
-        })?;
+        let mut r = all
+            .into_iter()
+            .find(|r| r.id == id)
+            .ok_or_else(|| KeyStoreError::Refused(format!("the backup holds no key {id}")))?;
         if r.public_key != here.public_key || r.date_created != here.date_created {
             return Err(KeyStoreError::Refused(format!(
                 "the backup's key {id} is not the key destroyed here"
@@ -702,7 +709,11 @@ mod tests {
         let dir2 = tempfile::tempdir().unwrap();
         let ks2 = KeyStore::open(dir2.path(), master).unwrap();
         assert_eq!(ks2.restore(&backup, OPTS, NOW).unwrap().written, 2);
-        assert_eq!(ks2.restore(&backup, OPTS, NOW).unwrap(), Restored::default(), "idempotent");
+        assert_eq!(
+            ks2.restore(&backup, OPTS, NOW).unwrap(),
+            Restored::default(),
+            "idempotent"
+        );
         assert!(ks2.private(&public.id()).is_ok(), "restored keys unwrap");
         // The destroyed record here went on in its life since the backup: it stays destroyed.
         let again = ks.restore(&backup, OPTS, NOW).unwrap();
@@ -786,8 +797,10 @@ mod tests {
         let e = ks.restore(&bare, accept, NOW).unwrap_err();
         assert!(e.to_string().contains("does not open"), "{e}");
         // A record of an active key without its private key.
-        let mut keyless: Vec<KeyRecord> =
-            serde_json::from_value(serde_json::from_slice::<serde_json::Value>(&backup).unwrap()["records"].clone()).unwrap();
+        let mut keyless: Vec<KeyRecord> = serde_json::from_value(
+            serde_json::from_slice::<serde_json::Value>(&backup).unwrap()["records"].clone(),
+        )
+        .unwrap();
         keyless[0].sealed_private_key = None;
         let e = ks
             .restore(&serde_json::to_vec(&keyless).unwrap(), accept, NOW)
@@ -809,8 +822,16 @@ mod tests {
         let old = ks2.generate(500).unwrap();
         let r = ks2.restore(&backup, OPTS, NOW).unwrap();
         assert_eq!(r.written, 2);
-        assert_eq!(r.retired.len(), 2, "both backup keys are newer than the current one");
-        assert_eq!(ks2.current(NOW).unwrap().unwrap().id, old.id, "current unchanged");
+        assert_eq!(
+            r.retired.len(),
+            2,
+            "both backup keys are newer than the current one"
+        );
+        assert_eq!(
+            ks2.current(NOW).unwrap().unwrap().id,
+            old.id,
+            "current unchanged"
+        );
         assert_eq!(ks2.get(&newest.id).unwrap().state, KeyState::Retired);
         assert_eq!(
             ks2.restore(&backup, OPTS, NOW).unwrap().written,

@@ -268,12 +268,14 @@ impl Protector for Kms {
 
     fn integrity_blob(&self) -> Result<Option<Vec<u8>>, AtRestError> {
         self.integrity_root()?;
-        std::fs::read(&self.cfg.integrity_file).map(Some).map_err(|e| {
-            AtRestError::Unavailable(format!(
-                "integrity key {}: {e}",
-                self.cfg.integrity_file.display()
-            ))
-        })
+        std::fs::read(&self.cfg.integrity_file)
+            .map(Some)
+            .map_err(|e| {
+                AtRestError::Unavailable(format!(
+                    "integrity key {}: {e}",
+                    self.cfg.integrity_file.display()
+                ))
+            })
     }
 
     fn integrity_key_from(

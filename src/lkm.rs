@@ -637,7 +637,9 @@ pub fn list_credentials(path: &Path) -> Result<Vec<(String, Option<Role>)>, Stri
 /// Sets a credential's role (the file rewritten atomically); returns the role it had.
 pub fn set_role(path: &Path, id: &str, role: Role) -> Result<Option<Role>, String> {
     let mut all = read_credentials(path)?;
-    let c = all.get_mut(id).ok_or_else(|| format!("no credential {id}"))?;
+    let c = all
+        .get_mut(id)
+        .ok_or_else(|| format!("no credential {id}"))?;
     let before = c.role.replace(role);
     write_credentials(path, &all)?;
     Ok(before)
@@ -808,7 +810,10 @@ mod tests {
             ]
         );
         let c = load_credentials(&path, false).unwrap();
-        assert_eq!((c.all["rec-7"].role, c.unset), (Role::Recorder, vec!["old".to_string()]));
+        assert_eq!(
+            (c.all["rec-7"].role, c.unset),
+            (Role::Recorder, vec!["old".to_string()])
+        );
         assert!(set_role(&path, "nobody", Role::Admin).is_err());
     }
 

@@ -493,7 +493,10 @@ fn limited(
         Ok(mut l) => l.take(&caller.who.id, crate::clock::now_ms()).err(),
         Err(_) => Some(1000),
     }?;
-    app.denied(caller.event(action, None, None, "rate_limited"), "rate_limit");
+    app.denied(
+        caller.event(action, None, None, "rate_limited"),
+        "rate_limit",
+    );
     Some(too_many(text, wait))
 }
 
@@ -509,7 +512,10 @@ async fn create_keypair(State(app): State<Arc<App>>, Authed { caller, .. }: Auth
         return r;
     }
     // The act is in the log before the key exists: recorders may seal to it at once.
-    if let Err(r) = app.audited(caller.event(ACTION, None, None, "started")).await {
+    if let Err(r) = app
+        .audited(caller.event(ACTION, None, None, "started"))
+        .await
+    {
         return r;
     }
     let a = Arc::clone(&app);
@@ -518,7 +524,10 @@ async fn create_keypair(State(app): State<Arc<App>>, Authed { caller, .. }: Auth
         Err(r) => return r,
     };
     match made {
-        Ok(r) => match app.audited(caller.event(ACTION, Some(&r.id), None, "ok")).await {
+        Ok(r) => match app
+            .audited(caller.event(ACTION, Some(&r.id), None, "ok"))
+            .await
+        {
             Ok(()) => axum::Json(keypair_json(&r)).into_response(),
             Err(resp) => resp,
         },

@@ -222,7 +222,10 @@ mod tests {
                 Err(AtRestError::Revoked("DisabledException".into()))
             }
         }
-        fn integrity_key(&self, purpose: &str) -> Result<zeroize::Zeroizing<[u8; 32]>, AtRestError> {
+        fn integrity_key(
+            &self,
+            purpose: &str,
+        ) -> Result<zeroize::Zeroizing<[u8; 32]>, AtRestError> {
             self.0.integrity_key(purpose)
         }
     }

@@ -59,7 +59,10 @@ impl Action {
         match (method, rest) {
             ("GET", "current") => Action::Current,
             ("GET", "keypair") => Action::ListKeypairs,
-            ("GET", r) if r.strip_prefix("keypair/").is_some_and(|id| !id.contains('/')) => {
+            ("GET", r)
+                if r.strip_prefix("keypair/")
+                    .is_some_and(|id| !id.contains('/')) =>
+            {
                 Action::GetKeypair
             }
             ("OPTIONS", "decrypt") => Action::DecryptOptions,
@@ -154,7 +157,12 @@ mod tests {
             IssueCredential,
             Other,
         ];
-        let allowed = |r: Role| all.iter().filter(|a| r.may(**a)).copied().collect::<Vec<_>>();
+        let allowed = |r: Role| {
+            all.iter()
+                .filter(|a| r.may(**a))
+                .copied()
+                .collect::<Vec<_>>()
+        };
         assert_eq!(
             allowed(Role::Recorder),
             [Current, ListKeypairs, GetKeypair, DecryptOptions],
@@ -166,7 +174,14 @@ mod tests {
         );
         assert_eq!(
             allowed(Role::Platform),
-            [Current, ListKeypairs, GetKeypair, DecryptOptions, Decrypt, CreateKeypair]
+            [
+                Current,
+                ListKeypairs,
+                GetKeypair,
+                DecryptOptions,
+                Decrypt,
+                CreateKeypair
+            ]
         );
         assert_eq!(allowed(Role::Admin), all);
     }
@@ -175,18 +190,41 @@ mod tests {
     fn requests_map_onto_actions_by_method_and_exact_path() {
         let p = "/key-management/v1";
         assert_eq!(Action::of("GET", &format!("{p}/current")), Action::Current);
-        assert_eq!(Action::of("GET", &format!("{p}/keypair/")), Action::ListKeypairs);
-        assert_eq!(Action::of("GET", &format!("{p}/keypair/ab12")), Action::GetKeypair);
-        assert_eq!(Action::of("GET", &format!("{p}/keypair/a/b")), Action::Other);
+        assert_eq!(
+            Action::of("GET", &format!("{p}/keypair/")),
+            Action::ListKeypairs
+        );
+        assert_eq!(
+            Action::of("GET", &format!("{p}/keypair/ab12")),
+            Action::GetKeypair
+        );
+        assert_eq!(
+            Action::of("GET", &format!("{p}/keypair/a/b")),
+            Action::Other
+        );
         assert_eq!(Action::of("POST", &format!("{p}/decrypt")), Action::Decrypt);
-        assert_eq!(Action::of("OPTIONS", &format!("{p}/decrypt")), Action::DecryptOptions);
-        assert_eq!(Action::of("POST", &format!("{p}/keypair")), Action::CreateKeypair);
-        assert_eq!(Action::of("POST", &format!("{p}/auth")), Action::IssueCredential);
+        assert_eq!(
+            Action::of("OPTIONS", &format!("{p}/decrypt")),
+            Action::DecryptOptions
+        );
+        assert_eq!(
+            Action::of("POST", &format!("{p}/keypair")),
+            Action::CreateKeypair
+        );
+        assert_eq!(
+            Action::of("POST", &format!("{p}/auth")),
+            Action::IssueCredential
+        );
         assert_eq!(Action::of("DELETE", &format!("{p}/keypair")), Action::Other);
         assert_eq!(Action::of("GET", "/elsewhere/current"), Action::Other);
         assert_eq!(Action::Other.needs(), Role::Admin);
         assert_eq!("platform".parse::<Role>(), Ok(Role::Platform));
-        assert!("root".parse::<Role>().unwrap_err().contains("recorder, decrypt"));
+        assert!(
+            "root"
+                .parse::<Role>()
+                .unwrap_err()
+                .contains("recorder, decrypt")
+        );
         assert_eq!(
             serde_json::to_string(&Role::Decrypt).unwrap(),
             "\"decrypt\""

@@ -503,7 +503,9 @@ impl Spool {
         let written = f
             .write_all(&serde_json::to_vec_pretty(state).map_err(io::Error::other)?)
             .and_then(|()| if sync_file { f.sync_all() } else { Ok(()) })
-            .and_then(|()| fs::rename(&tmp, &path).map_err(|e| with_path(e, "cannot rename", &tmp)));
+            .and_then(|()| {
+                fs::rename(&tmp, &path).map_err(|e| with_path(e, "cannot rename", &tmp))
+            });
         if written.is_err() {
             let _ = fs::remove_file(&tmp);
         }

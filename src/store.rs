@@ -231,8 +231,8 @@ impl Store for DirStore {
             .mode(0o750)
             .create(dir)
             .map_err(|e| transient("cannot create", dir, e))?;
-        let (out, tmp) =
-            crate::durable::create_temp(&dest, 0o640).map_err(|e| transient("cannot create", dir, e))?;
+        let (out, tmp) = crate::durable::create_temp(&dest, 0o640)
+            .map_err(|e| transient("cannot create", dir, e))?;
         let result = (|| {
             let src = File::open(file).map_err(|e| transient("cannot read", file, e))?;
             let mut src: Box<dyn Read> = match &self.limit {

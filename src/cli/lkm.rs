@@ -24,11 +24,7 @@ fn failed(e: impl std::fmt::Display) -> Error {
 /// `edgerec lkm init`.
 pub fn init(config: &Path) -> Result<(), Error> {
     let mut lkm = open(config, true)?;
-    if let Some(current) = lkm
-        .store
-        .current(crate::clock::now_ms())
-        .map_err(failed)?
-    {
+    if let Some(current) = lkm.store.current(crate::clock::now_ms()).map_err(failed)? {
         return Err(Error::Invalid(format!(
             "the key store {} is set up already (current key {}); use edgerec lkm rotate for a new key",
             lkm.config.store_dir.display(),
@@ -216,10 +212,7 @@ pub fn remove_credential(config: &Path, id: &str) -> Result<(), Error> {
 /// `edgerec lkm backup`.
 pub fn backup(config: &Path, out: &Path) -> Result<(), Error> {
     let mut lkm = open(config, false)?;
-    let bytes = lkm
-        .store
-        .backup(crate::clock::now_ms())
-        .map_err(failed)?;
+    let bytes = lkm.store.backup(crate::clock::now_ms()).map_err(failed)?;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -307,7 +300,9 @@ pub fn restore(
                 );
             }
             for id in &done.kept_newer {
-                eprintln!("edgerec: {id} kept as it is here (retired or destroyed since the backup)");
+                eprintln!(
+                    "edgerec: {id} kept as it is here (retired or destroyed since the backup)"
+                );
             }
             Ok(())
         }
@@ -531,9 +526,9 @@ pub fn verify_audit(config: Option<&Path>, file: &Path) -> Result<(), Error> {
             n - 1
         ),
         (None, true) => "no keyed line: written before keying (hash chain only)".to_string(),
-        (Some(n), false) => format!(
-            "keyed from line {n}; MACs not checked (give --config lkm.toml to check them)"
-        ),
+        (Some(n), false) => {
+            format!("keyed from line {n}; MACs not checked (give --config lkm.toml to check them)")
+        }
         (None, false) => "no keyed line".to_string(),
     };
     println!(

@@ -213,10 +213,7 @@ impl KeySource {
                 ca_file: self.lkm_ca.clone(),
                 credentials: credentials.clone(),
                 timeout: std::time::Duration::from_secs(30),
-                user: self
-                    .lkm_user
-                    .clone()
-                    .unwrap_or_else(crate::lkm::os_user),
+                user: self.lkm_user.clone().unwrap_or_else(crate::lkm::os_user),
             })
             .map_err(crate::Error::Invalid)?;
             return Ok(Box::new(crate::keys::Either(ring, client)));

@@ -1217,44 +1217,6 @@ fn calls_are_delivered_to_an_http_store_over_mutual_tls() {
     a.sigterm();
 }
 
-/// A tmpfs mounted for a test, unmounted (lazily) on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    /// Mounts a tmpfs of `size` on `dir`. Without the privilege to mount (a developer's
-    /// unprivileged run) it says so and gives `None`; `.ci/run` sets
-    /// `EDGEREC_TEST_REQUIRE_MOUNT`, so there it fails instead.
-    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
-        let out = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0700"),
-                "tmpfs",
-            ])
-            .arg(dir)
-            .output()
-            .unwrap();
-        if out.status.success() {
-            return Some(Tmpfs(dir.to_path_buf()));
-        }
-        let why = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            std::env::var_os("EDGEREC_TEST_REQUIRE_MOUNT").is_none(),
-            "cannot mount a tmpfs: {why}"
-        );
-        eprintln!("SKIPPED: cannot mount a tmpfs (needs root): {why}");
-        None
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn a_full_spool_file_system_refuses_new_calls_keeps_the_spooled_ones_and_recovers() {
     // The store is unreachable, so every package stays in the spool.

@@ -113,3 +113,44 @@ pub fn pattern(len: usize) -> Vec<u8> {
 pub fn repo_path(p: &str) -> PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
 }
+
+/// A tmpfs mounted for a test, unmounted (lazily) on drop.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` on `dir`. Without the privilege to mount (a developer's
+    /// unprivileged run) it says so and gives `None`; `.ci/run` sets
+    /// `EDGEREC_TEST_REQUIRE_MOUNT`, so there it fails instead.
+    pub fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            return Some(Tmpfs(dir.to_path_buf()));
+        }
+        let why = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            std::env::var_os("EDGEREC_TEST_REQUIRE_MOUNT").is_none(),
+            "cannot mount a tmpfs: {why}"
+        );
+        eprintln!("SKIPPED: cannot mount a tmpfs (needs root): {why}");
+        None
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use crate::common::*;
 
-fn lkm(args: &[&str], config: &Path) -> (i32, String, String) {
+pub fn lkm(args: &[&str], config: &Path) -> (i32, String, String) {
     let mut all = vec!["lkm"];
     all.extend_from_slice(args);
     all.extend_from_slice(&["--config", config.to_str().unwrap()]);
@@ -19,7 +19,7 @@ fn lkm(args: &[&str], config: &Path) -> (i32, String, String) {
     )
 }
 
-fn keys(config: &Path) -> Vec<serde_json::Value> {
+pub fn keys(config: &Path) -> Vec<serde_json::Value> {
     let (code, out, err) = lkm(&["keys", "--json"], config);
     assert_eq!(code, 0, "{err}");
     serde_json::from_str::<Vec<serde_json::Value>>(&out).unwrap()
@@ -159,7 +159,7 @@ impl Drop for Service {
     }
 }
 
-fn issued_key(out: &str) -> String {
+pub fn issued_key(out: &str) -> String {
     out.lines()
         .find_map(|l| l.strip_prefix("key: "))
         .expect("the key is printed")
@@ -186,7 +186,7 @@ impl Service {
             &config,
             format!(
                 "[lkm]\nlisten = \"127.0.0.1:0\"\nstore_dir = \"store\"\n{master}\
-                 credentials_file = \"credentials.json\"\naudit_log = \"audit.jsonl\"\n\
+                 credentials_file = \"credentials.json\"\naudit_log = \"log/audit.jsonl\"\n\
                  tls_cert = \"{}\"\ntls_key = \"{}\"\n{extra}\n",
                 pki.path("server.pem").display(),
                 pki.path("server.key").display()
@@ -303,6 +303,11 @@ impl Service {
     /// The recorder's credential file, as `lkm credentials add` printed it.
     pub fn credentials(&self) -> std::path::PathBuf {
         self.dir.path().join("recorder.cred")
+    }
+
+    /// The audit log (in `log/`, a directory of its own that a test may mount over).
+    pub fn audit_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("log/audit.jsonl")
     }
 
     /// The decrypt credential's file (what `open` and `export` use).
@@ -554,17 +559,13 @@ fn a_contract_client_creates_keys_and_unwraps_through_the_service() {
         "the revoked credential still works",
     );
     // The audit log has every request, chained, with who asked.
-    let audit = fs::read_to_string(s.dir.path().join("audit.jsonl")).unwrap();
+    let audit = fs::read_to_string(s.audit_path()).unwrap();
     assert!(audit.lines().any(|l| l.contains("\"action\":\"decrypt\"")
         && l.contains("\"user\":\"user-42\"")
         && l.contains("\"recording\":\"rec-1\"")
         && l.contains("\"outcome\":\"ok\"")));
     assert!(audit.contains("denied: replayed nonce"));
-    let out = edgerec(&[
-        "lkm",
-        "verify-audit",
-        s.dir.path().join("audit.jsonl").to_str().unwrap(),
-    ]);
+    let out = edgerec(&["lkm", "verify-audit", s.audit_path().to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0));
     let _ = &s.pki;
 }
@@ -591,11 +592,11 @@ fn public_pem(s: &Service, id: &str) -> std::path::PathBuf {
 }
 
 /// The metrics the service serves on its `metrics_listen`.
-fn service_metrics(s: &Service) -> String {
+pub fn service_metrics(s: &Service) -> String {
     let addr = {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
-            let found = s.log.lock().unwrap().iter().find_map(|l| {
+            let found = s.log.lock().unwrap().iter().rev().find_map(|l| {
                 l.split("bound=")
                     .nth(1)
                     .and_then(|r| r.split_whitespace().next())
@@ -614,7 +615,7 @@ fn service_metrics(s: &Service) -> String {
         .unwrap()
 }
 
-fn metric(text: &str, name: &str) -> f64 {
+pub fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
         .unwrap_or(0.0)
@@ -709,7 +710,11 @@ fn recordings_open_through_the_service_until_their_key_is_destroyed_after_a_cens
     );
     assert!(err.contains("not destroyed"), "{err}");
     // The list names the one recording sealed to it alone.
-    let inspect = edgerec(&["inspect", "--json", day.join(format!("{a}.erec")).to_str().unwrap()]);
+    let inspect = edgerec(&[
+        "inspect",
+        "--json",
+        day.join(format!("{a}.erec")).to_str().unwrap(),
+    ]);
     let rec: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
     assert_eq!(
         fs::read_to_string(&list).unwrap(),
@@ -718,7 +723,10 @@ fn recordings_open_through_the_service_until_their_key_is_destroyed_after_a_cens
     // Confirmed, but recordings sealed to it alone remain: still refused without --force.
     let (code, _, err) = destroy(&["--yes"]);
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("sealed to this key alone") && err.contains("--force"), "{err}");
+    assert!(
+        err.contains("sealed to this key alone") && err.contains("--force"),
+        "{err}"
+    );
     assert!(open(&a).status.success(), "still there");
     let (code, _, err) = destroy(&["--yes", "--force"]);
     assert_eq!(code, 0, "{err}");
@@ -751,7 +759,7 @@ fn recordings_open_through_the_service_until_their_key_is_destroyed_after_a_cens
         metric(&text, "edgerec_lkm_unwraps_total{outcome=\"destroyed\"}"),
         1.0
     );
-    let audit = fs::read_to_string(s.dir.path().join("audit.jsonl")).unwrap();
+    let audit = fs::read_to_string(s.audit_path()).unwrap();
     assert!(audit.contains("\"action\":\"destroy\""));
     assert!(audit.contains("refused: recordings remain"));
     assert!(audit.contains("started (--force)"));
@@ -778,7 +786,7 @@ fn recordings_open_through_the_service_until_their_key_is_destroyed_after_a_cens
 }
 
 /// Copies a directory tree with the modes a fresh clone has (0644 files, 0755 directories).
-fn copy_as_cloned(from: &Path, to: &Path) {
+pub fn copy_as_cloned(from: &Path, to: &Path) {
     fs::create_dir_all(to).unwrap();
     fs::set_permissions(to, fs::Permissions::from_mode(0o755)).unwrap();
     for e in fs::read_dir(from).unwrap() {
@@ -878,7 +886,10 @@ fn the_sample_key_manager_runs_as_it_stands_and_opens_the_demo_keys_recordings()
     assert_eq!(out.stdout, fs::read(&original).unwrap());
     let err = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(1), "{err}");
-    assert!(err.contains("403") && err.contains("role (recorder)"), "{err}");
+    assert!(
+        err.contains("403") && err.contains("role (recorder)"),
+        "{err}"
+    );
     assert!(refused.stdout.is_empty());
     let audit = fs::read_to_string(dir.path().join("var/lkm/audit.jsonl")).unwrap();
     let inspect = edgerec(&["inspect", "--json", sealed.to_str().unwrap()]);
@@ -899,7 +910,9 @@ fn the_sample_key_manager_runs_as_it_stands_and_opens_the_demo_keys_recordings()
     );
     // Without demo = true, the public demo material is refused at start: the TLS key's
     // mode, then the credentials, then the master key.
-    let text = fs::read_to_string(&config).unwrap().replace("demo = true", "demo = false");
+    let text = fs::read_to_string(&config)
+        .unwrap()
+        .replace("demo = true", "demo = false");
     fs::write(&config, text).unwrap();
     let start = || {
         let out = edgerec(&["lkm", "serve", "--config", config.to_str().unwrap()]);
@@ -907,8 +920,15 @@ fn the_sample_key_manager_runs_as_it_stands_and_opens_the_demo_keys_recordings()
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
     let err = start();
-    assert!(err.contains("lkm.tls_key") && err.contains("chmod 600"), "{err}");
-    for f in ["lkm/tls.DEMO-ONLY.key", "lkm/credentials.json", "lkm/master.DEMO-ONLY.key"] {
+    assert!(
+        err.contains("lkm.tls_key") && err.contains("chmod 600"),
+        "{err}"
+    );
+    for f in [
+        "lkm/tls.DEMO-ONLY.key",
+        "lkm/credentials.json",
+        "lkm/master.DEMO-ONLY.key",
+    ] {
         fs::set_permissions(samples.join(f), fs::Permissions::from_mode(0o600)).unwrap();
     }
     let err = start();
@@ -951,7 +971,7 @@ fn the_service_rotates_on_its_schedule() {
     // Once: the new key is a day younger than the schedule.
     std::thread::sleep(std::time::Duration::from_secs(3));
     assert_eq!(keys(&s.config).len(), 2);
-    let audit = fs::read_to_string(s.dir.path().join("audit.jsonl")).unwrap();
+    let audit = fs::read_to_string(s.audit_path()).unwrap();
     assert_eq!(
         audit
             .lines()

@@ -11,6 +11,7 @@ mod http_store;
 mod inbox;
 mod kms;
 mod lkm;
+mod lkm_attacks;
 mod proxy;
 mod s3;
 mod spool;
