@@ -137,6 +137,11 @@ impl AuditKey {
         AuditKey(bytes)
     }
 
+    /// The audit key of these bytes (a copy goes into the zeroizing buffer; wipe yours).
+    pub fn from_bytes(bytes: [u8; 32]) -> AuditKey {
+        AuditKey(Zeroizing::new(bytes))
+    }
+
     fn mac(&self, unsigned: &[u8]) -> HmacSha256 {
         let mut m = <HmacSha256 as KeyInit>::new_from_slice(self.0.as_ref())
             .expect("HMAC takes a key of any length");

@@ -135,6 +135,9 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// The longest answer read (a key pair list of a few hundred keys fits).
+const MAX_ANSWER: usize = 1 << 20;
+
 /// A key manager client.
 pub struct LkmClient {
     base: String,
@@ -242,14 +245,19 @@ impl LkmClient {
             why: error_chain(&e),
         })?;
         let status = r.status().as_u16();
-        let bytes = Zeroizing::new(
-            r.bytes()
+        // Read straight into a zeroizing buffer large enough for any answer, so that no
+        // copy of a DEK is left behind by a reallocation; longer answers are cut (and then
+        // fail to parse).
+        let mut bytes = Zeroizing::new(Vec::with_capacity(MAX_ANSWER));
+        {
+            use std::io::Read;
+            r.take(MAX_ANSWER as u64)
+                .read_to_end(&mut bytes)
                 .map_err(|e| LkmClientError::NoAnswer {
                     url: url.clone(),
                     why: e.to_string(),
-                })?
-                .to_vec(),
-        );
+                })?;
+        }
         if (200..300).contains(&status) {
             return Ok(bytes);
         }

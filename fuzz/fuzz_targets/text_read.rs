@@ -1,7 +1,7 @@
 //! Feeds arbitrary text to the parsers of text from outside: what a store answers (the
 //! fields of an S3 XML answer with entity resolution, RFC 9530 digest fields, the `Initiated`
 //! times of a multipart listing, `Retry-After` values, KMS error answers), key manager
-//! credential files and audit logs. Nothing may panic,
+//! credential files and audit logs (unkeyed and keyed). Nothing may panic,
 //! every field found lies within the text it came from (unescaping only shortens), and a log
 //! that verifies has as many lines as it says.
 #![no_main]
@@ -30,6 +30,11 @@ fuzz_target!(|data: &[u8]| {
     let _ = parse_rfc3339_ms(&text);
     if let Ok(chain) = edgerec::audit::verify(&text) {
         assert_eq!(chain.next_seq, text.matches('\n').count() as u64);
+    }
+    // Keyed: whatever verifies under a key also verifies without it.
+    let key = edgerec::audit::AuditKey::from_bytes([7u8; 32]);
+    if let Ok(keyed) = edgerec::audit::verify_keyed(&text, Some(&key)) {
+        assert_eq!(edgerec::audit::verify(&text).map(|c| c.next_seq), Ok(keyed.next_seq));
     }
     let _ = parse_retry_after(&text, std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_000_000));
 });

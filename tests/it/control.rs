@@ -169,3 +169,70 @@ fn a_call_tagged_and_paused_through_the_control_api_exports_silence_over_the_pau
         assert!(rms(after) > 1000.0, "leg {leg}: the tone after the pause");
     }
 }
+
+#[test]
+fn the_control_api_needs_tls_off_loopback_and_cuts_half_sent_requests() {
+    use std::io::{Read, Write};
+    let mut a = Appliance::prepare("\"127.0.0.0/8\"", "path = \"store\"", "");
+    let token = a.path("control.token");
+    fs::write(&token, format!("{TOKEN}\n")).unwrap();
+    let cfg = a.path("edgerec.toml");
+    let base = fs::read_to_string(&cfg).unwrap();
+    let with = |control: &str| {
+        fs::write(
+            &cfg,
+            format!(
+                "{base}[control]\ntoken_file = \"{}\"\n{control}\n",
+                token.display()
+            ),
+        )
+        .unwrap()
+    };
+    // The bearer token would cross the network in the clear: refused at start.
+    with("listen = \"0.0.0.0:0\"");
+    let out = edgerec(&["run", "--config", cfg.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("control.listen") && err.contains("allow_plaintext"),
+        "{err}"
+    );
+    // On loopback, a request head must arrive within header_read_timeout_secs.
+    with("listen = \"127.0.0.1:0\"\nheader_read_timeout_secs = 1\nidle_timeout_secs = 2");
+    a.spawn();
+    let line = a.wait_log("control API listening");
+    let addr = line
+        .split("control_addr=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    let started = std::time::Instant::now();
+    let mut half: Vec<_> = (0..10)
+        .map(|_| {
+            let mut c = std::net::TcpStream::connect(&addr).unwrap();
+            c.set_read_timeout(Some(std::time::Duration::from_secs(15)))
+                .unwrap();
+            c.write_all(b"PUT /v1/ports/1/metadata HTTP/1.1\r\nHost: x\r\n")
+                .unwrap();
+            c
+        })
+        .collect();
+    for c in &mut half {
+        let mut b = [0u8; 64];
+        assert!(matches!(c.read(&mut b), Ok(0) | Err(_)), "not cut");
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    // A whole request is still answered.
+    let r = reqwest::blocking::Client::new()
+        .post(format!("http://{addr}/v1/ports/{}/pause", a.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    a.sigterm();
+}
