@@ -143,11 +143,80 @@ impl AuditKey {
     }
 
     fn mac(&self, unsigned: &[u8]) -> HmacSha256 {
-        let mut m = <HmacSha256 as KeyInit>::new_from_slice(self.0.as_ref())
-            .expect("HMAC takes a key of any length");
-        m.update(MAC_LABEL);
+        let mut m = self.mac_of(MAC_LABEL);
         m.update(unsigned);
         m
+    }
+
+    fn mac_of(&self, label: &[u8]) -> HmacSha256 {
+        let mut m = <HmacSha256 as KeyInit>::new_from_slice(self.0.as_ref())
+            .expect("HMAC takes a key of any length");
+        m.update(label);
+        m
+    }
+}
+
+/// What the MAC of a keying marker covers before the sequence number.
+const MARKER_LABEL: &[u8] = b"EREC audit keyed from\n";
+
+/// Where keying starts, as the key store keeps it apart from the log:
+/// `{"keyedFromSeq":N,"mac":"<hex HMAC under the audit key>"}`. Without it, someone who can
+/// write the log could strip every MAC and recompute the hashes, and the log would read as
+/// one written before keying.
+pub fn keying_marker(key: &AuditKey, seq: u64) -> String {
+    let mut m = key.mac_of(MARKER_LABEL);
+    m.update(seq.to_string().as_bytes());
+    format!(
+        "{{\"keyedFromSeq\":{seq},\"mac\":\"{}\"}}\n",
+        hex::encode(m.finalize().into_bytes())
+    )
+}
+
+/// The sequence number a keying marker names, once its MAC verifies under `key`.
+pub fn read_keying_marker(key: &AuditKey, text: &str) -> Result<u64, String> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields)]
+    struct Marker {
+        keyed_from_seq: u64,
+        mac: String,
+    }
+    let m: Marker = serde_json::from_str(text).map_err(|e| format!("not a keying marker: {e}"))?;
+    let want = hex::decode(&m.mac).map_err(|_| "its mac is not hex".to_string())?;
+    let mut mac = key.mac_of(MARKER_LABEL);
+    mac.update(m.keyed_from_seq.to_string().as_bytes());
+    mac.verify_slice(&want)
+        .map_err(|_| "its mac does not verify under the audit key".to_string())?;
+    Ok(m.keyed_from_seq)
+}
+
+/// Checks a log's chain against the keying point the key store records: every line from
+/// `seq` on is keyed, none before, and the log reaches at least that far.
+pub fn check_keying(chain: &Chain, seq: u64) -> Result<(), AuditError> {
+    match chain.keyed_from {
+        Some(line) if line == seq + 1 => Ok(()),
+        Some(line) => Err(AuditError {
+            line,
+            why: format!(
+                "keyed from line {line}, but the key store records keying from line {}",
+                seq + 1
+            ),
+        }),
+        None if chain.next_seq == seq => Ok(()),
+        None if chain.next_seq < seq => Err(AuditError {
+            line: chain.next_seq,
+            why: format!(
+                "the log ends at line {}, but the key store records keying from line {}: \
+                 lines were cut off its end",
+                chain.next_seq,
+                seq + 1
+            ),
+        }),
+        None => Err(AuditError {
+            line: seq + 1,
+            why: "no mac, yet the key store records keying from this line: the MACs were \
+                  removed"
+                .into(),
+        }),
     }
 }
 
@@ -333,6 +402,10 @@ pub struct AuditLog {
     /// The bytes of the file this log has verified.
     len: u64,
     key: Option<AuditKey>,
+    /// Why a sync failed, if one did: then lines said to be written may be lost (the kernel
+    /// may drop the pages it could not write), so nothing more is appended until the log is
+    /// opened again, and checked, by a new process.
+    sync_failed: Option<String>,
 }
 
 /// The actor of the lines the log writes about itself.
@@ -358,6 +431,7 @@ impl AuditLog {
             chain: Chain::default(),
             len: 0,
             key,
+            sync_failed: None,
         };
         log.file.lock().map_err(err)?;
         let caught = log.catch_up(crate::clock::now_ms());
@@ -370,7 +444,28 @@ impl AuditLog {
     /// Reads and verifies what was appended since `self.len` (under the lock), cutting a
     /// torn last line and recording the repair.
     fn catch_up(&mut self, now_ms: u64) -> io::Result<()> {
-        let end = self.file.metadata()?.len();
+        use std::os::unix::fs::MetadataExt;
+        let open = self.file.metadata()?;
+        // The path must still name the file this log verified and holds open: a log renamed
+        // away (rotated) or replaced would have the service write where nobody reads.
+        let named = std::fs::metadata(&self.path)?;
+        if (named.dev(), named.ino()) != (open.dev(), open.ino()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the file at this path is no longer the log opened (renamed or replaced); \
+                 not appending",
+            ));
+        }
+        let end = open.len();
+        if end < self.len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the log shrank from {} to {end} bytes (truncated by someone); not appending",
+                    self.len
+                ),
+            ));
+        }
         if end == self.len {
             return Ok(());
         }
@@ -427,6 +522,12 @@ impl AuditLog {
     pub fn append_all(&mut self, events: &[(Event, u64)], sync: bool) -> io::Result<Chain> {
         let shown = self.path.display().to_string();
         let err = |e: io::Error| io::Error::new(e.kind(), format!("{shown}: {e}"));
+        if let Some(why) = &self.sync_failed {
+            return Err(io::Error::other(format!(
+                "{shown}: a sync failed ({why}): lines may be lost; nothing more is appended \
+                 until the key manager is started again"
+            )));
+        }
         self.file.lock().map_err(err)?;
         let now = events.last().map_or_else(crate::clock::now_ms, |e| e.1);
         let done = self
@@ -441,7 +542,11 @@ impl AuditLog {
     /// Writes lines under the lock, the file caught up.
     fn write_lines(&mut self, events: &[(Event, u64)], sync: bool) -> io::Result<()> {
         if events.is_empty() {
-            return if sync { self.file.sync_data() } else { Ok(()) };
+            if sync && let Err(e) = self.file.sync_data() {
+                self.sync_failed = Some(e.to_string());
+                return Err(e);
+            }
+            return Ok(());
         }
         let mut next = self.chain;
         let mut text = String::new();
@@ -457,8 +562,9 @@ impl AuditLog {
         }
         self.chain = next;
         self.len += text.len() as u64;
-        if sync {
-            self.file.sync_data()?;
+        if sync && let Err(e) = self.file.sync_data() {
+            self.sync_failed = Some(e.to_string());
+            return Err(e);
         }
         Ok(())
     }
@@ -470,14 +576,19 @@ impl AuditLog {
 }
 
 /// How a line is written by the [`Writer`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Durability {
     /// Answered only once written and synced (an unwrap, an act that changes something).
     Synced,
     /// Written with the next batch, synced with the next sync (a read of public keys).
     Written,
-    /// A refused request: rate-limited, then summarised ([`Writer::start`]).
+    /// A request refused before anyone was authenticated: rate-limited (one bucket for all
+    /// of them), then summarised ([`Writer::start`]).
     Denial,
+    /// A request of this authenticated credential refused (its role, a rate limit):
+    /// rate-limited in a bucket of the credential's own, so that nobody else's flood hides
+    /// its lines.
+    DenialOf(String),
 }
 
 /// What a caller waiting for its line is told: written (and synced), or why not.
@@ -512,6 +623,7 @@ impl Writer {
                 use std::time::Duration;
                 let now = crate::clock::now_ms;
                 let mut bucket = crate::rate_limit::TokenBucket::full(denials, now());
+                let mut buckets = crate::rate_limit::PerKey::new(denials, 10_000);
                 let (mut suppressed, mut unsynced, mut last_sync) = (0u64, false, now());
                 let mut last_summary = 0;
                 loop {
@@ -535,13 +647,18 @@ impl Writer {
                     let t = now();
                     let (mut lines, mut waiters, mut sync) = (Vec::new(), Vec::new(), false);
                     for Job::Line(event, durability, done) in jobs {
-                        match durability {
-                            Durability::Denial if bucket.take(denials, t).is_err() => {
-                                suppressed += 1;
-                                continue;
+                        let refused = match &durability {
+                            Durability::Denial => bucket.take(denials, t).is_err(),
+                            Durability::DenialOf(who) => buckets.take(who, t).is_err(),
+                            Durability::Synced => {
+                                sync = true;
+                                false
                             }
-                            Durability::Synced => sync = true,
-                            Durability::Written | Durability::Denial => {}
+                            Durability::Written => false,
+                        };
+                        if refused {
+                            suppressed += 1;
+                            continue;
                         }
                         lines.push((event, t));
                         waiters.extend(done);
@@ -558,7 +675,8 @@ impl Writer {
                                 recording: None,
                                 outcome: format!(
                                     "{suppressed} refused requests not written one by one \
-                                     (more than {}/s)",
+                                     (more than {}/s, by anyone unauthenticated or by one \
+                                     credential)",
                                     denials.rate
                                 ),
                             },
@@ -894,6 +1012,63 @@ mod tests {
     }
 
     #[test]
+    fn the_keying_point_is_kept_apart_and_a_log_stripped_of_its_macs_fails_it() {
+        let marker = keying_marker(&key(), 3);
+        assert_eq!(read_keying_marker(&key(), &marker), Ok(3));
+        let other = AuditKey::from_bytes([1u8; 32]);
+        assert!(read_keying_marker(&other, &marker).is_err(), "keyed");
+        let moved = marker.replace("\"keyedFromSeq\":3", "\"keyedFromSeq\":9");
+        assert!(read_keying_marker(&key(), &moved).is_err());
+        // Three lines before keying, then keyed ones: consistent with a marker at seq 3.
+        let mut c = Chain::default();
+        let mut text = String::new();
+        for i in 0..5 {
+            text += &(c.append(&event(i), 1 + i, (i >= 3).then(key).as_ref()) + "\n");
+        }
+        let v = verify_keyed(&text, Some(&key())).unwrap();
+        assert!(check_keying(&v, 3).is_ok());
+        assert!(check_keying(&v, 0).is_err(), "keyed from line 4, not 1");
+        // The whole log rewritten without MACs passes the chain, not the keying point.
+        let mut bare = Chain::default();
+        let stripped: String = (0..5)
+            .map(|i| bare.append(&event(i), 1 + i, None) + "\n")
+            .collect();
+        let v = verify_keyed(&stripped, Some(&key())).unwrap();
+        assert_eq!(v.keyed_from, None);
+        assert_eq!(check_keying(&v, 3).unwrap_err().line, 4);
+        // A log not yet reaching the keying point is fine.
+        let short = Chain {
+            next_seq: 3,
+            ..Chain::default()
+        };
+        assert!(check_keying(&short, 3).is_ok());
+    }
+
+    #[test]
+    fn a_log_truncated_or_replaced_under_the_writer_is_not_appended_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let mut a = AuditLog::open(&path, Some(key())).unwrap();
+        a.append(&event(0), 1).unwrap();
+        a.append(&event(1), 2).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let first = text.lines().next().unwrap().len() + 1;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(first as u64)
+            .unwrap();
+        let e = a.append(&event(2), 3).unwrap_err();
+        assert!(e.to_string().contains("shrank"), "{e}");
+        let mut b = AuditLog::open(&path, Some(key())).unwrap();
+        std::fs::rename(&path, dir.path().join("rotated.jsonl")).unwrap();
+        std::fs::write(&path, "").unwrap();
+        let e = b.append(&event(3), 4).unwrap_err();
+        assert!(e.to_string().contains("no longer the log opened"), "{e}");
+    }
+
+    #[test]
     fn the_writer_answers_after_the_line_and_summarises_a_flood_of_denials() {
         use std::sync::mpsc::channel;
         let dir = tempfile::tempdir().unwrap();
@@ -909,6 +1084,10 @@ mod tests {
             e.outcome = "denied: unknown credential id".into();
             w.write(e, Durability::Denial, None);
         }
+        // A credential's own refusals are not hidden by the anonymous flood.
+        let mut own = event(7);
+        own.outcome = "denied: role recorder may not (needs decrypt)".into();
+        w.write(own, Durability::DenialOf("client-1".into()), None);
         let (tx, rx) = channel();
         w.write(
             event(1),
@@ -925,6 +1104,7 @@ mod tests {
             text.lines().any(|l| l.contains("\"outcome\":\"ok\"")),
             "{text}"
         );
+        assert!(text.contains("role recorder may not"), "{text}");
         // Five denials written, the rest summed up in one line (within a second or so).
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let text = loop {

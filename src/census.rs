@@ -22,21 +22,28 @@ pub struct Census {
     pub packages: usize,
     /// Packages with the KEK among their recipients.
     pub sealed_to: usize,
-    /// Of those, packages with no other recipient: unreadable once the KEK is destroyed.
+    /// Of those, packages with no other recipient that can still open them (none, or only
+    /// keys destroyed already): unreadable once the KEK is destroyed.
     pub only_to: usize,
     /// Their recording ids.
     pub only_ids: Vec<String>,
     /// Objects that could not be read as packages: (key, why).
     pub unreadable: Vec<(String, String)>,
+    /// Objects not looked at: not named `*.erec`, or (in a `dir` store) not regular files.
+    pub skipped: usize,
 }
 
 impl Census {
-    /// Counts one package's header.
-    pub fn add(&mut self, header: &Header, kek: &KekId) {
+    /// Counts one package's header; `gone` are keys destroyed already.
+    pub fn add(&mut self, header: &Header, kek: &KekId, gone: &[KekId]) {
         self.packages += 1;
         if header.recipients.iter().any(|r| r.kek_id == kek.0) {
             self.sealed_to += 1;
-            if header.recipients.len() == 1 {
+            if header
+                .recipients
+                .iter()
+                .all(|r| r.kek_id == kek.0 || gone.iter().any(|g| g.0 == r.kek_id))
+            {
                 self.only_to += 1;
                 self.only_ids
                     .push(uuid::Uuid::from_bytes(header.recording_id).to_string());
@@ -70,30 +77,40 @@ fn file_first(path: &Path, n: usize) -> Result<Vec<u8>, String> {
     Ok(buf)
 }
 
-fn walk(dir: &Path, out: &mut Vec<std::path::PathBuf>) -> std::io::Result<()> {
+/// Every regular `*.erec` file under `dir` (symlinks are not followed); counts the rest.
+fn walk(dir: &Path, out: &mut Vec<std::path::PathBuf>, skipped: &mut usize) -> std::io::Result<()> {
     for e in std::fs::read_dir(dir)? {
         let e = e?;
         let t = e.file_type()?;
         if t.is_dir() {
-            walk(&e.path(), out)?;
+            walk(&e.path(), out, skipped)?;
         } else if t.is_file() && e.path().extension().is_some_and(|x| x == "erec") {
             out.push(e.path());
+        } else {
+            *skipped += 1;
         }
     }
     Ok(())
 }
 
-/// Reads every package header under the store of `kind` (and `prefix`, for S3).
-pub fn count(kind: &StoreKind, prefix: &str, kek: &KekId) -> Result<Census, String> {
+/// Reads every package header under the store of `kind` (and `prefix`, for S3); `gone` are
+/// the keys destroyed already.
+pub fn count(
+    kind: &StoreKind,
+    prefix: &str,
+    kek: &KekId,
+    gone: &[KekId],
+) -> Result<Census, String> {
     let mut census = Census::default();
     match kind {
         StoreKind::Dir(root, _) => {
             let mut files = Vec::new();
-            walk(root, &mut files).map_err(|e| format!("store {}: {e}", root.display()))?;
+            walk(root, &mut files, &mut census.skipped)
+                .map_err(|e| format!("store {}: {e}", root.display()))?;
             files.sort();
             for f in files {
                 match header_of(|n| file_first(&f, n)) {
-                    Ok(h) => census.add(&h, kek),
+                    Ok(h) => census.add(&h, kek, gone),
                     Err(why) => census.unreadable.push((f.display().to_string(), why)),
                 }
             }
@@ -102,10 +119,11 @@ pub fn count(kind: &StoreKind, prefix: &str, kek: &KekId) -> Result<Census, Stri
             let store = crate::s3::S3Store::new(cfg.clone())?;
             for key in store.list(prefix).map_err(|e| e.to_string())? {
                 if !key.ends_with(".erec") {
+                    census.skipped += 1;
                     continue;
                 }
                 match header_of(|n| store.get_first(&key, n).map_err(|e| e.to_string())) {
-                    Ok(h) => census.add(&h, kek),
+                    Ok(h) => census.add(&h, kek, gone),
                     Err(why) => census.unreadable.push((key, why)),
                 }
             }
@@ -150,8 +168,9 @@ mod tests {
         std::fs::write(sub.join("junk.erec"), b"not a package").unwrap();
         std::fs::write(sub.join("notes.txt"), b"ignored").unwrap();
         let kind = StoreKind::Dir(dir.path().to_path_buf(), None);
-        let c = count(&kind, "", &a.public().id()).unwrap();
+        let c = count(&kind, "", &a.public().id(), &[]).unwrap();
         assert_eq!((c.packages, c.sealed_to, c.only_to), (3, 2, 1));
+        assert_eq!(c.skipped, 1, "notes.txt");
         assert_eq!(c.only_ids.len(), 1);
         assert_eq!(c.unreadable.len(), 1);
         assert!(
@@ -159,7 +178,10 @@ mod tests {
             "{:?}",
             c.unreadable
         );
-        let c = count(&kind, "", &b.public().id()).unwrap();
+        let c = count(&kind, "", &b.public().id(), &[]).unwrap();
         assert_eq!((c.sealed_to, c.only_to), (2, 1));
+        // With a destroyed already, b is the last key of the package sealed to both.
+        let c = count(&kind, "", &b.public().id(), &[a.public().id()]).unwrap();
+        assert_eq!((c.sealed_to, c.only_to), (2, 2));
     }
 }

@@ -111,6 +111,8 @@ pub struct NonceCache {
     by_expiry: BTreeMap<u64, Vec<(String, String)>>,
     /// What the entries take, by [`NonceCache::cost`].
     bytes: usize,
+    /// What each credential's entries take.
+    by_id: HashMap<String, usize>,
     max_entries: usize,
     max_bytes: usize,
 }
@@ -128,6 +130,7 @@ impl NonceCache {
             seen: HashSet::new(),
             by_expiry: BTreeMap::new(),
             bytes: 0,
+            by_id: HashMap::new(),
             max_entries,
             max_bytes,
         }
@@ -144,8 +147,9 @@ impl NonceCache {
         self.bytes
     }
 
-    /// Records `(id, nonce)` of a request stamped `ts` (unix s) at `now` (unix s); false if
-    /// it was seen before (a replay) or the cache is full.
+    /// Records `(id, nonce)` of a request stamped `ts` (unix s) at `now` (unix s), or says
+    /// why not: seen before (a replay), the cache full, or this credential's share of it
+    /// (a quarter: one credential flooding fresh nonces cannot lock the others out).
     pub fn check_and_insert(
         &mut self,
         id: &str,
@@ -153,29 +157,41 @@ impl NonceCache {
         ts: u64,
         now: u64,
         window: u64,
-    ) -> bool {
+    ) -> Result<(), &'static str> {
         // Forget what can no longer be replayed: stamped outside the window from now.
         let keep_from = now.saturating_sub(window);
         let expired: Vec<u64> = self.by_expiry.range(..keep_from).map(|(t, _)| *t).collect();
         for t in expired {
             for k in self.by_expiry.remove(&t).unwrap_or_default() {
-                self.bytes = self.bytes.saturating_sub(Self::cost(&k.0, &k.1));
+                let cost = Self::cost(&k.0, &k.1);
+                self.bytes = self.bytes.saturating_sub(cost);
+                if let Some(n) = self.by_id.get_mut(&k.0) {
+                    *n = n.saturating_sub(cost);
+                    if *n == 0 {
+                        self.by_id.remove(&k.0);
+                    }
+                }
                 self.seen.remove(&k);
             }
         }
         let key = (id.to_string(), nonce.to_string());
         let cost = Self::cost(id, nonce);
-        if self.seen.contains(&key)
-            || self.seen.len() >= self.max_entries
-            || self.bytes + cost > self.max_bytes
-        {
-            return false;
+        if self.seen.contains(&key) {
+            return Err("replayed nonce");
+        }
+        if self.seen.len() >= self.max_entries || self.bytes + cost > self.max_bytes {
+            return Err("nonce cache full");
+        }
+        let own = self.by_id.get(id).copied().unwrap_or(0);
+        if own + cost > self.max_bytes / 4 {
+            return Err("nonce cache share of this credential full");
         }
         self.bytes += cost;
+        *self.by_id.entry(id.to_string()).or_default() += cost;
         self.seen.insert(key.clone());
         // Kept until its timestamp leaves the window (the timestamp check refuses it then).
         self.by_expiry.entry(ts).or_default().push(key);
-        true
+        Ok(())
     }
 
     /// Nonces remembered now.
@@ -186,6 +202,31 @@ impl NonceCache {
     /// Whether none are.
     pub fn is_empty(&self) -> bool {
         self.seen.is_empty()
+    }
+}
+
+/// Whether every `ts` attribute of a Hawk header's attribute list (`id="…", ts="…", …`, read
+/// as the `hawk` crate reads it) is at most 12 decimal digits: within year 33,000, far from
+/// an overflow. Lists the crate would refuse anyway pass here; it refuses them.
+fn ts_is_sane(attributes: &str) -> bool {
+    let mut p = attributes;
+    loop {
+        p = p.trim_start_matches(|c: char| c == ',' || c.is_whitespace());
+        let Some(eq) = p.find('=') else {
+            return true;
+        };
+        let attr = p[..eq].trim();
+        let Some(rest) = p[eq + 1..].trim_start().strip_prefix('"') else {
+            return true;
+        };
+        let Some(end) = rest.find('"') else {
+            return true;
+        };
+        let val = &rest[..end];
+        if attr == "ts" && !(val.len() <= 12 && val.bytes().all(|b| b.is_ascii_digit())) {
+            return false;
+        }
+        p = &rest[end + 1..];
     }
 }
 
@@ -237,6 +278,10 @@ impl Verifier {
         let value = value
             .strip_prefix("Hawk ")
             .ok_or_else(|| deny(None, "not a Hawk Authorization header"))?;
+        // The crate adds `ts` seconds to the epoch unchecked: a value near u64::MAX panics.
+        if !ts_is_sane(value) {
+            return Err(deny(None, "malformed Hawk header"));
+        }
         let header =
             hawk::Header::from_str(value).map_err(|_| deny(None, "malformed Hawk header"))?;
         let id = header.id.clone().ok_or_else(|| deny(None, "no id"))?;
@@ -281,8 +326,7 @@ impl Verifier {
             return Err(deny(Some(id), "no timestamp or nonce"));
         };
         let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let fresh = self
-            .nonces
+        self.nonces
             .lock()
             .map_err(|_| deny(Some(id), "nonce cache unavailable"))?
             .check_and_insert(
@@ -291,10 +335,8 @@ impl Verifier {
                 secs(ts),
                 secs(SystemTime::now()),
                 self.skew.as_secs() + 1,
-            );
-        if !fresh {
-            return Err(deny(Some(id), "replayed nonce"));
-        }
+            )
+            .map_err(|why| deny(Some(id), why))?;
         Ok(Authenticated {
             id: id.to_string(),
             role: cred.role,
@@ -564,26 +606,75 @@ mod tests {
     }
 
     #[test]
-    fn the_nonce_cache_is_bounded_in_bytes_as_well_as_entries() {
-        let mut c = NonceCache::bounded(1_000_000, 20_000);
-        let mut taken = 0;
-        while c.check_and_insert("recorder-1", &format!("{taken:064}"), 1000, 1000, 60) {
-            taken += 1;
+    fn a_timestamp_past_the_clock_s_range_is_refused_without_a_panic() {
+        let v = verifier();
+        for ts in [
+            "18446744073709551615",
+            "9223372036854775808",
+            "1234567890123",
+            "-1",
+            "1e9",
+        ] {
+            let auth = format!("Hawk id=\"recorder-1\", ts=\"{ts}\", nonce=\"n\", mac=\"AA==\"");
+            let e = v.verify(&parts("GET", PATH, b"", &auth)).unwrap_err();
+            assert_eq!(e.reason, "malformed Hawk header", "{ts}");
+            let spaced = format!("Hawk id=\"x\" ,  ts  =  \"{ts}\", mac=\"AA==\"");
+            assert!(v.verify(&parts("GET", PATH, b"", &spaced)).is_err());
         }
+        assert!(ts_is_sane(
+            "id=\"a\", ts=\"1796051045\", nonce=\"12345678901234567890\""
+        ));
+    }
+
+    #[test]
+    fn the_nonce_cache_is_bounded_in_bytes_as_well_as_entries() {
+        let mut c = NonceCache::bounded(1_000_000, 80_000);
+        // One credential takes a quarter at most; the others still get theirs.
+        let mut taken = 0;
+        let refused = loop {
+            match c.check_and_insert("recorder-1", &format!("{taken:064}"), 1000, 1000, 60) {
+                Ok(()) => taken += 1,
+                Err(why) => break why,
+            }
+        };
+        assert_eq!(refused, "nonce cache share of this credential full");
         assert!(c.bytes() <= 20_000 && c.bytes() > 19_000, "{}", c.bytes());
-        assert_eq!(c.len(), taken);
+        for id in ["recorder-2", "recorder-3", "recorder-4"] {
+            let mut n = 0;
+            while c
+                .check_and_insert(id, &format!("{n:064}"), 1000, 1000, 60)
+                .is_ok()
+            {
+                n += 1;
+            }
+            assert_eq!(n, taken, "{id}");
+        }
+        // The whole is bounded too: a fifth credential finds the rest of the cache full.
+        let mut n = 0;
+        let refused = loop {
+            match c.check_and_insert("recorder-5", &format!("{n:064}"), 1000, 1000, 60) {
+                Ok(()) => n += 1,
+                Err(why) => break why,
+            }
+        };
+        assert_eq!((refused, n < taken), ("nonce cache full", true));
+        assert!(c.bytes() <= 80_000);
         // Once the window has passed, the space is free again.
-        assert!(c.check_and_insert("recorder-1", "later", 1100, 1100, 60));
+        assert!(
+            c.check_and_insert("recorder-1", "later", 1100, 1100, 60)
+                .is_ok()
+        );
         assert_eq!(
             (c.len(), c.bytes()),
             (1, NonceCache::cost("recorder-1", "later"))
         );
         let mut few = NonceCache::bounded(2, 1 << 20);
         assert!(
-            few.check_and_insert("a", "1", 1, 1, 60) && few.check_and_insert("a", "2", 1, 1, 60)
+            few.check_and_insert("a", "1", 1, 1, 60).is_ok()
+                && few.check_and_insert("a", "2", 1, 1, 60).is_ok()
         );
         assert!(
-            !few.check_and_insert("a", "3", 1, 1, 60),
+            few.check_and_insert("a", "3", 1, 1, 60).is_err(),
             "entries bounded too"
         );
     }
@@ -591,21 +682,21 @@ mod tests {
     #[test]
     fn the_nonce_cache_forgets_only_what_the_window_already_refuses() {
         let mut c = NonceCache::default();
-        assert!(c.check_and_insert("a", "n1", 1000, 1000, 60));
+        assert!(c.check_and_insert("a", "n1", 1000, 1000, 60).is_ok());
         assert!(
-            !c.check_and_insert("a", "n1", 1000, 1030, 60),
+            c.check_and_insert("a", "n1", 1000, 1030, 60).is_err(),
             "replay in the window"
         );
         assert!(
-            c.check_and_insert("b", "n1", 1000, 1030, 60),
+            c.check_and_insert("b", "n1", 1000, 1030, 60).is_ok(),
             "nonces are per credential"
         );
         assert_eq!(c.len(), 2);
         // Past the window the entries go (a request stamped 1000 is refused by time then).
-        assert!(c.check_and_insert("a", "n2", 1061, 1061, 60));
+        assert!(c.check_and_insert("a", "n2", 1061, 1061, 60).is_ok());
         assert_eq!(c.len(), 1);
         // A request stamped ahead of our clock is kept until its own stamp leaves the window.
-        assert!(c.check_and_insert("a", "n3", 1100, 1062, 60));
-        assert!(!c.check_and_insert("a", "n3", 1100, 1125, 60));
+        assert!(c.check_and_insert("a", "n3", 1100, 1062, 60).is_ok());
+        assert!(c.check_and_insert("a", "n3", 1100, 1125, 60).is_err());
     }
 }

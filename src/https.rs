@@ -279,7 +279,24 @@ impl Drop for Admitted {
     }
 }
 
+/// The address a connection counts against: IPv4 as it is, IPv6 by its /64 (what one host
+/// or site is given; an attacker has all of its addresses), an IPv4-mapped IPv6 address as the
+/// IPv4 one.
+fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
 fn admit(census: &Arc<Mutex<Census>>, ip: IpAddr, limits: &Limits) -> Result<Admitted, Cut> {
+    let ip = address_key(ip);
     let mut c = census.lock().map_err(|_| Cut::TooManyConnections)?;
     if c.total >= limits.max_connections {
         return Err(Cut::TooManyConnections);
@@ -500,6 +517,25 @@ mod tests {
         assert_eq!(admit(&census, two, &l).err(), Some(Cut::TooManyConnections));
         drop(a1);
         assert!(admit(&census, one, &l).is_ok(), "a place given back");
+    }
+
+    #[test]
+    fn an_ipv6_network_counts_as_one_address() {
+        let l = limits();
+        let census = Arc::new(Mutex::new(Census::default()));
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let _x = admit(&census, a, &l).unwrap();
+        let _y = admit(&census, b, &l).unwrap();
+        assert_eq!(
+            admit(&census, a, &l).err(),
+            Some(Cut::TooManyFromAddress),
+            "same /64"
+        );
+        assert!(admit(&census, c, &l).is_ok(), "another /64");
+        let mapped: IpAddr = "::ffff:10.0.0.7".parse().unwrap();
+        assert_eq!(address_key(mapped), "10.0.0.7".parse::<IpAddr>().unwrap());
     }
 
     #[test]

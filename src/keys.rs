@@ -446,13 +446,23 @@ pub trait Unwrapper: Send + Sync {
 #[derive(Debug)]
 pub struct Either<A, B>(pub A, pub B);
 
+impl<A: Unwrapper, B: Unwrapper> Either<A, B> {
+    /// `ask` of the first source, then (unless it answered) of the second.
+    fn in_turn(
+        &self,
+        ask: impl Fn(&dyn Unwrapper) -> Result<Dek, UnwrapError>,
+    ) -> Result<Dek, UnwrapError> {
+        match ask(&self.0) {
+            Ok(dek) => Ok(dek),
+            Err(UnwrapError::UnknownKey) => ask(&self.1),
+            Err(first) => ask(&self.1).map_err(|_| first),
+        }
+    }
+}
+
 impl<A: Unwrapper, B: Unwrapper> Unwrapper for Either<A, B> {
     fn unwrap_dek(&self, kek_id: &KekId, wrap: Wrap, sealed: &[u8]) -> Result<Dek, UnwrapError> {
-        match self.0.unwrap_dek(kek_id, wrap, sealed) {
-            Ok(dek) => Ok(dek),
-            Err(UnwrapError::UnknownKey) => self.1.unwrap_dek(kek_id, wrap, sealed),
-            Err(first) => self.1.unwrap_dek(kek_id, wrap, sealed).map_err(|_| first),
-        }
+        self.in_turn(|u| u.unwrap_dek(kek_id, wrap, sealed))
     }
 
     fn unwrap_dek_for(
@@ -462,14 +472,7 @@ impl<A: Unwrapper, B: Unwrapper> Unwrapper for Either<A, B> {
         wrap: Wrap,
         sealed: &[u8],
     ) -> Result<Dek, UnwrapError> {
-        match self.0.unwrap_dek_for(recording, kek_id, wrap, sealed) {
-            Ok(dek) => Ok(dek),
-            Err(UnwrapError::UnknownKey) => self.1.unwrap_dek_for(recording, kek_id, wrap, sealed),
-            Err(first) => self
-                .1
-                .unwrap_dek_for(recording, kek_id, wrap, sealed)
-                .map_err(|_| first),
-        }
+        self.in_turn(|u| u.unwrap_dek_for(recording, kek_id, wrap, sealed))
     }
 
     fn held_ids(&self) -> Vec<KekId> {

@@ -147,6 +147,8 @@ struct BackupFile {
     records: Vec<KeyRecord>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     integrity_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    audit_marker: Option<String>,
     mac: String,
 }
 
@@ -159,6 +161,8 @@ struct BackupBody<'a> {
     records: &'a [KeyRecord],
     #[serde(skip_serializing_if = "Option::is_none")]
     integrity_key: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    audit_marker: Option<&'a str>,
 }
 
 /// How a restore may go.
@@ -210,6 +214,28 @@ impl KeyStore {
     /// What seals the private keys (and keys the integrity of backups and the audit log).
     pub fn protector(&self) -> &Arc<dyn Protector> {
         &self.protector
+    }
+
+    fn marker_path(&self) -> PathBuf {
+        self.dir.join("audit-keyed.json")
+    }
+
+    /// Where the audit log's keying starts, as kept here ([`crate::audit::keying_marker`]),
+    /// if it was recorded.
+    pub fn audit_marker(&self) -> Result<Option<String>, KeyStoreError> {
+        match fs::read_to_string(self.marker_path()) {
+            Ok(t) => Ok(Some(t)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Records where the audit log's keying starts (0600, durably).
+    pub fn set_audit_marker(&self, marker: &str) -> Result<(), KeyStoreError> {
+        Ok(crate::durable::replace_file(
+            &self.marker_path(),
+            marker.as_bytes(),
+        )?)
     }
 
     fn path(&self, id: &str) -> PathBuf {
@@ -395,18 +421,21 @@ impl KeyStore {
     pub fn backup(&self, now_ms: u64) -> Result<Vec<u8>, KeyStoreError> {
         let records = self.list()?;
         let blob = self.protector.integrity_blob()?.map(|b| b64().encode(b));
+        let marker = self.audit_marker()?;
         let key = self.protector.integrity_key("backup")?;
         let body = BackupBody {
             edgerec_backup: 2,
             created: now_ms,
             records: &records,
             integrity_key: blob.as_deref(),
+            audit_marker: marker.as_deref(),
         };
         let mac = backup_mac(&key, &body);
         let file = BackupFile {
             edgerec_backup: 2,
             created: now_ms,
             integrity_key: blob,
+            audit_marker: marker,
             records,
             mac,
         };
@@ -436,23 +465,30 @@ impl KeyStore {
                 ),
                 None => None,
             };
-            let key = match &blob {
-                Some(b) => self
-                    .protector
-                    .integrity_key_from(b, "backup")
-                    .map_err(|e| {
-                        refused(format!(
-                            "its KMS integrity key does not open here ({e}): a backup of a key \
-                         manager in KMS mode is restored into one with the same KMS key"
-                        ))
-                    })?,
-                None => self.protector.integrity_key("backup")?,
+            // The store's own integrity key where it has one: a backup cannot bring the key
+            // its MAC is checked with. Only a store that lost it (a lost key store, KMS
+            // mode) takes the backup's sealed one, which only KMS can open.
+            let key = match (self.protector.integrity_key("backup"), &blob) {
+                (Ok(k), _) => k,
+                (Err(_), Some(b)) => {
+                    self.protector
+                        .integrity_key_from(b, "backup")
+                        .map_err(|e| {
+                            refused(format!(
+                                "its KMS integrity key does not open here ({e}): a backup of a \
+                                 key manager in KMS mode is restored into one with the same KMS \
+                                 key"
+                            ))
+                        })?
+                }
+                (Err(e), None) => return Err(e.into()),
             };
             let body = BackupBody {
                 edgerec_backup: file.edgerec_backup,
                 created: file.created,
                 records: &file.records,
                 integrity_key: file.integrity_key.as_deref(),
+                audit_marker: file.audit_marker.as_deref(),
             };
             let want = hex::decode(&file.mac).map_err(|_| refused("mac is not hex".into()))?;
             let mut m = backup_hmac(&key);
@@ -471,10 +507,27 @@ impl KeyStore {
             if let Some(b) = &blob {
                 self.protector.adopt_integrity_blob(b)?;
             }
+            if let Some(m) = &file.audit_marker
+                && self.audit_marker()?.is_none()
+            {
+                self.set_audit_marker(m)?;
+            }
+            unique(&file.records)?;
             return Ok((file.records, true));
         }
+        // Only a bare array is a backup of before: an object that fails to parse as one of
+        // now is refused as it is, never read another way.
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'[') {
+            return Err(match serde_json::from_slice::<BackupFile>(bytes) {
+                Err(e) => refused(format!("not a key manager backup: {e}")),
+                Ok(_) => refused("unreadable".into()),
+            });
+        }
         match serde_json::from_slice::<Vec<KeyRecord>>(bytes) {
-            Ok(records) if opts.accept_unauthenticated => Ok((records, false)),
+            Ok(records) if opts.accept_unauthenticated => {
+                unique(&records)?;
+                Ok((records, false))
+            }
             Ok(_) => Err(refused(
                 "an older backup without a MAC: nothing shows whether it was changed; restore \
                  it with --accept-unauthenticated only if you know where it has been"
@@ -599,6 +652,20 @@ impl KeyStore {
         self.write(&r)?;
         Ok(r)
     }
+}
+
+/// Refuses a backup that names a key twice (which record would win is nobody's choice).
+fn unique(records: &[KeyRecord]) -> Result<(), KeyStoreError> {
+    let mut seen = std::collections::HashSet::new();
+    for r in records {
+        if !seen.insert(&r.id) {
+            return Err(KeyStoreError::Refused(format!(
+                "backup: key {} appears twice",
+                r.id
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The current key among `all` at `now_ms`: the newest active one created no later than

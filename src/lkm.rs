@@ -107,6 +107,8 @@ struct RawLkm {
     demo: bool,
     #[serde(default = "default_keypair_rate")]
     keypair_rate_per_min: f64,
+    #[serde(default = "default_read_rate")]
+    read_rate_per_sec: f64,
     #[serde(default = "default_denial_lines")]
     audit_denials_per_sec: f64,
     header_read_timeout_secs: Option<u64>,
@@ -158,6 +160,12 @@ fn default_rotation() -> Rotation {
 /// making more is broken or hostile (each pair costs a key generation and becomes current).
 fn default_keypair_rate() -> f64 {
     5.0
+}
+
+/// Ten reads of public keys a second and credential (bursts of fifty): a recorder asks once
+/// a minute; each read is an audit line.
+fn default_read_rate() -> f64 {
+    10.0
 }
 
 /// Ten lines a second about refused requests (bursts of fifty): enough to see who knocks,
@@ -213,6 +221,8 @@ pub struct LkmConfig {
     pub demo: bool,
     /// Key pairs made through the API, per credential (`keypair_rate_per_min`).
     pub keypair_limit: crate::rate_limit::Limit,
+    /// Reads of public keys, per credential (`read_rate_per_sec`, bursts of five times).
+    pub read_limit: crate::rate_limit::Limit,
     /// Audit lines about refused requests (`audit_denials_per_sec`, bursts of five times).
     pub audit_denials: crate::rate_limit::Limit,
     /// What clients may hold of the service (`header_read_timeout_secs`, …).
@@ -345,6 +355,12 @@ impl LkmConfig {
                 l.keypair_rate_per_min
             ));
         }
+        if !(l.read_rate_per_sec > 0.0 && l.read_rate_per_sec.is_finite()) {
+            return Err(format!(
+                "config {shown}: lkm.read_rate_per_sec = {}: must be above 0",
+                l.read_rate_per_sec
+            ));
+        }
         if !(l.audit_denials_per_sec > 0.0 && l.audit_denials_per_sec.is_finite()) {
             return Err(format!(
                 "config {shown}: lkm.audit_denials_per_sec = {}: must be above 0",
@@ -362,6 +378,10 @@ impl LkmConfig {
             keypair_limit: crate::rate_limit::Limit {
                 rate: l.keypair_rate_per_min / 60.0,
                 burst: l.keypair_rate_per_min.max(1.0),
+            },
+            read_limit: crate::rate_limit::Limit {
+                rate: l.read_rate_per_sec,
+                burst: (l.read_rate_per_sec * 5.0).max(1.0),
             },
             audit_denials: crate::rate_limit::Limit {
                 rate: l.audit_denials_per_sec,
@@ -463,8 +483,15 @@ impl Lkm {
                 .map_err(|e| format!("the integrity key: {e}"))?;
         }
         let key = audit_key(protector.as_ref())?;
+        let seq = keying_point(&store, &key, &config.audit_log)?;
         let audit = AuditLog::open(&config.audit_log, Some(key))
             .map_err(|e| format!("lkm.audit_log: {e}"))?;
+        crate::audit::check_keying(&audit.chain(), seq).map_err(|e| {
+            format!(
+                "lkm.audit_log {}: {e}; not appending to a broken log",
+                config.audit_log.display()
+            )
+        })?;
         Ok(Lkm {
             config,
             store,
@@ -512,6 +539,41 @@ impl Lkm {
             }
         }
     }
+}
+
+/// Where the audit log's keying starts (its first keyed line's `seq`), as the key store
+/// records it; recorded now if the log holds no keyed line yet (a new key manager, or the
+/// first start after an upgrade). A keyed log with no record is refused: its record was lost
+/// with the key store (restore it from a backup), or removed to pass off a log stripped of
+/// its MACs.
+pub fn keying_point(store: &KeyStore, key: &AuditKey, log: &Path) -> Result<u64, String> {
+    let shown = log.display();
+    if let Some(text) = store.audit_marker().map_err(|e| e.to_string())? {
+        return crate::audit::read_keying_marker(key, &text).map_err(|e| {
+            format!("the audit log's keying record in the key store: {e}; not appending")
+        });
+    }
+    let text = match std::fs::read(log) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(format!("lkm.audit_log {shown}: {e}")),
+    };
+    // A torn last line is cut when the log is opened: it does not count.
+    let whole = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    let chain = crate::audit::verify(&String::from_utf8_lossy(&text[..whole]))
+        .map_err(|e| format!("lkm.audit_log {shown}: {e}; not appending to a broken log"))?;
+    if let Some(line) = chain.keyed_from {
+        return Err(format!(
+            "lkm.audit_log {shown} is keyed from line {line}, but the key store has no record \
+             of where keying starts (audit-keyed.json): restore the key store from a backup \
+             (edgerec lkm restore), or, if you know the log is intact, move it aside to start a \
+             new one"
+        ));
+    }
+    store
+        .set_audit_marker(&crate::audit::keying_marker(key, chain.next_seq))
+        .map_err(|e| e.to_string())?;
+    Ok(chain.next_seq)
 }
 
 /// Whether the audit log at `path` holds keyed lines already (a missing log holds none).
@@ -578,6 +640,32 @@ fn read_credentials(path: &Path) -> Result<BTreeMap<String, StoredCredential>, S
     }
 }
 
+/// Runs `change` on the credentials file's entries under an exclusive lock (a lock file
+/// beside it: the file itself is replaced, not written), and writes the result: two
+/// administrators' changes at once (a command and `POST /auth`) never undo each other, a
+/// revocation included.
+fn change_credentials<T>(
+    path: &Path,
+    change: impl FnOnce(&mut BTreeMap<String, StoredCredential>) -> Result<T, String>,
+) -> Result<T, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut lock = path.as_os_str().to_owned();
+    lock.push(".lock");
+    let lock = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&lock)
+        .map_err(|e| format!("{}.lock: {e}", path.display()))?;
+    lock.lock()
+        .map_err(|e| format!("{}.lock: {e}", path.display()))?;
+    let mut all = read_credentials(path)?;
+    let out = change(&mut all)?;
+    write_credentials(path, &all)?;
+    Ok(out)
+}
+
 fn write_credentials(path: &Path, all: &BTreeMap<String, StoredCredential>) -> Result<(), String> {
     let text = Zeroizing::new(serde_json::to_vec_pretty(all).map_err(|e| e.to_string())?);
     crate::durable::replace_file(path, &text).map_err(|e| format!("{}: {e}", path.display()))
@@ -636,22 +724,20 @@ pub fn list_credentials(path: &Path) -> Result<Vec<(String, Option<Role>)>, Stri
 
 /// Sets a credential's role (the file rewritten atomically); returns the role it had.
 pub fn set_role(path: &Path, id: &str, role: Role) -> Result<Option<Role>, String> {
-    let mut all = read_credentials(path)?;
-    let c = all
-        .get_mut(id)
-        .ok_or_else(|| format!("no credential {id}"))?;
-    let before = c.role.replace(role);
-    write_credentials(path, &all)?;
-    Ok(before)
+    change_credentials(path, |all| {
+        let c = all
+            .get_mut(id)
+            .ok_or_else(|| format!("no credential {id}"))?;
+        Ok(c.role.replace(role))
+    })
 }
 
 /// Revokes a credential (the file rewritten without it, 0600, atomically).
 pub fn remove_credential(path: &Path, id: &str) -> Result<(), String> {
-    let mut all = read_credentials(path)?;
-    if all.remove(id).is_none() {
-        return Err(format!("no credential {id}"));
-    }
-    write_credentials(path, &all)
+    change_credentials(path, |all| match all.remove(id) {
+        Some(_) => Ok(()),
+        None => Err(format!("no credential {id}")),
+    })
 }
 
 /// Issues a Hawk credential with `role`: a key of 256 random bits written as 43 base64url
@@ -669,24 +755,24 @@ pub fn add_credential(path: &Path, id: &str, role: Role) -> Result<Zeroizing<Str
             "credential id {id:?}: 1 to 64 letters, digits, - _ ."
         ));
     }
-    let mut all = read_credentials(path)?;
-    if all.contains_key(id) {
-        return Err(format!("credential {id} exists already"));
-    }
-    let mut key = Zeroizing::new([0u8; 32]);
-    getrandom::fill(key.as_mut()).map_err(|e| e.to_string())?;
-    let encoded =
-        Zeroizing::new(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key.as_ref()));
-    all.insert(
-        id.to_string(),
-        StoredCredential {
-            key: encoded.to_string(),
-            role: Some(role),
-            admin: false,
-        },
-    );
-    write_credentials(path, &all)?;
-    Ok(encoded)
+    change_credentials(path, |all| {
+        if all.contains_key(id) {
+            return Err(format!("credential {id} exists already"));
+        }
+        let mut key = Zeroizing::new([0u8; 32]);
+        getrandom::fill(key.as_mut()).map_err(|e| e.to_string())?;
+        let encoded =
+            Zeroizing::new(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key.as_ref()));
+        all.insert(
+            id.to_string(),
+            StoredCredential {
+                key: encoded.to_string(),
+                role: Some(role),
+                admin: false,
+            },
+        );
+        Ok(encoded)
+    })
 }
 
 #[cfg(test)]

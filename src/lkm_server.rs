@@ -56,11 +56,22 @@ struct App {
     verifier: Verifier,
     credentials_file: std::path::PathBuf,
     demo: bool,
-    /// The credentials file's modification time when last loaded.
-    credentials_loaded: Mutex<Option<std::time::SystemTime>>,
+    /// The credentials file as last loaded (or failed to load): device, inode, size and
+    /// modification time. Every rewrite makes a new inode, so no change goes unseen.
+    credentials_loaded: Mutex<Option<FileStamp>>,
     unwraps: Mutex<PerKey<String>>,
     keypairs: Mutex<PerKey<String>>,
+    reads: Mutex<PerKey<String>>,
     metrics: Arc<LkmMetrics>,
+}
+
+/// What tells one version of a file from another.
+type FileStamp = (u64, u64, u64, Option<std::time::SystemTime>);
+
+fn stamp(path: &std::path::Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.dev(), m.ino(), m.len(), m.modified().ok()))
 }
 
 impl App {
@@ -70,25 +81,31 @@ impl App {
 
     /// Loads the credentials file again if it changed (`lkm credentials add` while the
     /// service runs, or `POST /auth`): a new credential works at once, a removed one stops.
+    /// A file that cannot be loaded (it does not parse, its mode is loose, it holds a demo
+    /// credential) leaves no credential working until it is mended: a revocation in it must
+    /// not be ignored.
     fn reload_credentials(&self) {
-        let modified = std::fs::metadata(&self.credentials_file)
-            .and_then(|m| m.modified())
-            .ok();
+        let now = stamp(&self.credentials_file);
         let Ok(mut loaded) = self.credentials_loaded.lock() else {
             return;
         };
-        if *loaded == modified {
+        if *loaded == now {
             return;
         }
+        *loaded = now;
         match crate::lkm::load_credentials(&self.credentials_file, self.demo) {
             Ok(c) => {
                 tracing::info!(credentials = c.all.len(), "credentials loaded");
                 warn_unset(&c.unset);
                 self.verifier.replace(c.all);
-                *loaded = modified;
             }
             Err(e) => {
-                tracing::error!(error = %e, "cannot load the credentials; the loaded ones stay")
+                self.verifier.replace(Default::default());
+                tracing::error!(
+                    error = %e,
+                    "cannot load the credentials: every request is refused until the file is \
+                     mended"
+                )
             }
         }
     }
@@ -131,10 +148,15 @@ impl App {
         rx.recv().map_err(|e| e.to_string())?
     }
 
-    /// A refused request: counted by `reason`, and a rate-limited line.
-    fn denied(&self, event: Event, reason: &str) {
+    /// A refused request: counted by `reason`, and a rate-limited line (in the bucket of the
+    /// credential that asked, if one was authenticated).
+    fn denied(&self, event: Event, reason: &str, by: Option<&str>) {
         self.metrics.denied(reason);
-        self.line(event, Durability::Denial);
+        let durability = match by {
+            Some(id) => Durability::DenialOf(id.to_string()),
+            None => Durability::Denial,
+        };
+        self.line(event, durability);
     }
 }
 
@@ -176,8 +198,12 @@ pub async fn serve(config: LkmConfig) -> Result<(), String> {
     let credentials_file = config.credentials_file.clone();
     let (listen, rotation, limit) = (config.listen, config.rotation, config.unwrap_limit);
     let (cache, metrics_listen, demo) = (config.key_cache_secs, config.metrics_listen, config.demo);
-    let (keypair_limit, denials, server_limits) =
-        (config.keypair_limit, config.audit_denials, config.server);
+    let (keypair_limit, denials, server_limits, read_limit) = (
+        config.keypair_limit,
+        config.audit_denials,
+        config.server,
+        config.read_limit,
+    );
     // A KMS protector holds a blocking HTTP client: made outside the async context.
     let Lkm { store, audit, .. } = tokio::task::spawn_blocking(move || Lkm::open(config, false))
         .await
@@ -200,15 +226,12 @@ pub async fn serve(config: LkmConfig) -> Result<(), String> {
         oracle: Oracle::new(store, Duration::from_secs(cache)),
         audit,
         verifier,
-        credentials_loaded: Mutex::new(
-            std::fs::metadata(&credentials_file)
-                .and_then(|m| m.modified())
-                .ok(),
-        ),
+        credentials_loaded: Mutex::new(stamp(&credentials_file)),
         credentials_file,
         demo,
         unwraps: Mutex::new(PerKey::new(limit, 10_000)),
         keypairs: Mutex::new(PerKey::new(keypair_limit, 10_000)),
+        reads: Mutex::new(PerKey::new(read_limit, 10_000)),
         metrics: Arc::clone(&metrics),
     });
     if let Some(addr) = metrics_listen {
@@ -219,6 +242,16 @@ pub async fn serve(config: LkmConfig) -> Result<(), String> {
         tokio::spawn(server);
     }
     tokio::spawn(housekeeping(Arc::clone(&app), rotation));
+    // Every connection is a descriptor; the key store's files need some too.
+    let need = server_limits.max_connections as u64 + 256;
+    let got = rlimit::increase_nofile_limit(need)
+        .map_err(|e| format!("cannot raise the file descriptor limit: {e}"))?;
+    if got < need {
+        return Err(format!(
+            "the file descriptor limit is {got}, below lkm.max_connections + 256 = {need}: \
+             raise LimitNOFILE (systemd) or ulimit -n, or lower lkm.max_connections"
+        ));
+    }
     let tcp = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("lkm.listen {listen}: {e}"))?;
@@ -412,6 +445,7 @@ impl App {
                         outcome: format!("denied: {}", denied.reason),
                     },
                     "authentication",
+                    None,
                 );
                 return Err(Box::new(message(
                     StatusCode::UNAUTHORIZED,
@@ -433,6 +467,7 @@ impl App {
                     ),
                 ),
                 "role",
+                Some(&caller.who.id),
             );
             return Err(Box::new(message(
                 StatusCode::FORBIDDEN,
@@ -464,6 +499,19 @@ impl axum::extract::FromRequest<Arc<App>> for Authed {
             .map_err(|_| message(StatusCode::PAYLOAD_TOO_LARGE, "request too large"))?;
         let action = Action::of(parts.method.as_str(), parts.uri.path());
         let caller = app.authenticate(&parts, &body, action).map_err(|r| *r)?;
+        // Reads of public keys (what recorders poll) have a limit of their own: each is an
+        // audit line.
+        if action.needs() == Role::Recorder
+            && let Some(r) = limited(
+                app,
+                &app.reads,
+                &caller,
+                action.name(),
+                "too many requests for this credential",
+            )
+        {
+            return Err(r);
+        }
         Ok(Authed { caller, body })
     }
 }
@@ -496,11 +544,24 @@ fn limited(
     app.denied(
         caller.event(action, None, None, "rate_limited"),
         "rate_limit",
+        Some(&caller.who.id),
     );
     Some(too_many(text, wait))
 }
 
+/// Runs an act to its end even when the client goes away meanwhile (axum drops a handler
+/// whose connection closed): a key pair or credential made is always followed by its line.
+async fn to_the_end(act: impl std::future::Future<Output = Response> + Send + 'static) -> Response {
+    tokio::spawn(act)
+        .await
+        .unwrap_or_else(|_| message(StatusCode::INTERNAL_SERVER_ERROR, "internal error"))
+}
+
 async fn create_keypair(State(app): State<Arc<App>>, Authed { caller, .. }: Authed) -> Response {
+    to_the_end(make_keypair(app, caller)).await
+}
+
+async fn make_keypair(app: Arc<App>, caller: Caller) -> Response {
     const ACTION: &str = "keypair.create";
     if let Some(r) = limited(
         &app,
@@ -739,6 +800,10 @@ struct Register {
 }
 
 async fn register(State(app): State<Arc<App>>, Authed { caller, body }: Authed) -> Response {
+    to_the_end(issue(app, caller, body)).await
+}
+
+async fn issue(app: Arc<App>, caller: Caller, body: Bytes) -> Response {
     const ACTION: &str = "credentials.add";
     let Ok(req) = serde_json::from_slice::<Register>(&body) else {
         return message(

@@ -461,9 +461,17 @@ pub async fn serve_registry(
         .with_state(served);
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
-    Ok((addr, async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "metrics listener failed");
-        }
-    }))
+    // Within the same limits as the services' own listeners: whoever reaches the port cannot
+    // hold the process's descriptors.
+    Ok((
+        addr,
+        crate::https::serve(
+            listener,
+            None,
+            app,
+            crate::https::Limits::default(),
+            Arc::new(|cut| tracing::debug!(?cut, "metrics connection refused or cut")),
+            std::future::pending(),
+        ),
+    ))
 }

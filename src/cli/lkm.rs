@@ -61,10 +61,12 @@ pub fn rotate(config: &Path) -> Result<(), Error> {
 
 /// `edgerec lkm keys`.
 pub fn keys(config: &Path, json: bool) -> Result<(), Error> {
-    let lkm = open(config, false)?;
-    let all = lkm.store.list().map_err(failed)?;
-    let current = lkm
-        .store
+    // A read of the key store alone: it works while the audit log cannot be opened (a lost
+    // key store, before its restore).
+    let cfg = LkmConfig::load(config).map_err(Error::Invalid)?;
+    let store = Lkm::open_store(&cfg).map_err(Error::Invalid)?;
+    let all = store.list().map_err(failed)?;
+    let current = store
         .current(crate::clock::now_ms())
         .map_err(failed)?
         .map(|r| r.id);
@@ -401,13 +403,28 @@ pub fn destroy(config: &Path, args: DestroyArgs) -> Result<(), Error> {
     let appliance = crate::config::Config::load(args.store_config)
         .map_err(|e| Error::Invalid(e.to_string()))?;
     eprintln!("edgerec: reading the headers of every package in the store ...");
-    let blocker = match crate::census::count(&appliance.store, &appliance.prefix, &kek) {
+    let gone: Vec<crate::keys::KekId> = lkm
+        .store
+        .list()
+        .map_err(failed)?
+        .iter()
+        .filter(|r| r.state == crate::keystore::KeyState::Destroyed)
+        .filter_map(|r| crate::keys::KekId::from_hex(&r.id))
+        .collect();
+    let blocker = match crate::census::count(&appliance.store, &appliance.prefix, &kek, &gone) {
         Ok(c) => {
             println!(
                 "{} of {} recordings in the store are sealed to {id}; {} of them to this key \
-                 alone.",
+                 alone (or besides it only to keys destroyed already).",
                 c.sealed_to, c.packages, c.only_to
             );
+            if c.skipped > 0 {
+                println!(
+                    "{} other objects in the store were not read (not *.erec, or not regular \
+                     files)",
+                    c.skipped
+                );
+            }
             for (key, why) in &c.unreadable {
                 println!("not counted, unreadable: {key}: {why}");
             }
@@ -505,35 +522,138 @@ pub fn destroy(config: &Path, args: DestroyArgs) -> Result<(), Error> {
 }
 
 /// `edgerec lkm verify-audit [--config lkm.toml] FILE`: the chain, and with the key manager's
-/// config every line's MAC under its audit key.
+/// config every line's MAC under its audit key and the keying point its key store records.
 pub fn verify_audit(config: Option<&Path>, file: &Path) -> Result<(), Error> {
     let text = std::fs::read_to_string(file)
         .map_err(|e| Error::Invalid(format!("{}: {e}", file.display())))?;
-    let key = match config {
-        Some(c) => {
-            let cfg = LkmConfig::load(c).map_err(Error::Invalid)?;
-            let p = crate::lkm::protector(&cfg, false).map_err(Error::Invalid)?;
-            Some(crate::lkm::audit_key(p.as_ref()).map_err(Error::Invalid)?)
-        }
-        None => None,
+    let Some(config) = config else {
+        let chain = crate::audit::verify(&text)?;
+        let keyed = match chain.keyed_from {
+            Some(n) => format!(
+                "keyed from line {n}; MACs not checked (give --config lkm.toml to check them)"
+            ),
+            None => "no keyed line; MACs not checked (give --config lkm.toml)".to_string(),
+        };
+        println!(
+            "{}: {} lines, chain intact; {keyed}; last hash {}",
+            file.display(),
+            chain.next_seq,
+            hex::encode(chain.last_hash)
+        );
+        return Ok(());
     };
-    let chain = crate::audit::verify_keyed(&text, key.as_ref())?;
-    let keyed = match (chain.keyed_from, key.is_some()) {
-        (Some(1), true) => "every line's MAC verified under the audit key".to_string(),
-        (Some(n), true) => format!(
-            "MACs verified under the audit key from line {n}; lines 1 to {} were written before \
-             keying (hash chain only)",
-            n - 1
-        ),
-        (None, true) => "no keyed line: written before keying (hash chain only)".to_string(),
-        (Some(n), false) => {
-            format!("keyed from line {n}; MACs not checked (give --config lkm.toml to check them)")
+    let cfg = LkmConfig::load(config).map_err(Error::Invalid)?;
+    let store = Lkm::open_store(&cfg).map_err(Error::Invalid)?;
+    let key = crate::lkm::audit_key(store.protector().as_ref()).map_err(Error::Invalid)?;
+    let chain = crate::audit::verify_keyed(&text, Some(&key))?;
+    // The keying point the key store records belongs to the live log; an archive (or a copy
+    // elsewhere) is checked line by line only.
+    let live = std::fs::canonicalize(file).ok() == std::fs::canonicalize(&cfg.audit_log).ok();
+    let marker = if live {
+        store.audit_marker().map_err(failed)?
+    } else {
+        None
+    };
+    if !live {
+        let keyed = match chain.keyed_from {
+            Some(n) => format!("MACs verified under the audit key from line {n}"),
+            None => "no keyed line".to_string(),
+        };
+        println!(
+            "{}: {} lines, chain intact; {keyed} (not the configured audit_log: its keying \
+             point is not checked); last hash {}",
+            file.display(),
+            chain.next_seq,
+            hex::encode(chain.last_hash)
+        );
+        return Ok(());
+    }
+    let keyed = match (marker, chain.keyed_from) {
+        (Some(m), _) => {
+            let seq = crate::audit::read_keying_marker(&key, &m).map_err(|e| {
+                Error::Invalid(format!(
+                    "the audit log's keying record in the key store: {e}"
+                ))
+            })?;
+            crate::audit::check_keying(&chain, seq)?;
+            match seq {
+                0 => "every line's MAC verified under the audit key".to_string(),
+                n => format!(
+                    "MACs verified under the audit key from line {}, as the key store records; \
+                     lines 1 to {n} were written before keying (hash chain only)",
+                    n + 1
+                ),
+            }
         }
-        (None, false) => "no keyed line".to_string(),
+        (None, Some(n)) => {
+            return Err(crate::audit::AuditError {
+                line: n,
+                why: "keyed, but the key store records no keying point".into(),
+            }
+            .into());
+        }
+        (None, None) => "no keyed line, and the key store records no keying point yet".into(),
     };
     println!(
         "{}: {} lines, chain intact; {keyed}; last hash {}",
         file.display(),
+        chain.next_seq,
+        hex::encode(chain.last_hash)
+    );
+    Ok(())
+}
+
+/// `edgerec lkm audit-archive`: the audit log (verified first) moved aside to
+/// `<log>.<UTC time>`, and a new one started whose first line names the archive, its line
+/// count and its last hash; the key store records keying from the new log's first line. Run
+/// with the service stopped: a running one sees its log replaced and refuses audited requests
+/// until it is started again (no line is lost either way).
+pub fn audit_archive(config: &Path) -> Result<(), Error> {
+    let lkm = open(config, false)?;
+    let chain = lkm.audit.chain();
+    let cfg = lkm.config.clone();
+    drop(lkm);
+    let log = &cfg.audit_log;
+    let when = crate::clock::Utc::from_unix_ms(crate::clock::now_ms())
+        .rfc3339()
+        .replace([':', '-'], "")
+        .replace('.', "");
+    let name = log
+        .file_name()
+        .map_or_else(|| "audit".into(), |n| n.to_string_lossy().into_owned());
+    let archive = log.with_file_name(format!("{name}.{when}"));
+    if archive.exists() {
+        return Err(Error::Invalid(format!(
+            "{} exists already",
+            archive.display()
+        )));
+    }
+    std::fs::rename(log, &archive)
+        .and_then(|()| crate::durable::sync_dir(log.parent().unwrap_or(Path::new("."))))
+        .map_err(|e| Error::Invalid(format!("{}: {e}", log.display())))?;
+    let store = Lkm::open_store(&cfg).map_err(Error::Invalid)?;
+    let key = crate::lkm::audit_key(store.protector().as_ref()).map_err(Error::Invalid)?;
+    store
+        .set_audit_marker(&crate::audit::keying_marker(&key, 0))
+        .map_err(failed)?;
+    drop(store);
+    let mut lkm = Lkm::open(cfg, false).map_err(Error::Invalid)?;
+    lkm.record(
+        "audit.archived",
+        None,
+        &format!(
+            "continues {}: {} lines, last hash {}",
+            archive.display(),
+            chain.next_seq,
+            hex::encode(chain.last_hash)
+        ),
+    )
+    .map_err(Error::Invalid)?;
+    println!("{}", archive.display());
+    eprintln!(
+        "edgerec: the audit log was archived to {} ({} lines, last hash {}); a new log begins \
+         with a line naming it",
+        archive.display(),
         chain.next_seq,
         hex::encode(chain.last_hash)
     );

@@ -380,6 +380,14 @@ enum LkmAction {
         /// The backup.
         backup: PathBuf,
     },
+    /// Move the audit log aside (to FILE.<UTC time>, verified first) and start a new one whose
+    /// first line names it, its line count and last hash. Stop the service first.
+    #[cfg(feature = "appliance")]
+    AuditArchive {
+        /// The key manager's config file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Check an audit log: its hash chain (every line there, in order, unchanged) and, with
     /// --config, every line's MAC under the key manager's audit key (lines removed and the
     /// hashes recomputed are found). Prints the number of lines and the last line's hash; keep
@@ -553,6 +561,8 @@ pub fn main() -> ExitCode {
             LkmAction::VerifyAudit { file } => verify_audit(&file),
             #[cfg(feature = "appliance")]
             LkmAction::Init { config } => lkm::init(&config),
+            #[cfg(feature = "appliance")]
+            LkmAction::AuditArchive { config } => lkm::audit_archive(&config),
             #[cfg(feature = "appliance")]
             LkmAction::Serve { config } => lkm::serve(&config),
             #[cfg(feature = "appliance")]

@@ -31,6 +31,16 @@ fn rms(s: &[i16]) -> f64 {
     (s.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / s.len().max(1) as f64).sqrt()
 }
 
+/// Where the running appliance's control API listens (from its log).
+fn control_addr(a: &Appliance) -> String {
+    a.wait_log("control API listening")
+        .split("control_addr=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .to_string()
+}
+
 #[test]
 fn a_call_tagged_and_paused_through_the_control_api_exports_silence_over_the_pause() {
     let mut a = Appliance::prepare("\"127.0.0.0/8\"", "path = \"store\"", "");
@@ -44,13 +54,7 @@ fn a_call_tagged_and_paused_through_the_control_api_exports_silence_over_the_pau
     ));
     fs::write(&cfg, text).unwrap();
     a.spawn();
-    let line = a.wait_log("control API listening");
-    let addr = line
-        .split("control_addr=")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap()
-        .to_string();
+    let addr = control_addr(&a);
     let http = reqwest::blocking::Client::new();
     let call = |method: &str, path: &str, body: Option<String>, token: &str| {
         let mut r = http
@@ -200,13 +204,7 @@ fn the_control_api_needs_tls_off_loopback_and_cuts_half_sent_requests() {
     // On loopback, a request head must arrive within header_read_timeout_secs.
     with("listen = \"127.0.0.1:0\"\nheader_read_timeout_secs = 1\nidle_timeout_secs = 2");
     a.spawn();
-    let line = a.wait_log("control API listening");
-    let addr = line
-        .split("control_addr=")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap()
-        .to_string();
+    let addr = control_addr(&a);
     let started = std::time::Instant::now();
     let mut half: Vec<_> = (0..10)
         .map(|_| {

@@ -8,7 +8,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use crate::lkm::{DECRYPT, KEYPAIRS, Service, hawk_header, keys, lkm, metric, service_metrics};
+use crate::lkm::{
+    DECRYPT, KEYPAIRS, Service, hawk_header, keys, lkm, metric, plain_config, service_metrics,
+    verify_audit_passes,
+};
 
 const AUTH: &str = "/key-management/v1/auth";
 
@@ -334,19 +337,7 @@ fn refused_requests_cannot_flood_the_audit_log_or_the_nonce_cache() {
     }
     assert!(audit.contains("denied: nonce too long"), "{audit}");
     // The log is whole, keyed, and the service still answers.
-    let out = edgerec(&[
-        "lkm",
-        "verify-audit",
-        "--config",
-        s.config.to_str().unwrap(),
-        s.audit_path().to_str().unwrap(),
-    ]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    verify_audit_passes(Some(&s.config), &s.audit_path());
     assert_eq!(
         s.call("GET", KEYPAIRS, None, "recorder-1", &s.recorder_key, true)
             .0,
@@ -439,19 +430,7 @@ fn an_unwrap_the_audit_log_cannot_record_is_refused_and_a_torn_line_is_repaired(
                 && l.contains(&format!("{} bytes", torn.len()))),
         "{audit}"
     );
-    let out = edgerec(&[
-        "lkm",
-        "verify-audit",
-        "--config",
-        s.config.to_str().unwrap(),
-        s.audit_path().to_str().unwrap(),
-    ]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    verify_audit_passes(Some(&s.config), &s.audit_path());
     s.stop();
 }
 
@@ -505,13 +484,7 @@ fn rechained(mut all: Vec<serde_json::Map<String, serde_json::Value>>) -> String
 #[test]
 fn lines_removed_from_the_audit_log_with_the_hashes_recomputed_are_found_by_the_key() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("lkm.toml");
-    fs::write(
-        &config,
-        "[lkm]\nstore_dir = \"store\"\nmaster_key_file = \"master.key\"\n\
-         credentials_file = \"credentials.json\"\naudit_log = \"audit.jsonl\"\n",
-    )
-    .unwrap();
+    let config = plain_config(dir.path());
     // A log of before keying: three unkeyed lines, continued by the upgraded key manager.
     let path = dir.path().join("audit.jsonl");
     {
@@ -535,22 +508,7 @@ fn lines_removed_from_the_audit_log_with_the_hashes_recomputed_are_found_by_the_
     for id in ["a", "b", "c"] {
         assert_eq!(lkm(&["credentials", "add", id], &config).0, 0);
     }
-    let verify = |keyed: bool| {
-        let mut args = vec!["lkm", "verify-audit"];
-        if keyed {
-            args.extend(["--config", config.to_str().unwrap()]);
-        }
-        args.push(path.to_str().unwrap());
-        edgerec(&args)
-    };
-    let out = verify(true);
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = verify_audit_passes(Some(&config), &path);
     assert!(
         said.contains("7 lines") && said.contains("from line 4") && said.contains("lines 1 to 3"),
         "{said}"
@@ -565,8 +523,14 @@ fn lines_removed_from_the_audit_log_with_the_hashes_recomputed_are_found_by_the_
     all.remove(gone);
     fs::write(&path, rechained(all)).unwrap();
     // The unkeyed chain is whole again; the keyed check finds the first rewritten line.
-    assert_eq!(verify(false).status.code(), Some(0));
-    let out = verify(true);
+    verify_audit_passes(None, &path);
+    let out = edgerec(&[
+        "lkm",
+        "verify-audit",
+        "--config",
+        config.to_str().unwrap(),
+        path.to_str().unwrap(),
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(4), "{err}");
     assert!(
@@ -577,17 +541,36 @@ fn lines_removed_from_the_audit_log_with_the_hashes_recomputed_are_found_by_the_
     let (code, _, err) = lkm(&["rotate"], &config);
     assert_eq!(code, 1);
     assert!(err.contains("broken log"), "{err}");
+    // Stripping every MAC as well, to pass the whole log off as one written before keying:
+    // the key store records where keying began.
+    let mut all = lines(&text);
+    all.remove(gone);
+    for l in &mut all {
+        l.remove("mac");
+    }
+    fs::write(&path, rechained(all)).unwrap();
+    verify_audit_passes(None, &path);
+    let out = edgerec(&[
+        "lkm",
+        "verify-audit",
+        "--config",
+        config.to_str().unwrap(),
+        path.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(
+        err.contains("line 4") && err.contains("MACs were removed"),
+        "{err}"
+    );
+    let (code, _, err) = lkm(&["rotate"], &config);
+    assert_eq!(code, 1);
+    assert!(err.contains("MACs were removed"), "{err}");
 }
 
 /// A key manager on a config of its own in `dir` (master key), its first key made.
 fn key_manager(dir: &Path) -> std::path::PathBuf {
-    let config = dir.join("lkm.toml");
-    fs::write(
-        &config,
-        "[lkm]\nstore_dir = \"store\"\nmaster_key_file = \"master.key\"\n\
-         credentials_file = \"credentials.json\"\naudit_log = \"audit.jsonl\"\n",
-    )
-    .unwrap();
+    let config = plain_config(dir);
     assert_eq!(lkm(&["init"], &config).0, 0);
     config
 }
