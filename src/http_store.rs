@@ -2,7 +2,7 @@
 //! a bearer token, over HTTPS (rustls) with an optional CA file and client certificate; and
 //! the HTTPS client that the `s3` store shares.
 //!
-//! The contract a receiving server keeps (README, "The http store"):
+//! The contract a receiving server keeps (docs/operations.md, "`http` store"):
 //! - `PUT {url}` carries the package with `Content-Digest: sha-256=:<base64>:` (RFC 9530),
 //!   `X-Erec-Sha256: <hex>`, `If-None-Match: *` and `Authorization: Bearer <token>`; the
 //!   server verifies the digest before it answers 2xx, and never overwrites (412 or 409 for a

@@ -41,7 +41,7 @@ pub const SLOTS: usize = 32;
 /// and counted as `too_large`.
 pub const SLOT_BYTES: usize = 9216;
 /// Receive buffer asked for each socket (the kernel grants at most twice
-/// `net.core.rmem_max`; see the README's tuning notes).
+/// `net.core.rmem_max`; see docs/operations.md, "Ingest").
 const RCVBUF: usize = 4 << 20;
 /// A batch goes to the recorder when it holds this many datagrams, even mid-round.
 const BATCH_MAX: usize = 8192;
