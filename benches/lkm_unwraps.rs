@@ -75,6 +75,15 @@ fn main() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = tempfile::tempdir().expect("a temporary directory");
     let config = dir.path().join("lkm.toml");
+    // The demo certificate, its key copied 0600 (a key manager outside demo mode refuses a
+    // TLS key others can read; a fresh clone has it 0644).
+    let tls_key = dir.path().join("tls.key");
+    std::fs::copy(repo.join("samples/lkm/tls.DEMO-ONLY.key"), &tls_key).expect("key copied");
+    std::fs::set_permissions(
+        &tls_key,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("key mode");
     std::fs::write(
         &config,
         format!(
@@ -82,7 +91,7 @@ fn main() {
              credentials_file = \"credentials.json\"\naudit_log = \"audit.jsonl\"\n\
              tls_cert = \"{}\"\ntls_key = \"{}\"\nunwrap_rate_per_sec = 1000000\nunwrap_burst = 1000000\n",
             repo.join("samples/lkm/tls.pem").display(),
-            repo.join("samples/lkm/tls.DEMO-ONLY.key").display()
+            tls_key.display()
         ),
     )
     .expect("config written");
@@ -104,11 +113,14 @@ fn main() {
         .spawn()
         .expect("the service starts");
     let mut lines = std::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let mut seen = String::new();
     let port = loop {
         let line = lines
             .next()
-            .expect("the service logs its address")
+            .unwrap_or_else(|| panic!("the service did not start:\n{seen}"))
             .expect("a line");
+        seen.push_str(&line);
+        seen.push('\n');
         if let Some(a) = line.split(" addr=").nth(1) {
             break a
                 .split_whitespace()
