@@ -795,6 +795,16 @@ mod tests {
         assert!(matches!(&c.protection, Protection::MasterKey(m) if m == Path::new("/etc/m.key")));
         assert_eq!(c.rotation, Rotation::Weekly);
         assert_eq!(c.listen, default_listen());
+        // Without a rotation key: monthly, as the platform recommends short intervals.
+        std::fs::write(
+            &f,
+            "[lkm]\nstore_dir = \"s\"\nmaster_key_file = \"m\"\ncredentials_file = \"c\"\n\
+             audit_log = \"a\"\n",
+        )
+        .unwrap();
+        let c = LkmConfig::load(&f).unwrap();
+        assert_eq!(c.rotation, Rotation::Monthly);
+        assert_eq!(c.server, crate::https::Limits::default());
         std::fs::write(&f, "[lkm]\nstore_dir = \"s\"\nbogus = 1\n").unwrap();
         let e = LkmConfig::load(&f).unwrap_err();
         assert!(e.contains("line 3") && e.contains("bogus"), "{e}");
@@ -827,6 +837,12 @@ mod tests {
             made + 29 * DAY
         ));
         assert!(rotation_due(Rotation::Monthly, Some(made), made + 30 * DAY));
+        assert!(!rotation_due(
+            Rotation::Yearly,
+            Some(made),
+            made + 364 * DAY
+        ));
+        assert!(rotation_due(Rotation::Yearly, Some(made), made + 365 * DAY));
         assert!(
             !rotation_due(Rotation::Daily, Some(made), made - DAY),
             "a key from the future (clock set back) is not rotated in a loop"
