@@ -35,6 +35,7 @@ idle_timeout_ms = 3000
 ports = "$first-$last"
 [keys]
 public_key = "$PWD/samples/demo-kek.pub.pem"
+demo = true
 [store]
 path = "store"
 [metrics]

@@ -80,6 +80,7 @@ ${5:-}
 ports = "$3"
 [keys]
 public_key = "$PWD/samples/demo-kek.pub.pem"
+demo = true
 [store]
 kind = "s3"
 endpoint = "http://127.0.0.1:$s3port"

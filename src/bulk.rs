@@ -133,7 +133,8 @@ pub fn from_dir_store(
             let dirs: Vec<PathBuf> = days
                 .iter()
                 .map(|d| base.join(d))
-                .filter(|d| d.is_dir())
+                // A day that is a symlink is not followed (a store walk never is).
+                .filter(|d| fs::symlink_metadata(d).is_ok_and(|m| m.is_dir()))
                 .collect();
             from_paths(&dirs)
         }

@@ -133,6 +133,9 @@ pub struct Keys {
     /// `oaep-sha256` (default) or `oaep-sha1` (for a KEK held by a contract LKM).
     #[serde(default = "default_wrap")]
     pub wrap: Spanned<String>,
+    /// Seal to the committed demo key all the same (the samples do; nothing real may).
+    #[serde(default)]
+    pub demo: bool,
 }
 
 fn default_source() -> Spanned<String> {
@@ -173,6 +176,8 @@ pub struct LkmKeys {
     pub on_stale: OnStale,
     /// The cache file.
     pub cache_file: PathBuf,
+    /// Whether the committed demo key may be taken (`[keys] demo`).
+    pub allow_demo: bool,
 }
 
 /// What a stale key means.
@@ -395,6 +400,8 @@ pub struct Config {
     pub kek_source: KekSource,
     /// The escrow key file, absolute.
     pub escrow_public_key: Option<PathBuf>,
+    /// Whether the committed demo key may be sealed to (`[keys] demo`).
+    pub demo_keys: bool,
     /// The wrap.
     pub wrap: Wrap,
     /// The store.
@@ -581,6 +588,7 @@ impl Config {
                     refresh: std::time::Duration::from_secs(*k.refresh_secs.get_ref()),
                     max_age: std::time::Duration::from_secs(*k.max_age_secs.get_ref()),
                     on_stale,
+                    allow_demo: k.demo,
                     cache_file: k
                         .cache_file
                         .as_deref()
@@ -913,6 +921,7 @@ impl Config {
         Ok(Config {
             file: file.to_path_buf(),
             escrow_public_key: raw.keys.escrow_public_key.as_deref().map(|p| cx.resolve(p)),
+            demo_keys: raw.keys.demo,
             recorder,
             ingest: raw.ingest,
             ports,

@@ -335,7 +335,13 @@ fn add_end(doc: &mut Value, created_ms: u64, end: Option<EndInfo>) {
     }
 }
 
-/// A file name component from untrusted metadata: no separators, no leading dots.
+/// The longest name component taken from metadata, in bytes: with a recording id and `_`
+/// before it (37 bytes) and `.pgp` after, a file name stays within the 255 bytes of Linux
+/// file systems.
+const MAX_NAME_BYTES: usize = 200;
+
+/// A file name component from untrusted metadata: no separators, no leading dots, at most
+/// [`MAX_NAME_BYTES`] bytes (cut on a character boundary).
 fn sanitize(s: &str) -> String {
     let cleaned: String = s
         .chars()
@@ -348,7 +354,13 @@ fn sanitize(s: &str) -> String {
         })
         .collect();
     let trimmed = cleaned.trim_start_matches('.');
-    let mut out: String = trimmed.chars().take(200).collect();
+    let mut out = String::with_capacity(trimmed.len().min(MAX_NAME_BYTES));
+    for c in trimmed.chars() {
+        if out.len() + c.len_utf8() > MAX_NAME_BYTES {
+            break;
+        }
+        out.push(c);
+    }
     if out.is_empty() {
         out.push('_');
     }
@@ -616,10 +628,14 @@ pub fn find_packages(path: &Path) -> io::Result<Vec<PathBuf>> {
     let mut stack = vec![path.to_path_buf()];
     while let Some(d) = stack.pop() {
         for e in fs::read_dir(&d)? {
-            let p = e?.path();
-            if p.is_dir() {
+            let e = e?;
+            // The entry's own type: a symlink is neither followed nor taken (one to `/` would
+            // walk the whole machine, one to a package outside the store would export it).
+            let t = e.file_type()?;
+            let p = e.path();
+            if t.is_dir() {
                 stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "erec") {
+            } else if t.is_file() && p.extension().is_some_and(|x| x == "erec") {
                 found.push(p);
             }
         }
@@ -728,10 +744,32 @@ mod tests {
     }
 
     #[test]
+    fn a_store_walk_never_follows_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let day = dir.path().join("2026/11/30");
+        fs::create_dir_all(&day).unwrap();
+        fs::write(day.join("a.erec"), b"x").unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("theirs.erec"), b"y").unwrap();
+        // A loop back to the root, a directory elsewhere, a package elsewhere.
+        std::os::unix::fs::symlink(dir.path(), day.join("loop")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), day.join("elsewhere")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("theirs.erec"), day.join("b.erec")).unwrap();
+        assert_eq!(find_packages(dir.path()).unwrap(), [day.join("a.erec")]);
+    }
+
+    #[test]
     fn file_names_from_metadata_are_made_safe() {
         assert_eq!(sanitize("../../etc/passwd"), "_.._etc_passwd");
         assert_eq!(sanitize("chat.txt"), "chat.txt");
         assert_eq!(sanitize(""), "_");
         assert_eq!(sanitize(".hidden"), "hidden");
+        // Cut by bytes, not characters: 200 four-byte characters would be 800 bytes, far
+        // past a file name's 255.
+        let emoji = sanitize(&"😀".repeat(200));
+        assert_eq!(emoji.len(), 200);
+        assert_eq!(emoji, "😀".repeat(50));
+        let mixed = sanitize(&format!("a{}", "é".repeat(150)));
+        assert!(mixed.len() <= 200 && mixed.is_char_boundary(mixed.len()));
     }
 }

@@ -8,6 +8,13 @@
 //! Names starting with `.` are never taken. While the disk policy refuses new recordings
 //! (`spool_max_bytes`, `min_free_bytes`), files wait in the inbox, counted as refused.
 //!
+//! Only regular files are sealed. The claimed file is opened with `O_NOFOLLOW` and checked
+//! by `fstat` on the open descriptor (so nothing swapped in between is read): a symlink
+//! renamed in (to `/proc/self/environ`, to the service's secrets) or a FIFO, device or
+//! directory is moved to `.edgerec/refused/` with a `.reason` file beside it, counted
+//! (`edgerec_inbox_errors_total{reason}`), and never read. The inbox path is made absolute
+//! at open, so a relative `inbox.dir` works with the watcher.
+//!
 //! Invariants — nothing lost, nothing doubled, across a crash at any point:
 //! 1. Claim: the file (and its sidecar) is renamed to `.edgerec/<recording id>.<name>` in
 //!    the inbox; the claim directory is synced. The plaintext never leaves the inbox.
@@ -42,6 +49,9 @@ pub const SIDECAR: &str = ".meta.json";
 /// The largest sidecar read.
 const MAX_SIDECAR: u64 = 64 << 10;
 
+/// Where refused entries go, inside the claims directory.
+pub const REFUSED: &str = "refused";
+
 /// Whether a name in the inbox is a file to seal (not hidden, not a sidecar).
 pub fn eligible(name: &str) -> bool {
     !name.is_empty() && !name.starts_with('.') && !name.ends_with(SIDECAR)
@@ -71,6 +81,45 @@ pub enum InboxError {
     /// No usable KEK (the key manager's key is stale and the policy refuses).
     #[error("no usable KEK")]
     NoKek,
+    /// Not a regular file (the reason for the metric, and what it is): refused for good.
+    #[error("not a regular file: {1}")]
+    NotRegular(&'static str, String),
+}
+
+/// Opens a claimed file for reading if it is a regular file: never through a symlink
+/// (`O_NOFOLLOW`), never blocking on a FIFO (`O_NONBLOCK`, cleared for the reads after),
+/// and judged by `fstat` on the descriptor itself.
+fn open_regular(path: &Path) -> Result<fs::File, InboxError> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let f = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(InboxError::NotRegular("symlink", "a symbolic link".into()));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let t = f.metadata()?.file_type();
+    if !t.is_file() {
+        let what = if t.is_dir() {
+            "a directory"
+        } else if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_socket() {
+            "a socket"
+        } else if t.is_char_device() || t.is_block_device() {
+            "a device"
+        } else {
+            "not a regular file"
+        };
+        return Err(InboxError::NotRegular("not_regular", what.into()));
+    }
+    // Reads of a regular file never block; the flag only kept a FIFO's open from doing so.
+    rustix::fs::fcntl_setfl(&f, rustix::fs::OFlags::empty()).map_err(io::Error::from)?;
+    Ok(f)
 }
 
 /// The inbox and what sealing needs.
@@ -113,8 +162,10 @@ impl Inbox {
             .recursive(true)
             .mode(0o700)
             .create(dir.join(CLAIMS))?;
+        // Absolute: the watcher names what arrives by absolute path.
+        let dir = fs::canonicalize(dir)?;
         Ok(Inbox {
-            dir: dir.to_path_buf(),
+            dir,
             spool,
             keks,
             wrap,
@@ -132,7 +183,11 @@ impl Inbox {
     fn left_claims(&self) -> io::Result<Vec<(Uuid, String, bool)>> {
         let mut found: std::collections::BTreeMap<Uuid, (String, bool)> = Default::default();
         for e in fs::read_dir(self.claims())? {
-            let file = e?.file_name().to_string_lossy().into_owned();
+            let e = e?;
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue; // refused/
+            }
+            let file = e.file_name().to_string_lossy().into_owned();
             if let Some((id, name, sidecar)) = parse_claim(&file) {
                 let entry = found.entry(id).or_insert((name, false));
                 entry.1 |= sidecar;
@@ -182,17 +237,18 @@ impl Inbox {
                     sealed += usize::from(self.finish_claim(id, &name, sidecar));
                 }
             }
-            Err(e) => self.failed(None, &e.to_string()),
+            Err(e) => self.failed(None, "io", &e.to_string()),
         }
+        // Every eligible name, whatever it is: what is not a regular file is refused (and
+        // moved out of the way) rather than looked at again at every scan.
         let names = match fs::read_dir(&self.dir) {
             Ok(entries) => entries
                 .filter_map(Result::ok)
-                .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .filter(|n| eligible(n))
                 .collect::<Vec<_>>(),
             Err(e) => {
-                self.failed(None, &e.to_string());
+                self.failed(None, "io", &e.to_string());
                 return sealed;
             }
         };
@@ -202,8 +258,8 @@ impl Inbox {
         sealed
     }
 
-    fn failed(&self, recording: Option<Uuid>, why: &str) {
-        self.metrics.inbox_errors.inc();
+    fn failed(&self, recording: Option<Uuid>, reason: &str, why: &str) {
+        Metrics::inc(&self.metrics.inbox_errors, reason, 1);
         match recording {
             Some(id) => {
                 tracing::error!(recording = %id, error = why, "inbox: not sealed; the file stays and is tried again")
@@ -212,13 +268,70 @@ impl Inbox {
         }
     }
 
+    /// Moves a refused entry (`from`, the inbox name or its claim) to `.edgerec/refused/`
+    /// with the reason beside it, and counts it.
+    fn refuse(&self, from: &Path, id: Uuid, name: &str, reason: &'static str, what: &str) {
+        Metrics::inc(&self.metrics.inbox_errors, reason, 1);
+        let refused = self.claims().join(REFUSED);
+        let to = refused.join(format!("{id}.{name}"));
+        let made = fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&refused);
+        // Its sidecar goes with it, claimed or not.
+        let side = format!("{name}{SIDECAR}");
+        for sidecar in [
+            self.claims().join(format!("{id}.{side}")),
+            self.dir.join(&side),
+        ] {
+            if made.is_ok() && fs::symlink_metadata(&sidecar).is_ok() {
+                let _ = fs::rename(&sidecar, refused.join(format!("{id}.{side}")));
+                break;
+            }
+        }
+        let moved = made
+            .and_then(|()| fs::rename(from, &to))
+            .and_then(|()| {
+                crate::durable::replace_file(
+                    &refused.join(format!("{id}.{name}.reason")),
+                    format!("{what}: only regular files are sealed\n").as_bytes(),
+                )
+            })
+            .and_then(|()| sync_dir(&self.claims()).and_then(|()| sync_dir(&self.dir)));
+        match moved {
+            Ok(()) => tracing::warn!(
+                recording = %id,
+                name,
+                "inbox: {what}, not a regular file: refused, moved to .edgerec/refused/"
+            ),
+            Err(e) => tracing::error!(
+                name,
+                error = %e,
+                "inbox: {what}, not a regular file: refused, and cannot be moved aside"
+            ),
+        }
+    }
+
     /// Claims and seals one file of the inbox by name.
     pub fn take(&self, name: &str) -> bool {
-        if !eligible(name) || !self.dir.join(name).is_file() {
+        let path = self.dir.join(name);
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            return false;
+        };
+        if !eligible(name) {
+            return false;
+        }
+        if !meta.file_type().is_file() {
+            let (reason, what) = if meta.file_type().is_symlink() {
+                ("symlink", "a symbolic link")
+            } else {
+                ("not_regular", "not a regular file")
+            };
+            self.refuse(&path, Uuid::now_v7(), name, reason, what);
             return false;
         }
         if self.keks.current().is_empty() {
-            self.failed(None, "no usable KEK");
+            self.failed(None, "seal", "no usable KEK");
             return false;
         }
         if !self.accepting.load(Ordering::Relaxed) {
@@ -230,7 +343,7 @@ impl Inbox {
         let claim = self.claims().join(format!("{id}.{name}"));
         if let Err(e) = fs::rename(self.dir.join(name), &claim) {
             if e.kind() != io::ErrorKind::NotFound {
-                self.failed(Some(id), &e.to_string());
+                self.failed(Some(id), "io", &e.to_string());
             }
             return false;
         }
@@ -241,7 +354,7 @@ impl Inbox {
         )
         .is_ok();
         if let Err(e) = sync_dir(&self.claims()).and_then(|()| sync_dir(&self.dir)) {
-            self.failed(Some(id), &e.to_string());
+            self.failed(Some(id), "io", &e.to_string());
         }
         self.finish_claim(id, name, sidecar)
     }
@@ -253,8 +366,20 @@ impl Inbox {
                 tracing::info!(recording = %id, bytes, "inbox: sealed and removed from the inbox");
                 true
             }
+            Err(InboxError::NotRegular(reason, what)) => {
+                // Swapped in after the look at its name, or left claimed by an older version:
+                // refused all the same, never read.
+                let claim = self.claims().join(format!("{id}.{name}"));
+                self.refuse(&claim, id, name, reason, &what);
+                false
+            }
             Err(e) => {
-                self.failed(Some(id), &e.to_string());
+                let reason = if matches!(e, InboxError::Io(_)) {
+                    "io"
+                } else {
+                    "seal"
+                };
+                self.failed(Some(id), reason, &e.to_string());
                 false
             }
         }
@@ -264,11 +389,13 @@ impl Inbox {
         let mut meta = Metadata::new();
         if sidecar {
             let path = self.claims().join(format!("{id}.{name}{SIDECAR}"));
-            let doc = fs::File::open(&path).and_then(|f| {
-                let mut text = Vec::new();
-                f.take(MAX_SIDECAR + 1).read_to_end(&mut text)?;
-                Ok(text)
-            });
+            let doc = open_regular(&path)
+                .map_err(|e| io::Error::other(e.to_string()))
+                .and_then(|f| {
+                    let mut text = Vec::new();
+                    f.take(MAX_SIDECAR + 1).read_to_end(&mut text)?;
+                    Ok(text)
+                });
             match doc.map(|t| {
                 (t.len() as u64 <= MAX_SIDECAR)
                     .then(|| serde_json::from_slice::<Metadata>(&t).ok())
@@ -295,7 +422,7 @@ impl Inbox {
             return Err(InboxError::NoKek);
         }
         let claim = self.claims().join(format!("{id}.{name}"));
-        let mut input = fs::File::open(&claim)?;
+        let mut input = open_regular(&claim)?;
         let opts = SealOptions {
             wrap: self.wrap,
             max_chunk: self.max_chunk,

@@ -195,7 +195,23 @@ impl Fetcher {
     /// One round: ask the key manager, rotate if its key changed, cache, apply the stale
     /// policy. Returns whether the key manager answered.
     pub fn round(&mut self, handle: &KekHandle, metrics: &Metrics, now_ms: u64) -> bool {
-        let answered = match self.client.current() {
+        // The committed demo key is refused unless the config allows it: treated as a key
+        // manager that did not answer (counted; the key in hand stays).
+        let current = self.client.current().and_then(|k| {
+            if k.kek.id().is_demo() && !self.cfg.allow_demo {
+                Err(crate::lkm_client::LkmClientError::BadAnswer {
+                    url: self.cfg.target.url.clone(),
+                    why: format!(
+                        "its current key {} is the committed DEMO key: refused without [keys] \
+                         demo = true",
+                        k.kek.id()
+                    ),
+                })
+            } else {
+                Ok(k)
+            }
+        });
+        let answered = match current {
             Ok(k) => {
                 let c = CachedKey::of(&k, now_ms);
                 if c.id != self.cached.id {

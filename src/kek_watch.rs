@@ -49,9 +49,17 @@ pub fn reload(
     public_key: &Path,
     escrow: Option<&Path>,
     handle: &KekHandle,
+    allow_demo: bool,
 ) -> Result<Reloaded, String> {
     let kek =
         KekPublic::from_file(public_key).map_err(|e| format!("{}: {e}", public_key.display()))?;
+    if kek.id().is_demo() && !allow_demo {
+        return Err(format!(
+            "{}: the committed DEMO key (its private half is public): refused without [keys] \
+             demo = true",
+            public_key.display()
+        ));
+    }
     let current = handle.current();
     let from = current.first().map(|k| k.id());
     if from == Some(kek.id()) {
@@ -76,6 +84,7 @@ pub fn watch(
     escrow: Option<PathBuf>,
     handle: KekHandle,
     metrics: Arc<Metrics>,
+    allow_demo: bool,
 ) -> notify::Result<notify::RecommendedWatcher> {
     let dir = public_key
         .parent()
@@ -87,7 +96,7 @@ pub fn watch(
         {
             return;
         }
-        match reload(&public_key, escrow.as_deref(), &handle) {
+        match reload(&public_key, escrow.as_deref(), &handle, allow_demo) {
             Ok(Reloaded::Same) => {}
             Ok(Reloaded::Rotated { from, to }) => {
                 metrics
@@ -131,9 +140,9 @@ mod tests {
         std::fs::copy(key("test"), &file).unwrap();
         let first = KekPublic::from_file(&file).unwrap();
         let handle = KekHandle::new(vec![first.clone()]);
-        assert_eq!(reload(&file, None, &handle), Ok(Reloaded::Same));
+        assert_eq!(reload(&file, None, &handle, false), Ok(Reloaded::Same));
         std::fs::write(&file, b"-----BEGIN PUBLIC KEY-----\ntruncated").unwrap();
-        assert!(reload(&file, None, &handle).is_err());
+        assert!(reload(&file, None, &handle, false).is_err());
         assert_eq!(
             handle.current()[0].id(),
             first.id(),
@@ -142,7 +151,7 @@ mod tests {
         std::fs::copy(key("other"), &file).unwrap();
         let other = KekPublic::from_file(&file).unwrap();
         assert_eq!(
-            reload(&file, Some(&key("r3")), &handle),
+            reload(&file, Some(&key("r3")), &handle, false),
             Ok(Reloaded::Rotated {
                 from: first.id().to_hex(),
                 to: other.id().to_hex()

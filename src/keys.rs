@@ -71,7 +71,16 @@ pub enum KeyError {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct KekId(pub [u8; KEK_ID_LEN]);
 
+/// The kek id of the committed demo key (`samples/demo-kek.pub.pem`), whose private half is
+/// in the repository: an appliance seals to it only with `[keys] demo = true`.
+pub const DEMO_KEK_ID: &str = "9ed9e96450b7404de4b3755d34f1515d37a04de75ec93834176048b730a2785d";
+
 impl KekId {
+    /// Whether this is the committed demo key, which anyone can open.
+    pub fn is_demo(&self) -> bool {
+        self.to_hex() == DEMO_KEK_ID
+    }
+
     /// 64 lowercase hex characters.
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)

@@ -79,8 +79,9 @@ pub struct Metrics {
     pub rtp_paused: Counter,
     /// `edgerec_inbox_sealed_total`.
     pub inbox_sealed: Counter,
-    /// `edgerec_inbox_errors_total`.
-    pub inbox_errors: Counter,
+    /// `edgerec_inbox_errors_total{reason}`: `symlink` and `not_regular` (refused for good,
+    /// moved to `.edgerec/refused/`), `io` and `seal` (the file stays and is tried again).
+    pub inbox_errors: Family<Reason, Counter>,
     /// RTCP packets stored.
     pub rtcp: Counter,
     /// Datagrams not stored, by reason.
@@ -141,7 +142,7 @@ impl Metrics {
             rtp_reordered: Counter::default(),
             rtp_paused: Counter::default(),
             inbox_sealed: Counter::default(),
-            inbox_errors: Counter::default(),
+            inbox_errors: Family::default(),
             rtcp: Counter::default(),
             datagrams_rejected: Family::default(),
             chunks_written: Counter::default(),
@@ -224,7 +225,8 @@ impl Metrics {
         );
         r.register(
             "inbox_errors",
-            "Inbox files that could not be sealed this time (they stay and are tried again)",
+            "Inbox files not sealed, by reason (symlink and not_regular are refused for good; \
+             io and seal stay and are tried again)",
             m.inbox_errors.clone(),
         );
         r.register(

@@ -52,6 +52,19 @@ const QUEUE: usize = 200_000;
 /// that arrived meanwhile in one call (arrival times are those of the read).
 const ROUND: Duration = Duration::from_millis(50);
 
+/// Refuses the committed demo key unless `[keys] demo = true` says this is a demonstration:
+/// its private half is in the repository, so anything sealed to it is readable by anyone.
+fn refuse_demo(kek: &KekPublic, allowed: bool) -> Result<(), String> {
+    if kek.id().is_demo() && !allowed {
+        return Err(format!(
+            "kek {} is the committed DEMO key (samples/demo-kek.pub.pem; its private half is \
+             public): set [keys] demo = true for a demonstration, or give your own key",
+            kek.id()
+        ));
+    }
+    Ok(())
+}
+
 /// Runs the appliance until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     let spool_dir = &config.recorder.spool_dir;
@@ -91,7 +104,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let fetch_stop = Arc::new(AtomicBool::new(false));
     let keks = match &config.kek_source {
         KekSource::File(path) => {
-            let mut keks = vec![KekPublic::from_file(path).map_err(start("keys.public_key"))?];
+            let kek = KekPublic::from_file(path).map_err(start("keys.public_key"))?;
+            refuse_demo(&kek, config.demo_keys).map_err(start("keys.public_key"))?;
+            let mut keks = vec![kek];
             keks.extend(escrow.clone());
             KekHandle::new(keks)
         }
@@ -103,6 +118,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             tokio::task::spawn_blocking(move || {
                 let now = crate::clock::now_ms();
                 let (fetcher, keks) = crate::kek_fetch::Fetcher::start(&lkm, escrow, now)?;
+                if let Some(k) = keks.first() {
+                    refuse_demo(k, lkm.allow_demo)?;
+                }
                 if keks.is_empty() {
                     tracing::error!(
                         kek_id = fetcher.kek_id(),
@@ -185,7 +203,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if config.allow.is_empty() {
         tracing::warn!("ingest.allow is empty: packets are taken from any source");
     }
-    tracing::info!(bind = %config.ingest.bind, first, last, "listening for RTP");
 
     // Replacing the key file rotates the KEK for new recordings (the key manager's fetcher
     // does the same for source = "lkm").
@@ -196,12 +213,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 config.escrow_public_key.clone(),
                 keks.clone(),
                 Arc::clone(&metrics),
+                config.demo_keys,
             )
             .map_err(start("keys.public_key: cannot watch its directory"))?;
             (Some(w), Some(path.clone()))
         }
         KekSource::Lkm(_) => (None, None),
     };
+    // Logged once the key file is watched too: from here on a key change is seen.
+    tracing::info!(bind = %config.ingest.bind, first, last, "listening for RTP");
 
     // Cleared by the disk policy (spool_max_bytes, min_free_bytes): no new recordings, calls
     // or inbox files, while it is.

@@ -104,12 +104,25 @@ listen = "127.0.0.1:0"
 
     pub fn spawn(&mut self) {
         let cfg = self.dir.path().join("edgerec.toml");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_edgerec"))
-            .args(["run", "--config", cfg.to_str().unwrap()])
+        self.spawn_with(cfg.to_str().unwrap(), None);
+    }
+
+    /// Started from its own directory with `--config edgerec.toml`: every relative path of
+    /// the config stays relative.
+    pub fn spawn_from_its_dir(&mut self) {
+        let dir = self.dir.path().to_path_buf();
+        self.spawn_with("edgerec.toml", Some(&dir));
+    }
+
+    fn spawn_with(&mut self, config: &str, cwd: Option<&Path>) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgerec"));
+        cmd.args(["run", "--config", config])
             .env("EDGEREC_LOG", "debug")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::piped());
+        if let Some(d) = cwd {
+            cmd.current_dir(d);
+        }
+        let mut child = cmd.spawn().unwrap();
         let (tx, rx) = mpsc::channel();
         let stderr = child.stderr.take().unwrap();
         std::thread::spawn(move || {
@@ -1602,4 +1615,65 @@ fn a_stale_key_refuses_new_recordings_when_the_policy_says_so() {
     assert_eq!(stored.len(), 1);
     assert_eq!(port_of(&stored[0]), u64::from(a.base + 1));
     assert!(files_with_ext(&a.path("spool"), "erec").is_empty());
+}
+
+#[test]
+fn the_demo_key_is_refused_at_start_and_on_a_key_change_unless_the_config_says_demo() {
+    let mut a = Appliance::prepare("\"127.0.0.0/8\"", "path = \"store\"", "");
+    // The key in a file of the appliance's own, so that it can be replaced.
+    let kek = a.path("kek.pub.pem");
+    fs::copy(key_path("test-kek.pub.pem"), &kek).unwrap();
+    let cfg = a.path("edgerec.toml");
+    let text = fs::read_to_string(&cfg).unwrap().replace(
+        &key_path("test-kek.pub.pem").display().to_string(),
+        "kek.pub.pem",
+    );
+    let demo_key = repo_path("samples/demo-kek.pub.pem");
+    // The committed demo key, whose private half is public: refused at start...
+    fs::write(
+        &cfg,
+        text.replace("\"kek.pub.pem\"", &format!("\"{}\"", demo_key.display())),
+    )
+    .unwrap();
+    let out = edgerec(&["run", "--config", cfg.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("DEMO key") && err.contains("demo = true"),
+        "{err}"
+    );
+    // ...and when the key file is replaced by it while running: the key in hand stays.
+    fs::write(&cfg, &text).unwrap();
+    a.spawn();
+    let ours = edgerec::keys::KekPublic::from_file(&kek)
+        .unwrap()
+        .id()
+        .to_hex();
+    let staged = a.path("demo.pub.pem.new");
+    fs::copy(&demo_key, &staged).unwrap();
+    fs::rename(&staged, &kek).unwrap();
+    a.wait_metric("edgerec_kek_fetch_errors_total", 1.0);
+    assert_eq!(
+        a.metric(&format!("edgerec_kek_info{{kek_id=\"{ours}\"}}")),
+        1.0
+    );
+    a.sigterm();
+    // With demo = true (as the samples have it), it is taken.
+    fs::write(
+        &cfg,
+        text.replace(
+            "\"kek.pub.pem\"",
+            &format!("\"{}\"\ndemo = true", demo_key.display()),
+        ),
+    )
+    .unwrap();
+    a.spawn();
+    assert_eq!(
+        a.metric(&format!(
+            "edgerec_kek_info{{kek_id=\"{}\"}}",
+            edgerec::keys::DEMO_KEK_ID
+        )),
+        1.0
+    );
+    a.sigterm();
 }

@@ -167,3 +167,61 @@ fn a_crash_between_sealing_and_removal_leaves_the_file_claimed_then_sealed_once(
     assert!(inbox_is_empty(&a.path("inbox")));
     assert!(files_with_ext(&a.path("spool"), "part").is_empty());
 }
+
+#[test]
+fn a_symlink_or_fifo_renamed_in_is_refused_unread_and_a_relative_inbox_is_watched() {
+    let mut a = with_inbox();
+    // What the service can read and nobody should get: before, a symlink to it renamed into
+    // the inbox was sealed into the store.
+    let secret = a.path("service-secret.txt");
+    fs::write(&secret, b"EDGEREC_CONTROL_TOKEN=never-sealed").unwrap();
+    // Started with a relative config path: the inbox path is relative too.
+    a.spawn_from_its_dir();
+    std::os::unix::fs::symlink(&secret, a.path("staging/environ")).unwrap();
+    fs::rename(a.path("staging/environ"), a.path("inbox/environ")).unwrap();
+    let fifo = a.path("staging/pipe");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    fs::rename(&fifo, a.path("inbox/pipe")).unwrap();
+    // A regular file after them is taken at once (the watcher names it by absolute path).
+    drop_in(&a, "after.txt", b"a transcript");
+    wait_stored(&a.path("store"), 1);
+    a.wait_metric("edgerec_inbox_errors_total{reason=\"symlink\"}", 1.0);
+    a.wait_metric("edgerec_inbox_errors_total{reason=\"not_regular\"}", 1.0);
+    // Both moved aside with their reasons, the symlink still a symlink (never followed).
+    let refused = a.path("inbox/.edgerec/refused");
+    let mut names: Vec<String> = fs::read_dir(&refused)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 4, "{names:?}");
+    let link = names.iter().find(|n| n.ends_with(".environ")).unwrap();
+    assert!(
+        fs::symlink_metadata(refused.join(link))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    let why = fs::read_to_string(refused.join(format!("{link}.reason"))).unwrap();
+    assert!(why.contains("symbolic link"), "{why}");
+    let pipe = names.iter().find(|n| n.ends_with(".pipe")).unwrap();
+    let why = fs::read_to_string(refused.join(format!("{pipe}.reason"))).unwrap();
+    assert!(
+        why.contains("FIFO") || why.contains("not a regular file"),
+        "{why}"
+    );
+    a.sigterm();
+    // One package only: the regular file.
+    let got = export_all(&a, "export");
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(
+        (got[0].0.as_str(), got[0].1.as_slice()),
+        ("after.txt", &b"a transcript"[..])
+    );
+}
