@@ -176,6 +176,8 @@ pub struct Exporter<'a> {
     pub format: Format,
     /// Encrypt every output to these OpenPGP certificates.
     pub pgp: Option<crate::pgp_out::Recipients>,
+    /// The longest recording timeline exported (`--max-span-secs`).
+    pub max_span: std::time::Duration,
     /// The S3 store, for S3 sources.
     #[cfg(feature = "appliance")]
     pub s3: Option<crate::s3::S3Store>,
@@ -293,7 +295,12 @@ impl Exporter<'_> {
     }
 
     fn export(&self, path: &Path, identity: Option<String>) -> Result<Outcome, Error> {
-        let x = export_file_to(path, self.keys, &self.out, self.format, self.pgp.as_ref())?;
+        let opts = crate::export::Options {
+            format: self.format,
+            pgp: self.pgp.as_ref(),
+            max_span: self.max_span,
+        };
+        let x = export_file_to(path, self.keys, &self.out, &opts)?;
         if let Some(identity) = identity {
             self.record(&x, identity)?;
         }

@@ -23,9 +23,19 @@
 //!   stream the packets, the loss, the duplicates and the reordering seen, the duration, and
 //!   `unterminated` with a warning when the package had no end record.
 //!
+//! Two passes over each package: the first verifies it and surveys it (streams, counts,
+//! events, the length of the audio) without keeping its packets; the second renders the
+//! output as it reads, so memory stays bounded to a window of a few seconds of audio a
+//! stream and a record at a time, whatever the recording says (the data key is unwrapped once
+//! and kept for the second pass).
+//!
 //! Invariants: outputs are written 0600 to a temporary name and renamed into place only
 //! when complete; a package that fails verification produces no output at all; only
-//! verified plaintext is ever written.
+//! verified plaintext is ever written. A recording's timeline is bounded by its own packets'
+//! arrival times and capped (`max_span`, 24 h by default): one that would be longer fails on
+//! its own, before anything is allocated or written for it. With OpenPGP recipients, every
+//! output is encrypted as it is rendered: the plaintext passes through a pipe in memory to
+//! the encryptor, never through the disk.
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
@@ -37,12 +47,13 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::clock::Utc;
+use crate::crypto::Dek;
 use crate::entries::{Entry, Event, NO_STREAM, entries};
 use crate::error::Error;
-use crate::format::{EndInfo, Kind, parse_json_object};
-use crate::keys::{KekId, Unwrapper};
+use crate::format::{EndInfo, Kind, Wrap, parse_json_object};
+use crate::keys::{KekId, UnwrapError, Unwrapper};
 use crate::reader::{PackageReader, ReadMode};
-use crate::rtp::{Datagram, SeqOutcome, SeqTracker, classify};
+use crate::rtp::{Datagram, RtpHeader, SeqOutcome, SeqTracker, classify};
 
 /// The audio output format of `rtp` recordings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +62,32 @@ pub enum Format {
     Wav,
     /// The original packets.
     Pcap,
+}
+
+/// The longest recording timeline exported by default (`export --max-span-secs`): a day,
+/// six times the recorder's own maximum duration.
+pub const DEFAULT_MAX_SPAN: Duration = Duration::from_secs(86_400);
+
+/// How packages are exported.
+#[derive(Debug, Clone, Copy)]
+pub struct Options<'a> {
+    /// WAV or pcap, for `rtp` recordings.
+    pub format: Format,
+    /// Encrypt every output to these OpenPGP certificates (as `<name>.pgp`).
+    pub pgp: Option<&'a crate::pgp_out::Recipients>,
+    /// The longest timeline a recording may have (from its start to its last sample).
+    pub max_span: Duration,
+}
+
+impl Options<'_> {
+    /// WAV or pcap, plain, the default span.
+    pub fn plain(format: Format) -> Options<'static> {
+        Options {
+            format,
+            pgp: None,
+            max_span: DEFAULT_MAX_SPAN,
+        }
+    }
 }
 
 /// What one export wrote.
@@ -73,21 +110,154 @@ struct Stream {
     payload_type: u8,
 }
 
-struct Packet {
-    stream: u8,
-    arrival_us: u64,
-    bytes: Vec<u8>,
-    rtcp: bool,
+/// One stream's counts, gathered in the first pass.
+#[derive(Default)]
+struct Counts {
+    tracker: Option<SeqTracker>,
+    ssrc: Option<u32>,
+    packets: u64,
+    reordered: u64,
+    duplicates: u64,
+    lost: u64,
+    first: Option<u64>,
+    last: u64,
 }
 
-/// Everything an `rtp` recording holds, collected from its verified records.
+impl Counts {
+    fn rtp(&mut self, h: &RtpHeader, arrival_us: u64) {
+        self.packets += 1;
+        self.first.get_or_insert(arrival_us);
+        self.last = arrival_us;
+        if self.ssrc != Some(h.ssrc) {
+            if let Some(t) = self.tracker.take() {
+                self.lost += t.lost();
+            }
+            self.ssrc = Some(h.ssrc);
+            self.tracker = Some(SeqTracker::new(h.seq));
+            return;
+        }
+        if let Some(t) = self.tracker.as_mut() {
+            match t.update(h.seq) {
+                SeqOutcome::Reordered => self.reordered += 1,
+                SeqOutcome::Duplicate => self.duplicates += 1,
+                _ => {}
+            }
+        }
+    }
+
+    fn lost(&self) -> u64 {
+        self.lost + self.tracker.as_ref().map_or(0, SeqTracker::lost)
+    }
+}
+
+/// Events listed in the metadata file at most; beyond, they are counted only.
+const MAX_EVENTS: usize = 10_000;
+
+/// What the first pass over an `rtp` recording found.
 #[derive(Default)]
-struct Call {
+struct Survey {
     streams: Vec<Stream>,
-    packets: Vec<Packet>,
+    counts: Vec<Counts>,
     events: Vec<Value>,
+    events_omitted: u64,
     /// Pause (true) and resume (false) events of the whole recording, µs.
     pauses: Vec<(u64, bool)>,
+    /// Where each stream index's samples end (packets may name a stream before it opens,
+    /// or one never opened: only the streams opened count, at the end, as in the output).
+    ends: Vec<u64>,
+    placer: Placer,
+}
+
+impl Survey {
+    /// The audio's length in samples: the end of the last sample of a stream opened.
+    fn frames(&self) -> u64 {
+        self.ends
+            .iter()
+            .take(self.streams.len())
+            .copied()
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Takes one decoded entry; `max_frames` bounds the timeline.
+    fn entry(&mut self, e: Entry, max_frames: u64) -> Result<(), Error> {
+        if let Some((stream, arrival_us, packet, rtcp)) = e.as_packet() {
+            if rtcp {
+                return Ok(());
+            }
+            let i = usize::from(stream);
+            let Ok(Datagram::Rtp(h)) = classify(packet) else {
+                return Ok(());
+            };
+            if let Some(c) = self.counts.get_mut(i) {
+                c.rtp(&h, arrival_us);
+            }
+            if let Some(pos) = self.placer.place(i, arrival_us, &h) {
+                let end = pos.saturating_add(h.payload_len as u64);
+                if end > max_frames {
+                    return Err(Error::Invalid(format!(
+                        "the recording's timeline runs to {:.0} s, past the {:.0} s allowed \
+                         (--max-span-secs): not exported",
+                        end as f64 / 8000.0,
+                        max_frames as f64 / 8000.0
+                    )));
+                }
+                if self.ends.len() <= i {
+                    self.ends.resize(i + 1, 0);
+                }
+                self.ends[i] = self.ends[i].max(end);
+            }
+            return Ok(());
+        }
+        match e {
+            Entry::StreamOpened {
+                stream,
+                ssrc,
+                local,
+                remote,
+                payload_type,
+                ..
+            } => {
+                if usize::from(stream) == self.streams.len() {
+                    self.streams.push(Stream {
+                        ssrc,
+                        local,
+                        remote,
+                        payload_type,
+                    });
+                    self.counts.push(Counts::default());
+                }
+            }
+            Entry::Event {
+                stream,
+                time_us,
+                event,
+            } => {
+                if stream == NO_STREAM
+                    && matches!(event, Event::Pause | Event::Resume)
+                    && self.pauses.len() < MAX_EVENTS
+                {
+                    self.pauses.push((time_us, event == Event::Pause));
+                }
+                if self.events.len() >= MAX_EVENTS {
+                    self.events_omitted += 1;
+                    return Ok(());
+                }
+                self.events.push(json!({
+                    "stream": stream,
+                    "time_ms": time_us as f64 / 1000.0,
+                    "event": match event {
+                        Event::Gap(n) => json!({"gap": n}),
+                        Event::SsrcChange(s) => json!({"ssrc_change": s}),
+                        Event::Pause => json!("pause"),
+                        Event::Resume => json!("resume"),
+                    },
+                }))
+            }
+            Entry::Rtp { .. } | Entry::Rtcp { .. } => {}
+        }
+        Ok(())
+    }
 }
 
 /// The paused spans of a recording from its pause and resume events, in ms: `to_ms` is
@@ -119,6 +289,48 @@ fn bad_entry(_: crate::entries::EntryError, record: u32) -> Error {
     }
 }
 
+/// Unwraps through `inner` once and gives the same data key again for the second pass (in
+/// memory, zeroized when dropped): a key manager is asked once a package.
+struct Remembered<'a> {
+    inner: &'a dyn Unwrapper,
+    got: std::sync::Mutex<Option<(KekId, Vec<u8>, Dek)>>,
+}
+
+impl Unwrapper for Remembered<'_> {
+    fn unwrap_dek(&self, kek_id: &KekId, wrap: Wrap, sealed: &[u8]) -> Result<Dek, UnwrapError> {
+        self.unwrap_dek_for(&[0; 16], kek_id, wrap, sealed)
+    }
+
+    fn unwrap_dek_for(
+        &self,
+        recording: &[u8; 16],
+        kek_id: &KekId,
+        wrap: Wrap,
+        sealed: &[u8],
+    ) -> Result<Dek, UnwrapError> {
+        if let Ok(got) = self.got.lock()
+            && let Some((k, s, dek)) = got.as_ref()
+            && k == kek_id
+            && s == sealed
+        {
+            return Ok(dek.clone());
+        }
+        let dek = if recording == &[0; 16] {
+            self.inner.unwrap_dek(kek_id, wrap, sealed)?
+        } else {
+            self.inner.unwrap_dek_for(recording, kek_id, wrap, sealed)?
+        };
+        if let Ok(mut got) = self.got.lock() {
+            *got = Some((*kek_id, sealed.to_vec(), dek.clone()));
+        }
+        Ok(dek)
+    }
+
+    fn held_ids(&self) -> Vec<KekId> {
+        self.inner.held_ids()
+    }
+}
+
 /// Exports one package file into `out`.
 pub fn export_file(
     input: &Path,
@@ -126,57 +338,42 @@ pub fn export_file(
     out: &Path,
     format: Format,
 ) -> Result<Exported, Error> {
-    export_file_to(input, unwrapper, out, format, None)
+    export_file_to(input, unwrapper, out, &Options::plain(format))
 }
 
-/// Exports one package file into `out`, each output encrypted to `pgp` (as `<name>.pgp`)
-/// when given.
+fn open_package(
+    input: &Path,
+    unwrapper: &dyn Unwrapper,
+) -> Result<PackageReader<io::BufReader<File>>, Error> {
+    let file = File::open(input)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", input.display())))?;
+    PackageReader::new(io::BufReader::new(file), unwrapper, ReadMode::Recovery)
+}
+
+/// Exports one package file into `out` as `opts` say.
 pub fn export_file_to(
     input: &Path,
     unwrapper: &dyn Unwrapper,
     out: &Path,
-    format: Format,
-    pgp: Option<&crate::pgp_out::Recipients>,
+    opts: &Options,
 ) -> Result<Exported, Error> {
-    let persist = |tmp: tempfile::NamedTempFile, dest: &Path| -> Result<PathBuf, Error> {
-        match pgp {
-            None => {
-                persist(tmp, dest)?;
-                Ok(dest.to_path_buf())
-            }
-            Some(r) => {
-                let name = dest
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                let mut sealed = temp_in(out)?;
-                r.encrypt(
-                    tmp.path(),
-                    &name,
-                    &mut io::BufWriter::new(sealed.as_file_mut()),
-                )?;
-                sealed.as_file().sync_all()?;
-                let mut dest = dest.as_os_str().to_owned();
-                dest.push(".pgp");
-                let dest = PathBuf::from(dest);
-                persist(sealed, &dest)?;
-                drop(tmp); // the plaintext temporary is removed here
-                Ok(dest)
-            }
-        }
+    let keys = Remembered {
+        inner: unwrapper,
+        got: std::sync::Mutex::new(None),
     };
-    let file = File::open(input)
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", input.display())))?;
-    let mut reader = PackageReader::new(io::BufReader::new(file), unwrapper, ReadMode::Recovery)?;
+    let max_frames = opts.max_span.as_secs().saturating_mul(8000);
+    // Pass 1: verify everything, and survey.
+    let mut reader = open_package(input, &keys)?;
     let header = reader.header().clone();
     let id = Uuid::from_bytes(header.recording_id);
     let public = parse_json_object(&header.metadata).unwrap_or_default();
-    let media = public.get("media").and_then(Value::as_str).unwrap_or("");
-    fs::create_dir_all(out)?;
-    let mut file_tmp: Option<tempfile::NamedTempFile> = None;
-    let mut call = Call::default();
-    let mut records = 0u32;
-    let mut media_bytes = 0u64;
+    let media = public
+        .get("media")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let mut survey = Survey::default();
+    let (mut records, mut media_bytes) = (0u32, 0u64);
     while let Some(rec) = reader.next_record()? {
         records += 1;
         if rec.kind != Kind::Media {
@@ -184,67 +381,15 @@ pub fn export_file_to(
         }
         media_bytes += rec.plaintext.len() as u64;
         if media == "file" {
-            let tmp = match file_tmp.as_mut() {
-                Some(t) => t,
-                None => file_tmp.insert(temp_in(out)?),
-            };
-            tmp.write_all(&rec.plaintext)?;
             continue;
         }
         for e in entries(&rec.plaintext) {
-            let e = e.map_err(|e| bad_entry(e, rec.index))?;
-            if let Some((stream, arrival_us, packet, rtcp)) = e.as_packet() {
-                call.packets.push(Packet {
-                    stream,
-                    arrival_us,
-                    bytes: packet.to_vec(),
-                    rtcp,
-                });
-                continue;
-            }
-            match e {
-                Entry::StreamOpened {
-                    stream,
-                    ssrc,
-                    local,
-                    remote,
-                    payload_type,
-                    ..
-                } => {
-                    if usize::from(stream) == call.streams.len() {
-                        call.streams.push(Stream {
-                            ssrc,
-                            local,
-                            remote,
-                            payload_type,
-                        });
-                    }
-                }
-                Entry::Event {
-                    stream,
-                    time_us,
-                    event,
-                } => {
-                    if stream == NO_STREAM && matches!(event, Event::Pause | Event::Resume) {
-                        call.pauses.push((time_us, event == Event::Pause));
-                    }
-                    call.events.push(json!({
-                    "stream": stream,
-                    "time_ms": time_us as f64 / 1000.0,
-                    "event": match event {
-                        Event::Gap(n) => json!({"gap": n}),
-                        Event::SsrcChange(s) => json!({"ssrc_change": s}),
-                        Event::Pause => json!("pause"),
-                        Event::Resume => json!("resume"),
-                    },
-                    }))
-                }
-                Entry::Rtp { .. } | Entry::Rtcp { .. } => {} // taken above
-            }
+            survey.entry(e.map_err(|e| bad_entry(e, rec.index))?, max_frames)?;
         }
     }
     let end = reader.end();
     let metadata = reader.metadata().clone();
+    drop(reader);
     let day = Utc::from_unix_ms(header.created_ms);
     let conversation = metadata
         .get("conversation_id")
@@ -256,7 +401,6 @@ pub fn export_file_to(
         .join(format!("month={:02}", day.month))
         .join(format!("day={:02}", day.day))
         .join(format!("conversation_id={conversation}"));
-    fs::create_dir_all(&dir)?;
     let mut doc = json!({
         "recording_id": id.hyphenated().to_string(),
         "created": day.rfc3339(),
@@ -270,22 +414,52 @@ pub fn export_file_to(
         "terminated": end.is_some(),
     });
     add_end(&mut doc, header.created_ms, end);
-    let media_path = if media == "file" {
+    // Checked before anything is written for it.
+    let channels = survey.streams.len().max(1) as u64;
+    if media != "file"
+        && opts.format == Format::Wav
+        && survey.frames() * channels * 2 > u64::from(u32::MAX) - 36
+    {
+        return Err(Error::Invalid(format!(
+            "{:.0} s of {channels} channels is more audio than a WAV file holds (4 GiB): \
+             export it with --format pcap",
+            survey.frames() as f64 / 8000.0
+        )));
+    }
+    fs::create_dir_all(&dir)?;
+    // Pass 2: render into the output, as it is read.
+    let mut reader = open_package(input, &keys)?;
+    let (name, ext_name) = if media == "file" {
         let name = metadata
             .get("name")
             .and_then(Value::as_str)
             .map(sanitize)
             .unwrap_or_else(|| "file".to_string());
-        let path = dir.join(format!("{id}_{name}"));
-        let tmp = match file_tmp {
-            Some(t) => t,
-            None => temp_in(out)?,
-        };
-        persist(tmp, &path)?
+        (format!("{id}_{name}"), None)
     } else {
-        doc["streams"] = stream_stats(&call);
-        doc["events"] = Value::Array(std::mem::take(&mut call.events));
-        let paused = paused_spans(&call.pauses);
+        let ext = match opts.format {
+            Format::Wav => "wav",
+            Format::Pcap => "pcap",
+        };
+        (format!("{id}.{ext}"), Some(ext))
+    };
+    let media_tmp = if ext_name.is_none() {
+        produce(out, opts.pgp, &name, |w| {
+            while let Some(rec) = reader.next_record()? {
+                if rec.kind == Kind::Media {
+                    w.write_all(&rec.plaintext)?;
+                }
+            }
+            Ok(())
+        })?
+        .0
+    } else {
+        doc["streams"] = stream_stats(&survey);
+        doc["events"] = Value::Array(std::mem::take(&mut survey.events));
+        if survey.events_omitted > 0 {
+            doc["events_omitted"] = survey.events_omitted.into();
+        }
+        let paused = paused_spans(&survey.pauses);
         if !paused.is_empty() {
             doc["paused"] = paused
                 .iter()
@@ -296,22 +470,42 @@ pub fn export_file_to(
                  start; to_ms null: to the end): no media was stored, the audio is silence there"
             );
         }
-        let (ext, tmp) = match format {
-            Format::Wav => {
-                let (tmp, audio) = write_wav(&call, out)?;
-                doc["audio"] = audio;
-                ("wav", tmp)
-            }
-            Format::Pcap => ("pcap", write_pcap(&call, header.created_ms, out)?),
+        let (tmp, audio) = match opts.format {
+            Format::Wav => produce(out, opts.pgp, &name, |w| {
+                let n = survey.streams.len();
+                let mut r = Renderer::new(n, survey.frames(), w)?;
+                each_packet(&mut reader, |stream, arrival_us, bytes, rtcp| {
+                    if !rtcp {
+                        r.packet(usize::from(stream), arrival_us, bytes)?;
+                    }
+                    Ok(())
+                })?;
+                r.finish()?;
+                Ok(Some(json!({
+                    "channels": n.max(1),
+                    "sample_rate": 8000,
+                    "samples": survey.frames(),
+                    "duration_s": survey.frames() as f64 / 8000.0,
+                })))
+            })?,
+            Format::Pcap => produce(out, opts.pgp, &name, |w| {
+                write_pcap(&mut reader, &survey.streams, header.created_ms, w)?;
+                Ok(None)
+            })?,
         };
-        let path = dir.join(format!("{id}.{ext}"));
-        persist(tmp, &path)?
+        if let Some(a) = audio {
+            doc["audio"] = a;
+        }
+        tmp
     };
-    let meta_path = dir.join(format!("{id}_metadata.json"));
-    let mut tmp = temp_in(out)?;
-    serde_json::to_writer_pretty(&mut tmp, &doc).map_err(io::Error::other)?;
-    tmp.write_all(b"\n")?;
-    let meta_path = persist(tmp, &meta_path)?;
+    let media_path = place(media_tmp, &dir.join(&name), opts.pgp.is_some())?;
+    let meta_name = format!("{id}_metadata.json");
+    let (meta_tmp, ()) = produce(out, opts.pgp, &meta_name, |w| {
+        serde_json::to_writer_pretty(&mut *w, &doc).map_err(io::Error::other)?;
+        w.write_all(b"\n")?;
+        Ok(())
+    })?;
+    let meta_path = place(meta_tmp, &dir.join(&meta_name), opts.pgp.is_some())?;
     Ok(Exported {
         id,
         media: media_path,
@@ -320,6 +514,86 @@ pub fn export_file_to(
     })
 }
 
+/// Calls `f` with every RTP and RTCP packet of the verified records, in order.
+fn each_packet<R: io::Read>(
+    reader: &mut PackageReader<R>,
+    mut f: impl FnMut(u8, u64, &[u8], bool) -> Result<(), Error>,
+) -> Result<(), Error> {
+    while let Some(rec) = reader.next_record()? {
+        if rec.kind != Kind::Media {
+            continue;
+        }
+        for e in entries(&rec.plaintext) {
+            let e = e.map_err(|e| bad_entry(e, rec.index))?;
+            if let Some((stream, arrival_us, packet, rtcp)) = e.as_packet() {
+                f(stream, arrival_us, packet, rtcp)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes an output through `fill` into a new temporary file in `out`: as it is, or, with
+/// `pgp`, encrypted as it is written (the plaintext goes through a pipe in memory to the
+/// encryptor on another thread; only ciphertext reaches the file). `name` is the literal
+/// data's name inside the OpenPGP message.
+fn produce<T>(
+    out: &Path,
+    pgp: Option<&crate::pgp_out::Recipients>,
+    name: &str,
+    fill: impl FnOnce(&mut dyn Write) -> Result<T, Error>,
+) -> Result<(tempfile::NamedTempFile, T), Error> {
+    let mut tmp = temp_in(out)?;
+    let made = match pgp {
+        None => {
+            let mut w = BufWriter::with_capacity(1 << 16, tmp.as_file_mut());
+            let made = fill(&mut w)?;
+            w.flush()?;
+            made
+        }
+        Some(r) => {
+            let (from, into) = io::pipe()?;
+            let file = tmp.as_file_mut();
+            std::thread::scope(|scope| {
+                let encryptor = scope.spawn(move || {
+                    let mut w = BufWriter::with_capacity(1 << 16, file);
+                    r.encrypt_reader(from, name, &mut w)?;
+                    w.flush()?;
+                    Ok::<_, Error>(())
+                });
+                let made = {
+                    let mut w = BufWriter::with_capacity(1 << 16, into);
+                    let made = fill(&mut w);
+                    // Flushed and closed either way: the encryptor sees the end of its input.
+                    let flushed = w.flush();
+                    drop(w);
+                    made.and_then(|m| flushed.map(|()| m).map_err(Error::from))
+                };
+                let encrypted = encryptor
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::Invalid("the encryptor panicked".into())));
+                let made = made?;
+                encrypted?;
+                Ok::<_, Error>(made)
+            })?
+        }
+    };
+    tmp.as_file().sync_all()?;
+    Ok((tmp, made))
+}
+
+/// Renames a finished output into place (`<dest>.pgp` when encrypted).
+fn place(tmp: tempfile::NamedTempFile, dest: &Path, pgp: bool) -> Result<PathBuf, Error> {
+    let dest = if pgp {
+        let mut d = dest.as_os_str().to_owned();
+        d.push(".pgp");
+        PathBuf::from(d)
+    } else {
+        dest.to_path_buf()
+    };
+    persist(tmp, &dest)?;
+    Ok(dest)
+}
 fn add_end(doc: &mut Value, created_ms: u64, end: Option<EndInfo>) {
     match end {
         Some(e) => {
@@ -378,43 +652,9 @@ fn persist(tmp: tempfile::NamedTempFile, dest: &Path) -> io::Result<()> {
     tmp.persist(dest).map(drop).map_err(|e| e.error)
 }
 
-fn stream_stats(call: &Call) -> Value {
+fn stream_stats(survey: &Survey) -> Value {
     let mut out = Vec::new();
-    for (i, s) in call.streams.iter().enumerate() {
-        let mut tracker: Option<SeqTracker> = None;
-        let (mut packets, mut reordered, mut duplicates, mut lost) = (0u64, 0u64, 0u64, 0u64);
-        let (mut first, mut last) = (None, 0u64);
-        let mut ssrc = None;
-        for p in call
-            .packets
-            .iter()
-            .filter(|p| usize::from(p.stream) == i && !p.rtcp)
-        {
-            let Ok(Datagram::Rtp(h)) = classify(&p.bytes) else {
-                continue;
-            };
-            packets += 1;
-            first.get_or_insert(p.arrival_us);
-            last = p.arrival_us;
-            if ssrc != Some(h.ssrc) {
-                if let Some(t) = tracker.take() {
-                    lost += t.lost();
-                }
-                ssrc = Some(h.ssrc);
-                tracker = Some(SeqTracker::new(h.seq));
-                continue;
-            }
-            if let Some(t) = tracker.as_mut() {
-                match t.update(h.seq) {
-                    SeqOutcome::Reordered => reordered += 1,
-                    SeqOutcome::Duplicate => duplicates += 1,
-                    _ => {}
-                }
-            }
-        }
-        if let Some(t) = tracker {
-            lost += t.lost();
-        }
+    for (i, (s, c)) in survey.streams.iter().zip(&survey.counts).enumerate() {
         out.push(json!({
             "index": i,
             "ssrc": s.ssrc,
@@ -422,12 +662,12 @@ fn stream_stats(call: &Call) -> Value {
             "remote": s.remote.to_string(),
             "payload_type": s.payload_type,
             "codec": codec_name(s.payload_type),
-            "packets": packets,
-            "lost": lost,
-            "duplicates": duplicates,
-            "reordered": reordered,
-            "first_packet_ms": first.map(|f| f as f64 / 1000.0),
-            "duration_s": first.map(|f| (last - f) as f64 / 1_000_000.0),
+            "packets": c.packets,
+            "lost": c.lost(),
+            "duplicates": c.duplicates,
+            "reordered": c.reordered,
+            "first_packet_ms": c.first.map(|f| f as f64 / 1000.0),
+            "duration_s": c.first.map(|f| (c.last - f) as f64 / 1_000_000.0),
         }));
     }
     Value::Array(out)
@@ -456,28 +696,29 @@ struct Anchor {
     ssrc: u32,
 }
 
-/// Places each stream's samples on the recording's timeline (see the module docs).
-fn render(call: &Call) -> Vec<Vec<i16>> {
-    let mut channels: Vec<Vec<i16>> = vec![Vec::new(); call.streams.len()];
-    let mut anchors: Vec<Option<Anchor>> = vec![None; call.streams.len()];
-    for p in call.packets.iter().filter(|p| !p.rtcp) {
-        let i = usize::from(p.stream);
-        if i >= channels.len() {
-            continue;
+/// Places each stream's samples on the recording's timeline (see the module docs): the same
+/// packets in the same order give the same places, in both passes.
+#[derive(Default)]
+struct Placer {
+    anchors: Vec<Option<Anchor>>,
+}
+
+impl Placer {
+    /// Where the samples of an RTP packet of stream `i` start, if it carries G.711 and lands
+    /// on the timeline (not before its start).
+    fn place(&mut self, i: usize, arrival_us: u64, h: &RtpHeader) -> Option<u64> {
+        crate::g711::table(h.payload_type)?;
+        if self.anchors.len() <= i {
+            self.anchors.resize(i + 1, None);
         }
-        let Ok(Datagram::Rtp(h)) = classify(&p.bytes) else {
-            continue;
-        };
-        let Some(decode) = crate::g711::table(h.payload_type) else {
-            continue;
-        };
-        let arrival_pos = i64::try_from(p.arrival_us * 8 / 1000).unwrap_or(i64::MAX);
-        let pos = match anchors[i].as_mut() {
+        let arrival_pos =
+            i64::try_from(arrival_us / 1000 * 8 + arrival_us % 1000 * 8 / 1000).unwrap_or(i64::MAX);
+        let pos = match self.anchors[i].as_mut() {
             Some(a) if a.ssrc == h.ssrc => {
                 a.ext += i64::from(h.timestamp.wrapping_sub(a.last_ts) as i32);
                 a.last_ts = h.timestamp;
-                let pos = a.pos + (a.ext - a.ts);
-                if (pos - arrival_pos).abs() > 8000 {
+                let pos = a.pos.saturating_add(a.ext - a.ts);
+                if (pos.saturating_sub(arrival_pos)).abs() > 8000 {
                     // The timestamp disagrees with the clock by over a second: re-anchor.
                     a.ts = a.ext;
                     a.pos = arrival_pos;
@@ -487,7 +728,7 @@ fn render(call: &Call) -> Vec<Vec<i16>> {
                 }
             }
             _ => {
-                anchors[i] = Some(Anchor {
+                self.anchors[i] = Some(Anchor {
                     ts: 0,
                     pos: arrival_pos,
                     last_ts: h.timestamp,
@@ -497,112 +738,164 @@ fn render(call: &Call) -> Vec<Vec<i16>> {
                 arrival_pos
             }
         };
-        let Ok(pos) = usize::try_from(pos) else {
-            continue;
-        };
-        let payload = &p.bytes[h.payload_offset..h.payload_offset + h.payload_len];
-        let ch = &mut channels[i];
-        if ch.len() < pos + payload.len() {
-            ch.resize(pos + payload.len(), 0);
-        }
-        for (d, b) in ch[pos..pos + payload.len()].iter_mut().zip(payload) {
-            *d = decode[usize::from(*b)];
-        }
+        u64::try_from(pos).ok()
     }
-    channels
 }
 
-fn write_wav(call: &Call, out: &Path) -> Result<(tempfile::NamedTempFile, Value), Error> {
-    let channels = render(call);
-    let len = channels.iter().map(Vec::len).max().unwrap_or(0);
-    let n = u16::try_from(channels.len().max(1)).unwrap_or(u16::MAX);
-    let spec = hound::WavSpec {
-        channels: n,
-        sample_rate: 8000,
-        bits_per_sample: 16,
-        sample_format: hound::SampleFormat::Int,
-    };
-    let tmp = temp_in(out)?;
-    {
-        let w = BufWriter::with_capacity(1 << 16, tmp.as_file().try_clone()?);
-        let mut wav = hound::WavWriter::new(w, spec).map_err(wav_err)?;
-        if u32::try_from(len * usize::from(n)).is_err() {
-            return Err(Error::Io(io::Error::other(
-                "WAV: more samples than a WAV file holds",
-            )));
-        }
-        // In blocks of frames through the 16-bit writer, which takes exactly the samples it
-        // was sized for without a check per sample.
-        const FRAMES: usize = 16384;
-        let mut t = 0;
-        while t < len {
-            let frames = FRAMES.min(len - t);
-            let block = u32::try_from(frames * usize::from(n)).expect("checked above");
-            let mut samples = wav.get_i16_writer(block);
-            for f in t..t + frames {
-                for ch in &channels {
-                    samples.write_sample(ch.get(f).copied().unwrap_or(0));
+/// Frames of audio a stream keeps before they are written: 8 s. A sample lands at most a
+/// second from its packet's arrival (the re-anchoring rule), and packets come in arrival
+/// order, so whatever lies more than 4 s behind the newest packet is final.
+const WINDOW: u64 = 64_000;
+
+/// The streaming WAV renderer: packets in, 16-bit PCM frames out, with only a window of
+/// each stream's samples in memory. The total length is known beforehand (the survey), so
+/// the header is written first and nothing needs a seek.
+struct Renderer<'w> {
+    placer: Placer,
+    channels: usize,
+    /// Each stream's samples for the frames `base..base + WINDOW`.
+    window: Vec<Vec<i16>>,
+    base: u64,
+    total: u64,
+    out: &'w mut dyn Write,
+    block: Vec<u8>,
+}
+
+impl<'w> Renderer<'w> {
+    fn new(streams: usize, total: u64, out: &'w mut dyn Write) -> io::Result<Renderer<'w>> {
+        let channels = streams.max(1);
+        let data = total * channels as u64 * 2;
+        let data = u32::try_from(data).map_err(|_| io::Error::other("WAV: too long"))?;
+        // The canonical 44-byte header of 16-bit PCM at 8 kHz.
+        let mut h = Vec::with_capacity(44);
+        h.extend_from_slice(b"RIFF");
+        h.extend_from_slice(&(36 + data).to_le_bytes());
+        h.extend_from_slice(b"WAVEfmt ");
+        h.extend_from_slice(&16u32.to_le_bytes());
+        h.extend_from_slice(&1u16.to_le_bytes());
+        h.extend_from_slice(&(channels as u16).to_le_bytes());
+        h.extend_from_slice(&8000u32.to_le_bytes());
+        h.extend_from_slice(&(8000 * 2 * channels as u32).to_le_bytes());
+        h.extend_from_slice(&(2 * channels as u16).to_le_bytes());
+        h.extend_from_slice(&16u16.to_le_bytes());
+        h.extend_from_slice(b"data");
+        h.extend_from_slice(&data.to_le_bytes());
+        out.write_all(&h)?;
+        Ok(Renderer {
+            placer: Placer::default(),
+            channels,
+            window: vec![vec![0; WINDOW as usize]; streams],
+            base: 0,
+            total,
+            out,
+            block: Vec::new(),
+        })
+    }
+
+    /// Writes the frames `base..until` (as far as the total) and moves the window on, at
+    /// most a window's worth at a time (a long silence is written in pieces).
+    fn flush_to(&mut self, until: u64) -> io::Result<()> {
+        let until = until.min(self.total).max(self.base);
+        while self.base < until {
+            let n = (until - self.base).min(WINDOW) as usize;
+            self.block.clear();
+            self.block.reserve(n * self.channels * 2);
+            for f in 0..n {
+                if self.window.is_empty() {
+                    self.block.extend_from_slice(&[0, 0]);
                 }
-                // A call without streams still has one (silent) channel.
-                if channels.is_empty() {
-                    samples.write_sample(0);
+                for ch in &self.window {
+                    self.block.extend_from_slice(&ch[f].to_le_bytes());
                 }
             }
-            samples.flush().map_err(wav_err)?;
-            t += frames;
+            self.out.write_all(&self.block)?;
+            for ch in &mut self.window {
+                ch.copy_within(n.., 0);
+                let len = ch.len();
+                ch[len - n..].fill(0);
+            }
+            self.base += n as u64;
         }
-        wav.finalize().map_err(wav_err)?;
+        Ok(())
     }
-    let audio = json!({
-        "channels": n,
-        "sample_rate": 8000,
-        "samples": len,
-        "duration_s": len as f64 / 8000.0,
-    });
-    Ok((tmp, audio))
+
+    fn packet(&mut self, stream: usize, arrival_us: u64, bytes: &[u8]) -> Result<(), Error> {
+        if stream >= self.window.len() {
+            return Ok(());
+        }
+        let Ok(Datagram::Rtp(h)) = classify(bytes) else {
+            return Ok(());
+        };
+        let Some(pos) = self.placer.place(stream, arrival_us, &h) else {
+            return Ok(());
+        };
+        let Some(decode) = crate::g711::table(h.payload_type) else {
+            return Ok(());
+        };
+        let payload = &bytes[h.payload_offset..h.payload_offset + h.payload_len];
+        let end = pos.saturating_add(payload.len() as u64).min(self.total);
+        // Move the window on by halves until the packet fits in it.
+        while end > self.base + WINDOW {
+            let half = self.base + WINDOW / 2;
+            self.flush_to(half.max(end - WINDOW))?;
+        }
+        // Samples before the window were written already (a packet more than 4 s late).
+        let skip = self.base.saturating_sub(pos) as usize;
+        let ch = &mut self.window[stream];
+        for (k, b) in payload.iter().enumerate().skip(skip) {
+            let f = pos + k as u64;
+            if f >= end {
+                break;
+            }
+            ch[(f - self.base) as usize] = decode[usize::from(*b)];
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> io::Result<()> {
+        self.flush_to(self.total)
+    }
 }
 
-fn wav_err(e: hound::Error) -> Error {
-    Error::Io(io::Error::other(format!("WAV: {e}")))
-}
-
-fn write_pcap(call: &Call, created_ms: u64, out: &Path) -> Result<tempfile::NamedTempFile, Error> {
+fn write_pcap<R: io::Read>(
+    reader: &mut PackageReader<R>,
+    streams: &[Stream],
+    created_ms: u64,
+    out: &mut dyn Write,
+) -> Result<(), Error> {
     use pcap_file::DataLink;
     use pcap_file::pcap::{PcapHeader, PcapPacket, PcapWriter};
-    let tmp = temp_in(out)?;
     let header = PcapHeader {
         datalink: DataLink::RAW,
         ..PcapHeader::default()
     };
     let pcap_err = |e: pcap_file::PcapError| Error::Io(io::Error::other(format!("pcap: {e}")));
-    let mut w = PcapWriter::with_header(BufWriter::new(tmp.as_file().try_clone()?), header)
-        .map_err(pcap_err)?;
+    let mut w = PcapWriter::with_header(out, header).map_err(pcap_err)?;
     let mut frame = Vec::with_capacity(2048);
-    for p in &call.packets {
-        let stream = if p.stream == NO_STREAM {
+    each_packet(reader, |stream, arrival_us, bytes, rtcp| {
+        let stream = if stream == NO_STREAM {
             0
         } else {
-            usize::from(p.stream)
+            usize::from(stream)
         };
-        let Some(s) = call.streams.get(stream) else {
-            continue;
+        let Some(s) = streams.get(stream) else {
+            return Ok(());
         };
         let (mut src, mut dst) = (s.remote, s.local);
-        if p.rtcp {
+        if rtcp {
             src.set_port(src.port().wrapping_add(1));
             dst.set_port(dst.port().wrapping_add(1));
         }
         frame.clear();
-        if !udp_frame(src, dst, &p.bytes, &mut frame) {
-            continue;
+        if !udp_frame(src, dst, bytes, &mut frame) {
+            return Ok(());
         }
-        let ts = Duration::from_micros(created_ms * 1000 + p.arrival_us);
+        let ts = Duration::from_micros(created_ms.saturating_mul(1000).saturating_add(arrival_us));
         let len = u32::try_from(frame.len()).unwrap_or(u32::MAX);
         w.write_packet(&PcapPacket::new(ts, len, &frame))
             .map_err(pcap_err)?;
-    }
-    w.into_writer().flush()?;
-    Ok(tmp)
+        Ok(())
+    })
 }
 
 /// An IPv4 or IPv6 + UDP frame, checksums computed. False if the families differ.
@@ -671,35 +964,63 @@ mod tests {
         assert!(paused_spans(&[]).is_empty());
     }
 
-    fn call(packets: Vec<(u8, u64, Vec<u8>)>, streams: usize) -> Call {
+    /// What both passes make of `packets` for a recording of `streams` streams: the
+    /// survey's length, then the rendered WAV read back, a sample vector per channel.
+    fn render(packets: Vec<(u8, u64, Vec<u8>)>, streams: usize) -> Vec<Vec<i16>> {
         let addr: SocketAddr = "127.0.0.1:4000".parse().unwrap();
-        Call {
-            streams: (0..streams)
-                .map(|i| Stream {
-                    ssrc: i as u32,
-                    local: addr,
-                    remote: addr,
-                    payload_type: 0,
-                })
-                .collect(),
-            packets: packets
-                .into_iter()
-                .map(|(stream, arrival_us, bytes)| Packet {
-                    stream,
-                    arrival_us,
-                    bytes,
-                    rtcp: false,
-                })
-                .collect(),
-            events: Vec::new(),
-            pauses: Vec::new(),
+        let mut survey = Survey::default();
+        for s in 0..streams {
+            survey
+                .entry(
+                    Entry::StreamOpened {
+                        stream: s as u8,
+                        ssrc: s as u32,
+                        local: addr,
+                        remote: addr,
+                        payload_type: 0,
+                        label: "",
+                    },
+                    u64::MAX,
+                )
+                .unwrap();
         }
+        for (stream, arrival_us, packet) in &packets {
+            survey
+                .entry(
+                    Entry::Rtp {
+                        stream: *stream,
+                        arrival_us: *arrival_us,
+                        packet,
+                    },
+                    u64::MAX,
+                )
+                .unwrap();
+        }
+        let mut wav = Vec::new();
+        let mut r = Renderer::new(streams, survey.frames(), &mut wav).unwrap();
+        for (stream, arrival_us, packet) in &packets {
+            r.packet(usize::from(*stream), *arrival_us, packet).unwrap();
+        }
+        r.finish().unwrap();
+        let read = hound::WavReader::new(std::io::Cursor::new(wav)).unwrap();
+        let n = usize::from(read.spec().channels);
+        let samples: Vec<i16> = read.into_samples::<i16>().map(Result::unwrap).collect();
+        let mut out = vec![Vec::new(); n];
+        for (k, v) in samples.into_iter().enumerate() {
+            out[k % n].push(v);
+        }
+        // Each stream's own length, as the renderer of before gave it (silence after its
+        // last sample is the WAV's padding).
+        for (ch, end) in out.iter_mut().zip(&survey.ends) {
+            ch.truncate(*end as usize);
+        }
+        out
     }
 
     #[test]
     fn streams_align_by_timestamp_with_silence_for_gaps_and_late_starts() {
         let loud = crate::g711::linear_to_ulaw(8000);
-        let c = call(
+        let ch = render(
             vec![
                 // Stream 0: packets 0, 1, (2 lost), 3 of 160 samples each.
                 (0, 0, rtp(0, 1000, 7, &[loud; 160], 0)),
@@ -711,7 +1032,6 @@ mod tests {
             ],
             2,
         );
-        let ch = render(&c);
         assert_eq!(ch[0].len(), 640);
         assert!(ch[0][..320].iter().all(|s| *s > 7000));
         assert!(
@@ -729,18 +1049,14 @@ mod tests {
 
     #[test]
     fn a_timestamp_jump_reanchors_at_arrival() {
-        let c = call(
+        let ch = render(
             vec![
                 (0, 0, rtp(0, 0, 7, &[0x00; 160], 0)),
                 (0, 20_000, rtp(1, 4_000_000, 7, &[0x00; 160], 0)),
             ],
             1,
         );
-        assert_eq!(
-            render(&c)[0].len(),
-            320,
-            "placed at its arrival, not 500 s later"
-        );
+        assert_eq!(ch[0].len(), 320, "placed at its arrival, not 500 s later");
     }
 
     #[test]

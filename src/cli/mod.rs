@@ -158,9 +158,14 @@ enum Command {
         #[arg(long)]
         jobs: Option<usize>,
         /// Encrypt every output to this OpenPGP certificate (armored or binary); repeat for
-        /// several receivers. Outputs are written as <name>.pgp; no plaintext output is kept.
+        /// several receivers. Outputs are written as <name>.pgp, encrypted as they are
+        /// rendered: no plaintext reaches the disk.
         #[arg(long = "pgp-recipient", value_name = "CERT.asc")]
         pgp_recipients: Vec<PathBuf>,
+        /// The longest recording timeline exported, from its start to its last sample; a
+        /// recording that claims a longer one fails on its own.
+        #[arg(long, value_name = "SECONDS", default_value_t = 86_400)]
+        max_span_secs: u64,
     },
     /// Show a package's header facts without any key.
     Inspect {
@@ -668,6 +673,7 @@ pub fn main() -> ExitCode {
             to,
             jobs,
             pgp_recipients,
+            max_span_secs,
         } => keys.unwrapper().and_then(|u| {
             package::export(
                 u.as_ref(),
@@ -683,6 +689,7 @@ pub fn main() -> ExitCode {
                         (f, t)
                     }),
                     pgp_recipients,
+                    max_span: std::time::Duration::from_secs(max_span_secs),
                 },
                 jobs,
             )

@@ -219,6 +219,25 @@ pub struct ExportFrom {
     pub days: Option<(String, String)>,
     /// OpenPGP certificates to encrypt every output to.
     pub pgp_recipients: Vec<PathBuf>,
+    /// The longest recording timeline exported.
+    pub max_span: std::time::Duration,
+}
+
+/// Removes what an export stopped by a crash left in `out`: its temporaries (ciphertext
+/// only, in a PGP export) are never taken for outputs.
+fn remove_partials(out: &Path) {
+    let Ok(entries) = fs::read_dir(out) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".export.")
+            && name.ends_with(".partial")
+            && e.file_type().is_ok_and(|t| t.is_file())
+        {
+            let _ = fs::remove_file(e.path());
+        }
+    }
 }
 
 /// `edgerec export`: every package of the inputs and the store, in parallel, resumable,
@@ -275,11 +294,13 @@ pub fn export(
         false => Some(crate::pgp_out::Recipients::load(&from.pgp_recipients)?),
     };
     fs::create_dir_all(out)?;
+    remove_partials(out);
     let exporter = Exporter {
         keys,
         out: out.to_path_buf(),
         format,
         pgp,
+        max_span: from.max_span,
         #[cfg(feature = "appliance")]
         s3,
     };

@@ -173,13 +173,76 @@ impl Gpg {
         g
     }
 
+    /// A home with one primary key that only certifies (no encryption subkey yet).
+    fn new_bare(uid: &str) -> Gpg {
+        let home = tempfile::Builder::new()
+            .prefix("gpg")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let g = Gpg { home };
+        // Made in the past, so that a subkey can be made (and expire) in the past too.
+        let out = g.run(&[
+            "--faked-system-time",
+            "20190101T000000!",
+            "--quick-gen-key",
+            uid,
+            "ed25519",
+            "cert",
+            "never",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        g
+    }
+
     fn run(&self, args: &[&str]) -> std::process::Output {
-        std::process::Command::new("gpg")
+        self.run_with_input(args, "")
+    }
+
+    fn run_with_input(&self, args: &[&str], input: &str) -> std::process::Output {
+        use std::io::Write;
+        let mut child = std::process::Command::new("gpg")
             .env("GNUPGHOME", self.home.path())
-            .args(["--batch", "--pinentry-mode", "loopback", "--passphrase", ""])
+            .args([
+                "--batch",
+                "--yes",
+                "--pinentry-mode",
+                "loopback",
+                "--passphrase",
+                "",
+            ])
             .args(args)
-            .output()
-            .expect("gpg is installed by the test command")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("gpg is installed by the test command");
+        let _ = child.stdin.take().unwrap().write_all(input.as_bytes());
+        child.wait_with_output().unwrap()
+    }
+
+    /// The primary key's fingerprint.
+    fn fingerprint(&self, uid: &str) -> String {
+        let out = self.run(&["--with-colons", "--list-keys", uid]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("fpr:"))
+            .and_then(|l| l.split(':').find(|f| f.len() == 40))
+            .unwrap()
+            .to_string()
+    }
+
+    /// The subkeys' key ids (16 hex digits), in order.
+    fn subkeys(&self, uid: &str) -> Vec<String> {
+        let out = self.run(&["--with-colons", "--list-keys", uid]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("sub:"))
+            .map(|l| l.split(':').nth(4).unwrap().to_uppercase())
+            .collect()
     }
 }
 
@@ -297,6 +360,12 @@ fn walk_files(root: &Path) -> Vec<std::path::PathBuf> {
 
 /// A one-second, one-leg G.711 call package sealed to the test key.
 fn call_package() -> Vec<u8> {
+    call_package_of((0..50u16).map(|i| u64::from(i) * 20_000))
+}
+
+/// A one-leg G.711 call package sealed to the test key (with nothing but its public half),
+/// a 20 ms packet at each arrival time given (µs from its start).
+fn call_package_of(arrivals: impl Iterator<Item = u64>) -> Vec<u8> {
     use edgerec::entries::Entry;
     use edgerec::format::{EndReason, Kind};
     use edgerec::writer::{Media, SealOptions, Sealer};
@@ -321,21 +390,281 @@ fn call_package() -> Vec<u8> {
     }
     .encode(&mut chunk)
     .unwrap();
-    for i in 0..50u16 {
+    for (i, arrival_us) in arrivals.enumerate() {
+        let i = i as u32;
         let mut p = vec![0x80, 0];
-        p.extend_from_slice(&i.to_be_bytes());
-        p.extend_from_slice(&(u32::from(i) * 160).to_be_bytes());
+        p.extend_from_slice(&(i as u16).to_be_bytes());
+        p.extend_from_slice(&(i * 160).to_be_bytes());
         p.extend_from_slice(&7u32.to_be_bytes());
-        p.extend((0..160).map(|j| if (j / 4 + i) % 2 == 0 { 0x10 } else { 0x90 }));
+        p.extend((0..160).map(|j| {
+            if (j / 4 + i).is_multiple_of(2) {
+                0x10
+            } else {
+                0x90
+            }
+        }));
         Entry::Rtp {
             stream: 0,
-            arrival_us: u64::from(i) * 20_000,
+            arrival_us,
             packet: &p,
         }
         .encode(&mut chunk)
         .unwrap();
+        if chunk.len() > 60_000 {
+            s.seal(Kind::Media, &chunk, &mut pkg).unwrap();
+            chunk.clear();
+        }
     }
-    s.seal(Kind::Media, &chunk, &mut pkg).unwrap();
+    if !chunk.is_empty() {
+        s.seal(Kind::Media, &chunk, &mut pkg).unwrap();
+    }
     s.finish(EndReason::Complete, edgerec::clock::now_ms(), &mut pkg);
     pkg
+}
+
+#[test]
+fn a_package_claiming_days_of_audio_fails_alone_within_bounded_memory() {
+    // Made with the public key alone: two packets 400,000 s apart, 6.4 GB of WAV asked for
+    // (before: allocated whole, and the batch aborted with it).
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = dir.path().join("in");
+    fs::create_dir(&inputs).unwrap();
+    fs::write(
+        inputs.join("hostile.erec"),
+        call_package_of([0, 400_000_000_000].into_iter()),
+    )
+    .unwrap();
+    fs::write(inputs.join("good.erec"), call_package()).unwrap();
+    let out = dir.path().join("out");
+    // Within 2 GB of address space, as a small export host has.
+    let run = |extra: &str| {
+        std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "ulimit -v 2000000; exec \"$0\" export --key \"$1\" --out \"$2\" {extra} \"$3\""
+            ))
+            .arg(env!("CARGO_BIN_EXE_edgerec"))
+            .arg(key_path("test-kek.pem"))
+            .arg(&out)
+            .arg(&inputs)
+            .output()
+            .unwrap()
+    };
+    let r = run("");
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(
+        r.status.code(),
+        Some(1),
+        "a failed package, not a crash: {err}"
+    );
+    assert!(
+        err.contains("2 packages: 1 exported") && err.contains("past the 86400 s allowed"),
+        "{err}"
+    );
+    assert_eq!(
+        files_with_ext(&out, "wav").len(),
+        1,
+        "the good one is exported"
+    );
+    assert!(files_with_ext(&out, "partial").is_empty());
+    // --max-span-secs lowers (or raises) the cap: the one-second call fails under half a
+    // second.
+    let r = run("--max-span-secs 0");
+    assert!(
+        String::from_utf8_lossy(&r.stderr).contains("0 exported"),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+}
+
+/// Every `.export.*.partial` in `out` now: its first bytes.
+fn partials(out: &Path) -> Vec<Vec<u8>> {
+    let Ok(entries) = fs::read_dir(out) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".partial"))
+        .filter_map(|e| {
+            use std::io::Read;
+            let mut head = vec![0u8; 64];
+            let n = fs::File::open(e.path()).ok()?.read(&mut head).ok()?;
+            head.truncate(n);
+            Some(head)
+        })
+        .collect()
+}
+
+#[test]
+fn a_pgp_export_never_puts_plaintext_on_disk_not_even_killed_midway() {
+    let gpg = Gpg::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("receiver.asc");
+    let exported = gpg.run(&["--armor", "--export", "receiver@example.com"]);
+    fs::write(&cert, &exported.stdout).unwrap();
+    // A twenty-minute call: 19 MB of WAV to render.
+    let inputs = dir.path().join("in");
+    fs::create_dir(&inputs).unwrap();
+    fs::write(
+        inputs.join("long.erec"),
+        call_package_of((0..60_000u64).map(|i| i * 20_000)),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_edgerec"))
+            .args(["export", "--key"])
+            .arg(key_path("test-kek.pem"))
+            .arg("--out")
+            .arg(&out)
+            .arg("--pgp-recipient")
+            .arg(&cert)
+            .arg(&inputs)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // Watched while it runs (before: the whole WAV was written in the clear first, then
+    // encrypted), then killed once a temporary exists.
+    let mut child = spawn();
+    let mut seen = 0;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while seen == 0 && std::time::Instant::now() < deadline {
+        for head in partials(&out) {
+            seen += 1;
+            assert!(!head.starts_with(b"RIFF"), "a plaintext WAV on disk");
+        }
+    }
+    assert!(seen > 0, "no temporary was ever seen");
+    let _ = child.kill();
+    let _ = child.wait();
+    for head in partials(&out) {
+        assert!(
+            !head.starts_with(b"RIFF"),
+            "a plaintext WAV left by the kill"
+        );
+    }
+    // The next run removes what the killed one left and completes.
+    let r = spawn().wait_with_output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(partials(&out).is_empty());
+    let pgp = files_with_ext(&out, "pgp");
+    assert_eq!(pgp.len(), 2, "{pgp:?}");
+    let wav = pgp
+        .iter()
+        .find(|p| p.to_str().unwrap().ends_with(".wav.pgp"))
+        .unwrap();
+    let dec = dir.path().join("dec.wav");
+    let r = gpg.run(&[
+        "--output",
+        dec.to_str().unwrap(),
+        "--decrypt",
+        wav.to_str().unwrap(),
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let w = hound::WavReader::open(&dec).unwrap();
+    assert_eq!(w.duration(), 60_000 * 160, "twenty minutes of one channel");
+}
+
+/// The key ids (16 hex digits) an OpenPGP message is encrypted to, as gpg lists them.
+fn recipients_of(gpg: &Gpg, message: &Path) -> Vec<String> {
+    let r = gpg.run(&["--list-packets", message.to_str().unwrap()]);
+    String::from_utf8_lossy(&r.stdout)
+        .lines()
+        .filter_map(|l| l.split("keyid ").nth(1))
+        .map(|k| k.trim().to_uppercase())
+        .collect()
+}
+
+#[test]
+fn pgp_exports_go_to_every_valid_encryption_key_and_never_to_an_expired_or_revoked_one() {
+    let gpg = Gpg::new_bare("Counsel <counsel@example.com>");
+    let fpr = gpg.fingerprint("counsel@example.com");
+    // First an encryption subkey that expired (made in 2020 for a year), then one to be
+    // revoked, then a good one (before: the first encryption-capable subkey was taken).
+    let added = gpg.run(&[
+        "--faked-system-time",
+        "20200101T000000!",
+        "--quick-add-key",
+        &fpr,
+        "cv25519",
+        "encr",
+        "1y",
+    ]);
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    for _ in 0..2 {
+        let added = gpg.run(&["--quick-add-key", &fpr, "cv25519", "encr", "never"]);
+        assert!(
+            added.status.success(),
+            "{}",
+            String::from_utf8_lossy(&added.stderr)
+        );
+    }
+    let revoked = gpg.run_with_input(
+        &["--command-fd", "0", "--edit-key", &fpr],
+        "key 2\nrevkey\ny\n0\n\ny\nsave\n",
+    );
+    assert!(
+        revoked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoked.stderr)
+    );
+    let subkeys = gpg.subkeys("counsel@example.com");
+    assert_eq!(subkeys.len(), 3, "{subkeys:?}");
+    let (expired, revoked, good) = (&subkeys[0], &subkeys[1], &subkeys[2]);
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("counsel.asc");
+    fs::write(&cert, gpg.run(&["--armor", "--export", &fpr]).stdout).unwrap();
+    let inputs = dir.path().join("in");
+    fs::create_dir(&inputs).unwrap();
+    fs::write(inputs.join("call.erec"), call_package()).unwrap();
+    let out = dir.path().join("out");
+    let r = edgerec(&[
+        "export",
+        "--key",
+        key_path("test-kek.pem").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--pgp-recipient",
+        cert.to_str().unwrap(),
+        inputs.to_str().unwrap(),
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    for f in files_with_ext(&out, "pgp") {
+        let to = recipients_of(&gpg, &f);
+        assert_eq!(
+            to,
+            std::slice::from_ref(good),
+            "{} to {to:?} (expired {expired}, revoked {revoked})",
+            f.display()
+        );
+    }
+    // A certificate whose every encryption key is expired or revoked is refused, and says so.
+    let none = gpg.run_with_input(
+        &["--command-fd", "0", "--edit-key", &fpr],
+        "key 3\nrevkey\ny\n0\n\ny\nsave\n",
+    );
+    assert!(
+        none.status.success(),
+        "{}",
+        String::from_utf8_lossy(&none.stderr)
+    );
+    fs::write(&cert, gpg.run(&["--armor", "--export", &fpr]).stdout).unwrap();
+    let r = edgerec(&[
+        "export",
+        "--key",
+        key_path("test-kek.pem").to_str().unwrap(),
+        "--out",
+        dir.path().join("out2").to_str().unwrap(),
+        "--pgp-recipient",
+        cert.to_str().unwrap(),
+        inputs.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(err.contains("no key that may encrypt"), "{err}");
 }
