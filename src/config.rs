@@ -89,6 +89,31 @@ pub struct Ingest {
     pub ports: Spanned<String>,
     /// Source networks (CIDR) packets are taken from; empty means any, with a warning.
     pub allow: Vec<Spanned<String>>,
+    /// RTP packets a port must receive within a second before its recording starts.
+    #[serde(default = "default_min_packets")]
+    pub min_packets: Spanned<usize>,
+    /// Recordings started a second from one source address.
+    #[serde(default = "default_starts_per_source")]
+    pub max_starts_per_source_per_sec: Spanned<f64>,
+    /// Recordings started a second on one port.
+    #[serde(default = "default_starts_per_port")]
+    pub max_starts_per_port_per_sec: Spanned<f64>,
+}
+
+/// Three packets (60 ms of a call) before a recording starts: one spoofed datagram cannot
+/// make a package, and a real call loses nothing (the three are recorded).
+fn default_min_packets() -> Spanned<usize> {
+    Spanned::new(0..0, 3)
+}
+
+/// One SBC may start a thousand calls a second.
+fn default_starts_per_source() -> Spanned<f64> {
+    Spanned::new(0..0, 1000.0)
+}
+
+/// A port takes a new call a few times a second at most.
+fn default_starts_per_port() -> Spanned<f64> {
+    Spanned::new(0..0, 5.0)
 }
 
 impl Default for Ingest {
@@ -97,6 +122,9 @@ impl Default for Ingest {
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             ports: Spanned::new(0..0, "40000-40999".into()),
             allow: Vec::new(),
+            min_packets: default_min_packets(),
+            max_starts_per_source_per_sec: default_starts_per_source(),
+            max_starts_per_port_per_sec: default_starts_per_port(),
         }
     }
 }
@@ -529,6 +557,24 @@ impl Config {
                 "not a port range A-B with 1 <= A <= B <= 65535",
             )
         })?;
+        let i = &raw.ingest;
+        if !(1..=50).contains(i.min_packets.get_ref()) {
+            return Err(cx.err("ingest.min_packets", &i.min_packets, "must be 1 to 50"));
+        }
+        for (key, v) in [
+            (
+                "ingest.max_starts_per_source_per_sec",
+                &i.max_starts_per_source_per_sec,
+            ),
+            (
+                "ingest.max_starts_per_port_per_sec",
+                &i.max_starts_per_port_per_sec,
+            ),
+        ] {
+            if !(v.get_ref().is_finite() && *v.get_ref() > 0.0) {
+                return Err(cx.err(key, v, "must be above 0"));
+            }
+        }
         let allow = raw
             .ingest
             .allow
@@ -945,11 +991,18 @@ impl Config {
     /// The recording limits the session state machine works with.
     pub fn limits(&self) -> crate::session::Limits {
         let r = &self.recorder;
+        let rate = |per_sec: f64| crate::rate_limit::Limit {
+            rate: per_sec,
+            burst: per_sec.max(1.0),
+        };
         crate::session::Limits {
             idle_timeout_us: r.idle_timeout_ms.get_ref() * 1000,
             max_recording_us: r.max_recording_secs.get_ref() * 1_000_000,
             flush_interval_us: r.flush_interval_ms.get_ref() * 1000,
             max_chunk: *r.chunk_bytes.get_ref() as usize,
+            min_packets: *self.ingest.min_packets.get_ref(),
+            starts_per_source: rate(*self.ingest.max_starts_per_source_per_sec.get_ref()),
+            starts_per_port: rate(*self.ingest.max_starts_per_port_per_sec.get_ref()),
         }
     }
 }
@@ -1021,6 +1074,19 @@ path = "/srv/store"
         );
         let e = err(&GOOD.replace("flush_interval_ms = 500", "flush_interval_ms = 0"));
         assert!(e.contains("line 4") && e.contains("greater than 0"), "{e}");
+        let e = err(&GOOD.replace("40000-40009\"", "40000-40009\"\nmin_packets = 0"));
+        assert!(
+            e.contains("ingest.min_packets = 0") && e.contains("1 to 50"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace(
+            "40000-40009\"",
+            "40000-40009\"\nmax_starts_per_port_per_sec = -1",
+        ));
+        assert!(
+            e.contains("ingest.max_starts_per_port_per_sec = -1") && e.contains("above 0"),
+            "{e}"
+        );
         let e = err(&GOOD.replace("flush_interval_ms = 500", "flush_interval_ms = \"fast\""));
         assert!(e.contains("line 4") && e.contains("invalid type"), "{e}");
         let e = err(&GOOD.replace("kind = \"dir\"", "kind = \"nfs\""));

@@ -185,7 +185,8 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
                 sessions.shutdown(&mut actions);
                 stop = true;
             }
-            Err(RecvTimeoutError::Timeout) => {}
+            // A timer may have changed counts without an action (a candidate expired).
+            Err(RecvTimeoutError::Timeout) => unpublished = true,
         }
         if !stop {
             sessions.handle_timeout(clock, &mut actions);
@@ -732,6 +733,15 @@ mod tests {
                 max_recording_us: 3_600_000_000,
                 flush_interval_us: 1_000_000,
                 max_chunk: 65_536,
+                min_packets: 1,
+                starts_per_source: crate::rate_limit::Limit {
+                    rate: 1e9,
+                    burst: 1e9,
+                },
+                starts_per_port: crate::rate_limit::Limit {
+                    rate: 1e9,
+                    burst: 1e9,
+                },
             },
             sync: true,
             ready: ready_tx,

@@ -20,6 +20,14 @@
 //! - Media entries are packed whole into chunks of at most `max_chunk` bytes; a chunk is
 //!   handed out when the next entry would not fit, and every pending chunk at each flush
 //!   tick, followed by one [`Action::Sync`] (group commit).
+//! - Admission: RTP on a port without a recording makes it a *candidate*, whose datagrams are
+//!   held (in memory, at most [`MAX_CANDIDATE_PACKETS`], past which only packets of a
+//!   stream already held are); it becomes a recording once `min_packets` RTP packets of one
+//!   SSRC arrived within [`ADMISSION_WINDOW_US`] of the first, and only
+//!   within `starts_per_source` (its first packet's address) and `starts_per_port`. Then the
+//!   held datagrams are recorded, with their own times: nothing admitted is lost. A
+//!   candidate that never qualifies is counted `not_admitted`, one over a rate `start_rate`:
+//!   spoofed datagrams cannot make a package each.
 //!
 //! Invariants: every [`Action::Open`] is followed, eventually, by exactly one
 //! [`Action::Close`] for the same recording, and all its [`Action::Chunk`]s come between the
@@ -34,7 +42,7 @@ use crate::format::EndReason;
 use crate::rtp::{Datagram, Reject, SeqOutcome, SeqTracker, classify};
 
 /// The timing and size rules of recording.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Limits {
     /// A recording ends after this long without RTP.
     pub idle_timeout_us: u64,
@@ -44,7 +52,19 @@ pub struct Limits {
     pub flush_interval_us: u64,
     /// The largest chunk of entries (the package's max chunk length).
     pub max_chunk: usize,
+    /// RTP packets a port must receive within [`ADMISSION_WINDOW_US`] before its recording
+    /// starts (1: at the first).
+    pub min_packets: usize,
+    /// Recordings started a second from one source address.
+    pub starts_per_source: crate::rate_limit::Limit,
+    /// Recordings started a second on one port.
+    pub starts_per_port: crate::rate_limit::Limit,
 }
+
+/// How long a candidate has to receive its `min_packets` (µs): a second.
+pub const ADMISSION_WINDOW_US: u64 = 1_000_000;
+/// Datagrams a candidate holds at most (beyond, they are counted `not_admitted`).
+pub const MAX_CANDIDATE_PACKETS: usize = 64;
 
 /// A recording in progress, as the driver knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -61,6 +81,10 @@ pub enum Discard {
     TooManyStreams,
     /// Larger than one chunk can hold.
     TooLarge,
+    /// Held by a candidate that never became a recording (fewer than `min_packets` in time).
+    NotAdmitted,
+    /// Held by a candidate whose start was over a rate (per source or per port).
+    StartRate,
 }
 
 impl Discard {
@@ -71,6 +95,8 @@ impl Discard {
             Discard::RtcpWithoutRecording => "rtcp_without_recording",
             Discard::TooManyStreams => "too_many_streams",
             Discard::TooLarge => "too_large",
+            Discard::NotAdmitted => "not_admitted",
+            Discard::StartRate => "start_rate",
         }
     }
 }
@@ -227,6 +253,14 @@ pub enum Tagged {
 /// Metadata documents that may wait for a port's next recording.
 pub const MAX_HELD: usize = 16;
 
+/// A port that received RTP but has no recording yet: what it holds until it qualifies.
+#[derive(Debug)]
+struct Candidate {
+    first_us: u64,
+    /// (arrival, source, datagram, SSRC), in arrival order.
+    held: Vec<(u64, SocketAddr, Vec<u8>, u32)>,
+}
+
 /// All recordings in progress. See the module documentation.
 #[derive(Debug)]
 pub struct Sessions {
@@ -244,6 +278,9 @@ pub struct Sessions {
     /// deadline, not one per datagram.
     next_deadline_us: Option<u64>,
     counters: Counters,
+    candidates: PortMap<Candidate>,
+    starts_by_source: crate::rate_limit::PerKey<std::net::IpAddr>,
+    starts_by_port: crate::rate_limit::PerKey<u16>,
 }
 
 impl Sessions {
@@ -258,6 +295,9 @@ impl Sessions {
             next_flush_us: None,
             next_deadline_us: None,
             counters: Counters::default(),
+            candidates: PortMap::default(),
+            starts_by_source: crate::rate_limit::PerKey::new(limits.starts_per_source, 10_000),
+            starts_by_port: crate::rate_limit::PerKey::new(limits.starts_per_port, 10_000),
         }
     }
 
@@ -281,7 +321,82 @@ impl Sessions {
     }
 
     fn discard(&mut self, d: Discard) {
-        *self.counters.dropped.entry(d.label()).or_default() += 1;
+        self.discard_n(d, 1);
+    }
+
+    fn discard_n(&mut self, d: Discard, n: u64) {
+        if n > 0 {
+            *self.counters.dropped.entry(d.label()).or_default() += n;
+        }
+    }
+
+    /// Whether a recording may start on `local` for `source` now (takes a start of both).
+    fn may_start(&mut self, now: u64, local: SocketAddr, source: SocketAddr) -> bool {
+        let ms = now / 1000;
+        self.starts_by_port.take(&local.port(), ms).is_ok()
+            && self.starts_by_source.take(&source.ip(), ms).is_ok()
+    }
+
+    /// Holds an RTP datagram for a port with no recording; opens the recording (and records
+    /// everything held) once the candidate qualifies.
+    fn candidate(
+        &mut self,
+        now: u64,
+        local: SocketAddr,
+        remote: SocketAddr,
+        datagram: &[u8],
+        ssrc: u32,
+        out: &mut Vec<Action>,
+    ) {
+        let port = local.port();
+        if let Some(c) = self.candidates.get(&port)
+            && now.saturating_sub(c.first_us) >= ADMISSION_WINDOW_US
+        {
+            let n = c.held.len() as u64;
+            self.candidates.remove(&port);
+            self.discard_n(Discard::NotAdmitted, n);
+        }
+        let c = self.candidates.entry(port).or_insert_with(|| Candidate {
+            first_us: now,
+            held: Vec::new(),
+        });
+        // One packet each of many SSRCs (spoofed starts) never qualifies; a real stream
+        // sends several of one.
+        let of_it = c.held.iter().filter(|h| h.3 == ssrc).count();
+        if c.held.len() >= MAX_CANDIDATE_PACKETS && of_it == 0 {
+            return self.discard(Discard::NotAdmitted);
+        }
+        c.held.push((now, remote, datagram.to_vec(), ssrc));
+        let first_us = c.first_us;
+        if of_it + 1 < self.limits.min_packets {
+            self.note_deadline(first_us + ADMISSION_WINDOW_US);
+            return;
+        }
+        let c = self.candidates.remove(&port).expect("held above");
+        let source = c.held[0].1;
+        if !self.may_start(now, local, source) {
+            return self.discard_n(Discard::StartRate, c.held.len() as u64);
+        }
+        self.open(c.first_us, local, None, out);
+        for (t, from, d, _) in c.held {
+            self.handle(t, local, from, &d, out);
+        }
+    }
+
+    /// Counts the candidates whose window has passed at `now` as not admitted (all of them,
+    /// at shutdown) and forgets them.
+    fn expire_candidates(&mut self, now: Option<u64>) {
+        let gone: Vec<u16> = self
+            .candidates
+            .iter()
+            .filter(|(_, c)| now.is_none_or(|n| n >= c.first_us + ADMISSION_WINDOW_US))
+            .map(|(p, _)| *p)
+            .collect();
+        for p in gone {
+            if let Some(c) = self.candidates.remove(&p) {
+                self.discard_n(Discard::NotAdmitted, c.held.len() as u64);
+            }
+        }
     }
 
     fn open(
@@ -351,7 +466,12 @@ impl Sessions {
         *self.counters.ended.entry(reason.name()).or_default() += 1;
         if self.by_port.is_empty() {
             self.next_flush_us = None;
-            self.next_deadline_us = None;
+            // Candidates on other ports still expire on time.
+            self.next_deadline_us = self
+                .candidates
+                .values()
+                .map(|c| c.first_us + ADMISSION_WINDOW_US)
+                .min();
         }
         Some(rec)
     }
@@ -485,7 +605,15 @@ impl Sessions {
         }
         let port = local.port();
         match self.by_port.get(&port) {
-            None => self.open(now, local, None, out),
+            None if self.limits.min_packets > 1 => {
+                return self.candidate(now, local, remote, datagram, h.ssrc, out);
+            }
+            None => {
+                if !self.may_start(now, local, remote) {
+                    return self.discard(Discard::StartRate);
+                }
+                self.open(now, local, None, out)
+            }
             Some(r) if now.saturating_sub(r.started_us) >= self.limits.max_recording_us => {
                 self.split(now, port, out)
             }
@@ -634,6 +762,11 @@ impl Sessions {
             .min()
     }
 
+    /// Candidates waiting to become recordings (for the tests and the gauges).
+    pub fn candidates(&self) -> usize {
+        self.candidates.len()
+    }
+
     /// Ends idle recordings, splits those at the maximum duration, and at each flush tick
     /// hands out every pending chunk followed by one [`Action::Sync`].
     pub fn handle_timeout(&mut self, now: u64, out: &mut Vec<Action>) {
@@ -641,6 +774,10 @@ impl Sessions {
         let mut long: Vec<u16> = Vec::new();
         if self.next_deadline_us.is_some_and(|d| now >= d) {
             self.next_deadline_us = None;
+            self.expire_candidates(Some(now));
+            if let Some(first) = self.candidates.values().map(|c| c.first_us).min() {
+                self.note_deadline(first + ADMISSION_WINDOW_US);
+            }
             for (port, r) in &self.by_port {
                 if now >= r.last_rtp_us + self.limits.idle_timeout_us {
                     idle.push(*port);
@@ -659,7 +796,10 @@ impl Sessions {
                 })
                 .map(|r| self.deadline(r))
                 .min();
-            self.next_deadline_us = next;
+            self.next_deadline_us = match (next, self.next_deadline_us) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
         }
         idle.sort_unstable();
         long.sort_unstable();
@@ -685,8 +825,10 @@ impl Sessions {
         }
     }
 
-    /// Ends every recording (reason shutdown), then one sync.
+    /// Ends every recording (reason shutdown), then one sync. Candidates are counted as not
+    /// admitted.
     pub fn shutdown(&mut self, out: &mut Vec<Action>) {
+        self.expire_candidates(None);
         let mut ports: Vec<u16> = self.by_port.keys().copied().collect();
         ports.sort_unstable();
         for port in ports {
@@ -703,12 +845,20 @@ mod tests {
 
     const MS: u64 = 1000;
 
+    const FREE: crate::rate_limit::Limit = crate::rate_limit::Limit {
+        rate: 1e9,
+        burst: 1e9,
+    };
+
     fn limits() -> Limits {
         Limits {
             idle_timeout_us: 5000 * MS,
             max_recording_us: 60_000 * MS,
             flush_interval_us: 1000 * MS,
             max_chunk: 4096,
+            min_packets: 1,
+            starts_per_source: FREE,
+            starts_per_port: FREE,
         }
     }
 
@@ -739,8 +889,12 @@ mod tests {
 
     impl Harness {
         fn new() -> Self {
+            Self::with(limits())
+        }
+
+        fn with(l: Limits) -> Self {
             Harness {
-                s: Sessions::new(limits()),
+                s: Sessions::new(l),
                 actions: Vec::new(),
             }
         }
@@ -865,6 +1019,149 @@ mod tests {
         let mut want = vec![(32, NO_STREAM, 0), (1, 0, 0xB), (33, NO_STREAM, 0)];
         want.extend((5..10).map(|i| (2, 0, i)));
         assert_eq!(h.entries_of(RecId(1)), want);
+    }
+
+    fn admitting(min_packets: usize, per_source: f64, per_port: f64) -> Limits {
+        let rate = |r: f64| crate::rate_limit::Limit { rate: r, burst: r };
+        Limits {
+            min_packets,
+            starts_per_source: rate(per_source),
+            starts_per_port: rate(per_port),
+            ..limits()
+        }
+    }
+
+    #[test]
+    fn a_candidate_expires_on_time_after_the_last_recording_ends() {
+        let mut h = Harness::with(admitting(3, 1000.0, 5.0));
+        for i in 0..3u16 {
+            h.send(u64::from(i) * MS, 40000, "10.0.0.5:4000", &rtp(i, 7));
+        }
+        assert_eq!(h.opens().len(), 1);
+        // A lone packet on another port just before the recording goes idle.
+        h.send(4_990 * MS, 40002, "10.0.0.66:4000", &rtp(1, 9));
+        h.tick_until(20_000 * MS);
+        assert_eq!(
+            h.s.candidates(),
+            0,
+            "the candidate's deadline survived the close"
+        );
+        assert_eq!(h.s.counters().dropped.get("not_admitted"), Some(&1));
+    }
+
+    #[test]
+    fn spoofed_datagrams_make_no_package_and_an_admitted_call_loses_nothing() {
+        let mut h = Harness::with(admitting(3, 1000.0, 5.0));
+        // Before: one RTP datagram and a BYE made a package, on every port, 3,000 in 2.4 s.
+        for port in 0..200u16 {
+            h.send(
+                u64::from(port) * MS,
+                40000 + port,
+                "10.0.0.66:4000",
+                &rtp(1, 9),
+            );
+            h.send(
+                u64::from(port) * MS,
+                40000 + port,
+                "10.0.0.66:4001",
+                &bye(9),
+            );
+        }
+        h.tick_until(2_000 * MS);
+        assert!(h.opens().is_empty(), "no package for a packet");
+        let c = h.s.counters();
+        assert_eq!(c.dropped.get("not_admitted"), Some(&200));
+        assert_eq!(c.dropped.get("rtcp_without_recording"), Some(&200));
+        assert_eq!(
+            h.s.candidates(),
+            0,
+            "every candidate forgotten after its second"
+        );
+        // A real call: recorded from its first packet once its third arrived.
+        for seq in 0..5u16 {
+            h.send(
+                3_000 * MS + u64::from(seq) * 20 * MS,
+                40000,
+                "10.0.0.5:5000",
+                &rtp(seq, 7),
+            );
+        }
+        let opens = h.opens();
+        assert_eq!(opens.len(), 1);
+        h.s.shutdown(&mut h.actions);
+        let got = h.entries_of(opens[0].0);
+        let seqs: Vec<u64> = got.iter().filter(|e| e.0 == 2).map(|e| e.2).collect();
+        assert_eq!(seqs, [0, 1, 2, 3, 4], "the held packets are in it: {got:?}");
+        // Its times run from its first packet.
+        let first = h.actions.iter().find_map(|a| match a {
+            Action::Chunk { plaintext, .. } => entries(plaintext).find_map(|e| match e.unwrap() {
+                Entry::Rtp { arrival_us, .. } => Some(arrival_us),
+                _ => None,
+            }),
+            _ => None,
+        });
+        assert_eq!(first, Some(0));
+    }
+
+    #[test]
+    fn one_packet_each_of_many_ssrcs_never_makes_a_recording() {
+        let mut h = Harness::with(admitting(3, 1000.0, 5.0));
+        // Spoofed starts on one port, a new SSRC each: held up to the bound, never admitted.
+        for i in 0..500u32 {
+            h.send(u64::from(i) * MS, 40000, "10.0.0.66:4000", &rtp(1, 100 + i));
+        }
+        assert!(h.opens().is_empty());
+        // A real stream among them still starts at its third packet, with all three held.
+        h.send(600 * MS, 40001, "10.0.0.66:4000", &rtp(1, 900));
+        for seq in 0..3u16 {
+            h.send(
+                601 * MS + u64::from(seq) * 20 * MS,
+                40001,
+                "10.0.0.5:5000",
+                &rtp(seq, 7),
+            );
+        }
+        assert_eq!(h.opens().len(), 1);
+        h.tick_until(5_000 * MS);
+        h.s.shutdown(&mut h.actions);
+        assert_eq!(h.s.counters().dropped.get("not_admitted"), Some(&500));
+        assert_eq!(
+            h.s.counters().rtp_packets,
+            4,
+            "the stray one on its port went in too"
+        );
+    }
+
+    #[test]
+    fn starts_are_limited_per_port_and_per_source() {
+        let rate = |rate: f64, burst: f64| crate::rate_limit::Limit { rate, burst };
+        let mut h = Harness::with(Limits {
+            min_packets: 3,
+            starts_per_source: rate(1.0, 3.0),
+            starts_per_port: rate(1.0, 2.0),
+            ..limits()
+        });
+        let call = |h: &mut Harness, at: u64, port: u16, from: &str| {
+            for seq in 0..3u16 {
+                h.send(at + u64::from(seq) * 20 * MS, port, from, &rtp(seq, 7));
+            }
+            h.send(at + 60 * MS, port, from, &bye(7));
+        };
+        // Three calls one after another on one port within a second: the third is over.
+        call(&mut h, 0, 40000, "10.0.0.1:5000");
+        call(&mut h, 100 * MS, 40000, "10.0.0.1:5000");
+        call(&mut h, 200 * MS, 40000, "10.0.0.2:5000");
+        assert_eq!(h.opens().len(), 2);
+        assert_eq!(h.s.counters().dropped.get("start_rate"), Some(&3));
+        // One source over three ports: its fourth start in the second is over (the first
+        // port's two count too).
+        call(&mut h, 300 * MS, 40001, "10.0.0.1:5000");
+        call(&mut h, 400 * MS, 40002, "10.0.0.1:5000");
+        assert_eq!(h.opens().len(), 3);
+        assert_eq!(h.s.counters().dropped.get("start_rate"), Some(&6));
+        // A second later both have refilled.
+        call(&mut h, 1_500 * MS, 40002, "10.0.0.1:5000");
+        assert_eq!(h.opens().len(), 4);
     }
 
     #[test]
@@ -1168,9 +1465,11 @@ mod tests {
     proptest! {
         #[test]
         fn every_open_closes_once_and_every_datagram_is_accounted(
-            inputs in proptest::collection::vec(input(), 1..200)
+            inputs in proptest::collection::vec(input(), 1..200),
+            min_packets in prop_oneof![Just(1usize), Just(3usize)],
         ) {
-            let mut h = Harness::new();
+            // With admission too: held datagrams end up recorded or counted.
+            let mut h = Harness::with(Limits { min_packets, ..limits() });
             let mut now = 0u64;
             let mut sent = 0u64;
             for i in inputs {
