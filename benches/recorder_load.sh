@@ -33,6 +33,8 @@ spool_dir = "spool"
 idle_timeout_ms = 3000
 [ingest]
 ports = "$first-$last"
+# every call of the load starts in the same 20 ms, all from 127.0.0.1 (no SBC does that)
+max_starts_per_source_per_sec = 100000
 [keys]
 public_key = "$PWD/samples/demo-kek.pub.pem"
 demo = true

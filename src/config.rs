@@ -89,7 +89,8 @@ pub struct Ingest {
     pub ports: Spanned<String>,
     /// Source networks (CIDR) packets are taken from; empty means any, with a warning.
     pub allow: Vec<Spanned<String>>,
-    /// RTP packets a port must receive within a second before its recording starts.
+    /// RTP packets of one stream, in sequence, a port must receive before its recording
+    /// starts (see `src/session.rs`, admission).
     #[serde(default = "default_min_packets")]
     pub min_packets: Spanned<usize>,
     /// Recordings started a second from one source address.
@@ -100,8 +101,8 @@ pub struct Ingest {
     pub max_starts_per_port_per_sec: Spanned<f64>,
 }
 
-/// Three packets (60 ms of a call) before a recording starts: one spoofed datagram cannot
-/// make a package, and a real call loses nothing (the three are recorded).
+/// Three packets in sequence (60 ms of a call) before a recording starts: one spoofed
+/// datagram cannot make a package, and a real call loses nothing (the three are recorded).
 fn default_min_packets() -> Spanned<usize> {
     Spanned::new(0..0, 3)
 }
@@ -558,8 +559,8 @@ impl Config {
             )
         })?;
         let i = &raw.ingest;
-        if !(1..=50).contains(i.min_packets.get_ref()) {
-            return Err(cx.err("ingest.min_packets", &i.min_packets, "must be 1 to 50"));
+        if !(1..=10).contains(i.min_packets.get_ref()) {
+            return Err(cx.err("ingest.min_packets", &i.min_packets, "must be 1 to 10"));
         }
         for (key, v) in [
             (
@@ -1076,7 +1077,7 @@ path = "/srv/store"
         assert!(e.contains("line 4") && e.contains("greater than 0"), "{e}");
         let e = err(&GOOD.replace("40000-40009\"", "40000-40009\"\nmin_packets = 0"));
         assert!(
-            e.contains("ingest.min_packets = 0") && e.contains("1 to 50"),
+            e.contains("ingest.min_packets = 0") && e.contains("1 to 10"),
             "{e}"
         );
         let e = err(&GOOD.replace(

@@ -6,7 +6,11 @@
 //!   above `burst`; a request takes one token or is refused with the wait until one is due.
 //! - Time never runs backwards here: a `now` earlier than the last one refills nothing.
 //! - The map of buckets is bounded: buckets that have refilled completely carry no state
-//!   worth keeping and are dropped when the map grows past its bound.
+//!   worth keeping and are dropped when the map reaches its bound (swept at most every
+//!   [`SWEEP_EVERY_MS`], so many new keys cost no scan each). If none can be dropped, a new
+//!   key is judged on a fresh bucket that is not kept: the map never grows past its bound,
+//!   and a caller who can make up keys (spoofed source addresses) gains nothing it could
+//!   not gain by making up a new key anyway.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -61,12 +65,16 @@ impl TokenBucket {
     }
 }
 
+/// A full map is swept for refilled buckets at most this often (ms).
+pub const SWEEP_EVERY_MS: u64 = 100;
+
 /// A bucket per key.
 #[derive(Debug)]
 pub struct PerKey<K> {
     limit: Limit,
     buckets: HashMap<K, TokenBucket>,
     bound: usize,
+    last_sweep_ms: Option<u64>,
 }
 
 impl<K: Hash + Eq + Clone> PerKey<K> {
@@ -76,20 +84,38 @@ impl<K: Hash + Eq + Clone> PerKey<K> {
             limit,
             buckets: HashMap::new(),
             bound,
+            last_sweep_ms: None,
         }
     }
 
     /// Takes a token from `key`'s bucket, or says how many milliseconds until one is due.
     pub fn take(&mut self, key: &K, now_ms: u64) -> Result<(), u64> {
-        if self.buckets.len() >= self.bound && !self.buckets.contains_key(key) {
-            let limit = self.limit;
-            self.buckets.retain(|_, b| !b.is_full(limit, now_ms));
-        }
         let limit = self.limit;
+        if self.buckets.len() >= self.bound && !self.buckets.contains_key(key) {
+            if self
+                .last_sweep_ms
+                .is_none_or(|t| now_ms >= t.saturating_add(SWEEP_EVERY_MS))
+            {
+                self.last_sweep_ms = Some(now_ms);
+                self.buckets.retain(|_, b| !b.is_full(limit, now_ms));
+            }
+            if self.buckets.len() >= self.bound {
+                return TokenBucket::full(limit, now_ms).take(limit, now_ms);
+            }
+        }
         self.buckets
             .entry(key.clone())
             .or_insert_with(|| TokenBucket::full(limit, now_ms))
             .take(limit, now_ms)
+    }
+
+    /// Whether `key` has a token now (nothing is taken).
+    pub fn has_token(&self, key: &K, now_ms: u64) -> bool {
+        self.buckets.get(key).is_none_or(|b| {
+            let mut b = *b;
+            b.refill(self.limit, now_ms);
+            b.tokens >= 1.0
+        })
     }
 
     /// How many keys hold state.
@@ -160,6 +186,25 @@ mod tests {
         }
         p.take(&"b", 0).unwrap();
         assert!(p.take(&"a", 0).is_err());
+        assert_eq!(p.len(), 1, "b was judged on a bucket not kept");
+    }
+
+    #[test]
+    fn made_up_keys_never_grow_the_map_nor_scan_it_each() {
+        let slow = Limit {
+            rate: 1.0,
+            burst: 1.0,
+        };
+        let mut p = PerKey::new(slow, 100);
+        for k in 0..10_000u32 {
+            assert_eq!(p.take(&k, 5), Ok(()), "a new key has its burst");
+        }
+        assert_eq!(p.len(), 100);
+        assert!(p.take(&0, 5).is_err(), "a kept key is still limited");
+        assert!(!p.has_token(&0, 5) && p.has_token(&0, 1_005) && p.has_token(&77_777, 5));
+        // Once they refill, the next sweep makes room again.
+        p.take(&20_000, 2_000).unwrap();
+        assert_eq!(p.len(), 1);
     }
 
     proptest! {

@@ -198,7 +198,11 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
                     rec,
                     local,
                     continues,
+                    started_us,
                 } => {
+                    // The wall clock when its first datagram arrived (it may have been held).
+                    let age_ms = us(Instant::now()).saturating_sub(started_us) / 1000;
+                    let created_ms = crate::clock::now_ms().saturating_sub(age_ms);
                     let mut public = Metadata::new();
                     public.insert("port".into(), local.port().into());
                     if let Some(prev) = continues.and_then(|c| uuids.get(&c)) {
@@ -230,7 +234,7 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
                         media: Media::Rtp,
                         public,
                         recording_id: Some(id),
-                        created_ms: None,
+                        created_ms: Some(created_ms),
                     };
                     uuids.insert(rec, id);
                     opening.insert(rec, Vec::new());

@@ -20,14 +20,18 @@
 //! - Media entries are packed whole into chunks of at most `max_chunk` bytes; a chunk is
 //!   handed out when the next entry would not fit, and every pending chunk at each flush
 //!   tick, followed by one [`Action::Sync`] (group commit).
-//! - Admission: RTP on a port without a recording makes it a *candidate*, whose datagrams are
-//!   held (in memory, at most [`MAX_CANDIDATE_PACKETS`], past which only packets of a
-//!   stream already held are); it becomes a recording once `min_packets` RTP packets of one
-//!   SSRC arrived within [`ADMISSION_WINDOW_US`] of the first, and only
-//!   within `starts_per_source` (its first packet's address) and `starts_per_port`. Then the
-//!   held datagrams are recorded, with their own times: nothing admitted is lost. A
-//!   candidate that never qualifies is counted `not_admitted`, one over a rate `start_rate`:
-//!   spoofed datagrams cannot make a package each.
+//! - Admission: RTP on a port without a recording makes it a *candidate*: its streams (SSRC
+//!   and source address) are on probation, as RFC 3550 (A.1) validates a new source, and
+//!   what arrives is held in memory (at most [`MAX_CANDIDATE_PACKETS`] datagrams and
+//!   [`MAX_CANDIDATE_BYTES`] a port; when full, the streams least far in their probation
+//!   make room, so junk cannot lock a real call out). It becomes a recording once one
+//!   stream sent `min_packets` packets in sequence, none more than [`ADMISSION_WINDOW_US`]
+//!   after the one before (copies of one packet do not count), within `starts_per_source`
+//!   (that stream's address) and `starts_per_port`. Then everything held (other streams,
+//!   RTCP to the port or the one above) is recorded with its own times, and pauses that
+//!   happened meanwhile at theirs: nothing admitted is lost. A stream silent for the window
+//!   is forgotten and counted `not_admitted`, one over a rate `start_rate`: spoofed
+//!   datagrams cannot make a package each.
 //!
 //! Invariants: every [`Action::Open`] is followed, eventually, by exactly one
 //! [`Action::Close`] for the same recording, and all its [`Action::Chunk`]s come between the
@@ -52,8 +56,8 @@ pub struct Limits {
     pub flush_interval_us: u64,
     /// The largest chunk of entries (the package's max chunk length).
     pub max_chunk: usize,
-    /// RTP packets a port must receive within [`ADMISSION_WINDOW_US`] before its recording
-    /// starts (1: at the first).
+    /// RTP packets one stream must send in sequence (each within [`ADMISSION_WINDOW_US`] of
+    /// the one before) before its port's recording starts (1: at the first).
     pub min_packets: usize,
     /// Recordings started a second from one source address.
     pub starts_per_source: crate::rate_limit::Limit,
@@ -61,10 +65,16 @@ pub struct Limits {
     pub starts_per_port: crate::rate_limit::Limit,
 }
 
-/// How long a candidate has to receive its `min_packets` (µs): a second.
+/// The longest a stream on probation may go without a packet (µs): a second.
 pub const ADMISSION_WINDOW_US: u64 = 1_000_000;
-/// Datagrams a candidate holds at most (beyond, they are counted `not_admitted`).
+/// Datagrams a candidate port holds at most.
 pub const MAX_CANDIDATE_PACKETS: usize = 64;
+/// Bytes of datagrams a candidate port holds at most (a G.711 packet is 172).
+pub const MAX_CANDIDATE_BYTES: usize = 16 << 10;
+/// RTCP datagrams a candidate port holds at most.
+const MAX_CANDIDATE_RTCP: usize = 8;
+/// Candidates are swept for silent streams at most this often (µs).
+const CANDIDATE_SWEEP_US: u64 = 100_000;
 
 /// A recording in progress, as the driver knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -105,7 +115,6 @@ impl Discard {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Start a package for a new recording on `local` (fresh data key, header, spool file).
-    /// `created_us` is the monotonic time entry times count from: read the wall clock now.
     Open {
         /// The recording.
         rec: RecId,
@@ -113,6 +122,10 @@ pub enum Action {
         local: SocketAddr,
         /// The recording this one continues after a maximum-duration split.
         continues: Option<RecId>,
+        /// The monotonic time its entry times count from: the arrival of its first datagram,
+        /// which may be up to a second before this action (held while it was a candidate).
+        /// Its creation time is the wall clock at that instant.
+        started_us: u64,
     },
     /// Seal these whole entries as one media record and append it.
     Chunk {
@@ -253,12 +266,104 @@ pub enum Tagged {
 /// Metadata documents that may wait for a port's next recording.
 pub const MAX_HELD: usize = 16;
 
-/// A port that received RTP but has no recording yet: what it holds until it qualifies.
+/// A stream on a candidate port, on probation as RFC 3550 (A.1) validates a new source:
+/// admitted once `min_packets` of its packets came in sequence from one address, none more
+/// than [`ADMISSION_WINDOW_US`] after the one before.
 #[derive(Debug)]
+struct Probe {
+    ssrc: u32,
+    from: SocketAddr,
+    last_us: u64,
+    max_seq: u16,
+    /// Packets in sequence so far.
+    run: usize,
+}
+
+impl Probe {
+    /// The run after a packet of sequence number `seq`: one more for the next in sequence,
+    /// one (starting over) for anything else.
+    fn run_after(&self, seq: u16) -> usize {
+        if seq == self.max_seq.wrapping_add(1) {
+            self.run + 1
+        } else {
+            1
+        }
+    }
+
+    fn advance(&mut self, now: u64, seq: u16, run: usize) {
+        self.max_seq = seq;
+        self.run = run;
+        self.last_us = now;
+    }
+}
+
+/// A datagram a candidate holds.
+#[derive(Debug)]
+struct Held {
+    at: u64,
+    /// The local port it came to (RTCP may come to the port above).
+    port: u16,
+    from: SocketAddr,
+    data: Vec<u8>,
+    /// The stream it belongs to (with `from`); `None` for RTCP.
+    ssrc: Option<u32>,
+    /// Whether the port was paused when it came.
+    paused: bool,
+}
+
+/// A port that received RTP but has no recording yet: its streams on probation and what it
+/// holds for them, in arrival order, bounded by [`MAX_CANDIDATE_PACKETS`] and
+/// [`MAX_CANDIDATE_BYTES`].
+#[derive(Debug, Default)]
 struct Candidate {
-    first_us: u64,
-    /// (arrival, source, datagram, SSRC), in arrival order.
-    held: Vec<(u64, SocketAddr, Vec<u8>, u32)>,
+    probes: Vec<Probe>,
+    held: Vec<Held>,
+    bytes: usize,
+}
+
+impl Candidate {
+    fn fits(&self, len: usize) -> bool {
+        self.held.len() < MAX_CANDIDATE_PACKETS && self.bytes + len <= MAX_CANDIDATE_BYTES
+    }
+
+    fn hold(&mut self, x: Held) {
+        self.bytes += x.data.len();
+        self.held.push(x);
+    }
+
+    fn remove_held(&mut self, i: usize) -> u64 {
+        let x = self.held.remove(i);
+        self.bytes -= x.data.len();
+        1
+    }
+
+    /// Forgets what `gone` selects; returns how many datagrams that was.
+    fn drop_held(&mut self, gone: impl Fn(&Held) -> bool) -> u64 {
+        let (before, mut freed) = (self.held.len(), 0);
+        self.held.retain(|x| {
+            let g = gone(x);
+            if g {
+                freed += x.data.len();
+            }
+            !g
+        });
+        self.bytes -= freed;
+        (before - self.held.len()) as u64
+    }
+
+    /// Forgets stream `i` and its datagrams; returns how many datagrams that was.
+    fn drop_probe(&mut self, i: usize) -> u64 {
+        let p = self.probes.swap_remove(i);
+        self.drop_held(|x| x.ssrc == Some(p.ssrc) && x.from == p.from)
+    }
+
+    /// When its first stream goes silent for the window.
+    fn deadline(&self) -> Option<u64> {
+        self.probes
+            .iter()
+            .map(|p| p.last_us + ADMISSION_WINDOW_US)
+            .min()
+    }
 }
 
 /// All recordings in progress. See the module documentation.
@@ -330,73 +435,214 @@ impl Sessions {
         }
     }
 
-    /// Whether a recording may start on `local` for `source` now (takes a start of both).
+    /// Whether a recording may start on `local` for `source` now: takes a start from both
+    /// limits, or from neither.
     fn may_start(&mut self, now: u64, local: SocketAddr, source: SocketAddr) -> bool {
         let ms = now / 1000;
-        self.starts_by_port.take(&local.port(), ms).is_ok()
-            && self.starts_by_source.take(&source.ip(), ms).is_ok()
+        let (port, ip) = (local.port(), source.ip());
+        if !(self.starts_by_source.has_token(&ip, ms) && self.starts_by_port.has_token(&port, ms)) {
+            return false;
+        }
+        self.starts_by_source.take(&ip, ms).is_ok() && self.starts_by_port.take(&port, ms).is_ok()
     }
 
     /// Holds an RTP datagram for a port with no recording; opens the recording (and records
-    /// everything held) once the candidate qualifies.
+    /// everything held) once one of its streams qualifies.
     fn candidate(
         &mut self,
         now: u64,
         local: SocketAddr,
         remote: SocketAddr,
         datagram: &[u8],
-        ssrc: u32,
+        h: crate::rtp::RtpHeader,
         out: &mut Vec<Action>,
     ) {
         let port = local.port();
-        if let Some(c) = self.candidates.get(&port)
-            && now.saturating_sub(c.first_us) >= ADMISSION_WINDOW_US
-        {
-            let n = c.held.len() as u64;
-            self.candidates.remove(&port);
-            self.discard_n(Discard::NotAdmitted, n);
-        }
-        let c = self.candidates.entry(port).or_insert_with(|| Candidate {
-            first_us: now,
-            held: Vec::new(),
-        });
-        // One packet each of many SSRCs (spoofed starts) never qualifies; a real stream
-        // sends several of one.
-        let of_it = c.held.iter().filter(|h| h.3 == ssrc).count();
-        if c.held.len() >= MAX_CANDIDATE_PACKETS && of_it == 0 {
+        if datagram.len() > MAX_CANDIDATE_BYTES {
             return self.discard(Discard::NotAdmitted);
         }
-        c.held.push((now, remote, datagram.to_vec(), ssrc));
-        let first_us = c.first_us;
-        if of_it + 1 < self.limits.min_packets {
-            self.note_deadline(first_us + ADMISSION_WINDOW_US);
+        let paused = self.paused.contains_key(&port);
+        let (mut not_admitted, mut rtcp_dropped) = (0u64, 0u64);
+        let c = self.candidates.entry(port).or_default();
+        let mine = |p: &Probe| p.ssrc == h.ssrc && p.from == remote;
+        if let Some(i) = c.probes.iter().position(mine)
+            && now >= c.probes[i].last_us + ADMISSION_WINDOW_US
+        {
+            // Silent for the window (not swept yet): it starts over.
+            not_admitted += c.drop_probe(i);
+        }
+        if c.probes.iter().any(|p| mine(p) && p.max_seq == h.seq) {
+            // A copy of the last packet: as a recording would, counted and not kept.
+            self.counters.rtp_duplicates += 1;
+            return self.discard_n(Discard::NotAdmitted, not_admitted);
+        }
+        let fresh = !c.probes.iter().any(mine);
+        let run = c
+            .probes
+            .iter()
+            .find(|p| mine(p))
+            .map_or(1, |p| p.run_after(h.seq));
+        // Room: held RTCP goes first, then the streams least far in their probation (the
+        // oldest of those first); never one further on than this one.
+        let mut refused = false;
+        while !c.fits(datagram.len()) {
+            if let Some(i) = c.held.iter().position(|x| x.ssrc.is_none()) {
+                rtcp_dropped += c.remove_held(i);
+                continue;
+            }
+            let victim = c
+                .probes
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| !mine(p))
+                .min_by_key(|(_, p)| (p.run, p.last_us))
+                .map(|(i, p)| (i, p.run));
+            match victim {
+                Some((i, r)) if r <= run => not_admitted += c.drop_probe(i),
+                _ => {
+                    refused = true;
+                    break;
+                }
+            }
+        }
+        if refused {
+            not_admitted += 1;
+        } else {
+            match c.probes.iter_mut().find(|p| mine(p)) {
+                Some(p) => p.advance(now, h.seq, run),
+                None => c.probes.push(Probe {
+                    ssrc: h.ssrc,
+                    from: remote,
+                    last_us: now,
+                    max_seq: h.seq,
+                    run: 1,
+                }),
+            }
+            c.hold(Held {
+                at: now,
+                port,
+                from: remote,
+                data: datagram.to_vec(),
+                ssrc: Some(h.ssrc),
+                paused,
+            });
+        }
+        if c.probes.is_empty() {
+            rtcp_dropped += c.held.len() as u64;
+            self.candidates.remove(&port);
+        }
+        self.discard_n(Discard::NotAdmitted, not_admitted);
+        self.discard_n(Discard::RtcpWithoutRecording, rtcp_dropped);
+        if refused {
+            return;
+        }
+        if fresh {
+            self.note_deadline(now + ADMISSION_WINDOW_US);
+        }
+        if run < self.limits.min_packets {
+            return;
+        }
+        if !self.may_start(now, local, remote) {
+            // Only this stream's datagrams go; the port's other streams stay on probation.
+            let c = self.candidates.get_mut(&port).expect("held above");
+            let i = c.probes.iter().position(mine).expect("advanced above");
+            let n = c.drop_probe(i);
+            let rtcp = c.probes.is_empty().then_some(c.held.len() as u64);
+            if rtcp.is_some() {
+                self.candidates.remove(&port);
+            }
+            self.discard_n(Discard::StartRate, n);
+            self.discard_n(Discard::RtcpWithoutRecording, rtcp.unwrap_or(0));
             return;
         }
         let c = self.candidates.remove(&port).expect("held above");
-        let source = c.held[0].1;
-        if !self.may_start(now, local, source) {
-            return self.discard_n(Discard::StartRate, c.held.len() as u64);
+        self.admit(now, local, c, out);
+    }
+
+    /// Opens the recording of a candidate that qualified and records what it held, in
+    /// arrival order with their own times, pausing and resuming where the port was paused
+    /// or resumed meanwhile.
+    fn admit(&mut self, now: u64, local: SocketAddr, c: Candidate, out: &mut Vec<Action>) {
+        let port = local.port();
+        let first = c.held.first().map_or(now, |x| x.at);
+        let paused = c.held.first().is_some_and(|x| x.paused);
+        self.open(first, local, None, paused, out);
+        for x in c.held {
+            if self
+                .by_port
+                .get(&port)
+                .is_some_and(|r| r.paused != x.paused)
+            {
+                self.mark(x.at, port, x.paused, out);
+            }
+            let to = SocketAddr::new(local.ip(), x.port);
+            self.handle(x.at, to, x.from, &x.data, out);
         }
-        self.open(c.first_us, local, None, out);
-        for (t, from, d, _) in c.held {
-            self.handle(t, local, from, &d, out);
+        let paused = self.paused.contains_key(&port);
+        if self.by_port.get(&port).is_some_and(|r| r.paused != paused) {
+            self.mark(now, port, paused, out);
         }
     }
 
-    /// Counts the candidates whose window has passed at `now` as not admitted (all of them,
-    /// at shutdown) and forgets them.
-    fn expire_candidates(&mut self, now: Option<u64>) {
-        let gone: Vec<u16> = self
-            .candidates
-            .iter()
-            .filter(|(_, c)| now.is_none_or(|n| n >= c.first_us + ADMISSION_WINDOW_US))
-            .map(|(p, _)| *p)
-            .collect();
-        for p in gone {
-            if let Some(c) = self.candidates.remove(&p) {
-                self.discard_n(Discard::NotAdmitted, c.held.len() as u64);
-            }
+    /// Holds RTCP for a candidate on its port or the port below (RTP+1); RTCP alone never
+    /// makes a candidate.
+    fn hold_rtcp(&mut self, now: u64, local: SocketAddr, remote: SocketAddr, datagram: &[u8]) {
+        let port = local.port();
+        let target = [Some(port), port.checked_sub(1)]
+            .into_iter()
+            .flatten()
+            .find(|p| self.candidates.contains_key(p));
+        let Some(target) = target else {
+            return self.discard(Discard::RtcpWithoutRecording);
+        };
+        let paused = self.paused.contains_key(&target);
+        let c = self.candidates.get_mut(&target).expect("found above");
+        if c.held.iter().filter(|x| x.ssrc.is_none()).count() >= MAX_CANDIDATE_RTCP
+            || !c.fits(datagram.len())
+        {
+            return self.discard(Discard::RtcpWithoutRecording);
         }
+        c.hold(Held {
+            at: now,
+            port,
+            from: remote,
+            data: datagram.to_vec(),
+            ssrc: None,
+            paused,
+        });
+    }
+
+    /// Forgets the streams on probation that were silent for the window at `now` (all of
+    /// them, at shutdown), counting their datagrams as not admitted, and the RTCP held as long.
+    fn expire_candidates(&mut self, now: Option<u64>) {
+        let due = |t: u64| now.is_none_or(|n| n >= t + ADMISSION_WINDOW_US);
+        let (mut not_admitted, mut rtcp) = (0u64, 0u64);
+        self.candidates.retain(|_, c| {
+            let mut i = 0;
+            while i < c.probes.len() {
+                if due(c.probes[i].last_us) {
+                    not_admitted += c.drop_probe(i);
+                } else {
+                    i += 1;
+                }
+            }
+            if c.probes.is_empty() {
+                rtcp += c.held.len() as u64;
+                return false;
+            }
+            rtcp += c.drop_held(|x| x.ssrc.is_none() && due(x.at));
+            true
+        });
+        self.discard_n(Discard::NotAdmitted, not_admitted);
+        self.discard_n(Discard::RtcpWithoutRecording, rtcp);
+    }
+
+    /// When the first stream on probation goes silent for the window, if any is.
+    fn candidate_deadline(&self) -> Option<u64> {
+        self.candidates
+            .values()
+            .filter_map(Candidate::deadline)
+            .min()
     }
 
     fn open(
@@ -404,6 +650,7 @@ impl Sessions {
         now: u64,
         local: SocketAddr,
         continues: Option<RecId>,
+        paused: bool,
         out: &mut Vec<Action>,
     ) {
         let id = RecId(self.next_id);
@@ -413,6 +660,7 @@ impl Sessions {
             rec: id,
             local,
             continues,
+            started_us: now,
         });
         self.by_port.insert(
             local.port(),
@@ -427,7 +675,7 @@ impl Sessions {
                 paused: false,
             },
         );
-        if self.paused.contains_key(&local.port()) {
+        if paused {
             self.mark(now, local.port(), true, out);
         }
         for json in self.held.remove(&local.port()).unwrap_or_default() {
@@ -467,11 +715,7 @@ impl Sessions {
         if self.by_port.is_empty() {
             self.next_flush_us = None;
             // Candidates on other ports still expire on time.
-            self.next_deadline_us = self
-                .candidates
-                .values()
-                .map(|c| c.first_us + ADMISSION_WINDOW_US)
-                .min();
+            self.next_deadline_us = self.candidate_deadline();
         }
         Some(rec)
     }
@@ -482,7 +726,8 @@ impl Sessions {
         let Some(old) = self.close(port, EndReason::MaxDuration, out) else {
             return;
         };
-        self.open(now, old.local, Some(old.id), out);
+        let paused = self.paused.contains_key(&port);
+        self.open(now, old.local, Some(old.id), paused, out);
         for json in old.tags {
             self.tag(port, json, out);
         }
@@ -587,7 +832,7 @@ impl Sessions {
         match classify(datagram) {
             Err(r) => self.discard(Discard::Malformed(r)),
             Ok(Datagram::Rtp(h)) => self.rtp(now, local, remote, datagram, h, out),
-            Ok(Datagram::Rtcp(info)) => self.rtcp(now, local, datagram, &info, out),
+            Ok(Datagram::Rtcp(info)) => self.rtcp(now, local, remote, datagram, &info, out),
         }
     }
 
@@ -606,13 +851,14 @@ impl Sessions {
         let port = local.port();
         match self.by_port.get(&port) {
             None if self.limits.min_packets > 1 => {
-                return self.candidate(now, local, remote, datagram, h.ssrc, out);
+                return self.candidate(now, local, remote, datagram, h, out);
             }
             None => {
                 if !self.may_start(now, local, remote) {
                     return self.discard(Discard::StartRate);
                 }
-                self.open(now, local, None, out)
+                let paused = self.paused.contains_key(&port);
+                self.open(now, local, None, paused, out)
             }
             Some(r) if now.saturating_sub(r.started_us) >= self.limits.max_recording_us => {
                 self.split(now, port, out)
@@ -715,6 +961,7 @@ impl Sessions {
         &mut self,
         now: u64,
         local: SocketAddr,
+        remote: SocketAddr,
         datagram: &[u8],
         info: &crate::rtp::RtcpInfo,
         out: &mut Vec<Action>,
@@ -728,7 +975,7 @@ impl Sessions {
         } else {
             match port.checked_sub(1) {
                 Some(p) if self.by_port.contains_key(&p) => p,
-                _ => return self.discard(Discard::RtcpWithoutRecording),
+                _ => return self.hold_rtcp(now, local, remote, datagram),
             }
         };
         let limits = self.limits;
@@ -775,8 +1022,8 @@ impl Sessions {
         if self.next_deadline_us.is_some_and(|d| now >= d) {
             self.next_deadline_us = None;
             self.expire_candidates(Some(now));
-            if let Some(first) = self.candidates.values().map(|c| c.first_us).min() {
-                self.note_deadline(first + ADMISSION_WINDOW_US);
+            if let Some(d) = self.candidate_deadline() {
+                self.note_deadline(d.max(now + CANDIDATE_SWEEP_US));
             }
             for (port, r) in &self.by_port {
                 if now >= r.last_rtp_us + self.limits.idle_timeout_us {
@@ -1031,6 +1278,17 @@ mod tests {
         }
     }
 
+    /// `copies` of one RTP packet and a BYE to each of `ports` ports, a millisecond apart.
+    fn spoof(h: &mut Harness, ports: u16, copies: usize) {
+        for port in 0..ports {
+            let (at, to) = (u64::from(port) * MS, 40000 + port);
+            for _ in 0..copies {
+                h.send(at, to, "10.0.0.66:4000", &rtp(1, 9));
+            }
+            h.send(at, to, "10.0.0.66:4001", &bye(9));
+        }
+    }
+
     #[test]
     fn a_candidate_expires_on_time_after_the_last_recording_ends() {
         let mut h = Harness::with(admitting(3, 1000.0, 5.0));
@@ -1053,20 +1311,7 @@ mod tests {
     fn spoofed_datagrams_make_no_package_and_an_admitted_call_loses_nothing() {
         let mut h = Harness::with(admitting(3, 1000.0, 5.0));
         // Before: one RTP datagram and a BYE made a package, on every port, 3,000 in 2.4 s.
-        for port in 0..200u16 {
-            h.send(
-                u64::from(port) * MS,
-                40000 + port,
-                "10.0.0.66:4000",
-                &rtp(1, 9),
-            );
-            h.send(
-                u64::from(port) * MS,
-                40000 + port,
-                "10.0.0.66:4001",
-                &bye(9),
-            );
-        }
+        spoof(&mut h, 200, 1);
         h.tick_until(2_000 * MS);
         assert!(h.opens().is_empty(), "no package for a packet");
         let c = h.s.counters();
@@ -1101,6 +1346,205 @@ mod tests {
             _ => None,
         });
         assert_eq!(first, Some(0));
+    }
+
+    fn rtp_seqs(h: &Harness, rec: RecId) -> Vec<u64> {
+        h.entries_of(rec)
+            .iter()
+            .filter(|e| e.0 == 2)
+            .map(|e| e.2)
+            .collect()
+    }
+
+    #[test]
+    fn copies_of_one_packet_are_not_a_stream() {
+        let mut h = Harness::with(admitting(3, 1000.0, 5.0));
+        // Three copies of one packet and a BYE, on each port (made a package each before
+        // sequence numbers counted).
+        spoof(&mut h, 50, 3);
+        // Nor is a run broken by a jump.
+        for seq in [1u16, 2, 7, 8] {
+            h.send(100 * MS, 40100, "10.0.0.66:4000", &rtp(seq, 9));
+        }
+        h.tick_until(3_000 * MS);
+        assert!(h.opens().is_empty());
+        let c = h.s.counters();
+        assert_eq!(c.dropped.get("not_admitted"), Some(&54));
+        assert_eq!(c.rtp_duplicates, 100, "copies are counted, not held");
+        assert_eq!(c.dropped.get("rtcp_without_recording"), Some(&50));
+        assert_eq!(h.s.candidates(), 0);
+    }
+
+    #[test]
+    fn junk_filling_a_port_cannot_lock_a_real_call_out() {
+        let mut h = Harness::with(admitting(3, 1000.0, 5.0));
+        let junk = |h: &mut Harness, at: u64, n: u32| {
+            for i in 0..n {
+                h.send(at, 40000, "10.0.0.66:4000", &rtp(1, 1000 + i));
+            }
+        };
+        junk(&mut h, 0, 64);
+        // A call starts while the port is full, and fresh junk keeps coming between its
+        // packets.
+        for seq in 0..3u16 {
+            h.send(
+                10 * MS + u64::from(seq) * 20 * MS,
+                40000,
+                "10.0.0.5:5000",
+                &rtp(seq, 7),
+            );
+            let at = 11 * MS + u64::from(seq) * 20 * MS;
+            for i in 0..60 {
+                h.send(
+                    at,
+                    40000,
+                    "10.0.0.66:4000",
+                    &rtp(1, 2000 + u32::from(seq) * 100 + i),
+                );
+            }
+        }
+        assert_eq!(h.opens().len(), 1);
+        h.s.shutdown(&mut h.actions);
+        let e = h.entries_of(h.opens()[0].0);
+        let real = e
+            .iter()
+            .find(|x| x.0 == 1 && x.2 == 7)
+            .expect("the call's stream")
+            .1;
+        let seqs: Vec<u64> = e
+            .iter()
+            .filter(|x| x.0 == 2 && x.1 == real)
+            .map(|x| x.2)
+            .collect();
+        assert_eq!(seqs, [0, 1, 2], "the call whole");
+        // Memory stayed bounded, in datagrams and in bytes, whatever their size.
+        let mut h = Harness::with(Limits {
+            max_chunk: 65536,
+            ..admitting(3, 1000.0, 5.0)
+        });
+        let mut big = rtp(1, 9);
+        big.resize(9000, 0);
+        for i in 0..100u32 {
+            big[8..12].copy_from_slice(&i.to_be_bytes());
+            h.send(0, 40000, "10.0.0.66:4000", &big);
+            let c = &h.s.candidates[&40000];
+            assert!(c.bytes <= MAX_CANDIDATE_BYTES && c.held.len() <= MAX_CANDIDATE_PACKETS);
+        }
+        assert_eq!(h.s.counters().dropped.get("not_admitted"), Some(&99));
+    }
+
+    #[test]
+    fn a_stray_packet_does_not_shorten_a_later_calls_window() {
+        let mut h = Harness::with(admitting(3, 1000.0, 5.0));
+        h.send(0, 40000, "10.0.0.66:4000", &rtp(1, 9));
+        // A call whose first packets straddle the stray one's second.
+        for (seq, ms) in [(0u16, 980u64), (1, 1_000), (2, 1_020), (3, 1_040)] {
+            h.tick_until(ms * MS);
+            h.send(ms * MS, 40000, "10.0.0.5:5000", &rtp(seq, 7));
+        }
+        let opens = h.opens();
+        assert_eq!(opens.len(), 1);
+        h.s.shutdown(&mut h.actions);
+        assert_eq!(rtp_seqs(&h, opens[0].0), [0, 1, 2, 3]);
+        // Its creation time is its first packet's arrival (held meanwhile), not the open.
+        let started = h.actions.iter().find_map(|a| match a {
+            Action::Open { started_us, .. } => Some(*started_us),
+            _ => None,
+        });
+        assert_eq!(started, Some(980 * MS));
+    }
+
+    #[test]
+    fn a_pause_or_resume_while_a_port_is_a_candidate_applies_where_it_happened() {
+        // Three packets of a call at 1, 20 and 40 ms; the port paused (or resumed) at 30 ms,
+        // when it was still a candidate.
+        let call = |paused_before: bool| {
+            let mut h = Harness::with(admitting(3, 1000.0, 5.0));
+            if paused_before {
+                assert_eq!(h.s.pause(0, 40000, &mut h.actions), PauseApplied::Next);
+            }
+            h.send(MS, 40000, "10.0.0.5:5000", &rtp(0, 7));
+            h.send(20 * MS, 40000, "10.0.0.5:5000", &rtp(1, 7));
+            if paused_before {
+                h.s.resume(30 * MS, 40000, &mut h.actions);
+            } else {
+                h.s.pause(30 * MS, 40000, &mut h.actions);
+            }
+            h.send(40 * MS, 40000, "10.0.0.5:5000", &rtp(2, 7));
+            h.s.shutdown(&mut h.actions);
+            let events: Vec<u64> = h
+                .actions
+                .iter()
+                .filter_map(|a| match a {
+                    Action::Chunk { plaintext, .. } => Some(entries(plaintext)),
+                    _ => None,
+                })
+                .flatten()
+                .filter_map(|e| match e.unwrap() {
+                    Entry::Event { time_us, .. } => Some(time_us),
+                    _ => None,
+                })
+                .collect();
+            (
+                h.entries_of(h.opens()[0].0),
+                h.s.counters().rtp_paused,
+                events,
+            )
+        };
+        // Resumed: what came while paused is not stored (it was before: the recording
+        // opened unpaused and took it).
+        let (entries, paused, at) = call(true);
+        assert_eq!(
+            entries,
+            [(32, NO_STREAM, 0), (1, 0, 7), (33, NO_STREAM, 0), (2, 0, 2)]
+        );
+        assert_eq!((paused, at), (2, vec![0, 39 * MS]));
+        // Paused: what came before is stored, the pause follows (it was at 0, and took it).
+        let (entries, paused, at) = call(false);
+        assert_eq!(
+            entries,
+            [(1, 0, 7), (2, 0, 0), (2, 0, 1), (32, NO_STREAM, 0)]
+        );
+        assert_eq!((paused, at), (1, vec![39 * MS]), "at the packet after it");
+    }
+
+    #[test]
+    fn rtcp_while_a_port_is_a_candidate_is_recorded_once_it_starts() {
+        let mut h = Harness::with(admitting(3, 1000.0, 5.0));
+        h.send(0, 40000, "10.0.0.5:5000", &rtp(0, 7));
+        h.send(5 * MS, 40001, "10.0.0.5:5001", &bye(8));
+        h.send(20 * MS, 40000, "10.0.0.5:5000", &rtp(1, 7));
+        h.send(40 * MS, 40000, "10.0.0.5:5000", &rtp(2, 7));
+        h.s.shutdown(&mut h.actions);
+        assert_eq!(h.s.counters().rtcp_packets, 1);
+        assert!(h.s.counters().dropped.is_empty());
+    }
+
+    #[test]
+    fn a_start_over_the_rate_drops_only_that_stream() {
+        let mut h = Harness::with(admitting(3, 1.0, 100.0));
+        for seq in 0..3u16 {
+            h.send(u64::from(seq) * MS, 40000, "10.0.0.1:5000", &rtp(seq, 1));
+        }
+        assert_eq!(h.opens().len(), 1, "10.0.0.1 has used its start");
+        // On another port, a leg from 10.0.0.2 (two packets so far) and one from 10.0.0.1.
+        h.send(10 * MS, 40002, "10.0.0.2:5000", &rtp(0, 2));
+        h.send(11 * MS, 40002, "10.0.0.2:5000", &rtp(1, 2));
+        for seq in 0..3u16 {
+            h.send(
+                12 * MS + u64::from(seq),
+                40002,
+                "10.0.0.1:5000",
+                &rtp(seq, 3),
+            );
+        }
+        assert_eq!(h.opens().len(), 1);
+        assert_eq!(h.s.counters().dropped.get("start_rate"), Some(&3));
+        // The other leg qualifies on its own source's limit, with both its packets.
+        h.send(30 * MS, 40002, "10.0.0.2:5000", &rtp(2, 2));
+        assert_eq!(h.opens().len(), 2);
+        h.s.shutdown(&mut h.actions);
+        assert_eq!(rtp_seqs(&h, h.opens()[1].0), [0, 1, 2]);
     }
 
     #[test]
@@ -1365,6 +1809,14 @@ mod tests {
         Junk(Vec<u8>),
         Tag(u16),
         Wait(u64),
+        /// Packets in sequence, 20 ms apart.
+        Call {
+            port: u16,
+            from: u8,
+            ssrc: u8,
+            n: u16,
+        },
+        Pause(u16, bool),
     }
 
     fn input() -> impl Strategy<Value = Input> {
@@ -1375,6 +1827,9 @@ mod tests {
             1 => proptest::collection::vec(any::<u8>(), 0..30).prop_map(Input::Junk),
             2 => (0u64..8000).prop_map(|ms| Input::Wait(ms * MS)),
             1 => (0u16..3).prop_map(Input::Tag),
+            2 => (0u16..3, 0u8..4, 0u8..4, 1u16..6)
+                .prop_map(|(port, from, ssrc, n)| Input::Call { port, from, ssrc, n }),
+            1 => (0u16..3, any::<bool>()).prop_map(|(port, p)| Input::Pause(port, p)),
         ]
     }
 
@@ -1493,6 +1948,21 @@ mod tests {
                     Input::Tag(port) => {
                         h.s.metadata(40000 + port, b"{}".to_vec(), &mut h.actions);
                     }
+                    Input::Call { port, from, ssrc, n } => {
+                        for seq in 0..n {
+                            sent += 1;
+                            now += 20 * MS;
+                            h.tick_until(now);
+                            h.send(now, 40000 + port, &format!("10.0.0.{from}:5000"), &rtp(seq, u32::from(ssrc)));
+                        }
+                    }
+                    Input::Pause(port, p) => {
+                        if p {
+                            h.s.pause(now, 40000 + port, &mut h.actions);
+                        } else {
+                            h.s.resume(now, 40000 + port, &mut h.actions);
+                        }
+                    }
                 }
                 // The timer is never later than the true next deadline of any recording.
                 let truth = h.s.by_port.values().map(|r| h.s.deadline(r)).min();
@@ -1531,7 +2001,8 @@ mod tests {
             prop_assert_eq!(&open, &closed);
             let c = h.s.counters();
             let dropped: u64 = c.dropped.values().sum();
-            prop_assert_eq!(stored + dropped + c.rtp_duplicates, sent);
+            prop_assert_eq!(stored + dropped + c.rtp_duplicates + c.rtp_paused, sent);
+            prop_assert_eq!(h.s.candidates(), 0);
             prop_assert_eq!(stored, c.rtp_packets + c.rtcp_packets);
         }
     }

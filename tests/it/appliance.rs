@@ -1699,6 +1699,7 @@ fn spoofed_call_starts_make_no_packages_and_a_real_call_is_whole() {
         let (_, body) = a.get("/metrics");
         let accounted = metric_in(&body, "edgerec_rtp_packets_received_total")
             + metric_in(&body, "edgerec_rtcp_packets_total")
+            + metric_in(&body, "edgerec_rtp_packets_duplicate_total")
             + rejected_total(&body);
         if accounted as u64 == 6_000
             && metric_in(
