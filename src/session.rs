@@ -23,15 +23,17 @@
 //! - Admission: RTP on a port without a recording makes it a *candidate*: its streams (SSRC
 //!   and source address) are on probation, as RFC 3550 (A.1) validates a new source, and
 //!   what arrives is held in memory (at most [`MAX_CANDIDATE_PACKETS`] datagrams and
-//!   [`MAX_CANDIDATE_BYTES`] a port; when full, the streams least far in their probation
-//!   make room, so junk cannot lock a real call out). It becomes a recording once one
-//!   stream sent `min_packets` packets in sequence, none more than [`ADMISSION_WINDOW_US`]
-//!   after the one before (copies of one packet do not count), within `starts_per_source`
-//!   (that stream's address) and `starts_per_port`. Then everything held (other streams,
-//!   RTCP to the port or the one above) is recorded with its own times, and pauses that
-//!   happened meanwhile at theirs: nothing admitted is lost. A stream silent for the window
-//!   is forgotten and counted `not_admitted`, one over a rate `start_rate`: spoofed
-//!   datagrams cannot make a package each.
+//!   [`MAX_CANDIDATE_BYTES`] a port; when full, the streams heard from longest ago make
+//!   room, so junk must outpace a call's 20 ms to push it out). It becomes a recording once
+//!   one stream sent `min_packets` packets in sequence, none more than
+//!   [`ADMISSION_WINDOW_US`] after the one before (copies of one packet do not count),
+//!   within `starts_per_source` (that stream's address) and `starts_per_port`. Then
+//!   everything held since the window before that run (other streams, RTCP to the port or
+//!   the one above) is recorded with its own times, pauses that happened meanwhile at
+//!   theirs, and a BYE among them ends the recording only after all are in: nothing
+//!   admitted is lost. A stream silent for the window is forgotten and counted
+//!   `not_admitted`, one over a rate `start_rate`: spoofed datagrams cannot make a package
+//!   each.
 //!
 //! Invariants: every [`Action::Open`] is followed, eventually, by exactly one
 //! [`Action::Close`] for the same recording, and all its [`Action::Chunk`]s come between the
@@ -238,6 +240,13 @@ struct Recording {
     paused: bool,
 }
 
+impl Recording {
+    /// Whether it has streams and every one said BYE.
+    fn all_said_bye(&self) -> bool {
+        !self.streams.is_empty() && self.streams.iter().all(|s| s.said_bye)
+    }
+}
+
 /// What became of a pause or a resume for a port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PauseApplied {
@@ -277,6 +286,8 @@ struct Probe {
     max_seq: u16,
     /// Packets in sequence so far.
     run: usize,
+    /// When the first of them arrived.
+    run_from_us: u64,
 }
 
 impl Probe {
@@ -291,6 +302,9 @@ impl Probe {
     }
 
     fn advance(&mut self, now: u64, seq: u16, run: usize) {
+        if run == 1 {
+            self.run_from_us = now;
+        }
         self.max_seq = seq;
         self.run = run;
         self.last_us = now;
@@ -384,6 +398,8 @@ pub struct Sessions {
     next_deadline_us: Option<u64>,
     counters: Counters,
     candidates: PortMap<Candidate>,
+    /// A candidate's held datagrams are being recorded (see [`Sessions::admit`]).
+    replaying: bool,
     starts_by_source: crate::rate_limit::PerKey<std::net::IpAddr>,
     starts_by_port: crate::rate_limit::PerKey<u16>,
 }
@@ -401,6 +417,7 @@ impl Sessions {
             next_deadline_us: None,
             counters: Counters::default(),
             candidates: PortMap::default(),
+            replaying: false,
             starts_by_source: crate::rate_limit::PerKey::new(limits.starts_per_source, 10_000),
             starts_by_port: crate::rate_limit::PerKey::new(limits.starts_per_port, 10_000),
         }
@@ -482,28 +499,30 @@ impl Sessions {
             .iter()
             .find(|p| mine(p))
             .map_or(1, |p| p.run_after(h.seq));
-        // Room: held RTCP goes first, then the streams least far in their probation (the
-        // oldest of those first); never one further on than this one.
-        let mut refused = false;
-        while !c.fits(datagram.len()) {
+        // Room: refused if this stream alone fills the hold; else held RTCP goes first, then
+        // the streams heard from longest ago (a call sends every 20 ms: junk must outpace
+        // it to push it out).
+        let (own, own_bytes) = c
+            .held
+            .iter()
+            .filter(|x| x.ssrc == Some(h.ssrc) && x.from == remote)
+            .fold((0, 0), |(n, b), x| (n + 1, b + x.data.len()));
+        let refused =
+            own >= MAX_CANDIDATE_PACKETS || own_bytes + datagram.len() > MAX_CANDIDATE_BYTES;
+        while !refused && !c.fits(datagram.len()) {
             if let Some(i) = c.held.iter().position(|x| x.ssrc.is_none()) {
                 rtcp_dropped += c.remove_held(i);
                 continue;
             }
-            let victim = c
+            let oldest = c
                 .probes
                 .iter()
                 .enumerate()
                 .filter(|(_, p)| !mine(p))
-                .min_by_key(|(_, p)| (p.run, p.last_us))
-                .map(|(i, p)| (i, p.run));
-            match victim {
-                Some((i, r)) if r <= run => not_admitted += c.drop_probe(i),
-                _ => {
-                    refused = true;
-                    break;
-                }
-            }
+                .min_by_key(|(_, p)| p.last_us)
+                .map(|(i, _)| i)
+                .expect("what is held beyond this stream's own belongs to another");
+            not_admitted += c.drop_probe(oldest);
         }
         if refused {
             not_admitted += 1;
@@ -516,6 +535,7 @@ impl Sessions {
                     last_us: now,
                     max_seq: h.seq,
                     run: 1,
+                    run_from_us: now,
                 }),
             }
             c.hold(Held {
@@ -555,18 +575,32 @@ impl Sessions {
             self.discard_n(Discard::RtcpWithoutRecording, rtcp.unwrap_or(0));
             return;
         }
-        let c = self.candidates.remove(&port).expect("held above");
+        let mut c = self.candidates.remove(&port).expect("held above");
+        // What came more than the window before the qualifying run is not part of the call
+        // (a stream that stayed on probation long, out of sequence): it is not recorded.
+        let run_from = c
+            .probes
+            .iter()
+            .find(|p| mine(p))
+            .map_or(now, |p| p.run_from_us);
+        let stale = c.drop_held(|x| x.at + ADMISSION_WINDOW_US < run_from);
+        self.discard_n(Discard::NotAdmitted, stale);
         self.admit(now, local, c, out);
     }
 
     /// Opens the recording of a candidate that qualified and records what it held, in
     /// arrival order with their own times, pausing and resuming where the port was paused
     /// or resumed meanwhile.
+    ///
+    /// A BYE among them ends nothing while they are replayed (the recording would end
+    /// before the call that made it qualify); if every stream said BYE by the end of the
+    /// replay, the recording ends then.
     fn admit(&mut self, now: u64, local: SocketAddr, c: Candidate, out: &mut Vec<Action>) {
         let port = local.port();
-        let first = c.held.first().map_or(now, |x| x.at);
-        let paused = c.held.first().is_some_and(|x| x.paused);
-        self.open(first, local, None, paused, out);
+        let first = c.held.iter().find(|x| x.ssrc.is_some());
+        let first_us = first.map_or(now, |x| x.at);
+        self.open(first_us, local, None, first.is_some_and(|x| x.paused), out);
+        self.replaying = true;
         for x in c.held {
             if self
                 .by_port
@@ -578,9 +612,13 @@ impl Sessions {
             let to = SocketAddr::new(local.ip(), x.port);
             self.handle(x.at, to, x.from, &x.data, out);
         }
+        self.replaying = false;
         let paused = self.paused.contains_key(&port);
         if self.by_port.get(&port).is_some_and(|r| r.paused != paused) {
             self.mark(now, port, paused, out);
+        }
+        if self.by_port.get(&port).is_some_and(Recording::all_said_bye) {
+            self.close(port, EndReason::RtcpBye, out);
         }
     }
 
@@ -996,7 +1034,7 @@ impl Sessions {
                 s.said_bye = true;
             }
         }
-        if !info.bye.is_empty() && rec.streams.iter().all(|s| s.said_bye) {
+        if !info.bye.is_empty() && !self.replaying && rec.all_said_bye() {
             self.close(port, EndReason::RtcpBye, out);
         }
     }
@@ -1158,6 +1196,30 @@ mod tests {
                 }
                 self.s.handle_timeout(t, &mut self.actions);
             }
+        }
+
+        /// Packets `seqs` of a stream, 20 ms apart from `at`.
+        fn call(&mut self, at: u64, port: u16, from: &str, ssrc: u32, seqs: std::ops::Range<u16>) {
+            let first = seqs.start;
+            for seq in seqs {
+                self.send(
+                    at + u64::from(seq - first) * 20 * MS,
+                    port,
+                    from,
+                    &rtp(seq, ssrc),
+                );
+            }
+        }
+
+        /// When each recording's entry times start.
+        fn started(&self) -> Vec<u64> {
+            self.actions
+                .iter()
+                .filter_map(|a| match a {
+                    Action::Open { started_us, .. } => Some(*started_us),
+                    _ => None,
+                })
+                .collect()
         }
 
         fn opens(&self) -> Vec<(RecId, Option<RecId>)> {
@@ -1434,6 +1496,67 @@ mod tests {
     }
 
     #[test]
+    fn a_bye_held_with_a_call_ends_nothing_while_it_is_replayed() {
+        // Spoofed RTP + BYE, then a call within the second: one recording, the call's,
+        // which the BYE (of another SSRC) does not end.
+        let mut h = Harness::with(admitting(3, 1000.0, 5.0));
+        spoof(&mut h, 1, 1);
+        h.call(10 * MS, 40000, "10.0.0.5:5000", 7, 0..3);
+        assert_eq!(h.opens().len(), 1);
+        assert!(h.closes().is_empty(), "{:?}", h.closes());
+        // The call's own BYE ends it.
+        h.send(100 * MS, 40000, "10.0.0.5:5001", &bye(7));
+        assert_eq!(h.closes(), [(RecId(0), EndReason::RtcpBye)]);
+        // A BYE that outlived its stray stream: the recording starts at the call's first
+        // packet, not at the BYE, and is not ended by the next BYE of nobody.
+        let mut h = Harness::with(admitting(3, 1000.0, 5.0));
+        h.send(0, 40002, "10.0.0.66:4000", &rtp(1, 9));
+        h.send(500 * MS, 40002, "10.0.0.66:4001", &bye(9));
+        for seq in 0..3u16 {
+            let at = 900 * MS + u64::from(seq) * 100 * MS;
+            h.tick_until(at);
+            h.send(at, 40002, "10.0.0.5:5000", &rtp(seq, 7));
+        }
+        assert_eq!(h.started()[0], 900 * MS);
+        h.send(1_200 * MS, 40002, "10.0.0.66:4001", &bye(9));
+        assert!(h.closes().is_empty());
+    }
+
+    #[test]
+    fn junk_in_sequence_cannot_lock_a_call_out_either() {
+        // 32 streams of two packets in sequence fill the hold; a call that starts among
+        // them pushes out the junk heard from longest ago.
+        let mut h = Harness::with(admitting(3, 1000.0, 5.0));
+        for i in 0..32u32 {
+            h.send(0, 40000, "10.0.0.66:4000", &rtp(0, 100 + i));
+            h.send(0, 40000, "10.0.0.66:4000", &rtp(1, 100 + i));
+        }
+        h.call(10 * MS, 40000, "10.0.0.5:5000", 7, 0..3);
+        assert_eq!(h.opens().len(), 1);
+        // A stream out of sequence for seconds, then in sequence: what it sent more than
+        // the window before its run is not recorded ahead of the call.
+        let mut h = Harness::with(admitting(3, 1000.0, 5.0));
+        for i in 0..10u16 {
+            h.send(
+                u64::from(i) * 500 * MS,
+                40000,
+                "10.0.0.5:5000",
+                &rtp(i * 2, 7),
+            );
+        }
+        for seq in 100..103u16 {
+            h.send(
+                5_000 * MS + u64::from(seq) * MS,
+                40000,
+                "10.0.0.5:5000",
+                &rtp(seq, 7),
+            );
+        }
+        assert_eq!(h.started()[0], 4_500 * MS);
+        assert_eq!(h.s.counters().dropped.get("not_admitted"), Some(&9));
+    }
+
+    #[test]
     fn a_stray_packet_does_not_shorten_a_later_calls_window() {
         let mut h = Harness::with(admitting(3, 1000.0, 5.0));
         h.send(0, 40000, "10.0.0.66:4000", &rtp(1, 9));
@@ -1447,11 +1570,7 @@ mod tests {
         h.s.shutdown(&mut h.actions);
         assert_eq!(rtp_seqs(&h, opens[0].0), [0, 1, 2, 3]);
         // Its creation time is its first packet's arrival (held meanwhile), not the open.
-        let started = h.actions.iter().find_map(|a| match a {
-            Action::Open { started_us, .. } => Some(*started_us),
-            _ => None,
-        });
-        assert_eq!(started, Some(980 * MS));
+        assert_eq!(h.started()[0], 980 * MS);
     }
 
     #[test]
@@ -1557,14 +1676,7 @@ mod tests {
         assert!(h.opens().is_empty());
         // A real stream among them still starts at its third packet, with all three held.
         h.send(600 * MS, 40001, "10.0.0.66:4000", &rtp(1, 900));
-        for seq in 0..3u16 {
-            h.send(
-                601 * MS + u64::from(seq) * 20 * MS,
-                40001,
-                "10.0.0.5:5000",
-                &rtp(seq, 7),
-            );
-        }
+        h.call(601 * MS, 40001, "10.0.0.5:5000", 7, 0..3);
         assert_eq!(h.opens().len(), 1);
         h.tick_until(5_000 * MS);
         h.s.shutdown(&mut h.actions);
