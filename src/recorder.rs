@@ -185,13 +185,13 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
                 sessions.shutdown(&mut actions);
                 stop = true;
             }
-            // A timer may have changed counts without an action (a candidate expired).
-            Err(RecvTimeoutError::Timeout) => unpublished = true,
+            Err(RecvTimeoutError::Timeout) => {}
         }
         if !stop {
             sessions.handle_timeout(clock, &mut actions);
         }
-        unpublished |= !actions.is_empty();
+        // A timer may change counts without an action (a candidate expired).
+        unpublished |= !actions.is_empty() || sessions.counters() != &published;
         for action in actions.drain(..) {
             match action {
                 Action::Open {
