@@ -934,6 +934,8 @@ fn calls_are_delivered_to_an_s3_store() {
         100,
         "both legs, every packet, from the store"
     );
+    // The store holds it before the uploader counts it: wait for the count.
+    a.wait_metric("edgerec_uploads_total{outcome=\"stored\"}", 1.0);
     assert_eq!(a.metric("edgerec_uploads_total{outcome=\"stored\"}"), 1.0);
 }
 
@@ -1021,6 +1023,8 @@ fn a_store_killed_under_load_gets_every_recording_exactly_once_after_it_returns(
         let bytes = store.get(&k).unwrap();
         assert_eq!(rtp_packets(&bytes), 200, "{k}");
     }
+    // The store holds it before the uploader counts it: wait for the count.
+    a.wait_metric("edgerec_uploads_total{outcome=\"stored\"}", 4.0);
     assert_eq!(a.metric("edgerec_uploads_total{outcome=\"stored\"}"), 4.0);
 }
 

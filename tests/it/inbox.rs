@@ -153,6 +153,8 @@ fn a_crash_between_sealing_and_removal_leaves_the_file_claimed_then_sealed_once(
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     assert_eq!(a.metric("edgerec_uploads_total{outcome=\"failed\"}"), 0.0);
+    // The store holds it before the uploader counts it: wait for the count.
+    a.wait_metric("edgerec_uploads_total{outcome=\"stored\"}", 1.0);
     assert_eq!(a.metric("edgerec_uploads_total{outcome=\"stored\"}"), 1.0);
     a.sigterm();
     assert_eq!(stored.len(), 1, "not doubled: {stored:?}");
