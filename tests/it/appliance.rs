@@ -794,7 +794,7 @@ fn bad_input_and_a_burst_to_one_port_are_counted_and_lose_nothing_accepted() {
 
 #[test]
 fn the_sample_call_replays_into_one_recording_byte_for_byte() {
-    let sample = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("samples/sample-call.pcap");
+    let sample = repo_path("samples/sample-call.pcap");
     let (captured, _) = edgerec::replay::read(fs::File::open(&sample).unwrap()).unwrap();
     let a = Appliance::start();
     let out = loadgen(

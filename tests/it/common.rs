@@ -13,7 +13,7 @@ use edgerec::reader::{ReadMode, Summary, open_stream};
 use edgerec::writer::{SealOptions, Sealer, seal_stream};
 
 pub fn vectors_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors")
+    repo_path("tests/vectors")
 }
 
 pub fn key_path(name: &str) -> PathBuf {
@@ -109,9 +109,9 @@ pub fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 31 % 251) as u8).collect()
 }
 
-/// A path in the repository.
+/// A path in the repository (this test binary belongs to `crates/edgerec`, two levels down).
 pub fn repo_path(p: &str) -> PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join(p)
 }
 
 /// A tmpfs mounted for a test, unmounted (lazily) on drop.

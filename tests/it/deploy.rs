@@ -1,8 +1,8 @@
 //! The deployment files: the systemd unit is accepted by `systemd-analyze verify` and keeps
 //! the hardening the security invariants rely on.
 
+use crate::common::repo_path;
 use std::fs;
-use std::path::Path;
 use std::process::Command;
 
 #[test]
@@ -31,9 +31,7 @@ fn the_key_managers_systemd_unit_verifies_and_is_hardened() {
 
 /// The unit `name` verifies and has the hardening every unit needs, and `also`.
 fn verify(name: &str, also: &[&str]) {
-    let unit = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("deploy")
-        .join(name);
+    let unit = repo_path("deploy").join(name);
     let text = fs::read_to_string(&unit).unwrap();
     for must in also.iter().copied().chain([
         "StateDirectoryMode=0700",

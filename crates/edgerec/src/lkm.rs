@@ -924,7 +924,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("credentials.json");
         std::fs::copy(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("samples/lkm/credentials.json"),
+            Path::new(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../samples/lkm/credentials.json"
+            )),
             &path,
         )
         .unwrap();

@@ -90,7 +90,7 @@ pub struct Ingest {
     /// Source networks (CIDR) packets are taken from; empty means any, with a warning.
     pub allow: Vec<Spanned<String>>,
     /// RTP packets of one stream, in sequence, a port must receive before its recording
-    /// starts (see `src/session.rs`, admission).
+    /// starts (see `crates/edgerec/src/session.rs`, admission).
     #[serde(default = "default_min_packets")]
     pub min_packets: Spanned<usize>,
     /// Recordings started a second from one source address.
@@ -1268,7 +1268,8 @@ path = "/srv/store"
 
     #[test]
     fn the_sample_config_is_valid() {
-        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("samples/edgerec.toml");
+        let file =
+            Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("samples/edgerec.toml");
         let c = Config::load(&file).unwrap();
         let KekSource::File(public_key) = &c.kek_source else {
             panic!("the sample seals to a key file")

@@ -537,8 +537,8 @@ impl Unwrapper for KeyRing {
 mod tests {
     use super::*;
 
-    const PRIV: &str = include_str!("../tests/vectors/test-kek.pem");
-    const PUB: &str = include_str!("../tests/vectors/test-kek.pub.pem");
+    const PRIV: &str = include_str!("../../../tests/vectors/test-kek.pem");
+    const PUB: &str = include_str!("../../../tests/vectors/test-kek.pub.pem");
 
     #[test]
     fn ids_agree_across_forms() {
@@ -599,7 +599,7 @@ mod tests {
             "o",
             &std::fs::read_to_string(concat!(
                 env!("CARGO_MANIFEST_DIR"),
-                "/tests/vectors/other-kek.pub.pem"
+                "/../../tests/vectors/other-kek.pub.pem"
             ))
             .unwrap(),
         )

@@ -408,7 +408,8 @@ mod tests {
 
     #[test]
     fn packages_are_identified_by_their_header_whatever_the_file_is_called() {
-        let vectors = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors");
+        let vectors =
+            Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("tests/vectors");
         let (id, identity) = Exporter::identify(&vectors.join("ok_one_byte.erec")).unwrap();
         assert_eq!(id.len(), 36);
         assert!(

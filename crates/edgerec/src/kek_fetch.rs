@@ -333,7 +333,8 @@ mod tests {
         let path = dir.path().join("lkm-key.json");
         assert!(read_cache(&path).unwrap().is_none());
         let pem = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/test-kek.pub.pem"),
+            Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+                .join("tests/vectors/test-kek.pub.pem"),
         )
         .unwrap();
         let kek = KekPublic::from_pem("test", &pem).unwrap();

@@ -698,9 +698,7 @@ mod tests {
     use std::sync::mpsc::sync_channel;
 
     fn key(name: &str) -> std::path::PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/vectors")
-            .join(name)
+        Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/vectors")).join(name)
     }
 
     fn rtp(seq: u16) -> Vec<u8> {

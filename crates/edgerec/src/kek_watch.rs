@@ -130,7 +130,8 @@ mod tests {
     use super::*;
 
     fn key(name: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/vectors/{name}-kek.pub.pem"))
+        Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+            .join(format!("tests/vectors/{name}-kek.pub.pem"))
     }
 
     #[test]
