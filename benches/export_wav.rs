@@ -10,10 +10,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use edgerec::entries::Entry;
-use edgerec::format::{EndReason, Kind};
-use edgerec::keys::KekPublic;
-use edgerec::writer::{Media, SealOptions, Sealer};
+use erec::entries::Entry;
+use erec::format::{EndReason, Kind};
+use erec::keys::KekPublic;
+use erec::writer::{Media, SealOptions, Sealer};
 
 fn call(kek: &KekPublic) -> Vec<u8> {
     let opts = SealOptions {
@@ -70,7 +70,7 @@ fn call(kek: &KekPublic) -> Vec<u8> {
         }
     }
     flush(&mut chunk, &mut s, &mut pkg);
-    s.finish(EndReason::RtcpBye, edgerec::clock::now_ms(), &mut pkg);
+    s.finish(EndReason::RtcpBye, erec::clock::now_ms(), &mut pkg);
     pkg
 }
 

@@ -19,9 +19,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use edgerec::crypto::Dek;
-use edgerec::format::Wrap;
 use edgerec::lkm_client::{LkmClient, LkmTarget};
+use erec::crypto::Dek;
+use erec::format::Wrap;
 
 const CLIENTS: usize = 8;
 const SECONDS: u64 = 10;

@@ -8,12 +8,12 @@ use std::hint::black_box;
 use std::io::Cursor;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use edgerec::crypto::{ChunkCipher, Dek, PackageKeys};
-use edgerec::format::{Frame, Kind};
-use edgerec::keys::{KekPrivate, KeyRing};
-use edgerec::pipeline::default_workers;
-use edgerec::reader::{ReadMode, open_stream};
-use edgerec::writer::{SealOptions, Sealer, seal_stream};
+use erec::crypto::{ChunkCipher, Dek, PackageKeys};
+use erec::format::{Frame, Kind};
+use erec::keys::{KekPrivate, KeyRing};
+use erec::pipeline::default_workers;
+use erec::reader::{ReadMode, open_stream};
+use erec::writer::{SealOptions, Sealer, seal_stream};
 
 const KEY: &str = include_str!("../tests/vectors/test-kek.pem");
 

@@ -3,7 +3,7 @@
 //! decoding then encoding a well-formed chunk gives back the same bytes.
 #![no_main]
 
-use edgerec::entries::entries;
+use erec::entries::entries;
 use edgerec::rtp::{Datagram, SeqTracker, classify};
 use libfuzzer_sys::fuzz_target;
 

@@ -7,10 +7,10 @@
 
 use std::io::Cursor;
 
-use edgerec::crypto::Dek;
-use edgerec::format::{self, Header, Wrap};
-use edgerec::keys::{KekId, UnwrapError, Unwrapper};
-use edgerec::reader::{PackageReader, ReadMode, open_stream};
+use erec::crypto::Dek;
+use erec::format::{self, Header, Wrap};
+use erec::keys::{KekId, UnwrapError, Unwrapper};
+use erec::reader::{PackageReader, ReadMode, open_stream};
 use libfuzzer_sys::fuzz_target;
 
 /// The DEK of `tests/vectors/MANIFEST.json` (bytes 0..31).

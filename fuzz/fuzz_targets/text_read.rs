@@ -7,7 +7,7 @@
 #![no_main]
 
 use edgerec::answers::{credential, kms_error, sha256_of_digest, unescape, xml_all};
-use edgerec::clock::parse_rfc3339_ms;
+use erec::clock::parse_rfc3339_ms;
 use edgerec::retry::parse_retry_after;
 use libfuzzer_sys::fuzz_target;
 

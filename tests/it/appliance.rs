@@ -10,9 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use edgerec::entries::{Entry, entries};
-use edgerec::format::{EndReason, Kind};
-use edgerec::reader::{PackageReader, ReadMode};
+use erec::entries::{Entry, entries};
+use erec::format::{EndReason, Kind};
+use erec::reader::{PackageReader, ReadMode};
 
 use crate::common::*;
 
@@ -836,11 +836,11 @@ fn a_package_sent_again_with_spool_retry_is_delivered_at_once() {
     // then moved in, so that nothing announces it).
     let other = tempfile::tempdir().unwrap();
     let side = edgerec::spool::Spool::open(other.path()).unwrap();
-    let opts = edgerec::writer::SealOptions {
-        media: edgerec::writer::Media::Rtp,
+    let opts = erec::writer::SealOptions {
+        media: erec::writer::Media::Rtp,
         ..Default::default()
     };
-    let s = edgerec::writer::Sealer::new(&[public("test")], &opts).unwrap();
+    let s = erec::writer::Sealer::new(&[public("test")], &opts).unwrap();
     let id = s.recording_id();
     let f = side.create(id, s.header_bytes()).unwrap();
     let mut end = Vec::new();
@@ -1650,7 +1650,7 @@ fn the_demo_key_is_refused_at_start_and_on_a_key_change_unless_the_config_says_d
     // ...and when the key file is replaced by it while running: the key in hand stays.
     fs::write(&cfg, &text).unwrap();
     a.spawn();
-    let ours = edgerec::keys::KekPublic::from_file(&kek)
+    let ours = erec::keys::KekPublic::from_file(&kek)
         .unwrap()
         .id()
         .to_hex();
@@ -1676,7 +1676,7 @@ fn the_demo_key_is_refused_at_start_and_on_a_key_change_unless_the_config_says_d
     assert_eq!(
         a.metric(&format!(
             "edgerec_kek_info{{kek_id=\"{}\"}}",
-            edgerec::keys::DEMO_KEK_ID
+            erec::keys::DEMO_KEK_ID
         )),
         1.0
     );

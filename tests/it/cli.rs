@@ -376,7 +376,7 @@ fn export_restores_a_sealed_file_under_its_name() {
         s(&pkg),
     ]);
     ok(&r);
-    let day = edgerec::clock::Utc::from_unix_ms(j["created_ms"].as_u64().unwrap());
+    let day = erec::clock::Utc::from_unix_ms(j["created_ms"].as_u64().unwrap());
     let folder = out.join(format!(
         "year={:04}/month={:02}/day={:02}/conversation_id=untagged",
         day.year, day.month, day.day

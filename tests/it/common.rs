@@ -5,12 +5,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Mutex;
 
-use edgerec::Error;
-use edgerec::crypto::Dek;
-use edgerec::format::{KEK_ID_LEN, Wrap};
-use edgerec::keys::{KekId, KekPrivate, KekPublic, KeyRing, UnwrapError, Unwrapper};
-use edgerec::reader::{ReadMode, Summary, open_stream};
-use edgerec::writer::{SealOptions, Sealer, seal_stream};
+use erec::Error;
+use erec::crypto::Dek;
+use erec::format::{KEK_ID_LEN, Wrap};
+use erec::keys::{KekId, KekPrivate, KekPublic, KeyRing, UnwrapError, Unwrapper};
+use erec::reader::{ReadMode, Summary, open_stream};
+use erec::writer::{SealOptions, Sealer, seal_stream};
 
 pub fn vectors_dir() -> PathBuf {
     repo_path("tests/vectors")

@@ -366,9 +366,9 @@ fn call_package() -> Vec<u8> {
 /// A one-leg G.711 call package sealed to the test key (with nothing but its public half),
 /// a 20 ms packet at each arrival time given (µs from its start).
 fn call_package_of(arrivals: impl Iterator<Item = u64>) -> Vec<u8> {
-    use edgerec::entries::Entry;
-    use edgerec::format::{EndReason, Kind};
-    use edgerec::writer::{Media, SealOptions, Sealer};
+    use erec::entries::Entry;
+    use erec::format::{EndReason, Kind};
+    use erec::writer::{Media, SealOptions, Sealer};
     let opts = SealOptions {
         media: Media::Rtp,
         ..SealOptions::default()
@@ -418,7 +418,7 @@ fn call_package_of(arrivals: impl Iterator<Item = u64>) -> Vec<u8> {
     if !chunk.is_empty() {
         s.seal(Kind::Media, &chunk, &mut pkg).unwrap();
     }
-    s.finish(EndReason::Complete, edgerec::clock::now_ms(), &mut pkg);
+    s.finish(EndReason::Complete, erec::clock::now_ms(), &mut pkg);
     pkg
 }
 

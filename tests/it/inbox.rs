@@ -4,7 +4,7 @@
 use std::fs;
 use std::path::Path;
 
-use edgerec::writer::{Media, SealOptions, Sealer};
+use erec::writer::{Media, SealOptions, Sealer};
 
 use crate::appliance::{Appliance, files_with_ext, wait_stored};
 use crate::common::*;
@@ -135,7 +135,7 @@ fn a_crash_between_sealing_and_removal_leaves_the_file_claimed_then_sealed_once(
         let s = Sealer::new(&[public("test")], &opts).unwrap();
         let mut out = s.header_bytes().to_vec();
         let mut input = &original[..];
-        edgerec::writer::seal_stream(s, &mut input, &mut out, true, 1).unwrap();
+        erec::writer::seal_stream(s, &mut input, &mut out, true, 1).unwrap();
         out
     };
     fs::write(active.join(format!("{id}.erec.part")), &sealed).unwrap();

@@ -137,9 +137,7 @@ fn kms_sealed_keys_stop_unwrapping_when_access_is_withdrawn_and_work_again_when_
             .unwrap();
         fs::write(
             &pem,
-            edgerec::keys::KekPublic::from_der("k", &der)
-                .unwrap()
-                .to_pem(),
+            erec::keys::KekPublic::from_der("k", &der).unwrap().to_pem(),
         )
         .unwrap();
     }

@@ -463,8 +463,8 @@ pub const DECRYPT: &str = "/key-management/v1/decrypt";
 #[test]
 fn a_contract_client_creates_keys_and_unwraps_through_the_service() {
     use base64::Engine;
-    use edgerec::format::Wrap;
-    use edgerec::keys::KekPublic;
+    use erec::format::Wrap;
+    use erec::keys::KekPublic;
     let b64 = base64::engine::general_purpose::STANDARD;
     let s = Service::start();
     // The platform's contract client holds a platform credential.
@@ -504,7 +504,7 @@ fn a_contract_client_creates_keys_and_unwraps_through_the_service() {
     );
     // Decrypt: a DEK wrapped RSA-OAEP-SHA1 (the contract's default), with and without a
     // payload hash; wrap 1 with decryptType "erec".
-    let dek = edgerec::crypto::Dek::generate().unwrap();
+    let dek = erec::crypto::Dek::generate().unwrap();
     let want = b64.encode(dek.expose());
     for (wrap, ty, hash) in [
         (Wrap::OaepSha1, None, true),
@@ -625,7 +625,7 @@ fn public_pem(s: &Service, id: &str) -> std::path::PathBuf {
     let der = base64::engine::general_purpose::STANDARD
         .decode(kp["publicKey"].as_str().unwrap())
         .unwrap();
-    let key = edgerec::keys::KekPublic::from_der("publicKey", &der).unwrap();
+    let key = erec::keys::KekPublic::from_der("publicKey", &der).unwrap();
     let path = s.dir.path().join(format!("{id}.pub.pem"));
     fs::write(&path, key.to_pem()).unwrap();
     path

@@ -55,10 +55,10 @@ fn a_recorders_credential_reads_public_keys_and_can_never_decrypt_or_make_keys()
         let der = base64::engine::general_purpose::STANDARD
             .decode(current.1["publicKey"].as_str().unwrap())
             .unwrap();
-        let k = edgerec::keys::KekPublic::from_der("k", &der).unwrap();
-        let dek = edgerec::crypto::Dek::generate().unwrap();
+        let k = erec::keys::KekPublic::from_der("k", &der).unwrap();
+        let dek = erec::crypto::Dek::generate().unwrap();
         base64::engine::general_purpose::STANDARD
-            .encode(k.seal(&dek, edgerec::format::Wrap::OaepSha256).unwrap())
+            .encode(k.seal(&dek, erec::format::Wrap::OaepSha256).unwrap())
     };
     let unwrap = serde_json::json!({ "keypairId": id, "body": sealed, "decryptType": "erec" });
     let (code, answer) = s.call("POST", DECRYPT, Some(&unwrap), rid, &rkey, true);
@@ -372,10 +372,10 @@ fn an_unwrap_the_audit_log_cannot_record_is_refused_and_a_torn_line_is_repaired(
         let der = base64::engine::general_purpose::STANDARD
             .decode(kp["publicKey"].as_str().unwrap())
             .unwrap();
-        let k = edgerec::keys::KekPublic::from_der("k", &der).unwrap();
-        let dek = edgerec::crypto::Dek::generate().unwrap();
+        let k = erec::keys::KekPublic::from_der("k", &der).unwrap();
+        let dek = erec::crypto::Dek::generate().unwrap();
         base64::engine::general_purpose::STANDARD
-            .encode(k.seal(&dek, edgerec::format::Wrap::OaepSha256).unwrap())
+            .encode(k.seal(&dek, erec::format::Wrap::OaepSha256).unwrap())
     };
     let unwrap = serde_json::json!({ "keypairId": id, "body": sealed, "decryptType": "erec" });
     let ask = |s: &Service| {

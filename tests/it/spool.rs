@@ -3,10 +3,10 @@
 
 use std::fs;
 
-use edgerec::format::{EndReason, Kind};
-use edgerec::reader::ReadMode;
 use edgerec::spool::{Place, Recovery, Spool};
-use edgerec::writer::{Media, SealOptions, Sealer};
+use erec::format::{EndReason, Kind};
+use erec::reader::ReadMode;
+use erec::writer::{Media, SealOptions, Sealer};
 use uuid::Uuid;
 
 use crate::common::*;

@@ -3,9 +3,9 @@
 
 use std::sync::OnceLock;
 
-use edgerec::Error;
-use edgerec::format::{Tail, walk};
-use edgerec::reader::ReadMode;
+use erec::Error;
+use erec::format::{Tail, walk};
+use erec::reader::ReadMode;
 use proptest::prelude::*;
 
 use crate::common::*;
@@ -41,10 +41,10 @@ fn every_recipient_opens_and_five_are_refused() {
     }
     let mut five = keys.clone();
     five.push(public("test"));
-    let opts = edgerec::writer::SealOptions::default();
-    assert!(edgerec::writer::Sealer::new(&five, &opts).is_err());
+    let opts = erec::writer::SealOptions::default();
+    assert!(erec::writer::Sealer::new(&five, &opts).is_err());
     let dup = [public("test"), public("test")];
-    assert!(edgerec::writer::Sealer::new(&dup, &opts).is_err());
+    assert!(erec::writer::Sealer::new(&dup, &opts).is_err());
 }
 
 #[test]
@@ -189,7 +189,7 @@ fn records_from_another_package_are_rejected() {
 
 #[test]
 fn crash_recovery_cuts_the_torn_tail_and_keeps_every_whole_record() {
-    use edgerec::recover::cut_torn_tail;
+    use erec::recover::cut_torn_tail;
     let f = fixture();
     let dir = tempfile::tempdir().unwrap();
     // Cut inside record 2 (a crash mid-append), then zeroes a file system may leave.

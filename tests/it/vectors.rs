@@ -8,11 +8,11 @@
 
 use std::fs;
 
-use edgerec::crypto::{ChunkCipher, Dek, PackageKeys};
-use edgerec::format::{EndInfo, EndReason, Header, Kind, Recipient, Wrap};
-use edgerec::keys::KekPublic;
-use edgerec::reader::ReadMode;
-use edgerec::{Error, format};
+use erec::crypto::{ChunkCipher, Dek, PackageKeys};
+use erec::format::{EndInfo, EndReason, Header, Kind, Recipient, Wrap};
+use erec::keys::KekPublic;
+use erec::reader::ReadMode;
+use erec::{Error, format};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -382,7 +382,7 @@ fn manifest() -> Value {
     serde_json::from_str(&text).expect("manifest is JSON")
 }
 
-fn outcome(r: &Result<(Vec<u8>, edgerec::reader::Summary), Error>) -> &'static str {
+fn outcome(r: &Result<(Vec<u8>, erec::reader::Summary), Error>) -> &'static str {
     match r {
         Ok(_) => "ok",
         Err(Error::WrongKey { .. }) => "wrong_key",

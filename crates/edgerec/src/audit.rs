@@ -269,7 +269,7 @@ impl Chain {
         let e = event.cleaned();
         let mut line = Line {
             seq: self.next_seq,
-            time: crate::clock::Utc::from_unix_ms(time_ms).rfc3339(),
+            time: erec::clock::Utc::from_unix_ms(time_ms).rfc3339(),
             who: e.who,
             user: e.user,
             action: e.action,
@@ -434,7 +434,7 @@ impl AuditLog {
             sync_failed: None,
         };
         log.file.lock().map_err(err)?;
-        let caught = log.catch_up(crate::clock::now_ms());
+        let caught = log.catch_up(erec::clock::now_ms());
         let unlocked = log.file.unlock().map_err(err);
         caught.map_err(err)?;
         unlocked?;
@@ -529,7 +529,7 @@ impl AuditLog {
             )));
         }
         self.file.lock().map_err(err)?;
-        let now = events.last().map_or_else(crate::clock::now_ms, |e| e.1);
+        let now = events.last().map_or_else(erec::clock::now_ms, |e| e.1);
         let done = self
             .catch_up(now)
             .and_then(|()| self.write_lines(events, sync));
@@ -621,7 +621,7 @@ impl Writer {
             .spawn(move || {
                 use std::sync::mpsc::RecvTimeoutError;
                 use std::time::Duration;
-                let now = crate::clock::now_ms;
+                let now = erec::clock::now_ms;
                 let mut bucket = crate::rate_limit::TokenBucket::full(denials, now());
                 let mut buckets = crate::rate_limit::PerKey::new(denials, 10_000);
                 let (mut suppressed, mut unsynced, mut last_sync) = (0u64, false, now());

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::export::{Exported, Format, export_file_to, find_packages};
-use crate::keys::Unwrapper;
+use erec::keys::Unwrapper;
 
 /// Where a package comes from.
 #[derive(Debug, Clone)]
@@ -88,7 +88,7 @@ pub enum Outcome {
 /// The UTC days from `from` to `to` (inclusive, `YYYY-MM-DD`) as key prefixes `yyyy/mm/dd/`.
 pub fn day_prefixes(from: &str, to: &str) -> Result<Vec<String>, String> {
     let day = |d: &str| {
-        crate::clock::parse_rfc3339_ms(&format!("{d}T00:00:00Z"))
+        erec::clock::parse_rfc3339_ms(&format!("{d}T00:00:00Z"))
             .ok_or_else(|| format!("{d}: not a date (YYYY-MM-DD)"))
     };
     let (a, b) = (day(from)?, day(to)?);
@@ -100,7 +100,7 @@ pub fn day_prefixes(from: &str, to: &str) -> Result<Vec<String>, String> {
     }
     Ok((0..=(b - a) / 86_400_000)
         .map(|i| {
-            let u = crate::clock::Utc::from_unix_ms(a + i * 86_400_000);
+            let u = erec::clock::Utc::from_unix_ms(a + i * 86_400_000);
             format!("{:04}/{:02}/{:02}/", u.year, u.month, u.day)
         })
         .collect())
@@ -239,7 +239,7 @@ impl Exporter<'_> {
     /// A package file's recording id and identity (`mac:<header MAC>:<size>`), from its
     /// header (keyless); `None` if it has no readable header.
     fn identify(path: &Path) -> Option<(String, String)> {
-        use crate::format::{Decoded, Header};
+        use erec::format::{Decoded, Header};
         use std::io::Read;
         let mut f = fs::File::open(path).ok()?;
         let size = f.metadata().ok()?.len();
@@ -345,10 +345,10 @@ impl Exporter<'_> {
             .map_err(|e| Error::Invalid(format!("s3:{key}: {e}")))?;
         let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
         if identity.strip_prefix("sha256:") != Some(sha.as_str()) {
-            return Err(Error::Corrupt {
+            return Err(Error::Package(erec::Error::Corrupt {
                 what: "the object's bytes are not the SHA-256 the store recorded for it",
                 record: None,
-            });
+            }));
         }
         let dir = self.state_dir().join("fetch");
         fs::create_dir_all(&dir)?;

@@ -12,8 +12,8 @@ use std::io::Read;
 use std::path::Path;
 
 use crate::config::StoreKind;
-use crate::format::{Decoded, Header};
-use crate::keys::KekId;
+use erec::format::{Decoded, Header};
+use erec::keys::KekId;
 
 /// What a census of the store found for one KEK.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -142,8 +142,8 @@ pub fn count(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::KekPrivate;
-    use crate::writer::{Media, SealOptions, Sealer};
+    use erec::keys::KekPrivate;
+    use erec::writer::{Media, SealOptions, Sealer};
 
     #[test]
     fn packages_are_counted_by_their_recipients_and_junk_is_named() {

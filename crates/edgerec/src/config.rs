@@ -17,7 +17,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::format::{MAX_MAX_CHUNK, MIN_MAX_CHUNK, Wrap};
+use erec::format::{MAX_MAX_CHUNK, MIN_MAX_CHUNK, Wrap};
 
 /// A configuration problem, already formatted for the one line the operator sees.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -1275,7 +1275,7 @@ path = "/srv/store"
             panic!("the sample seals to a key file")
         };
         assert!(public_key.ends_with("samples/demo-kek.pub.pem"));
-        crate::keys::KekPublic::from_file(public_key).unwrap();
+        erec::keys::KekPublic::from_file(public_key).unwrap();
         assert_eq!(
             c.recorder.spool_dir,
             file.parent().unwrap().join("../var/spool")

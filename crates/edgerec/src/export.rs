@@ -46,14 +46,14 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::clock::Utc;
-use crate::crypto::Dek;
-use crate::entries::{Entry, Event, NO_STREAM, entries};
 use crate::error::Error;
-use crate::format::{EndInfo, Kind, Wrap, parse_json_object};
-use crate::keys::{KekId, UnwrapError, Unwrapper};
-use crate::reader::{PackageReader, ReadMode};
 use crate::rtp::{Datagram, RtpHeader, SeqOutcome, SeqTracker, classify};
+use erec::clock::Utc;
+use erec::crypto::Dek;
+use erec::entries::{Entry, Event, NO_STREAM, entries};
+use erec::format::{EndInfo, Kind, Wrap, parse_json_object};
+use erec::keys::{KekId, UnwrapError, Unwrapper};
+use erec::reader::{PackageReader, ReadMode};
 
 /// The audio output format of `rtp` recordings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -282,11 +282,11 @@ fn paused_spans(events: &[(u64, bool)]) -> Vec<(f64, Option<f64>)> {
     spans
 }
 
-fn bad_entry(_: crate::entries::EntryError, record: u32) -> Error {
-    Error::Corrupt {
+fn bad_entry(_: erec::entries::EntryError, record: u32) -> Error {
+    Error::Package(erec::Error::Corrupt {
         what: "media entries do not decode",
         record: Some(record),
-    }
+    })
 }
 
 /// Unwraps through `inner` once and gives the same data key again for the second pass (in
@@ -347,7 +347,11 @@ fn open_package(
 ) -> Result<PackageReader<io::BufReader<File>>, Error> {
     let file = File::open(input)
         .map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", input.display())))?;
-    PackageReader::new(io::BufReader::new(file), unwrapper, ReadMode::Recovery)
+    Ok(PackageReader::new(
+        io::BufReader::new(file),
+        unwrapper,
+        ReadMode::Recovery,
+    )?)
 }
 
 /// Exports one package file into `out` as `opts` say.

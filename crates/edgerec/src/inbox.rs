@@ -36,11 +36,11 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use crate::durable::sync_dir;
-use crate::format::{Metadata, Wrap};
-use crate::keys::KekHandle;
 use crate::metrics::Metrics;
 use crate::spool::{ActiveFile, Place, Spool};
-use crate::writer::{Media, SealOptions, Sealer, seal_stream};
+use erec::format::{Metadata, Wrap};
+use erec::keys::KekHandle;
+use erec::writer::{Media, SealOptions, Sealer, seal_stream};
 
 /// The claims directory inside the inbox.
 pub const CLAIMS: &str = ".edgerec";
@@ -77,7 +77,7 @@ pub enum InboxError {
     Io(#[from] io::Error),
     /// Sealing failed.
     #[error("{0}")]
-    Seal(#[from] crate::Error),
+    Seal(#[from] erec::Error),
     /// No usable KEK (the key manager's key is stale and the policy refuses).
     #[error("no usable KEK")]
     NoKek,
@@ -271,7 +271,6 @@ impl Inbox {
     /// Moves a refused entry (`from`, the inbox name or its claim) to `.edgerec/refused/`
     /// with the reason beside it, and counts it.
     fn refuse(&self, from: &Path, id: Uuid, name: &str, reason: &'static str, what: &str) {
-        Metrics::inc(&self.metrics.inbox_errors, reason, 1);
         let refused = self.claims().join(REFUSED);
         let to = refused.join(format!("{id}.{name}"));
         let made = fs::DirBuilder::new()
@@ -310,6 +309,8 @@ impl Inbox {
                 "inbox: {what}, not a regular file: refused, and cannot be moved aside"
             ),
         }
+        // Counted once it is dealt with: whoever sees the count finds it moved aside.
+        Metrics::inc(&self.metrics.inbox_errors, reason, 1);
     }
 
     /// Claims and seals one file of the inbox by name.
@@ -444,7 +445,7 @@ impl Inbox {
             fs::remove_file(self.claims().join(format!("{id}.{name}{SIDECAR}")))?;
         }
         sync_dir(&self.claims())?;
-        self.spool.finish(active, &[], crate::clock::now_ms())?;
+        self.spool.finish(active, &[], erec::clock::now_ms())?;
         Ok(size)
     }
 

@@ -23,9 +23,9 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{LkmKeys, OnStale};
-use crate::keys::{KekHandle, KekPublic};
 use crate::lkm_client::{CurrentKey, LkmClient};
 use crate::metrics::{KekLabel, Metrics};
+use erec::keys::{KekHandle, KekPublic};
 
 /// The cache file's content.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -298,7 +298,7 @@ impl Fetcher {
                         std::thread::sleep(step);
                         waited += step;
                     }
-                    self.round(&handle, &metrics, crate::clock::now_ms());
+                    self.round(&handle, &metrics, erec::clock::now_ms());
                 }
             })
     }

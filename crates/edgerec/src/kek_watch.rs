@@ -17,8 +17,8 @@ use std::sync::Arc;
 use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
 use notify::{EventKind, RecursiveMode, Watcher};
 
-use crate::keys::{KekHandle, KekPublic};
 use crate::metrics::{KekLabel, Metrics};
+use erec::keys::{KekHandle, KekPublic};
 
 /// Whether an event on a watched directory may have put a complete new file at a path.
 pub fn completes_a_file(kind: &EventKind) -> bool {

@@ -45,7 +45,7 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 
 use crate::at_rest::{AtRestError, Protector};
-use crate::keys::{KekId, KekPrivate, KekPublic};
+use erec::keys::{KekId, KekPrivate, KekPublic};
 
 /// A key's life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -738,11 +738,11 @@ mod tests {
         assert_eq!(public.id().to_hex(), a.id);
         assert_eq!(public.bits(), 3072);
         let private = ks.private(&public.id()).unwrap();
-        let dek = crate::crypto::Dek::generate().unwrap();
-        let sealed = public.seal(&dek, crate::format::Wrap::OaepSha256).unwrap();
+        let dek = erec::crypto::Dek::generate().unwrap();
+        let sealed = public.seal(&dek, erec::format::Wrap::OaepSha256).unwrap();
         assert_eq!(
             private
-                .unseal(crate::format::Wrap::OaepSha256, &sealed)
+                .unseal(erec::format::Wrap::OaepSha256, &sealed)
                 .unwrap()
                 .expose(),
             dek.expose()

@@ -1,16 +1,9 @@
-//! edgerec: the on-premises media tier of a contact-center recording system.
+//! edgerec: the on-premises media tier of a contact-center recording system, built on the
+//! package format of the [`erec`] crate (format, crypto, keys, writer, reader).
 //!
-//! This library holds the parts that need no async runtime and no network, so that the
-//! offline tools and the fuzz targets stay small:
+//! The parts that need no async runtime and no network build without the default features,
+//! so that the fuzz targets stay small:
 //!
-//! - [`format`]: the EREC v1 package layout, its limits and keyless structural checks
-//!   (the specification is in that module's documentation).
-//! - [`crypto`]: data keys, HKDF key derivation, the header MAC and the chunk cipher.
-//! - [`keys`]: RSA key-encryption keys (PEM forms, kek ids, DEK sealing) and the
-//!   [`keys::Unwrapper`] interface through which readers get a DEK back.
-//! - [`writer`] and [`reader`]: streaming sealing and opening, bounded in memory, parallel
-//!   across cores.
-//! - [`entries`]: the media plaintext of an `rtp` recording (stream, RTP, event, RTCP).
 //! - `export` (feature `cli`): recordings decrypted into WAV, pcap or their original file.
 //! - [`g711`]: µ-law and A-law to and from linear PCM.
 //! - [`rtp`]: RTP and RTCP told apart and checked; sequence accounting (RFC 3550 A.1).
@@ -23,11 +16,8 @@
 //!   pcap capture sent again with its own timing.
 //! - `ingest`, `recorder`, `uploader`, `run` (feature `appliance`): the ingest thread (epoll,
 //!   `recvmmsg`), the recorder and uploader threads, and `edgerec run`, which wires them.
-//! - [`recover`]: keyless crash recovery (cut a torn tail).
 //! - [`retry`]: the upload retry policy (which outcomes retry, backoff with full jitter).
-//! - [`pipeline`]: the ordered parallel map both use.
-//! - [`clock`]: unix milliseconds and UTC calendar dates.
-//! - [`error`]: the error type and the exit codes of the interface contract.
+//! - [`error`]: the error of the commands and the exit codes of the interface contract.
 //! - [`durable`]: files replaced whole and durably, and the one way to make a temporary file.
 //! - `hardening` (feature `cli`): no core files, not dumpable — the first thing every
 //!   process does.
@@ -52,18 +42,14 @@ pub mod bulk;
 pub mod census;
 #[cfg(feature = "cli")]
 pub mod cli;
-pub mod clock;
 #[cfg(feature = "appliance")]
 pub mod config;
 #[cfg(feature = "appliance")]
 pub mod control;
-pub mod crypto;
 pub mod durable;
-pub mod entries;
 pub mod error;
 #[cfg(feature = "cli")]
 pub mod export;
-pub mod format;
 pub mod g711;
 #[cfg(feature = "cli")]
 pub mod hardening;
@@ -81,7 +67,6 @@ pub mod ingest;
 pub mod kek_fetch;
 #[cfg(feature = "appliance")]
 pub mod kek_watch;
-pub mod keys;
 pub mod keystore;
 #[cfg(feature = "appliance")]
 pub mod kms;
@@ -99,12 +84,9 @@ pub mod metrics;
 pub mod oracle;
 #[cfg(feature = "cli")]
 pub mod pgp_out;
-pub mod pipeline;
 pub mod rate_limit;
-pub mod reader;
 #[cfg(feature = "appliance")]
 pub mod recorder;
-pub mod recover;
 #[cfg(feature = "pcap")]
 pub mod replay;
 pub mod retry;
@@ -124,6 +106,5 @@ pub mod spool;
 pub mod store;
 #[cfg(feature = "appliance")]
 pub mod uploader;
-pub mod writer;
 
 pub use error::Error;

@@ -520,7 +520,7 @@ impl Lkm {
                     recording: None,
                     outcome: outcome.into(),
                 },
-                crate::clock::now_ms(),
+                erec::clock::now_ms(),
             )
             .map(|_| ())
             .map_err(|e| format!("lkm.audit_log: {e}"))
@@ -528,7 +528,7 @@ impl Lkm {
 
     /// Makes a new key pair, the current one from now on.
     pub fn rotate(&mut self, action: &str) -> Result<KeyRecord, String> {
-        match self.store.generate(crate::clock::now_ms()) {
+        match self.store.generate(erec::clock::now_ms()) {
             Ok(r) => {
                 self.record(action, Some(&r.id), "ok")?;
                 Ok(r)

@@ -21,9 +21,9 @@ use base64::Engine;
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
-use crate::crypto::Dek;
-use crate::format::Wrap;
-use crate::keys::{KekId, KekPublic, UnwrapError, Unwrapper};
+use erec::crypto::Dek;
+use erec::format::Wrap;
+use erec::keys::{KekId, KekPublic, UnwrapError, Unwrapper};
 
 /// A Hawk credential as `edgerec lkm credentials add` prints it (`id: …`, `key: …`) or as
 /// the contract's `POST /auth` returns it (`{"id", "authKey"}`).

@@ -39,15 +39,15 @@ use serde_json::json;
 use zeroize::Zeroizing;
 
 use crate::audit::{Durability, Event, Writer};
-use crate::format::Wrap;
 use crate::hawk_auth::{Authenticated, RequestParts, Verifier};
-use crate::keys::KekId;
 use crate::keystore::{KeyRecord, KeyState, KeyStore};
 use crate::lkm::{Lkm, LkmConfig, Rotation, rotation_due};
 use crate::metrics::{LkmMetrics, SpoolState};
 use crate::oracle::{Oracle, OracleError};
 use crate::rate_limit::PerKey;
 use crate::roles::{Action, Role};
+use erec::format::Wrap;
+use erec::keys::KekId;
 
 /// The service's shared state.
 struct App {
@@ -311,7 +311,7 @@ async fn housekeeping(app: Arc<App>, rotation: Rotation) {
         let a = Arc::clone(&app);
         let done = tokio::task::spawn_blocking(move || {
             a.reload_credentials();
-            let now = crate::clock::now_ms();
+            let now = erec::clock::now_ms();
             let current = a
                 .store()
                 .current(now)
@@ -538,7 +538,7 @@ fn limited(
     text: &str,
 ) -> Option<Response> {
     let wait = match limiter.lock() {
-        Ok(mut l) => l.take(&caller.who.id, crate::clock::now_ms()).err(),
+        Ok(mut l) => l.take(&caller.who.id, erec::clock::now_ms()).err(),
         Err(_) => Some(1000),
     }?;
     app.denied(
@@ -580,7 +580,7 @@ async fn make_keypair(app: Arc<App>, caller: Caller) -> Response {
         return r;
     }
     let a = Arc::clone(&app);
-    let made = match blocking(move || a.store().generate(crate::clock::now_ms())).await {
+    let made = match blocking(move || a.store().generate(erec::clock::now_ms())).await {
         Ok(m) => m,
         Err(r) => return r,
     };
@@ -644,7 +644,7 @@ async fn get_keypair(
 }
 
 async fn current(State(app): State<Arc<App>>, Authed { caller, .. }: Authed) -> Response {
-    match app.store().current(crate::clock::now_ms()) {
+    match app.store().current(erec::clock::now_ms()) {
         Ok(Some(r)) => {
             app.line(
                 caller.event("keypair.current", Some(&r.id), None, "ok"),

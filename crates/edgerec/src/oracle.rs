@@ -19,10 +19,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::at_rest::AtRestError;
-use crate::crypto::Dek;
-use crate::format::Wrap;
-use crate::keys::{KekId, KekPrivate};
 use crate::keystore::{KeyState, KeyStore, KeyStoreError};
+use erec::crypto::Dek;
+use erec::format::Wrap;
+use erec::keys::{KekId, KekPrivate};
 
 /// Why an unwrap gave no DEK.
 #[derive(Debug, thiserror::Error)]
@@ -137,7 +137,7 @@ mod tests {
     use super::*;
     use crate::at_rest::{MasterKey, Protector};
 
-    fn oracle(dir: &std::path::Path, ttl: Duration) -> (Oracle, crate::keys::KekPublic) {
+    fn oracle(dir: &std::path::Path, ttl: Duration) -> (Oracle, erec::keys::KekPublic) {
         let store = KeyStore::open(dir, Arc::new(MasterKey::generate().unwrap())).unwrap();
         let r = store.generate(1_000).unwrap();
         let public = store.public(&r).unwrap();

@@ -148,7 +148,7 @@ fn choose(cert: &SignedPublicKey, now: u32) -> Result<Vec<Key>, String> {
 impl Recipients {
     /// Reads armored (or binary) certificates and chooses their keys (at the current time).
     pub fn load(paths: &[PathBuf]) -> Result<Recipients, Error> {
-        let now = u32::try_from(crate::clock::now_ms() / 1000).unwrap_or(u32::MAX);
+        let now = u32::try_from(erec::clock::now_ms() / 1000).unwrap_or(u32::MAX);
         let mut certs = Vec::new();
         for p in paths {
             let shown = p.display();

@@ -20,14 +20,14 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use crate::clock::now_ms;
-use crate::format::{EndReason, Kind, Metadata, Wrap};
 use crate::ingest::Batch;
-use crate::keys::{KekHandle, KekPublic};
 use crate::metrics::Metrics;
 use crate::session::{Action, Counters, Limits, PauseApplied, RecId, Sessions, Tagged};
 use crate::spool::{ActiveFile, Spool};
-use crate::writer::{Media, SealOptions, Sealer};
+use erec::clock::now_ms;
+use erec::format::{EndReason, Kind, Metadata, Wrap};
+use erec::keys::{KekHandle, KekPublic};
+use erec::writer::{Media, SealOptions, Sealer};
 
 /// What the ingest thread sends.
 #[derive(Debug)]
@@ -202,7 +202,7 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
                 } => {
                     // The wall clock when its first datagram arrived (it may have been held).
                     let age_ms = us(Instant::now()).saturating_sub(started_us) / 1000;
-                    let created_ms = crate::clock::now_ms().saturating_sub(age_ms);
+                    let created_ms = erec::clock::now_ms().saturating_sub(age_ms);
                     let mut public = Metadata::new();
                     public.insert("port".into(), local.port().into());
                     if let Some(prev) = continues.and_then(|c| uuids.get(&c)) {
@@ -690,9 +690,9 @@ impl Syncer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::{KekPrivate, KeyRing};
-    use crate::reader::{PackageReader, ReadMode};
     use crate::spool::Place;
+    use erec::keys::{KekPrivate, KeyRing};
+    use erec::reader::{PackageReader, ReadMode};
     use std::net::SocketAddr;
     use std::path::Path;
     use std::sync::mpsc::sync_channel;

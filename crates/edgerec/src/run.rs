@@ -20,18 +20,18 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::sync_channel;
 use std::time::{Duration, SystemTime};
 
-use crate::clock::now_ms;
 use crate::config::{Config, SyncMode};
 use crate::config::{KekSource, StoreKind};
 use crate::http_store::HttpStore;
 use crate::ingest::{self, IngestSetup};
-use crate::keys::{KekHandle, KekPublic};
 use crate::metrics::{KekLabel, Metrics, SpoolState};
 use crate::recorder::{self, Msg, RecorderSetup};
 use crate::s3::S3Store;
 use crate::spool::{Recovery, Spool};
 use crate::store::{DirStore, Store};
 use crate::uploader::{self, UploaderSetup};
+use erec::clock::now_ms;
+use erec::keys::{KekHandle, KekPublic};
 
 /// Why the appliance did not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -116,7 +116,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             // The blocking HTTP client is made and kept on threads of its own, never
             // dropped in the async context.
             tokio::task::spawn_blocking(move || {
-                let now = crate::clock::now_ms();
+                let now = erec::clock::now_ms();
                 let (fetcher, keks) = crate::kek_fetch::Fetcher::start(&lkm, escrow, now)?;
                 if let Some(k) = keks.first() {
                     refuse_demo(k, lkm.allow_demo)?;

@@ -397,7 +397,7 @@ impl Store for S3Store {
         keep: &HashSet<String>,
         older_than: Duration,
     ) -> Result<Vec<String>, StoreError> {
-        let cutoff = crate::clock::now_ms()
+        let cutoff = erec::clock::now_ms()
             .saturating_sub(u64::try_from(older_than.as_millis()).unwrap_or(u64::MAX));
         let mut aborted = Vec::new();
         for u in self.list_uploads(prefix)? {
@@ -458,7 +458,7 @@ impl S3Store {
                         key,
                         upload_id,
                         initiated_ms: field("Initiated")
-                            .and_then(|t| crate::clock::parse_rfc3339_ms(&t)),
+                            .and_then(|t| erec::clock::parse_rfc3339_ms(&t)),
                     });
                 }
             }

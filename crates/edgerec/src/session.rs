@@ -43,9 +43,9 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 
-use crate::entries::{ENTRY_HEADER_LEN, Entry, Event, NO_STREAM};
-use crate::format::EndReason;
 use crate::rtp::{Datagram, Reject, SeqOutcome, SeqTracker, classify};
+use erec::entries::{ENTRY_HEADER_LEN, Entry, Event, NO_STREAM};
+use erec::format::EndReason;
 
 /// The timing and size rules of recording.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -1126,7 +1126,7 @@ impl Sessions {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::entries::entries;
+    use erec::entries::entries;
 
     const MS: u64 = 1000;
 

@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::recover::cut_torn_tail;
+use erec::recover::cut_torn_tail;
 
 /// The upload state kept beside each package in `ready/` and `failed/`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,7 +159,7 @@ fn with_path(e: io::Error, what: &str, p: &Path) -> io::Error {
     io::Error::new(e.kind(), format!("{what} {}: {e}", p.display()))
 }
 
-pub use crate::crypto::sha256_file;
+pub use erec::crypto::sha256_file;
 
 /// Above this many packages at once, one `syncfs` replaces the per-file syncs.
 const GROUP_SYNC_ABOVE: usize = 4;
@@ -627,7 +627,7 @@ impl Spool {
                         cut: r.cut_bytes,
                     });
                 }
-                Err(crate::Error::Io(e)) => return Err(e),
+                Err(erec::Error::Io(e)) => return Err(e),
                 Err(e) => done.push(self.quarantine(&from, &name, &e.to_string())?),
             }
         }
@@ -635,12 +635,12 @@ impl Spool {
             if !self.state_path(Place::Ready, id).exists() {
                 let path = self.package_path(Place::Ready, id);
                 let file = File::open(&path)?;
-                match crate::recover::walk_file(&file, crate::format::Tail::Strict) {
+                match erec::recover::walk_file(&file, erec::format::Tail::Strict) {
                     Ok(w) => {
                         self.rebuild_state(id, w.terminated, now_ms)?;
                         done.push(Recovery::StateRebuilt(id));
                     }
-                    Err(crate::Error::Io(e)) => return Err(e),
+                    Err(erec::Error::Io(e)) => return Err(e),
                     Err(e) => {
                         let name = format!("{id}.erec");
                         done.push(self.quarantine(&path, &name, &e.to_string())?);

@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
-use crate::clock::Utc;
 use crate::spool::{Multipart, sha256_file};
+use erec::clock::Utc;
 
 /// The object key of a package: `{prefix}{yyyy}/{mm}/{dd}/{id}.erec`.
 pub fn object_key(prefix: &str, id: Uuid) -> String {

@@ -19,11 +19,11 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use crate::clock::now_ms;
 use crate::metrics::{Metrics, Outcome};
 use crate::retry::{Policy, Verdict};
 use crate::spool::{Multipart, Place, Spool, UploadState};
 use crate::store::{Checkpoint, Store, StoreError, Stored, object_key};
+use erec::clock::now_ms;
 
 /// The recording id of a state file in `ready/` (`<id>.json`), the last file a package
 /// that arrives there gets (packages move before their state, and new state files are

@@ -24,7 +24,7 @@ fn failed(e: impl std::fmt::Display) -> Error {
 /// `edgerec lkm init`.
 pub fn init(config: &Path) -> Result<(), Error> {
     let mut lkm = open(config, true)?;
-    if let Some(current) = lkm.store.current(crate::clock::now_ms()).map_err(failed)? {
+    if let Some(current) = lkm.store.current(erec::clock::now_ms()).map_err(failed)? {
         return Err(Error::Invalid(format!(
             "the key store {} is set up already (current key {}); use edgerec lkm rotate for a new key",
             lkm.config.store_dir.display(),
@@ -67,7 +67,7 @@ pub fn keys(config: &Path, json: bool) -> Result<(), Error> {
     let store = Lkm::open_store(&cfg).map_err(Error::Invalid)?;
     let all = store.list().map_err(failed)?;
     let current = store
-        .current(crate::clock::now_ms())
+        .current(erec::clock::now_ms())
         .map_err(failed)?
         .map(|r| r.id);
     if json {
@@ -97,7 +97,7 @@ pub fn keys(config: &Path, json: bool) -> Result<(), Error> {
             "{:<66} {:<10} {:<25} {}",
             r.id,
             state.as_str().unwrap_or_default(),
-            crate::clock::Utc::from_unix_ms(r.date_created).rfc3339(),
+            erec::clock::Utc::from_unix_ms(r.date_created).rfc3339(),
             if current.as_deref() == Some(r.id.as_str()) {
                 "*"
             } else {
@@ -214,7 +214,7 @@ pub fn remove_credential(config: &Path, id: &str) -> Result<(), Error> {
 /// `edgerec lkm backup`.
 pub fn backup(config: &Path, out: &Path) -> Result<(), Error> {
     let mut lkm = open(config, false)?;
-    let bytes = lkm.store.backup(crate::clock::now_ms()).map_err(failed)?;
+    let bytes = lkm.store.backup(erec::clock::now_ms()).map_err(failed)?;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -250,7 +250,7 @@ pub fn restore(
     let opts = RestoreOptions {
         accept_unauthenticated,
     };
-    let now = crate::clock::now_ms();
+    let now = erec::clock::now_ms();
     if let Some(id) = undestroy {
         let done = store.undestroy(&bytes, id, opts, now);
         drop(store);
@@ -319,8 +319,8 @@ pub fn restore(
 /// `edgerec lkm import PRIV.pem`.
 pub fn import(config: &Path, key: &Path) -> Result<(), Error> {
     let mut lkm = open(config, false)?;
-    let private = crate::keys::KekPrivate::from_file(key)?;
-    match lkm.store.import(&private, crate::clock::now_ms()) {
+    let private = erec::keys::KekPrivate::from_file(key)?;
+    match lkm.store.import(&private, erec::clock::now_ms()) {
         Ok(r) => {
             lkm.record("import", Some(&r.id), "ok")
                 .map_err(Error::Invalid)?;
@@ -343,7 +343,7 @@ pub fn import(config: &Path, key: &Path) -> Result<(), Error> {
 /// `edgerec lkm retire KEKID`.
 pub fn retire(config: &Path, id: &str) -> Result<(), Error> {
     let mut lkm = open(config, false)?;
-    match lkm.store.retire(id, crate::clock::now_ms()) {
+    match lkm.store.retire(id, erec::clock::now_ms()) {
         Ok(r) => {
             lkm.record("retire", Some(&r.id), "ok")
                 .map_err(Error::Invalid)?;
@@ -353,7 +353,7 @@ pub fn retire(config: &Path, id: &str) -> Result<(), Error> {
             );
             if lkm
                 .store
-                .current(crate::clock::now_ms())
+                .current(erec::clock::now_ms())
                 .map_err(failed)?
                 .is_none()
             {
@@ -398,18 +398,18 @@ pub fn destroy(config: &Path, args: DestroyArgs) -> Result<(), Error> {
     if record.state == crate::keystore::KeyState::Destroyed {
         return Err(Error::Invalid(format!("{id} is destroyed already")));
     }
-    let kek = crate::keys::KekId::from_hex(id)
+    let kek = erec::keys::KekId::from_hex(id)
         .ok_or_else(|| Error::Invalid(format!("{id}: not a kek id")))?;
     let appliance = crate::config::Config::load(args.store_config)
         .map_err(|e| Error::Invalid(e.to_string()))?;
     eprintln!("edgerec: reading the headers of every package in the store ...");
-    let gone: Vec<crate::keys::KekId> = lkm
+    let gone: Vec<erec::keys::KekId> = lkm
         .store
         .list()
         .map_err(failed)?
         .iter()
         .filter(|r| r.state == crate::keystore::KeyState::Destroyed)
-        .filter_map(|r| crate::keys::KekId::from_hex(&r.id))
+        .filter_map(|r| erec::keys::KekId::from_hex(&r.id))
         .collect();
     let blocker = match crate::census::count(&appliance.store, &appliance.prefix, &kek, &gone) {
         Ok(c) => {
@@ -506,7 +506,7 @@ pub fn destroy(config: &Path, args: DestroyArgs) -> Result<(), Error> {
         },
     )
     .map_err(Error::Invalid)?;
-    match lkm.store.destroy(id, crate::clock::now_ms()) {
+    match lkm.store.destroy(id, erec::clock::now_ms()) {
         Ok(r) => {
             lkm.record("destroy", Some(&r.id), "ok")
                 .map_err(Error::Invalid)?;
@@ -614,7 +614,7 @@ pub fn audit_archive(config: &Path) -> Result<(), Error> {
     let cfg = lkm.config.clone();
     drop(lkm);
     let log = &cfg.audit_log;
-    let when = crate::clock::Utc::from_unix_ms(crate::clock::now_ms())
+    let when = erec::clock::Utc::from_unix_ms(erec::clock::now_ms())
         .rfc3339()
         .replace([':', '-'], "")
         .replace('.', "");

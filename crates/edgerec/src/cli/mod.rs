@@ -17,7 +17,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::format::Wrap;
+use erec::format::Wrap;
 
 /// edgerec: records contact-center calls as encrypted packages that only the
 /// organisation's key can open.
@@ -209,8 +209,8 @@ pub struct KeySource {
 
 impl KeySource {
     /// The unwrapper these options name.
-    fn unwrapper(&self) -> Result<Box<dyn crate::keys::Unwrapper>, crate::Error> {
-        let ring = crate::keys::KeyRing::from_files(&self.keys)?;
+    fn unwrapper(&self) -> Result<Box<dyn erec::keys::Unwrapper>, crate::Error> {
+        let ring = erec::keys::KeyRing::from_files(&self.keys)?;
         #[cfg(feature = "appliance")]
         if let (Some(url), Some(credentials)) = (&self.lkm, &self.lkm_credentials) {
             let client = crate::lkm_client::LkmClient::new(&crate::lkm_client::LkmTarget {
@@ -221,7 +221,7 @@ impl KeySource {
                 user: self.lkm_user.clone().unwrap_or_else(crate::lkm::os_user),
             })
             .map_err(crate::Error::Invalid)?;
-            return Ok(Box::new(crate::keys::Either(ring, client)));
+            return Ok(Box::new(erec::keys::Either(ring, client)));
         }
         Ok(Box::new(ring))
     }

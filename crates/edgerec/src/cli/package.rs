@@ -8,14 +8,14 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 
 use super::io::{Output, input};
-use crate::clock::Utc;
 use crate::error::Error;
-use crate::format::{Metadata, Tail, Walk, Wrap, walk};
-use crate::keys::{KekId, KekPrivate, KekPublic, Unwrapper};
-use crate::pipeline::default_workers;
-use crate::reader::{ReadMode, open_stream};
-use crate::recover::walk_file;
-use crate::writer::{Media, SealOptions, Sealer, seal_stream};
+use erec::clock::Utc;
+use erec::format::{Metadata, Tail, Walk, Wrap, walk};
+use erec::keys::{KekId, KekPrivate, KekPublic, Unwrapper};
+use erec::pipeline::default_workers;
+use erec::reader::{ReadMode, open_stream};
+use erec::recover::walk_file;
+use erec::writer::{Media, SealOptions, Sealer, seal_stream};
 
 /// `edgerec keygen --out DIR`.
 pub fn keygen(out: &Path, bits: usize) -> Result<(), Error> {
@@ -157,8 +157,8 @@ fn report(w: &Walk, bytes: u64) -> serde_json::Value {
         "records": w.records,
         "terminated": w.terminated,
         "bytes": bytes,
-        "version": crate::format::VERSION,
-        "suite": crate::format::SUITE,
+        "version": erec::format::VERSION,
+        "suite": erec::format::SUITE,
         "header_bytes": w.header_len,
         "record_plaintext_bytes": w.plaintext_bytes,
         "torn_bytes": w.torn_bytes,

@@ -13,9 +13,9 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::Error;
-use crate::clock::{Utc, now_ms};
 use crate::spool::{Place, Spool, UploadState};
 use crate::store::object_key;
+use erec::clock::{Utc, now_ms};
 
 /// The spool of `--config FILE` or `--spool DIR`.
 pub fn open(config: Option<&Path>, dir: Option<&Path>) -> Result<Spool, Error> {

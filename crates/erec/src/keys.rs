@@ -240,7 +240,7 @@ pub struct KekPrivate {
     public: KekPublic,
     /// The same key loaded into aws-lc-rs (with the `appliance` feature, which links it for
     /// TLS already): its OAEP is constant-time too and about seven times faster.
-    #[cfg(feature = "appliance")]
+    #[cfg(feature = "aws-lc")]
     fast: Option<aws_lc_rs::rsa::OaepPrivateDecryptingKey>,
 }
 
@@ -261,7 +261,7 @@ impl KekPrivate {
         }
         // aws-lc-rs (where the build links it) makes a 3072-bit key in a tenth of the time
         // the rsa crate takes; both draw from the operating system's generator.
-        #[cfg(feature = "appliance")]
+        #[cfg(feature = "aws-lc")]
         if let Ok(size) = match bits {
             3072 => Ok(aws_lc_rs::rsa::KeySize::Rsa3072),
             4096 => Ok(aws_lc_rs::rsa::KeySize::Rsa4096),
@@ -287,7 +287,7 @@ impl KekPrivate {
             detail: e.to_string(),
         })?;
         let public = KekPublic::from_key(what, key.to_public_key())?;
-        #[cfg(feature = "appliance")]
+        #[cfg(feature = "aws-lc")]
         let fast = key
             .to_pkcs8_der()
             .ok()
@@ -296,7 +296,7 @@ impl KekPrivate {
         Ok(KekPrivate {
             key,
             public,
-            #[cfg(feature = "appliance")]
+            #[cfg(feature = "aws-lc")]
             fast,
         })
     }
@@ -345,7 +345,7 @@ impl KekPrivate {
 
     /// Unwraps a sealed DEK; any failure, a wrong length included, is one coarse error.
     pub fn unseal(&self, wrap: Wrap, sealed: &[u8]) -> Result<Dek, UnwrapError> {
-        #[cfg(feature = "appliance")]
+        #[cfg(feature = "aws-lc")]
         if let Some(k) = &self.fast {
             use aws_lc_rs::rsa::{OAEP_SHA1_MGF1SHA1, OAEP_SHA256_MGF1SHA256};
             if sealed.len() != k.key_size_bytes() {
