@@ -612,7 +612,7 @@ impl Writer {
     /// second. `on_error` is called with the reason whenever a batch cannot be written.
     pub fn start(
         mut log: AuditLog,
-        denials: crate::rate_limit::Limit,
+        denials: edgerec_net::rate_limit::Limit,
         on_error: Box<dyn Fn(&str) + Send>,
     ) -> io::Result<Writer> {
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
@@ -622,8 +622,8 @@ impl Writer {
                 use std::sync::mpsc::RecvTimeoutError;
                 use std::time::Duration;
                 let now = erec::clock::now_ms;
-                let mut bucket = crate::rate_limit::TokenBucket::full(denials, now());
-                let mut buckets = crate::rate_limit::PerKey::new(denials, 10_000);
+                let mut bucket = edgerec_net::rate_limit::TokenBucket::full(denials, now());
+                let mut buckets = edgerec_net::rate_limit::PerKey::new(denials, 10_000);
                 let (mut suppressed, mut unsynced, mut last_sync) = (0u64, false, now());
                 let mut last_summary = 0;
                 loop {
@@ -1074,7 +1074,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         let log = AuditLog::open(&path, Some(key())).unwrap();
-        let limit = crate::rate_limit::Limit {
+        let limit = edgerec_net::rate_limit::Limit {
             rate: 1.0,
             burst: 5.0,
         };

@@ -233,7 +233,10 @@ impl Exporter<'_> {
         let done = Done { package, outputs };
         let path = self.done_path(&x.id.to_string());
         fs::create_dir_all(path.parent().expect("done/ has a parent"))?;
-        crate::durable::replace_file(&path, &serde_json::to_vec(&done).map_err(io::Error::other)?)
+        edgerec_net::durable::replace_file(
+            &path,
+            &serde_json::to_vec(&done).map_err(io::Error::other)?,
+        )
     }
 
     /// A package file's recording id and identity (`mac:<header MAC>:<size>`), from its

@@ -409,7 +409,7 @@ pub struct Control {
     /// The largest request body taken.
     pub max_body_bytes: usize,
     /// What clients may hold of the listener (`header_read_timeout_secs`, …).
-    pub limits: crate::https::Limits,
+    pub limits: edgerec_net::https::Limits,
 }
 
 /// A validated configuration, paths resolved.
@@ -723,41 +723,26 @@ impl Config {
                 {
                     return Err(cx.err("store.bucket", bucket, "not an S3 bucket name"));
                 }
-                let (access_key, secret_key) = match &st.credentials_file {
-                    Some(f) => {
-                        let f = cx.resolve(f);
-                        let profile = st.profile.as_deref().unwrap_or("default");
-                        let text = std::fs::read_to_string(&f).map_err(|e| {
-                            ConfigError(format!(
-                                "config {}: store.credentials_file {}: {e}",
-                                file.display(),
-                                f.display()
-                            ))
-                        })?;
-                        crate::s3::credentials_from_file(&text, profile).ok_or_else(|| {
-                            ConfigError(format!(
-                                "config {}: store.credentials_file {}: no aws_access_key_id and \
-                                 aws_secret_access_key in profile [{profile}]",
-                                file.display(),
-                                f.display()
-                            ))
-                        })?
+                let credentials_file = st.credentials_file.as_ref().map(|f| cx.resolve(f));
+                let found = edgerec_net::aws::resolve_credentials(
+                    credentials_file.as_deref(),
+                    st.profile.as_deref(),
+                );
+                let (access_key, secret_key) = match found {
+                    Ok(c) => (c.access_key, c.secret_key),
+                    Err(edgerec_net::aws::CredentialsError::Missing) => {
+                        return Err(cx.missing(
+                            "store.credentials_file",
+                            "S3 credentials: a shared-credentials file, or \
+                             AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment",
+                        ));
                     }
-                    None => match (
-                        std::env::var("AWS_ACCESS_KEY_ID"),
-                        std::env::var("AWS_SECRET_ACCESS_KEY"),
-                    ) {
-                        (Ok(id), Ok(secret)) if !id.is_empty() && !secret.is_empty() => {
-                            (id, zeroize::Zeroizing::new(secret))
-                        }
-                        _ => {
-                            return Err(cx.missing(
-                                "store.credentials_file",
-                                "S3 credentials: a shared-credentials file, or \
-                                 AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment",
-                            ));
-                        }
-                    },
+                    Err(e) => {
+                        return Err(ConfigError(format!(
+                            "config {}: store.credentials_file {e}",
+                            file.display()
+                        )));
+                    }
                 };
                 StoreKind::S3(crate::s3::S3Config {
                     endpoint: e.to_string(),
@@ -916,7 +901,7 @@ impl Config {
                          set control.allow_plaintext = true if the network is trusted",
                     ));
                 }
-                let limits = crate::https::Limits::from_config(
+                let limits = edgerec_net::https::Limits::from_config(
                     c.header_read_timeout_secs.as_ref().map(|v| *v.get_ref()),
                     c.idle_timeout_secs.as_ref().map(|v| *v.get_ref()),
                     c.max_connections.as_ref().map(|v| *v.get_ref()),
@@ -992,7 +977,7 @@ impl Config {
     /// The recording limits the session state machine works with.
     pub fn limits(&self) -> crate::session::Limits {
         let r = &self.recorder;
-        let rate = |per_sec: f64| crate::rate_limit::Limit {
+        let rate = |per_sec: f64| edgerec_net::rate_limit::Limit {
             rate: per_sec,
             burst: per_sec.max(1.0),
         };
@@ -1180,7 +1165,7 @@ path = "/srv/store"
         assert!(e.contains("control.max_body_bytes = 10"), "{e}");
         let e = err(&with("tls_cert = \"c.pem\""));
         assert!(e.contains("go together"), "{e}");
-        assert_eq!(c.limits, crate::https::Limits::default());
+        assert_eq!(c.limits, edgerec_net::https::Limits::default());
         let c = parse(&with(
             "header_read_timeout_secs = 3\nmax_connections_per_address = 8",
         ))

@@ -15,7 +15,7 @@
 //! - Bodies above `max_body_bytes` are refused (413) before they are read whole; a port
 //!   outside `ingest.ports` is 404. Its own listener, loopback by default, TLS optional but
 //!   required off loopback unless `allow_plaintext` (the token would cross the network in the
-//!   clear); connections held within [`crate::https::Limits`].
+//!   clear); connections held within [`edgerec_net::https::Limits`].
 //! - Metadata goes only into the package (encrypted) and nowhere else: not into logs, not
 //!   into metrics, not into answers beyond the port.
 
@@ -202,7 +202,7 @@ pub async fn serve<F: std::future::Future<Output = ()> + Send + 'static>(
         .await
         .map_err(|e| format!("control.listen {}: {e}", cfg.listen))?;
     let tls = match &cfg.tls {
-        Some((cert, key)) => Some(Arc::new(crate::https::server_config(
+        Some((cert, key)) => Some(Arc::new(edgerec_net::https::server_config(
             cert,
             key,
             "control.tls_cert",
@@ -213,7 +213,7 @@ pub async fn serve<F: std::future::Future<Output = ()> + Send + 'static>(
     };
     let addr = tcp.local_addr().map_err(|e| e.to_string())?;
     let limits = cfg.limits;
-    let server = crate::https::serve(
+    let server = edgerec_net::https::serve(
         tcp,
         tls,
         router,

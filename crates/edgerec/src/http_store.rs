@@ -1,6 +1,6 @@
 //! The `http` store: packages PUT to a URL template (`https://store.example/rec/{key}`) with
-//! a bearer token, over HTTPS (rustls) with an optional CA file and client certificate; and
-//! the HTTPS client that the `s3` store shares.
+//! a bearer token, over HTTPS (rustls) with an optional CA file and client certificate
+//! (the client is built by `edgerec_net::client`, as the `s3` store's is).
 //!
 //! The contract a receiving server keeps (docs/operations.md, "`http` store"):
 //! - `PUT {url}` carries the package with `Content-Digest: sha-256=:<base64>:` (RFC 9530),
@@ -16,57 +16,23 @@
 //! alone does not. Statuses map onto the retry policy as for S3. The token needs to write and
 //! read; the appliance never deletes.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use zeroize::Zeroizing;
 
+pub use edgerec_net::client::Tls;
+use edgerec_net::client::Trust;
+
 use crate::retry::{Class, classify, parse_retry_after};
 use crate::store::{Store, StoreError, Stored};
 
-/// TLS settings of a store client.
-#[derive(Debug, Clone, Default)]
-pub struct Tls {
-    /// A CA certificate (PEM) to trust besides the system's.
-    pub ca_file: Option<PathBuf>,
-    /// A client certificate chain (PEM) for stores that ask for one, with `client_key`.
-    pub client_cert: Option<PathBuf>,
-    /// The client certificate's private key (PEM).
-    pub client_key: Option<PathBuf>,
-}
-
-/// A blocking HTTP(S) client for a store: connect timeout 10 s, `timeout` per request, the
+/// A blocking HTTPS client for a store: connect timeout 10 s, `timeout` per request, the
 /// extra CA and client certificate of `tls`.
 pub fn client(tls: &Tls, timeout: Duration) -> Result<reqwest::blocking::Client, String> {
-    let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
-    let mut b = reqwest::blocking::Client::builder()
-        .connect_timeout(Duration::from_secs(10))
-        .timeout(timeout);
-    if let Some(ca) = &tls.ca_file {
-        let cert = reqwest::Certificate::from_pem(&read(ca)?)
-            .map_err(|e| format!("{}: not a PEM certificate: {e}", ca.display()))?;
-        b = b.add_root_certificate(cert);
-    }
-    match (&tls.client_cert, &tls.client_key) {
-        (Some(cert), Some(key)) => {
-            // The key is secret: held zeroized while the identity is built from it.
-            let mut pem = Zeroizing::new(read(key)?);
-            pem.extend_from_slice(b"\n");
-            pem.extend_from_slice(&read(cert)?);
-            let id = reqwest::Identity::from_pem(&pem).map_err(|e| {
-                format!(
-                    "{} / {}: not a PEM certificate and key: {e}",
-                    cert.display(),
-                    key.display()
-                )
-            })?;
-            b = b.identity(id);
-        }
-        (None, None) => {}
-        _ => return Err("client_cert and client_key go together".into()),
-    }
-    b.build().map_err(|e| e.to_string())
+    edgerec_net::client::client(tls, Trust::SystemAndCa, Duration::from_secs(10), timeout)
+        .map_err(|e| e.to_string())
 }
 
 /// What an `http` store needs (`[store]` with `kind = "http"`).
@@ -178,7 +144,7 @@ impl HttpStore {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         let sha256 = header("repr-digest")
-            .and_then(crate::answers::sha256_of_digest)
+            .and_then(edgerec_net::answers::sha256_of_digest)
             .or_else(|| {
                 header("x-erec-sha256").and_then(|h| hex::decode(h.trim()).ok()?.try_into().ok())
             });

@@ -35,9 +35,9 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use crate::durable::sync_dir;
 use crate::metrics::Metrics;
 use crate::spool::{ActiveFile, Place, Spool};
+use edgerec_net::durable::sync_dir;
 use erec::format::{Metadata, Wrap};
 use erec::keys::KekHandle;
 use erec::writer::{Media, SealOptions, Sealer, seal_stream};
@@ -291,7 +291,7 @@ impl Inbox {
         let moved = made
             .and_then(|()| fs::rename(from, &to))
             .and_then(|()| {
-                crate::durable::replace_file(
+                edgerec_net::durable::replace_file(
                     &refused.join(format!("{id}.{name}.reason")),
                     format!("{what}: only regular files are sealed\n").as_bytes(),
                 )

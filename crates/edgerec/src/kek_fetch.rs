@@ -103,7 +103,7 @@ pub fn read_cache(path: &Path) -> Result<Option<(KekPublic, CachedKey)>, String>
 /// Replaces the cache atomically.
 pub fn write_cache(path: &Path, c: &CachedKey) -> std::io::Result<()> {
     let bytes = serde_json::to_vec_pretty(c).map_err(std::io::Error::other)?;
-    crate::durable::replace_file(path, &bytes)
+    edgerec_net::durable::replace_file(path, &bytes)
 }
 
 /// The key fetcher, after its first answer (or the cache) gave a key.

@@ -232,7 +232,7 @@ impl KeyStore {
 
     /// Records where the audit log's keying starts (0600, durably).
     pub fn set_audit_marker(&self, marker: &str) -> Result<(), KeyStoreError> {
-        Ok(crate::durable::replace_file(
+        Ok(edgerec_net::durable::replace_file(
             &self.marker_path(),
             marker.as_bytes(),
         )?)
@@ -244,7 +244,10 @@ impl KeyStore {
 
     fn write(&self, r: &KeyRecord) -> Result<(), KeyStoreError> {
         let bytes = serde_json::to_vec_pretty(r).map_err(std::io::Error::other)?;
-        Ok(crate::durable::replace_file(&self.path(&r.id), &bytes)?)
+        Ok(edgerec_net::durable::replace_file(
+            &self.path(&r.id),
+            &bytes,
+        )?)
     }
 
     /// One key's record.

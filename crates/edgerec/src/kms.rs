@@ -79,7 +79,7 @@ const REFUSALS: [&str; 5] = [
 
 /// How a KMS error answer reads: `__type` (possibly `namespace#Name`) and message.
 pub fn classify_error(status: u16, body: &[u8]) -> AtRestError {
-    match crate::answers::kms_error(body) {
+    match edgerec_net::answers::kms_error(body) {
         Some((kind, message)) => {
             let said = format!("KMS {kind}: {message}");
             if REFUSALS.contains(&kind.as_str()) {
@@ -109,13 +109,19 @@ const INTEGRITY: &str = "integrity";
 impl Kms {
     /// A client for `cfg`.
     pub fn new(cfg: KmsConfig) -> Result<Kms, String> {
-        let tls = crate::http_store::Tls {
+        let tls = edgerec_net::client::Tls {
             ca_file: cfg.ca_file.clone(),
             client_cert: None,
             client_key: None,
         };
-        let http = crate::http_store::client(&tls, cfg.timeout)?;
-        let credentials = crate::sigv4::credentials(&cfg.access_key, &cfg.secret_key);
+        let http = edgerec_net::client::client(
+            &tls,
+            edgerec_net::client::Trust::SystemAndCa,
+            Duration::from_secs(10),
+            cfg.timeout,
+        )
+        .map_err(|e| e.to_string())?;
+        let credentials = edgerec_net::aws::credentials(&cfg.access_key, &cfg.secret_key);
         Ok(Kms {
             cfg,
             credentials,
@@ -170,8 +176,8 @@ impl Kms {
             ("x-amz-target", format!("TrentService.{action}")),
         ];
         let sha = hex::encode(sha2::Sha256::digest(body));
-        let signature = crate::sigv4::signature_headers(
-            crate::sigv4::Service::Kms,
+        let signature = edgerec_net::aws::signature_headers(
+            edgerec_net::aws::Service::Kms,
             &self.credentials,
             &self.cfg.region,
             "POST",
@@ -331,7 +337,7 @@ fn write_new(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
         .open(path)?;
     f.write_all(bytes)?;
     f.sync_all()?;
-    crate::durable::sync_dir(path.parent().unwrap_or(std::path::Path::new(".")))
+    edgerec_net::durable::sync_dir(path.parent().unwrap_or(std::path::Path::new(".")))
 }
 
 #[cfg(test)]

@@ -18,20 +18,21 @@
 //!   `recvmmsg`), the recorder and uploader threads, and `edgerec run`, which wires them.
 //! - [`retry`]: the upload retry policy (which outcomes retry, backoff with full jitter).
 //! - [`error`]: the error of the commands and the exit codes of the interface contract.
-//! - [`durable`]: files replaced whole and durably, and the one way to make a temporary file.
 //! - `hardening` (feature `cli`): no core files, not dumpable — the first thing every
 //!   process does.
 //! - The key manager (feature `appliance`): `lkm` (config, credentials, administration),
 //!   `lkm_server` (the HTTPS contract), `roles` (who may do what), `hawk_auth`, `keystore`,
 //!   `at_rest` and `kms` (private keys at rest), `oracle` (the unwrap), [`audit`] (the keyed,
-//!   hash-chained audit log and its group-commit writer), `https` (the servers' limits).
+//!   hash-chained audit log and its group-commit writer).
+//!
+//! What both services share (HTTPS servers and client, AWS signing, token buckets, durable
+//! files) is in the `edgerec-net` crate.
 //!
 //! The command-line tools live behind the `cli` feature in [`cli`]; the appliance's
 //! configuration (`config`) behind the `appliance` feature.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod answers;
 pub mod at_rest;
 pub mod audit;
 #[cfg(feature = "appliance")]
@@ -46,7 +47,6 @@ pub mod cli;
 pub mod config;
 #[cfg(feature = "appliance")]
 pub mod control;
-pub mod durable;
 pub mod error;
 #[cfg(feature = "cli")]
 pub mod export;
@@ -57,8 +57,6 @@ pub mod hardening;
 pub mod hawk_auth;
 #[cfg(feature = "appliance")]
 pub mod http_store;
-#[cfg(feature = "appliance")]
-pub mod https;
 #[cfg(feature = "appliance")]
 pub mod inbox;
 #[cfg(feature = "appliance")]
@@ -84,7 +82,6 @@ pub mod metrics;
 pub mod oracle;
 #[cfg(feature = "cli")]
 pub mod pgp_out;
-pub mod rate_limit;
 #[cfg(feature = "appliance")]
 pub mod recorder;
 #[cfg(feature = "pcap")]
@@ -98,8 +95,6 @@ pub mod run;
 #[cfg(feature = "appliance")]
 pub mod s3;
 pub mod session;
-#[cfg(feature = "appliance")]
-pub mod sigv4;
 #[cfg(feature = "appliance")]
 pub mod spool;
 #[cfg(feature = "appliance")]

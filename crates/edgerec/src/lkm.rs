@@ -213,20 +213,20 @@ pub struct LkmConfig {
     /// within this time (0: every unwrap asks the protector).
     pub key_cache_secs: u64,
     /// Unwraps per second and credential, and the burst above it.
-    pub unwrap_limit: crate::rate_limit::Limit,
+    pub unwrap_limit: edgerec_net::rate_limit::Limit,
     /// Plain-HTTP `/metrics` listener (loopback), if any.
     pub metrics_listen: Option<SocketAddr>,
     /// The committed demo key store: its master key is public, so its file mode is not
     /// checked, and every start says so.
     pub demo: bool,
     /// Key pairs made through the API, per credential (`keypair_rate_per_min`).
-    pub keypair_limit: crate::rate_limit::Limit,
+    pub keypair_limit: edgerec_net::rate_limit::Limit,
     /// Reads of public keys, per credential (`read_rate_per_sec`, bursts of five times).
-    pub read_limit: crate::rate_limit::Limit,
+    pub read_limit: edgerec_net::rate_limit::Limit,
     /// Audit lines about refused requests (`audit_denials_per_sec`, bursts of five times).
-    pub audit_denials: crate::rate_limit::Limit,
+    pub audit_denials: edgerec_net::rate_limit::Limit,
     /// What clients may hold of the service (`header_read_timeout_secs`, …).
-    pub server: crate::https::Limits,
+    pub server: edgerec_net::https::Limits,
 }
 
 impl LkmConfig {
@@ -268,36 +268,22 @@ impl LkmConfig {
         let protection = match (&l.master_key_file, l.kms) {
             (Some(m), None) => Protection::MasterKey(resolve(m)),
             (None, Some(k)) => {
-                let (access_key, secret_key) = match &k.credentials_file {
-                    Some(f) => {
-                        let f = resolve(f);
-                        let text = Zeroizing::new(std::fs::read_to_string(&f).map_err(|e| {
-                            format!(
-                                "config {shown}: lkm.kms.credentials_file {}: {e}",
-                                f.display()
-                            )
-                        })?);
-                        let profile = k.profile.as_deref().unwrap_or("default");
-                        crate::s3::credentials_from_file(&text, profile).ok_or_else(|| {
-                            format!(
-                                "config {shown}: lkm.kms.credentials_file {}: no \
-                                 aws_access_key_id and aws_secret_access_key in [{profile}]",
-                                f.display()
-                            )
-                        })?
+                let credentials_file = k.credentials_file.as_ref().map(|f| resolve(f));
+                let found = edgerec_net::aws::resolve_credentials(
+                    credentials_file.as_deref(),
+                    k.profile.as_deref(),
+                );
+                let (access_key, secret_key) = match found {
+                    Ok(c) => (c.access_key, c.secret_key),
+                    Err(edgerec_net::aws::CredentialsError::Missing) => {
+                        return Err(format!(
+                            "config {shown}: lkm.kms needs credentials: credentials_file, or \
+                             AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment"
+                        ));
                     }
-                    None => match (
-                        std::env::var("AWS_ACCESS_KEY_ID"),
-                        std::env::var("AWS_SECRET_ACCESS_KEY"),
-                    ) {
-                        (Ok(a), Ok(s)) => (a, Zeroizing::new(s)),
-                        _ => {
-                            return Err(format!(
-                                "config {shown}: lkm.kms needs credentials: credentials_file, or \
-                                 AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment"
-                            ));
-                        }
-                    },
+                    Err(e) => {
+                        return Err(format!("config {shown}: lkm.kms.credentials_file {e}"));
+                    }
                 };
                 if k.organisation.is_empty() || k.key_id.is_empty() || k.region.is_empty() {
                     return Err(format!(
@@ -367,7 +353,7 @@ impl LkmConfig {
                 l.audit_denials_per_sec
             ));
         }
-        let server = crate::https::Limits::from_config(
+        let server = edgerec_net::https::Limits::from_config(
             l.header_read_timeout_secs,
             l.idle_timeout_secs,
             l.max_connections,
@@ -375,21 +361,21 @@ impl LkmConfig {
         )
         .map_err(|(key, why)| format!("config {shown}: lkm.{key} = {why}"))?;
         Ok(LkmConfig {
-            keypair_limit: crate::rate_limit::Limit {
+            keypair_limit: edgerec_net::rate_limit::Limit {
                 rate: l.keypair_rate_per_min / 60.0,
                 burst: l.keypair_rate_per_min.max(1.0),
             },
-            read_limit: crate::rate_limit::Limit {
+            read_limit: edgerec_net::rate_limit::Limit {
                 rate: l.read_rate_per_sec,
                 burst: (l.read_rate_per_sec * 5.0).max(1.0),
             },
-            audit_denials: crate::rate_limit::Limit {
+            audit_denials: edgerec_net::rate_limit::Limit {
                 rate: l.audit_denials_per_sec,
                 burst: (l.audit_denials_per_sec * 5.0).max(1.0),
             },
             server,
             key_cache_secs: l.key_cache_secs,
-            unwrap_limit: crate::rate_limit::Limit {
+            unwrap_limit: edgerec_net::rate_limit::Limit {
                 rate: l.unwrap_rate_per_sec,
                 burst: l.unwrap_burst,
             },
@@ -668,7 +654,7 @@ fn change_credentials<T>(
 
 fn write_credentials(path: &Path, all: &BTreeMap<String, StoredCredential>) -> Result<(), String> {
     let text = Zeroizing::new(serde_json::to_vec_pretty(all).map_err(|e| e.to_string())?);
-    crate::durable::replace_file(path, &text).map_err(|e| format!("{}: {e}", path.display()))
+    edgerec_net::durable::replace_file(path, &text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// The credentials the service accepts.
@@ -686,7 +672,7 @@ pub struct Credentials {
 pub fn load_credentials(path: &Path, demo: bool) -> Result<Credentials, String> {
     use sha2::Digest;
     if !demo && path.exists() {
-        crate::durable::check_owner_only(path, "the credentials file")
+        edgerec_net::durable::check_owner_only(path, "the credentials file")
             .map_err(|e| format!("lkm.credentials_file {e}"))?;
     }
     let mut out = Credentials {
@@ -804,7 +790,7 @@ mod tests {
         .unwrap();
         let c = LkmConfig::load(&f).unwrap();
         assert_eq!(c.rotation, Rotation::Monthly);
-        assert_eq!(c.server, crate::https::Limits::default());
+        assert_eq!(c.server, edgerec_net::https::Limits::default());
         std::fs::write(&f, "[lkm]\nstore_dir = \"s\"\nbogus = 1\n").unwrap();
         let e = LkmConfig::load(&f).unwrap_err();
         assert!(e.contains("line 3") && e.contains("bogus"), "{e}");

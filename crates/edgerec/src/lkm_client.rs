@@ -40,9 +40,9 @@ impl std::fmt::Debug for ClientCredential {
 }
 
 impl ClientCredential {
-    /// Parses a credential file's text ([`crate::answers::credential`]).
+    /// Parses a credential file's text ([`edgerec_net::answers::credential`]).
     pub fn parse(text: &str) -> Option<ClientCredential> {
-        let (id, key) = crate::answers::credential(text)?;
+        let (id, key) = edgerec_net::answers::credential(text)?;
         Some(ClientCredential {
             id,
             key: Zeroizing::new(key),
@@ -175,16 +175,18 @@ impl LkmClient {
             .to_string();
         let port = url.port_or_known_default().unwrap_or(443);
         let prefix = url.path().trim_end_matches('/').to_string();
-        let mut b = reqwest::blocking::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(target.timeout);
-        if let Some(ca) = &target.ca_file {
-            let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
-            let cert = reqwest::Certificate::from_pem(&pem)
-                .map_err(|e| format!("{}: not a PEM certificate: {e}", ca.display()))?;
-            b = b.tls_certs_only([cert]);
-        }
-        let http = b.build().map_err(|e| e.to_string())?;
+        // The key manager's CA alone when one is given (pinned), else the system's.
+        let tls = edgerec_net::client::Tls {
+            ca_file: target.ca_file.clone(),
+            ..Default::default()
+        };
+        let http = edgerec_net::client::client(
+            &tls,
+            edgerec_net::client::Trust::CaOnly,
+            Duration::from_secs(5),
+            target.timeout,
+        )
+        .map_err(|e| e.to_string())?;
         Ok(LkmClient {
             base: format!("{}://{}", url.scheme(), url.authority()),
             host,

@@ -21,7 +21,7 @@
 //! - Deliberately not offered: `decryptType: "pkcs1"` (RSA PKCS#1 v1.5), which the contract
 //!   allows: a service that unwraps it for anyone holding a credential is a padding oracle
 //!   (Bleichenbacher), and edgerec never seals with it.
-//! - Connections are held within [`crate::https::Limits`] (`[lkm]` header and idle timeouts,
+//! - Connections are held within [`edgerec_net::https::Limits`] (`[lkm]` header and idle timeouts,
 //!   connection caps).
 
 use std::sync::{Arc, Mutex};
@@ -44,8 +44,8 @@ use crate::keystore::{KeyRecord, KeyState, KeyStore};
 use crate::lkm::{Lkm, LkmConfig, Rotation, rotation_due};
 use crate::metrics::{LkmMetrics, SpoolState};
 use crate::oracle::{Oracle, OracleError};
-use crate::rate_limit::PerKey;
 use crate::roles::{Action, Role};
+use edgerec_net::rate_limit::PerKey;
 use erec::format::Wrap;
 use erec::keys::KekId;
 
@@ -178,7 +178,7 @@ pub async fn serve(config: LkmConfig) -> Result<(), String> {
         .tls
         .clone()
         .ok_or("lkm.tls_cert and lkm.tls_key are needed: the service speaks HTTPS only")?;
-    let tls = Arc::new(crate::https::server_config(
+    let tls = Arc::new(edgerec_net::https::server_config(
         &cert,
         &key,
         "lkm.tls_cert",
@@ -235,7 +235,7 @@ pub async fn serve(config: LkmConfig) -> Result<(), String> {
         metrics: Arc::clone(&metrics),
     });
     if let Some(addr) = metrics_listen {
-        let (bound, server) = crate::metrics::serve_registry(addr, None, registry)
+        let (bound, server) = edgerec_net::metrics_http::serve_registry(addr, None, registry)
             .await
             .map_err(|e| format!("lkm.metrics_listen {addr}: {e}"))?;
         tracing::info!(%bound, "key manager metrics at /metrics");
@@ -276,13 +276,13 @@ pub async fn serve(config: LkmConfig) -> Result<(), String> {
         .with_state(app);
     tracing::info!(addr = %local, "key manager listening (HTTPS)");
     let cut_metrics = Arc::clone(&metrics);
-    crate::https::serve(
+    edgerec_net::https::serve(
         tcp,
         Some(tls),
         router,
         server_limits,
         Arc::new(move |cut| {
-            use crate::https::Cut;
+            use edgerec_net::https::Cut;
             cut_metrics.denied(match cut {
                 Cut::TooManyConnections | Cut::TooManyFromAddress => "connection_limit",
                 Cut::HeaderTimeout | Cut::Idle => "timeout",

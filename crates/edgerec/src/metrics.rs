@@ -9,11 +9,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -327,47 +322,17 @@ impl Metrics {
     }
 }
 
-struct Served {
-    /// The appliance's metrics (for `/readyz`); none for the key manager, always ready.
-    metrics: Option<Arc<Metrics>>,
-    registry: Registry,
-}
-
-async fn metrics_text(State(s): State<Arc<Served>>) -> impl IntoResponse {
-    let mut text = String::new();
-    match prometheus_client::encoding::text::encode(&mut text, &s.registry) {
-        Ok(()) => (
-            StatusCode::OK,
-            [(
-                header::CONTENT_TYPE,
-                "text/plain; version=0.0.4; charset=utf-8",
-            )],
-            text,
-        ),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-            format!("cannot encode metrics: {e}\n"),
-        ),
-    }
-}
-
-async fn readyz(State(s): State<Arc<Served>>) -> impl IntoResponse {
-    let Some(metrics) = &s.metrics else {
-        return (StatusCode::OK, "ready\n".to_string());
-    };
-    if metrics.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready\n".to_string())
-    } else {
-        let why = metrics
-            .not_ready_reason
-            .lock()
-            .map(|r| r.clone())
-            .unwrap_or_default();
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {why}\n"),
-        )
+impl edgerec_net::metrics_http::Readiness for Metrics {
+    fn readiness(&self) -> Result<(), String> {
+        if self.ready.load(Ordering::Relaxed) {
+            Ok(())
+        } else {
+            Err(self
+                .not_ready_reason
+                .lock()
+                .map(|r| r.clone())
+                .unwrap_or_default())
+        }
     }
 }
 
@@ -377,7 +342,7 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     registry: Registry,
 ) -> std::io::Result<(SocketAddr, impl std::future::Future<Output = ()>)> {
-    serve_registry(listen, Some(metrics), registry).await
+    edgerec_net::metrics_http::serve_registry(listen, Some(metrics), registry).await
 }
 
 /// The key manager's own metrics (`edgerec lkm serve`).
@@ -447,33 +412,4 @@ impl LkmMetrics {
             })
             .inc();
     }
-}
-
-/// Binds a listener for `registry` (`/metrics`, `/healthz`, `/readyz`).
-pub async fn serve_registry(
-    listen: SocketAddr,
-    metrics: Option<Arc<Metrics>>,
-    registry: Registry,
-) -> std::io::Result<(SocketAddr, impl std::future::Future<Output = ()>)> {
-    let served = Arc::new(Served { metrics, registry });
-    let app = Router::new()
-        .route("/metrics", get(metrics_text))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .with_state(served);
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    let addr = listener.local_addr()?;
-    // Within the same limits as the services' own listeners: whoever reaches the port cannot
-    // hold the process's descriptors.
-    Ok((
-        addr,
-        crate::https::serve(
-            listener,
-            None,
-            app,
-            crate::https::Limits::default(),
-            Arc::new(|cut| tracing::debug!(?cut, "metrics connection refused or cut")),
-            std::future::pending(),
-        ),
-    ))
 }

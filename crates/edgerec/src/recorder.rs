@@ -736,11 +736,11 @@ mod tests {
                 flush_interval_us: 1_000_000,
                 max_chunk: 65_536,
                 min_packets: 1,
-                starts_per_source: crate::rate_limit::Limit {
+                starts_per_source: edgerec_net::rate_limit::Limit {
                     rate: 1e9,
                     burst: 1e9,
                 },
-                starts_per_port: crate::rate_limit::Limit {
+                starts_per_port: edgerec_net::rate_limit::Limit {
                     rate: 1e9,
                     burst: 1e9,
                 },

@@ -32,10 +32,10 @@ use base64::Engine;
 use sha2::Digest;
 use zeroize::Zeroizing;
 
-use crate::answers::xml_all;
 use crate::retry::{Class, classify};
 use crate::spool::{Multipart, PartDone};
 use crate::store::{Checkpoint, Store, StoreError, Stored};
+use edgerec_net::answers::xml_all;
 
 /// What an `s3` store needs (`[store]` with `kind = "s3"`).
 #[derive(Clone)]
@@ -94,7 +94,7 @@ impl S3Store {
     /// A client for `cfg`.
     pub fn new(cfg: S3Config) -> Result<S3Store, String> {
         let client = crate::http_store::client(&cfg.tls, cfg.timeout)?;
-        let credentials = crate::sigv4::credentials(&cfg.access_key, &cfg.secret_key);
+        let credentials = edgerec_net::aws::credentials(&cfg.access_key, &cfg.secret_key);
         Ok(S3Store {
             cfg,
             client,
@@ -115,8 +115,8 @@ impl S3Store {
         body: Option<reqwest::blocking::Body>,
         body_sha256: &str,
     ) -> Result<reqwest::blocking::Response, StoreError> {
-        let signature = crate::sigv4::signature_headers(
-            crate::sigv4::Service::S3,
+        let signature = edgerec_net::aws::signature_headers(
+            edgerec_net::aws::Service::S3,
             &self.credentials,
             &self.cfg.region,
             method,
@@ -750,57 +750,9 @@ fn complete_body(m: &Multipart) -> String {
     x
 }
 
-/// Reads `aws_access_key_id` and `aws_secret_access_key` of `profile` from a file in the
-/// AWS shared-credentials format (`[profile]` sections of `key = value` lines).
-pub fn credentials_from_file(text: &str, profile: &str) -> Option<(String, Zeroizing<String>)> {
-    let mut section = None;
-    let (mut id, mut secret) = (None, None);
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
-            continue;
-        }
-        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-            section = Some(name.trim().to_string());
-            continue;
-        }
-        if section.as_deref() != Some(profile) {
-            continue;
-        }
-        if let Some((k, v)) = line.split_once('=') {
-            match k.trim() {
-                "aws_access_key_id" => id = Some(v.trim().to_string()),
-                "aws_secret_access_key" => secret = Some(Zeroizing::new(v.trim().to_string())),
-                _ => {}
-            }
-        }
-    }
-    Some((id?, secret?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn shared_credentials_files_are_read_by_profile() {
-        let text = "\
-# comment
-[default]
-aws_access_key_id = AKIDDEFAULT
-aws_secret_access_key = s3cr3t
-
-[recorder]
-aws_access_key_id=AKIDREC
-aws_secret_access_key=other
-";
-        let (id, secret) = credentials_from_file(text, "default").unwrap();
-        assert_eq!((id.as_str(), secret.as_str()), ("AKIDDEFAULT", "s3cr3t"));
-        let (id, _) = credentials_from_file(text, "recorder").unwrap();
-        assert_eq!(id, "AKIDREC");
-        assert!(credentials_from_file(text, "missing").is_none());
-        assert!(credentials_from_file("[default]\naws_access_key_id = x\n", "default").is_none());
-    }
 
     #[test]
     fn etags_and_query_values_are_compared_and_written_right() {

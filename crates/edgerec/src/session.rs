@@ -62,9 +62,9 @@ pub struct Limits {
     /// the one before) before its port's recording starts (1: at the first).
     pub min_packets: usize,
     /// Recordings started a second from one source address.
-    pub starts_per_source: crate::rate_limit::Limit,
+    pub starts_per_source: edgerec_net::rate_limit::Limit,
     /// Recordings started a second on one port.
-    pub starts_per_port: crate::rate_limit::Limit,
+    pub starts_per_port: edgerec_net::rate_limit::Limit,
 }
 
 /// The longest a stream on probation may go without a packet (µs): a second.
@@ -400,8 +400,8 @@ pub struct Sessions {
     candidates: PortMap<Candidate>,
     /// A candidate's held datagrams are being recorded (see [`Sessions::admit`]).
     replaying: bool,
-    starts_by_source: crate::rate_limit::PerKey<std::net::IpAddr>,
-    starts_by_port: crate::rate_limit::PerKey<u16>,
+    starts_by_source: edgerec_net::rate_limit::PerKey<std::net::IpAddr>,
+    starts_by_port: edgerec_net::rate_limit::PerKey<u16>,
 }
 
 impl Sessions {
@@ -418,8 +418,11 @@ impl Sessions {
             counters: Counters::default(),
             candidates: PortMap::default(),
             replaying: false,
-            starts_by_source: crate::rate_limit::PerKey::new(limits.starts_per_source, 10_000),
-            starts_by_port: crate::rate_limit::PerKey::new(limits.starts_per_port, 10_000),
+            starts_by_source: edgerec_net::rate_limit::PerKey::new(
+                limits.starts_per_source,
+                10_000,
+            ),
+            starts_by_port: edgerec_net::rate_limit::PerKey::new(limits.starts_per_port, 10_000),
         }
     }
 
@@ -1130,7 +1133,7 @@ mod tests {
 
     const MS: u64 = 1000;
 
-    const FREE: crate::rate_limit::Limit = crate::rate_limit::Limit {
+    const FREE: edgerec_net::rate_limit::Limit = edgerec_net::rate_limit::Limit {
         rate: 1e9,
         burst: 1e9,
     };
@@ -1331,7 +1334,7 @@ mod tests {
     }
 
     fn admitting(min_packets: usize, per_source: f64, per_port: f64) -> Limits {
-        let rate = |r: f64| crate::rate_limit::Limit { rate: r, burst: r };
+        let rate = |r: f64| edgerec_net::rate_limit::Limit { rate: r, burst: r };
         Limits {
             min_packets,
             starts_per_source: rate(per_source),
@@ -1690,7 +1693,7 @@ mod tests {
 
     #[test]
     fn starts_are_limited_per_port_and_per_source() {
-        let rate = |rate: f64, burst: f64| crate::rate_limit::Limit { rate, burst };
+        let rate = |rate: f64, burst: f64| edgerec_net::rate_limit::Limit { rate, burst };
         let mut h = Harness::with(Limits {
             min_packets: 3,
             starts_per_source: rate(1.0, 3.0),

@@ -499,7 +499,7 @@ impl Spool {
         sync_file: bool,
     ) -> io::Result<()> {
         let path = self.state_path(place, state.id);
-        let (mut f, tmp) = crate::durable::create_temp(&path, 0o600)?;
+        let (mut f, tmp) = edgerec_net::durable::create_temp(&path, 0o600)?;
         let written = f
             .write_all(&serde_json::to_vec_pretty(state).map_err(io::Error::other)?)
             .and_then(|()| if sync_file { f.sync_all() } else { Ok(()) })
@@ -650,7 +650,7 @@ impl Spool {
         }
         for place in [Place::Ready, Place::Failed] {
             for e in fs::read_dir(self.dir(place))?.filter_map(|e| e.ok()) {
-                if crate::durable::is_temp_name(&e.file_name().to_string_lossy()) {
+                if edgerec_net::durable::is_temp_name(&e.file_name().to_string_lossy()) {
                     fs::remove_file(e.path())?;
                 }
             }

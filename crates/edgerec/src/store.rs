@@ -231,7 +231,7 @@ impl Store for DirStore {
             .mode(0o750)
             .create(dir)
             .map_err(|e| transient("cannot create", dir, e))?;
-        let (out, tmp) = crate::durable::create_temp(&dest, 0o640)
+        let (out, tmp) = edgerec_net::durable::create_temp(&dest, 0o640)
             .map_err(|e| transient("cannot create", dir, e))?;
         let result = (|| {
             let src = File::open(file).map_err(|e| transient("cannot read", file, e))?;

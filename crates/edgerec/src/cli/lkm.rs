@@ -433,7 +433,7 @@ pub fn destroy(config: &Path, args: DestroyArgs) -> Result<(), Error> {
                 if !text.is_empty() {
                     text.push('\n');
                 }
-                crate::durable::replace_file(list, text.as_bytes())
+                edgerec_net::durable::replace_file(list, text.as_bytes())
                     .map_err(|e| Error::Invalid(format!("{}: {e}", list.display())))?;
                 println!(
                     "the ids of those {} recordings are in {}",
@@ -629,7 +629,7 @@ pub fn audit_archive(config: &Path) -> Result<(), Error> {
         )));
     }
     std::fs::rename(log, &archive)
-        .and_then(|()| crate::durable::sync_dir(log.parent().unwrap_or(Path::new("."))))
+        .and_then(|()| edgerec_net::durable::sync_dir(log.parent().unwrap_or(Path::new("."))))
         .map_err(|e| Error::Invalid(format!("{}: {e}", log.display())))?;
     let store = Lkm::open_store(&cfg).map_err(Error::Invalid)?;
     let key = crate::lkm::audit_key(store.protector().as_ref()).map_err(Error::Invalid)?;
