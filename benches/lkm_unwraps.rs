@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use edgerec::lkm_client::{LkmClient, LkmTarget};
+use edgerec_lkm::client::{LkmClient, LkmTarget};
 use erec::crypto::Dek;
 use erec::format::Wrap;
 

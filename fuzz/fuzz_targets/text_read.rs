@@ -28,13 +28,13 @@ fuzz_target!(|data: &[u8]| {
         assert!(!id.is_empty() && !key.is_empty());
     }
     let _ = parse_rfc3339_ms(&text);
-    if let Ok(chain) = edgerec::audit::verify(&text) {
+    if let Ok(chain) = edgerec_lkm::audit::verify(&text) {
         assert_eq!(chain.next_seq, text.matches('\n').count() as u64);
     }
     // Keyed: whatever verifies under a key also verifies without it.
-    let key = edgerec::audit::AuditKey::from_bytes([7u8; 32]);
-    if let Ok(keyed) = edgerec::audit::verify_keyed(&text, Some(&key)) {
-        assert_eq!(edgerec::audit::verify(&text).map(|c| c.next_seq), Ok(keyed.next_seq));
+    let key = edgerec_lkm::audit::AuditKey::from_bytes([7u8; 32]);
+    if let Ok(keyed) = edgerec_lkm::audit::verify_keyed(&text, Some(&key)) {
+        assert_eq!(edgerec_lkm::audit::verify(&text).map(|c| c.next_seq), Ok(keyed.next_seq));
     }
     let _ = parse_retry_after(&text, std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_000_000));
 });

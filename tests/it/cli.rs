@@ -410,7 +410,7 @@ fn export_restores_a_sealed_file_under_its_name() {
 
 #[test]
 fn lkm_verify_audit_reports_an_intact_chain_and_names_a_changed_line() {
-    use edgerec::audit::{AuditLog, Event};
+    use edgerec_lkm::audit::{AuditLog, Event};
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");
     let mut log = AuditLog::open(&path, None).unwrap();

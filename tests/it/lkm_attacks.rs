@@ -488,10 +488,10 @@ fn lines_removed_from_the_audit_log_with_the_hashes_recomputed_are_found_by_the_
     // A log of before keying: three unkeyed lines, continued by the upgraded key manager.
     let path = dir.path().join("audit.jsonl");
     {
-        let mut old = edgerec::audit::AuditLog::open(&path, None).unwrap();
+        let mut old = edgerec_lkm::audit::AuditLog::open(&path, None).unwrap();
         for i in 0..3 {
             old.append(
-                &edgerec::audit::Event {
+                &edgerec_lkm::audit::Event {
                     who: "admin".into(),
                     user: None,
                     action: "rotate".into(),

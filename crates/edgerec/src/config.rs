@@ -196,7 +196,7 @@ pub enum KekSource {
 #[derive(Debug, Clone)]
 pub struct LkmKeys {
     /// How to reach the key manager.
-    pub target: crate::lkm_client::LkmTarget,
+    pub target: edgerec_lkm::client::LkmTarget,
     /// How often the current key is fetched.
     pub refresh: std::time::Duration,
     /// When a cached key counts as stale.
@@ -625,7 +625,7 @@ impl Config {
                     }
                 };
                 KekSource::Lkm(LkmKeys {
-                    target: crate::lkm_client::LkmTarget {
+                    target: edgerec_lkm::client::LkmTarget {
                         url: url.get_ref().clone(),
                         ca_file: k.lkm_ca.as_deref().map(|p| cx.resolve(p)),
                         credentials,

@@ -15,7 +15,7 @@ pub enum Error {
     Package(#[from] erec::Error),
     /// An audit log whose hash chain is broken: a line removed, moved or changed.
     #[error(transparent)]
-    Audit(#[from] crate::audit::AuditError),
+    Audit(#[from] edgerec_lkm::audit::AuditError),
     /// Reading or writing failed.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),

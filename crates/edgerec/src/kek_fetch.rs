@@ -23,8 +23,8 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{LkmKeys, OnStale};
-use crate::lkm_client::{CurrentKey, LkmClient};
 use crate::metrics::{KekLabel, Metrics};
+use edgerec_lkm::client::{CurrentKey, LkmClient};
 use erec::keys::{KekHandle, KekPublic};
 
 /// The cache file's content.
@@ -199,7 +199,7 @@ impl Fetcher {
         // manager that did not answer (counted; the key in hand stays).
         let current = self.client.current().and_then(|k| {
             if k.kek.id().is_demo() && !self.cfg.allow_demo {
-                Err(crate::lkm_client::LkmClientError::BadAnswer {
+                Err(edgerec_lkm::client::LkmClientError::BadAnswer {
                     url: self.cfg.target.url.clone(),
                     why: format!(
                         "its current key {} is the committed DEMO key: refused without [keys] \

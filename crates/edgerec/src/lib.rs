@@ -20,10 +20,7 @@
 //! - [`error`]: the error of the commands and the exit codes of the interface contract.
 //! - `hardening` (feature `cli`): no core files, not dumpable — the first thing every
 //!   process does.
-//! - The key manager (feature `appliance`): `lkm` (config, credentials, administration),
-//!   `lkm_server` (the HTTPS contract), `roles` (who may do what), `hawk_auth`, `keystore`,
-//!   `at_rest` and `kms` (private keys at rest), `oracle` (the unwrap), [`audit`] (the keyed,
-//!   hash-chained audit log and its group-commit writer).
+//! - The key manager is the `edgerec-lkm` crate; the CLI's `lkm` commands drive it.
 //!
 //! What both services share (HTTPS servers and client, AWS signing, token buckets, durable
 //! files) is in the `edgerec-net` crate.
@@ -33,8 +30,6 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod at_rest;
-pub mod audit;
 #[cfg(feature = "appliance")]
 pub mod bandwidth;
 #[cfg(feature = "cli")]
@@ -54,8 +49,6 @@ pub mod g711;
 #[cfg(feature = "cli")]
 pub mod hardening;
 #[cfg(feature = "appliance")]
-pub mod hawk_auth;
-#[cfg(feature = "appliance")]
 pub mod http_store;
 #[cfg(feature = "appliance")]
 pub mod inbox;
@@ -65,21 +58,10 @@ pub mod ingest;
 pub mod kek_fetch;
 #[cfg(feature = "appliance")]
 pub mod kek_watch;
-pub mod keystore;
-#[cfg(feature = "appliance")]
-pub mod kms;
-#[cfg(feature = "appliance")]
-pub mod lkm;
-#[cfg(feature = "appliance")]
-pub mod lkm_client;
-#[cfg(feature = "appliance")]
-pub mod lkm_server;
 #[cfg(feature = "appliance")]
 pub mod loadgen;
 #[cfg(feature = "appliance")]
 pub mod metrics;
-#[cfg(feature = "appliance")]
-pub mod oracle;
 #[cfg(feature = "cli")]
 pub mod pgp_out;
 #[cfg(feature = "appliance")]
@@ -87,8 +69,6 @@ pub mod recorder;
 #[cfg(feature = "pcap")]
 pub mod replay;
 pub mod retry;
-#[cfg(feature = "appliance")]
-pub mod roles;
 pub mod rtp;
 #[cfg(feature = "appliance")]
 pub mod run;

@@ -8,9 +8,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use crate::Error;
-use crate::keystore::RestoreOptions;
-use crate::lkm::{Lkm, LkmConfig};
-use crate::roles::Role;
+use edgerec_lkm::keystore::RestoreOptions;
+use edgerec_lkm::manager::{Lkm, LkmConfig};
+use edgerec_lkm::roles::Role;
 
 fn open(config: &Path, init: bool) -> Result<Lkm, Error> {
     let cfg = LkmConfig::load(config).map_err(Error::Invalid)?;
@@ -34,13 +34,13 @@ pub fn init(config: &Path) -> Result<(), Error> {
     let r = lkm.rotate("init").map_err(Error::Invalid)?;
     println!("{}", r.id);
     match &lkm.config.protection {
-        crate::lkm::Protection::MasterKey(mk) => eprintln!(
+        edgerec_lkm::manager::Protection::MasterKey(mk) => eprintln!(
             "edgerec: key store {} set up; its private keys are sealed under {} (keep a copy of \
              that file apart from the backups: without it no key opens)",
             lkm.config.store_dir.display(),
             mk.display()
         ),
-        crate::lkm::Protection::Kms(k) => eprintln!(
+        edgerec_lkm::manager::Protection::Kms(k) => eprintln!(
             "edgerec: key store {} set up; its private keys are sealed by KMS key {} (context \
              organisation={}): they open only while KMS grants Decrypt",
             lkm.config.store_dir.display(),
@@ -111,7 +111,7 @@ pub fn keys(config: &Path, json: bool) -> Result<(), Error> {
 /// `edgerec lkm credentials add [--role ROLE]`.
 pub fn add_credential(config: &Path, id: &str, role: Role) -> Result<(), Error> {
     let mut lkm = open(config, false)?;
-    match crate::lkm::add_credential(&lkm.config.credentials_file, id, role) {
+    match edgerec_lkm::manager::add_credential(&lkm.config.credentials_file, id, role) {
         Ok(key) => {
             lkm.record("credentials.add", None, &format!("ok: {id} as {role}"))
                 .map_err(Error::Invalid)?;
@@ -144,7 +144,8 @@ fn role_use(role: Role) -> &'static str {
 /// `edgerec lkm credentials list`: ids and roles, never keys.
 pub fn list_credentials(config: &Path, json: bool) -> Result<(), Error> {
     let cfg = LkmConfig::load(config).map_err(Error::Invalid)?;
-    let all = crate::lkm::list_credentials(&cfg.credentials_file).map_err(Error::Invalid)?;
+    let all =
+        edgerec_lkm::manager::list_credentials(&cfg.credentials_file).map_err(Error::Invalid)?;
     if json {
         let v: Vec<_> = all
             .iter()
@@ -178,7 +179,7 @@ pub fn list_credentials(config: &Path, json: bool) -> Result<(), Error> {
 /// `edgerec lkm credentials set-role ID ROLE`.
 pub fn set_role(config: &Path, id: &str, role: Role) -> Result<(), Error> {
     let mut lkm = open(config, false)?;
-    match crate::lkm::set_role(&lkm.config.credentials_file, id, role) {
+    match edgerec_lkm::manager::set_role(&lkm.config.credentials_file, id, role) {
         Ok(before) => {
             let was = before.map_or("unset (platform)".to_string(), |r| r.to_string());
             lkm.record(
@@ -200,7 +201,7 @@ pub fn set_role(config: &Path, id: &str, role: Role) -> Result<(), Error> {
 /// `edgerec lkm credentials remove`.
 pub fn remove_credential(config: &Path, id: &str) -> Result<(), Error> {
     let mut lkm = open(config, false)?;
-    match crate::lkm::remove_credential(&lkm.config.credentials_file, id) {
+    match edgerec_lkm::manager::remove_credential(&lkm.config.credentials_file, id) {
         Ok(()) => {
             lkm.record("credentials.remove", None, &format!("ok: {id}"))
                 .map_err(Error::Invalid)?;
@@ -395,7 +396,7 @@ pub fn destroy(config: &Path, args: DestroyArgs) -> Result<(), Error> {
     let id = args.id;
     let mut lkm = open(config, false)?;
     let record = lkm.store.get(id).map_err(failed)?;
-    if record.state == crate::keystore::KeyState::Destroyed {
+    if record.state == edgerec_lkm::keystore::KeyState::Destroyed {
         return Err(Error::Invalid(format!("{id} is destroyed already")));
     }
     let kek = erec::keys::KekId::from_hex(id)
@@ -408,7 +409,7 @@ pub fn destroy(config: &Path, args: DestroyArgs) -> Result<(), Error> {
         .list()
         .map_err(failed)?
         .iter()
-        .filter(|r| r.state == crate::keystore::KeyState::Destroyed)
+        .filter(|r| r.state == edgerec_lkm::keystore::KeyState::Destroyed)
         .filter_map(|r| erec::keys::KekId::from_hex(&r.id))
         .collect();
     let blocker = match crate::census::count(&appliance.store, &appliance.prefix, &kek, &gone) {
@@ -527,7 +528,7 @@ pub fn verify_audit(config: Option<&Path>, file: &Path) -> Result<(), Error> {
     let text = std::fs::read_to_string(file)
         .map_err(|e| Error::Invalid(format!("{}: {e}", file.display())))?;
     let Some(config) = config else {
-        let chain = crate::audit::verify(&text)?;
+        let chain = edgerec_lkm::audit::verify(&text)?;
         let keyed = match chain.keyed_from {
             Some(n) => format!(
                 "keyed from line {n}; MACs not checked (give --config lkm.toml to check them)"
@@ -544,8 +545,9 @@ pub fn verify_audit(config: Option<&Path>, file: &Path) -> Result<(), Error> {
     };
     let cfg = LkmConfig::load(config).map_err(Error::Invalid)?;
     let store = Lkm::open_store(&cfg).map_err(Error::Invalid)?;
-    let key = crate::lkm::audit_key(store.protector().as_ref()).map_err(Error::Invalid)?;
-    let chain = crate::audit::verify_keyed(&text, Some(&key))?;
+    let key =
+        edgerec_lkm::manager::audit_key(store.protector().as_ref()).map_err(Error::Invalid)?;
+    let chain = edgerec_lkm::audit::verify_keyed(&text, Some(&key))?;
     // The keying point the key store records belongs to the live log; an archive (or a copy
     // elsewhere) is checked line by line only.
     let live = std::fs::canonicalize(file).ok() == std::fs::canonicalize(&cfg.audit_log).ok();
@@ -570,12 +572,12 @@ pub fn verify_audit(config: Option<&Path>, file: &Path) -> Result<(), Error> {
     }
     let keyed = match (marker, chain.keyed_from) {
         (Some(m), _) => {
-            let seq = crate::audit::read_keying_marker(&key, &m).map_err(|e| {
+            let seq = edgerec_lkm::audit::read_keying_marker(&key, &m).map_err(|e| {
                 Error::Invalid(format!(
                     "the audit log's keying record in the key store: {e}"
                 ))
             })?;
-            crate::audit::check_keying(&chain, seq)?;
+            edgerec_lkm::audit::check_keying(&chain, seq)?;
             match seq {
                 0 => "every line's MAC verified under the audit key".to_string(),
                 n => format!(
@@ -586,7 +588,7 @@ pub fn verify_audit(config: Option<&Path>, file: &Path) -> Result<(), Error> {
             }
         }
         (None, Some(n)) => {
-            return Err(crate::audit::AuditError {
+            return Err(edgerec_lkm::audit::AuditError {
                 line: n,
                 why: "keyed, but the key store records no keying point".into(),
             }
@@ -632,9 +634,10 @@ pub fn audit_archive(config: &Path) -> Result<(), Error> {
         .and_then(|()| edgerec_net::durable::sync_dir(log.parent().unwrap_or(Path::new("."))))
         .map_err(|e| Error::Invalid(format!("{}: {e}", log.display())))?;
     let store = Lkm::open_store(&cfg).map_err(Error::Invalid)?;
-    let key = crate::lkm::audit_key(store.protector().as_ref()).map_err(Error::Invalid)?;
+    let key =
+        edgerec_lkm::manager::audit_key(store.protector().as_ref()).map_err(Error::Invalid)?;
     store
-        .set_audit_marker(&crate::audit::keying_marker(&key, 0))
+        .set_audit_marker(&edgerec_lkm::audit::keying_marker(&key, 0))
         .map_err(failed)?;
     drop(store);
     let mut lkm = Lkm::open(cfg, false).map_err(Error::Invalid)?;
@@ -669,6 +672,6 @@ pub fn serve(config: &Path) -> Result<(), Error> {
         .build()
         .map_err(|e| Error::Invalid(format!("cannot start the runtime: {e}")))?;
     runtime
-        .block_on(crate::lkm_server::serve(cfg))
+        .block_on(edgerec_lkm::server::serve(cfg))
         .map_err(Error::Invalid)
 }

@@ -213,12 +213,15 @@ impl KeySource {
         let ring = erec::keys::KeyRing::from_files(&self.keys)?;
         #[cfg(feature = "appliance")]
         if let (Some(url), Some(credentials)) = (&self.lkm, &self.lkm_credentials) {
-            let client = crate::lkm_client::LkmClient::new(&crate::lkm_client::LkmTarget {
+            let client = edgerec_lkm::client::LkmClient::new(&edgerec_lkm::client::LkmTarget {
                 url: url.clone(),
                 ca_file: self.lkm_ca.clone(),
                 credentials: credentials.clone(),
                 timeout: std::time::Duration::from_secs(30),
-                user: self.lkm_user.clone().unwrap_or_else(crate::lkm::os_user),
+                user: self
+                    .lkm_user
+                    .clone()
+                    .unwrap_or_else(edgerec_lkm::manager::os_user),
             })
             .map_err(crate::Error::Invalid)?;
             return Ok(Box::new(erec::keys::Either(ring, client)));
@@ -474,13 +477,13 @@ enum RoleArg {
 }
 
 #[cfg(feature = "appliance")]
-impl From<RoleArg> for crate::roles::Role {
-    fn from(r: RoleArg) -> crate::roles::Role {
+impl From<RoleArg> for edgerec_lkm::roles::Role {
+    fn from(r: RoleArg) -> edgerec_lkm::roles::Role {
         match r {
-            RoleArg::Recorder => crate::roles::Role::Recorder,
-            RoleArg::Decrypt => crate::roles::Role::Decrypt,
-            RoleArg::Platform => crate::roles::Role::Platform,
-            RoleArg::Admin => crate::roles::Role::Admin,
+            RoleArg::Recorder => edgerec_lkm::roles::Role::Recorder,
+            RoleArg::Decrypt => edgerec_lkm::roles::Role::Decrypt,
+            RoleArg::Platform => edgerec_lkm::roles::Role::Platform,
+            RoleArg::Admin => edgerec_lkm::roles::Role::Admin,
         }
     }
 }
@@ -609,7 +612,7 @@ pub fn main() -> ExitCode {
                 &config,
                 &id,
                 if admin {
-                    crate::roles::Role::Admin
+                    edgerec_lkm::roles::Role::Admin
                 } else {
                     role.into()
                 },
@@ -709,7 +712,7 @@ pub fn main() -> ExitCode {
 fn verify_audit(file: &std::path::Path) -> Result<(), crate::Error> {
     let text = std::fs::read_to_string(file)
         .map_err(|e| crate::Error::Invalid(format!("{}: {e}", file.display())))?;
-    let chain = crate::audit::verify(&text)?;
+    let chain = edgerec_lkm::audit::verify(&text)?;
     println!(
         "{}: {} lines, chain intact; last hash {}",
         file.display(),

@@ -41,8 +41,8 @@ use zeroize::Zeroizing;
 use crate::audit::{Durability, Event, Writer};
 use crate::hawk_auth::{Authenticated, RequestParts, Verifier};
 use crate::keystore::{KeyRecord, KeyState, KeyStore};
-use crate::lkm::{Lkm, LkmConfig, Rotation, rotation_due};
-use crate::metrics::{LkmMetrics, SpoolState};
+use crate::manager::{Lkm, LkmConfig, Rotation, rotation_due};
+use crate::metrics::{KeyStateLabel, LkmMetrics};
 use crate::oracle::{Oracle, OracleError};
 use crate::roles::{Action, Role};
 use edgerec_net::rate_limit::PerKey;
@@ -93,7 +93,7 @@ impl App {
             return;
         }
         *loaded = now;
-        match crate::lkm::load_credentials(&self.credentials_file, self.demo) {
+        match crate::manager::load_credentials(&self.credentials_file, self.demo) {
             Ok(c) => {
                 tracing::info!(credentials = c.all.len(), "credentials loaded");
                 warn_unset(&c.unset);
@@ -185,7 +185,7 @@ pub async fn serve(config: LkmConfig) -> Result<(), String> {
         "lkm.tls_key",
         !config.demo,
     )?);
-    let credentials = crate::lkm::load_credentials(&config.credentials_file, config.demo)?;
+    let credentials = crate::manager::load_credentials(&config.credentials_file, config.demo)?;
     if credentials.all.is_empty() {
         tracing::warn!("no Hawk credentials yet: issue one with edgerec lkm credentials add");
     }
@@ -334,7 +334,7 @@ async fn housekeeping(app: Arc<App>, rotation: Rotation) {
                 let n = all.iter().filter(|r| r.state == state).count();
                 a.metrics
                     .keys
-                    .get_or_create(&SpoolState {
+                    .get_or_create(&KeyStateLabel {
                         state: state.as_str().into(),
                     })
                     .set(i64::try_from(n).unwrap_or(i64::MAX));
@@ -816,7 +816,7 @@ async fn issue(app: Arc<App>, caller: Caller, body: Bytes) -> Response {
     if let Err(r) = app.audited(caller.event(ACTION, None, None, &what)).await {
         return r;
     }
-    match crate::lkm::add_credential(&app.credentials_file, &req.id, role) {
+    match crate::manager::add_credential(&app.credentials_file, &req.id, role) {
         Ok(key) => {
             let ok = format!("ok: {} as {role}", req.id);
             if let Err(r) = app.audited(caller.event(ACTION, None, None, &ok)).await {

@@ -1,0 +1,35 @@
+//! edgerec's Local Key Manager: the organisation's RSA key pairs, kept on its own machine,
+//! apart from the recorders. Recorders fetch public keys from it; only credentials with the
+//! `decrypt` role get a data key unwrapped. The modules:
+//!
+//! - [`roles`]: who may do what (pure).
+//! - [`at_rest`]: private keys at rest (master key, encrypt-then-MAC) and the
+//!   [`at_rest::Protector`] interface KMS implements too.
+//! - [`keystore`]: generate, rotate, retire, destroy, back up and restore key pairs.
+//! - [`audit`]: the keyed, hash-chained audit log and its group-commit writer.
+//! - `manager` (feature `server`): `lkm.toml`, credentials and the administrator's acts.
+//! - `server` (feature `server`): the HTTPS contract (axum, rustls, Hawk via `hawk_auth`),
+//!   the unwrap `oracle`, `kms` protection, and the service's `metrics`.
+//! - `client` (feature `client`): what recorders and `open`/`export --lkm` use.
+//!
+//! It depends on the package format (`erec`) and the shared service plumbing
+//! (`edgerec-net`), never on the appliance or its stores.
+
+pub mod at_rest;
+pub mod audit;
+#[cfg(feature = "client")]
+pub mod client;
+#[cfg(feature = "server")]
+pub mod hawk_auth;
+pub mod keystore;
+#[cfg(feature = "server")]
+pub mod kms;
+#[cfg(feature = "server")]
+pub mod manager;
+#[cfg(feature = "server")]
+pub mod metrics;
+#[cfg(feature = "server")]
+pub mod oracle;
+pub mod roles;
+#[cfg(feature = "server")]
+pub mod server;
