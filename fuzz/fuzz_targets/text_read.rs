@@ -8,7 +8,7 @@
 
 use edgerec_net::answers::{credential, kms_error, sha256_of_digest, unescape, xml_all};
 use erec::clock::parse_rfc3339_ms;
-use edgerec::retry::parse_retry_after;
+use edgerec_net::answers::parse_retry_after;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,9 +1,11 @@
 //! Parsing what a store or a key service answers, and the credential files a client is
 //! given: the fields of an S3 XML answer, RFC 9530 digest fields, a KMS error's type and
-//! message, a key manager credential.
+//! message, a key manager credential, an HTTP `Retry-After` value.
 //!
 //! Pure functions over untrusted text from the network: they never panic, do work linear in
 //! their input, and return nothing rather than guess (fuzzed by `fuzz/text_read`).
+
+use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 
@@ -116,6 +118,17 @@ pub fn sha256_of_digest(field: &str) -> Option<[u8; 32]> {
     })
 }
 
+/// Reads an HTTP `Retry-After` value: delay-seconds, or an HTTP date (RFC 9110) relative
+/// to `now`. Anything else is ignored.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let v = value.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(at.duration_since(now).unwrap_or_default())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,5 +161,26 @@ mod tests {
         assert_eq!(sha256_of_digest("sha-256=:AAAA:"), None, "wrong length");
         assert_eq!(sha256_of_digest(&format!("sha-256={b64}")), None);
         assert_eq!(sha256_of_digest("md5=:AAAA:"), None);
+    }
+
+    #[test]
+    fn retry_after_values_parse() {
+        // Sun, 06 Nov 1994 08:49:37 GMT
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777);
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:51:37 GMT", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        for bad in ["", "soon", "-5", "Sun, 06 Nov 1994 25:00:00 GMT"] {
+            assert_eq!(parse_retry_after(bad, now), None, "{bad}");
+        }
     }
 }

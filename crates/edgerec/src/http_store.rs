@@ -25,7 +25,8 @@ use zeroize::Zeroizing;
 pub use edgerec_net::client::Tls;
 use edgerec_net::client::Trust;
 
-use crate::retry::{Class, classify, parse_retry_after};
+use crate::retry::{Class, classify};
+use edgerec_net::answers::parse_retry_after;
 use crate::store::{Store, StoreError, Stored};
 
 /// A blocking HTTPS client for a store: connect timeout 10 s, `timeout` per request, the

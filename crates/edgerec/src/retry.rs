@@ -10,7 +10,7 @@
 //! already there": the store looks at what (same SHA-256: done; another: a conflict). Every
 //! other 4xx is permanent: the package goes to `failed/` with the reason, never deleted.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 /// The policy's knobs (`[upload]`: `retry_initial_ms`, `retry_max_ms`, `max_attempts`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,17 +139,6 @@ impl Policy {
     }
 }
 
-/// Reads an HTTP `Retry-After` value: delay-seconds, or an HTTP date (RFC 9110) relative
-/// to `now`. Anything else is ignored.
-pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
-    let v = value.trim();
-    if let Ok(secs) = v.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let at = httpdate::parse_http_date(v).ok()?;
-    Some(at.duration_since(now).unwrap_or_default())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,26 +237,5 @@ mod tests {
             Verdict::RetryAfter(_)
         ));
         assert_eq!(bounded.verdict(3, &Outcome::Timeout, 5), Verdict::Fail);
-    }
-
-    #[test]
-    fn retry_after_values_parse() {
-        // Sun, 06 Nov 1994 08:49:37 GMT
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777);
-        assert_eq!(
-            parse_retry_after("120", now),
-            Some(Duration::from_secs(120))
-        );
-        assert_eq!(
-            parse_retry_after("Sun, 06 Nov 1994 08:51:37 GMT", now),
-            Some(Duration::from_secs(120))
-        );
-        assert_eq!(
-            parse_retry_after("Sun, 06 Nov 1994 08:00:00 GMT", now),
-            Some(Duration::ZERO)
-        );
-        for bad in ["", "soon", "-5", "Sun, 06 Nov 1994 25:00:00 GMT"] {
-            assert_eq!(parse_retry_after(bad, now), None, "{bad}");
-        }
     }
 }
