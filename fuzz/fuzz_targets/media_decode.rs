@@ -4,7 +4,7 @@
 #![no_main]
 
 use erec::entries::entries;
-use edgerec::rtp::{Datagram, SeqTracker, classify};
+use edgerec::media::rtp::{Datagram, SeqTracker, classify};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
         for s in seqs {
             t.update(s);
             // Only late packets from before the first can make received exceed expected.
-            assert!(t.received() <= t.expected() + u64::from(edgerec::rtp::MAX_MISORDER));
+            assert!(t.received() <= t.expected() + u64::from(edgerec::media::rtp::MAX_MISORDER));
         }
     }
     let decoded: Result<Vec<_>, _> = entries(data).collect();

@@ -465,7 +465,7 @@ fn kill_9_mid_call_then_restart_delivers_the_synced_part() {
 fn tone_hz(payload: &[u8]) -> f64 {
     let pcm: Vec<i16> = payload
         .iter()
-        .map(|b| edgerec::g711::ulaw_to_linear(*b))
+        .map(|b| edgerec::media::g711::ulaw_to_linear(*b))
         .collect();
     let crossings = pcm.windows(2).filter(|w| (w[0] < 0) != (w[1] < 0)).count();
     crossings as f64 / 2.0 / (pcm.len() as f64 / 8000.0)
@@ -795,7 +795,7 @@ fn bad_input_and_a_burst_to_one_port_are_counted_and_lose_nothing_accepted() {
 #[test]
 fn the_sample_call_replays_into_one_recording_byte_for_byte() {
     let sample = repo_path("samples/sample-call.pcap");
-    let (captured, _) = edgerec::replay::read(fs::File::open(&sample).unwrap()).unwrap();
+    let (captured, _) = edgerec::tools::replay::read(fs::File::open(&sample).unwrap()).unwrap();
     let a = Appliance::start();
     let out = loadgen(
         &format!("{}-{}", a.base, a.base + 3),
@@ -835,7 +835,7 @@ fn a_package_sent_again_with_spool_retry_is_delivered_at_once() {
     // A refused package, as the uploader leaves it in failed/ (made in a spool of its own,
     // then moved in, so that nothing announces it).
     let other = tempfile::tempdir().unwrap();
-    let side = edgerec::spool::Spool::open(other.path()).unwrap();
+    let side = edgerec::appliance::spool::Spool::open(other.path()).unwrap();
     let opts = erec::writer::SealOptions {
         media: erec::writer::Media::Rtp,
         ..Default::default()
@@ -846,9 +846,12 @@ fn a_package_sent_again_with_spool_retry_is_delivered_at_once() {
     let mut end = Vec::new();
     s.finish(EndReason::Complete, 1, &mut end);
     side.finish(f, &end, 1).unwrap();
-    let mut st = side.read_state(edgerec::spool::Place::Ready, id).unwrap();
+    let mut st = side
+        .read_state(edgerec::appliance::spool::Place::Ready, id)
+        .unwrap();
     st.last_error = Some("store refused the package: 403".into());
-    side.write_state(edgerec::spool::Place::Ready, &st).unwrap();
+    side.write_state(edgerec::appliance::spool::Place::Ready, &st)
+        .unwrap();
     for ext in ["erec", "json"] {
         fs::rename(
             other.path().join(format!("ready/{id}.{ext}")),

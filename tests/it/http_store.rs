@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
-use edgerec::http_store::{HttpConfig, HttpStore, Tls};
+use edgerec::store::http::{HttpConfig, HttpStore, Tls};
 use edgerec::store::{Store, StoreError, Stored};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};

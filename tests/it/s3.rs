@@ -9,8 +9,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use edgerec::s3::{S3Config, S3Store};
-use edgerec::spool::Multipart;
+use edgerec::appliance::spool::Multipart;
+use edgerec::store::s3::{S3Config, S3Store};
 use edgerec::store::{Checkpoint, Store, StoreError, Stored};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
@@ -252,7 +252,7 @@ fn bytes_that_do_not_match_their_sha256_are_never_stored() {
 fn a_bandwidth_limited_upload_stores_the_same_bytes() {
     let weed = Weed::start();
     let mut cfg = weed.config(SECRET_KEY);
-    cfg.limit = Some(edgerec::bandwidth::Limit::new(64 << 20));
+    cfg.limit = Some(edgerec::store::bandwidth::Limit::new(64 << 20));
     let store = S3Store::new(cfg).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let data = pattern(3 << 20);

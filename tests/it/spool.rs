@@ -3,7 +3,7 @@
 
 use std::fs;
 
-use edgerec::spool::{Place, Recovery, Spool};
+use edgerec::appliance::spool::{Place, Recovery, Spool};
 use erec::format::{EndReason, Kind};
 use erec::reader::ReadMode;
 use erec::writer::{Media, SealOptions, Sealer};

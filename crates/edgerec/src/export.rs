@@ -37,6 +37,9 @@
 //! output is encrypted as it is rendered: the plaintext passes through a pipe in memory to
 //! the encryptor, never through the disk.
 
+pub mod bulk;
+pub mod pgp;
+
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -47,7 +50,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::error::Error;
-use crate::rtp::{Datagram, RtpHeader, SeqOutcome, SeqTracker, classify};
+use crate::media::rtp::{Datagram, RtpHeader, SeqOutcome, SeqTracker, classify};
 use erec::clock::Utc;
 use erec::crypto::Dek;
 use erec::entries::{Entry, Event, NO_STREAM, entries};
@@ -74,7 +77,7 @@ pub struct Options<'a> {
     /// WAV or pcap, for `rtp` recordings.
     pub format: Format,
     /// Encrypt every output to these OpenPGP certificates (as `<name>.pgp`).
-    pub pgp: Option<&'a crate::pgp_out::Recipients>,
+    pub pgp: Option<&'a crate::export::pgp::Recipients>,
     /// The longest timeline a recording may have (from its start to its last sample).
     pub max_span: Duration,
 }
@@ -543,7 +546,7 @@ fn each_packet<R: io::Read>(
 /// data's name inside the OpenPGP message.
 fn produce<T>(
     out: &Path,
-    pgp: Option<&crate::pgp_out::Recipients>,
+    pgp: Option<&crate::export::pgp::Recipients>,
     name: &str,
     fill: impl FnOnce(&mut dyn Write) -> Result<T, Error>,
 ) -> Result<(tempfile::NamedTempFile, T), Error> {
@@ -711,7 +714,7 @@ impl Placer {
     /// Where the samples of an RTP packet of stream `i` start, if it carries G.711 and lands
     /// on the timeline (not before its start).
     fn place(&mut self, i: usize, arrival_us: u64, h: &RtpHeader) -> Option<u64> {
-        crate::g711::table(h.payload_type)?;
+        crate::media::g711::table(h.payload_type)?;
         if self.anchors.len() <= i {
             self.anchors.resize(i + 1, None);
         }
@@ -833,7 +836,7 @@ impl<'w> Renderer<'w> {
         let Some(pos) = self.placer.place(stream, arrival_us, &h) else {
             return Ok(());
         };
-        let Some(decode) = crate::g711::table(h.payload_type) else {
+        let Some(decode) = crate::media::g711::table(h.payload_type) else {
             return Ok(());
         };
         let payload = &bytes[h.payload_offset..h.payload_offset + h.payload_len];
@@ -1023,7 +1026,7 @@ mod tests {
 
     #[test]
     fn streams_align_by_timestamp_with_silence_for_gaps_and_late_starts() {
-        let loud = crate::g711::linear_to_ulaw(8000);
+        let loud = crate::media::g711::linear_to_ulaw(8000);
         let ch = render(
             vec![
                 // Stream 0: packets 0, 1, (2 lost), 3 of 160 samples each.

@@ -1,85 +1,41 @@
-//! edgerec: the on-premises media tier of a contact-center recording system, built on the
-//! package format of the [`erec`] crate (format, crypto, keys, writer, reader).
+//! edgerec: the on-premises media tier of a contact-center recording system — RTP in,
+//! envelope-encrypted packages out, delivered to a store with retry — built on the package
+//! format of the [`erec`] crate, the key manager of `edgerec-lkm` and the service plumbing
+//! of `edgerec-net`. The map, by subsystem:
 //!
-//! The parts that need no async runtime and no network build without the default features,
-//! so that the fuzz targets stay small:
-//!
-//! - `export` (feature `cli`): recordings decrypted into WAV, pcap or their original file.
-//! - [`g711`]: µ-law and A-law to and from linear PCM.
-//! - [`rtp`]: RTP and RTCP told apart and checked; sequence accounting (RFC 3550 A.1).
-//! - [`session`]: the sans-IO recording state machine (ports, streams, chunks, timers).
-//! - [`spool`]: the spool directories, package files, upload state and crash recovery.
-//! - [`store`]: the store interface, object keys, and the `dir` store; `s3` (feature
-//!   `appliance`): the S3 store (SigV4). The one `unsafe` block of the crate maps a spool
-//!   package for upload (`s3::map`); everything else is safe code (`deny(unsafe_code)`).
-//! - `loadgen` (feature `appliance`): paced G.711 test streams; `replay` (feature `pcap`, part of `cli`): a
-//!   pcap capture sent again with its own timing.
-//! - `ingest`, `recorder`, `uploader`, `run` (feature `appliance`): the ingest thread (epoll,
-//!   `recvmmsg`), the recorder and uploader threads, and `edgerec run`, which wires them.
-//! - [`retry`]: the upload retry policy (which outcomes retry, backoff with full jitter).
+//! - [`media`]: RTP and RTCP told apart and checked, sequence accounting (RFC 3550 A.1),
+//!   G.711. Sans-IO, no features needed.
+//! - `appliance` (feature `appliance`): `edgerec run` — the sans-IO recording `session`
+//!   (ports, admission, streams, chunks, timers), the `ingest` thread (epoll, `recvmmsg`),
+//!   the `recorder` and `uploader` threads, the `spool` (package files, upload state, crash
+//!   recovery), the `inbox`, the `control` API, the key sources (`kek_watch`, `kek_fetch`),
+//!   `metrics`, the TOML `config`, and `run`, which wires them.
+//! - `store` (feature `appliance`): the store interface, object keys and the `dir` store;
+//!   `s3` (SigV4, resumable multipart) and `http`; the upload `retry` policy and
+//!   `bandwidth` limit; the key `census` of a store. The one `unsafe` block of the crate
+//!   maps a spool package for upload (`store::s3::map`).
+//! - `export` (feature `cli`): recordings decrypted into WAV, pcap or their original file;
+//!   `bulk` export from files or a store, resumable; `pgp` outputs.
+//! - [`tools`]: `loadgen` (paced G.711 test streams, feature `appliance`) and `replay` (a
+//!   pcap capture sent again with its own timing, feature `pcap`).
+//! - `cli` (feature `cli`): the `edgerec` command line, the key manager's commands among
+//!   them; `hardening`, the first thing every process does (no core files, not dumpable).
 //! - [`error`]: the error of the commands and the exit codes of the interface contract.
-//! - `hardening` (feature `cli`): no core files, not dumpable — the first thing every
-//!   process does.
-//! - The key manager is the `edgerec-lkm` crate; the CLI's `lkm` commands drive it.
-//!
-//! What both services share (HTTPS servers and client, AWS signing, token buckets, durable
-//! files) is in the `edgerec-net` crate.
-//!
-//! The command-line tools live behind the `cli` feature in [`cli`]; the appliance's
-//! configuration (`config`) behind the `appliance` feature.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 #[cfg(feature = "appliance")]
-pub mod bandwidth;
-#[cfg(feature = "cli")]
-pub mod bulk;
-#[cfg(feature = "appliance")]
-pub mod census;
+pub mod appliance;
 #[cfg(feature = "cli")]
 pub mod cli;
-#[cfg(feature = "appliance")]
-pub mod config;
-#[cfg(feature = "appliance")]
-pub mod control;
 pub mod error;
 #[cfg(feature = "cli")]
 pub mod export;
-pub mod g711;
 #[cfg(feature = "cli")]
 pub mod hardening;
-#[cfg(feature = "appliance")]
-pub mod http_store;
-#[cfg(feature = "appliance")]
-pub mod inbox;
-#[cfg(feature = "appliance")]
-pub mod ingest;
-#[cfg(feature = "appliance")]
-pub mod kek_fetch;
-#[cfg(feature = "appliance")]
-pub mod kek_watch;
-#[cfg(feature = "appliance")]
-pub mod loadgen;
-#[cfg(feature = "appliance")]
-pub mod metrics;
-#[cfg(feature = "cli")]
-pub mod pgp_out;
-#[cfg(feature = "appliance")]
-pub mod recorder;
-#[cfg(feature = "pcap")]
-pub mod replay;
-pub mod retry;
-pub mod rtp;
-#[cfg(feature = "appliance")]
-pub mod run;
-#[cfg(feature = "appliance")]
-pub mod s3;
-pub mod session;
-#[cfg(feature = "appliance")]
-pub mod spool;
+pub mod media;
 #[cfg(feature = "appliance")]
 pub mod store;
-#[cfg(feature = "appliance")]
-pub mod uploader;
+pub mod tools;
 
 pub use error::Error;

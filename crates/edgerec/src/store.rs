@@ -11,6 +11,12 @@
 //!   no counter can reset and overwrite an older upload.
 //! - The appliance needs no permission to delete from the store.
 
+pub mod bandwidth;
+pub mod census;
+pub mod http;
+pub mod retry;
+pub mod s3;
+
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::DirBuilderExt;
@@ -18,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
-use crate::spool::{Multipart, sha256_file};
+use crate::appliance::spool::{Multipart, sha256_file};
 use erec::clock::Utc;
 
 /// The object key of a package: `{prefix}{yyyy}/{mm}/{dd}/{id}.erec`.
@@ -163,7 +169,7 @@ pub trait Store: Send + Sync {
 #[derive(Debug, Clone)]
 pub struct DirStore {
     root: PathBuf,
-    limit: Option<crate::bandwidth::Limit>,
+    limit: Option<crate::store::bandwidth::Limit>,
 }
 
 fn transient(what: &str, p: &Path, e: io::Error) -> StoreError {
@@ -185,7 +191,7 @@ impl DirStore {
 
     /// Copies kept to `limit` (`[upload] bandwidth_bytes_per_sec`; an NFS store shares the
     /// link too).
-    pub fn with_limit(mut self, limit: Option<crate::bandwidth::Limit>) -> DirStore {
+    pub fn with_limit(mut self, limit: Option<crate::store::bandwidth::Limit>) -> DirStore {
         self.limit = limit;
         self
     }
@@ -236,7 +242,7 @@ impl Store for DirStore {
         let result = (|| {
             let src = File::open(file).map_err(|e| transient("cannot read", file, e))?;
             let mut src: Box<dyn Read> = match &self.limit {
-                Some(l) => Box::new(crate::bandwidth::Throttled::new(src, l.clone())),
+                Some(l) => Box::new(crate::store::bandwidth::Throttled::new(src, l.clone())),
                 None => Box::new(src),
             };
             let mut out = out;

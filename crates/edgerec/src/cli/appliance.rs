@@ -1,10 +1,10 @@
-//! `edgerec run`: logging, the runtime and the signals around [`crate::run::run`].
+//! `edgerec run`: logging, the runtime and the signals around [`crate::appliance::run::run`].
 
 use std::io::IsTerminal;
 use std::path::Path;
 use std::process::ExitCode;
 
-use crate::config::Config;
+use crate::appliance::config::Config;
 
 /// Logs to standard error at `EDGEREC_LOG` (info by default).
 pub fn init_logging() {
@@ -43,7 +43,7 @@ pub fn run(config: &Path) -> ExitCode {
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
                 Ok(s) => s,
                 Err(e) => {
-                    return Err(crate::run::RunError::Start(format!(
+                    return Err(crate::appliance::run::RunError::Start(format!(
                         "cannot watch SIGTERM: {e}"
                     )));
                 }
@@ -54,7 +54,7 @@ pub fn run(config: &Path) -> ExitCode {
                 _ = tokio::signal::ctrl_c() => {}
             }
         };
-        crate::run::run(config, shutdown).await
+        crate::appliance::run::run(config, shutdown).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -76,7 +76,7 @@ pub fn loadgen(
 ) -> Result<(), crate::Error> {
     use std::net::ToSocketAddrs;
     let invalid = |m: String| crate::Error::Invalid(m);
-    let (first, last) = crate::config::parse_ports(ports)
+    let (first, last) = crate::appliance::config::parse_ports(ports)
         .ok_or_else(|| invalid(format!("--ports {ports}: not a port range A-B")))?;
     let ip = (target, first)
         .to_socket_addrs()
@@ -87,10 +87,12 @@ pub fn loadgen(
     if let Some(file) = replay {
         let f = std::fs::File::open(file)
             .map_err(|e| invalid(format!("--replay {}: {e}", file.display())))?;
-        let bad =
-            |e: crate::replay::ReplayError| invalid(format!("--replay {}: {e}", file.display()));
-        let (datagrams, skipped) = crate::replay::read(std::io::BufReader::new(f)).map_err(bad)?;
-        let r = crate::replay::Replay::new(datagrams, first, last).map_err(bad)?;
+        let bad = |e: crate::tools::replay::ReplayError| {
+            invalid(format!("--replay {}: {e}", file.display()))
+        };
+        let (datagrams, skipped) =
+            crate::tools::replay::read(std::io::BufReader::new(f)).map_err(bad)?;
+        let r = crate::tools::replay::Replay::new(datagrams, first, last).map_err(bad)?;
         let span = r.datagrams().last().map(|d| d.offset).unwrap_or_default();
         eprintln!(
             "loadgen: replaying {} datagrams ({} skipped: not UDP) of {} to {ip} over {:.1} s",
@@ -109,11 +111,11 @@ pub fn loadgen(
     if !(seconds > 0.0 && seconds.is_finite()) || streams == 0 {
         return Err(invalid("--streams and --seconds must be positive".into()));
     }
-    let plan = crate::loadgen::Plan::new(first, last, streams, seed);
+    let plan = crate::tools::loadgen::Plan::new(first, last, streams, seed);
     eprintln!(
         "loadgen: {streams} streams of 20 ms PCMU to {ip} ports {first}-{last} for {seconds} s"
     );
-    let r = crate::loadgen::run(ip, &plan, seconds)?;
+    let r = crate::tools::loadgen::run(ip, &plan, seconds)?;
     println!("streams {streams}");
     println!("ticks {}", r.ticks);
     println!("packets_sent {}", r.packets);

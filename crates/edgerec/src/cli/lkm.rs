@@ -401,7 +401,7 @@ pub fn destroy(config: &Path, args: DestroyArgs) -> Result<(), Error> {
     }
     let kek = erec::keys::KekId::from_hex(id)
         .ok_or_else(|| Error::Invalid(format!("{id}: not a kek id")))?;
-    let appliance = crate::config::Config::load(args.store_config)
+    let appliance = crate::appliance::config::Config::load(args.store_config)
         .map_err(|e| Error::Invalid(e.to_string()))?;
     eprintln!("edgerec: reading the headers of every package in the store ...");
     let gone: Vec<erec::keys::KekId> = lkm
@@ -412,64 +412,65 @@ pub fn destroy(config: &Path, args: DestroyArgs) -> Result<(), Error> {
         .filter(|r| r.state == edgerec_lkm::keystore::KeyState::Destroyed)
         .filter_map(|r| erec::keys::KekId::from_hex(&r.id))
         .collect();
-    let blocker = match crate::census::count(&appliance.store, &appliance.prefix, &kek, &gone) {
-        Ok(c) => {
-            println!(
-                "{} of {} recordings in the store are sealed to {id}; {} of them to this key \
+    let blocker =
+        match crate::store::census::count(&appliance.store, &appliance.prefix, &kek, &gone) {
+            Ok(c) => {
+                println!(
+                    "{} of {} recordings in the store are sealed to {id}; {} of them to this key \
                  alone (or besides it only to keys destroyed already).",
-                c.sealed_to, c.packages, c.only_to
-            );
-            if c.skipped > 0 {
-                println!(
-                    "{} other objects in the store were not read (not *.erec, or not regular \
+                    c.sealed_to, c.packages, c.only_to
+                );
+                if c.skipped > 0 {
+                    println!(
+                        "{} other objects in the store were not read (not *.erec, or not regular \
                      files)",
-                    c.skipped
-                );
-            }
-            for (key, why) in &c.unreadable {
-                println!("not counted, unreadable: {key}: {why}");
-            }
-            if let Some(list) = args.list {
-                let mut text = c.only_ids.join("\n");
-                if !text.is_empty() {
-                    text.push('\n');
+                        c.skipped
+                    );
                 }
-                edgerec_net::durable::replace_file(list, text.as_bytes())
-                    .map_err(|e| Error::Invalid(format!("{}: {e}", list.display())))?;
+                for (key, why) in &c.unreadable {
+                    println!("not counted, unreadable: {key}: {why}");
+                }
+                if let Some(list) = args.list {
+                    let mut text = c.only_ids.join("\n");
+                    if !text.is_empty() {
+                        text.push('\n');
+                    }
+                    edgerec_net::durable::replace_file(list, text.as_bytes())
+                        .map_err(|e| Error::Invalid(format!("{}: {e}", list.display())))?;
+                    println!(
+                        "the ids of those {} recordings are in {}",
+                        c.only_to,
+                        list.display()
+                    );
+                }
                 println!(
-                    "the ids of those {} recordings are in {}",
-                    c.only_to,
-                    list.display()
-                );
-            }
-            println!(
-                "WARNING: destroying the key makes those {} recordings unreadable for ever, \
+                    "WARNING: destroying the key makes those {} recordings unreadable for ever, \
                  by anyone. A backup made before (edgerec lkm backup) still holds it.",
-                c.only_to
-            );
-            if c.only_to > 0 {
-                Some(format!(
-                    "{} recordings are sealed to this key alone (delete them first: --list \
-                     FILE names them)",
                     c.only_to
-                ))
-            } else if !c.unreadable.is_empty() {
-                Some(format!(
-                    "{} objects in the store could not be read, so the count is incomplete",
-                    c.unreadable.len()
-                ))
-            } else {
-                None
+                );
+                if c.only_to > 0 {
+                    Some(format!(
+                        "{} recordings are sealed to this key alone (delete them first: --list \
+                     FILE names them)",
+                        c.only_to
+                    ))
+                } else if !c.unreadable.is_empty() {
+                    Some(format!(
+                        "{} objects in the store could not be read, so the count is incomplete",
+                        c.unreadable.len()
+                    ))
+                } else {
+                    None
+                }
             }
-        }
-        Err(why) => {
-            println!(
-                "the store could not be counted ({why}).\nWARNING: every recording sealed to \
+            Err(why) => {
+                println!(
+                    "the store could not be counted ({why}).\nWARNING: every recording sealed to \
                  {id} alone becomes unreadable for ever."
-            );
-            Some(format!("the store could not be counted ({why})"))
-        }
-    };
+                );
+                Some(format!("the store could not be counted ({why})"))
+            }
+        };
     if let Some(why) = &blocker
         && !args.force
     {

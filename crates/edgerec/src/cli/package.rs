@@ -249,39 +249,38 @@ pub fn export(
     from: ExportFrom,
     jobs: Option<usize>,
 ) -> Result<(), Error> {
-    use crate::bulk::{Exporter, Outcome};
     use crate::export::Format;
+    use crate::export::bulk::{Exporter, Outcome};
     use std::io::IsTerminal;
     let format = match format {
         super::FormatArg::Wav => Format::Wav,
         super::FormatArg::Pcap => Format::Pcap,
     };
     #[cfg_attr(not(feature = "appliance"), allow(unused_mut))]
-    let mut sources = crate::bulk::from_paths(&from.inputs)?;
+    let mut sources = crate::export::bulk::from_paths(&from.inputs)?;
     #[cfg(feature = "appliance")]
     let mut s3 = None;
     #[cfg(feature = "appliance")]
     if let Some(cfg) = &from.store_config {
-        let cfg = crate::config::Config::load(cfg).map_err(|e| Error::Invalid(e.to_string()))?;
+        let cfg = crate::appliance::config::Config::load(cfg)
+            .map_err(|e| Error::Invalid(e.to_string()))?;
         let days = match &from.days {
-            Some((f, t)) => Some(crate::bulk::day_prefixes(f, t).map_err(Error::Invalid)?),
+            Some((f, t)) => Some(crate::export::bulk::day_prefixes(f, t).map_err(Error::Invalid)?),
             None => None,
         };
         match &cfg.store {
-            crate::config::StoreKind::Dir(root, _) => sources.extend(crate::bulk::from_dir_store(
-                root,
-                &cfg.prefix,
-                days.as_deref(),
-            )?),
-            crate::config::StoreKind::S3(c) => {
-                let store = crate::s3::S3Store::new(c.clone()).map_err(Error::Invalid)?;
+            crate::appliance::config::StoreKind::Dir(root, _) => sources.extend(
+                crate::export::bulk::from_dir_store(root, &cfg.prefix, days.as_deref())?,
+            ),
+            crate::appliance::config::StoreKind::S3(c) => {
+                let store = crate::store::s3::S3Store::new(c.clone()).map_err(Error::Invalid)?;
                 sources.extend(
-                    crate::bulk::from_s3_store(&store, &cfg.prefix, days.as_deref())
+                    crate::export::bulk::from_s3_store(&store, &cfg.prefix, days.as_deref())
                         .map_err(Error::Invalid)?,
                 );
                 s3 = Some(store);
             }
-            crate::config::StoreKind::Http(_) => {
+            crate::appliance::config::StoreKind::Http(_) => {
                 return Err(Error::Invalid(
                     "an http store cannot be listed: export from the receiving system's copy"
                         .into(),
@@ -291,7 +290,7 @@ pub fn export(
     }
     let pgp = match from.pgp_recipients.is_empty() {
         true => None,
-        false => Some(crate::pgp_out::Recipients::load(&from.pgp_recipients)?),
+        false => Some(crate::export::pgp::Recipients::load(&from.pgp_recipients)?),
     };
     fs::create_dir_all(out)?;
     remove_partials(out);

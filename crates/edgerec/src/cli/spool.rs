@@ -13,7 +13,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::Error;
-use crate::spool::{Place, Spool, UploadState};
+use crate::appliance::spool::{Place, Spool, UploadState};
 use crate::store::object_key;
 use erec::clock::{Utc, now_ms};
 
@@ -22,7 +22,7 @@ pub fn open(config: Option<&Path>, dir: Option<&Path>) -> Result<Spool, Error> {
     let root: PathBuf = match (config, dir) {
         (_, Some(d)) => d.to_path_buf(),
         (Some(c), None) => {
-            crate::config::Config::load(c)
+            crate::appliance::config::Config::load(c)
                 .map_err(|e| Error::Invalid(e.to_string()))?
                 .recorder
                 .spool_dir

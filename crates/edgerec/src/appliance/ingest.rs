@@ -32,8 +32,8 @@ use nix::sys::socket::{
 };
 use nix::sys::time::TimeSpec;
 
-use crate::metrics::Metrics;
-use crate::recorder::Msg;
+use crate::appliance::metrics::Metrics;
+use crate::appliance::recorder::Msg;
 
 /// Datagrams one `recvmmsg` call can take.
 pub const SLOTS: usize = 32;
@@ -428,7 +428,7 @@ mod tests {
     fn rejected(metrics: &Metrics, reason: &str) -> u64 {
         metrics
             .datagrams_rejected
-            .get_or_create(&crate::metrics::Reason {
+            .get_or_create(&crate::appliance::metrics::Reason {
                 reason: reason.into(),
             })
             .get()

@@ -43,7 +43,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 
-use crate::rtp::{Datagram, Reject, SeqOutcome, SeqTracker, classify};
+use crate::media::rtp::{Datagram, Reject, SeqOutcome, SeqTracker, classify};
 use erec::entries::{ENTRY_HEADER_LEN, Entry, Event, NO_STREAM};
 use erec::format::EndReason;
 
@@ -474,7 +474,7 @@ impl Sessions {
         local: SocketAddr,
         remote: SocketAddr,
         datagram: &[u8],
-        h: crate::rtp::RtpHeader,
+        h: crate::media::rtp::RtpHeader,
         out: &mut Vec<Action>,
     ) {
         let port = local.port();
@@ -883,7 +883,7 @@ impl Sessions {
         local: SocketAddr,
         remote: SocketAddr,
         datagram: &[u8],
-        h: crate::rtp::RtpHeader,
+        h: crate::media::rtp::RtpHeader,
         out: &mut Vec<Action>,
     ) {
         if 1 + 8 + datagram.len() + ENTRY_HEADER_LEN > self.limits.max_chunk {
@@ -1004,7 +1004,7 @@ impl Sessions {
         local: SocketAddr,
         remote: SocketAddr,
         datagram: &[u8],
-        info: &crate::rtp::RtcpInfo,
+        info: &crate::media::rtp::RtcpInfo,
         out: &mut Vec<Action>,
     ) {
         if 1 + 8 + datagram.len() + ENTRY_HEADER_LEN > self.limits.max_chunk {

@@ -25,9 +25,9 @@ use zeroize::Zeroizing;
 pub use edgerec_net::client::Tls;
 use edgerec_net::client::Trust;
 
-use crate::retry::{Class, classify};
-use edgerec_net::answers::parse_retry_after;
+use crate::store::retry::{Class, classify};
 use crate::store::{Store, StoreError, Stored};
+use edgerec_net::answers::parse_retry_after;
 
 /// A blocking HTTPS client for a store: connect timeout 10 s, `timeout` per request, the
 /// extra CA and client certificate of `tls`.
@@ -48,7 +48,7 @@ pub struct HttpConfig {
     /// The longest one request may take.
     pub timeout: Duration,
     /// The bandwidth limit shared by all uploads, if any.
-    pub limit: Option<crate::bandwidth::Limit>,
+    pub limit: Option<crate::store::bandwidth::Limit>,
 }
 
 impl std::fmt::Debug for HttpConfig {
@@ -227,16 +227,17 @@ impl Store for HttpStore {
         if let Some(decided) = self.compare(key, &url, size, sha256)? {
             return decided;
         }
-        let mapped = crate::s3::map(&f)
+        let mapped = crate::store::s3::map(&f)
             .map_err(|e| StoreError::transient(format!("cannot map {}: {e}", file.display())))?;
-        let body = crate::s3::body(bytes::Bytes::from_owner(mapped), self.cfg.limit.as_ref());
+        let body =
+            crate::store::s3::body(bytes::Bytes::from_owner(mapped), self.cfg.limit.as_ref());
         let b64 = base64::engine::general_purpose::STANDARD.encode(sha256);
         let req = self
             .request(reqwest::Method::PUT, &url)
             .header("content-digest", format!("sha-256=:{b64}:"))
             .header("x-erec-sha256", hex::encode(sha256))
             .header("if-none-match", "*")
-            .header("content-type", crate::s3::CONTENT_TYPE)
+            .header("content-type", crate::store::s3::CONTENT_TYPE)
             .header("content-length", size)
             .body(body);
         let r = self.send(req, &url)?;

@@ -22,8 +22,8 @@ use std::time::Duration;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{LkmKeys, OnStale};
-use crate::metrics::{KekLabel, Metrics};
+use crate::appliance::config::{LkmKeys, OnStale};
+use crate::appliance::metrics::{KekLabel, Metrics};
 use edgerec_lkm::client::{CurrentKey, LkmClient};
 use erec::keys::{KekHandle, KekPublic};
 

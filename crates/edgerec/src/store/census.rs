@@ -11,7 +11,7 @@
 use std::io::Read;
 use std::path::Path;
 
-use crate::config::StoreKind;
+use crate::appliance::config::StoreKind;
 use erec::format::{Decoded, Header};
 use erec::keys::KekId;
 
@@ -116,7 +116,7 @@ pub fn count(
             }
         }
         StoreKind::S3(cfg) => {
-            let store = crate::s3::S3Store::new(cfg.clone())?;
+            let store = crate::store::s3::S3Store::new(cfg.clone())?;
             for key in store.list(prefix).map_err(|e| e.to_string())? {
                 if !key.ends_with(".erec") {
                     census.skipped += 1;

@@ -18,7 +18,7 @@
 //! progress saved in the state file after every part, resumed after a restart, and only a
 //! `HEAD` showing the `erec-sha256` counts (multipart checksums are composite).
 //!
-//! Statuses map onto the retry policy ([`crate::retry::classify`]): 5xx, 408, 429, timeouts
+//! Statuses map onto the retry policy ([`crate::store::retry::classify`]): 5xx, 408, 429, timeouts
 //! and connection errors are transient (with the store's `Retry-After`); other 4xx are
 //! permanent, with the store's error code and message as the reason. The credentials need
 //! `s3:PutObject` and `s3:GetObject` (HEAD) on the prefix, never a delete.
@@ -32,8 +32,8 @@ use base64::Engine;
 use sha2::Digest;
 use zeroize::Zeroizing;
 
-use crate::retry::{Class, classify};
-use crate::spool::{Multipart, PartDone};
+use crate::appliance::spool::{Multipart, PartDone};
+use crate::store::retry::{Class, classify};
 use crate::store::{Checkpoint, Store, StoreError, Stored};
 use edgerec_net::answers::xml_all;
 
@@ -51,11 +51,11 @@ pub struct S3Config {
     /// The secret key.
     pub secret_key: Zeroizing<String>,
     /// TLS: an extra CA, a client certificate.
-    pub tls: crate::http_store::Tls,
+    pub tls: crate::store::http::Tls,
     /// The longest one request may take.
     pub timeout: Duration,
     /// The bandwidth limit shared by all uploads, if any.
-    pub limit: Option<crate::bandwidth::Limit>,
+    pub limit: Option<crate::store::bandwidth::Limit>,
     /// Packages of this many bytes or more go up in parts (`upload.multipart_threshold_bytes`).
     pub multipart_threshold: u64,
     /// Bytes per part (`upload.multipart_part_bytes`), raised for a package that would
@@ -93,7 +93,7 @@ enum Head {
 impl S3Store {
     /// A client for `cfg`.
     pub fn new(cfg: S3Config) -> Result<S3Store, String> {
-        let client = crate::http_store::client(&cfg.tls, cfg.timeout)?;
+        let client = crate::store::http::client(&cfg.tls, cfg.timeout)?;
         let credentials = edgerec_net::aws::credentials(&cfg.access_key, &cfg.secret_key);
         Ok(S3Store {
             cfg,
@@ -138,7 +138,7 @@ impl S3Store {
             req = req.body(b);
         }
         req.send()
-            .map_err(|e| crate::http_store::no_answer(url, self.cfg.timeout, &e))
+            .map_err(|e| crate::store::http::no_answer(url, self.cfg.timeout, &e))
     }
 
     /// The object under `key`, whole (for checks and small objects; export streams).
@@ -285,7 +285,7 @@ const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495
 
 /// A failed status as a store error, with the store's own code and message.
 fn status_error(url: &str, r: reqwest::blocking::Response) -> StoreError {
-    crate::http_store::failed_answer(url, r, |body| {
+    crate::store::http::failed_answer(url, r, |body| {
         let field = |tag: &str| xml_all(body, tag).into_iter().next();
         match (field("Code"), field("Message")) {
             (Some(c), Some(m)) => Some(format!("{c}: {m}")),
@@ -703,14 +703,14 @@ impl S3Store {
 /// A request body straight from a mapping, paced through the bandwidth limit if there is one.
 pub(crate) fn body(
     bytes: bytes::Bytes,
-    limit: Option<&crate::bandwidth::Limit>,
+    limit: Option<&crate::store::bandwidth::Limit>,
 ) -> reqwest::blocking::Body {
     match limit {
         // Paced through the bucket, 64 KiB at a time.
         Some(l) => {
             let len = bytes.len() as u64;
             reqwest::blocking::Body::sized(
-                crate::bandwidth::Throttled::new(std::io::Cursor::new(bytes), l.clone()),
+                crate::store::bandwidth::Throttled::new(std::io::Cursor::new(bytes), l.clone()),
                 len,
             )
         }

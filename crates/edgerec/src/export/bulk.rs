@@ -144,7 +144,7 @@ pub fn from_dir_store(
 /// The packages of an S3 store under `prefix`, on `days` (all when `None`).
 #[cfg(feature = "appliance")]
 pub fn from_s3_store(
-    store: &crate::s3::S3Store,
+    store: &crate::store::s3::S3Store,
     prefix: &str,
     days: Option<&[String]>,
 ) -> Result<Vec<Source>, String> {
@@ -175,12 +175,12 @@ pub struct Exporter<'a> {
     /// WAV or pcap.
     pub format: Format,
     /// Encrypt every output to these OpenPGP certificates.
-    pub pgp: Option<crate::pgp_out::Recipients>,
+    pub pgp: Option<crate::export::pgp::Recipients>,
     /// The longest recording timeline exported (`--max-span-secs`).
     pub max_span: std::time::Duration,
     /// The S3 store, for S3 sources.
     #[cfg(feature = "appliance")]
-    pub s3: Option<crate::s3::S3Store>,
+    pub s3: Option<crate::store::s3::S3Store>,
 }
 
 impl Exporter<'_> {

@@ -5,7 +5,7 @@
 //! writable, crash leftovers recovered), the KEK public key(s), the store, the file limit
 //! (raised to cover every ingest port, or the start fails naming what is needed), then one
 //! UDP socket per ingest port. Then threads run: ingest (all sockets, epoll and `recvmmsg`,
-//! batches to the recorder; see [`crate::ingest`]), the recorder and the uploader; the tokio
+//! batches to the recorder; see [`crate::appliance::ingest`]), the recorder and the uploader; the tokio
 //! runtime serves the metrics and watches the spool.
 //!
 //! Shutdown (SIGTERM or SIGINT): stop taking packets, let the recorder end every recording
@@ -20,16 +20,16 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::sync_channel;
 use std::time::{Duration, SystemTime};
 
-use crate::config::{Config, SyncMode};
-use crate::config::{KekSource, StoreKind};
-use crate::http_store::HttpStore;
-use crate::ingest::{self, IngestSetup};
-use crate::metrics::{KekLabel, Metrics, SpoolState};
-use crate::recorder::{self, Msg, RecorderSetup};
-use crate::s3::S3Store;
-use crate::spool::{Recovery, Spool};
+use crate::appliance::config::{Config, SyncMode};
+use crate::appliance::config::{KekSource, StoreKind};
+use crate::appliance::ingest::{self, IngestSetup};
+use crate::appliance::metrics::{KekLabel, Metrics, SpoolState};
+use crate::appliance::recorder::{self, Msg, RecorderSetup};
+use crate::appliance::spool::{Recovery, Spool};
+use crate::appliance::uploader::{self, UploaderSetup};
+use crate::store::http::HttpStore;
+use crate::store::s3::S3Store;
 use crate::store::{DirStore, Store};
-use crate::uploader::{self, UploaderSetup};
 use erec::clock::now_ms;
 use erec::keys::{KekHandle, KekPublic};
 
@@ -72,7 +72,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if let Some(inbox) = &config.inbox {
         // Before the spool's recovery: a package cut short while sealing an inbox file is
         // made again from the file, not delivered unterminated.
-        let waiting = crate::inbox::Inbox::prepare_recovery(&inbox.dir, &spool)
+        let waiting = crate::appliance::inbox::Inbox::prepare_recovery(&inbox.dir, &spool)
             .map_err(start("inbox.dir"))?;
         if waiting > 0 {
             tracing::warn!(
@@ -117,7 +117,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             // dropped in the async context.
             tokio::task::spawn_blocking(move || {
                 let now = erec::clock::now_ms();
-                let (fetcher, keks) = crate::kek_fetch::Fetcher::start(&lkm, escrow, now)?;
+                let (fetcher, keks) =
+                    crate::appliance::kek_fetch::Fetcher::start(&lkm, escrow, now)?;
                 if let Some(k) = keks.first() {
                     refuse_demo(k, lkm.allow_demo)?;
                 }
@@ -149,7 +150,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .set(1);
     }
     let (metrics_addr, metrics_server) =
-        crate::metrics::serve(config.metrics.listen, Arc::clone(&metrics), registry)
+        crate::appliance::metrics::serve(config.metrics.listen, Arc::clone(&metrics), registry)
             .await
             .map_err(start(format!(
                 "metrics.listen: cannot listen on {}",
@@ -208,7 +209,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // does the same for source = "lkm").
     let (_kek_watch, kek_file) = match &config.kek_source {
         KekSource::File(path) => {
-            let w = crate::kek_watch::watch(
+            let w = crate::appliance::kek_watch::watch(
                 path.clone(),
                 config.escrow_public_key.clone(),
                 keks.clone(),
@@ -229,7 +230,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let inbox_stop = Arc::new(AtomicBool::new(false));
     let inbox_thread = match &config.inbox {
         Some(cfg) => {
-            let inbox = crate::inbox::Inbox::open(
+            let inbox = crate::appliance::inbox::Inbox::open(
                 &cfg.dir,
                 spool.clone(),
                 keks.clone(),
@@ -330,10 +331,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(metrics_server);
     if let Some(control) = &config.control {
-        let (addr, server) =
-            crate::control::serve(control, tx.clone(), config.ports, std::future::pending())
-                .await
-                .map_err(RunError::Start)?;
+        let (addr, server) = crate::appliance::control::serve(
+            control,
+            tx.clone(),
+            config.ports,
+            std::future::pending(),
+        )
+        .await
+        .map_err(RunError::Start)?;
         tracing::info!(control_addr = %addr, tls = control.tls.is_some(), "control API listening");
         tasks.spawn(server);
     }

@@ -32,9 +32,9 @@ use axum::routing::{post, put};
 use hmac::{KeyInit, Mac};
 use serde_json::json;
 
-use crate::config::Control;
-use crate::recorder::Msg;
-use crate::session::{PauseApplied, Tagged};
+use crate::appliance::config::Control;
+use crate::appliance::recorder::Msg;
+use crate::appliance::session::{PauseApplied, Tagged};
 
 type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 

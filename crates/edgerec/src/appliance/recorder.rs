@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use crate::ingest::Batch;
-use crate::metrics::Metrics;
-use crate::session::{Action, Counters, Limits, PauseApplied, RecId, Sessions, Tagged};
-use crate::spool::{ActiveFile, Spool};
+use crate::appliance::ingest::Batch;
+use crate::appliance::metrics::Metrics;
+use crate::appliance::session::{Action, Counters, Limits, PauseApplied, RecId, Sessions, Tagged};
+use crate::appliance::spool::{ActiveFile, Spool};
 use erec::clock::now_ms;
 use erec::format::{EndReason, Kind, Metadata, Wrap};
 use erec::keys::{KekHandle, KekPublic};
@@ -690,7 +690,7 @@ impl Syncer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spool::Place;
+    use crate::appliance::spool::Place;
     use erec::keys::{KekPrivate, KeyRing};
     use erec::reader::{PackageReader, ReadMode};
     use std::net::SocketAddr;

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
 use notify::{EventKind, RecursiveMode, Watcher};
 
-use crate::metrics::{KekLabel, Metrics};
+use crate::appliance::metrics::{KekLabel, Metrics};
 use erec::keys::{KekHandle, KekPublic};
 
 /// Whether an event on a watched directory may have put a complete new file at a path.

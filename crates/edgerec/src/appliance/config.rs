@@ -90,7 +90,7 @@ pub struct Ingest {
     /// Source networks (CIDR) packets are taken from; empty means any, with a warning.
     pub allow: Vec<Spanned<String>>,
     /// RTP packets of one stream, in sequence, a port must receive before its recording
-    /// starts (see `crates/edgerec/src/session.rs`, admission).
+    /// starts (see `crates/edgerec/src/appliance/session.rs`, admission).
     #[serde(default = "default_min_packets")]
     pub min_packets: Spanned<usize>,
     /// Recordings started a second from one source address.
@@ -262,18 +262,18 @@ pub struct Store {
 #[derive(Debug, Clone)]
 pub enum StoreKind {
     /// A directory, and the bandwidth limit.
-    Dir(PathBuf, Option<crate::bandwidth::Limit>),
+    Dir(PathBuf, Option<crate::store::bandwidth::Limit>),
     /// An S3-compatible store.
-    S3(crate::s3::S3Config),
+    S3(crate::store::s3::S3Config),
     /// A PUT to a URL template.
-    Http(crate::http_store::HttpConfig),
+    Http(crate::store::http::HttpConfig),
 }
 
 fn default_kind() -> Spanned<String> {
     Spanned::new(0..0, "dir".into())
 }
 
-/// `[upload]`: the retry policy of the uploader (see [`crate::retry`]).
+/// `[upload]`: the retry policy of the uploader (see [`crate::store::retry`]).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Upload {
@@ -438,7 +438,7 @@ pub struct Config {
     /// Prefix of every object key.
     pub prefix: String,
     /// The upload retry policy.
-    pub retry: crate::retry::Policy,
+    pub retry: crate::store::retry::Policy,
     /// How often the uploader scans `ready/` besides watching it.
     pub rescan: std::time::Duration,
     /// Uploads at once.
@@ -662,7 +662,7 @@ impl Config {
         let mut prefix = String::new();
         let limit = Some(*raw.upload.bandwidth_bytes_per_sec.get_ref())
             .filter(|b| *b > 0)
-            .map(crate::bandwidth::Limit::new);
+            .map(crate::store::bandwidth::Limit::new);
         if let Some(p) = &st.prefix {
             if !p
                 .get_ref()
@@ -673,7 +673,7 @@ impl Config {
             }
             prefix = p.get_ref().clone();
         }
-        let tls = crate::http_store::Tls {
+        let tls = crate::store::http::Tls {
             ca_file: st.ca_file.as_deref().map(|p| cx.resolve(p)),
             client_cert: st.client_cert.as_deref().map(|p| cx.resolve(p)),
             client_key: st.client_key.as_deref().map(|p| cx.resolve(p)),
@@ -744,7 +744,7 @@ impl Config {
                         )));
                     }
                 };
-                StoreKind::S3(crate::s3::S3Config {
+                StoreKind::S3(crate::store::s3::S3Config {
                     endpoint: e.to_string(),
                     region: st.region.clone().unwrap_or_else(|| "us-east-1".into()),
                     bucket: b.clone(),
@@ -762,7 +762,7 @@ impl Config {
                     .url
                     .as_ref()
                     .ok_or_else(|| cx.missing("store.url", "where packages go, https://…/{key}"))?;
-                crate::http_store::check_template(url.get_ref())
+                crate::store::http::check_template(url.get_ref())
                     .map_err(|why| cx.err("store.url", url, why))?;
                 let token = match &st.token_file {
                     Some(f) => {
@@ -789,7 +789,7 @@ impl Config {
                          environment) or a client certificate (client_cert, client_key)",
                     ));
                 }
-                StoreKind::Http(crate::http_store::HttpConfig {
+                StoreKind::Http(crate::store::http::HttpConfig {
                     url: url.get_ref().clone(),
                     token,
                     tls,
@@ -834,7 +834,7 @@ impl Config {
                 "must be at least upload.retry_initial_ms",
             ));
         }
-        let retry = crate::retry::Policy {
+        let retry = crate::store::retry::Policy {
             initial: std::time::Duration::from_millis(*u.retry_initial_ms.get_ref()),
             max: std::time::Duration::from_millis(*u.retry_max_ms.get_ref()),
             max_attempts: Some(*u.max_attempts.get_ref()).filter(|n| *n > 0),
@@ -975,13 +975,13 @@ impl Config {
     }
 
     /// The recording limits the session state machine works with.
-    pub fn limits(&self) -> crate::session::Limits {
+    pub fn limits(&self) -> crate::appliance::session::Limits {
         let r = &self.recorder;
         let rate = |per_sec: f64| edgerec_net::rate_limit::Limit {
             rate: per_sec,
             burst: per_sec.max(1.0),
         };
-        crate::session::Limits {
+        crate::appliance::session::Limits {
             idle_timeout_us: r.idle_timeout_ms.get_ref() * 1000,
             max_recording_us: r.max_recording_secs.get_ref() * 1_000_000,
             flush_interval_us: r.flush_interval_ms.get_ref() * 1000,
@@ -1241,7 +1241,7 @@ path = "/srv/store"
     #[test]
     fn the_retry_policy_defaults_to_forever_and_takes_its_keys() {
         let c = parse(GOOD).unwrap();
-        assert_eq!(c.retry, crate::retry::Policy::default());
+        assert_eq!(c.retry, crate::store::retry::Policy::default());
         let c = parse(&format!(
             "{GOOD}\n[upload]\nretry_initial_ms = 200\nretry_max_ms = 60000\nmax_attempts = 10\n"
         ))

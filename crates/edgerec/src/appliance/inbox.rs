@@ -35,8 +35,8 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use crate::metrics::Metrics;
-use crate::spool::{ActiveFile, Place, Spool};
+use crate::appliance::metrics::Metrics;
+use crate::appliance::spool::{ActiveFile, Place, Spool};
 use edgerec_net::durable::sync_dir;
 use erec::format::{Metadata, Wrap};
 use erec::keys::KekHandle;

@@ -14,7 +14,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use crate::g711::linear_to_ulaw;
+use crate::media::g711::linear_to_ulaw;
 
 /// Samples per 20 ms packet at 8 kHz.
 pub const SAMPLES: u32 = 160;
@@ -195,7 +195,7 @@ fn send_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rtp::{Datagram, classify};
+    use crate::media::rtp::{Datagram, classify};
 
     #[test]
     fn two_legs_per_port_distinct_ssrcs() {

@@ -1,0 +1,23 @@
+//! The recording appliance, `edgerec run`: RTP in on a port range, one sealed package per
+//! recording out to the spool, delivered to the store with retry.
+//!
+//! Data flows one way: [`ingest`] reads datagrams in batches and hands them to the
+//! [`recorder`], which drives the sans-IO [`session`] (admission, streams, chunks, timers)
+//! and seals what it says into package files of the [`spool`]; the [`uploader`] delivers
+//! finished packages to the store. The [`inbox`] seals files another system leaves; the
+//! [`control`] API tags and pauses calls; [`kek_watch`] and [`kek_fetch`] keep the current
+//! public key; [`metrics`] counts everything; [`config`] is the TOML configuration; [`run`]
+//! starts and stops the whole.
+
+pub mod config;
+pub mod control;
+pub mod inbox;
+pub mod ingest;
+pub mod kek_fetch;
+pub mod kek_watch;
+pub mod metrics;
+pub mod recorder;
+pub mod run;
+pub mod session;
+pub mod spool;
+pub mod uploader;
