@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use edgerec::appliance::spool::Multipart;
+use edgerec::store::Multipart;
 use edgerec::store::s3::{S3Config, S3Store};
 use edgerec::store::{Checkpoint, Store, StoreError, Stored};
 use sha2::{Digest, Sha256};

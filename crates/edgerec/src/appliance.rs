@@ -1,8 +1,8 @@
 //! The recording appliance, `edgerec run`: RTP in on a port range, one sealed package per
 //! recording out to the spool, delivered to the store with retry.
 //!
-//! Data flows one way: [`ingest`] reads datagrams in batches and hands them to the
-//! [`recorder`], which drives the sans-IO [`session`] (admission, streams, chunks, timers)
+//! Data flows one way: [`ingest`] reads datagrams in batches ([`feed`]) and hands them to
+//! the [`recorder`], which drives the sans-IO [`session`] (admission, streams, chunks, timers)
 //! and seals what it says into package files of the [`spool`]; the [`uploader`] delivers
 //! finished packages to the store. The [`inbox`] seals files another system leaves; the
 //! [`control`] API tags and pauses calls; [`kek_watch`] and [`kek_fetch`] keep the current
@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod control;
+pub mod feed;
 pub mod inbox;
 pub mod ingest;
 pub mod kek_fetch;

@@ -16,6 +16,7 @@ pub mod census;
 pub mod http;
 pub mod retry;
 pub mod s3;
+pub mod wire;
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -24,8 +25,44 @@ use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
-use crate::appliance::spool::{Multipart, sha256_file};
 use erec::clock::Utc;
+use erec::crypto::sha256_file;
+use serde::{Deserialize, Serialize};
+
+/// The store the appliance delivers to, validated.
+#[derive(Debug, Clone)]
+pub enum StoreKind {
+    /// A directory, and the bandwidth limit.
+    Dir(PathBuf, Option<bandwidth::Limit>),
+    /// An S3-compatible store.
+    S3(s3::S3Config),
+    /// A PUT to a URL template.
+    Http(http::HttpConfig),
+}
+
+/// A multipart upload in progress (S3), kept by the spool in the package's state file after every part
+/// the store confirmed: a restart resumes with the parts still missing instead of starting
+/// over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Multipart {
+    /// The store's upload id.
+    pub upload_id: String,
+    /// Bytes per part (the last one may be shorter); fixed for the life of the upload.
+    pub part_bytes: u64,
+    /// The parts the store confirmed, by number.
+    pub parts: Vec<PartDone>,
+}
+
+/// One part the store confirmed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartDone {
+    /// Its number, from 1.
+    pub number: u32,
+    /// The store's ETag for it, as the store gave it.
+    pub etag: String,
+    /// Its SHA-256, base64 (what the store verified it against).
+    pub sha256: String,
+}
 
 /// The object key of a package: `{prefix}{yyyy}/{mm}/{dd}/{id}.erec`.
 pub fn object_key(prefix: &str, id: Uuid) -> String {

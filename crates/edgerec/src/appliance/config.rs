@@ -13,6 +13,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use crate::store::StoreKind;
 use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
@@ -256,17 +257,6 @@ pub struct Store {
     pub client_cert: Option<PathBuf>,
     /// http, s3: the client certificate's private key (PEM).
     pub client_key: Option<PathBuf>,
-}
-
-/// The store the appliance delivers to, validated.
-#[derive(Debug, Clone)]
-pub enum StoreKind {
-    /// A directory, and the bandwidth limit.
-    Dir(PathBuf, Option<crate::store::bandwidth::Limit>),
-    /// An S3-compatible store.
-    S3(crate::store::s3::S3Config),
-    /// A PUT to a URL template.
-    Http(crate::store::http::HttpConfig),
 }
 
 fn default_kind() -> Spanned<String> {

@@ -33,7 +33,7 @@ use hmac::{KeyInit, Mac};
 use serde_json::json;
 
 use crate::appliance::config::Control;
-use crate::appliance::recorder::Msg;
+use crate::appliance::feed::Msg;
 use crate::appliance::session::{PauseApplied, Tagged};
 
 type HmacSha256 = hmac::Hmac<sha2::Sha256>;

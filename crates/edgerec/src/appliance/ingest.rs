@@ -32,8 +32,8 @@ use nix::sys::socket::{
 };
 use nix::sys::time::TimeSpec;
 
+use crate::appliance::feed::{Batch, Msg};
 use crate::appliance::metrics::Metrics;
-use crate::appliance::recorder::Msg;
 
 /// Datagrams one `recvmmsg` call can take.
 pub const SLOTS: usize = 32;
@@ -49,72 +49,6 @@ const BATCH_MAX: usize = 8192;
 const MAX_WAIT: Duration = Duration::from_secs(2);
 /// How often an idle ingest thread looks at its stop flag.
 const STOP_CHECK: Duration = Duration::from_millis(50);
-
-/// One received datagram inside a [`Batch`].
-#[derive(Debug, Clone, Copy)]
-pub struct Datagram {
-    /// Where it arrived.
-    pub local: SocketAddr,
-    /// Where it came from.
-    pub remote: SocketAddr,
-    /// When it was read (at most one round after it arrived).
-    pub at: Instant,
-    start: usize,
-    end: usize,
-}
-
-/// Datagrams of one round, their bytes in one buffer.
-#[derive(Debug, Default)]
-pub struct Batch {
-    datagrams: Vec<Datagram>,
-    bytes: Vec<u8>,
-}
-
-impl Batch {
-    /// An empty batch with room for `datagrams` datagrams of `bytes` bytes in all.
-    pub fn with_capacity(datagrams: usize, bytes: usize) -> Batch {
-        Batch {
-            datagrams: Vec::with_capacity(datagrams),
-            bytes: Vec::with_capacity(bytes),
-        }
-    }
-
-    /// Adds one datagram.
-    pub fn push(&mut self, local: SocketAddr, remote: SocketAddr, at: Instant, data: &[u8]) {
-        let start = self.bytes.len();
-        self.bytes.extend_from_slice(data);
-        self.datagrams.push(Datagram {
-            local,
-            remote,
-            at,
-            start,
-            end: self.bytes.len(),
-        });
-    }
-
-    /// Empties it, keeping its memory for the next round.
-    pub fn clear(&mut self) {
-        self.datagrams.clear();
-        self.bytes.clear();
-    }
-
-    /// Datagrams in the batch.
-    pub fn len(&self) -> usize {
-        self.datagrams.len()
-    }
-
-    /// True when it holds none.
-    pub fn is_empty(&self) -> bool {
-        self.datagrams.is_empty()
-    }
-
-    /// Each datagram with its bytes, in the order received.
-    pub fn iter(&self) -> impl Iterator<Item = (&Datagram, &[u8])> {
-        self.datagrams
-            .iter()
-            .map(|d| (d, &self.bytes[d.start..d.end]))
-    }
-}
 
 /// What the ingest thread needs.
 pub struct IngestSetup {
@@ -188,7 +122,7 @@ pub fn run(setup: IngestSetup) -> io::Result<()> {
     let hand_over = |batch: &mut Batch| -> bool {
         // The next round is likely the size of this one: give it the room at once.
         let room = recycle.try_recv().unwrap_or_else(|_| {
-            Batch::with_capacity(batch.len() + batch.len() / 4, batch.bytes.len() * 5 / 4)
+            Batch::with_capacity(batch.len() + batch.len() / 4, batch.byte_len() * 5 / 4)
         });
         let b = std::mem::replace(batch, room);
         let n = b.len();

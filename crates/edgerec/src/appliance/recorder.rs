@@ -20,42 +20,14 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use crate::appliance::ingest::Batch;
+use crate::appliance::feed::{Batch, Msg};
 use crate::appliance::metrics::Metrics;
-use crate::appliance::session::{Action, Counters, Limits, PauseApplied, RecId, Sessions, Tagged};
+use crate::appliance::session::{Action, Counters, Limits, RecId, Sessions};
 use crate::appliance::spool::{ActiveFile, Spool};
 use erec::clock::now_ms;
 use erec::format::{EndReason, Kind, Metadata, Wrap};
 use erec::keys::{KekHandle, KekPublic};
 use erec::writer::{Media, SealOptions, Sealer};
-
-/// What the ingest thread sends.
-#[derive(Debug)]
-pub enum Msg {
-    /// The datagrams of one ingest round, each with its arrival time.
-    Batch(Batch),
-    /// Metadata (a JSON object) for the recording on a port: written into the one in
-    /// progress, or held for the next one there.
-    Metadata {
-        /// The local port.
-        port: u16,
-        /// The document.
-        doc: Metadata,
-        /// Told what became of it, if anyone asks.
-        reply: Option<SyncSender<Tagged>>,
-    },
-    /// Pause (or resume) recording on a port: no media stored until resumed.
-    Pause {
-        /// The local port.
-        port: u16,
-        /// Pause (true) or resume (false).
-        pause: bool,
-        /// Told what became of it, if anyone asks.
-        reply: Option<SyncSender<PauseApplied>>,
-    },
-    /// End every recording and return.
-    Shutdown,
-}
 
 /// What the recorder needs.
 pub struct RecorderSetup {
@@ -690,6 +662,7 @@ impl Syncer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::appliance::session::Tagged;
     use crate::appliance::spool::Place;
     use erec::keys::{KekPrivate, KeyRing};
     use erec::reader::{PackageReader, ReadMode};

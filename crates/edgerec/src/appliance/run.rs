@@ -20,13 +20,15 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::sync_channel;
 use std::time::{Duration, SystemTime};
 
+use crate::appliance::config::KekSource;
 use crate::appliance::config::{Config, SyncMode};
-use crate::appliance::config::{KekSource, StoreKind};
+use crate::appliance::feed::Msg;
 use crate::appliance::ingest::{self, IngestSetup};
 use crate::appliance::metrics::{KekLabel, Metrics, SpoolState};
-use crate::appliance::recorder::{self, Msg, RecorderSetup};
+use crate::appliance::recorder::{self, RecorderSetup};
 use crate::appliance::spool::{Recovery, Spool};
 use crate::appliance::uploader::{self, UploaderSetup};
+use crate::store::StoreKind;
 use crate::store::http::HttpStore;
 use crate::store::s3::S3Store;
 use crate::store::{DirStore, Store};

@@ -40,6 +40,8 @@ use uuid::Uuid;
 
 use erec::recover::cut_torn_tail;
 
+use crate::store::Multipart;
+
 /// The upload state kept beside each package in `ready/` and `failed/`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UploadState {
@@ -95,30 +97,6 @@ impl UploadState {
     }
 }
 
-/// A multipart upload in progress (S3), kept in the package's state file after every part
-/// the store confirmed: a restart resumes with the parts still missing instead of starting
-/// over.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Multipart {
-    /// The store's upload id.
-    pub upload_id: String,
-    /// Bytes per part (the last one may be shorter); fixed for the life of the upload.
-    pub part_bytes: u64,
-    /// The parts the store confirmed, by number.
-    pub parts: Vec<PartDone>,
-}
-
-/// One part the store confirmed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PartDone {
-    /// Its number, from 1.
-    pub number: u32,
-    /// The store's ETag for it, as the store gave it.
-    pub etag: String,
-    /// Its SHA-256, base64 (what the store verified it against).
-    pub sha256: String,
-}
-
 /// The spool's directories.
 #[derive(Debug, Clone)]
 pub struct Spool {
@@ -159,7 +137,7 @@ fn with_path(e: io::Error, what: &str, p: &Path) -> io::Error {
     io::Error::new(e.kind(), format!("{what} {}: {e}", p.display()))
 }
 
-pub use erec::crypto::sha256_file;
+use erec::crypto::sha256_file;
 
 /// Above this many packages at once, one `syncfs` replaces the per-file syncs.
 const GROUP_SYNC_ABOVE: usize = 4;

@@ -20,7 +20,8 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use crate::appliance::metrics::{Metrics, Outcome};
-use crate::appliance::spool::{Multipart, Place, Spool, UploadState};
+use crate::appliance::spool::{Place, Spool, UploadState};
+use crate::store::Multipart;
 use crate::store::retry::{Policy, Verdict};
 use crate::store::{Checkpoint, Store, StoreError, Stored, object_key};
 use erec::clock::now_ms;
@@ -625,7 +626,7 @@ mod tests {
                 parts: Vec::new(),
             };
             for number in 1..=3 {
-                m.parts.push(crate::appliance::spool::PartDone {
+                m.parts.push(crate::store::PartDone {
                     number,
                     etag: format!("e{number}"),
                     sha256: String::new(),

@@ -269,10 +269,10 @@ pub fn export(
             None => None,
         };
         match &cfg.store {
-            crate::appliance::config::StoreKind::Dir(root, _) => sources.extend(
+            crate::store::StoreKind::Dir(root, _) => sources.extend(
                 crate::export::bulk::from_dir_store(root, &cfg.prefix, days.as_deref())?,
             ),
-            crate::appliance::config::StoreKind::S3(c) => {
+            crate::store::StoreKind::S3(c) => {
                 let store = crate::store::s3::S3Store::new(c.clone()).map_err(Error::Invalid)?;
                 sources.extend(
                     crate::export::bulk::from_s3_store(&store, &cfg.prefix, days.as_deref())
@@ -280,7 +280,7 @@ pub fn export(
                 );
                 s3 = Some(store);
             }
-            crate::appliance::config::StoreKind::Http(_) => {
+            crate::store::StoreKind::Http(_) => {
                 return Err(Error::Invalid(
                     "an http store cannot be listed: export from the receiving system's copy"
                         .into(),

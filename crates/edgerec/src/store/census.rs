@@ -11,7 +11,7 @@
 use std::io::Read;
 use std::path::Path;
 
-use crate::appliance::config::StoreKind;
+use crate::store::StoreKind;
 use erec::format::{Decoded, Header};
 use erec::keys::KekId;
 

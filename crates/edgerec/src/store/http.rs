@@ -1,6 +1,6 @@
 //! The `http` store: packages PUT to a URL template (`https://store.example/rec/{key}`) with
 //! a bearer token, over HTTPS (rustls) with an optional CA file and client certificate
-//! (the client is built by `edgerec_net::client`, as the `s3` store's is).
+//! (the client, body and answers shared with the `s3` store are in [`crate::store::wire`]).
 //!
 //! The contract a receiving server keeps (docs/operations.md, "`http` store"):
 //! - `PUT {url}` carries the package with `Content-Digest: sha-256=:<base64>:` (RFC 9530),
@@ -17,24 +17,16 @@
 //! read; the appliance never deletes.
 
 use std::path::Path;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use base64::Engine;
 use zeroize::Zeroizing;
 
-pub use edgerec_net::client::Tls;
-use edgerec_net::client::Trust;
+pub use crate::store::wire::Tls;
+use crate::store::wire::{client, failed_answer, no_answer};
 
 use crate::store::retry::{Class, classify};
 use crate::store::{Store, StoreError, Stored};
-use edgerec_net::answers::parse_retry_after;
-
-/// A blocking HTTPS client for a store: connect timeout 10 s, `timeout` per request, the
-/// extra CA and client certificate of `tls`.
-pub fn client(tls: &Tls, timeout: Duration) -> Result<reqwest::blocking::Client, String> {
-    edgerec_net::client::client(tls, Trust::SystemAndCa, Duration::from_secs(10), timeout)
-        .map_err(|e| e.to_string())
-}
 
 /// What an `http` store needs (`[store]` with `kind = "http"`).
 #[derive(Clone)]
@@ -174,39 +166,6 @@ impl HttpStore {
     }
 }
 
-/// A failed answer as a store error: `describe` turns the body into the reason (`None`: the
-/// status says it all); the class comes from the status, the wait from `Retry-After`.
-pub(crate) fn failed_answer(
-    url: &str,
-    r: reqwest::blocking::Response,
-    describe: impl FnOnce(&str) -> Option<String>,
-) -> StoreError {
-    let status = r.status();
-    let retry_after = r
-        .headers()
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| parse_retry_after(v, SystemTime::now()));
-    let body = r.text().unwrap_or_default();
-    let why = match describe(&body) {
-        Some(said) => format!("{url}: {} {said}", status.as_u16()),
-        None => format!("{url}: HTTP {status}"),
-    };
-    match classify(status.as_u16()) {
-        Class::Transient => StoreError::Transient { why, retry_after },
-        _ => StoreError::Permanent(why),
-    }
-}
-
-/// A request that got no answer: always worth another attempt.
-pub(crate) fn no_answer(url: &str, timeout: Duration, e: &reqwest::Error) -> StoreError {
-    StoreError::transient(if e.is_timeout() {
-        format!("{url}: no answer in {timeout:?}")
-    } else {
-        format!("{url}: {e}")
-    })
-}
-
 /// A failed status as a store error, with the first line of the store's answer.
 fn status_error(url: &str, r: reqwest::blocking::Response) -> StoreError {
     failed_answer(url, r, |body| {
@@ -227,17 +186,17 @@ impl Store for HttpStore {
         if let Some(decided) = self.compare(key, &url, size, sha256)? {
             return decided;
         }
-        let mapped = crate::store::s3::map(&f)
+        let mapped = crate::store::wire::map(&f)
             .map_err(|e| StoreError::transient(format!("cannot map {}: {e}", file.display())))?;
         let body =
-            crate::store::s3::body(bytes::Bytes::from_owner(mapped), self.cfg.limit.as_ref());
+            crate::store::wire::body(bytes::Bytes::from_owner(mapped), self.cfg.limit.as_ref());
         let b64 = base64::engine::general_purpose::STANDARD.encode(sha256);
         let req = self
             .request(reqwest::Method::PUT, &url)
             .header("content-digest", format!("sha-256=:{b64}:"))
             .header("x-erec-sha256", hex::encode(sha256))
             .header("if-none-match", "*")
-            .header("content-type", crate::store::s3::CONTENT_TYPE)
+            .header("content-type", crate::store::wire::CONTENT_TYPE)
             .header("content-length", size)
             .body(body);
         let r = self.send(req, &url)?;

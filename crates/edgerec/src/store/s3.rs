@@ -32,9 +32,9 @@ use base64::Engine;
 use sha2::Digest;
 use zeroize::Zeroizing;
 
-use crate::appliance::spool::{Multipart, PartDone};
 use crate::store::retry::{Class, classify};
-use crate::store::{Checkpoint, Store, StoreError, Stored};
+use crate::store::wire::{CONTENT_TYPE, body, map};
+use crate::store::{Checkpoint, Multipart, PartDone, Store, StoreError, Stored};
 use edgerec_net::answers::xml_all;
 
 /// What an `s3` store needs (`[store]` with `kind = "s3"`).
@@ -51,7 +51,7 @@ pub struct S3Config {
     /// The secret key.
     pub secret_key: Zeroizing<String>,
     /// TLS: an extra CA, a client certificate.
-    pub tls: crate::store::http::Tls,
+    pub tls: crate::store::wire::Tls,
     /// The longest one request may take.
     pub timeout: Duration,
     /// The bandwidth limit shared by all uploads, if any.
@@ -93,7 +93,7 @@ enum Head {
 impl S3Store {
     /// A client for `cfg`.
     pub fn new(cfg: S3Config) -> Result<S3Store, String> {
-        let client = crate::store::http::client(&cfg.tls, cfg.timeout)?;
+        let client = crate::store::wire::client(&cfg.tls, cfg.timeout)?;
         let credentials = edgerec_net::aws::credentials(&cfg.access_key, &cfg.secret_key);
         Ok(S3Store {
             cfg,
@@ -138,7 +138,7 @@ impl S3Store {
             req = req.body(b);
         }
         req.send()
-            .map_err(|e| crate::store::http::no_answer(url, self.cfg.timeout, &e))
+            .map_err(|e| crate::store::wire::no_answer(url, self.cfg.timeout, &e))
     }
 
     /// The object under `key`, whole (for checks and small objects; export streams).
@@ -285,7 +285,7 @@ const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495
 
 /// A failed status as a store error, with the store's own code and message.
 fn status_error(url: &str, r: reqwest::blocking::Response) -> StoreError {
-    crate::store::http::failed_answer(url, r, |body| {
+    crate::store::wire::failed_answer(url, r, |body| {
         let field = |tag: &str| xml_all(body, tag).into_iter().next();
         match (field("Code"), field("Message")) {
             (Some(c), Some(m)) => Some(format!("{c}: {m}")),
@@ -294,17 +294,6 @@ fn status_error(url: &str, r: reqwest::blocking::Response) -> StoreError {
             _ => None,
         }
     })
-}
-
-/// Maps a spool package read-only, for a request body that costs no copy of it in memory.
-#[allow(unsafe_code)]
-pub(crate) fn map(file: &File) -> std::io::Result<memmap2::Mmap> {
-    // SAFETY: the mapped file is a package in spool/ready/, which nothing writes: the
-    // recorder writes only active/ files and renames them into ready/ complete, and edgerec
-    // only ever reads, moves or unlinks a ready/ package (an unlink keeps the mapping
-    // valid). The spool is 0700 and owned by the service user, so no other process may
-    // truncate it under the mapping.
-    unsafe { memmap2::Mmap::map(file) }
 }
 
 impl Store for S3Store {
@@ -699,27 +688,6 @@ impl S3Store {
         }
     }
 }
-
-/// A request body straight from a mapping, paced through the bandwidth limit if there is one.
-pub(crate) fn body(
-    bytes: bytes::Bytes,
-    limit: Option<&crate::store::bandwidth::Limit>,
-) -> reqwest::blocking::Body {
-    match limit {
-        // Paced through the bucket, 64 KiB at a time.
-        Some(l) => {
-            let len = bytes.len() as u64;
-            reqwest::blocking::Body::sized(
-                crate::store::bandwidth::Throttled::new(std::io::Cursor::new(bytes), l.clone()),
-                len,
-            )
-        }
-        None => reqwest::blocking::Body::from(bytes),
-    }
-}
-
-/// The content type of a package.
-pub(crate) const CONTENT_TYPE: &str = "application/vnd.edgerec.package";
 
 /// Bytes per part for a package of `size`: `wanted`, raised (to whole MiB) where the package
 /// would otherwise need more than S3's 10,000 parts.
