@@ -11,6 +11,8 @@
 //! process used (user + system, from /proc), so the clients' own work on the same machine
 //! does not count against it. OpenSSL: `openssl speed -seconds 5 rsa3072`, one process, its
 //! sign/s (the RSA private operation).
+// A test's or benchmark's unwrap is its report (the workspace denies it in the crates).
+#![allow(clippy::unwrap_used)]
 
 use std::io::BufRead;
 use std::path::Path;

@@ -3,6 +3,8 @@
 //!
 //! The whole-command comparison with `age` (a file on tmpfs, wall-clock) is
 //! `benches/seal_vs_age.sh`.
+// A test's or benchmark's unwrap is its report (the workspace denies it in the crates).
+#![allow(clippy::unwrap_used)]
 
 use std::hint::black_box;
 use std::io::Cursor;

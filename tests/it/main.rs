@@ -1,5 +1,7 @@
 //! The integration tests, one test binary: the library through its public API and the
 //! `edgerec` binary end to end.
+// A test's or benchmark's unwrap is its report (the workspace denies it in the crates).
+#![allow(clippy::unwrap_used)]
 
 mod appliance;
 mod cli;

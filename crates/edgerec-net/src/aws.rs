@@ -27,6 +27,8 @@ pub enum Service {
 }
 
 /// The headers that sign a request (`authorization`, `x-amz-date`, …), to add to it.
+// The request's parts as the signer takes them, one argument each: a struct for one call
+// site would only rename them.
 #[allow(clippy::too_many_arguments)]
 pub fn signature_headers(
     service: Service,

@@ -13,6 +13,8 @@
 //! Why a crate of its own rather than part of `erec`: everything here is about running a
 //! service (sockets, TLS, files of state); `erec` is the package format alone, which another
 //! reader of the format depends on without any of it.
+// Tests unwrap: a failed unwrap is the test's report (the workspace denies it elsewhere).
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod answers;
 #[cfg(feature = "client")]

@@ -21,6 +21,8 @@
 //! - `cli` (feature `cli`): the `edgerec` command line, the key manager's commands among
 //!   them; `hardening`, the first thing every process does (no core files, not dumpable).
 //! - [`error`]: the error of the commands and the exit codes of the interface contract.
+// Tests unwrap: a failed unwrap is the test's report (the workspace denies it elsewhere).
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
