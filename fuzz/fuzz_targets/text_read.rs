@@ -6,9 +6,10 @@
 //! that verifies has as many lines as it says.
 #![no_main]
 
-use edgerec_net::answers::{credential, kms_error, sha256_of_digest, unescape, xml_all};
+use edgerec_net::answers::{
+    credential, kms_error, parse_retry_after, sha256_of_digest, unescape, xml_all,
+};
 use erec::clock::parse_rfc3339_ms;
-use edgerec_net::answers::parse_retry_after;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

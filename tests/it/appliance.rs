@@ -1613,6 +1613,14 @@ fn a_stale_key_refuses_new_recordings_when_the_policy_says_so() {
         "edgerec_recordings_refused_total{reason=\"kek_stale\"}",
         1.0,
     );
+    // Refused once, in one place: a refused call never started, and its datagrams are
+    // accounted for (before, the session counted it started and its chunks vanished).
+    assert_eq!(a.metric("edgerec_recordings_started_total"), 0.0);
+    assert_eq!(
+        a.metric("edgerec_recordings_refused_total{reason=\"kek_stale\"}"),
+        1.0
+    );
+    a.wait_metric("edgerec_datagrams_rejected_total{reason=\"refused\"}", 20.0);
     // Back: recording resumes at the next fetch.
     lkm.restart();
     a.wait_log("new recordings are taken");

@@ -119,6 +119,15 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
         // the arrival of the one just taken, so a recorder that fell behind never ends a
         // call as idle whose packets are still queued.
         let mut clock = us(Instant::now());
+        // What may start a recording is the session's decision, on the spool's and the
+        // key's state as of now.
+        sessions.set_refusal(if !accepting.load(Ordering::Relaxed) {
+            Some("spool_full")
+        } else if keks.current().is_empty() {
+            Some("kek_stale")
+        } else {
+            None
+        });
         match msg {
             Ok(Msg::Batch(mut batch)) => {
                 for (d, data) in batch.iter() {
@@ -180,21 +189,14 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
                     if let Some(prev) = continues.and_then(|c| uuids.get(&c)) {
                         public.insert("continues".into(), prev.hyphenated().to_string().into());
                     }
-                    if !accepting.load(Ordering::Relaxed) {
-                        tracing::error!(
-                            port = local.port(),
-                            "recording refused: the spool is full"
-                        );
-                        Metrics::inc(&metrics.recordings_refused, "spool_full", 1);
-                        continue;
-                    }
                     let current = keks.current();
                     if current.is_empty() {
+                        // The key went stale since the session was told: it ends at once.
                         tracing::error!(
                             port = local.port(),
-                            "recording refused: no usable KEK (the key manager's key is stale)"
+                            "recording ended at its start: no usable KEK (the key manager's key is stale)"
                         );
-                        Metrics::inc(&metrics.recordings_refused, "kek_stale", 1);
+                        sessions.abort(clock, rec);
                         continue;
                     }
                     // The id is chosen here, so a successor can name it at once; the data key,
@@ -220,9 +222,9 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
                         opening.remove(&rec);
                         tracing::error!(
                             port = local.port(),
-                            "recording refused: the opener is gone"
+                            "recording ended at its start: the opener is gone"
                         );
-                        Metrics::inc(&metrics.recordings_refused, "spool_error", 1);
+                        sessions.abort(clock, rec);
                     }
                 }
                 Action::Chunk { rec, plaintext } => {
@@ -310,8 +312,9 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(port, error = %e, "recording refused");
-                    Metrics::inc(&metrics.recordings_refused, "spool_error", 1);
+                    tracing::error!(port, error = %e, "recording ended at its start: its package cannot be made");
+                    sessions.abort(us(Instant::now()), rec);
+                    unpublished = true;
                 }
             }
         }
@@ -369,6 +372,12 @@ fn publish(m: &Metrics, now: &Counters, last: &mut Counters) {
     m.rtcp.inc_by(now.rtcp_packets - last.rtcp_packets);
     m.rtp_paused.inc_by(now.rtp_paused - last.rtp_paused);
     m.recordings_started.inc_by(now.started - last.started);
+    for (reason, n) in &now.refused {
+        let before = last.refused.get(reason).copied().unwrap_or(0);
+        if *n > before {
+            Metrics::inc(&m.recordings_refused, reason, n - before);
+        }
+    }
     for (reason, n) in &now.dropped {
         let before = last.dropped.get(reason).copied().unwrap_or(0);
         if *n > before {

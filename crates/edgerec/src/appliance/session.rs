@@ -97,6 +97,8 @@ pub enum Discard {
     NotAdmitted,
     /// Held by a candidate whose start was over a rate (per source or per port).
     StartRate,
+    /// Of a call whose recording was refused (see [`Sessions::set_refusal`]).
+    Refused,
 }
 
 impl Discard {
@@ -109,6 +111,7 @@ impl Discard {
             Discard::TooLarge => "too_large",
             Discard::NotAdmitted => "not_admitted",
             Discard::StartRate => "start_rate",
+            Discard::Refused => "refused",
         }
     }
 }
@@ -171,6 +174,8 @@ pub struct Counters {
     pub dropped: HashMap<&'static str, u64>,
     /// Recordings started.
     pub started: u64,
+    /// Calls whose recording was refused (never started), by reason.
+    pub refused: HashMap<&'static str, u64>,
     /// Recordings ended, by reason.
     pub ended: HashMap<&'static str, u64>,
     /// RTP packets received while paused (not stored, by request).
@@ -402,6 +407,11 @@ pub struct Sessions {
     replaying: bool,
     starts_by_source: edgerec_net::rate_limit::PerKey<std::net::IpAddr>,
     starts_by_port: edgerec_net::rate_limit::PerKey<u16>,
+    /// Why no recording may start now (the driver's spool or key), if one may not.
+    refusing: Option<&'static str>,
+    /// Ports whose call was refused, and when its last datagram came: the rest of that call
+    /// is dropped as refused, and the refusal counted once.
+    refused_ports: PortMap<u64>,
 }
 
 impl Sessions {
@@ -423,7 +433,68 @@ impl Sessions {
                 10_000,
             ),
             starts_by_port: edgerec_net::rate_limit::PerKey::new(limits.starts_per_port, 10_000),
+            refusing: None,
+            refused_ports: PortMap::default(),
         }
+    }
+
+    /// Whether recordings may start: `Some(reason)` while they may not (the spool is full,
+    /// no usable key), `None` when they may again. The session is the one place a recording
+    /// is admitted: a call that qualifies while this says no is refused (counted once, by
+    /// reason, and never started), and the rest of it is dropped as `refused`; a call heard
+    /// from after it goes quiet for the idle timeout, or after refusals end, is a new one.
+    pub fn set_refusal(&mut self, reason: Option<&'static str>) {
+        self.refusing = reason;
+        if reason.is_none() {
+            self.refused_ports.clear();
+        }
+    }
+
+    /// A recording the driver could not make after all (its package file could not be
+    /// created): it ends at once as `spool_error`, nothing more is handed out for it, and
+    /// the rest of its call is refused like one refused at its start.
+    pub fn abort(&mut self, now: u64, rec: RecId) {
+        let Some(port) = self
+            .by_port
+            .iter()
+            .find_map(|(p, r)| (r.id == rec).then_some(*p))
+        else {
+            return;
+        };
+        self.by_port.remove(&port);
+        *self.counters.ended.entry("spool_error").or_default() += 1;
+        self.refused_ports.insert(port, now);
+        if self.by_port.is_empty() {
+            self.next_flush_us = None;
+            self.next_deadline_us = self.candidate_deadline();
+        }
+    }
+
+    /// Whether the call on `port` (no recording there) is one refused already: its datagram
+    /// at `now` is dropped, and it stays refused until quiet for the idle timeout.
+    fn refused_call(&mut self, now: u64, port: u16) -> bool {
+        let idle = self.limits.idle_timeout_us;
+        match self.refused_ports.get_mut(&port) {
+            Some(last) if now.saturating_sub(*last) < idle => {
+                *last = now;
+                true
+            }
+            Some(_) => {
+                self.refused_ports.remove(&port);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Refuses the call on `port` if recordings may not start now: counts it once.
+    fn refuse(&mut self, now: u64, port: u16) -> bool {
+        let Some(reason) = self.refusing else {
+            return false;
+        };
+        *self.counters.refused.entry(reason).or_default() += 1;
+        self.refused_ports.insert(port, now);
+        true
     }
 
     fn deadline(&self, r: &Recording) -> u64 {
@@ -564,6 +635,12 @@ impl Sessions {
         }
         if run < self.limits.min_packets {
             return;
+        }
+        if self.refuse(now, port) {
+            // A call, admitted, whose recording may not start: everything it held goes.
+            let c = self.candidates.remove(&port).expect("held above");
+            let n = c.held.len() as u64;
+            return self.discard_n(Discard::Refused, n);
         }
         if !self.may_start(now, local, remote) {
             // Only this stream's datagrams go; the port's other streams stay on probation.
@@ -767,6 +844,10 @@ impl Sessions {
         let Some(old) = self.close(port, EndReason::MaxDuration, out) else {
             return;
         };
+        if self.refuse(now, port) {
+            // Its continuation may not start: the rest of the call is refused.
+            return;
+        }
         let paused = self.paused.contains_key(&port);
         self.open(now, old.local, Some(old.id), paused, out);
         for json in old.tags {
@@ -890,11 +971,17 @@ impl Sessions {
             return self.discard(Discard::TooLarge);
         }
         let port = local.port();
+        if !self.by_port.contains_key(&port) && self.refused_call(now, port) {
+            return self.discard(Discard::Refused);
+        }
         match self.by_port.get(&port) {
             None if self.limits.min_packets > 1 => {
                 return self.candidate(now, local, remote, datagram, h, out);
             }
             None => {
+                if self.refuse(now, port) {
+                    return self.discard(Discard::Refused);
+                }
                 if !self.may_start(now, local, remote) {
                     return self.discard(Discard::StartRate);
                 }
@@ -902,7 +989,11 @@ impl Sessions {
                 self.open(now, local, None, paused, out)
             }
             Some(r) if now.saturating_sub(r.started_us) >= self.limits.max_recording_us => {
-                self.split(now, port, out)
+                self.split(now, port, out);
+                if !self.by_port.contains_key(&port) {
+                    // Its continuation was refused.
+                    return self.discard(Discard::Refused);
+                }
             }
             Some(_) => {}
         }
@@ -1906,6 +1997,107 @@ mod tests {
         );
     }
 
+    fn refused(h: &Harness, reason: &str) -> u64 {
+        h.s.counters().refused.get(reason).copied().unwrap_or(0)
+    }
+
+    fn dropped(h: &Harness, reason: &str) -> u64 {
+        h.s.counters().dropped.get(reason).copied().unwrap_or(0)
+    }
+
+    #[test]
+    fn a_call_that_qualifies_while_refusing_is_refused_once_and_never_started() {
+        let mut h = Harness::with(Limits {
+            min_packets: 3,
+            ..limits()
+        });
+        h.s.set_refusal(Some("spool_full"));
+        h.call(0, 40000, "10.0.0.1:5000", 7, 0..10);
+        assert!(h.opens().is_empty(), "no package for a refused call");
+        assert_eq!(h.s.counters().started, 0);
+        assert_eq!(refused(&h, "spool_full"), 1, "counted once, not per packet");
+        assert_eq!(
+            dropped(&h, "refused"),
+            10,
+            "every datagram of it accounted for"
+        );
+        // The spool has room again: the rest of the call is recorded (after admission).
+        h.s.set_refusal(None);
+        h.call(200 * MS, 40000, "10.0.0.1:5000", 7, 10..20);
+        assert_eq!(h.opens().len(), 1);
+        assert_eq!(h.s.counters().started, 1);
+        assert_eq!(refused(&h, "spool_full"), 1);
+    }
+
+    #[test]
+    fn without_admission_a_refused_call_counts_once_until_it_goes_quiet() {
+        let mut h = Harness::new();
+        h.s.set_refusal(Some("kek_stale"));
+        h.call(0, 40000, "10.0.0.1:5000", 7, 0..5);
+        assert_eq!(refused(&h, "kek_stale"), 1);
+        assert_eq!(dropped(&h, "refused"), 5);
+        // Quiet for the idle timeout: the next packet there is a new call, refused anew.
+        h.call(
+            100 * MS + limits().idle_timeout_us,
+            40000,
+            "10.0.0.1:5000",
+            9,
+            0..2,
+        );
+        assert_eq!(refused(&h, "kek_stale"), 2);
+        assert!(h.opens().is_empty());
+        assert_eq!(h.s.counters().started, 0);
+        assert!(
+            h.s.counters().ended.is_empty(),
+            "nothing ended that never started"
+        );
+    }
+
+    #[test]
+    fn an_aborted_recording_ends_once_and_its_call_is_refused_after() {
+        let mut h = Harness::new();
+        h.call(0, 40000, "10.0.0.1:5000", 7, 0..3);
+        let rec = h.opens()[0].0;
+        h.s.abort(60 * MS, rec);
+        assert_eq!(h.s.active(), 0);
+        assert_eq!(h.s.counters().ended.get("spool_error"), Some(&1));
+        let before = h.actions.len();
+        h.call(80 * MS, 40000, "10.0.0.1:5000", 7, 3..6);
+        h.tick_until(20_000 * MS);
+        h.s.shutdown(&mut h.actions);
+        assert!(
+            h.actions[before..]
+                .iter()
+                .all(|a| matches!(a, Action::Sync)),
+            "nothing more for it, no second package: {:?}",
+            &h.actions[before..]
+        );
+        assert_eq!(dropped(&h, "refused"), 3);
+        assert_eq!(h.s.counters().started, 1);
+        let ended: u64 = h.s.counters().ended.values().sum();
+        assert_eq!(ended, 1, "started once, ended once");
+    }
+
+    #[test]
+    fn a_continuation_refused_at_the_maximum_duration_ends_the_recording_there() {
+        let l = limits();
+        let mut h = Harness::new();
+        h.send(0, 40000, "10.0.0.1:5000", &rtp(0, 7));
+        h.s.set_refusal(Some("spool_full"));
+        let mut seq = 1u16;
+        let mut now = 0;
+        while now < l.max_recording_us + 100 * MS {
+            now += 20 * MS;
+            h.tick_until(now);
+            h.send(now, 40000, "10.0.0.1:5000", &rtp(seq, 7));
+            seq += 1;
+        }
+        assert_eq!(h.opens().len(), 1, "no continuation");
+        assert_eq!(h.closes(), [(RecId(0), EndReason::MaxDuration)]);
+        assert_eq!(refused(&h, "spool_full"), 1);
+        assert!(dropped(&h, "refused") >= 4);
+    }
+
     use proptest::prelude::*;
 
     #[derive(Debug, Clone)]
@@ -1932,6 +2124,8 @@ mod tests {
             n: u16,
         },
         Pause(u16, bool),
+        /// Recordings may (false) or may not (true) start.
+        Refuse(bool),
     }
 
     fn input() -> impl Strategy<Value = Input> {
@@ -1945,6 +2139,7 @@ mod tests {
             2 => (0u16..3, 0u8..4, 0u8..4, 1u16..6)
                 .prop_map(|(port, from, ssrc, n)| Input::Call { port, from, ssrc, n }),
             1 => (0u16..3, any::<bool>()).prop_map(|(port, p)| Input::Pause(port, p)),
+            1 => any::<bool>().prop_map(Input::Refuse),
         ]
     }
 
@@ -2071,6 +2266,7 @@ mod tests {
                             h.send(now, 40000 + port, &format!("10.0.0.{from}:5000"), &rtp(seq, u32::from(ssrc)));
                         }
                     }
+                    Input::Refuse(r) => h.s.set_refusal(r.then_some("spool_full")),
                     Input::Pause(port, p) => {
                         if p {
                             h.s.pause(now, 40000 + port, &mut h.actions);
