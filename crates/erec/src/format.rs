@@ -10,82 +10,8 @@
 //! Invariant: every length read from the input is checked against the limits below before
 //! anything is allocated for it, and trailing bytes are never ignored.
 //!
-//! # Specification
-//!
-//! All integers are big-endian. Labels (`EREC/dek`, `EREC hdr`, `EREC chk`, `EREC v1 keys`)
-//! are ASCII bytes with no terminator and no length prefix.
-//!
-//! ```text
-//! Header
-//!   8   magic               89 45 52 45 43 0D 0A 1A
-//!   1   version             1
-//!   1   suite               1 = HKDF-SHA256, AES-256-CTR, HMAC-SHA256 (32-byte tags)
-//!   2   header length       the whole header, MAC included
-//!  16   recording id        UUIDv7; also the HKDF salt
-//!   8   nonce prefix        random
-//!   4   max chunk length    4,096 ..= 16,777,216
-//!   8   created             unix ms
-//!   1   recipient count n   1 ..= 4, kek ids distinct
-//!   n × recipient           kek id (32) ‖ wrap (1) ‖ length u16 ‖ sealed DEK (384 ..= 512)
-//!   2+m public metadata     length u16 ‖ UTF-8 JSON object
-//!  32   header MAC          HMAC-SHA256(K_mac, "EREC hdr" ‖ all header bytes before it)
-//!
-//! Record (41 bytes of overhead)
-//!   4   index               0, 1, 2 … with no gaps
-//!   1   kind                0x01 media | 0x02 metadata | 0x83 end (0x03 with FINAL 0x80)
-//!   4   length L            1 ..= max chunk for 0x01 and 0x02; exactly 21 for 0x83
-//!   L   ciphertext          AES-256-CTR(K_enc, IV = nonce prefix ‖ index ‖ 00 00 00 00)
-//!  32   tag                 HMAC-SHA256(K_mac, "EREC chk" ‖ header MAC ‖ index ‖ kind ‖ L ‖ C)
-//!
-//! End record plaintext (21 bytes)
-//!   8   plaintext bytes     sum of L over the records before it
-//!   4   records             number of records before it (= the end record's index)
-//!   1   end reason          0 complete, 1 RTCP BYE, 2 idle, 3 max duration, 4 shutdown, 5 error
-//!   8   ended               unix ms
-//!
-//! Keys: K_enc ‖ K_mac = HKDF-SHA256(ikm = DEK, salt = recording id, info = "EREC v1 keys")
-//! kek id: SHA-256 of the canonical DER SubjectPublicKeyInfo (rsaEncryption, NULL params)
-//! wrap 1: RSA-OAEP, SHA-256, MGF1-SHA-256, label "EREC/dek"
-//! wrap 2: RSA-OAEP, SHA-1, MGF1-SHA-1, no label (for keys held by a contract LKM)
-//! ```
-//!
-//! # Decisions where the design left room
-//!
-//! These are choices this implementation makes and checks; another implementation must make
-//! the same ones to agree with the test vectors in `tests/vectors/`.
-//!
-//! 1. **Recording id.** Writers always write a UUIDv7. Readers require the UUID version
-//!    nibble to be 7 and the variant bits to be `10` (RFC 9562): the store's object key is
-//!    derived from the v7 timestamp, so any other id cannot be placed and is corrupt.
-//! 2. **Header length.** Must equal the length the fields add up to. A header shorter than
-//!    the smallest possible header (one recipient with a 384-byte sealed DEK and the 15-byte
-//!    metadata `{"media":"rtp"}`) is rejected before reading further; the field is a u16, so a
-//!    header is at most 65,535 bytes and readers never allocate more for it.
-//! 3. **Order of checks.** Magic, then version and suite (an unknown version or suite is
-//!    *unsupported*, never *corrupt*, so future versions give a clear error), then header
-//!    length, then the fields in order.
-//! 4. **Public metadata.** Must be valid UTF-8 and parse as a JSON object (serde_json; for a
-//!    duplicated key the later value wins, as with metadata records) with `"media"` equal to
-//!    `"rtp"` or `"file"`; `"continues"`, if present, must be a string. Anything else is
-//!    corrupt. An empty metadata field (length 0) is therefore not allowed.
-//! 5. **Recipients.** Wrap must be 1 or 2 (another value is corrupt, not unsupported: wraps
-//!    are part of suite 1). The sealed DEK length must be 384 ..= 512, i.e. RSA-3072 to
-//!    RSA-4096. Writers refuse keys outside that range.
-//! 6. **End reason.** A value above 5 is corrupt: v1 defines six reasons and a new one needs
-//!    a new version.
-//! 7. **Torn tail.** A record frame that the file ends inside of (fewer than 9 bytes of its
-//!    prefix, or fewer than L + 32 bytes after it) makes the file *unterminated*, not corrupt:
-//!    that is what a crash leaves. A complete record whose kind, length or index is wrong is
-//!    corrupt, also at the tail. After the end record nothing may follow (corrupt).
-//!    Keyless crash *recovery* is more lenient ([`Tail::CutInvalid`]): it also cuts at the
-//!    first record frame whose kind, length or index is wrong, because a crash can leave
-//!    zeroed or stale blocks after the last record that reached the disk. What it keeps is
-//!    exactly what a recovery read would return; the tags are checked when the package is
-//!    opened.
-//! 8. **Empty package.** Zero media records is valid (an empty file, a call that never
-//!    carried audio): header, optional metadata records, end record.
-//! 9. **Metadata records** (kind 0x02) must decrypt to a UTF-8 JSON object; the reader checks
-//!    this after the tag and reports anything else as corrupt.
+//! The specification is `docs/format.md` in the repository, included below.
+#![doc = include_str!("../../../docs/format.md")]
 
 use serde_json::{Map, Value};
 

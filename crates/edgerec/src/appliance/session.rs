@@ -6,7 +6,7 @@
 //! `now` is microseconds of a monotonic clock the driver owns, so every test of loss,
 //! reordering, SSRC change, idle close and the maximum duration runs on a fake clock.
 //!
-//! Rules (DESIGN.md):
+//! Rules (docs/operations.md, "Ingest" and "Recorder"):
 //! - Each local port records what arrives on it: all streams on one port while it is busy
 //!   form one recording. RTP opens a recording; RTCP never does.
 //! - A new SSRC from the remote address of an open stream is an SSRC change on that stream;

@@ -2,7 +2,7 @@
 //! next one. Pure functions of (policy, attempts, outcome, a random number), tested on fixed
 //! inputs; the uploader supplies the randomness and the clock.
 //!
-//! Rules (DESIGN.md): 5xx, 408, 429, timeouts and connection errors are retried, forever by
+//! Rules (docs/operations.md, "Retry"): 5xx, 408, 429, timeouts and connection errors are retried, forever by
 //! default, with exponential backoff and full jitter applied after the cap (the wait is
 //! uniform between zero and `min(max, initial × 2^(attempts−1))`, so a thousand appliances
 //! that lost the store at the same moment do not come back in step). A `Retry-After` the
