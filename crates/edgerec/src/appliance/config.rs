@@ -226,7 +226,7 @@ fn default_wrap() -> Spanned<String> {
 /// `[store]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Store {
+pub struct RawStore {
     /// `dir`, `http` or `s3`.
     #[serde(default = "default_kind")]
     pub kind: Spanned<String>,
@@ -266,7 +266,7 @@ fn default_kind() -> Spanned<String> {
 /// `[upload]`: the retry policy of the uploader (see [`crate::store::retry`]).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Upload {
+pub struct RawUpload {
     /// Upper bound of the first wait after a transient failure. 1 s: a store that blinked is
     /// tried again at once.
     pub retry_initial_ms: Spanned<u64>,
@@ -301,9 +301,9 @@ pub struct Upload {
     pub abort_orphans_after_secs: Spanned<u64>,
 }
 
-impl Default for Upload {
+impl Default for RawUpload {
     fn default() -> Self {
-        Upload {
+        RawUpload {
             retry_initial_ms: Spanned::new(0..0, 1000),
             retry_max_ms: Spanned::new(0..0, 300_000),
             max_attempts: Spanned::new(0..0, 0),
@@ -321,14 +321,14 @@ impl Default for Upload {
 /// `[metrics]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Metrics {
+pub struct MetricsConfig {
     /// `/metrics`, `/healthz`, `/readyz`. Loopback, the Prometheus convention's port range.
     pub listen: SocketAddr,
 }
 
-impl Default for Metrics {
+impl Default for MetricsConfig {
     fn default() -> Self {
-        Metrics {
+        MetricsConfig {
             listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9464),
         }
     }
@@ -342,11 +342,11 @@ struct Raw {
     #[serde(default)]
     ingest: Ingest,
     keys: Keys,
-    store: Store,
+    store: RawStore,
     #[serde(default)]
-    upload: Upload,
+    upload: RawUpload,
     #[serde(default)]
-    metrics: Metrics,
+    metrics: MetricsConfig,
     #[serde(default)]
     control: RawControl,
     #[serde(default)]
@@ -436,7 +436,7 @@ pub struct Config {
     /// Multipart uploads no package refers to are aborted after this long (`None`: never).
     pub abort_orphans_after: Option<std::time::Duration>,
     /// `[metrics]`.
-    pub metrics: Metrics,
+    pub metrics: MetricsConfig,
     /// `[control]`, if it has a `listen`.
     pub control: Option<Control>,
     /// `[inbox]`, if it has a `dir`.

@@ -43,7 +43,7 @@ pub struct CachedKey {
 
 /// What to do with the key in hand.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub enum Freshness {
     /// Confirmed recently enough.
     Fresh,
     /// Stale, and the policy says record on with it.
@@ -53,14 +53,14 @@ pub enum Verdict {
 }
 
 /// Whether a key confirmed at `confirmed_at` is still to be used at `now_ms`.
-pub fn verdict(confirmed_at: u64, now_ms: u64, max_age: Duration, on_stale: OnStale) -> Verdict {
+pub fn verdict(confirmed_at: u64, now_ms: u64, max_age: Duration, on_stale: OnStale) -> Freshness {
     let age = now_ms.saturating_sub(confirmed_at);
     if u128::from(age) <= max_age.as_millis() {
-        Verdict::Fresh
+        Freshness::Fresh
     } else if on_stale == OnStale::Keep {
-        Verdict::StaleKept
+        Freshness::StaleKept
     } else {
-        Verdict::StaleRefused
+        Freshness::StaleRefused
     }
 }
 
@@ -153,7 +153,7 @@ impl Fetcher {
             stale_logged: false,
         };
         let keks = match f.judge(now_ms) {
-            Verdict::StaleRefused => Vec::new(),
+            Freshness::StaleRefused => Vec::new(),
             _ => f.recipients(kek),
         };
         Ok((f, keks))
@@ -165,18 +165,18 @@ impl Fetcher {
         keks
     }
 
-    fn judge(&mut self, now_ms: u64) -> Verdict {
+    fn judge(&mut self, now_ms: u64) -> Freshness {
         let v = verdict(
             self.cached.confirmed_at,
             now_ms,
             self.cfg.max_age,
             self.cfg.on_stale,
         );
-        if v != Verdict::Fresh && !self.stale_logged {
+        if v != Freshness::Fresh && !self.stale_logged {
             self.stale_logged = true;
             let age_s = now_ms.saturating_sub(self.cached.confirmed_at) / 1000;
             match v {
-                Verdict::StaleRefused => {
+                Freshness::StaleRefused => {
                     tracing::error!(kek_id = %self.cached.id, age_s, "the cached key is stale (keys.on_stale = refuse): new recordings are refused until the key manager answers")
                 }
                 _ => {
@@ -245,7 +245,7 @@ impl Fetcher {
                 metrics.kek_fetch_errors.inc();
                 tracing::warn!(error = %e, kek_id = %self.cached.id, "cannot fetch the current key; the cached one stays");
                 match self.judge(now_ms) {
-                    Verdict::StaleRefused => {
+                    Freshness::StaleRefused => {
                         if !handle.current().is_empty() {
                             handle.replace(Vec::new());
                         }
@@ -311,18 +311,21 @@ mod tests {
     #[test]
     fn a_key_is_stale_after_max_age_and_the_policy_decides() {
         let max = Duration::from_secs(60);
-        assert_eq!(verdict(1_000, 61_000, max, OnStale::Refuse), Verdict::Fresh);
+        assert_eq!(
+            verdict(1_000, 61_000, max, OnStale::Refuse),
+            Freshness::Fresh
+        );
         assert_eq!(
             verdict(1_000, 61_001, max, OnStale::Refuse),
-            Verdict::StaleRefused
+            Freshness::StaleRefused
         );
         assert_eq!(
             verdict(1_000, 61_001, max, OnStale::Keep),
-            Verdict::StaleKept
+            Freshness::StaleKept
         );
         assert_eq!(
             verdict(90_000, 1_000, max, OnStale::Refuse),
-            Verdict::Fresh,
+            Freshness::Fresh,
             "a clock set back does not make a key stale"
         );
     }

@@ -25,7 +25,7 @@ pub struct Reason {
 
 /// `{outcome}`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct Outcome {
+pub struct UploadOutcome {
     /// stored, already_stored, retry, failed.
     pub outcome: String,
 }
@@ -94,7 +94,7 @@ pub struct Metrics {
     /// Age of the oldest package waiting in `ready/`.
     pub spool_oldest_ready_age: Gauge,
     /// Uploads by outcome.
-    pub uploads: Family<Outcome, Counter>,
+    pub uploads: Family<UploadOutcome, Counter>,
     /// Upload attempts that will be retried.
     pub upload_retries: Counter,
     /// Multipart parts the store confirmed.

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use crate::appliance::metrics::{Metrics, Outcome};
+use crate::appliance::metrics::{Metrics, UploadOutcome};
 use crate::appliance::spool::{Place, Spool, UploadState};
 use crate::store::Multipart;
 use crate::store::retry::{Policy, Verdict};
@@ -312,7 +312,7 @@ fn upload_one(
     let outcome = |o: &str| {
         metrics
             .uploads
-            .get_or_create(&Outcome { outcome: o.into() })
+            .get_or_create(&UploadOutcome { outcome: o.into() })
             .inc();
     };
     match result {
@@ -391,7 +391,7 @@ fn fail(
     tracing::error!(recording = %id, error = %e, "store refused the package; moved to failed/");
     metrics
         .uploads
-        .get_or_create(&Outcome {
+        .get_or_create(&UploadOutcome {
             outcome: "failed".into(),
         })
         .inc();

@@ -250,7 +250,7 @@ pub fn export(
     jobs: Option<usize>,
 ) -> Result<(), Error> {
     use crate::export::Format;
-    use crate::export::bulk::{Exporter, Outcome};
+    use crate::export::bulk::{ExportOutcome, Exporter};
     use std::io::IsTerminal;
     let format = match format {
         super::FormatArg::Wav => Format::Wav,
@@ -321,7 +321,7 @@ pub fn export(
     };
     let results = exporter.all(sources, jobs.unwrap_or_else(default_workers), |src, o| {
         match o {
-            Outcome::Exported { media, terminated } => {
+            ExportOutcome::Exported { media, terminated } => {
                 let warn = if *terminated {
                     ""
                 } else {
@@ -335,7 +335,7 @@ pub fn export(
                     ));
                 }
             }
-            Outcome::Skipped => {
+            ExportOutcome::Skipped => {
                 if bar.is_none() {
                     say(format!(
                         "skipped {} (exported before, verified)",
@@ -343,7 +343,7 @@ pub fn export(
                     ));
                 }
             }
-            Outcome::Failed(e) => say(format!("FAILED {}: {e}", src.name())),
+            ExportOutcome::Failed(e) => say(format!("FAILED {}: {e}", src.name())),
         }
         if let Some(b) = &bar {
             b.inc(1);
@@ -352,13 +352,13 @@ pub fn export(
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
-    let count = |f: fn(&Outcome) -> bool| results.iter().filter(|(_, o)| f(o)).count();
-    let exported = count(|o| matches!(o, Outcome::Exported { .. }));
-    let skipped = count(|o| matches!(o, Outcome::Skipped));
+    let count = |f: fn(&ExportOutcome) -> bool| results.iter().filter(|(_, o)| f(o)).count();
+    let exported = count(|o| matches!(o, ExportOutcome::Exported { .. }));
+    let skipped = count(|o| matches!(o, ExportOutcome::Skipped));
     let mut failed: Vec<_> = results
         .into_iter()
         .filter_map(|(s, o)| match o {
-            Outcome::Failed(e) => Some((s, e)),
+            ExportOutcome::Failed(e) => Some((s, e)),
             _ => None,
         })
         .collect();

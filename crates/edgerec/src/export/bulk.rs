@@ -71,7 +71,7 @@ fn stamp(path: &Path) -> io::Result<(u64, u128)> {
 
 /// What became of one package.
 #[derive(Debug)]
-pub enum Outcome {
+pub enum ExportOutcome {
     /// Exported now.
     Exported {
         /// The media file.
@@ -263,14 +263,14 @@ impl Exporter<'_> {
     }
 
     /// Exports (or skips) one package.
-    pub fn one(&self, source: &Source) -> Outcome {
+    pub fn one(&self, source: &Source) -> ExportOutcome {
         match self.try_one(source) {
             Ok(o) => o,
-            Err(e) => Outcome::Failed(e),
+            Err(e) => ExportOutcome::Failed(e),
         }
     }
 
-    fn try_one(&self, source: &Source) -> Result<Outcome, Error> {
+    fn try_one(&self, source: &Source) -> Result<ExportOutcome, Error> {
         let (path, identity, _fetched) = match source {
             Source::File(p) => {
                 let Some((id, identity)) = Self::identify(p) else {
@@ -278,7 +278,7 @@ impl Exporter<'_> {
                     return self.export(p, None);
                 };
                 if self.is_done(&id, &identity) {
-                    return Ok(Outcome::Skipped);
+                    return Ok(ExportOutcome::Skipped);
                 }
                 (p.clone(), identity, None::<tempfile::NamedTempFile>)
             }
@@ -288,7 +288,7 @@ impl Exporter<'_> {
                 if let Some(id) = &id
                     && self.is_done(id, &identity)
                 {
-                    return Ok(Outcome::Skipped);
+                    return Ok(ExportOutcome::Skipped);
                 }
                 let tmp = self.fetch(key, &identity)?;
                 (tmp.path().to_path_buf(), identity, Some(tmp))
@@ -297,7 +297,7 @@ impl Exporter<'_> {
         self.export(&path, Some(identity))
     }
 
-    fn export(&self, path: &Path, identity: Option<String>) -> Result<Outcome, Error> {
+    fn export(&self, path: &Path, identity: Option<String>) -> Result<ExportOutcome, Error> {
         let opts = crate::export::Options {
             format: self.format,
             pgp: self.pgp.as_ref(),
@@ -307,7 +307,7 @@ impl Exporter<'_> {
         if let Some(identity) = identity {
             self.record(&x, identity)?;
         }
-        Ok(Outcome::Exported {
+        Ok(ExportOutcome::Exported {
             media: x.media,
             terminated: x.terminated,
         })
@@ -365,8 +365,8 @@ impl Exporter<'_> {
         &self,
         sources: Vec<Source>,
         jobs: usize,
-        mut report: impl FnMut(&Source, &Outcome),
-    ) -> Vec<(Source, Outcome)> {
+        mut report: impl FnMut(&Source, &ExportOutcome),
+    ) -> Vec<(Source, ExportOutcome)> {
         let queue = Mutex::new(sources.into_iter().collect::<VecDeque<_>>());
         let (tx, rx) = mpsc::channel();
         let mut results = Vec::new();

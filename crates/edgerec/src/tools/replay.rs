@@ -44,7 +44,7 @@ pub enum ReplayError {
 
 /// One captured UDP datagram.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Datagram {
+pub struct Captured {
     /// Its capture time, from the first datagram of the file.
     pub offset: Duration,
     /// Where it came from.
@@ -57,7 +57,7 @@ pub struct Datagram {
 
 /// The UDP datagrams of a pcap file, in file order, and how many frames were skipped (not
 /// UDP, or not decodable).
-pub fn read(r: impl Read) -> Result<(Vec<Datagram>, u64), ReplayError> {
+pub fn read(r: impl Read) -> Result<(Vec<Captured>, u64), ReplayError> {
     let mut reader = PcapReader::new(r).map_err(|e| ReplayError::Pcap(e.to_string()))?;
     let link = reader.header().datalink;
     if !matches!(
@@ -88,7 +88,7 @@ pub fn read(r: impl Read) -> Result<(Vec<Datagram>, u64), ReplayError> {
             continue;
         };
         let t0 = *first.get_or_insert(p.timestamp);
-        out.push(Datagram {
+        out.push(Captured {
             offset: p.timestamp.saturating_sub(t0),
             source: SocketAddr::new(ip, udp.source_port()),
             port: udp.destination_port(),
@@ -113,7 +113,7 @@ fn slice(link: DataLink, data: &[u8]) -> Option<SlicedPacket<'_>> {
 /// A capture ready to send.
 #[derive(Debug)]
 pub struct Replay {
-    datagrams: Vec<Datagram>,
+    datagrams: Vec<Captured>,
     /// Index of each datagram's source among the distinct sources.
     source_of: Vec<usize>,
     sources: usize,
@@ -134,7 +134,7 @@ pub struct Sent {
 
 impl Replay {
     /// Maps the capture's ports onto `first ..= last`.
-    pub fn new(mut datagrams: Vec<Datagram>, first: u16, last: u16) -> Result<Replay, ReplayError> {
+    pub fn new(mut datagrams: Vec<Captured>, first: u16, last: u16) -> Result<Replay, ReplayError> {
         let lo = datagrams
             .iter()
             .map(|d| d.port)
@@ -173,7 +173,7 @@ impl Replay {
     }
 
     /// The datagrams, with their target ports.
-    pub fn datagrams(&self) -> &[Datagram] {
+    pub fn datagrams(&self) -> &[Captured] {
         &self.datagrams
     }
 
