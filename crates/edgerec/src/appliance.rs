@@ -2,12 +2,13 @@
 //! recording out to the spool, delivered to the store with retry.
 //!
 //! Data flows one way: [`ingest`] reads datagrams in batches ([`feed`]) and hands them to
-//! the [`recorder`], which drives the sans-IO [`session`] (admission, streams, chunks, timers)
-//! and seals what it says into package files of the [`spool`]; the [`uploader`] delivers
-//! finished packages to the store. The [`inbox`] seals files another system leaves; the
-//! [`control`] API tags and pauses calls; [`kek_watch`] and [`kek_fetch`] keep the current
-//! public key; [`metrics`] counts everything; [`config`] is the TOML configuration; [`run`]
-//! starts and stops the whole.
+//! the [`recorder`], which drives the sans-IO [`session`] (admission, streams, chunks,
+//! timers) and seals what it says into package files of the [`spool`]; the [`uploader`]
+//! delivers finished packages to the store on the sans-IO schedule of [`upload_queue`]. The
+//! [`inbox`] seals files another system leaves; the [`control`] API tags and pauses calls;
+//! [`kek_watch`] and [`kek_fetch`] keep the current public key; [`metrics`] counts
+//! everything; [`config`] is the TOML configuration; [`run`] starts and stops the whole,
+//! with one [`shutdown`] signal for every thread and task.
 
 pub mod config;
 pub mod control;
@@ -20,5 +21,7 @@ pub mod metrics;
 pub mod recorder;
 pub mod run;
 pub mod session;
+pub mod shutdown;
 pub mod spool;
+pub mod upload_queue;
 pub mod uploader;

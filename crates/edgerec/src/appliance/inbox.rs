@@ -36,6 +36,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use crate::appliance::metrics::Metrics;
+use crate::appliance::shutdown::Shutdown;
 use crate::appliance::spool::{ActiveFile, Place, Spool};
 use edgerec_net::durable::sync_dir;
 use erec::format::{Metadata, Wrap};
@@ -451,7 +452,7 @@ impl Inbox {
 
     /// Seals what is there now and what is renamed in later, until `stop`: an inotify watch
     /// on the inbox, and a scan every `rescan` as the safety net. Runs on its own thread.
-    pub fn run(self, rescan: Duration, stop: Arc<AtomicBool>) -> notify::Result<()> {
+    pub fn run(self, rescan: Duration, stop: Shutdown) -> notify::Result<()> {
         use notify::event::{ModifyKind, RenameMode};
         use notify::{EventKind, RecursiveMode, Watcher};
         let (tx, rx) = std::sync::mpsc::channel();
@@ -470,7 +471,7 @@ impl Inbox {
         watcher.watch(&self.dir, RecursiveMode::NonRecursive)?;
         self.scan();
         let mut last_scan = std::time::Instant::now();
-        while !stop.load(Ordering::Relaxed) {
+        while !stop.is_triggered() {
             match rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(path) => {
                     if path.parent() == Some(self.dir.as_path())

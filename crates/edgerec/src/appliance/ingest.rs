@@ -19,7 +19,7 @@ use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -34,6 +34,7 @@ use nix::sys::time::TimeSpec;
 
 use crate::appliance::feed::{Batch, Msg};
 use crate::appliance::metrics::Metrics;
+use crate::appliance::shutdown::Shutdown;
 
 /// Datagrams one `recvmmsg` call can take.
 pub const SLOTS: usize = 32;
@@ -67,7 +68,7 @@ pub struct IngestSetup {
     /// The metrics.
     pub metrics: Arc<Metrics>,
     /// Set to stop; the thread returns within [`STOP_CHECK`].
-    pub stop: Arc<AtomicBool>,
+    pub stop: Shutdown,
     /// How long a busy round gathers before the sockets are read again.
     pub round: Duration,
 }
@@ -145,7 +146,7 @@ pub fn run(setup: IngestSetup) -> io::Result<()> {
     loop {
         // Stopping: one last round without waiting takes what the kernel already holds, so
         // a datagram that arrived before the stop is recorded, not left in a socket.
-        let stopping = stop.load(Ordering::Relaxed);
+        let stopping = stop.is_triggered();
         let started = Instant::now();
         let wait = if stopping {
             EpollTimeout::ZERO
@@ -320,7 +321,7 @@ mod tests {
             queued: Arc::new(AtomicUsize::new(0)),
             max_queued,
             metrics: Arc::clone(&metrics),
-            stop: Arc::new(AtomicBool::new(false)),
+            stop: Shutdown::new(),
             round: Duration::from_millis(5),
         };
         (addrs, setup, rx, metrics)
@@ -371,7 +372,7 @@ mod tests {
     #[test]
     fn every_datagram_of_every_port_arrives_in_order_per_port() {
         let (addrs, setup, rx, _m) = make(3, vec![], 1_000_000);
-        let stop = Arc::clone(&setup.stop);
+        let stop = setup.stop.clone();
         let t = std::thread::spawn(move || run(setup));
         let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
         // More than one recvmmsg can take on one port, and a jumbo datagram.
@@ -393,7 +394,7 @@ mod tests {
             assert_eq!(seq, want);
         }
         assert!(got.iter().any(|(_, b)| b.len() == SLOT_BYTES));
-        stop.store(true, Ordering::Relaxed);
+        stop.trigger();
         t.join().unwrap().unwrap();
     }
 
@@ -401,7 +402,7 @@ mod tests {
     fn arrival_times_are_the_kernels_not_the_reads() {
         let (addrs, mut setup, rx, _m) = make(1, vec![], 1_000_000);
         setup.round = Duration::from_millis(400);
-        let stop = Arc::clone(&setup.stop);
+        let stop = setup.stop.clone();
         let t = std::thread::spawn(move || run(setup));
         let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
         // The first datagram starts a round; the second arrives while ingest waits out the
@@ -430,7 +431,7 @@ mod tests {
             off < Duration::from_millis(50),
             "arrival {off:?} away from the send"
         );
-        stop.store(true, Ordering::Relaxed);
+        stop.trigger();
         t.join().unwrap().unwrap();
     }
 
@@ -438,7 +439,7 @@ mod tests {
     fn denied_sources_truncation_and_overload_are_counted_not_passed_on() {
         let (addrs, mut setup, rx, metrics) = make(1, vec!["10.0.0.0/8".parse().unwrap()], 0);
         setup.max_queued = 1_000_000;
-        let stop = Arc::clone(&setup.stop);
+        let stop = setup.stop.clone();
         let t = std::thread::spawn(move || run(setup));
         let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
         tx.send_to(b"from loopback", addrs[0]).unwrap();
@@ -448,12 +449,12 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert!(rx.try_recv().is_err());
-        stop.store(true, Ordering::Relaxed);
+        stop.trigger();
         t.join().unwrap().unwrap();
 
         // A queue at its bound: everything is counted as overload, nothing is queued.
         let (addrs, setup, rx, metrics) = make(1, vec![], 0);
-        let stop = Arc::clone(&setup.stop);
+        let stop = setup.stop.clone();
         let t = std::thread::spawn(move || run(setup));
         tx.send_to(b"one", addrs[0]).unwrap();
         tx.send_to(&vec![1u8; SLOT_BYTES + 1], addrs[0]).unwrap();
@@ -463,7 +464,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert!(rx.try_recv().is_err());
-        stop.store(true, Ordering::Relaxed);
+        stop.trigger();
         t.join().unwrap().unwrap();
     }
 }

@@ -16,7 +16,6 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use base64::Engine;
@@ -24,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::appliance::config::{LkmKeys, OnStale};
 use crate::appliance::metrics::{KekLabel, Metrics};
+use crate::appliance::shutdown::Shutdown;
 use edgerec_lkm::client::{CurrentKey, LkmClient};
 use erec::keys::{KekHandle, KekPublic};
 
@@ -283,21 +283,12 @@ impl Fetcher {
         mut self,
         handle: KekHandle,
         metrics: Arc<Metrics>,
-        stop: Arc<AtomicBool>,
+        stop: Shutdown,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
         std::thread::Builder::new()
             .name("kek-fetch".into())
             .spawn(move || {
-                let step = Duration::from_millis(100);
-                loop {
-                    let mut waited = Duration::ZERO;
-                    while waited < self.cfg.refresh {
-                        if stop.load(Ordering::Relaxed) {
-                            return;
-                        }
-                        std::thread::sleep(step);
-                        waited += step;
-                    }
+                while !stop.wait(self.cfg.refresh) {
                     self.round(&handle, &metrics, erec::clock::now_ms());
                 }
             })

@@ -8,9 +8,12 @@
 //! batches to the recorder; see [`crate::appliance::ingest`]), the recorder and the uploader; the tokio
 //! runtime serves the metrics and watches the spool.
 //!
-//! Shutdown (SIGTERM or SIGINT): stop taking packets, let the recorder end every recording
-//! with its end record and sync, then stop the uploader between packages; upload state is
-//! on disk, so whatever was not uploaded goes at the next start.
+//! Shutdown (SIGTERM or SIGINT): one [`Shutdown`] signal for every thread and task of
+//! intake. Ingest takes what the sockets already hold and returns, then the recorder ends
+//! every recording with its end record and sync; the key fetcher and the inbox stop between
+//! rounds. The uploader's own signal comes after the recorder's last package, so it is told
+//! of them; it stops between packages (upload state is on disk, so whatever was not
+//! uploaded goes at the next start).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -26,6 +29,7 @@ use crate::appliance::feed::Msg;
 use crate::appliance::ingest::{self, IngestSetup};
 use crate::appliance::metrics::{KekLabel, Metrics, SpoolState};
 use crate::appliance::recorder::{self, RecorderSetup};
+use crate::appliance::shutdown::Shutdown;
 use crate::appliance::spool::{Recovery, Spool};
 use crate::appliance::uploader::{self, UploaderSetup};
 use crate::store::StoreKind;
@@ -67,10 +71,183 @@ fn refuse_demo(kek: &KekPublic, allowed: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// Runs the appliance until `shutdown` completes.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
-    let spool_dir = &config.recorder.spool_dir;
-    let spool = Spool::open(spool_dir).map_err(start("recorder.spool_dir"))?;
+/// Runs the appliance until `signal` completes (SIGTERM or SIGINT), in named steps: each
+/// start-up step fails with one clear line; then one [`Shutdown`] stops every thread and
+/// task.
+pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(), RunError> {
+    let spool = open_spool(&config)?;
+    let (metrics, registry) = Metrics::new();
+    let shutdown = Shutdown::new();
+    let keks = start_keys(&config, &metrics, &shutdown).await?;
+    let (metrics_addr, metrics_server) =
+        crate::appliance::metrics::serve(config.metrics.listen, Arc::clone(&metrics), registry)
+            .await
+            .map_err(start(format!(
+                "metrics.listen: cannot listen on {}",
+                config.metrics.listen
+            )))?;
+    tracing::info!(%metrics_addr, "metrics at /metrics, /healthz, /readyz");
+    let store = open_store(&config).await?;
+    let sockets = bind_ingest(&config)?;
+    // Replacing the key file rotates the KEK for new recordings (the key manager's fetcher
+    // does the same for source = "lkm").
+    let (_kek_watch, kek_file) = match &config.kek_source {
+        KekSource::File(path) => {
+            let w = crate::appliance::kek_watch::watch(
+                path.clone(),
+                config.escrow_public_key.clone(),
+                keks.clone(),
+                Arc::clone(&metrics),
+                config.demo_keys,
+            )
+            .map_err(start("keys.public_key: cannot watch its directory"))?;
+            (Some(w), Some(path.clone()))
+        }
+        KekSource::Lkm(_) => (None, None),
+    };
+    // Logged once the key file is watched too: from here on a key change is seen.
+    let (first, last) = config.ports;
+    tracing::info!(bind = %config.ingest.bind, first, last, "listening for RTP");
+
+    // Cleared by the disk policy (spool_max_bytes, min_free_bytes): no new recordings, calls
+    // or inbox files, while it is.
+    let accepting = Arc::new(AtomicBool::new(true));
+    let inbox = start_inbox(&config, &spool, &keks, &metrics, &accepting, &shutdown)?;
+    // Bounded in datagrams by `queued`; the channel's own bound (in batches) is only a
+    // backstop.
+    let (tx, rx) = sync_channel::<Msg>(4096);
+    let queued = Arc::new(AtomicUsize::new(0));
+    let (recycle_tx, recycle) = sync_channel(16);
+    let (ready_tx, ready_rx) = sync_channel(10_000);
+    let setup = RecorderSetup {
+        spool: spool.clone(),
+        keks: keks.clone(),
+        wrap: config.wrap,
+        limits: config.limits(),
+        sync: config.recorder.sync == SyncMode::Data,
+        ready: ready_tx.clone(),
+        metrics: Arc::clone(&metrics),
+        accepting: Arc::clone(&accepting),
+        queued: Arc::clone(&queued),
+        recycle: recycle_tx,
+    };
+    let recorder = std::thread::Builder::new()
+        .name("recorder".into())
+        .spawn(move || recorder::run(setup, rx))
+        .map_err(start("starting the recorder"))?;
+    // Packages put into ready/ by other means (spool retry, an operator) go at once.
+    let _watcher = match uploader::watch_ready(&spool, ready_tx) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch spool/ready; relying on the periodic scan");
+            None
+        }
+    };
+    // The uploader stops on a signal of its own, given once the recorder has sealed the
+    // last packages: a planned stop delivers the calls it ended, store permitting.
+    let upload_stop = Shutdown::new();
+    let uploader = {
+        let setup = UploaderSetup {
+            spool: spool.clone(),
+            store,
+            prefix: config.prefix.clone(),
+            ready: ready_rx,
+            stop: upload_stop.clone(),
+            metrics: Arc::clone(&metrics),
+            rescan: config.rescan,
+            policy: config.retry,
+            concurrency: config.concurrency,
+            abort_orphans_after: config.abort_orphans_after,
+        };
+        std::thread::Builder::new()
+            .name("uploader".into())
+            .spawn(move || uploader::run(setup))
+            .map_err(start("starting the uploader"))?
+    };
+    let ingest = {
+        let setup = IngestSetup {
+            sockets,
+            allow: Arc::new(config.allow.clone()),
+            tx: tx.clone(),
+            recycle,
+            queued,
+            max_queued: QUEUE,
+            metrics: Arc::clone(&metrics),
+            stop: shutdown.clone(),
+            round: ROUND,
+        };
+        std::thread::Builder::new()
+            .name("ingest".into())
+            .spawn(move || {
+                if let Err(e) = ingest::run(setup) {
+                    tracing::error!(error = %e, "ingest stopped");
+                }
+            })
+            .map_err(start("starting ingest"))?
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(metrics_server);
+    if let Some(control) = &config.control {
+        let stopping = shutdown.clone();
+        let (addr, server) =
+            crate::appliance::control::serve(control, tx.clone(), config.ports, async move {
+                stopping.triggered().await
+            })
+            .await
+            .map_err(RunError::Start)?;
+        tracing::info!(control_addr = %addr, tls = control.tls.is_some(), "control API listening");
+        tasks.spawn(server);
+    }
+    tasks.spawn(until(
+        shutdown.clone(),
+        watch_kernel(config.ports, kek_file, Arc::clone(&metrics)),
+    ));
+    tasks.spawn(until(
+        shutdown.clone(),
+        watch_spool(
+            spool.clone(),
+            config.recorder.spool_max_bytes.into_inner(),
+            config.recorder.min_free_bytes.into_inner(),
+            accepting,
+            Arc::clone(&metrics),
+        ),
+    ));
+
+    signal.await;
+    tracing::info!("shutting down: ending every recording");
+    // One signal for all intake: ingest takes what the sockets hold and returns, the key
+    // fetcher and the inbox stop between rounds, the tasks at once. The recorder ends every
+    // recording once ingest has handed over its last batch; then the uploader stops between
+    // packages, having been told of the last ones.
+    shutdown.trigger();
+    let _ = tokio::task::spawn_blocking(move || ingest.join()).await;
+    let _ = tx.send(Msg::Shutdown);
+    drop(tx);
+    let _ = tokio::task::spawn_blocking(move || recorder.join()).await;
+    upload_stop.trigger();
+    // The metrics server has no end of its own: it goes with the rest.
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    if let Some(t) = inbox {
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
+    let _ = tokio::task::spawn_blocking(move || uploader.join()).await;
+    tracing::info!("stopped; what was not stored waits in the spool");
+    Ok(())
+}
+
+/// Runs `task` until `shutdown` is triggered.
+async fn until(shutdown: Shutdown, task: impl Future<Output = ()>) {
+    tokio::select! {
+        () = shutdown.triggered() => {}
+        () = task => {}
+    }
+}
+
+/// Start-up: the spool opened (0700, checked writable), files an inbox had claimed before
+/// a crash made ready to seal again, and the spool's crash leftovers recovered.
+fn open_spool(config: &Config) -> Result<Spool, RunError> {
+    let spool = Spool::open(&config.recorder.spool_dir).map_err(start("recorder.spool_dir"))?;
     if let Some(inbox) = &config.inbox {
         // Before the spool's recovery: a package cut short while sealing an inbox file is
         // made again from the file, not delivered unterminated.
@@ -98,23 +275,31 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             }
         }
     }
+    Ok(spool)
+}
+
+/// Start-up: the KEK(s) new recordings are sealed to, from the key file or the key manager
+/// (whose fetcher then runs until `shutdown`); the demo key refused unless allowed.
+async fn start_keys(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    shutdown: &Shutdown,
+) -> Result<KekHandle, RunError> {
     let escrow = match &config.escrow_public_key {
         Some(e) => Some(KekPublic::from_file(e).map_err(start("keys.escrow_public_key"))?),
         None => None,
     };
-    let (metrics, registry) = Metrics::new();
-    let fetch_stop = Arc::new(AtomicBool::new(false));
     let keks = match &config.kek_source {
         KekSource::File(path) => {
             let kek = KekPublic::from_file(path).map_err(start("keys.public_key"))?;
             refuse_demo(&kek, config.demo_keys).map_err(start("keys.public_key"))?;
             let mut keks = vec![kek];
-            keks.extend(escrow.clone());
+            keks.extend(escrow);
             KekHandle::new(keks)
         }
         KekSource::Lkm(lkm) => {
-            let (lkm, escrow) = (lkm.clone(), escrow.clone());
-            let (m, stop) = (Arc::clone(&metrics), Arc::clone(&fetch_stop));
+            let lkm = lkm.clone();
+            let (m, stop) = (Arc::clone(metrics), shutdown.clone());
             // The blocking HTTP client is made and kept on threads of its own, never
             // dropped in the async context.
             tokio::task::spawn_blocking(move || {
@@ -151,15 +336,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             })
             .set(1);
     }
-    let (metrics_addr, metrics_server) =
-        crate::appliance::metrics::serve(config.metrics.listen, Arc::clone(&metrics), registry)
-            .await
-            .map_err(start(format!(
-                "metrics.listen: cannot listen on {}",
-                config.metrics.listen
-            )))?;
-    tracing::info!(%metrics_addr, "metrics at /metrics, /healthz, /readyz");
-    let store: Arc<dyn Store> = match &config.store {
+    Ok(keks)
+}
+
+/// Start-up: the store packages are delivered to.
+async fn open_store(config: &Config) -> Result<Arc<dyn Store>, RunError> {
+    Ok(match &config.store {
         StoreKind::Dir(path, limit) => Arc::new(
             DirStore::open(path)
                 .map_err(start("store.path"))?
@@ -183,8 +365,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 .map_err(start("store"))?;
             Arc::new(made.map_err(start("store"))?)
         }
-    };
+    })
+}
 
+/// Start-up: the file limit raised to cover every ingest port (or the start fails naming
+/// what is needed), then one non-blocking UDP socket bound per port.
+fn bind_ingest(config: &Config) -> Result<Vec<std::net::UdpSocket>, RunError> {
     let (first, last) = config.ports;
     let count = u64::from(last - first) + 1;
     let need = count + 256;
@@ -206,170 +392,42 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if config.allow.is_empty() {
         tracing::warn!("ingest.allow is empty: packets are taken from any source");
     }
+    Ok(sockets)
+}
 
-    // Replacing the key file rotates the KEK for new recordings (the key manager's fetcher
-    // does the same for source = "lkm").
-    let (_kek_watch, kek_file) = match &config.kek_source {
-        KekSource::File(path) => {
-            let w = crate::appliance::kek_watch::watch(
-                path.clone(),
-                config.escrow_public_key.clone(),
-                keks.clone(),
-                Arc::clone(&metrics),
-                config.demo_keys,
-            )
-            .map_err(start("keys.public_key: cannot watch its directory"))?;
-            (Some(w), Some(path.clone()))
-        }
-        KekSource::Lkm(_) => (None, None),
+/// Start-up: the inbox's thread, if `[inbox]` is configured; it runs until `shutdown`.
+fn start_inbox(
+    config: &Config,
+    spool: &Spool,
+    keks: &KekHandle,
+    metrics: &Arc<Metrics>,
+    accepting: &Arc<AtomicBool>,
+    shutdown: &Shutdown,
+) -> Result<Option<std::thread::JoinHandle<()>>, RunError> {
+    let Some(cfg) = &config.inbox else {
+        return Ok(None);
     };
-    // Logged once the key file is watched too: from here on a key change is seen.
-    tracing::info!(bind = %config.ingest.bind, first, last, "listening for RTP");
-
-    // Cleared by the disk policy (spool_max_bytes, min_free_bytes): no new recordings, calls
-    // or inbox files, while it is.
-    let accepting = Arc::new(AtomicBool::new(true));
-    let inbox_stop = Arc::new(AtomicBool::new(false));
-    let inbox_thread = match &config.inbox {
-        Some(cfg) => {
-            let inbox = crate::appliance::inbox::Inbox::open(
-                &cfg.dir,
-                spool.clone(),
-                keks.clone(),
-                config.wrap,
-                1 << 20,
-                Arc::clone(&metrics),
-                Arc::clone(&accepting),
-            )
-            .map_err(start(format!("inbox.dir {}", cfg.dir.display())))?;
-            let (rescan, stop) = (cfg.rescan, Arc::clone(&inbox_stop));
-            tracing::info!(dir = %cfg.dir.display(), "inbox watched: files renamed into it are sealed");
-            Some(
-                std::thread::Builder::new()
-                    .name("inbox".into())
-                    .spawn(move || {
-                        if let Err(e) = inbox.run(rescan, stop) {
-                            tracing::error!(error = %e, "inbox: cannot watch the directory");
-                        }
-                    })
-                    .map_err(start("inbox thread"))?,
-            )
-        }
-        None => None,
-    };
-
-    // Bounded in datagrams by `queued`; the channel's own bound (in batches) is only a
-    // backstop.
-    let (tx, rx) = sync_channel::<Msg>(4096);
-    let queued = Arc::new(AtomicUsize::new(0));
-    let (recycle_tx, recycle) = sync_channel(16);
-    let (ready_tx, ready_rx) = sync_channel(10_000);
-    let setup = RecorderSetup {
-        spool: spool.clone(),
-        keks: keks.clone(),
-        wrap: config.wrap,
-        limits: config.limits(),
-        sync: config.recorder.sync == SyncMode::Data,
-        ready: ready_tx.clone(),
-        metrics: Arc::clone(&metrics),
-        accepting: Arc::clone(&accepting),
-        queued: Arc::clone(&queued),
-        recycle: recycle_tx,
-    };
-    let recorder = std::thread::Builder::new()
-        .name("recorder".into())
-        .spawn(move || recorder::run(setup, rx))
-        .map_err(start("starting the recorder"))?;
-    let up_stop = Arc::new(AtomicBool::new(false));
-    // Packages put into ready/ by other means (spool retry, an operator) go at once.
-    let _watcher = match uploader::watch_ready(&spool, ready_tx) {
-        Ok(w) => Some(w),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch spool/ready; relying on the periodic scan");
-            None
-        }
-    };
-    let uploader = {
-        let setup = UploaderSetup {
-            spool: spool.clone(),
-            store,
-            prefix: config.prefix.clone(),
-            ready: ready_rx,
-            stop: Arc::clone(&up_stop),
-            metrics: Arc::clone(&metrics),
-            rescan: config.rescan,
-            policy: config.retry,
-            concurrency: config.concurrency,
-            abort_orphans_after: config.abort_orphans_after,
-        };
-        std::thread::Builder::new()
-            .name("uploader".into())
-            .spawn(move || uploader::run(setup))
-            .map_err(start("starting the uploader"))?
-    };
-
-    let in_stop = Arc::new(AtomicBool::new(false));
-    let ingest = {
-        let setup = IngestSetup {
-            sockets,
-            allow: Arc::new(config.allow.clone()),
-            tx: tx.clone(),
-            recycle,
-            queued,
-            max_queued: QUEUE,
-            metrics: Arc::clone(&metrics),
-            stop: Arc::clone(&in_stop),
-            round: ROUND,
-        };
-        std::thread::Builder::new()
-            .name("ingest".into())
-            .spawn(move || {
-                if let Err(e) = ingest::run(setup) {
-                    tracing::error!(error = %e, "ingest stopped");
-                }
-            })
-            .map_err(start("starting ingest"))?
-    };
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(metrics_server);
-    if let Some(control) = &config.control {
-        let (addr, server) = crate::appliance::control::serve(
-            control,
-            tx.clone(),
-            config.ports,
-            std::future::pending(),
-        )
-        .await
-        .map_err(RunError::Start)?;
-        tracing::info!(control_addr = %addr, tls = control.tls.is_some(), "control API listening");
-        tasks.spawn(server);
-    }
-    tasks.spawn(watch_kernel(config.ports, kek_file, Arc::clone(&metrics)));
-    tasks.spawn(watch_spool(
+    let inbox = crate::appliance::inbox::Inbox::open(
+        &cfg.dir,
         spool.clone(),
-        config.recorder.spool_max_bytes.into_inner(),
-        config.recorder.min_free_bytes.into_inner(),
-        accepting,
-        Arc::clone(&metrics),
-    ));
-    shutdown.await;
-    tracing::info!("shutting down: ending every recording");
-    in_stop.store(true, Ordering::Relaxed);
-    let _ = tokio::task::spawn_blocking(move || ingest.join()).await;
-    tasks.abort_all();
-    while tasks.join_next().await.is_some() {}
-    let _ = tx.send(Msg::Shutdown);
-    drop(tx);
-    let _ = tokio::task::spawn_blocking(move || recorder.join()).await;
-    up_stop.store(true, Ordering::Relaxed);
-    fetch_stop.store(true, Ordering::Relaxed);
-    inbox_stop.store(true, Ordering::Relaxed);
-    if let Some(t) = inbox_thread {
-        let _ = tokio::task::spawn_blocking(move || t.join()).await;
-    }
-    let _ = tokio::task::spawn_blocking(move || uploader.join()).await;
-    tracing::info!("stopped; what was not stored waits in the spool");
-    Ok(())
+        keks.clone(),
+        config.wrap,
+        1 << 20,
+        Arc::clone(metrics),
+        Arc::clone(accepting),
+    )
+    .map_err(start(format!("inbox.dir {}", cfg.dir.display())))?;
+    let (rescan, stop) = (cfg.rescan, shutdown.clone());
+    tracing::info!(dir = %cfg.dir.display(), "inbox watched: files renamed into it are sealed");
+    std::thread::Builder::new()
+        .name("inbox".into())
+        .spawn(move || {
+            if let Err(e) = inbox.run(rescan, stop) {
+                tracing::error!(error = %e, "inbox: cannot watch the directory");
+            }
+        })
+        .map(Some)
+        .map_err(start("inbox thread"))
 }
 
 /// Every two seconds: datagrams the kernel dropped at full socket buffers on the ingest

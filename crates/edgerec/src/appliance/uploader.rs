@@ -11,16 +11,16 @@
 //! Invariant: a package leaves the spool only through [`Spool::remove_stored`] after
 //! [`Store::put`] returned `Ok`; nothing here deletes a package otherwise.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
 
 use uuid::Uuid;
 
 use crate::appliance::metrics::{Metrics, UploadOutcome};
+use crate::appliance::shutdown::Shutdown;
 use crate::appliance::spool::{Place, Spool, UploadState};
+use crate::appliance::upload_queue::UploadQueue;
 use crate::store::Multipart;
 use crate::store::retry::{Policy, Verdict};
 use crate::store::{Checkpoint, Store, StoreError, Stored, object_key};
@@ -66,8 +66,8 @@ pub struct UploaderSetup {
     pub prefix: String,
     /// Told the id of every package that reached `ready/`.
     pub ready: Receiver<Uuid>,
-    /// Set to stop (checked between packages).
-    pub stop: Arc<AtomicBool>,
+    /// The shutdown signal (seen between packages).
+    pub stop: Shutdown,
     /// The metrics.
     pub metrics: Arc<Metrics>,
     /// How often `ready/` is scanned as a safety net (`upload.rescan_secs`).
@@ -103,20 +103,19 @@ pub fn run(setup: UploaderSetup) {
             Arc::clone(&store),
             prefix.clone(),
             Arc::clone(&metrics),
-            Arc::clone(&stop),
+            stop.clone(),
         );
         std::thread::Builder::new()
             .name("upload-sweep".into())
             .spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
+                loop {
                     if let Err(e) =
                         sweep_orphans(&spool, store.as_ref(), &prefix, older_than, &metrics)
                     {
                         tracing::warn!(error = %e, "cannot sweep the store for orphaned multipart uploads");
                     }
-                    let next = std::time::Instant::now() + SWEEP_EVERY;
-                    while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < next {
-                        std::thread::sleep(Duration::from_millis(200));
+                    if stop.wait(SWEEP_EVERY) {
+                        break;
                     }
                 }
             })
@@ -159,114 +158,80 @@ pub fn run(setup: UploaderSetup) {
         })
         .collect();
     let slots = workers.len();
-    // Each queued package with its next attempt time, read from its state file once and
-    // then kept here, so a long outage does not re-read every state file on every loop.
-    let mut queue: BTreeMap<Uuid, Option<u64>> = BTreeMap::new();
-    // The packages a worker has now: news of them (the watcher sees their state file
-    // rewritten as multipart parts are saved, a rescan lists them) must not hand them out
-    // a second time; the worker's answer decides what becomes of them.
-    let mut in_flight: std::collections::HashSet<Uuid> = std::collections::HashSet::new();
-    let mut last_scan = None;
-    while !stop.load(Ordering::Relaxed) && slots > 0 {
+    let mut queue = UploadQueue::new(slots);
+    let mut last_scan: Option<std::time::Instant> = None;
+    let mut news_open = true;
+    while !stop.is_triggered() && slots > 0 {
         while let Ok((id, next)) = done_rx.try_recv() {
-            in_flight.remove(&id);
-            if let Some(next) = next {
-                queue.insert(id, Some(next));
-            }
+            queue.answered(id, next);
         }
-        if last_scan.is_none_or(|t: std::time::Instant| t.elapsed() >= rescan) {
+        if last_scan.is_none_or(|t| t.elapsed() >= rescan) {
             match spool.list(Place::Ready) {
-                Ok(ids) => {
-                    for id in ids.into_iter().filter(|id| !in_flight.contains(id)) {
-                        queue.entry(id).or_insert(None);
-                    }
-                }
+                Ok(ids) => ids.into_iter().for_each(|id| queue.offer(id)),
                 Err(e) => tracing::error!(error = %e, "cannot list the spool"),
             }
             last_scan = Some(std::time::Instant::now());
         }
         let now = now_ms();
-        let mut gone = Vec::new();
-        let mut due = None;
-        if in_flight.len() < slots {
-            for (id, next) in queue.iter_mut() {
-                let at = match *next {
-                    Some(at) => at,
-                    None => match spool.read_state(Place::Ready, *id) {
-                        Ok(s) => *next.insert(s.next_attempt_ms),
-                        Err(_) => {
-                            gone.push(*id); // stored or moved meanwhile
-                            continue;
-                        }
-                    },
-                };
-                if at <= now {
-                    due = Some(*id);
-                    break;
-                }
-            }
-        }
-        for id in gone {
-            queue.remove(&id);
-        }
-        if due.is_none() && in_flight.len() >= slots {
-            // Every worker busy: wake as soon as one answers (it frees a slot for the next
-            // package), taking in the news that came meanwhile.
-            if let Ok((id, next)) = done_rx.recv_timeout(Duration::from_millis(200)) {
-                in_flight.remove(&id);
-                if let Some(next) = next {
-                    queue.insert(id, Some(next));
-                }
-            }
-            take_news(&rx, &in_flight, &mut queue);
-            continue;
-        }
-        let Some(id) = due else {
-            // Nothing to hand out now: wait for news (a new package, or soon a worker).
-            let wait = if in_flight.is_empty() { 200 } else { 20 };
-            match rx.recv_timeout(Duration::from_millis(wait)) {
-                Ok(id) if !in_flight.contains(&id) => {
-                    queue.entry(id).or_insert(None);
-                }
-                Ok(_) => {}
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    if queue.is_empty() && in_flight.is_empty() {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(wait));
-                }
-            }
-            take_news(&rx, &in_flight, &mut queue);
-            continue;
+        let attempt_at = |id| {
+            spool
+                .read_state(Place::Ready, id)
+                .ok()
+                .map(|s| s.next_attempt_ms)
         };
-        queue.remove(&id);
-        if jobs_tx.send(id).is_err() {
+        let mut handed = false;
+        while let Some(id) = queue.next_due(now, attempt_at) {
+            if jobs_tx.send(id).is_err() {
+                return finish(jobs_tx, workers, sweeper);
+            }
+            handed = true;
+        }
+        if handed {
+            continue;
+        }
+        if !news_open && queue.is_empty() {
             break;
         }
-        in_flight.insert(id);
+        // Nothing to hand out now: wait for news, a worker's answer (which may free a slot
+        // or bring a package back), the next due time or the next scan, checking the stop
+        // flag at least every 200 ms.
+        let mut wait = Duration::from_millis(200);
+        if let Some(at) = queue.poll_timeout() {
+            wait = wait.min(Duration::from_millis(at.saturating_sub(now)));
+        }
+        if queue.in_flight() > 0 {
+            // Answers come on their own channel: looked at this often while any is due.
+            wait = wait.min(Duration::from_millis(20));
+        }
+        if news_open {
+            match rx.recv_timeout(wait) {
+                Ok(id) => queue.offer(id),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => news_open = false,
+            }
+            while let Ok(id) = rx.try_recv() {
+                queue.offer(id);
+            }
+        } else if let Ok((id, next)) = done_rx.recv_timeout(wait) {
+            queue.answered(id, next);
+        }
     }
-    // Stopping: the packages in flight finish (their state is on disk either way), then the
-    // workers go.
-    drop(jobs_tx);
+    finish(jobs_tx, workers, sweeper);
+}
+
+/// Stopping: the packages in flight finish (their state is on disk either way), then the
+/// workers go.
+fn finish(
+    jobs: std::sync::mpsc::Sender<Uuid>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+    sweeper: Option<std::thread::JoinHandle<()>>,
+) {
+    drop(jobs);
     for w in workers {
         let _ = w.join();
     }
     if let Some(s) = sweeper {
         let _ = s.join();
-    }
-}
-
-/// Queues the packages announced meanwhile, except those a worker has now.
-fn take_news(
-    rx: &Receiver<Uuid>,
-    in_flight: &std::collections::HashSet<Uuid>,
-    queue: &mut BTreeMap<Uuid, Option<u64>>,
-) {
-    while let Ok(id) = rx.try_recv() {
-        if !in_flight.contains(&id) {
-            queue.entry(id).or_insert(None);
-        }
     }
 }
 
@@ -472,7 +437,7 @@ fn random() -> u64 {
 mod tests {
     use super::*;
     use std::path::Path;
-    use std::sync::atomic::AtomicU32;
+    use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::mpsc::sync_channel;
     use std::time::Instant;
 
@@ -521,19 +486,19 @@ mod tests {
         concurrency: usize,
     ) -> (
         std::sync::mpsc::SyncSender<Uuid>,
-        Arc<AtomicBool>,
+        Shutdown,
         Arc<Metrics>,
         std::thread::JoinHandle<()>,
     ) {
         let (tx, rx) = sync_channel(10);
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = Shutdown::new();
         let (metrics, _registry) = Metrics::new();
         let setup = UploaderSetup {
             spool: spool.clone(),
             store,
             prefix: String::new(),
             ready: rx,
-            stop: Arc::clone(&stop),
+            stop: stop.clone(),
             metrics: Arc::clone(&metrics),
             rescan: Duration::from_secs(60),
             policy,
@@ -584,7 +549,7 @@ mod tests {
         until("every package is stored", || {
             spool.list(Place::Ready).unwrap().is_empty()
         });
-        stop.store(true, Ordering::Relaxed);
+        stop.trigger();
         t.join().unwrap();
         assert_eq!(store.puts.load(Ordering::SeqCst), 9, "each once");
         assert_eq!(
@@ -663,7 +628,7 @@ mod tests {
         until("every package is stored", || {
             spool.list(Place::Ready).unwrap().is_empty()
         });
-        stop.store(true, Ordering::Relaxed);
+        stop.trigger();
         t.join().unwrap();
         // The first package may have been handed out before the news channel was set, the
         // rest were announced again and again while being uploaded: each went up once.
@@ -710,7 +675,7 @@ mod tests {
         until("the package leaves the spool", || {
             !spool.package_path(Place::Ready, id).exists()
         });
-        stop.store(true, Ordering::Relaxed);
+        stop.trigger();
         t.join().unwrap();
         assert_eq!(store.puts.load(Ordering::Relaxed), 4);
         assert_eq!(metrics.upload_retries.get(), 3);
@@ -737,7 +702,7 @@ mod tests {
         until("the package reaches failed/", || {
             spool.package_path(Place::Failed, id).exists()
         });
-        stop.store(true, Ordering::Relaxed);
+        stop.trigger();
         t.join().unwrap();
         assert_eq!(store.puts.load(Ordering::Relaxed), 3);
         let state = spool.read_state(Place::Failed, id).unwrap();
