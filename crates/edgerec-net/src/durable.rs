@@ -95,9 +95,12 @@ pub fn check_owner_only(path: &Path, what: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Makes a directory's entries (a rename, a new or removed file) durable.
+/// Makes a directory's entries (a rename, a new or removed file) durable; an error names
+/// the directory.
 pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot sync {}: {e}", dir.display())))
 }
 
 #[cfg(test)]

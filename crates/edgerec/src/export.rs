@@ -919,31 +919,6 @@ fn udp_frame(src: SocketAddr, dst: SocketAddr, payload: &[u8], out: &mut Vec<u8>
     b.udp(src.port(), dst.port()).write(out, payload).is_ok()
 }
 
-/// Every `.erec` file under `path` (itself, if it is a file), sorted.
-pub fn find_packages(path: &Path) -> io::Result<Vec<PathBuf>> {
-    if !path.is_dir() {
-        return Ok(vec![path.to_path_buf()]);
-    }
-    let mut found = Vec::new();
-    let mut stack = vec![path.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in fs::read_dir(&d)? {
-            let e = e?;
-            // The entry's own type: a symlink is neither followed nor taken (one to `/` would
-            // walk the whole machine, one to a package outside the store would export it).
-            let t = e.file_type()?;
-            let p = e.path();
-            if t.is_dir() {
-                stack.push(p);
-            } else if t.is_file() && p.extension().is_some_and(|x| x == "erec") {
-                found.push(p);
-            }
-        }
-    }
-    found.sort();
-    Ok(found)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1064,21 +1039,6 @@ mod tests {
             1,
         );
         assert_eq!(ch[0].len(), 320, "placed at its arrival, not 500 s later");
-    }
-
-    #[test]
-    fn a_store_walk_never_follows_a_symlink() {
-        let dir = tempfile::tempdir().unwrap();
-        let day = dir.path().join("2026/11/30");
-        fs::create_dir_all(&day).unwrap();
-        fs::write(day.join("a.erec"), b"x").unwrap();
-        let outside = tempfile::tempdir().unwrap();
-        fs::write(outside.path().join("theirs.erec"), b"y").unwrap();
-        // A loop back to the root, a directory elsewhere, a package elsewhere.
-        std::os::unix::fs::symlink(dir.path(), day.join("loop")).unwrap();
-        std::os::unix::fs::symlink(outside.path(), day.join("elsewhere")).unwrap();
-        std::os::unix::fs::symlink(outside.path().join("theirs.erec"), day.join("b.erec")).unwrap();
-        assert_eq!(find_packages(dir.path()).unwrap(), [day.join("a.erec")]);
     }
 
     #[test]

@@ -20,6 +20,8 @@
 //!   pcap capture sent again with its own timing, feature `pcap`).
 //! - `cli` (feature `cli`): the `edgerec` command line, the key manager's commands among
 //!   them; `hardening`, the first thing every process does (no core files, not dumpable).
+//! - [`package_files`]: the one walk that finds package files on disk (symlinks never
+//!   followed), for export and the census.
 //! - [`error`]: the error of the commands and the exit codes of the interface contract.
 // Tests unwrap: a failed unwrap is the test's report (the workspace denies it elsewhere).
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -36,6 +38,7 @@ pub mod export;
 #[cfg(feature = "cli")]
 pub mod hardening;
 pub mod media;
+pub mod package_files;
 #[cfg(feature = "appliance")]
 pub mod store;
 pub mod tools;

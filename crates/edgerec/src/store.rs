@@ -40,9 +40,31 @@ pub enum StoreKind {
     Http(http::HttpConfig),
 }
 
-/// A multipart upload in progress (S3), kept by the spool in the package's state file after every part
-/// the store confirmed: a restart resumes with the parts still missing instead of starting
-/// over.
+/// A store opened for reading (export, the key census): a `dir` store's tree, or an S3
+/// bucket. The one place a configured store is opened to be read.
+pub enum Readable {
+    /// The root of a `dir` store.
+    Dir(PathBuf),
+    /// An S3 store (boxed: its client is large).
+    S3(Box<s3::S3Store>),
+}
+
+impl StoreKind {
+    /// This store, opened for reading; an `http` store cannot be listed from here.
+    pub fn open_readable(&self) -> Result<Readable, String> {
+        match self {
+            StoreKind::Dir(root, _) => Ok(Readable::Dir(root.clone())),
+            StoreKind::S3(cfg) => s3::S3Store::new(cfg.clone()).map(|s| Readable::S3(Box::new(s))),
+            StoreKind::Http(_) => Err("an http store cannot be listed from here: use the \
+                 receiving system's copy and its own tools"
+                .into()),
+        }
+    }
+}
+
+/// A multipart upload in progress (S3), kept by the spool in the package's state file after
+/// every part the store confirmed: a restart resumes with the parts still missing instead
+/// of starting over.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Multipart {
     /// The store's upload id.
@@ -311,9 +333,8 @@ impl Store for DirStore {
                 }
                 Err(e) => return Err(transient("cannot link", &dest, e)),
             }
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| transient("cannot sync", dir, e))?;
+            edgerec_net::durable::sync_dir(dir)
+                .map_err(|e| StoreError::transient(e.to_string()))?;
             Ok(Stored::Written)
         })();
         let _ = fs::remove_file(&tmp);

@@ -38,6 +38,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use edgerec_net::durable::sync_dir;
 use erec::recover::cut_torn_tail;
 
 use crate::store::Multipart;
@@ -125,12 +126,6 @@ impl Place {
             Place::Quarantine => "quarantine",
         }
     }
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| with_path(e, "cannot sync", dir))
 }
 
 fn with_path(e: io::Error, what: &str, p: &Path) -> io::Error {

@@ -268,23 +268,16 @@ pub fn export(
             Some((f, t)) => Some(crate::export::bulk::day_prefixes(f, t).map_err(Error::Invalid)?),
             None => None,
         };
-        match &cfg.store {
-            crate::store::StoreKind::Dir(root, _) => sources.extend(
-                crate::export::bulk::from_dir_store(root, &cfg.prefix, days.as_deref())?,
+        match cfg.store.open_readable().map_err(Error::Invalid)? {
+            crate::store::Readable::Dir(root) => sources.extend(
+                crate::export::bulk::from_dir_store(&root, &cfg.prefix, days.as_deref())?,
             ),
-            crate::store::StoreKind::S3(c) => {
-                let store = crate::store::s3::S3Store::new(c.clone()).map_err(Error::Invalid)?;
+            crate::store::Readable::S3(store) => {
                 sources.extend(
                     crate::export::bulk::from_s3_store(&store, &cfg.prefix, days.as_deref())
                         .map_err(Error::Invalid)?,
                 );
-                s3 = Some(store);
-            }
-            crate::store::StoreKind::Http(_) => {
-                return Err(Error::Invalid(
-                    "an http store cannot be listed: export from the receiving system's copy"
-                        .into(),
-                ));
+                s3 = Some(*store);
             }
         }
     }

@@ -25,7 +25,7 @@ use std::sync::mpsc;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
-use crate::export::{Exported, Format, export_file_to, find_packages};
+use crate::export::{Exported, Format, export_file_to};
 use erec::keys::Unwrapper;
 
 /// Where a package comes from.
@@ -111,8 +111,9 @@ pub fn from_paths(inputs: &[PathBuf]) -> io::Result<Vec<Source>> {
     let mut out = Vec::new();
     for i in inputs {
         out.extend(
-            find_packages(i)
+            crate::package_files::find(i)
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot read {}: {e}", i.display())))?
+                .packages
                 .into_iter()
                 .map(Source::File),
         );

@@ -11,7 +11,7 @@
 use std::io::Read;
 use std::path::Path;
 
-use crate::store::StoreKind;
+use crate::store::{Readable, StoreKind};
 use erec::format::{Decoded, Header};
 use erec::keys::KekId;
 
@@ -77,22 +77,6 @@ fn file_first(path: &Path, n: usize) -> Result<Vec<u8>, String> {
     Ok(buf)
 }
 
-/// Every regular `*.erec` file under `dir` (symlinks are not followed); counts the rest.
-fn walk(dir: &Path, out: &mut Vec<std::path::PathBuf>, skipped: &mut usize) -> std::io::Result<()> {
-    for e in std::fs::read_dir(dir)? {
-        let e = e?;
-        let t = e.file_type()?;
-        if t.is_dir() {
-            walk(&e.path(), out, skipped)?;
-        } else if t.is_file() && e.path().extension().is_some_and(|x| x == "erec") {
-            out.push(e.path());
-        } else {
-            *skipped += 1;
-        }
-    }
-    Ok(())
-}
-
 /// Reads every package header under the store of `kind` (and `prefix`, for S3); `gone` are
 /// the keys destroyed already.
 pub fn count(
@@ -102,21 +86,19 @@ pub fn count(
     gone: &[KekId],
 ) -> Result<Census, String> {
     let mut census = Census::default();
-    match kind {
-        StoreKind::Dir(root, _) => {
-            let mut files = Vec::new();
-            walk(root, &mut files, &mut census.skipped)
+    match kind.open_readable()? {
+        Readable::Dir(root) => {
+            let found = crate::package_files::find(&root)
                 .map_err(|e| format!("store {}: {e}", root.display()))?;
-            files.sort();
-            for f in files {
+            census.skipped += found.skipped;
+            for f in found.packages {
                 match header_of(|n| file_first(&f, n)) {
                     Ok(h) => census.add(&h, kek, gone),
                     Err(why) => census.unreadable.push((f.display().to_string(), why)),
                 }
             }
         }
-        StoreKind::S3(cfg) => {
-            let store = crate::store::s3::S3Store::new(cfg.clone())?;
+        Readable::S3(store) => {
             for key in store.list(prefix).map_err(|e| e.to_string())? {
                 if !key.ends_with(".erec") {
                     census.skipped += 1;
@@ -127,13 +109,6 @@ pub fn count(
                     Err(why) => census.unreadable.push((key, why)),
                 }
             }
-        }
-        StoreKind::Http(_) => {
-            return Err(
-                "an http store cannot be listed from here; count the recordings sealed to \
-                 this key with the receiving system's own tools"
-                    .into(),
-            );
         }
     }
     Ok(census)
