@@ -21,7 +21,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use base64::Engine;
+use edgerec_net::config_text::ConfigText;
 use serde::{Deserialize, Serialize};
+use toml::Spanned;
 use zeroize::Zeroizing;
 
 use crate::at_rest::{MasterKey, Protector};
@@ -84,37 +86,37 @@ struct RawLkm {
     #[serde(default = "default_listen")]
     listen: SocketAddr,
     store_dir: PathBuf,
-    master_key_file: Option<PathBuf>,
+    master_key_file: Option<Spanned<PathBuf>>,
     kms: Option<RawKms>,
     credentials_file: PathBuf,
     audit_log: PathBuf,
-    tls_cert: Option<PathBuf>,
-    tls_key: Option<PathBuf>,
+    tls_cert: Option<Spanned<PathBuf>>,
+    tls_key: Option<Spanned<PathBuf>>,
     #[serde(default = "default_rotation")]
     rotation: Rotation,
     #[serde(default = "default_skew")]
-    skew_secs: u64,
+    skew_secs: Spanned<u64>,
     #[serde(default)]
     require_payload_hash: bool,
     #[serde(default = "default_key_cache")]
-    key_cache_secs: u64,
+    key_cache_secs: Spanned<u64>,
     #[serde(default = "default_rate")]
-    unwrap_rate_per_sec: f64,
+    unwrap_rate_per_sec: Spanned<f64>,
     #[serde(default = "default_burst")]
-    unwrap_burst: f64,
+    unwrap_burst: Spanned<f64>,
     metrics_listen: Option<SocketAddr>,
     #[serde(default)]
     demo: bool,
     #[serde(default = "default_keypair_rate")]
-    keypair_rate_per_min: f64,
+    keypair_rate_per_min: Spanned<f64>,
     #[serde(default = "default_read_rate")]
-    read_rate_per_sec: f64,
+    read_rate_per_sec: Spanned<f64>,
     #[serde(default = "default_denial_lines")]
-    audit_denials_per_sec: f64,
-    header_read_timeout_secs: Option<u64>,
-    idle_timeout_secs: Option<u64>,
-    max_connections: Option<usize>,
-    max_connections_per_address: Option<usize>,
+    audit_denials_per_sec: Spanned<f64>,
+    header_read_timeout_secs: Option<Spanned<u64>>,
+    idle_timeout_secs: Option<Spanned<u64>>,
+    max_connections: Option<Spanned<usize>>,
+    max_connections_per_address: Option<Spanned<usize>>,
 }
 
 /// `[lkm.kms]`.
@@ -136,16 +138,16 @@ fn default_kms_timeout() -> u64 {
     10
 }
 
-fn default_key_cache() -> u64 {
-    60
+fn default_key_cache() -> Spanned<u64> {
+    Spanned::new(0..0, 60)
 }
 
-fn default_rate() -> f64 {
-    100.0
+fn default_rate() -> Spanned<f64> {
+    Spanned::new(0..0, 100.0)
 }
 
-fn default_burst() -> f64 {
-    200.0
+fn default_burst() -> Spanned<f64> {
+    Spanned::new(0..0, 200.0)
 }
 
 fn default_listen() -> SocketAddr {
@@ -158,24 +160,24 @@ fn default_rotation() -> Rotation {
 
 /// Five key pairs a minute and credential: the platform makes one per rotation; a client
 /// making more is broken or hostile (each pair costs a key generation and becomes current).
-fn default_keypair_rate() -> f64 {
-    5.0
+fn default_keypair_rate() -> Spanned<f64> {
+    Spanned::new(0..0, 5.0)
 }
 
 /// Ten reads of public keys a second and credential (bursts of fifty): a recorder asks once
 /// a minute; each read is an audit line.
-fn default_read_rate() -> f64 {
-    10.0
+fn default_read_rate() -> Spanned<f64> {
+    Spanned::new(0..0, 10.0)
 }
 
 /// Ten lines a second about refused requests (bursts of fifty): enough to see who knocks,
 /// too few to fill a disk; beyond, one line a second with the count.
-fn default_denial_lines() -> f64 {
-    10.0
+fn default_denial_lines() -> Spanned<f64> {
+    Spanned::new(0..0, 10.0)
 }
 
-fn default_skew() -> u64 {
-    60
+fn default_skew() -> Spanned<u64> {
+    Spanned::new(0..0, 60)
 }
 
 /// What seals the key store's private keys at rest.
@@ -234,13 +236,19 @@ impl LkmConfig {
     pub fn load(file: &Path) -> Result<LkmConfig, String> {
         let shown = file.display();
         let text = std::fs::read_to_string(file).map_err(|e| format!("config {shown}: {e}"))?;
-        let raw: Raw = toml::from_str(&text).map_err(|e| {
-            let line = e
-                .span()
-                .map(|s| format!(", line {}", text[..s.start].matches('\n').count() + 1))
-                .unwrap_or_default();
-            format!("config {shown}{line}: {}", e.message().trim_end())
-        })?;
+        Self::parse(file, &text)
+    }
+
+    /// Validates `lkm.toml`'s text as if read from `file` (paths resolve against its
+    /// directory); every error names the file, and a bad value its line.
+    pub fn parse(file: &Path, text: &str) -> Result<LkmConfig, String> {
+        let shown = file.display();
+        let cx = ConfigText { file, text };
+        let raw: Raw = toml::from_str(text).map_err(|e| cx.parse_error(e.span(), e.message()))?;
+        let bad = |key: &str,
+                   v: &dyn std::fmt::Display,
+                   span: std::ops::Range<usize>,
+                   problem: &str| { cx.value_error(key, v, span, problem) };
         let base = file.parent().unwrap_or(Path::new("."));
         let resolve = |p: &Path| {
             if p.is_absolute() {
@@ -251,22 +259,27 @@ impl LkmConfig {
         };
         let l = raw.lkm;
         let tls = match (l.tls_cert, l.tls_key) {
-            (Some(c), Some(k)) => Some((resolve(&c), resolve(&k))),
+            (Some(c), Some(k)) => Some((resolve(c.get_ref()), resolve(k.get_ref()))),
             (None, None) => None,
-            _ => {
-                return Err(format!(
-                    "config {shown}: lkm.tls_cert and lkm.tls_key go together"
+            (Some(one), None) | (None, Some(one)) => {
+                return Err(bad(
+                    "lkm.tls_cert / lkm.tls_key",
+                    &one.get_ref().display(),
+                    one.span(),
+                    "the certificate and its key go together",
                 ));
             }
         };
-        if !(1..=600).contains(&l.skew_secs) {
-            return Err(format!(
-                "config {shown}: lkm.skew_secs = {}: must be 1 to 600",
-                l.skew_secs
+        if !(1..=600).contains(l.skew_secs.get_ref()) {
+            return Err(bad(
+                "lkm.skew_secs",
+                l.skew_secs.get_ref(),
+                l.skew_secs.span(),
+                "must be 1 to 600",
             ));
         }
         let protection = match (&l.master_key_file, l.kms) {
-            (Some(m), None) => Protection::MasterKey(resolve(m)),
+            (Some(m), None) => Protection::MasterKey(resolve(m.get_ref())),
             (None, Some(k)) => {
                 let credentials_file = k.credentials_file.as_ref().map(|f| resolve(f));
                 let found = edgerec_net::aws::resolve_credentials(
@@ -304,10 +317,12 @@ impl LkmConfig {
                     integrity_file: resolve(&l.store_dir).join("integrity.kms"),
                 })
             }
-            (Some(_), Some(_)) => {
-                return Err(format!(
-                    "config {shown}: lkm.master_key_file and [lkm.kms] exclude each other: the \
-                     private keys are sealed by one of them"
+            (Some(m), Some(_)) => {
+                return Err(bad(
+                    "lkm.master_key_file",
+                    &m.get_ref().display(),
+                    m.span(),
+                    "excludes [lkm.kms]: the private keys are sealed by one of them",
                 ));
             }
             (None, None) => {
@@ -317,67 +332,64 @@ impl LkmConfig {
                 ));
             }
         };
-        if l.key_cache_secs > 86_400 {
-            return Err(format!(
-                "config {shown}: lkm.key_cache_secs = {}: at most 86400",
-                l.key_cache_secs
+        if *l.key_cache_secs.get_ref() > 86_400 {
+            return Err(bad(
+                "lkm.key_cache_secs",
+                l.key_cache_secs.get_ref(),
+                l.key_cache_secs.span(),
+                "at most 86400",
             ));
         }
-        if !(l.unwrap_rate_per_sec > 0.0 && l.unwrap_rate_per_sec.is_finite()) {
-            return Err(format!(
-                "config {shown}: lkm.unwrap_rate_per_sec = {}: must be above 0",
-                l.unwrap_rate_per_sec
-            ));
-        }
-        if !(l.unwrap_burst >= 1.0 && l.unwrap_burst.is_finite()) {
-            return Err(format!(
-                "config {shown}: lkm.unwrap_burst = {}: must be at least 1",
-                l.unwrap_burst
-            ));
-        }
-        if !(l.keypair_rate_per_min > 0.0 && l.keypair_rate_per_min.is_finite()) {
-            return Err(format!(
-                "config {shown}: lkm.keypair_rate_per_min = {}: must be above 0",
-                l.keypair_rate_per_min
-            ));
-        }
-        if !(l.read_rate_per_sec > 0.0 && l.read_rate_per_sec.is_finite()) {
-            return Err(format!(
-                "config {shown}: lkm.read_rate_per_sec = {}: must be above 0",
-                l.read_rate_per_sec
-            ));
-        }
-        if !(l.audit_denials_per_sec > 0.0 && l.audit_denials_per_sec.is_finite()) {
-            return Err(format!(
-                "config {shown}: lkm.audit_denials_per_sec = {}: must be above 0",
-                l.audit_denials_per_sec
-            ));
+        for (key, v, least) in [
+            ("lkm.unwrap_rate_per_sec", &l.unwrap_rate_per_sec, None),
+            ("lkm.unwrap_burst", &l.unwrap_burst, Some(1.0)),
+            ("lkm.keypair_rate_per_min", &l.keypair_rate_per_min, None),
+            ("lkm.read_rate_per_sec", &l.read_rate_per_sec, None),
+            ("lkm.audit_denials_per_sec", &l.audit_denials_per_sec, None),
+        ] {
+            let x = *v.get_ref();
+            let fits = x.is_finite() && least.map_or(x > 0.0, |m| x >= m);
+            if !fits {
+                let problem = match least {
+                    Some(_) => "must be at least 1",
+                    None => "must be above 0",
+                };
+                return Err(bad(key, &x, v.span(), problem));
+            }
         }
         let server = edgerec_net::https::Limits::from_config(
-            l.header_read_timeout_secs,
-            l.idle_timeout_secs,
-            l.max_connections,
-            l.max_connections_per_address,
+            l.header_read_timeout_secs.as_ref().map(|v| *v.get_ref()),
+            l.idle_timeout_secs.as_ref().map(|v| *v.get_ref()),
+            l.max_connections.as_ref().map(|v| *v.get_ref()),
+            l.max_connections_per_address.as_ref().map(|v| *v.get_ref()),
         )
-        .map_err(|(key, why)| format!("config {shown}: lkm.{key} = {why}"))?;
+        .map_err(|(key, why)| {
+            let span = match key {
+                "header_read_timeout_secs" => l.header_read_timeout_secs.as_ref().map(|v| v.span()),
+                "idle_timeout_secs" => l.idle_timeout_secs.as_ref().map(|v| v.span()),
+                "max_connections" => l.max_connections.as_ref().map(|v| v.span()),
+                _ => l.max_connections_per_address.as_ref().map(|v| v.span()),
+            };
+            cx.parse_error(span, &format!("lkm.{key} = {why}"))
+        })?;
         Ok(LkmConfig {
             keypair_limit: edgerec_net::rate_limit::Limit {
-                rate: l.keypair_rate_per_min / 60.0,
-                burst: l.keypair_rate_per_min.max(1.0),
+                rate: l.keypair_rate_per_min.get_ref() / 60.0,
+                burst: l.keypair_rate_per_min.get_ref().max(1.0),
             },
             read_limit: edgerec_net::rate_limit::Limit {
-                rate: l.read_rate_per_sec,
-                burst: (l.read_rate_per_sec * 5.0).max(1.0),
+                rate: *l.read_rate_per_sec.get_ref(),
+                burst: (l.read_rate_per_sec.get_ref() * 5.0).max(1.0),
             },
             audit_denials: edgerec_net::rate_limit::Limit {
-                rate: l.audit_denials_per_sec,
-                burst: (l.audit_denials_per_sec * 5.0).max(1.0),
+                rate: *l.audit_denials_per_sec.get_ref(),
+                burst: (l.audit_denials_per_sec.get_ref() * 5.0).max(1.0),
             },
             server,
-            key_cache_secs: l.key_cache_secs,
+            key_cache_secs: *l.key_cache_secs.get_ref(),
             unwrap_limit: edgerec_net::rate_limit::Limit {
-                rate: l.unwrap_rate_per_sec,
-                burst: l.unwrap_burst,
+                rate: *l.unwrap_rate_per_sec.get_ref(),
+                burst: *l.unwrap_burst.get_ref(),
             },
             metrics_listen: l.metrics_listen,
             demo: l.demo,
@@ -388,7 +400,7 @@ impl LkmConfig {
             audit_log: resolve(&l.audit_log),
             tls,
             rotation: l.rotation,
-            skew_secs: l.skew_secs,
+            skew_secs: *l.skew_secs.get_ref(),
             require_payload_hash: l.require_payload_hash,
         })
     }
@@ -801,6 +813,64 @@ mod tests {
         )
         .unwrap();
         assert!(LkmConfig::load(&f).unwrap_err().contains("hourly"));
+    }
+
+    #[test]
+    fn every_bad_value_is_named_with_its_line() {
+        let base = "[lkm]\nstore_dir = \"s\"\nmaster_key_file = \"m\"\ncredentials_file = \"c\"\n\
+                    audit_log = \"a\"\n";
+        let f = Path::new("/etc/edgerec/lkm.toml");
+        for (line, expect) in [
+            (
+                "skew_secs = 0",
+                "line 6: lkm.skew_secs = 0: must be 1 to 600",
+            ),
+            (
+                "key_cache_secs = 90000",
+                "line 6: lkm.key_cache_secs = 90000: at most 86400",
+            ),
+            (
+                "unwrap_rate_per_sec = 0.0",
+                "line 6: lkm.unwrap_rate_per_sec = 0: must be above 0",
+            ),
+            (
+                "unwrap_burst = 0.5",
+                "line 6: lkm.unwrap_burst = 0.5: must be at least 1",
+            ),
+            (
+                "keypair_rate_per_min = -1.0",
+                "line 6: lkm.keypair_rate_per_min = -1: must be above 0",
+            ),
+            (
+                "read_rate_per_sec = 0.0",
+                "line 6: lkm.read_rate_per_sec = 0",
+            ),
+            (
+                "audit_denials_per_sec = 0.0",
+                "line 6: lkm.audit_denials_per_sec = 0",
+            ),
+            (
+                "idle_timeout_secs = 0",
+                "line 6: lkm.idle_timeout_secs = 0: must be 1 to 3600",
+            ),
+            (
+                "tls_cert = \"t.pem\"",
+                "line 6: lkm.tls_cert / lkm.tls_key = t.pem: the certificate",
+            ),
+        ] {
+            let e = LkmConfig::parse(f, &format!("{base}{line}\n")).unwrap_err();
+            assert!(e.starts_with("config /etc/edgerec/lkm.toml, "), "{e}");
+            assert!(e.contains(expect), "{line}: {e}");
+        }
+        let e = LkmConfig::parse(
+            f,
+            &format!("{base}[lkm.kms]\nkey_id = \"k\"\nregion = \"r\"\norganisation = \"o\"\n"),
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("line 3: lkm.master_key_file = m: excludes [lkm.kms]"),
+            "{e}"
+        );
     }
 
     #[test]

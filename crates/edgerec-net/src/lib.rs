@@ -1,6 +1,8 @@
 //! What edgerec's two services — the recording appliance (`crates/edgerec`) and the key
 //! manager (`crates/edgerec-lkm`) — share, so that neither depends on the other:
 //!
+//! - [`config_text`]: where a value of a configuration file sits, for errors that name its
+//!   line.
 //! - [`durable`]: small files replaced whole and durably, directory syncs, the one way to
 //!   make a temporary file, and the owner-only check of secret files.
 //! - [`rate_limit`]: token buckets, one or one per key in a bounded map (pure).
@@ -21,6 +23,7 @@ pub mod answers;
 pub mod aws;
 #[cfg(feature = "client")]
 pub mod client;
+pub mod config_text;
 pub mod durable;
 #[cfg(feature = "server")]
 pub mod https;

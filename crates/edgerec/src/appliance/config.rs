@@ -10,7 +10,6 @@
 //! - Every default is written here with the reason for its value.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use crate::store::StoreKind;
@@ -450,26 +449,15 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn line(&self, span: &Range<usize>) -> usize {
-        self.text[..span.start.min(self.text.len())]
-            .bytes()
-            .filter(|b| *b == b'\n')
-            .count()
-            + 1
+    fn text(&self) -> edgerec_net::config_text::ConfigText<'_> {
+        edgerec_net::config_text::ConfigText {
+            file: self.file,
+            text: self.text,
+        }
     }
 
     fn err<T: std::fmt::Display>(&self, key: &str, v: &Spanned<T>, problem: &str) -> ConfigError {
-        let span = v.span();
-        let at = if span == (0..0) {
-            "(default)".to_string()
-        } else {
-            format!("line {}", self.line(&span))
-        };
-        ConfigError(format!(
-            "config {}, {at}: {key} = {}: {problem}",
-            self.file.display(),
-            v.get_ref()
-        ))
+        ConfigError(self.text().value_error(key, v.get_ref(), v.span(), problem))
     }
 
     fn missing(&self, key: &str, why: &str) -> ConfigError {
@@ -511,17 +499,8 @@ impl Config {
     /// Validates config text as if read from `file` (paths resolve against its directory).
     pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         let cx = Ctx { file, text };
-        let raw: Raw = toml::from_str(text).map_err(|e| {
-            let line = e
-                .span()
-                .map(|s| format!(", line {}", cx.line(&s)))
-                .unwrap_or_default();
-            ConfigError(format!(
-                "config {}{line}: {}",
-                file.display(),
-                e.message().trim_end()
-            ))
-        })?;
+        let raw: Raw = toml::from_str(text)
+            .map_err(|e| ConfigError(cx.text().parse_error(e.span(), e.message())))?;
         let r = &raw.recorder;
         let positive = |key: &str, v: &Spanned<u64>| {
             if *v.get_ref() == 0 {
@@ -906,7 +885,7 @@ impl Config {
                         "max_connections" => c.max_connections.as_ref().map(|v| v.span()),
                         _ => c.max_connections_per_address.as_ref().map(|v| v.span()),
                     }
-                    .map(|s| format!(", line {}", cx.line(&s)))
+                    .map(|s| format!(", line {}", cx.text().line(s.start)))
                     .unwrap_or_default();
                     ConfigError(format!(
                         "config {}{line}: control.{key} = {why}",
