@@ -68,84 +68,166 @@ struct Open {
 
 /// Runs until [`Msg::Shutdown`] arrives or every sender is gone.
 pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
-    let RecorderSetup {
-        spool,
-        keks,
-        wrap,
-        limits,
-        sync,
-        ready,
-        metrics,
-        accepting,
-        queued,
-        recycle,
-    } = setup;
-    let mut published = Counters::default();
-    let mut last_publish = Instant::now();
-    let mut unpublished = false;
-    let epoch = Instant::now();
-    let us = |t: Instant| {
-        u64::try_from(t.saturating_duration_since(epoch).as_micros()).unwrap_or(u64::MAX)
-    };
-    let mut sessions = Sessions::new(limits);
-    let mut syncer = Syncer::start(spool.clone(), Arc::clone(&metrics));
-    let mut open: HashMap<RecId, Open> = HashMap::new();
-    // Recordings whose package the opener is still making, with what waits for it.
-    let mut opening: HashMap<RecId, Vec<Pending>> = HashMap::new();
-    let opener = Opener::start(spool.clone());
-    let mut uuids: HashMap<RecId, Uuid> = HashMap::new();
-    let mut actions = Vec::new();
-    let mut closing: Vec<(ActiveFile, Vec<u8>)> = Vec::new();
-    let mut broken: Vec<(ActiveFile, String)> = Vec::new();
-    let mut buf = Vec::new();
+    let mut r = Recorder::new(setup);
     loop {
-        let mut timeout = sessions
-            .poll_timeout()
-            .map(|t| Duration::from_micros(t.saturating_sub(us(Instant::now()))));
-        if unpublished {
-            // Counts not yet in the metrics: come back in time to publish them.
-            timeout = Some(timeout.map_or(PUBLISH_EVERY, |t| t.min(PUBLISH_EVERY)));
-        }
-        if !opening.is_empty() {
-            // Packages being made: take them up soon even if no datagram comes.
-            timeout = Some(timeout.map_or(OPENING_POLL, |t| t.min(OPENING_POLL)));
-        }
-        let msg = match timeout {
+        let msg = match r.timeout() {
             Some(d) => rx.recv_timeout(d),
             None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
         };
+        let stop = r.take(msg);
+        r.carry_out();
+        r.take_opened(stop);
+        r.salvage_broken();
+        r.finish_closed();
+        r.publish(stop);
+        if stop {
+            r.stop();
+            return;
+        }
+        r.syncer.poll(&mut r.open);
+    }
+}
+
+/// The recorder's state: the session it drives and every package it holds, each step of a
+/// round one method. No lock: one thread owns it all.
+struct Recorder {
+    spool: Spool,
+    keks: KekHandle,
+    wrap: Wrap,
+    limits: Limits,
+    sync: bool,
+    ready: SyncSender<Uuid>,
+    metrics: Arc<Metrics>,
+    accepting: Arc<AtomicBool>,
+    queued: Arc<AtomicUsize>,
+    recycle: SyncSender<Batch>,
+    sessions: Sessions,
+    /// The monotonic clock's origin: session times are microseconds since it.
+    epoch: Instant,
+    /// The session's time of the round ("now" on the clock of the data).
+    clock: u64,
+    actions: Vec<Action>,
+    syncer: Syncer,
+    opener: Opener,
+    /// Packages being written.
+    open: HashMap<RecId, Open>,
+    /// Recordings whose package the opener is still making, with what waits for it.
+    opening: HashMap<RecId, Vec<Pending>>,
+    uuids: HashMap<RecId, Uuid>,
+    /// Ended this round: finished together with a fixed number of syncs.
+    closing: Vec<(ActiveFile, Vec<u8>)>,
+    /// Whose write failed this round, with why.
+    broken: Vec<(ActiveFile, String)>,
+    buf: Vec<u8>,
+    published: Counters,
+    last_publish: Instant,
+    unpublished: bool,
+}
+
+impl Recorder {
+    fn new(setup: RecorderSetup) -> Recorder {
+        let RecorderSetup {
+            spool,
+            keks,
+            wrap,
+            limits,
+            sync,
+            ready,
+            metrics,
+            accepting,
+            queued,
+            recycle,
+        } = setup;
+        Recorder {
+            sessions: Sessions::new(limits),
+            syncer: Syncer::start(spool.clone(), Arc::clone(&metrics)),
+            opener: Opener::start(spool.clone()),
+            spool,
+            keks,
+            wrap,
+            limits,
+            sync,
+            ready,
+            metrics,
+            accepting,
+            queued,
+            recycle,
+            epoch: Instant::now(),
+            clock: 0,
+            actions: Vec::new(),
+            open: HashMap::new(),
+            opening: HashMap::new(),
+            uuids: HashMap::new(),
+            closing: Vec::new(),
+            broken: Vec::new(),
+            buf: Vec::new(),
+            published: Counters::default(),
+            last_publish: Instant::now(),
+            unpublished: false,
+        }
+    }
+
+    fn us(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.epoch).as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// How long to wait for the next message: until the session's next timer, sooner if
+    /// counts wait to be published or packages are being made; `None`: until a message.
+    fn timeout(&self) -> Option<Duration> {
+        let now = self.us(Instant::now());
+        let mut timeout = self
+            .sessions
+            .poll_timeout()
+            .map(|t| Duration::from_micros(t.saturating_sub(now)));
+        if self.unpublished {
+            // Counts not yet in the metrics: come back in time to publish them.
+            timeout = Some(timeout.map_or(PUBLISH_EVERY, |t| t.min(PUBLISH_EVERY)));
+        }
+        if !self.opening.is_empty() {
+            // Packages being made: take them up soon even if no datagram comes.
+            timeout = Some(timeout.map_or(OPENING_POLL, |t| t.min(OPENING_POLL)));
+        }
+        timeout
+    }
+
+    /// Hands a message (or the lack of one) to the session; whether to stop.
+    fn take(&mut self, msg: Result<Msg, RecvTimeoutError>) -> bool {
         let mut stop = false;
         // Timers run on the clock of the data: while datagrams wait in the queue, "now" is
         // the arrival of the one just taken, so a recorder that fell behind never ends a
         // call as idle whose packets are still queued.
-        let mut clock = us(Instant::now());
+        self.clock = self.us(Instant::now());
         // What may start a recording is the session's decision, on the spool's and the
         // key's state as of now.
-        sessions.set_refusal(if !accepting.load(Ordering::Relaxed) {
-            Some("spool_full")
-        } else if keks.current().is_empty() {
-            Some("kek_stale")
-        } else {
-            None
-        });
+        self.sessions
+            .set_refusal(if !self.accepting.load(Ordering::Relaxed) {
+                Some("spool_full")
+            } else if self.keks.current().is_empty() {
+                Some("kek_stale")
+            } else {
+                None
+            });
+        let (sessions, actions) = (&mut self.sessions, &mut self.actions);
         match msg {
             Ok(Msg::Batch(mut batch)) => {
                 for (d, data) in batch.iter() {
-                    clock = us(d.at);
+                    self.clock =
+                        u64::try_from(d.at.saturating_duration_since(self.epoch).as_micros())
+                            .unwrap_or(u64::MAX);
                     // A timer due before this datagram fires first (cheap when none is).
-                    if sessions.poll_timeout().is_some_and(|t| t <= clock) {
-                        sessions.handle_timeout(clock, &mut actions);
+                    if sessions.poll_timeout().is_some_and(|t| t <= self.clock) {
+                        sessions.handle_timeout(self.clock, actions);
                     }
-                    sessions.handle(clock, d.local, d.remote, data, &mut actions);
+                    sessions.handle(self.clock, d.local, d.remote, data, actions);
                 }
-                queued.fetch_sub(batch.len(), Ordering::Relaxed);
+                self.queued.fetch_sub(batch.len(), Ordering::Relaxed);
                 batch.clear();
-                let _ = recycle.try_send(batch);
-                unpublished = true;
+                let _ = self.recycle.try_send(batch);
+                self.unpublished = true;
             }
             Ok(Msg::Metadata { port, doc, reply }) => {
                 let json = serde_json::to_vec(&doc).expect("a JSON map always serializes");
-                let tagged = sessions.metadata(port, json, &mut actions);
+                let tagged = sessions.metadata(port, json, actions);
                 tracing::info!(port, outcome = ?tagged, "metadata");
                 if let Some(r) = reply {
                     let _ = r.try_send(tagged);
@@ -153,9 +235,9 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
             }
             Ok(Msg::Pause { port, pause, reply }) => {
                 let applied = if pause {
-                    sessions.pause(clock, port, &mut actions)
+                    sessions.pause(self.clock, port, actions)
                 } else {
-                    sessions.resume(clock, port, &mut actions)
+                    sessions.resume(self.clock, port, actions)
                 };
                 tracing::info!(port, pause, outcome = ?applied, "pause");
                 if let Some(r) = reply {
@@ -163,16 +245,23 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
                 }
             }
             Ok(Msg::Shutdown) | Err(RecvTimeoutError::Disconnected) => {
-                sessions.shutdown(&mut actions);
+                sessions.shutdown(actions);
                 stop = true;
             }
             Err(RecvTimeoutError::Timeout) => {}
         }
         if !stop {
-            sessions.handle_timeout(clock, &mut actions);
+            sessions.handle_timeout(self.clock, actions);
         }
         // A timer may change counts without an action (a candidate expired).
-        unpublished |= !actions.is_empty() || sessions.counters() != &published;
+        self.unpublished |= !actions.is_empty() || sessions.counters() != &self.published;
+        stop
+    }
+
+    /// Carries out what the session said: packages opened (off this thread), records
+    /// sealed and appended, group commits, recordings ended.
+    fn carry_out(&mut self) {
+        let mut actions = std::mem::take(&mut self.actions);
         for action in actions.drain(..) {
             match action {
                 Action::Open {
@@ -180,183 +269,214 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
                     local,
                     continues,
                     started_us,
-                } => {
-                    // The wall clock when its first datagram arrived (it may have been held).
-                    let age_ms = us(Instant::now()).saturating_sub(started_us) / 1000;
-                    let created_ms = erec::clock::now_ms().saturating_sub(age_ms);
-                    let mut public = Metadata::new();
-                    public.insert("port".into(), local.port().into());
-                    if let Some(prev) = continues.and_then(|c| uuids.get(&c)) {
-                        public.insert("continues".into(), prev.hyphenated().to_string().into());
-                    }
-                    let current = keks.current();
-                    if current.is_empty() {
-                        // The key went stale since the session was told: it ends at once.
-                        tracing::error!(
-                            port = local.port(),
-                            "recording ended at its start: no usable KEK (the key manager's key is stale)"
-                        );
-                        sessions.abort(clock, rec);
-                        continue;
-                    }
-                    // The id is chosen here, so a successor can name it at once; the data key,
-                    // its RSA wrap and the file are made by the opener thread.
-                    let id = Uuid::now_v7();
-                    let opts = SealOptions {
-                        wrap,
-                        max_chunk: u32::try_from(limits.max_chunk).unwrap_or(u32::MAX),
-                        media: Media::Rtp,
-                        public,
-                        recording_id: Some(id),
-                        created_ms: Some(created_ms),
-                    };
-                    uuids.insert(rec, id);
-                    opening.insert(rec, Vec::new());
-                    let job = OpenJob {
-                        rec,
-                        port: local.port(),
-                        keks: current,
-                        opts,
-                    };
-                    if opener.jobs.send(job).is_err() {
-                        opening.remove(&rec);
-                        tracing::error!(
-                            port = local.port(),
-                            "recording ended at its start: the opener is gone"
-                        );
-                        sessions.abort(clock, rec);
-                    }
-                }
-                Action::Chunk { rec, plaintext } => {
-                    if let Some(waiting) = opening.get_mut(&rec) {
-                        waiting.push(Pending::Record(Kind::Media, plaintext));
-                    } else {
-                        write_record(
-                            &mut open,
-                            rec,
-                            Kind::Media,
-                            &plaintext,
-                            &mut buf,
-                            &mut broken,
-                            &metrics,
-                        );
-                    }
-                }
-                Action::Metadata { rec, json } => {
-                    if let Some(waiting) = opening.get_mut(&rec) {
-                        waiting.push(Pending::Record(Kind::Metadata, json));
-                    } else {
-                        write_record(
-                            &mut open,
-                            rec,
-                            Kind::Metadata,
-                            &json,
-                            &mut buf,
-                            &mut broken,
-                            &metrics,
-                        );
-                    }
-                }
+                } => self.open_package(rec, local, continues, started_us),
+                Action::Chunk { rec, plaintext } => self.record(rec, Kind::Media, plaintext),
+                Action::Metadata { rec, json } => self.record(rec, Kind::Metadata, json),
                 Action::Sync => {
-                    if sync {
-                        syncer.poll(&mut open);
-                        syncer.commit(&spool, &mut open, &metrics);
+                    if self.sync {
+                        self.syncer.poll(&mut self.open);
+                        self.syncer
+                            .commit(&self.spool, &mut self.open, &self.metrics);
                     }
                 }
                 Action::Close { rec, reason } => {
-                    uuids.remove(&rec);
-                    if let Some(waiting) = opening.get_mut(&rec) {
+                    self.uuids.remove(&rec);
+                    if let Some(waiting) = self.opening.get_mut(&rec) {
                         waiting.push(Pending::Close(reason));
                     } else {
-                        close(&mut open, rec, reason, &mut closing, &metrics);
+                        close(
+                            &mut self.open,
+                            rec,
+                            reason,
+                            &mut self.closing,
+                            &self.metrics,
+                        );
                     }
                 }
             }
         }
-        // Packages the opener has made: what waited for them is written now. At shutdown,
-        // every one is waited for, so that each recording gets its end record.
-        while !opening.is_empty() {
+        // The buffer's room is kept for the next round.
+        self.actions = actions;
+    }
+
+    /// Asks the opener for a package for `rec`: its id chosen here (a successor can name it
+    /// at once); the data key, its RSA wrap and the file are made off this thread.
+    fn open_package(
+        &mut self,
+        rec: RecId,
+        local: std::net::SocketAddr,
+        continues: Option<RecId>,
+        started_us: u64,
+    ) {
+        // The wall clock when its first datagram arrived (it may have been held).
+        let age_ms = self.us(Instant::now()).saturating_sub(started_us) / 1000;
+        let created_ms = erec::clock::now_ms().saturating_sub(age_ms);
+        let mut public = Metadata::new();
+        public.insert("port".into(), local.port().into());
+        if let Some(prev) = continues.and_then(|c| self.uuids.get(&c)) {
+            public.insert("continues".into(), prev.hyphenated().to_string().into());
+        }
+        let current = self.keks.current();
+        if current.is_empty() {
+            // The key went stale since the session was told: it ends at once.
+            tracing::error!(
+                port = local.port(),
+                "recording ended at its start: no usable KEK (the key manager's key is stale)"
+            );
+            self.sessions.abort(self.clock, rec);
+            return;
+        }
+        let id = Uuid::now_v7();
+        let opts = SealOptions {
+            wrap: self.wrap,
+            max_chunk: u32::try_from(self.limits.max_chunk).unwrap_or(u32::MAX),
+            media: Media::Rtp,
+            public,
+            recording_id: Some(id),
+            created_ms: Some(created_ms),
+        };
+        self.uuids.insert(rec, id);
+        self.opening.insert(rec, Vec::new());
+        let job = OpenJob {
+            rec,
+            port: local.port(),
+            keks: current,
+            opts,
+        };
+        if self.opener.jobs.send(job).is_err() {
+            self.opening.remove(&rec);
+            tracing::error!(
+                port = local.port(),
+                "recording ended at its start: the opener is gone"
+            );
+            self.sessions.abort(self.clock, rec);
+        }
+    }
+
+    /// A record for `rec`: written now, or kept until its package is made.
+    fn record(&mut self, rec: RecId, kind: Kind, plaintext: Vec<u8>) {
+        if let Some(waiting) = self.opening.get_mut(&rec) {
+            waiting.push(Pending::Record(kind, plaintext));
+        } else {
+            write_record(
+                &mut self.open,
+                rec,
+                kind,
+                &plaintext,
+                &mut self.buf,
+                &mut self.broken,
+                &self.metrics,
+            );
+        }
+    }
+
+    /// Packages the opener has made: what waited for them is written now. At shutdown,
+    /// every one is waited for, so that each recording gets its end record.
+    fn take_opened(&mut self, stop: bool) {
+        while !self.opening.is_empty() {
             let made = if stop {
-                match opener.done.recv() {
+                match self.opener.done.recv() {
                     Ok(m) => m,
                     Err(_) => break,
                 }
             } else {
-                match opener.done.try_recv() {
+                match self.opener.done.try_recv() {
                     Ok(m) => m,
                     Err(_) => break,
                 }
             };
             let (rec, port, result) = made;
-            let waiting = opening.remove(&rec).unwrap_or_default();
+            let waiting = self.opening.remove(&rec).unwrap_or_default();
             match result {
                 Ok(o) => {
                     tracing::info!(recording = %o.id, port, "recording started");
-                    open.insert(rec, o);
-                    metrics.recordings_active.inc();
+                    self.open.insert(rec, o);
+                    self.metrics.recordings_active.inc();
                     for p in waiting {
                         match p {
                             Pending::Record(kind, plaintext) => write_record(
-                                &mut open,
+                                &mut self.open,
                                 rec,
                                 kind,
                                 &plaintext,
-                                &mut buf,
-                                &mut broken,
-                                &metrics,
+                                &mut self.buf,
+                                &mut self.broken,
+                                &self.metrics,
                             ),
-                            Pending::Close(reason) => {
-                                close(&mut open, rec, reason, &mut closing, &metrics)
-                            }
+                            Pending::Close(reason) => close(
+                                &mut self.open,
+                                rec,
+                                reason,
+                                &mut self.closing,
+                                &self.metrics,
+                            ),
                         }
                     }
                 }
                 Err(e) => {
                     tracing::error!(port, error = %e, "recording ended at its start: its package cannot be made");
-                    sessions.abort(us(Instant::now()), rec);
-                    unpublished = true;
+                    self.sessions.abort(self.us(Instant::now()), rec);
+                    self.unpublished = true;
                 }
             }
         }
-        // Recordings whose write failed (a full disk): what they hold up to their last whole
-        // record goes to ready/, unterminated, so the call so far is delivered.
-        for (f, why) in broken.drain(..) {
+    }
+
+    /// Recordings whose write failed (a full disk): what they hold up to their last whole
+    /// record goes to ready/, unterminated, so the call so far is delivered.
+    fn salvage_broken(&mut self) {
+        for (f, why) in self.broken.drain(..) {
             let id = f.id();
-            match spool.salvage(f, &why, now_ms()) {
+            match self.spool.salvage(f, &why, now_ms()) {
                 Ok(state) => {
                     tracing::warn!(recording = %id, bytes = state.size, "package kept up to the failed write; ready, unterminated");
-                    let _ = ready.try_send(id);
+                    let _ = self.ready.try_send(id);
                 }
                 Err(e) => {
                     tracing::error!(recording = %id, error = %e, "cannot move the package yet; recovery at the next start delivers it");
                 }
             }
         }
-        if !closing.is_empty() {
-            // Every call that ended in this round, sealed with a fixed number of syncs.
-            for (id, r) in spool.finish_all(std::mem::take(&mut closing), now_ms()) {
-                match r {
-                    Ok(state) => {
-                        tracing::debug!(recording = %id, bytes = state.size, "package ready");
-                        let _ = ready.try_send(id);
-                    }
-                    Err(e) => {
-                        tracing::error!(recording = %id, error = %e, "cannot finish package; recovery will deliver it");
-                        Metrics::inc(&metrics.recordings_refused, "finish_error", 1);
-                    }
+    }
+
+    /// Every call that ended in this round, sealed with a fixed number of syncs.
+    fn finish_closed(&mut self) {
+        if self.closing.is_empty() {
+            return;
+        }
+        for (id, r) in self
+            .spool
+            .finish_all(std::mem::take(&mut self.closing), now_ms())
+        {
+            match r {
+                Ok(state) => {
+                    tracing::debug!(recording = %id, bytes = state.size, "package ready");
+                    let _ = self.ready.try_send(id);
+                }
+                Err(e) => {
+                    tracing::error!(recording = %id, error = %e, "cannot finish package; recovery will deliver it");
+                    Metrics::inc(&self.metrics.recordings_refused, "finish_error", 1);
                 }
             }
         }
-        if stop || (unpublished && last_publish.elapsed() >= PUBLISH_EVERY) {
-            publish(&metrics, sessions.counters(), &mut published);
-            last_publish = Instant::now();
-            unpublished = false;
+    }
+
+    /// The session's counts into the metrics, at most every [`PUBLISH_EVERY`] (and at the
+    /// stop).
+    fn publish(&mut self, stop: bool) {
+        if stop || (self.unpublished && self.last_publish.elapsed() >= PUBLISH_EVERY) {
+            publish(&self.metrics, self.sessions.counters(), &mut self.published);
+            self.last_publish = Instant::now();
+            self.unpublished = false;
         }
-        if stop {
-            syncer.stop(&mut open);
-            return;
-        }
-        syncer.poll(&mut open);
+    }
+
+    /// Waits for the commit in flight; the syncer thread goes.
+    fn stop(self) {
+        let Recorder {
+            syncer, mut open, ..
+        } = self;
+        syncer.stop(&mut open);
     }
 }
 
