@@ -152,17 +152,31 @@ pub enum CredentialsError {
 }
 
 /// Credentials from a shared-credentials file's `profile` (default `default`), or, without
-/// a file, from `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` (both non-empty).
+/// a file, from `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` (both non-empty), of the
+/// process.
 pub fn resolve_credentials(
     file: Option<&Path>,
     profile: Option<&str>,
 ) -> Result<AwsCredentials, CredentialsError> {
+    resolve_credentials_with(
+        file,
+        profile,
+        |name| std::env::var(name).ok(),
+        |path| std::fs::read_to_string(path).map(Zeroizing::new),
+    )
+}
+
+/// [`resolve_credentials`] with the environment and the file reading given: `var` looks up
+/// a variable, `read` a file's text.
+pub fn resolve_credentials_with(
+    file: Option<&Path>,
+    profile: Option<&str>,
+    var: impl Fn(&str) -> Option<String>,
+    read: impl Fn(&Path) -> std::io::Result<Zeroizing<String>>,
+) -> Result<AwsCredentials, CredentialsError> {
     let Some(path) = file else {
-        return match (
-            std::env::var("AWS_ACCESS_KEY_ID"),
-            std::env::var("AWS_SECRET_ACCESS_KEY"),
-        ) {
-            (Ok(access_key), Ok(secret)) if !access_key.is_empty() && !secret.is_empty() => {
+        return match (var("AWS_ACCESS_KEY_ID"), var("AWS_SECRET_ACCESS_KEY")) {
+            (Some(access_key), Some(secret)) if !access_key.is_empty() && !secret.is_empty() => {
                 Ok(AwsCredentials {
                     access_key,
                     secret_key: Zeroizing::new(secret),
@@ -171,12 +185,10 @@ pub fn resolve_credentials(
             _ => Err(CredentialsError::Missing),
         };
     };
-    let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
-        CredentialsError::Unreadable {
-            path: path.to_path_buf(),
-            source,
-        }
-    })?);
+    let text = read(path).map_err(|source| CredentialsError::Unreadable {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let profile = profile.unwrap_or("default");
     let (access_key, secret_key) =
         credentials_from_file(&text, profile).ok_or_else(|| CredentialsError::NotInProfile {

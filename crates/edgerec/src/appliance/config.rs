@@ -446,6 +446,7 @@ pub struct Config {
 struct Ctx<'a> {
     file: &'a Path,
     text: &'a str,
+    env: &'a dyn Environment,
 }
 
 impl Ctx<'_> {
@@ -458,6 +459,14 @@ impl Ctx<'_> {
 
     fn err<T: std::fmt::Display>(&self, key: &str, v: &Spanned<T>, problem: &str) -> ConfigError {
         ConfigError(self.text().value_error(key, v.get_ref(), v.span(), problem))
+    }
+
+    fn positive(&self, key: &str, v: &Spanned<u64>) -> Result<(), ConfigError> {
+        if *v.get_ref() == 0 {
+            Err(self.err(key, v, "must be greater than 0"))
+        } else {
+            Ok(())
+        }
     }
 
     fn missing(&self, key: &str, why: &str) -> ConfigError {
@@ -488,76 +497,93 @@ pub fn parse_ports(s: &str) -> Option<(u16, u16)> {
     (a > 0 && a <= b).then_some((a, b))
 }
 
-impl Config {
-    /// Reads and validates a config file.
-    pub fn load(file: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(file)
-            .map_err(|e| ConfigError(format!("cannot read config {}: {e}", file.display())))?;
-        Self::parse(file, &text)
+/// Where a config's secrets come from: environment variables and secret files. The
+/// process's own in production ([`ProcessEnv`]); fixed values in tests, so validation is a
+/// function of its inputs.
+pub trait Environment {
+    /// An environment variable, if set and valid UTF-8.
+    fn var(&self, name: &str) -> Option<String>;
+    /// A secret file's text, held zeroized.
+    fn read(&self, path: &Path) -> std::io::Result<zeroize::Zeroizing<String>>;
+}
+
+/// The process's environment and file system.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessEnv;
+
+impl Environment for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
     }
 
-    /// Validates config text as if read from `file` (paths resolve against its directory).
-    pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
-        let cx = Ctx { file, text };
-        let raw: Raw = toml::from_str(text)
-            .map_err(|e| ConfigError(cx.text().parse_error(e.span(), e.message())))?;
-        let r = &raw.recorder;
-        let positive = |key: &str, v: &Spanned<u64>| {
-            if *v.get_ref() == 0 {
-                Err(cx.err(key, v, "must be greater than 0"))
-            } else {
-                Ok(())
-            }
-        };
-        positive("recorder.flush_interval_ms", &r.flush_interval_ms)?;
-        positive("recorder.idle_timeout_ms", &r.idle_timeout_ms)?;
-        positive("recorder.max_recording_secs", &r.max_recording_secs)?;
-        positive("recorder.spool_max_bytes", &r.spool_max_bytes)?;
-        if !(MIN_MAX_CHUNK..=MAX_MAX_CHUNK).contains(r.chunk_bytes.get_ref()) {
-            return Err(cx.err(
-                "recorder.chunk_bytes",
-                &r.chunk_bytes,
-                &format!("must be {MIN_MAX_CHUNK} to {MAX_MAX_CHUNK}"),
-            ));
+    fn read(&self, path: &Path) -> std::io::Result<zeroize::Zeroizing<String>> {
+        std::fs::read_to_string(path).map(zeroize::Zeroizing::new)
+    }
+}
+
+/// `[recorder]`: every limit in its range.
+fn check_recorder(cx: &Ctx<'_>, raw: &Raw) -> Result<(), ConfigError> {
+    let r = &raw.recorder;
+    cx.positive("recorder.flush_interval_ms", &r.flush_interval_ms)?;
+    cx.positive("recorder.idle_timeout_ms", &r.idle_timeout_ms)?;
+    cx.positive("recorder.max_recording_secs", &r.max_recording_secs)?;
+    cx.positive("recorder.spool_max_bytes", &r.spool_max_bytes)?;
+    if !(MIN_MAX_CHUNK..=MAX_MAX_CHUNK).contains(r.chunk_bytes.get_ref()) {
+        return Err(cx.err(
+            "recorder.chunk_bytes",
+            &r.chunk_bytes,
+            &format!("must be {MIN_MAX_CHUNK} to {MAX_MAX_CHUNK}"),
+        ));
+    }
+    Ok(())
+}
+
+/// `[ingest]`: the port range, admission's limits, the sources allowed.
+fn ingest_section(cx: &Ctx<'_>, raw: &Raw) -> Result<((u16, u16), Vec<IpNet>), ConfigError> {
+    let ports = parse_ports(raw.ingest.ports.get_ref()).ok_or_else(|| {
+        cx.err(
+            "ingest.ports",
+            &raw.ingest.ports,
+            "not a port range A-B with 1 <= A <= B <= 65535",
+        )
+    })?;
+    let i = &raw.ingest;
+    if !(1..=10).contains(i.min_packets.get_ref()) {
+        return Err(cx.err("ingest.min_packets", &i.min_packets, "must be 1 to 10"));
+    }
+    for (key, v) in [
+        (
+            "ingest.max_starts_per_source_per_sec",
+            &i.max_starts_per_source_per_sec,
+        ),
+        (
+            "ingest.max_starts_per_port_per_sec",
+            &i.max_starts_per_port_per_sec,
+        ),
+    ] {
+        if !(v.get_ref().is_finite() && *v.get_ref() > 0.0) {
+            return Err(cx.err(key, v, "must be above 0"));
         }
-        let ports = parse_ports(raw.ingest.ports.get_ref()).ok_or_else(|| {
-            cx.err(
-                "ingest.ports",
-                &raw.ingest.ports,
-                "not a port range A-B with 1 <= A <= B <= 65535",
-            )
-        })?;
-        let i = &raw.ingest;
-        if !(1..=10).contains(i.min_packets.get_ref()) {
-            return Err(cx.err("ingest.min_packets", &i.min_packets, "must be 1 to 10"));
-        }
-        for (key, v) in [
-            (
-                "ingest.max_starts_per_source_per_sec",
-                &i.max_starts_per_source_per_sec,
-            ),
-            (
-                "ingest.max_starts_per_port_per_sec",
-                &i.max_starts_per_port_per_sec,
-            ),
-        ] {
-            if !(v.get_ref().is_finite() && *v.get_ref() > 0.0) {
-                return Err(cx.err(key, v, "must be above 0"));
-            }
-        }
-        let allow = raw
-            .ingest
-            .allow
-            .iter()
-            .map(|c| {
-                let s = c.get_ref().trim();
-                s.parse::<IpNet>()
-                    .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
-                    .map_err(|_| cx.err("ingest.allow", c, "not a CIDR network or address"))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let k = &raw.keys;
-        let kek_source = match k.source.get_ref().as_str() {
+    }
+    let allow = raw
+        .ingest
+        .allow
+        .iter()
+        .map(|c| {
+            let s = c.get_ref().trim();
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| cx.err("ingest.allow", c, "not a CIDR network or address"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((ports, allow))
+}
+
+/// `[keys]`: where the KEK comes from, and the wrap.
+fn keys_section(cx: &Ctx<'_>, raw: &Raw) -> Result<(KekSource, Wrap), ConfigError> {
+    let k = &raw.keys;
+    let kek_source =
+        match k.source.get_ref().as_str() {
             "file" => KekSource::File(k.public_key.as_deref().map(|p| cx.resolve(p)).ok_or_else(
                 || cx.missing("keys.public_key", "the KEK public key file to seal to"),
             )?),
@@ -616,307 +642,357 @@ impl Config {
             }
             _ => return Err(cx.err("keys.source", &k.source, "must be file or lkm")),
         };
-        let wrap = match raw.keys.wrap.get_ref().as_str() {
-            "oaep-sha256" => Wrap::OaepSha256,
-            "oaep-sha1" => Wrap::OaepSha1,
-            _ => {
-                return Err(cx.err(
-                    "keys.wrap",
-                    &raw.keys.wrap,
-                    "must be oaep-sha256 or oaep-sha1",
-                ));
+    let wrap = match raw.keys.wrap.get_ref().as_str() {
+        "oaep-sha256" => Wrap::OaepSha256,
+        "oaep-sha1" => Wrap::OaepSha1,
+        _ => {
+            return Err(cx.err(
+                "keys.wrap",
+                &raw.keys.wrap,
+                "must be oaep-sha256 or oaep-sha1",
+            ));
+        }
+    };
+    Ok((kek_source, wrap))
+}
+
+/// `[store]` (with `[upload]`'s limits a store client needs): the store, its object key
+/// prefix, and its secrets (through the environment).
+fn store_section(cx: &Ctx<'_>, raw: &Raw) -> Result<(StoreKind, String), ConfigError> {
+    let st = &raw.store;
+    let mut prefix = String::new();
+    let limit = Some(*raw.upload.bandwidth_bytes_per_sec.get_ref())
+        .filter(|b| *b > 0)
+        .map(crate::store::bandwidth::Limit::new);
+    if let Some(p) = &st.prefix {
+        if !p
+            .get_ref()
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_./".contains(&c))
+        {
+            return Err(cx.err("store.prefix", p, "only letters, digits and - _ . /"));
+        }
+        prefix = p.get_ref().clone();
+    }
+    let tls = crate::store::http::Tls {
+        ca_file: st.ca_file.as_deref().map(|p| cx.resolve(p)),
+        client_cert: st.client_cert.as_deref().map(|p| cx.resolve(p)),
+        client_key: st.client_key.as_deref().map(|p| cx.resolve(p)),
+    };
+    if tls.client_cert.is_some() != tls.client_key.is_some() {
+        return Err(cx.missing(
+            if tls.client_cert.is_some() {
+                "store.client_key"
+            } else {
+                "store.client_cert"
+            },
+            "client_cert and client_key go together",
+        ));
+    }
+    let timeout = std::time::Duration::from_secs(*raw.upload.attempt_timeout_secs.get_ref());
+    let store = match st.kind.get_ref().as_str() {
+        "dir" => StoreKind::Dir(
+            st.path
+                .as_deref()
+                .map(|p| cx.resolve(p))
+                .ok_or_else(|| cx.missing("store.path", "the dir store's root directory"))?,
+            limit,
+        ),
+        "s3" => {
+            let endpoint = st
+                .endpoint
+                .as_ref()
+                .ok_or_else(|| cx.missing("store.endpoint", "the S3 API's http(s) URL"))?;
+            let e = endpoint.get_ref().trim_end_matches('/');
+            if !(e.starts_with("http://") || e.starts_with("https://")) || e.contains('?') {
+                return Err(cx.err("store.endpoint", endpoint, "must be http(s)://host[:port]"));
             }
-        };
-        let st = &raw.store;
-        let mut prefix = String::new();
-        let limit = Some(*raw.upload.bandwidth_bytes_per_sec.get_ref())
-            .filter(|b| *b > 0)
-            .map(crate::store::bandwidth::Limit::new);
-        if let Some(p) = &st.prefix {
-            if !p
-                .get_ref()
-                .bytes()
-                .all(|c| c.is_ascii_alphanumeric() || b"-_./".contains(&c))
+            let bucket = st
+                .bucket
+                .as_ref()
+                .ok_or_else(|| cx.missing("store.bucket", "the bucket packages go to"))?;
+            let b = bucket.get_ref();
+            if b.len() < 3
+                || b.len() > 63
+                || !b
+                    .bytes()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.')
             {
-                return Err(cx.err("store.prefix", p, "only letters, digits and - _ . /"));
+                return Err(cx.err("store.bucket", bucket, "not an S3 bucket name"));
             }
-            prefix = p.get_ref().clone();
-        }
-        let tls = crate::store::http::Tls {
-            ca_file: st.ca_file.as_deref().map(|p| cx.resolve(p)),
-            client_cert: st.client_cert.as_deref().map(|p| cx.resolve(p)),
-            client_key: st.client_key.as_deref().map(|p| cx.resolve(p)),
-        };
-        if tls.client_cert.is_some() != tls.client_key.is_some() {
-            return Err(cx.missing(
-                if tls.client_cert.is_some() {
-                    "store.client_key"
-                } else {
-                    "store.client_cert"
-                },
-                "client_cert and client_key go together",
-            ));
-        }
-        let timeout = std::time::Duration::from_secs(*raw.upload.attempt_timeout_secs.get_ref());
-        let store = match st.kind.get_ref().as_str() {
-            "dir" => StoreKind::Dir(
-                st.path
-                    .as_deref()
-                    .map(|p| cx.resolve(p))
-                    .ok_or_else(|| cx.missing("store.path", "the dir store's root directory"))?,
-                limit,
-            ),
-            "s3" => {
-                let endpoint = st
-                    .endpoint
-                    .as_ref()
-                    .ok_or_else(|| cx.missing("store.endpoint", "the S3 API's http(s) URL"))?;
-                let e = endpoint.get_ref().trim_end_matches('/');
-                if !(e.starts_with("http://") || e.starts_with("https://")) || e.contains('?') {
-                    return Err(cx.err(
-                        "store.endpoint",
-                        endpoint,
-                        "must be http(s)://host[:port]",
-                    ));
-                }
-                let bucket = st
-                    .bucket
-                    .as_ref()
-                    .ok_or_else(|| cx.missing("store.bucket", "the bucket packages go to"))?;
-                let b = bucket.get_ref();
-                if b.len() < 3
-                    || b.len() > 63
-                    || !b.bytes().all(|c| {
-                        c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.'
-                    })
-                {
-                    return Err(cx.err("store.bucket", bucket, "not an S3 bucket name"));
-                }
-                let credentials_file = st.credentials_file.as_ref().map(|f| cx.resolve(f));
-                let found = edgerec_net::aws::resolve_credentials(
-                    credentials_file.as_deref(),
-                    st.profile.as_deref(),
-                );
-                let (access_key, secret_key) = match found {
-                    Ok(c) => (c.access_key, c.secret_key),
-                    Err(edgerec_net::aws::CredentialsError::Missing) => {
-                        return Err(cx.missing(
-                            "store.credentials_file",
-                            "S3 credentials: a shared-credentials file, or \
-                             AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment",
-                        ));
-                    }
-                    Err(e) => {
-                        return Err(ConfigError(format!(
-                            "config {}: store.credentials_file {e}",
-                            file.display()
-                        )));
-                    }
-                };
-                StoreKind::S3(crate::store::s3::S3Config {
-                    endpoint: e.to_string(),
-                    region: st.region.clone().unwrap_or_else(|| "us-east-1".into()),
-                    bucket: b.clone(),
-                    access_key,
-                    secret_key,
-                    tls,
-                    timeout,
-                    limit,
-                    multipart_threshold: *raw.upload.multipart_threshold_bytes.get_ref(),
-                    part_bytes: *raw.upload.multipart_part_bytes.get_ref(),
-                })
-            }
-            "http" => {
-                let url = st
-                    .url
-                    .as_ref()
-                    .ok_or_else(|| cx.missing("store.url", "where packages go, https://…/{key}"))?;
-                crate::store::http::check_template(url.get_ref())
-                    .map_err(|why| cx.err("store.url", url, why))?;
-                let token = match &st.token_file {
-                    Some(f) => {
-                        let f = cx.resolve(f);
-                        let text =
-                            zeroize::Zeroizing::new(std::fs::read_to_string(&f).map_err(|e| {
-                                ConfigError(format!(
-                                    "config {}: store.token_file {}: {e}",
-                                    file.display(),
-                                    f.display()
-                                ))
-                            })?);
-                        Some(zeroize::Zeroizing::new(text.trim().to_string()))
-                    }
-                    None => std::env::var("EDGEREC_STORE_TOKEN")
-                        .ok()
-                        .map(|t| zeroize::Zeroizing::new(t.trim().to_string())),
-                }
-                .filter(|t| !t.is_empty());
-                if token.is_none() && tls.client_cert.is_none() {
+            let credentials_file = st.credentials_file.as_ref().map(|f| cx.resolve(f));
+            let found = edgerec_net::aws::resolve_credentials_with(
+                credentials_file.as_deref(),
+                st.profile.as_deref(),
+                |name| cx.env.var(name),
+                |path| cx.env.read(path),
+            );
+            let (access_key, secret_key) = match found {
+                Ok(c) => (c.access_key, c.secret_key),
+                Err(edgerec_net::aws::CredentialsError::Missing) => {
                     return Err(cx.missing(
-                        "store.token_file",
-                        "a bearer token (token_file, or EDGEREC_STORE_TOKEN in the \
-                         environment) or a client certificate (client_cert, client_key)",
+                        "store.credentials_file",
+                        "S3 credentials: a shared-credentials file, or \
+                         AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment",
                     ));
                 }
-                StoreKind::Http(crate::store::http::HttpConfig {
-                    url: url.get_ref().clone(),
-                    token,
-                    tls,
-                    timeout,
-                    limit,
-                })
-            }
-            _ => {
-                return Err(cx.err(
-                    "store.kind",
-                    &st.kind,
-                    "must be \"dir\", \"http\" or \"s3\"",
-                ));
-            }
-        };
-        let u = &raw.upload;
-        positive("upload.retry_initial_ms", &u.retry_initial_ms)?;
-        positive("upload.rescan_secs", &u.rescan_secs)?;
-        positive("upload.attempt_timeout_secs", &u.attempt_timeout_secs)?;
-        const MIB: u64 = 1 << 20;
-        if !(5 * MIB..=5 * 1024 * MIB).contains(u.multipart_part_bytes.get_ref()) {
-            return Err(cx.err(
-                "upload.multipart_part_bytes",
-                &u.multipart_part_bytes,
-                "must be 5 MiB (5242880) to 5 GiB: S3's limits on a part",
-            ));
-        }
-        if u.multipart_threshold_bytes.get_ref() < u.multipart_part_bytes.get_ref() {
-            return Err(cx.err(
-                "upload.multipart_threshold_bytes",
-                &u.multipart_threshold_bytes,
-                "must be at least upload.multipart_part_bytes",
-            ));
-        }
-        if !(1..=64).contains(u.concurrency.get_ref()) {
-            return Err(cx.err("upload.concurrency", &u.concurrency, "must be 1 to 64"));
-        }
-        if u.retry_max_ms.get_ref() < u.retry_initial_ms.get_ref() {
-            return Err(cx.err(
-                "upload.retry_max_ms",
-                &u.retry_max_ms,
-                "must be at least upload.retry_initial_ms",
-            ));
-        }
-        let retry = crate::store::retry::Policy {
-            initial: std::time::Duration::from_millis(*u.retry_initial_ms.get_ref()),
-            max: std::time::Duration::from_millis(*u.retry_max_ms.get_ref()),
-            max_attempts: Some(*u.max_attempts.get_ref()).filter(|n| *n > 0),
-        };
-        let control = match &raw.control.listen {
-            None => None,
-            Some(listen_at) => {
-                let listen = listen_at.get_ref();
-                let c = &raw.control;
-                let token = match (&c.token_file, std::env::var("EDGEREC_CONTROL_TOKEN")) {
-                    (_, Ok(t)) if !t.trim().is_empty() => {
-                        zeroize::Zeroizing::new(t.trim().to_string())
-                    }
-                    (Some(f), _) => {
-                        let f = cx.resolve(f);
-                        let text =
-                            zeroize::Zeroizing::new(std::fs::read_to_string(&f).map_err(|e| {
-                                ConfigError(format!(
-                                    "config {}: control.token_file {}: {e}",
-                                    file.display(),
-                                    f.display()
-                                ))
-                            })?);
-                        zeroize::Zeroizing::new(text.trim().to_string())
-                    }
-                    (None, _) => {
-                        return Err(cx.missing(
-                            "control.token_file",
-                            "the control API needs a bearer token (or EDGEREC_CONTROL_TOKEN)",
-                        ));
-                    }
-                };
-                if token.len() < 16 {
+                Err(e) => {
                     return Err(ConfigError(format!(
-                        "config {}: the control token is shorter than 16 characters",
-                        file.display()
+                        "config {}: store.credentials_file {e}",
+                        cx.file.display()
                     )));
                 }
-                let tls = match (&c.tls_cert, &c.tls_key) {
-                    (Some(a), Some(b)) => Some((cx.resolve(a), cx.resolve(b))),
-                    (None, None) => None,
-                    _ => {
-                        return Err(ConfigError(format!(
-                            "config {}: control.tls_cert and control.tls_key go together",
-                            file.display()
-                        )));
-                    }
-                };
-                let max_body_bytes = match &c.max_body_bytes {
-                    Some(m) if !(256..=1 << 20).contains(m.get_ref()) => {
-                        return Err(cx.err("control.max_body_bytes", m, "must be 256 to 1048576"));
-                    }
-                    Some(m) => *m.get_ref(),
-                    None => 16 << 10,
-                };
-                // The bearer token travels in every request: in the clear only on loopback,
-                // unless the operator says the network is trusted.
-                if tls.is_none() && !listen.ip().is_loopback() && !c.allow_plaintext {
-                    return Err(cx.err(
-                        "control.listen",
-                        listen_at,
-                        "not a loopback address, and no TLS (control.tls_cert, control.tls_key): \
-                         the bearer token would cross the network in the clear; add TLS, or \
-                         set control.allow_plaintext = true if the network is trusted",
+            };
+            StoreKind::S3(crate::store::s3::S3Config {
+                endpoint: e.to_string(),
+                region: st.region.clone().unwrap_or_else(|| "us-east-1".into()),
+                bucket: b.clone(),
+                access_key,
+                secret_key,
+                tls,
+                timeout,
+                limit,
+                multipart_threshold: *raw.upload.multipart_threshold_bytes.get_ref(),
+                part_bytes: *raw.upload.multipart_part_bytes.get_ref(),
+            })
+        }
+        "http" => {
+            let url = st
+                .url
+                .as_ref()
+                .ok_or_else(|| cx.missing("store.url", "where packages go, https://…/{key}"))?;
+            crate::store::http::check_template(url.get_ref())
+                .map_err(|why| cx.err("store.url", url, why))?;
+            let token = match &st.token_file {
+                Some(f) => {
+                    let f = cx.resolve(f);
+                    let text = cx.env.read(&f).map_err(|e| {
+                        ConfigError(format!(
+                            "config {}: store.token_file {}: {e}",
+                            cx.file.display(),
+                            f.display()
+                        ))
+                    })?;
+                    Some(zeroize::Zeroizing::new(text.trim().to_string()))
+                }
+                None => cx
+                    .env
+                    .var("EDGEREC_STORE_TOKEN")
+                    .map(|t| zeroize::Zeroizing::new(t.trim().to_string())),
+            }
+            .filter(|t| !t.is_empty());
+            if token.is_none() && tls.client_cert.is_none() {
+                return Err(cx.missing(
+                    "store.token_file",
+                    "a bearer token (token_file, or EDGEREC_STORE_TOKEN in the \
+                     environment) or a client certificate (client_cert, client_key)",
+                ));
+            }
+            StoreKind::Http(crate::store::http::HttpConfig {
+                url: url.get_ref().clone(),
+                token,
+                tls,
+                timeout,
+                limit,
+            })
+        }
+        _ => {
+            return Err(cx.err(
+                "store.kind",
+                &st.kind,
+                "must be \"dir\", \"http\" or \"s3\"",
+            ));
+        }
+    };
+    Ok((store, prefix))
+}
+
+/// `[upload]`: the retry policy, multipart sizes, concurrency.
+fn upload_section(cx: &Ctx<'_>, raw: &Raw) -> Result<crate::store::retry::Policy, ConfigError> {
+    let u = &raw.upload;
+    cx.positive("upload.retry_initial_ms", &u.retry_initial_ms)?;
+    cx.positive("upload.rescan_secs", &u.rescan_secs)?;
+    cx.positive("upload.attempt_timeout_secs", &u.attempt_timeout_secs)?;
+    const MIB: u64 = 1 << 20;
+    if !(5 * MIB..=5 * 1024 * MIB).contains(u.multipart_part_bytes.get_ref()) {
+        return Err(cx.err(
+            "upload.multipart_part_bytes",
+            &u.multipart_part_bytes,
+            "must be 5 MiB (5242880) to 5 GiB: S3's limits on a part",
+        ));
+    }
+    if u.multipart_threshold_bytes.get_ref() < u.multipart_part_bytes.get_ref() {
+        return Err(cx.err(
+            "upload.multipart_threshold_bytes",
+            &u.multipart_threshold_bytes,
+            "must be at least upload.multipart_part_bytes",
+        ));
+    }
+    if !(1..=64).contains(u.concurrency.get_ref()) {
+        return Err(cx.err("upload.concurrency", &u.concurrency, "must be 1 to 64"));
+    }
+    if u.retry_max_ms.get_ref() < u.retry_initial_ms.get_ref() {
+        return Err(cx.err(
+            "upload.retry_max_ms",
+            &u.retry_max_ms,
+            "must be at least upload.retry_initial_ms",
+        ));
+    }
+    let retry = crate::store::retry::Policy {
+        initial: std::time::Duration::from_millis(*u.retry_initial_ms.get_ref()),
+        max: std::time::Duration::from_millis(*u.retry_max_ms.get_ref()),
+        max_attempts: Some(*u.max_attempts.get_ref()).filter(|n| *n > 0),
+    };
+    Ok(retry)
+}
+
+/// `[control]`, if it listens: its token (through the environment), TLS and limits.
+fn control_section(cx: &Ctx<'_>, raw: &Raw) -> Result<Option<Control>, ConfigError> {
+    let control = match &raw.control.listen {
+        None => None,
+        Some(listen_at) => {
+            let listen = listen_at.get_ref();
+            let c = &raw.control;
+            let token = match (&c.token_file, cx.env.var("EDGEREC_CONTROL_TOKEN")) {
+                (_, Some(t)) if !t.trim().is_empty() => {
+                    zeroize::Zeroizing::new(t.trim().to_string())
+                }
+                (Some(f), _) => {
+                    let f = cx.resolve(f);
+                    let text = cx.env.read(&f).map_err(|e| {
+                        ConfigError(format!(
+                            "config {}: control.token_file {}: {e}",
+                            cx.file.display(),
+                            f.display()
+                        ))
+                    })?;
+                    zeroize::Zeroizing::new(text.trim().to_string())
+                }
+                (None, _) => {
+                    return Err(cx.missing(
+                        "control.token_file",
+                        "the control API needs a bearer token (or EDGEREC_CONTROL_TOKEN)",
                     ));
                 }
-                let limits = edgerec_net::https::Limits::from_config(
-                    c.header_read_timeout_secs.as_ref().map(|v| *v.get_ref()),
-                    c.idle_timeout_secs.as_ref().map(|v| *v.get_ref()),
-                    c.max_connections.as_ref().map(|v| *v.get_ref()),
-                    c.max_connections_per_address.as_ref().map(|v| *v.get_ref()),
-                )
-                .map_err(|(key, why)| {
-                    let line = match key {
-                        "header_read_timeout_secs" => {
-                            c.header_read_timeout_secs.as_ref().map(|v| v.span())
-                        }
-                        "idle_timeout_secs" => c.idle_timeout_secs.as_ref().map(|v| v.span()),
-                        "max_connections" => c.max_connections.as_ref().map(|v| v.span()),
-                        _ => c.max_connections_per_address.as_ref().map(|v| v.span()),
-                    }
-                    .map(|s| format!(", line {}", cx.text().line(s.start)))
-                    .unwrap_or_default();
-                    ConfigError(format!(
-                        "config {}{line}: control.{key} = {why}",
-                        file.display()
-                    ))
-                })?;
-                Some(Control {
-                    listen: *listen,
-                    token,
-                    tls,
-                    max_body_bytes,
-                    limits,
-                })
+            };
+            if token.len() < 16 {
+                return Err(ConfigError(format!(
+                    "config {}: the control token is shorter than 16 characters",
+                    cx.file.display()
+                )));
             }
-        };
-        let inbox = match &raw.inbox.dir {
-            None => None,
-            Some(d) => {
-                let rescan = match &raw.inbox.rescan_secs {
-                    Some(r) if !(1..=3600).contains(r.get_ref()) => {
-                        return Err(cx.err("inbox.rescan_secs", r, "must be 1 to 3600"));
-                    }
-                    Some(r) => *r.get_ref(),
-                    None => 30,
-                };
-                Some(InboxConfig {
-                    dir: cx.resolve(d),
-                    rescan: std::time::Duration::from_secs(rescan),
-                })
+            let tls = match (&c.tls_cert, &c.tls_key) {
+                (Some(a), Some(b)) => Some((cx.resolve(a), cx.resolve(b))),
+                (None, None) => None,
+                _ => {
+                    return Err(ConfigError(format!(
+                        "config {}: control.tls_cert and control.tls_key go together",
+                        cx.file.display()
+                    )));
+                }
+            };
+            let max_body_bytes = match &c.max_body_bytes {
+                Some(m) if !(256..=1 << 20).contains(m.get_ref()) => {
+                    return Err(cx.err("control.max_body_bytes", m, "must be 256 to 1048576"));
+                }
+                Some(m) => *m.get_ref(),
+                None => 16 << 10,
+            };
+            // The bearer token travels in every request: in the clear only on loopback,
+            // unless the operator says the network is trusted.
+            if tls.is_none() && !listen.ip().is_loopback() && !c.allow_plaintext {
+                return Err(cx.err(
+                    "control.listen",
+                    listen_at,
+                    "not a loopback address, and no TLS (control.tls_cert, control.tls_key): \
+                     the bearer token would cross the network in the clear; add TLS, or \
+                     set control.allow_plaintext = true if the network is trusted",
+                ));
             }
-        };
+            let limits = edgerec_net::https::Limits::from_config(
+                c.header_read_timeout_secs.as_ref().map(|v| *v.get_ref()),
+                c.idle_timeout_secs.as_ref().map(|v| *v.get_ref()),
+                c.max_connections.as_ref().map(|v| *v.get_ref()),
+                c.max_connections_per_address.as_ref().map(|v| *v.get_ref()),
+            )
+            .map_err(|(key, why)| {
+                let line = match key {
+                    "header_read_timeout_secs" => {
+                        c.header_read_timeout_secs.as_ref().map(|v| v.span())
+                    }
+                    "idle_timeout_secs" => c.idle_timeout_secs.as_ref().map(|v| v.span()),
+                    "max_connections" => c.max_connections.as_ref().map(|v| v.span()),
+                    _ => c.max_connections_per_address.as_ref().map(|v| v.span()),
+                }
+                .map(|s| format!(", line {}", cx.text().line(s.start)))
+                .unwrap_or_default();
+                ConfigError(format!(
+                    "config {}{line}: control.{key} = {why}",
+                    cx.file.display()
+                ))
+            })?;
+            Some(Control {
+                listen: *listen,
+                token,
+                tls,
+                max_body_bytes,
+                limits,
+            })
+        }
+    };
+    Ok(control)
+}
+
+/// `[inbox]`, if configured.
+fn inbox_section(cx: &Ctx<'_>, raw: &Raw) -> Result<Option<InboxConfig>, ConfigError> {
+    let inbox = match &raw.inbox.dir {
+        None => None,
+        Some(d) => {
+            let rescan = match &raw.inbox.rescan_secs {
+                Some(r) if !(1..=3600).contains(r.get_ref()) => {
+                    return Err(cx.err("inbox.rescan_secs", r, "must be 1 to 3600"));
+                }
+                Some(r) => *r.get_ref(),
+                None => 30,
+            };
+            Some(InboxConfig {
+                dir: cx.resolve(d),
+                rescan: std::time::Duration::from_secs(rescan),
+            })
+        }
+    };
+    Ok(inbox)
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| ConfigError(format!("cannot read config {}: {e}", file.display())))?;
+        Self::parse(file, &text)
+    }
+
+    /// Validates config text as if read from `file` (paths resolve against its directory),
+    /// its secrets read from the process's environment and files.
+    pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
+        Config::validate(file, text, &ProcessEnv)
+    }
+
+    /// Validates config text as if read from `file`, in three stages: the TOML read into
+    /// its raw tables, each section checked by a function of its own, the secrets (store
+    /// credentials, bearer tokens) taken from `env` — the process's environment and files
+    /// in production, fixed values in a test. No other ambient state is read.
+    pub fn validate(file: &Path, text: &str, env: &dyn Environment) -> Result<Config, ConfigError> {
+        let cx = Ctx { file, text, env };
+        let raw: Raw = toml::from_str(text)
+            .map_err(|e| ConfigError(cx.text().parse_error(e.span(), e.message())))?;
+        check_recorder(&cx, &raw)?;
+        let (ports, allow) = ingest_section(&cx, &raw)?;
+        let (kek_source, wrap) = keys_section(&cx, &raw)?;
+        let (store, prefix) = store_section(&cx, &raw)?;
+        let retry = upload_section(&cx, &raw)?;
+        let control = control_section(&cx, &raw)?;
+        let inbox = inbox_section(&cx, &raw)?;
         let mut recorder = raw.recorder.clone();
         recorder.spool_dir = cx.resolve(&recorder.spool_dir);
         Ok(Config {
@@ -985,6 +1061,70 @@ path = "/srv/store"
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("/etc/edgerec/edgerec.toml"), text)
+    }
+
+    /// Fixed secrets: what a test gives, nothing of the process's.
+    #[derive(Default)]
+    struct FakeEnv {
+        vars: Vec<(&'static str, &'static str)>,
+        files: Vec<(&'static str, &'static str)>,
+    }
+
+    impl Environment for FakeEnv {
+        fn var(&self, name: &str) -> Option<String> {
+            self.vars
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.to_string())
+        }
+
+        fn read(&self, path: &Path) -> std::io::Result<zeroize::Zeroizing<String>> {
+            self.files
+                .iter()
+                .find(|(p, _)| Path::new(p) == path)
+                .map(|(_, t)| zeroize::Zeroizing::new(t.to_string()))
+                .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
+        }
+    }
+
+    #[test]
+    fn secrets_come_from_the_environment_given_and_nowhere_else() {
+        let file = Path::new("/etc/edgerec/edgerec.toml");
+        let s3 = "[keys]\npublic_key = \"k.pem\"\n[store]\nkind = \"s3\"\n\
+                  endpoint = \"https://s3.example\"\nbucket = \"recs\"\n\
+                  [control]\nlisten = \"127.0.0.1:9001\"\n";
+        let env = FakeEnv {
+            vars: vec![
+                ("AWS_ACCESS_KEY_ID", "AKID"),
+                ("AWS_SECRET_ACCESS_KEY", "s3cret"),
+                ("EDGEREC_CONTROL_TOKEN", "0123456789abcdef-token"),
+            ],
+            ..FakeEnv::default()
+        };
+        let c = Config::validate(file, s3, &env).unwrap();
+        assert!(
+            matches!(&c.store, StoreKind::S3(s) if s.access_key == "AKID" && s.secret_key.as_str() == "s3cret")
+        );
+        assert_eq!(c.control.unwrap().token.as_str(), "0123456789abcdef-token");
+        // Without them, each is named as missing, whatever the process's environment holds.
+        let e = Config::validate(file, s3, &FakeEnv::default()).unwrap_err();
+        assert!(e.0.contains("store.credentials_file is missing"), "{e}");
+        // Secret files are read through it too, relative to the config's directory.
+        let http = "[keys]\npublic_key = \"k.pem\"\n[store]\nkind = \"http\"\n\
+                    url = \"https://rec.example/{key}\"\ntoken_file = \"store.token\"\n";
+        let env = FakeEnv {
+            files: vec![("/etc/edgerec/store.token", "bearer-from-a-file\n")],
+            ..FakeEnv::default()
+        };
+        let c = Config::validate(file, http, &env).unwrap();
+        assert!(
+            matches!(&c.store, StoreKind::Http(h) if h.token.as_deref().map(String::as_str) == Some("bearer-from-a-file"))
+        );
+        let e = Config::validate(file, http, &FakeEnv::default()).unwrap_err();
+        assert!(
+            e.0.contains("store.token_file /etc/edgerec/store.token"),
+            "{e}"
+        );
     }
 
     #[test]
