@@ -357,7 +357,10 @@ fn open_package(
     )?)
 }
 
-/// Exports one package file into `out` as `opts` say.
+/// Exports one package file into `out` as `opts` say, in four steps: [`decode`] (pass 1:
+/// every record verified, the media surveyed), [`layout`] (where its outputs go and what
+/// they are called), [`render`] (pass 2: WAV, pcap or the file, as it is read) and
+/// [`produce`] (written as is, or encrypted to OpenPGP as it is written).
 pub fn export_file_to(
     input: &Path,
     unwrapper: &dyn Unwrapper,
@@ -368,9 +371,70 @@ pub fn export_file_to(
         inner: unwrapper,
         got: std::sync::Mutex::new(None),
     };
-    let max_frames = opts.max_span.as_secs().saturating_mul(8000);
-    // Pass 1: verify everything, and survey.
+    let mut d = decode(input, &keys, opts.max_span)?;
+    let (dir, name) = layout(out, &d, opts.format);
+    let mut doc = describe(&d);
+    let file = d.media == "file";
+    // Checked before anything is written for it.
+    let channels = d.survey.streams.len().max(1) as u64;
+    if !file
+        && opts.format == Format::Wav
+        && d.survey.frames() * channels * 2 > u64::from(u32::MAX) - 36
+    {
+        return Err(Error::Invalid(format!(
+            "{:.0} s of {channels} channels is more audio than a WAV file holds (4 GiB): \
+             export it with --format pcap",
+            d.survey.frames() as f64 / 8000.0
+        )));
+    }
+    fs::create_dir_all(&dir)?;
+    if !file {
+        describe_media(&mut d.survey, &mut doc);
+    }
+    // Pass 2: render into the output, as it is read.
     let mut reader = open_package(input, &keys)?;
+    let (media_tmp, audio) = produce(out, opts.pgp, &name, |w| {
+        render(&mut reader, &d, opts.format, w)
+    })?;
+    if let Some(a) = audio {
+        doc["audio"] = a;
+    }
+    let media_path = place(media_tmp, &dir.join(&name), opts.pgp.is_some())?;
+    let meta_name = format!("{}_metadata.json", d.id);
+    let (meta_tmp, ()) = produce(out, opts.pgp, &meta_name, |w| {
+        serde_json::to_writer_pretty(&mut *w, &doc).map_err(io::Error::other)?;
+        w.write_all(b"\n")?;
+        Ok(())
+    })?;
+    let meta_path = place(meta_tmp, &dir.join(&meta_name), opts.pgp.is_some())?;
+    Ok(Exported {
+        id: d.id,
+        media: media_path,
+        metadata: meta_path,
+        terminated: d.end.is_some(),
+    })
+}
+
+/// What the first pass learnt of a package.
+struct Decoded {
+    header: erec::format::Header,
+    id: Uuid,
+    public: serde_json::Map<String, Value>,
+    /// `rtp` or `file`, as the header's public metadata says.
+    media: String,
+    survey: Survey,
+    records: u32,
+    media_bytes: u64,
+    end: Option<EndInfo>,
+    metadata: serde_json::Map<String, Value>,
+}
+
+/// Pass 1: every record of the package verified (as a recovery read: an unterminated
+/// package is exported up to its last whole record), and the media surveyed without keeping
+/// a packet, its span bounded by `max_span`.
+fn decode(input: &Path, keys: &dyn Unwrapper, max_span: Duration) -> Result<Decoded, Error> {
+    let max_frames = max_span.as_secs().saturating_mul(8000);
+    let mut reader = open_package(input, keys)?;
     let header = reader.header().clone();
     let id = Uuid::from_bytes(header.recording_id);
     let public = parse_json_object(&header.metadata).unwrap_or_default();
@@ -396,9 +460,25 @@ pub fn export_file_to(
     }
     let end = reader.end();
     let metadata = reader.metadata().clone();
-    drop(reader);
-    let day = Utc::from_unix_ms(header.created_ms);
-    let conversation = metadata
+    Ok(Decoded {
+        header,
+        id,
+        public,
+        media,
+        survey,
+        records,
+        media_bytes,
+        end,
+        metadata,
+    })
+}
+
+/// Where a package's outputs go (`year=/month=/day=/conversation_id=`, by its creation day
+/// and conversation) and its media output's name.
+fn layout(out: &Path, d: &Decoded, format: Format) -> (PathBuf, String) {
+    let day = Utc::from_unix_ms(d.header.created_ms);
+    let conversation = d
+        .metadata
         .get("conversation_id")
         .and_then(Value::as_str)
         .map(sanitize)
@@ -408,117 +488,103 @@ pub fn export_file_to(
         .join(format!("month={:02}", day.month))
         .join(format!("day={:02}", day.day))
         .join(format!("conversation_id={conversation}"));
-    let mut doc = json!({
-        "recording_id": id.hyphenated().to_string(),
-        "created": day.rfc3339(),
-        "created_ms": header.created_ms,
-        "media": media,
-        "kek_ids": header.recipients.iter().map(|r| KekId(r.kek_id).to_hex()).collect::<Vec<_>>(),
-        "public_metadata": public,
-        "metadata": metadata,
-        "records": records,
-        "media_bytes": media_bytes,
-        "terminated": end.is_some(),
-    });
-    add_end(&mut doc, header.created_ms, end);
-    // Checked before anything is written for it.
-    let channels = survey.streams.len().max(1) as u64;
-    if media != "file"
-        && opts.format == Format::Wav
-        && survey.frames() * channels * 2 > u64::from(u32::MAX) - 36
-    {
-        return Err(Error::Invalid(format!(
-            "{:.0} s of {channels} channels is more audio than a WAV file holds (4 GiB): \
-             export it with --format pcap",
-            survey.frames() as f64 / 8000.0
-        )));
-    }
-    fs::create_dir_all(&dir)?;
-    // Pass 2: render into the output, as it is read.
-    let mut reader = open_package(input, &keys)?;
-    let (name, ext_name) = if media == "file" {
-        let name = metadata
+    let name = if d.media == "file" {
+        let name = d
+            .metadata
             .get("name")
             .and_then(Value::as_str)
             .map(sanitize)
             .unwrap_or_else(|| "file".to_string());
-        (format!("{id}_{name}"), None)
+        format!("{}_{name}", d.id)
     } else {
-        let ext = match opts.format {
+        let ext = match format {
             Format::Wav => "wav",
             Format::Pcap => "pcap",
         };
-        (format!("{id}.{ext}"), Some(ext))
+        format!("{}.{ext}", d.id)
     };
-    let media_tmp = if ext_name.is_none() {
-        produce(out, opts.pgp, &name, |w| {
-            while let Some(rec) = reader.next_record()? {
-                if rec.kind == Kind::Media {
-                    w.write_all(&rec.plaintext)?;
-                }
+    (dir, name)
+}
+
+/// The metadata document of an export: the package's identity, keys, metadata and end.
+fn describe(d: &Decoded) -> Value {
+    let mut doc = json!({
+        "recording_id": d.id.hyphenated().to_string(),
+        "created": Utc::from_unix_ms(d.header.created_ms).rfc3339(),
+        "created_ms": d.header.created_ms,
+        "media": d.media,
+        "kek_ids": d.header.recipients.iter().map(|r| KekId(r.kek_id).to_hex()).collect::<Vec<_>>(),
+        "public_metadata": d.public,
+        "metadata": d.metadata,
+        "records": d.records,
+        "media_bytes": d.media_bytes,
+        "terminated": d.end.is_some(),
+    });
+    add_end(&mut doc, d.header.created_ms, d.end);
+    doc
+}
+
+/// A call's streams, events and paused spans into the metadata document (the events move
+/// out of the survey).
+fn describe_media(survey: &mut Survey, doc: &mut Value) {
+    doc["streams"] = stream_stats(survey);
+    doc["events"] = Value::Array(std::mem::take(&mut survey.events));
+    if survey.events_omitted > 0 {
+        doc["events_omitted"] = survey.events_omitted.into();
+    }
+    let paused = paused_spans(&survey.pauses);
+    if !paused.is_empty() {
+        doc["paused"] = paused
+            .iter()
+            .map(|(from, to)| json!({ "from_ms": from, "to_ms": to }))
+            .collect();
+        doc["paused_note"] = json!(
+            "recording was paused on request over these spans (times from the recording's \
+             start; to_ms null: to the end): no media was stored, the audio is silence there"
+        );
+    }
+}
+
+/// Pass 2: the media rendered into `w` as it is read — the file's bytes, a WAV file (one
+/// channel per stream, silence where nothing was received) or a pcap capture; for WAV, what
+/// the metadata says of the audio.
+fn render<R: io::Read>(
+    reader: &mut PackageReader<R>,
+    d: &Decoded,
+    format: Format,
+    w: &mut dyn Write,
+) -> Result<Option<Value>, Error> {
+    if d.media == "file" {
+        while let Some(rec) = reader.next_record()? {
+            if rec.kind == Kind::Media {
+                w.write_all(&rec.plaintext)?;
             }
-            Ok(())
-        })?
-        .0
-    } else {
-        doc["streams"] = stream_stats(&survey);
-        doc["events"] = Value::Array(std::mem::take(&mut survey.events));
-        if survey.events_omitted > 0 {
-            doc["events_omitted"] = survey.events_omitted.into();
         }
-        let paused = paused_spans(&survey.pauses);
-        if !paused.is_empty() {
-            doc["paused"] = paused
-                .iter()
-                .map(|(from, to)| json!({ "from_ms": from, "to_ms": to }))
-                .collect();
-            doc["paused_note"] = json!(
-                "recording was paused on request over these spans (times from the recording's \
-                 start; to_ms null: to the end): no media was stored, the audio is silence there"
-            );
+        return Ok(None);
+    }
+    match format {
+        Format::Wav => {
+            let n = d.survey.streams.len();
+            let mut r = Renderer::new(n, d.survey.frames(), w)?;
+            each_packet(reader, |stream, arrival_us, bytes, rtcp| {
+                if !rtcp {
+                    r.packet(usize::from(stream), arrival_us, bytes)?;
+                }
+                Ok(())
+            })?;
+            r.finish()?;
+            Ok(Some(json!({
+                "channels": n.max(1),
+                "sample_rate": 8000,
+                "samples": d.survey.frames(),
+                "duration_s": d.survey.frames() as f64 / 8000.0,
+            })))
         }
-        let (tmp, audio) = match opts.format {
-            Format::Wav => produce(out, opts.pgp, &name, |w| {
-                let n = survey.streams.len();
-                let mut r = Renderer::new(n, survey.frames(), w)?;
-                each_packet(&mut reader, |stream, arrival_us, bytes, rtcp| {
-                    if !rtcp {
-                        r.packet(usize::from(stream), arrival_us, bytes)?;
-                    }
-                    Ok(())
-                })?;
-                r.finish()?;
-                Ok(Some(json!({
-                    "channels": n.max(1),
-                    "sample_rate": 8000,
-                    "samples": survey.frames(),
-                    "duration_s": survey.frames() as f64 / 8000.0,
-                })))
-            })?,
-            Format::Pcap => produce(out, opts.pgp, &name, |w| {
-                write_pcap(&mut reader, &survey.streams, header.created_ms, w)?;
-                Ok(None)
-            })?,
-        };
-        if let Some(a) = audio {
-            doc["audio"] = a;
+        Format::Pcap => {
+            write_pcap(reader, &d.survey.streams, d.header.created_ms, w)?;
+            Ok(None)
         }
-        tmp
-    };
-    let media_path = place(media_tmp, &dir.join(&name), opts.pgp.is_some())?;
-    let meta_name = format!("{id}_metadata.json");
-    let (meta_tmp, ()) = produce(out, opts.pgp, &meta_name, |w| {
-        serde_json::to_writer_pretty(&mut *w, &doc).map_err(io::Error::other)?;
-        w.write_all(b"\n")?;
-        Ok(())
-    })?;
-    let meta_path = place(meta_tmp, &dir.join(&meta_name), opts.pgp.is_some())?;
-    Ok(Exported {
-        id,
-        media: media_path,
-        metadata: meta_path,
-        terminated: end.is_some(),
-    })
+    }
 }
 
 /// Calls `f` with every RTP and RTCP packet of the verified records, in order.
