@@ -10,18 +10,18 @@
 //! everything; [`config`] is the TOML configuration; [`run`] starts and stops the whole,
 //! with one [`shutdown`] signal for every thread and task.
 
-pub mod config;
-pub mod control;
-pub mod feed;
-pub mod inbox;
-pub mod ingest;
-pub mod kek_fetch;
-pub mod kek_watch;
-pub mod metrics;
-pub mod recorder;
-pub mod run;
-pub mod session;
-pub mod shutdown;
+pub(crate) mod config;
+pub(crate) mod control;
+pub(crate) mod feed;
+pub(crate) mod inbox;
+pub(crate) mod ingest;
+pub(crate) mod kek_fetch;
+pub(crate) mod kek_watch;
+pub(crate) mod metrics;
+pub(crate) mod recorder;
+pub(crate) mod run;
+pub(crate) mod session;
+pub(crate) mod shutdown;
 pub mod spool;
-pub mod upload_queue;
-pub mod uploader;
+pub(crate) mod upload_queue;
+pub(crate) mod uploader;

@@ -37,8 +37,8 @@
 //! output is encrypted as it is rendered: the plaintext passes through a pipe in memory to
 //! the encryptor, never through the disk.
 
-pub mod bulk;
-pub mod pgp;
+pub(crate) mod bulk;
+pub(crate) mod pgp;
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
@@ -80,17 +80,6 @@ pub struct Options<'a> {
     pub pgp: Option<&'a crate::export::pgp::Recipients>,
     /// The longest timeline a recording may have (from its start to its last sample).
     pub max_span: Duration,
-}
-
-impl Options<'_> {
-    /// WAV or pcap, plain, the default span.
-    pub fn plain(format: Format) -> Options<'static> {
-        Options {
-            format,
-            pgp: None,
-            max_span: DEFAULT_MAX_SPAN,
-        }
-    }
 }
 
 /// What one export wrote.
@@ -332,16 +321,6 @@ impl Unwrapper for Remembered<'_> {
     fn held_ids(&self) -> Vec<KekId> {
         self.inner.held_ids()
     }
-}
-
-/// Exports one package file into `out`.
-pub fn export_file(
-    input: &Path,
-    unwrapper: &dyn Unwrapper,
-    out: &Path,
-    format: Format,
-) -> Result<Exported, Error> {
-    export_file_to(input, unwrapper, out, &Options::plain(format))
 }
 
 fn open_package(

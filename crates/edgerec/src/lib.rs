@@ -34,11 +34,12 @@ pub mod appliance;
 pub mod cli;
 pub mod error;
 #[cfg(feature = "cli")]
-pub mod export;
+pub(crate) mod export;
 #[cfg(feature = "cli")]
-pub mod hardening;
+pub(crate) mod hardening;
 pub mod media;
-pub mod package_files;
+#[cfg(any(feature = "cli", feature = "appliance"))]
+pub(crate) mod package_files;
 #[cfg(feature = "appliance")]
 pub mod store;
 pub mod tools;

@@ -12,11 +12,11 @@
 //! - The appliance needs no permission to delete from the store.
 
 pub mod bandwidth;
-pub mod census;
+pub(crate) mod census;
 pub mod http;
-pub mod retry;
+pub(crate) mod retry;
 pub mod s3;
-pub mod wire;
+pub(crate) mod wire;
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};

@@ -2,6 +2,6 @@
 //! capture read and sent again with its own timing, feature `pcap`).
 
 #[cfg(feature = "appliance")]
-pub mod loadgen;
+pub(crate) mod loadgen;
 #[cfg(feature = "pcap")]
 pub mod replay;

@@ -404,8 +404,6 @@ pub struct Control {
 /// A validated configuration, paths resolved.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The file it came from.
-    pub file: PathBuf,
     /// `[recorder]`, with `spool_dir` absolute.
     pub recorder: Recorder,
     /// `[ingest]`.
@@ -996,7 +994,6 @@ impl Config {
         let mut recorder = raw.recorder.clone();
         recorder.spool_dir = cx.resolve(&recorder.spool_dir);
         Ok(Config {
-            file: file.to_path_buf(),
             escrow_public_key: raw.keys.escrow_public_key.as_deref().map(|p| cx.resolve(p)),
             demo_keys: raw.keys.demo,
             recorder,

@@ -512,6 +512,7 @@ impl Sessions {
     }
 
     /// Recordings in progress.
+    #[cfg(test)]
     pub fn active(&self) -> usize {
         self.by_port.len()
     }
@@ -891,6 +892,7 @@ impl Sessions {
     }
 
     /// Whether `port` is paused.
+    #[cfg(test)]
     pub fn is_paused(&self, port: u16) -> bool {
         self.paused.contains_key(&port)
     }
@@ -1142,6 +1144,7 @@ impl Sessions {
     }
 
     /// Candidates waiting to become recordings (for the tests and the gauges).
+    #[cfg(test)]
     pub fn candidates(&self) -> usize {
         self.candidates.len()
     }

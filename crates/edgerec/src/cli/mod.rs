@@ -164,7 +164,7 @@ enum Command {
         pgp_recipients: Vec<PathBuf>,
         /// The longest recording timeline exported, from its start to its last sample; a
         /// recording that claims a longer one fails on its own.
-        #[arg(long, value_name = "SECONDS", default_value_t = 86_400)]
+        #[arg(long, value_name = "SECONDS", default_value_t = crate::export::DEFAULT_MAX_SPAN.as_secs())]
         max_span_secs: u64,
     },
     /// Show a package's header facts without any key.

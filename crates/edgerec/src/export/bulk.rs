@@ -86,6 +86,7 @@ pub enum ExportOutcome {
 }
 
 /// The UTC days from `from` to `to` (inclusive, `YYYY-MM-DD`) as key prefixes `yyyy/mm/dd/`.
+#[cfg(feature = "appliance")]
 pub fn day_prefixes(from: &str, to: &str) -> Result<Vec<String>, String> {
     let day = |d: &str| {
         erec::clock::parse_rfc3339_ms(&format!("{d}T00:00:00Z"))
@@ -122,6 +123,7 @@ pub fn from_paths(inputs: &[PathBuf]) -> io::Result<Vec<Source>> {
 }
 
 /// The packages of a `dir` store under `prefix`, on `days` (all when `None`).
+#[cfg(feature = "appliance")]
 pub fn from_dir_store(
     root: &Path,
     prefix: &str,

@@ -14,7 +14,7 @@
 //!   memory, see [`crate::export`]), never from a file on disk.
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use pgp::composed::{Deserializable, MessageBuilder, SignedPublicKey};
 use pgp::crypto::sym::SymmetricKeyAlgorithm;
@@ -170,11 +170,6 @@ impl Recipients {
         Ok(Recipients { certs })
     }
 
-    /// How many keys a message goes to (over all certificates).
-    pub fn keys(&self) -> usize {
-        self.certs.iter().map(|(_, _, k)| k.len()).sum()
-    }
-
     /// Encrypts what `plain` gives, to its end (its literal-data name `name`), into `out`.
     pub fn encrypt_reader(
         &self,
@@ -199,11 +194,6 @@ impl Recipients {
         builder
             .to_writer(rng, out)
             .map_err(|e| Error::Invalid(format!("OpenPGP encryption failed: {e}")))
-    }
-
-    /// Encrypts the file at `plain` (its literal-data name `name`) into `out`.
-    pub fn encrypt(&self, plain: &Path, name: &str, out: &mut impl Write) -> Result<(), Error> {
-        self.encrypt_reader(std::fs::File::open(plain)?, name, out)
     }
 }
 

@@ -1,9 +1,11 @@
-//! The upload retry policy: what an attempt's outcome means, and how long to wait before the
-//! next one. Pure functions of (policy, attempts, outcome, a random number), tested on fixed
-//! inputs; the uploader supplies the randomness and the clock.
+//! The upload retry policy: what a store's status means ([`classify`], which the stores
+//! apply), and how long to wait after a transient failure ([`Policy::after_transient`],
+//! which the uploader applies). Pure functions of (policy, attempts, status or wait asked,
+//! a random number), tested on fixed inputs; the uploader supplies the randomness and the
+//! clock.
 //!
-//! Rules (docs/operations.md, "Retry"): 5xx, 408, 429, timeouts and connection errors are retried, forever by
-//! default, with exponential backoff and full jitter applied after the cap (the wait is
+//! Rules (docs/operations.md, "Retry"): 5xx, 408, 429, timeouts and connection errors are
+//! retried, forever by default, with exponential backoff and full jitter applied after the cap (the wait is
 //! uniform between zero and `min(max, initial × 2^(attempts−1))`, so a thousand appliances
 //! that lost the store at the same moment do not come back in step). A `Retry-After` the
 //! store sends is a floor for the wait, within the cap. 409 and 412 mean "something is
@@ -33,30 +35,9 @@ impl Default for Policy {
     }
 }
 
-/// How an attempt ended, as far as the policy cares.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// The store answered with this HTTP status; `retry_after` if it said when to come back.
-    Status {
-        /// The status code.
-        code: u16,
-        /// Its `Retry-After`, if any.
-        retry_after: Option<Duration>,
-    },
-    /// No answer in time (the attempt's own timeout).
-    Timeout,
-    /// No connection, or it broke (refused, reset, DNS, TLS handshake).
-    Connection,
-}
-
-/// What to do next.
+/// What to do after a transient failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// Stored and confirmed.
-    Done,
-    /// Look at what the store holds under the key: the same SHA-256 is done, another a
-    /// conflict.
-    CheckExisting,
     /// Try again after this long.
     RetryAfter(Duration),
     /// Give up: the package goes to `failed/`.
@@ -87,21 +68,6 @@ pub enum Class {
 }
 
 impl Policy {
-    /// The verdict on attempt number `attempts` (1 for the first) that ended with `outcome`;
-    /// `random` is any uniformly random number (it draws the jitter).
-    pub fn verdict(&self, attempts: u32, outcome: &Outcome, random: u64) -> Verdict {
-        let retry_after = match outcome {
-            Outcome::Status { code, retry_after } => match classify(*code) {
-                Class::Success => return Verdict::Done,
-                Class::Exists => return Verdict::CheckExisting,
-                Class::Permanent => return Verdict::Fail,
-                Class::Transient => *retry_after,
-            },
-            Outcome::Timeout | Outcome::Connection => None,
-        };
-        self.after_transient(attempts, retry_after, random)
-    }
-
     /// The verdict on attempt number `attempts` that failed transiently (the store already
     /// told transient from permanent): retry after a jittered wait, or give up if attempts
     /// are bounded and used up.
@@ -149,37 +115,19 @@ mod tests {
         max_attempts: None,
     };
 
-    fn status(code: u16) -> Outcome {
-        Outcome::Status {
-            code,
-            retry_after: None,
-        }
-    }
-
     #[test]
     fn statuses_are_classified_as_the_design_says() {
-        assert_eq!(P.verdict(1, &status(200), 0), Verdict::Done);
-        assert_eq!(P.verdict(1, &status(201), 0), Verdict::Done);
+        for code in [200, 201, 204] {
+            assert_eq!(classify(code), Class::Success, "{code}");
+        }
         for code in [409, 412] {
-            assert_eq!(P.verdict(1, &status(code), 0), Verdict::CheckExisting);
+            assert_eq!(classify(code), Class::Exists, "{code}");
         }
         for code in [400, 401, 403, 404, 405, 411, 413] {
-            assert_eq!(P.verdict(1, &status(code), 0), Verdict::Fail, "{code}");
+            assert_eq!(classify(code), Class::Permanent, "{code}");
         }
-        for o in [
-            status(500),
-            status(502),
-            status(503),
-            status(504),
-            status(408),
-            status(429),
-            Outcome::Timeout,
-            Outcome::Connection,
-        ] {
-            assert!(
-                matches!(P.verdict(1, &o, 0), Verdict::RetryAfter(_)),
-                "{o:?}"
-            );
+        for code in [500, 502, 503, 504, 408, 429] {
+            assert_eq!(classify(code), Class::Transient, "{code}");
         }
     }
 
@@ -203,21 +151,18 @@ mod tests {
 
     #[test]
     fn retry_after_is_a_floor_within_the_cap() {
-        let asked = |s| Outcome::Status {
-            code: 503,
-            retry_after: Some(Duration::from_secs(s)),
-        };
+        let asked = |s| Some(Duration::from_secs(s));
         assert_eq!(
-            P.verdict(1, &asked(30), 0),
+            P.after_transient(1, asked(30), 0),
             Verdict::RetryAfter(Duration::from_secs(30))
         );
         assert_eq!(
-            P.verdict(1, &asked(86_400), 0),
+            P.after_transient(1, asked(86_400), 0),
             Verdict::RetryAfter(P.max),
             "a store cannot park a package for a day"
         );
         assert_eq!(
-            P.verdict(12, &asked(1), 299_000),
+            P.after_transient(12, asked(1), 299_000),
             Verdict::RetryAfter(Duration::from_millis(299_000))
         );
     }
@@ -225,7 +170,7 @@ mod tests {
     #[test]
     fn forever_by_default_bounded_if_asked() {
         assert!(matches!(
-            P.verdict(1_000_000, &Outcome::Timeout, 5),
+            P.after_transient(1_000_000, None, 5),
             Verdict::RetryAfter(_)
         ));
         let bounded = Policy {
@@ -233,9 +178,9 @@ mod tests {
             ..P
         };
         assert!(matches!(
-            bounded.verdict(2, &Outcome::Timeout, 5),
+            bounded.after_transient(2, None, 5),
             Verdict::RetryAfter(_)
         ));
-        assert_eq!(bounded.verdict(3, &Outcome::Timeout, 5), Verdict::Fail);
+        assert_eq!(bounded.after_transient(3, None, 5), Verdict::Fail);
     }
 }
