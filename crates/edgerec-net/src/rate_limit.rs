@@ -1,5 +1,6 @@
-//! Rate limits per caller: a token bucket for each key (the key manager keys them by Hawk
-//! credential id), as a pure function of (state, now).
+//! Token buckets, the one kind edgerec has, as pure functions of (state, now): a bucket per
+//! caller that refuses (the key manager keys them by Hawk credential id, the session by
+//! source address and port), or one that paces by going into debt (the upload bandwidth).
 //!
 //! Invariants:
 //! - A bucket starts full (`burst` tokens) and refills at `rate` tokens a second, never
@@ -55,6 +56,19 @@ impl TokenBucket {
         } else {
             let wait = ((1.0 - self.tokens) / limit.rate * 1000.0).ceil();
             Err((wait as u64).max(1))
+        }
+    }
+
+    /// Takes `n` tokens at once even if fewer are left (the bucket goes into debt), and
+    /// says how long until the debt is paid: for pacing a stream (the upload bandwidth, in
+    /// bytes), where nothing is refused, only delayed. Zero while the bucket held enough.
+    pub fn take_paced(&mut self, limit: Limit, n: f64, now_ms: u64) -> std::time::Duration {
+        self.refill(limit, now_ms);
+        self.tokens -= n;
+        if self.tokens >= 0.0 {
+            std::time::Duration::ZERO
+        } else {
+            std::time::Duration::from_secs_f64(-self.tokens / limit.rate)
         }
     }
 
