@@ -40,6 +40,27 @@ pub enum StoreKind {
     Http(http::HttpConfig),
 }
 
+/// Why a configured store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// Its HTTPS client could not be built (a CA or client certificate file).
+    #[error(transparent)]
+    Client(#[from] edgerec_net::client::ClientError),
+    /// Its URL template is not one.
+    #[error("{url}: {why}")]
+    Template {
+        /// The template.
+        url: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// An `http` store is written to, never listed.
+    #[error(
+        "an http store cannot be listed from here: use the receiving system's copy and its own tools"
+    )]
+    NotListable,
+}
+
 /// A store opened for reading (export, the key census): a `dir` store's tree, or an S3
 /// bucket. The one place a configured store is opened to be read.
 pub enum Readable {
@@ -51,13 +72,11 @@ pub enum Readable {
 
 impl StoreKind {
     /// This store, opened for reading; an `http` store cannot be listed from here.
-    pub fn open_readable(&self) -> Result<Readable, String> {
+    pub fn open_readable(&self) -> Result<Readable, OpenError> {
         match self {
             StoreKind::Dir(root, _) => Ok(Readable::Dir(root.clone())),
             StoreKind::S3(cfg) => s3::S3Store::new(cfg.clone()).map(|s| Readable::S3(Box::new(s))),
-            StoreKind::Http(_) => Err("an http store cannot be listed from here: use the \
-                 receiving system's copy and its own tools"
-                .into()),
+            StoreKind::Http(_) => Err(OpenError::NotListable),
         }
     }
 }

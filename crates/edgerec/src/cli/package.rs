@@ -268,7 +268,11 @@ pub fn export(
             Some((f, t)) => Some(crate::export::bulk::day_prefixes(f, t).map_err(Error::Invalid)?),
             None => None,
         };
-        match cfg.store.open_readable().map_err(Error::Invalid)? {
+        match cfg
+            .store
+            .open_readable()
+            .map_err(|e| Error::Invalid(e.to_string()))?
+        {
             crate::store::Readable::Dir(root) => sources.extend(
                 crate::export::bulk::from_dir_store(&root, &cfg.prefix, days.as_deref())?,
             ),

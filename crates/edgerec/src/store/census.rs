@@ -77,6 +77,26 @@ fn file_first(path: &Path, n: usize) -> Result<Vec<u8>, String> {
     Ok(buf)
 }
 
+/// Why a store could not be counted (a package that cannot be read is not this: it is
+/// counted as unreadable, with why).
+#[derive(Debug, thiserror::Error)]
+pub enum CensusError {
+    /// The store could not be opened for reading.
+    #[error(transparent)]
+    Open(#[from] crate::store::OpenError),
+    /// A `dir` store's tree could not be walked.
+    #[error("store {}: {source}", path.display())]
+    Walk {
+        /// The store's root.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// An S3 store could not be listed.
+    #[error(transparent)]
+    List(#[from] crate::store::StoreError),
+}
+
 /// Reads every package header under the store of `kind` (and `prefix`, for S3); `gone` are
 /// the keys destroyed already.
 pub fn count(
@@ -84,12 +104,14 @@ pub fn count(
     prefix: &str,
     kek: &KekId,
     gone: &[KekId],
-) -> Result<Census, String> {
+) -> Result<Census, CensusError> {
     let mut census = Census::default();
     match kind.open_readable()? {
         Readable::Dir(root) => {
-            let found = crate::package_files::find(&root)
-                .map_err(|e| format!("store {}: {e}", root.display()))?;
+            let found = crate::package_files::find(&root).map_err(|source| CensusError::Walk {
+                path: root.clone(),
+                source,
+            })?;
             census.skipped += found.skipped;
             for f in found.packages {
                 match header_of(|n| file_first(&f, n)) {
@@ -99,7 +121,7 @@ pub fn count(
             }
         }
         Readable::S3(store) => {
-            for key in store.list(prefix).map_err(|e| e.to_string())? {
+            for key in store.list(prefix)? {
                 if !key.ends_with(".erec") {
                     census.skipped += 1;
                     continue;

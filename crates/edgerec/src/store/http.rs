@@ -86,8 +86,11 @@ enum Head {
 
 impl HttpStore {
     /// A client for `cfg`.
-    pub fn new(cfg: HttpConfig) -> Result<HttpStore, String> {
-        check_template(&cfg.url).map_err(|e| format!("{}: {e}", cfg.url))?;
+    pub fn new(cfg: HttpConfig) -> Result<HttpStore, crate::store::OpenError> {
+        check_template(&cfg.url).map_err(|why| crate::store::OpenError::Template {
+            url: cfg.url.clone(),
+            why,
+        })?;
         let client = client(&cfg.tls, cfg.timeout)?;
         Ok(HttpStore { cfg, client })
     }

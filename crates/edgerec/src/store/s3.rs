@@ -92,7 +92,7 @@ enum Head {
 
 impl S3Store {
     /// A client for `cfg`.
-    pub fn new(cfg: S3Config) -> Result<S3Store, String> {
+    pub fn new(cfg: S3Config) -> Result<S3Store, crate::store::OpenError> {
         let client = crate::store::wire::client(&cfg.tls, cfg.timeout)?;
         let credentials = edgerec_net::aws::credentials(&cfg.access_key, &cfg.secret_key);
         Ok(S3Store {

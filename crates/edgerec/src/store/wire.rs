@@ -18,9 +18,11 @@ use crate::store::retry::{Class, classify};
 
 /// A blocking HTTPS client for a store: connect timeout 10 s, `timeout` per request, the
 /// extra CA and client certificate of `tls`.
-pub fn client(tls: &Tls, timeout: Duration) -> Result<reqwest::blocking::Client, String> {
+pub fn client(
+    tls: &Tls,
+    timeout: Duration,
+) -> Result<reqwest::blocking::Client, edgerec_net::client::ClientError> {
     edgerec_net::client::client(tls, Trust::SystemAndCa, Duration::from_secs(10), timeout)
-        .map_err(|e| e.to_string())
 }
 
 /// Maps a spool package read-only, for a request body that costs no copy of it in memory.
