@@ -136,7 +136,8 @@ impl MasterKey {
 
     /// Reads a master key file (64 hex digits), which must be readable by its owner alone.
     pub fn from_file(path: &Path) -> Result<MasterKey, String> {
-        edgerec_net::durable::check_owner_only(path, "a master key file")?;
+        edgerec_net::durable::check_owner_only(path, "a master key file")
+            .map_err(|e| e.to_string())?;
         Self::read(path)
     }
 

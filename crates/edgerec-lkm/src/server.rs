@@ -178,13 +178,10 @@ pub async fn serve(config: LkmConfig) -> Result<(), String> {
         .tls
         .clone()
         .ok_or("lkm.tls_cert and lkm.tls_key are needed: the service speaks HTTPS only")?;
-    let tls = Arc::new(edgerec_net::https::server_config(
-        &cert,
-        &key,
-        "lkm.tls_cert",
-        "lkm.tls_key",
-        !config.demo,
-    )?);
+    let tls = Arc::new(
+        edgerec_net::https::server_config(&cert, &key, "lkm.tls_cert", "lkm.tls_key", !config.demo)
+            .map_err(|e| e.to_string())?,
+    );
     let credentials = crate::manager::load_credentials(&config.credentials_file, config.demo)?;
     if credentials.all.is_empty() {
         tracing::warn!("no Hawk credentials yet: issue one with edgerec lkm credentials add");

@@ -80,17 +80,44 @@ pub fn replace_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     })
 }
 
+/// A secret's file that is not its owner's alone.
+#[derive(Debug, thiserror::Error)]
+pub enum OwnerOnlyError {
+    /// It cannot be looked at.
+    #[error("{}: {source}", path.display())]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Its group or others may read or write it; the message says how to mend it.
+    #[error("{}: mode {mode:o}: {what} must be readable by its owner alone (chmod 600)", path.display())]
+    TooOpen {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+        /// What it is ("a master key file", …).
+        what: String,
+    },
+}
+
 /// Checks that a secret's file (`what`: "a master key file", …) can be read by its owner
-/// alone (no group or other permission bits); the error says how to mend it.
-pub fn check_owner_only(path: &Path, what: &str) -> Result<(), String> {
+/// alone (no group or other permission bits).
+pub fn check_owner_only(path: &Path, what: &str) -> Result<(), OwnerOnlyError> {
     use std::os::unix::fs::PermissionsExt;
-    let shown = path.display();
-    let meta = std::fs::metadata(path).map_err(|e| format!("{shown}: {e}"))?;
+    let meta = std::fs::metadata(path).map_err(|source| OwnerOnlyError::Unreadable {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        return Err(format!(
-            "{shown}: mode {mode:o}: {what} must be readable by its owner alone (chmod 600)"
-        ));
+        return Err(OwnerOnlyError::TooOpen {
+            path: path.to_path_buf(),
+            mode,
+            what: what.to_string(),
+        });
     }
     Ok(())
 }

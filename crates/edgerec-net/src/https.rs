@@ -107,6 +107,37 @@ impl Limits {
     }
 }
 
+/// Why a server's TLS configuration could not be made; each names the config key.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsConfigError {
+    /// The key file is not its owner's alone.
+    #[error("{key} {source}")]
+    KeyMode {
+        /// The config key naming the key file.
+        key: String,
+        /// Why.
+        source: crate::durable::OwnerOnlyError,
+    },
+    /// A PEM file that cannot be read or holds nothing usable.
+    #[error("{key} {}: {source}", path.display())]
+    Pem {
+        /// The config key naming the file.
+        key: String,
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: rustls::pki_types::pem::Error,
+    },
+    /// rustls refused the certificate and key together.
+    #[error("{keys}: {source}")]
+    Rustls {
+        /// The config keys of both files.
+        keys: String,
+        /// Why.
+        source: rustls::Error,
+    },
+}
+
 /// A server configuration from a certificate chain and its key (PEM); `cert_key` and
 /// `key_key` name the configuration keys in errors. With `check_mode`, the key file must be
 /// readable by its owner alone.
@@ -116,25 +147,39 @@ pub fn server_config(
     cert_key: &str,
     key_key: &str,
     check_mode: bool,
-) -> Result<rustls::ServerConfig, String> {
+) -> Result<rustls::ServerConfig, TlsConfigError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     if check_mode {
-        crate::durable::check_owner_only(key, "a TLS private key")
-            .map_err(|e| format!("{key_key} {e}"))?;
+        crate::durable::check_owner_only(key, "a TLS private key").map_err(|source| {
+            TlsConfigError::KeyMode {
+                key: key_key.to_string(),
+                source,
+            }
+        })?;
     }
+    let pem = |k: &str, p: &Path| {
+        let (key, path) = (k.to_string(), p.to_path_buf());
+        move |source| TlsConfigError::Pem { key, path, source }
+    };
     let certs = CertificateDer::pem_file_iter(cert)
         .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("{cert_key} {}: {e}", cert.display()))?;
-    let private = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| format!("{key_key} {}: {e}", key.display()))?;
+        .map_err(pem(cert_key, cert))?;
+    let private = PrivateKeyDer::from_pem_file(key).map_err(pem(key_key, key))?;
+    let keys = || format!("{cert_key} / {key_key}");
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(|source| TlsConfigError::Rustls {
+            keys: keys(),
+            source,
+        })?
         .with_no_client_auth()
         .with_single_cert(certs, private)
-        .map_err(|e| format!("{cert_key} / {key_key}: {e}"))
+        .map_err(|source| TlsConfigError::Rustls {
+            keys: keys(),
+            source,
+        })
 }
 
 /// Why a connection was turned away or cut (for the caller's metrics).

@@ -202,13 +202,16 @@ pub async fn serve<F: std::future::Future<Output = ()> + Send + 'static>(
         .await
         .map_err(|e| format!("control.listen {}: {e}", cfg.listen))?;
     let tls = match &cfg.tls {
-        Some((cert, key)) => Some(Arc::new(edgerec_net::https::server_config(
-            cert,
-            key,
-            "control.tls_cert",
-            "control.tls_key",
-            true,
-        )?)),
+        Some((cert, key)) => Some(Arc::new(
+            edgerec_net::https::server_config(
+                cert,
+                key,
+                "control.tls_cert",
+                "control.tls_key",
+                true,
+            )
+            .map_err(|e| e.to_string())?,
+        )),
         None => None,
     };
     let addr = tcp.local_addr().map_err(|e| e.to_string())?;
