@@ -198,18 +198,12 @@ impl Fetcher {
         // The committed demo key is refused unless the config allows it: treated as a key
         // manager that did not answer (counted; the key in hand stays).
         let current = self.client.current().and_then(|k| {
-            if k.kek.id().is_demo() && !self.cfg.allow_demo {
-                Err(edgerec_lkm::client::LkmClientError::BadAnswer {
+            crate::appliance::kek_watch::refuse_demo(&k.kek, self.cfg.allow_demo)
+                .map(|()| k)
+                .map_err(|e| edgerec_lkm::client::LkmClientError::BadAnswer {
                     url: self.cfg.target.url.clone(),
-                    why: format!(
-                        "its current key {} is the committed DEMO key: refused without [keys] \
-                         demo = true",
-                        k.kek.id()
-                    ),
+                    why: format!("its current key: {e}"),
                 })
-            } else {
-                Ok(k)
-            }
         });
         let answered = match current {
             Ok(k) => {

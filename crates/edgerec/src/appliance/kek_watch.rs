@@ -18,7 +18,7 @@ use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
 use notify::{EventKind, RecursiveMode, Watcher};
 
 use crate::appliance::metrics::{KekLabel, Metrics};
-use erec::keys::{KekHandle, KekPublic};
+use erec::keys::{KekHandle, KekId, KekPublic};
 
 /// Whether an event on a watched directory may have put a complete new file at a path.
 pub fn completes_a_file(kind: &EventKind) -> bool {
@@ -43,6 +43,36 @@ pub enum Reloaded {
     },
 }
 
+/// The committed demo key, refused: its private half is in the repository, so anything
+/// sealed to it is readable by anyone.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "kek {0} is the committed DEMO key (samples/demo-kek.pub.pem; its private half is public): \
+     set [keys] demo = true for a demonstration, or give your own key"
+)]
+pub struct DemoKeyRefused(pub KekId);
+
+/// Refuses the committed demo key unless `[keys] demo = true` says this is a demonstration:
+/// the one check every key source (the file at start and on a change, the key manager)
+/// makes.
+pub fn refuse_demo(kek: &KekPublic, allowed: bool) -> Result<(), DemoKeyRefused> {
+    if kek.id().is_demo() && !allowed {
+        return Err(DemoKeyRefused(kek.id()));
+    }
+    Ok(())
+}
+
+/// Why a key file was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// It cannot be read as a public key.
+    #[error(transparent)]
+    Key(#[from] erec::keys::KeyError),
+    /// It is the demo key.
+    #[error(transparent)]
+    Demo(#[from] DemoKeyRefused),
+}
+
 /// Reads `public_key` (and `escrow`) again and, if the KEK changed, makes it the one new
 /// recordings are sealed to.
 pub fn reload(
@@ -50,16 +80,9 @@ pub fn reload(
     escrow: Option<&Path>,
     handle: &KekHandle,
     allow_demo: bool,
-) -> Result<Reloaded, String> {
-    let kek =
-        KekPublic::from_file(public_key).map_err(|e| format!("{}: {e}", public_key.display()))?;
-    if kek.id().is_demo() && !allow_demo {
-        return Err(format!(
-            "{}: the committed DEMO key (its private half is public): refused without [keys] \
-             demo = true",
-            public_key.display()
-        ));
-    }
+) -> Result<Reloaded, ReloadError> {
+    let kek = KekPublic::from_file(public_key)?;
+    refuse_demo(&kek, allow_demo)?;
     let current = handle.current();
     let from = current.first().map(|k| k.id());
     if from == Some(kek.id()) {
@@ -67,7 +90,7 @@ pub fn reload(
     }
     let mut keks = vec![kek];
     if let Some(e) = escrow {
-        keks.push(KekPublic::from_file(e).map_err(|err| format!("{}: {err}", e.display()))?);
+        keks.push(KekPublic::from_file(e)?);
     }
     let to = keks[0].id().to_hex();
     handle.replace(keks);
@@ -141,7 +164,10 @@ mod tests {
         std::fs::copy(key("test"), &file).unwrap();
         let first = KekPublic::from_file(&file).unwrap();
         let handle = KekHandle::new(vec![first.clone()]);
-        assert_eq!(reload(&file, None, &handle, false), Ok(Reloaded::Same));
+        assert!(matches!(
+            reload(&file, None, &handle, false),
+            Ok(Reloaded::Same)
+        ));
         std::fs::write(&file, b"-----BEGIN PUBLIC KEY-----\ntruncated").unwrap();
         assert!(reload(&file, None, &handle, false).is_err());
         assert_eq!(
@@ -152,11 +178,11 @@ mod tests {
         std::fs::copy(key("other"), &file).unwrap();
         let other = KekPublic::from_file(&file).unwrap();
         assert_eq!(
-            reload(&file, Some(&key("r3")), &handle, false),
-            Ok(Reloaded::Rotated {
+            reload(&file, Some(&key("r3")), &handle, false).unwrap(),
+            Reloaded::Rotated {
                 from: first.id().to_hex(),
                 to: other.id().to_hex()
-            })
+            }
         );
         let now = handle.current();
         assert_eq!(now.len(), 2, "the escrow key rides along");

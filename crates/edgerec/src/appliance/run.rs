@@ -27,6 +27,7 @@ use crate::appliance::config::KekSource;
 use crate::appliance::config::{Config, SyncMode};
 use crate::appliance::feed::Msg;
 use crate::appliance::ingest::{self, IngestSetup};
+use crate::appliance::kek_watch::refuse_demo;
 use crate::appliance::metrics::{KekLabel, Metrics, SpoolState};
 use crate::appliance::recorder::{self, RecorderSetup};
 use crate::appliance::shutdown::Shutdown;
@@ -57,19 +58,6 @@ const QUEUE: usize = 200_000;
 /// How long a busy ingest round gathers: each socket is read about this often, taking all
 /// that arrived meanwhile in one call (arrival times are those of the read).
 const ROUND: Duration = Duration::from_millis(50);
-
-/// Refuses the committed demo key unless `[keys] demo = true` says this is a demonstration:
-/// its private half is in the repository, so anything sealed to it is readable by anyone.
-fn refuse_demo(kek: &KekPublic, allowed: bool) -> Result<(), String> {
-    if kek.id().is_demo() && !allowed {
-        return Err(format!(
-            "kek {} is the committed DEMO key (samples/demo-kek.pub.pem; its private half is \
-             public): set [keys] demo = true for a demonstration, or give your own key",
-            kek.id()
-        ));
-    }
-    Ok(())
-}
 
 /// Runs the appliance until `signal` completes (SIGTERM or SIGINT), in named steps: each
 /// start-up step fails with one clear line; then one [`Shutdown`] stops every thread and
@@ -307,7 +295,7 @@ async fn start_keys(
                 let (fetcher, keks) =
                     crate::appliance::kek_fetch::Fetcher::start(&lkm, escrow, now)?;
                 if let Some(k) = keks.first() {
-                    refuse_demo(k, lkm.allow_demo)?;
+                    refuse_demo(k, lkm.allow_demo).map_err(|e| e.to_string())?;
                 }
                 if keks.is_empty() {
                     tracing::error!(
