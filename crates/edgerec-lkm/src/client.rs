@@ -375,6 +375,21 @@ impl LkmClient {
     }
 }
 
+/// Who runs this command: the user `sudo` was run by, else the process's user (by name
+/// where the system knows it, else the numeric uid).
+pub fn os_user() -> String {
+    if let Ok(u) = std::env::var("SUDO_USER")
+        && !u.is_empty()
+    {
+        return u;
+    }
+    let uid = nix::unistd::getuid();
+    match nix::unistd::User::from_uid(uid) {
+        Ok(Some(u)) => u.name,
+        _ => std::env::var("USER").unwrap_or_else(|_| format!("uid {uid}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -512,7 +512,7 @@ impl Lkm {
             .append(
                 &Event {
                     who: "admin".into(),
-                    user: Some(os_user()),
+                    user: Some(crate::client::os_user()),
                     action: action.into(),
                     key: key.map(str::to_string),
                     recording: None,
@@ -580,21 +580,6 @@ fn log_is_keyed(path: &Path) -> Result<bool, String> {
         Ok(b) => Ok(b.windows(7).any(|w| w == b"\"mac\":\"")),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(format!("lkm.audit_log {}: {e}", path.display())),
-    }
-}
-
-/// Who runs this command: the user `sudo` was run by, else the process's user (by name
-/// where the system knows it, else the numeric uid).
-pub fn os_user() -> String {
-    if let Ok(u) = std::env::var("SUDO_USER")
-        && !u.is_empty()
-    {
-        return u;
-    }
-    let uid = nix::unistd::getuid();
-    match nix::unistd::User::from_uid(uid) {
-        Ok(Some(u)) => u.name,
-        _ => std::env::var("USER").unwrap_or_else(|_| format!("uid {uid}")),
     }
 }
 

@@ -12,6 +12,7 @@
 //! - The appliance needs no permission to delete from the store.
 
 pub mod bandwidth;
+#[cfg(feature = "lkm")]
 pub(crate) mod census;
 pub mod http;
 pub(crate) mod retry;

@@ -6,7 +6,7 @@
 #[cfg(feature = "appliance")]
 mod appliance;
 mod io;
-#[cfg(feature = "appliance")]
+#[cfg(feature = "lkm")]
 mod lkm;
 mod package;
 #[cfg(feature = "appliance")]
@@ -221,7 +221,7 @@ impl KeySource {
                 user: self
                     .lkm_user
                     .clone()
-                    .unwrap_or_else(edgerec_lkm::manager::os_user),
+                    .unwrap_or_else(edgerec_lkm::client::os_user),
             })
             .map_err(crate::Error::Invalid)?;
             return Ok(Box::new(erec::keys::Either(ring, client)));
@@ -278,14 +278,14 @@ enum SpoolAction {
 enum LkmAction {
     /// Set up a key manager: a master key (if there is none; never replaced), the key store,
     /// and its first key pair. Prints the kek id.
-    #[cfg(feature = "appliance")]
+    #[cfg(feature = "lkm")]
     Init {
         /// The key manager's config file.
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
     /// The key manager's HTTPS service (the platform's key-manager contract), until SIGTERM.
-    #[cfg(feature = "appliance")]
+    #[cfg(feature = "lkm")]
     Serve {
         /// The key manager's config file.
         #[arg(long, value_name = "FILE")]
@@ -293,7 +293,7 @@ enum LkmAction {
     },
     /// Make a new key pair, the one recorders seal to from now on; older keys stay for
     /// decryption. Prints the kek id.
-    #[cfg(feature = "appliance")]
+    #[cfg(feature = "lkm")]
     Rotate {
         /// The key manager's config file.
         #[arg(long, value_name = "FILE")]
@@ -301,7 +301,7 @@ enum LkmAction {
     },
     /// Take an existing private key file into the key store (sealed; active, the current
     /// key until the next rotation): from key files to the key manager. Prints the kek id.
-    #[cfg(feature = "appliance")]
+    #[cfg(feature = "lkm")]
     Import {
         /// The key manager's config file.
         #[arg(long, value_name = "FILE")]
@@ -310,7 +310,7 @@ enum LkmAction {
         key: PathBuf,
     },
     /// Retire a key pair: no new recordings are sealed to it; it still decrypts.
-    #[cfg(feature = "appliance")]
+    #[cfg(feature = "lkm")]
     Retire {
         /// The key manager's config file.
         #[arg(long, value_name = "FILE")]
@@ -322,7 +322,7 @@ enum LkmAction {
     /// store and shows how many recordings are sealed to it (and to it alone); refuses while
     /// any is sealed to it alone, or the store cannot be counted whole, unless --force. Asks
     /// for the kek id on a terminal; scripts pass --yes.
-    #[cfg(feature = "appliance")]
+    #[cfg(feature = "lkm")]
     Destroy {
         /// The key manager's config file.
         #[arg(long, value_name = "FILE")]
@@ -344,7 +344,7 @@ enum LkmAction {
         kek_id: String,
     },
     /// The key pairs: id, state, creation time (the current one marked).
-    #[cfg(feature = "appliance")]
+    #[cfg(feature = "lkm")]
     Keys {
         /// The key manager's config file.
         #[arg(long, value_name = "FILE")]
@@ -354,13 +354,13 @@ enum LkmAction {
         json: bool,
     },
     /// Hawk credentials for the key manager's clients.
-    #[cfg(feature = "appliance")]
+    #[cfg(feature = "lkm")]
     Credentials {
         #[command(subcommand)]
         action: CredentialAction,
     },
     /// Write every key record, private keys still sealed, to FILE (0600).
-    #[cfg(feature = "appliance")]
+    #[cfg(feature = "lkm")]
     Backup {
         /// The key manager's config file.
         #[arg(long, value_name = "FILE")]
@@ -372,7 +372,7 @@ enum LkmAction {
     /// matched to its id; nothing is overwritten and the current key does not change (unless
     /// the store had none). The master key (or KMS key) that sealed the backup must be the
     /// configured one.
-    #[cfg(feature = "appliance")]
+    #[cfg(feature = "lkm")]
     Restore {
         /// The key manager's config file.
         #[arg(long, value_name = "FILE")]
@@ -390,7 +390,7 @@ enum LkmAction {
     },
     /// Move the audit log aside (to FILE.<UTC time>, verified first) and start a new one whose
     /// first line names it, its line count and last hash. Stop the service first.
-    #[cfg(feature = "appliance")]
+    #[cfg(feature = "lkm")]
     AuditArchive {
         /// The key manager's config file.
         #[arg(long, value_name = "FILE")]
@@ -403,7 +403,7 @@ enum LkmAction {
     /// status 4 names the first line that breaks the chain.
     VerifyAudit {
         /// The key manager's config file: check the MACs with its audit key.
-        #[cfg(feature = "appliance")]
+        #[cfg(feature = "lkm")]
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
         /// The audit log (JSON lines).
@@ -412,7 +412,7 @@ enum LkmAction {
 }
 
 /// What `edgerec lkm credentials` does.
-#[cfg(feature = "appliance")]
+#[cfg(feature = "lkm")]
 #[derive(Debug, Subcommand)]
 enum CredentialAction {
     /// Issue a credential: prints its id and key (base64) once, for the client's
@@ -463,7 +463,7 @@ enum CredentialAction {
 }
 
 /// The `--role` values.
-#[cfg(feature = "appliance")]
+#[cfg(feature = "lkm")]
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum RoleArg {
     /// Public keys only: every recording appliance.
@@ -476,7 +476,7 @@ enum RoleArg {
     Admin,
 }
 
-#[cfg(feature = "appliance")]
+#[cfg(feature = "lkm")]
 impl From<RoleArg> for edgerec_lkm::roles::Role {
     fn from(r: RoleArg) -> edgerec_lkm::roles::Role {
         match r {
@@ -563,25 +563,25 @@ pub fn main() -> ExitCode {
             }
         },
         Command::Lkm { action } => match action {
-            #[cfg(feature = "appliance")]
+            #[cfg(feature = "lkm")]
             LkmAction::VerifyAudit { config, file } => lkm::verify_audit(config.as_deref(), &file),
-            #[cfg(not(feature = "appliance"))]
+            #[cfg(not(feature = "lkm"))]
             LkmAction::VerifyAudit { file } => verify_audit(&file),
-            #[cfg(feature = "appliance")]
+            #[cfg(feature = "lkm")]
             LkmAction::Init { config } => lkm::init(&config),
-            #[cfg(feature = "appliance")]
+            #[cfg(feature = "lkm")]
             LkmAction::AuditArchive { config } => lkm::audit_archive(&config),
-            #[cfg(feature = "appliance")]
+            #[cfg(feature = "lkm")]
             LkmAction::Serve { config } => lkm::serve(&config),
-            #[cfg(feature = "appliance")]
+            #[cfg(feature = "lkm")]
             LkmAction::Rotate { config } => lkm::rotate(&config),
-            #[cfg(feature = "appliance")]
+            #[cfg(feature = "lkm")]
             LkmAction::Keys { config, json } => lkm::keys(&config, json),
-            #[cfg(feature = "appliance")]
+            #[cfg(feature = "lkm")]
             LkmAction::Retire { config, kek_id } => lkm::retire(&config, &kek_id),
-            #[cfg(feature = "appliance")]
+            #[cfg(feature = "lkm")]
             LkmAction::Import { config, key } => lkm::import(&config, &key),
-            #[cfg(feature = "appliance")]
+            #[cfg(feature = "lkm")]
             LkmAction::Destroy {
                 config,
                 store_config,
@@ -599,7 +599,7 @@ pub fn main() -> ExitCode {
                     list: list.as_deref(),
                 },
             ),
-            #[cfg(feature = "appliance")]
+            #[cfg(feature = "lkm")]
             LkmAction::Credentials {
                 action:
                     CredentialAction::Add {
@@ -617,21 +617,21 @@ pub fn main() -> ExitCode {
                     role.into()
                 },
             ),
-            #[cfg(feature = "appliance")]
+            #[cfg(feature = "lkm")]
             LkmAction::Credentials {
                 action: CredentialAction::List { config, json },
             } => lkm::list_credentials(&config, json),
-            #[cfg(feature = "appliance")]
+            #[cfg(feature = "lkm")]
             LkmAction::Credentials {
                 action: CredentialAction::SetRole { config, id, role },
             } => lkm::set_role(&config, &id, role.into()),
-            #[cfg(feature = "appliance")]
+            #[cfg(feature = "lkm")]
             LkmAction::Credentials {
                 action: CredentialAction::Remove { config, id },
             } => lkm::remove_credential(&config, &id),
-            #[cfg(feature = "appliance")]
+            #[cfg(feature = "lkm")]
             LkmAction::Backup { config, out } => lkm::backup(&config, &out),
-            #[cfg(feature = "appliance")]
+            #[cfg(feature = "lkm")]
             LkmAction::Restore {
                 config,
                 accept_unauthenticated,
@@ -708,7 +708,7 @@ pub fn main() -> ExitCode {
 }
 
 /// `edgerec lkm verify-audit FILE` (a build without the key manager: the chain only).
-#[cfg(not(feature = "appliance"))]
+#[cfg(not(feature = "lkm"))]
 fn verify_audit(file: &std::path::Path) -> Result<(), crate::Error> {
     let text = std::fs::read_to_string(file)
         .map_err(|e| crate::Error::Invalid(format!("{}: {e}", file.display())))?;
