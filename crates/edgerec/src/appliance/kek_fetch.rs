@@ -14,7 +14,7 @@
 //!   recordings are refused (`recordings_refused_total{reason="kek_stale"}`) until the key
 //!   manager answers again.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -75,28 +75,74 @@ impl CachedKey {
     }
 
     /// The public key, checked against the id.
-    pub fn kek(&self) -> Result<KekPublic, String> {
+    pub fn kek(&self) -> Result<KekPublic, CachedKeyError> {
         let der = base64::engine::general_purpose::STANDARD
             .decode(&self.public_key)
-            .map_err(|e| format!("publicKey: {e}"))?;
-        let kek = KekPublic::from_der("the cached key", &der).map_err(|e| e.to_string())?;
+            .map_err(CachedKeyError::Base64)?;
+        let kek = KekPublic::from_der("the cached key", &der)?;
         if kek.id().to_hex() != self.id {
-            return Err("its public key is not the key of its id".into());
+            return Err(CachedKeyError::WrongId);
         }
         Ok(kek)
     }
 }
 
+/// What is wrong with a cached key.
+#[derive(Debug, thiserror::Error)]
+pub enum CachedKeyError {
+    /// Its `publicKey` is not base64.
+    #[error("publicKey: {0}")]
+    Base64(base64::DecodeError),
+    /// Its key is not a usable RSA public key.
+    #[error(transparent)]
+    Key(#[from] erec::keys::KeyError),
+    /// Its key is not the one its id names.
+    #[error("its public key is not the key of its id")]
+    WrongId,
+}
+
+/// Why the key cache could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// The file cannot be read.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The cache file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// It is not a cached key's JSON.
+    #[error("{}: {source}", path.display())]
+    Json {
+        /// The cache file.
+        path: PathBuf,
+        /// Why.
+        source: serde_json::Error,
+    },
+    /// Its key is not usable.
+    #[error("{}: {source}", path.display())]
+    Key {
+        /// The cache file.
+        path: PathBuf,
+        /// Why.
+        source: CachedKeyError,
+    },
+}
+
 /// Reads the cache; `None` if there is none.
-pub fn read_cache(path: &Path) -> Result<Option<(KekPublic, CachedKey)>, String> {
+pub fn read_cache(path: &Path) -> Result<Option<(KekPublic, CachedKey)>, CacheError> {
+    let at = || path.to_path_buf();
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("{}: {e}", path.display())),
+        Err(source) => return Err(CacheError::Io { path: at(), source }),
     };
     let c: CachedKey =
-        serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
-    let kek = c.kek().map_err(|e| format!("{}: {e}", path.display()))?;
+        serde_json::from_slice(&bytes).map_err(|source| CacheError::Json { path: at(), source })?;
+    let kek = c
+        .kek()
+        .map_err(|source| CacheError::Key { path: at(), source })?;
     Ok(Some((kek, c)))
 }
 
@@ -132,7 +178,7 @@ impl Fetcher {
                 tracing::info!(kek_id = %c.id, url = %cfg.target.url, "current key from the key manager");
                 (k.kek, c)
             }
-            Err(e) => match read_cache(&cfg.cache_file)? {
+            Err(e) => match read_cache(&cfg.cache_file).map_err(|e| e.to_string())? {
                 Some((kek, c)) => {
                     tracing::warn!(error = %e, kek_id = %c.id, "the key manager does not answer: recording with the cached key");
                     (kek, c)
@@ -347,6 +393,7 @@ mod tests {
         assert!(
             read_cache(&path)
                 .unwrap_err()
+                .to_string()
                 .contains("not the key of its id")
         );
         std::fs::write(&path, b"{").unwrap();
