@@ -109,6 +109,25 @@ impl std::fmt::Debug for MasterKey {
     }
 }
 
+/// Why a master key file was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum MasterKeyError {
+    /// Others than its owner may read it.
+    #[error(transparent)]
+    Mode(#[from] edgerec_net::durable::OwnerOnlyError),
+    /// It cannot be read.
+    #[error("{}: {source}", path.display())]
+    Unreadable {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// It does not hold 64 hex digits.
+    #[error("{}: not 64 hex digits", .0.display())]
+    NotHex(std::path::PathBuf),
+}
+
 impl MasterKey {
     /// A fresh random master key.
     pub fn generate() -> Result<MasterKey, getrandom::Error> {
@@ -135,15 +154,14 @@ impl MasterKey {
     }
 
     /// Reads a master key file (64 hex digits), which must be readable by its owner alone.
-    pub fn from_file(path: &Path) -> Result<MasterKey, String> {
-        edgerec_net::durable::check_owner_only(path, "a master key file")
-            .map_err(|e| e.to_string())?;
+    pub fn from_file(path: &Path) -> Result<MasterKey, MasterKeyError> {
+        edgerec_net::durable::check_owner_only(path, "a master key file")?;
         Self::read(path)
     }
 
     /// Reads a master key that is public anyway (the committed demo key store's), whatever
     /// its file mode: a fresh clone has it 0644.
-    pub fn from_demo_file(path: &Path) -> Result<MasterKey, String> {
+    pub fn from_demo_file(path: &Path) -> Result<MasterKey, MasterKeyError> {
         Self::read(path)
     }
 
@@ -153,13 +171,16 @@ impl MasterKey {
         hex::encode(Sha256::digest(self.0.as_ref())) == DEMO_MASTER_KEY_SHA256
     }
 
-    fn read(path: &Path) -> Result<MasterKey, String> {
-        let shown = path.display();
-        let text =
-            Zeroizing::new(std::fs::read_to_string(path).map_err(|e| format!("{shown}: {e}"))?);
+    fn read(path: &Path) -> Result<MasterKey, MasterKeyError> {
+        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
+            MasterKeyError::Unreadable {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?);
         let mut key = Zeroizing::new([0u8; 32]);
         hex::decode_to_slice(text.trim(), key.as_mut())
-            .map_err(|_| format!("{shown}: not 64 hex digits"))?;
+            .map_err(|_| MasterKeyError::NotHex(path.to_path_buf()))?;
         Ok(MasterKey(key))
     }
 
@@ -333,7 +354,7 @@ mod tests {
         let blob = made.seal(b"k", "c").unwrap();
         assert_eq!(read.open(&blob, "c").unwrap().as_slice(), b"k");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
-        let e = MasterKey::from_file(&path).unwrap_err();
+        let e = MasterKey::from_file(&path).unwrap_err().to_string();
         assert!(e.contains("chmod 600"), "{e}");
         std::fs::write(dir.path().join("short"), "abcd").unwrap();
         std::fs::set_permissions(
@@ -344,6 +365,7 @@ mod tests {
         assert!(
             MasterKey::from_file(&dir.path().join("short"))
                 .unwrap_err()
+                .to_string()
                 .contains("64 hex")
         );
     }

@@ -50,17 +50,15 @@ impl ClientCredential {
     }
 
     /// Reads a credential file; `EDGEREC_LKM_KEY` in the environment replaces its key.
-    pub fn from_file(path: &Path) -> Result<ClientCredential, String> {
-        let text = Zeroizing::new(
-            std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?,
-        );
-        let mut c = ClientCredential::parse(&text).ok_or_else(|| {
-            format!(
-                "{}: not a key manager credential (the lines id: and key: that edgerec lkm \
-                 credentials add prints)",
-                path.display()
-            )
-        })?;
+    pub fn from_file(path: &Path) -> Result<ClientCredential, SetupError> {
+        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
+            SetupError::Credential {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?);
+        let mut c = ClientCredential::parse(&text)
+            .ok_or_else(|| SetupError::NotACredential(path.to_path_buf()))?;
         if let Ok(k) = std::env::var("EDGEREC_LKM_KEY") {
             c.key = Zeroizing::new(k);
         }
@@ -114,6 +112,36 @@ pub enum LkmClientError {
     },
 }
 
+/// Why a client could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The credential file cannot be read.
+    #[error("{}: {source}", path.display())]
+    Credential {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file holds no credential.
+    #[error(
+        "{}: not a key manager credential (the lines id: and key: that edgerec lkm credentials add prints)",
+        .0.display()
+    )]
+    NotACredential(std::path::PathBuf),
+    /// The URL is not an https URL with a host.
+    #[error("key manager URL {url}: {why}")]
+    Url {
+        /// The URL given.
+        url: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// Its HTTPS client could not be built (the CA file).
+    #[error(transparent)]
+    Client(#[from] edgerec_net::client::ClientError),
+}
+
 /// The current key as the key manager publishes it.
 #[derive(Debug, Clone)]
 pub struct CurrentKey {
@@ -159,19 +187,19 @@ struct KeypairAnswer {
 
 impl LkmClient {
     /// A client for `target`.
-    pub fn new(target: &LkmTarget) -> Result<LkmClient, String> {
+    pub fn new(target: &LkmTarget) -> Result<LkmClient, SetupError> {
         let credential = ClientCredential::from_file(&target.credentials)?;
-        let url = reqwest::Url::parse(&target.url)
-            .map_err(|e| format!("key manager URL {}: {e}", target.url))?;
+        let bad_url = |why: String| SetupError::Url {
+            url: target.url.clone(),
+            why,
+        };
+        let url = reqwest::Url::parse(&target.url).map_err(|e| bad_url(e.to_string()))?;
         if url.scheme() != "https" {
-            return Err(format!(
-                "key manager URL {}: https only (the key manager speaks TLS)",
-                target.url
-            ));
+            return Err(bad_url("https only (the key manager speaks TLS)".into()));
         }
         let host = url
             .host_str()
-            .ok_or_else(|| format!("key manager URL {}: no host", target.url))?
+            .ok_or_else(|| bad_url("no host".into()))?
             .to_string();
         let port = url.port_or_known_default().unwrap_or(443);
         let prefix = url.path().trim_end_matches('/').to_string();
@@ -185,8 +213,7 @@ impl LkmClient {
             edgerec_net::client::Trust::CaOnly,
             Duration::from_secs(5),
             target.timeout,
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         Ok(LkmClient {
             base: format!("{}://{}", url.scheme(), url.authority()),
             host,

@@ -169,7 +169,7 @@ impl Fetcher {
         escrow: Option<KekPublic>,
         now_ms: u64,
     ) -> Result<(Fetcher, Vec<KekPublic>), String> {
-        let client = LkmClient::new(&cfg.target)?;
+        let client = LkmClient::new(&cfg.target).map_err(|e| e.to_string())?;
         let (kek, cached) = match client.current() {
             Ok(k) => {
                 let c = CachedKey::of(&k, now_ms);

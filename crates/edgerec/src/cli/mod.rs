@@ -223,7 +223,7 @@ impl KeySource {
                     .clone()
                     .unwrap_or_else(edgerec_lkm::client::os_user),
             })
-            .map_err(crate::Error::Invalid)?;
+            .map_err(|e| crate::Error::Invalid(e.to_string()))?;
             return Ok(Box::new(erec::keys::Either(ring, client)));
         }
         Ok(Box::new(ring))
