@@ -357,21 +357,15 @@ impl LkmConfig {
                 return Err(bad(key, &x, v.span(), problem));
             }
         }
-        let server = edgerec_net::https::Limits::from_config(
-            l.header_read_timeout_secs.as_ref().map(|v| *v.get_ref()),
-            l.idle_timeout_secs.as_ref().map(|v| *v.get_ref()),
-            l.max_connections.as_ref().map(|v| *v.get_ref()),
-            l.max_connections_per_address.as_ref().map(|v| *v.get_ref()),
+        let at = |v: &Option<Spanned<u64>>| v.as_ref().map(|v| (*v.get_ref(), v.span()));
+        let at_n = |v: &Option<Spanned<usize>>| v.as_ref().map(|v| (*v.get_ref(), v.span()));
+        let server = edgerec_net::https::Limits::from_config_at(
+            at(&l.header_read_timeout_secs),
+            at(&l.idle_timeout_secs),
+            at_n(&l.max_connections),
+            at_n(&l.max_connections_per_address),
         )
-        .map_err(|(key, why)| {
-            let span = match key {
-                "header_read_timeout_secs" => l.header_read_timeout_secs.as_ref().map(|v| v.span()),
-                "idle_timeout_secs" => l.idle_timeout_secs.as_ref().map(|v| v.span()),
-                "max_connections" => l.max_connections.as_ref().map(|v| v.span()),
-                _ => l.max_connections_per_address.as_ref().map(|v| v.span()),
-            };
-            cx.parse_error(span, &format!("lkm.{key} = {why}"))
-        })?;
+        .map_err(|(key, why, span)| cx.parse_error(span, &format!("lkm.{key} = {why}")))?;
         Ok(LkmConfig {
             keypair_limit: edgerec_net::rate_limit::Limit {
                 rate: l.keypair_rate_per_min.get_ref() / 60.0,

@@ -59,7 +59,37 @@ impl Default for Limits {
     }
 }
 
+/// A config value and where it was written (its byte span in the file).
+pub type At<T> = Option<(T, std::ops::Range<usize>)>;
+
 impl Limits {
+    /// [`Limits::from_config`] on values that know where they were written: the error
+    /// carries the span of the value at fault, for a message that names its line.
+    pub fn from_config_at(
+        header_read_timeout_secs: At<u64>,
+        idle_timeout_secs: At<u64>,
+        max_connections: At<usize>,
+        max_connections_per_address: At<usize>,
+    ) -> Result<Limits, (&'static str, String, Option<std::ops::Range<usize>>)> {
+        let value = |v: &At<u64>| v.as_ref().map(|(x, _)| *x);
+        let count = |v: &At<usize>| v.as_ref().map(|(x, _)| *x);
+        Limits::from_config(
+            value(&header_read_timeout_secs),
+            value(&idle_timeout_secs),
+            count(&max_connections),
+            count(&max_connections_per_address),
+        )
+        .map_err(|(key, why)| {
+            let span = match key {
+                "header_read_timeout_secs" => header_read_timeout_secs.map(|(_, s)| s),
+                "idle_timeout_secs" => idle_timeout_secs.map(|(_, s)| s),
+                "max_connections" => max_connections.map(|(_, s)| s),
+                _ => max_connections_per_address.map(|(_, s)| s),
+            };
+            (key, why, span)
+        })
+    }
+
     /// Checks the four values as read from a config file (`None`: the default); an error
     /// names the key and what is wrong.
     pub fn from_config(

@@ -907,27 +907,19 @@ fn control_section(cx: &Ctx<'_>, raw: &Raw) -> Result<Option<Control>, ConfigErr
                      set control.allow_plaintext = true if the network is trusted",
                 ));
             }
-            let limits = edgerec_net::https::Limits::from_config(
-                c.header_read_timeout_secs.as_ref().map(|v| *v.get_ref()),
-                c.idle_timeout_secs.as_ref().map(|v| *v.get_ref()),
-                c.max_connections.as_ref().map(|v| *v.get_ref()),
-                c.max_connections_per_address.as_ref().map(|v| *v.get_ref()),
+            let at = |v: &Option<Spanned<u64>>| v.as_ref().map(|v| (*v.get_ref(), v.span()));
+            let at_n = |v: &Option<Spanned<usize>>| v.as_ref().map(|v| (*v.get_ref(), v.span()));
+            let limits = edgerec_net::https::Limits::from_config_at(
+                at(&c.header_read_timeout_secs),
+                at(&c.idle_timeout_secs),
+                at_n(&c.max_connections),
+                at_n(&c.max_connections_per_address),
             )
-            .map_err(|(key, why)| {
-                let line = match key {
-                    "header_read_timeout_secs" => {
-                        c.header_read_timeout_secs.as_ref().map(|v| v.span())
-                    }
-                    "idle_timeout_secs" => c.idle_timeout_secs.as_ref().map(|v| v.span()),
-                    "max_connections" => c.max_connections.as_ref().map(|v| v.span()),
-                    _ => c.max_connections_per_address.as_ref().map(|v| v.span()),
-                }
-                .map(|s| format!(", line {}", cx.text().line(s.start)))
-                .unwrap_or_default();
-                ConfigError(format!(
-                    "config {}{line}: control.{key} = {why}",
-                    cx.file.display()
-                ))
+            .map_err(|(key, why, span)| {
+                ConfigError(
+                    cx.text()
+                        .parse_error(span, &format!("control.{key} = {why}")),
+                )
             })?;
             Some(Control {
                 listen: *listen,

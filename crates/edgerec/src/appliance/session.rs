@@ -444,10 +444,11 @@ impl Sessions {
     /// reason, and never started), and the rest of it is dropped as `refused`; a call heard
     /// from after it goes quiet for the idle timeout, or after refusals end, is a new one.
     pub fn set_refusal(&mut self, reason: Option<&'static str>) {
-        self.refusing = reason;
-        if reason.is_none() {
+        // Told at every message: an empty map is not cleared again each time.
+        if reason.is_none() && !self.refused_ports.is_empty() {
             self.refused_ports.clear();
         }
+        self.refusing = reason;
     }
 
     /// A recording the driver could not make after all (its package file could not be
