@@ -47,6 +47,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use hmac::{KeyInit, Mac};
 use serde::{Deserialize, Serialize};
@@ -172,20 +173,34 @@ pub fn keying_marker(key: &AuditKey, seq: u64) -> String {
     )
 }
 
+/// Why a keying marker (the key store's record of where the audit log's keying starts) was
+/// refused.
+#[derive(Debug, thiserror::Error)]
+pub enum MarkerError {
+    /// It is not the JSON of a marker.
+    #[error("not a keying marker: {0}")]
+    NotAMarker(#[from] serde_json::Error),
+    /// Its MAC is not hex.
+    #[error("its mac is not hex")]
+    MacNotHex,
+    /// Its MAC does not verify: another key's marker, or a changed one.
+    #[error("its mac does not verify under the audit key")]
+    BadMac,
+}
+
 /// The sequence number a keying marker names, once its MAC verifies under `key`.
-pub fn read_keying_marker(key: &AuditKey, text: &str) -> Result<u64, String> {
+pub fn read_keying_marker(key: &AuditKey, text: &str) -> Result<u64, MarkerError> {
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase", deny_unknown_fields)]
     struct Marker {
         keyed_from_seq: u64,
         mac: String,
     }
-    let m: Marker = serde_json::from_str(text).map_err(|e| format!("not a keying marker: {e}"))?;
-    let want = hex::decode(&m.mac).map_err(|_| "its mac is not hex".to_string())?;
+    let m: Marker = serde_json::from_str(text)?;
+    let want = hex::decode(&m.mac).map_err(|_| MarkerError::MacNotHex)?;
     let mut mac = key.mac_of(MARKER_LABEL);
     mac.update(m.keyed_from_seq.to_string().as_bytes());
-    mac.verify_slice(&want)
-        .map_err(|_| "its mac does not verify under the audit key".to_string())?;
+    mac.verify_slice(&want).map_err(|_| MarkerError::BadMac)?;
     Ok(m.keyed_from_seq)
 }
 
@@ -591,8 +606,19 @@ pub enum Durability {
     DenialOf(String),
 }
 
+/// Why the [`Writer`] did not write (or sync) a line.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    /// Writing or syncing the batch failed (one error, told to every line of the batch).
+    #[error("the audit log cannot be written: {0}")]
+    Failed(Arc<io::Error>),
+    /// The writer's thread is gone.
+    #[error("the audit writer has stopped")]
+    Stopped,
+}
+
 /// What a caller waiting for its line is told: written (and synced), or why not.
-pub type Done = Box<dyn FnOnce(Result<(), String>) + Send>;
+pub type Done = Box<dyn FnOnce(Result<(), WriteError>) + Send>;
 
 enum Job {
     Line(Event, Durability, Option<Done>),
@@ -613,7 +639,7 @@ impl Writer {
     pub fn start(
         mut log: AuditLog,
         denials: edgerec_net::rate_limit::Limit,
-        on_error: Box<dyn Fn(&str) + Send>,
+        on_error: Box<dyn Fn(&WriteError) + Send>,
     ) -> io::Result<Writer> {
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         std::thread::Builder::new()
@@ -692,7 +718,7 @@ impl Writer {
                     let written = log
                         .append_all(&lines, sync)
                         .map(|_| ())
-                        .map_err(|e| e.to_string());
+                        .map_err(|e| WriteError::Failed(Arc::new(e)));
                     match &written {
                         Ok(()) if sync => (unsynced, last_sync) = (false, t),
                         Ok(()) => unsynced = true,
@@ -712,7 +738,7 @@ impl Writer {
         if let Err(std::sync::mpsc::SendError(Job::Line(_, _, Some(done)))) =
             self.tx.send(Job::Line(event, durability, done))
         {
-            done(Err("the audit writer has stopped".into()));
+            done(Err(WriteError::Stopped));
         }
     }
 }
@@ -1014,9 +1040,15 @@ mod tests {
     #[test]
     fn the_keying_point_is_kept_apart_and_a_log_stripped_of_its_macs_fails_it() {
         let marker = keying_marker(&key(), 3);
-        assert_eq!(read_keying_marker(&key(), &marker), Ok(3));
+        assert_eq!(read_keying_marker(&key(), &marker).ok(), Some(3));
         let other = AuditKey::from_bytes([1u8; 32]);
-        assert!(read_keying_marker(&other, &marker).is_err(), "keyed");
+        assert!(
+            matches!(
+                read_keying_marker(&other, &marker),
+                Err(MarkerError::BadMac)
+            ),
+            "keyed"
+        );
         let moved = marker.replace("\"keyedFromSeq\":3", "\"keyedFromSeq\":9");
         assert!(read_keying_marker(&key(), &moved).is_err());
         // Three lines before keying, then keyed ones: consistent with a marker at seq 3.
@@ -1094,9 +1126,10 @@ mod tests {
             Durability::Synced,
             Some(Box::new(move |r| tx.send(r).unwrap())),
         );
-        assert_eq!(
-            rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap(),
-            Ok(())
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_secs(10))
+                .unwrap()
+                .is_ok()
         );
         // The answer came after the line: it is in the file.
         let text = std::fs::read_to_string(&path).unwrap();

@@ -92,6 +92,16 @@ pub enum LkmClientError {
         /// What happened.
         why: String,
     },
+    /// The request could not be signed with the credential (nothing was sent).
+    #[error("key manager {url}: credential {id}: {source}")]
+    Signing {
+        /// The URL to ask.
+        url: String,
+        /// The credential's id.
+        id: String,
+        /// What Hawk said.
+        source: hawk::Error,
+    },
     /// An answer other than success.
     #[error("key manager {url}: {status} {message}")]
     Status {
@@ -225,22 +235,19 @@ impl LkmClient {
         })
     }
 
-    fn authorization(&self, method: &str, path: &str, body: &[u8]) -> Result<String, String> {
-        let key = hawk::Key::new(self.credential.key.as_bytes(), hawk::SHA256)
-            .map_err(|e| format!("credential {}: {e}", self.credential.id))?;
+    fn authorization(&self, method: &str, path: &str, body: &[u8]) -> Result<String, hawk::Error> {
+        let key = hawk::Key::new(self.credential.key.as_bytes(), hawk::SHA256)?;
         let credentials = hawk::Credentials {
             id: self.credential.id.clone(),
             key,
         };
         let hash = (!body.is_empty())
             .then(|| hawk::PayloadHasher::hash("application/json", hawk::SHA256, body))
-            .transpose()
-            .map_err(|e| e.to_string())?;
+            .transpose()?;
         let header = hawk::RequestBuilder::new(method, &self.host, self.port, path)
             .hash(hash.as_deref())
             .request()
-            .make_header(&credentials)
-            .map_err(|e| e.to_string())?;
+            .make_header(&credentials)?;
         Ok(format!("Hawk {header}"))
     }
 
@@ -255,9 +262,10 @@ impl LkmClient {
         let url = format!("{}{path}", self.base);
         let auth = self
             .authorization(method.as_str(), &path, body)
-            .map_err(|why| LkmClientError::NoAnswer {
+            .map_err(|source| LkmClientError::Signing {
                 url: url.clone(),
-                why,
+                id: self.credential.id.clone(),
+                source,
             })?;
         let mut req = self
             .http

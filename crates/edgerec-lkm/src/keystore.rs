@@ -211,6 +211,11 @@ impl KeyStore {
         self
     }
 
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// What seals the private keys (and keys the integrity of backups and the audit log).
     pub fn protector(&self) -> &Arc<dyn Protector> {
         &self.protector

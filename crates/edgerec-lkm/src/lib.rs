@@ -7,9 +7,10 @@
 //!   [`at_rest::Protector`] interface KMS implements too.
 //! - [`keystore`]: generate, rotate, retire, destroy, back up and restore key pairs.
 //! - [`audit`]: the keyed, hash-chained audit log and its group-commit writer.
-//! - `manager` (feature `server`): `lkm.toml`, credentials and the administrator's acts.
-//! - `server` (feature `server`): the HTTPS contract (axum, rustls, Hawk via `hawk_auth`),
-//!   the unwrap `oracle`, `kms` protection, and the service's `metrics`.
+//! - `manager` (feature `server`): the administrator's acts, with `lkm.toml` (its `config`)
+//!   and the Hawk `credentials` file; `at_rest`'s `kms` protection.
+//! - `server` (feature `server`): the HTTPS contract (axum, rustls, Hawk via its
+//!   `hawk_auth`), the unwrap `oracle`, and the service's `metrics` (private to it).
 //! - `client` (feature `client`): what recorders and `open`/`export --lkm` use.
 //!
 //! It depends on the package format (`erec`) and the shared service plumbing
@@ -21,17 +22,9 @@ pub mod at_rest;
 pub mod audit;
 #[cfg(feature = "client")]
 pub mod client;
-#[cfg(feature = "server")]
-pub mod hawk_auth;
 pub mod keystore;
 #[cfg(feature = "server")]
-pub mod kms;
-#[cfg(feature = "server")]
 pub mod manager;
-#[cfg(feature = "server")]
-pub mod metrics;
-#[cfg(feature = "server")]
-pub mod oracle;
 pub mod roles;
 #[cfg(feature = "server")]
 pub mod server;

@@ -124,18 +124,21 @@ impl std::fmt::Display for Role {
     }
 }
 
-impl std::str::FromStr for Role {
-    type Err = String;
+/// A role's name that is none of the four.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("role {0:?}: one of recorder, decrypt, platform, admin")]
+pub struct UnknownRole(pub String);
 
-    fn from_str(s: &str) -> Result<Role, String> {
+impl std::str::FromStr for Role {
+    type Err = UnknownRole;
+
+    fn from_str(s: &str) -> Result<Role, UnknownRole> {
         match s {
             "recorder" => Ok(Role::Recorder),
             "decrypt" => Ok(Role::Decrypt),
             "platform" => Ok(Role::Platform),
             "admin" => Ok(Role::Admin),
-            _ => Err(format!(
-                "role {s:?}: one of recorder, decrypt, platform, admin"
-            )),
+            _ => Err(UnknownRole(s.to_string())),
         }
     }
 }
@@ -223,6 +226,7 @@ mod tests {
             "root"
                 .parse::<Role>()
                 .unwrap_err()
+                .to_string()
                 .contains("recorder, decrypt")
         );
         assert_eq!(

@@ -26,9 +26,19 @@ pub enum Service {
     Kms,
 }
 
-/// The headers that sign a request (`authorization`, `x-amz-date`, …), to add to it.
+/// Why a request could not be signed (nothing was sent).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot sign {url}: {source}")]
+pub struct SigningError {
+    /// The request's URL.
+    pub url: String,
+    /// What the signer said.
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
 // The request's parts as the signer takes them, one argument each: a struct for one call
 // site would only rename them.
+/// The headers that sign a request (`authorization`, `x-amz-date`, …), to add to it.
 #[allow(clippy::too_many_arguments)]
 pub fn signature_headers(
     service: Service,
@@ -38,7 +48,11 @@ pub fn signature_headers(
     url: &str,
     headers: &[(&str, String)],
     body_sha256: &str,
-) -> Result<Vec<(String, String)>, String> {
+) -> Result<Vec<(String, String)>, SigningError> {
+    let failed = |e: Box<dyn std::error::Error + Send + Sync>| SigningError {
+        url: url.to_string(),
+        source: e,
+    };
     let identity = credentials.clone().into();
     let mut settings = SigningSettings::default();
     let name = match service {
@@ -57,7 +71,7 @@ pub fn signature_headers(
         .time(SystemTime::now())
         .settings(settings)
         .build()
-        .map_err(|e| format!("cannot sign: {e}"))?
+        .map_err(|e| failed(e.into()))?
         .into();
     let signable = SignableRequest::new(
         method,
@@ -65,9 +79,9 @@ pub fn signature_headers(
         headers.iter().map(|(k, v)| (*k, v.as_str())),
         SignableBody::Precomputed(body_sha256.to_string()),
     )
-    .map_err(|e| format!("cannot sign {url}: {e}"))?;
+    .map_err(|e| failed(e.into()))?;
     let (instructions, _) = sign(signable, &params)
-        .map_err(|e| format!("cannot sign {url}: {e}"))?
+        .map_err(|e| failed(e.into()))?
         .into_parts();
     Ok(instructions
         .headers()

@@ -18,8 +18,8 @@ use crate::https::Limits;
 
 /// A service's answer to `/readyz`: ready, or why not.
 pub trait Readiness: Send + Sync {
-    /// `Ok` when ready; else the reason given in the 503's body.
-    fn readiness(&self) -> Result<(), String>;
+    /// `None` when ready; else the reason given in the 503's body.
+    fn not_ready(&self) -> Option<String>;
 }
 
 struct Served {
@@ -47,9 +47,9 @@ async fn metrics_text(State(s): State<Arc<Served>>) -> impl IntoResponse {
 }
 
 async fn readyz(State(s): State<Arc<Served>>) -> impl IntoResponse {
-    match s.ready.as_ref().map_or(Ok(()), |r| r.readiness()) {
-        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
-        Err(why) => (
+    match s.ready.as_ref().and_then(|r| r.not_ready()) {
+        None => (StatusCode::OK, "ready\n".to_string()),
+        Some(why) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {why}\n"),
         ),

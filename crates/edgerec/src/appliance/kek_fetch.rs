@@ -152,6 +152,33 @@ pub fn write_cache(path: &Path, c: &CachedKey) -> std::io::Result<()> {
     edgerec_net::durable::replace_file(path, &bytes)
 }
 
+/// Why the key fetcher has no key to start with.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchStartError {
+    /// The key manager's client could not be set up.
+    #[error(transparent)]
+    Client(#[from] edgerec_lkm::client::SetupError),
+    /// The key manager's answer could not be cached.
+    #[error("keys.cache_file {}: {source}", path.display())]
+    WriteCache {
+        /// The cache file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The key manager did not answer, and the cache could not be read.
+    #[error(transparent)]
+    ReadCache(#[from] CacheError),
+    /// The key manager did not answer, and no key is cached.
+    #[error("{source}; and there is no cached key ({}) to record with", cache.display())]
+    NoKey {
+        /// The cache file.
+        cache: std::path::PathBuf,
+        /// Why the key manager did not answer.
+        source: edgerec_lkm::client::LkmClientError,
+    },
+}
+
 /// The key fetcher, after its first answer (or the cache) gave a key.
 pub struct Fetcher {
     cfg: LkmKeys,
@@ -168,26 +195,28 @@ impl Fetcher {
         cfg: &LkmKeys,
         escrow: Option<KekPublic>,
         now_ms: u64,
-    ) -> Result<(Fetcher, Vec<KekPublic>), String> {
-        let client = LkmClient::new(&cfg.target).map_err(|e| e.to_string())?;
+    ) -> Result<(Fetcher, Vec<KekPublic>), FetchStartError> {
+        let client = LkmClient::new(&cfg.target)?;
         let (kek, cached) = match client.current() {
             Ok(k) => {
                 let c = CachedKey::of(&k, now_ms);
-                write_cache(&cfg.cache_file, &c)
-                    .map_err(|e| format!("keys.cache_file {}: {e}", cfg.cache_file.display()))?;
+                write_cache(&cfg.cache_file, &c).map_err(|source| FetchStartError::WriteCache {
+                    path: cfg.cache_file.clone(),
+                    source,
+                })?;
                 tracing::info!(kek_id = %c.id, url = %cfg.target.url, "current key from the key manager");
                 (k.kek, c)
             }
-            Err(e) => match read_cache(&cfg.cache_file).map_err(|e| e.to_string())? {
+            Err(e) => match read_cache(&cfg.cache_file)? {
                 Some((kek, c)) => {
                     tracing::warn!(error = %e, kek_id = %c.id, "the key manager does not answer: recording with the cached key");
                     (kek, c)
                 }
                 None => {
-                    return Err(format!(
-                        "{e}; and there is no cached key ({}) to record with",
-                        cfg.cache_file.display()
-                    ));
+                    return Err(FetchStartError::NoKey {
+                        cache: cfg.cache_file.clone(),
+                        source: e,
+                    });
                 }
             },
         };

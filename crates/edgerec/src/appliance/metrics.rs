@@ -323,15 +323,16 @@ impl Metrics {
 }
 
 impl edgerec_net::metrics_http::Readiness for Metrics {
-    fn readiness(&self) -> Result<(), String> {
+    fn not_ready(&self) -> Option<String> {
         if self.ready.load(Ordering::Relaxed) {
-            Ok(())
+            None
         } else {
-            Err(self
-                .not_ready_reason
-                .lock()
-                .map(|r| r.clone())
-                .unwrap_or_default())
+            Some(
+                self.not_ready_reason
+                    .lock()
+                    .map(|r| r.clone())
+                    .unwrap_or_default(),
+            )
         }
     }
 }

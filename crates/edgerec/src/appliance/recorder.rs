@@ -585,11 +585,22 @@ struct OpenJob {
     opts: SealOptions,
 }
 
+/// Why a package could not be made for a recording.
+#[derive(Debug, thiserror::Error)]
+enum OpenError {
+    /// The sealer refused the keys or options.
+    #[error(transparent)]
+    Seal(#[from] erec::Error),
+    /// The spool file could not be made.
+    #[error("spool: {0}")]
+    Spool(#[from] std::io::Error),
+}
+
 /// Makes packages off the recorder's thread, so that a thousand calls starting in the same
 /// second cost the recorder no time it needs for datagrams; chunks wait in memory meanwhile.
 struct Opener {
     jobs: std::sync::mpsc::Sender<OpenJob>,
-    done: Receiver<(RecId, u16, Result<Open, String>)>,
+    done: Receiver<(RecId, u16, Result<Open, OpenError>)>,
 }
 
 impl Opener {
@@ -599,13 +610,11 @@ impl Opener {
         let work = move || {
             for job in rx {
                 let made = Sealer::new(&job.keks, &job.opts)
-                    .map_err(|e| e.to_string())
+                    .map_err(OpenError::from)
                     .and_then(|sealer| {
                         let id = sealer.recording_id();
-                        spool
-                            .create_unsynced(id, sealer.header_bytes())
-                            .map(|file| Open { id, sealer, file })
-                            .map_err(|e| e.to_string())
+                        let file = spool.create_unsynced(id, sealer.header_bytes())?;
+                        Ok(Open { id, sealer, file })
                     });
                 if tx.send((job.rec, job.port, made)).is_err() {
                     return;
@@ -663,7 +672,7 @@ enum SyncJob {
 /// meanwhile stay dirty for the next tick.
 struct Syncer {
     jobs: SyncSender<SyncJob>,
-    done: Receiver<Result<(), String>>,
+    done: Receiver<std::io::Result<()>>,
     /// The recordings the commit in flight covers.
     in_flight: Option<Vec<RecId>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -678,7 +687,7 @@ impl Syncer {
             .spawn(move || {
                 for job in rx {
                     let r = run_job(&spool, job, &metrics);
-                    if tx.send(r.map_err(|e| e.to_string())).is_err() {
+                    if tx.send(r).is_err() {
                         return;
                     }
                 }

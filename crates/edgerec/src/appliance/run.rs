@@ -293,9 +293,10 @@ async fn start_keys(
             tokio::task::spawn_blocking(move || {
                 let now = erec::clock::now_ms();
                 let (fetcher, keks) =
-                    crate::appliance::kek_fetch::Fetcher::start(&lkm, escrow, now)?;
+                    crate::appliance::kek_fetch::Fetcher::start(&lkm, escrow, now)
+                        .map_err(start("keys.lkm_url"))?;
                 if let Some(k) = keks.first() {
-                    refuse_demo(k, lkm.allow_demo).map_err(|e| e.to_string())?;
+                    refuse_demo(k, lkm.allow_demo).map_err(start("keys.lkm_url"))?;
                 }
                 if keks.is_empty() {
                     tracing::error!(
@@ -307,12 +308,11 @@ async fn start_keys(
                 let handle = KekHandle::new(keks);
                 fetcher
                     .spawn(handle.clone(), m, stop)
-                    .map_err(|e| format!("cannot start the key fetcher: {e}"))?;
-                Ok::<_, String>(handle)
+                    .map_err(start("keys.lkm_url: cannot start the key fetcher"))?;
+                Ok::<_, RunError>(handle)
             })
             .await
-            .map_err(start("keys"))?
-            .map_err(start("keys.lkm_url"))?
+            .map_err(start("keys"))??
         }
     };
     if let Some(k) = keks.current().first() {

@@ -13,10 +13,11 @@ use edgerec_lkm::manager::{Lkm, LkmConfig};
 use edgerec_lkm::roles::Role;
 
 fn open(config: &Path, init: bool) -> Result<Lkm, Error> {
-    let cfg = LkmConfig::load(config).map_err(Error::Invalid)?;
-    Lkm::open(cfg, init).map_err(Error::Invalid)
+    let cfg = LkmConfig::load(config).map_err(failed)?;
+    Lkm::open(cfg, init).map_err(failed)
 }
 
+/// The key manager's typed errors end here, as the command's message (exit code 1).
 fn failed(e: impl std::fmt::Display) -> Error {
     Error::Invalid(e.to_string())
 }
@@ -31,7 +32,7 @@ pub fn init(config: &Path) -> Result<(), Error> {
             current.id
         )));
     }
-    let r = lkm.rotate("init").map_err(Error::Invalid)?;
+    let r = lkm.rotate("init").map_err(failed)?;
     println!("{}", r.id);
     match &lkm.config.protection {
         edgerec_lkm::manager::Protection::MasterKey(mk) => eprintln!(
@@ -54,7 +55,7 @@ pub fn init(config: &Path) -> Result<(), Error> {
 /// `edgerec lkm rotate`.
 pub fn rotate(config: &Path) -> Result<(), Error> {
     let mut lkm = open(config, false)?;
-    let r = lkm.rotate("rotate").map_err(Error::Invalid)?;
+    let r = lkm.rotate("rotate").map_err(failed)?;
     println!("{}", r.id);
     Ok(())
 }
@@ -63,8 +64,8 @@ pub fn rotate(config: &Path) -> Result<(), Error> {
 pub fn keys(config: &Path, json: bool) -> Result<(), Error> {
     // A read of the key store alone: it works while the audit log cannot be opened (a lost
     // key store, before its restore).
-    let cfg = LkmConfig::load(config).map_err(Error::Invalid)?;
-    let store = Lkm::open_store(&cfg).map_err(Error::Invalid)?;
+    let cfg = LkmConfig::load(config).map_err(failed)?;
+    let store = Lkm::open_store(&cfg).map_err(failed)?;
     let all = store.list().map_err(failed)?;
     let current = store
         .current(erec::clock::now_ms())
@@ -114,7 +115,7 @@ pub fn add_credential(config: &Path, id: &str, role: Role) -> Result<(), Error> 
     match edgerec_lkm::manager::add_credential(&lkm.config.credentials_file, id, role) {
         Ok(key) => {
             lkm.record("credentials.add", None, &format!("ok: {id} as {role}"))
-                .map_err(Error::Invalid)?;
+                .map_err(failed)?;
             println!("id: {id}\nkey: {}\nalgorithm: sha256", key.as_str());
             eprintln!(
                 "edgerec: give this key to the client's configuration now; it is not shown again \
@@ -125,8 +126,8 @@ pub fn add_credential(config: &Path, id: &str, role: Role) -> Result<(), Error> 
         }
         Err(e) => {
             lkm.record("credentials.add", None, "failed")
-                .map_err(Error::Invalid)?;
-            Err(Error::Invalid(e))
+                .map_err(failed)?;
+            Err(failed(e))
         }
     }
 }
@@ -143,9 +144,8 @@ fn role_use(role: Role) -> &'static str {
 
 /// `edgerec lkm credentials list`: ids and roles, never keys.
 pub fn list_credentials(config: &Path, json: bool) -> Result<(), Error> {
-    let cfg = LkmConfig::load(config).map_err(Error::Invalid)?;
-    let all =
-        edgerec_lkm::manager::list_credentials(&cfg.credentials_file).map_err(Error::Invalid)?;
+    let cfg = LkmConfig::load(config).map_err(failed)?;
+    let all = edgerec_lkm::manager::list_credentials(&cfg.credentials_file).map_err(failed)?;
     if json {
         let v: Vec<_> = all
             .iter()
@@ -187,14 +187,14 @@ pub fn set_role(config: &Path, id: &str, role: Role) -> Result<(), Error> {
                 None,
                 &format!("ok: {id} from {was} to {role}"),
             )
-            .map_err(Error::Invalid)?;
+            .map_err(failed)?;
             eprintln!(
                 "edgerec: credential {id}: role {role} (was {was}); a running service applies it \
                  within 2 s"
             );
             Ok(())
         }
-        Err(e) => Err(Error::Invalid(e)),
+        Err(e) => Err(failed(e)),
     }
 }
 
@@ -204,11 +204,11 @@ pub fn remove_credential(config: &Path, id: &str) -> Result<(), Error> {
     match edgerec_lkm::manager::remove_credential(&lkm.config.credentials_file, id) {
         Ok(()) => {
             lkm.record("credentials.remove", None, &format!("ok: {id}"))
-                .map_err(Error::Invalid)?;
+                .map_err(failed)?;
             eprintln!("edgerec: credential {id} removed; a running service refuses it within 2 s");
             Ok(())
         }
-        Err(e) => Err(Error::Invalid(e)),
+        Err(e) => Err(failed(e)),
     }
 }
 
@@ -225,7 +225,7 @@ pub fn backup(config: &Path, out: &Path) -> Result<(), Error> {
     f.write_all(&bytes)
         .and_then(|()| f.sync_all())
         .map_err(|e| Error::Invalid(format!("{}: {e}", out.display())))?;
-    lkm.record("backup", None, "ok").map_err(Error::Invalid)?;
+    lkm.record("backup", None, "ok").map_err(failed)?;
     eprintln!(
         "edgerec: {} keys backed up to {} (sealed, under a MAC: restoring needs the master key \
          or KMS key too)",
@@ -244,8 +244,8 @@ pub fn restore(
     accept_unauthenticated: bool,
     undestroy: Option<&str>,
 ) -> Result<(), Error> {
-    let cfg = LkmConfig::load(config).map_err(Error::Invalid)?;
-    let store = Lkm::open_store(&cfg).map_err(Error::Invalid)?;
+    let cfg = LkmConfig::load(config).map_err(failed)?;
+    let store = Lkm::open_store(&cfg).map_err(failed)?;
     let bytes =
         std::fs::read(backup).map_err(|e| Error::Invalid(format!("{}: {e}", backup.display())))?;
     let opts = RestoreOptions {
@@ -255,11 +255,11 @@ pub fn restore(
     if let Some(id) = undestroy {
         let done = store.undestroy(&bytes, id, opts, now);
         drop(store);
-        let mut lkm = Lkm::open(cfg, false).map_err(Error::Invalid)?;
+        let mut lkm = Lkm::open(cfg, false).map_err(failed)?;
         return match done {
             Ok(r) => {
                 lkm.record("restore.undestroy", Some(&r.id), "ok: retired")
-                    .map_err(Error::Invalid)?;
+                    .map_err(failed)?;
                 eprintln!(
                     "edgerec: {id} brought back from {} as retired: it decrypts what was sealed \
                      to it and is never current again",
@@ -269,14 +269,14 @@ pub fn restore(
             }
             Err(e) => {
                 lkm.record("restore.undestroy", Some(id), "failed")
-                    .map_err(Error::Invalid)?;
+                    .map_err(failed)?;
                 Err(failed(e))
             }
         };
     }
     let done = store.restore(&bytes, opts, now);
     drop(store);
-    let mut lkm = Lkm::open(cfg, false).map_err(Error::Invalid)?;
+    let mut lkm = Lkm::open(cfg, false).map_err(failed)?;
     match done {
         Ok(done) => {
             let what = format!(
@@ -290,7 +290,7 @@ pub fn restore(
                     ""
                 }
             );
-            lkm.record("restore", None, &what).map_err(Error::Invalid)?;
+            lkm.record("restore", None, &what).map_err(failed)?;
             eprintln!(
                 "edgerec: {} keys restored from {}",
                 done.written,
@@ -310,8 +310,7 @@ pub fn restore(
             Ok(())
         }
         Err(e) => {
-            lkm.record("restore", None, "failed")
-                .map_err(Error::Invalid)?;
+            lkm.record("restore", None, "failed").map_err(failed)?;
             Err(failed(e))
         }
     }
@@ -323,8 +322,7 @@ pub fn import(config: &Path, key: &Path) -> Result<(), Error> {
     let private = erec::keys::KekPrivate::from_file(key)?;
     match lkm.store.import(&private, erec::clock::now_ms()) {
         Ok(r) => {
-            lkm.record("import", Some(&r.id), "ok")
-                .map_err(Error::Invalid)?;
+            lkm.record("import", Some(&r.id), "ok").map_err(failed)?;
             println!("{}", r.id);
             eprintln!(
                 "edgerec: imported and sealed in the key store; now delete {} (it is the \
@@ -335,7 +333,7 @@ pub fn import(config: &Path, key: &Path) -> Result<(), Error> {
         }
         Err(e) => {
             lkm.record("import", Some(&private.public().id().to_hex()), "failed")
-                .map_err(Error::Invalid)?;
+                .map_err(failed)?;
             Err(failed(e))
         }
     }
@@ -346,8 +344,7 @@ pub fn retire(config: &Path, id: &str) -> Result<(), Error> {
     let mut lkm = open(config, false)?;
     match lkm.store.retire(id, erec::clock::now_ms()) {
         Ok(r) => {
-            lkm.record("retire", Some(&r.id), "ok")
-                .map_err(Error::Invalid)?;
+            lkm.record("retire", Some(&r.id), "ok").map_err(failed)?;
             eprintln!(
                 "edgerec: {} retired: no new recordings are sealed to it; it still decrypts",
                 r.id
@@ -366,8 +363,7 @@ pub fn retire(config: &Path, id: &str) -> Result<(), Error> {
             Ok(())
         }
         Err(e) => {
-            lkm.record("retire", Some(id), "failed")
-                .map_err(Error::Invalid)?;
+            lkm.record("retire", Some(id), "failed").map_err(failed)?;
             Err(failed(e))
         }
     }
@@ -475,7 +471,7 @@ pub fn destroy(config: &Path, args: DestroyArgs) -> Result<(), Error> {
         && !args.force
     {
         lkm.record("destroy", Some(id), "refused: recordings remain")
-            .map_err(Error::Invalid)?;
+            .map_err(failed)?;
         return Err(Error::Invalid(format!(
             "not destroyed: {why}; --force destroys it all the same"
         )));
@@ -492,7 +488,7 @@ pub fn destroy(config: &Path, args: DestroyArgs) -> Result<(), Error> {
     };
     if !confirmed {
         lkm.record("destroy", Some(id), "not confirmed")
-            .map_err(Error::Invalid)?;
+            .map_err(failed)?;
         return Err(Error::Invalid(
             "not destroyed: confirm with --yes (or type the kek id) after reading the count".into(),
         ));
@@ -507,17 +503,15 @@ pub fn destroy(config: &Path, args: DestroyArgs) -> Result<(), Error> {
             "started"
         },
     )
-    .map_err(Error::Invalid)?;
+    .map_err(failed)?;
     match lkm.store.destroy(id, erec::clock::now_ms()) {
         Ok(r) => {
-            lkm.record("destroy", Some(&r.id), "ok")
-                .map_err(Error::Invalid)?;
+            lkm.record("destroy", Some(&r.id), "ok").map_err(failed)?;
             eprintln!("edgerec: {id} destroyed; the key manager refuses it from its next request");
             Ok(())
         }
         Err(e) => {
-            lkm.record("destroy", Some(id), "failed")
-                .map_err(Error::Invalid)?;
+            lkm.record("destroy", Some(id), "failed").map_err(failed)?;
             Err(failed(e))
         }
     }
@@ -544,10 +538,9 @@ pub fn verify_audit(config: Option<&Path>, file: &Path) -> Result<(), Error> {
         );
         return Ok(());
     };
-    let cfg = LkmConfig::load(config).map_err(Error::Invalid)?;
-    let store = Lkm::open_store(&cfg).map_err(Error::Invalid)?;
-    let key =
-        edgerec_lkm::manager::audit_key(store.protector().as_ref()).map_err(Error::Invalid)?;
+    let cfg = LkmConfig::load(config).map_err(failed)?;
+    let store = Lkm::open_store(&cfg).map_err(failed)?;
+    let key = edgerec_lkm::manager::audit_key(store.protector().as_ref()).map_err(failed)?;
     let chain = edgerec_lkm::audit::verify_keyed(&text, Some(&key))?;
     // The keying point the key store records belongs to the live log; an archive (or a copy
     // elsewhere) is checked line by line only.
@@ -634,14 +627,13 @@ pub fn audit_archive(config: &Path) -> Result<(), Error> {
     std::fs::rename(log, &archive)
         .and_then(|()| edgerec_net::durable::sync_dir(log.parent().unwrap_or(Path::new("."))))
         .map_err(|e| Error::Invalid(format!("{}: {e}", log.display())))?;
-    let store = Lkm::open_store(&cfg).map_err(Error::Invalid)?;
-    let key =
-        edgerec_lkm::manager::audit_key(store.protector().as_ref()).map_err(Error::Invalid)?;
+    let store = Lkm::open_store(&cfg).map_err(failed)?;
+    let key = edgerec_lkm::manager::audit_key(store.protector().as_ref()).map_err(failed)?;
     store
         .set_audit_marker(&edgerec_lkm::audit::keying_marker(&key, 0))
         .map_err(failed)?;
     drop(store);
-    let mut lkm = Lkm::open(cfg, false).map_err(Error::Invalid)?;
+    let mut lkm = Lkm::open(cfg, false).map_err(failed)?;
     lkm.record(
         "audit.archived",
         None,
@@ -652,7 +644,7 @@ pub fn audit_archive(config: &Path) -> Result<(), Error> {
             hex::encode(chain.last_hash)
         ),
     )
-    .map_err(Error::Invalid)?;
+    .map_err(failed)?;
     println!("{}", archive.display());
     eprintln!(
         "edgerec: the audit log was archived to {} ({} lines, last hash {}); a new log begins \
@@ -667,12 +659,12 @@ pub fn audit_archive(config: &Path) -> Result<(), Error> {
 /// `edgerec lkm serve`.
 pub fn serve(config: &Path) -> Result<(), Error> {
     super::appliance::init_logging();
-    let cfg = LkmConfig::load(config).map_err(Error::Invalid)?;
+    let cfg = LkmConfig::load(config).map_err(failed)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| Error::Invalid(format!("cannot start the runtime: {e}")))?;
     runtime
         .block_on(edgerec_lkm::server::serve(cfg))
-        .map_err(Error::Invalid)
+        .map_err(failed)
 }

@@ -265,7 +265,10 @@ pub fn export(
         let cfg = crate::appliance::config::Config::load(cfg)
             .map_err(|e| Error::Invalid(e.to_string()))?;
         let days = match &from.days {
-            Some((f, t)) => Some(crate::export::bulk::day_prefixes(f, t).map_err(Error::Invalid)?),
+            Some((f, t)) => Some(
+                crate::export::bulk::day_prefixes(f, t)
+                    .map_err(|e| Error::Invalid(e.to_string()))?,
+            ),
             None => None,
         };
         match cfg
@@ -279,7 +282,7 @@ pub fn export(
             crate::store::Readable::S3(store) => {
                 sources.extend(
                     crate::export::bulk::from_s3_store(&store, &cfg.prefix, days.as_deref())
-                        .map_err(Error::Invalid)?,
+                        .map_err(|e| Error::Invalid(e.to_string()))?,
                 );
                 s3 = Some(*store);
             }

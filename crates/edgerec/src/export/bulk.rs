@@ -85,19 +85,42 @@ pub enum ExportOutcome {
     Failed(Error),
 }
 
+/// Why `--from`/`--to` name no days.
+#[cfg(feature = "appliance")]
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DateRangeError {
+    /// A bound is not a date.
+    #[error("{0}: not a date (YYYY-MM-DD)")]
+    NotADate(String),
+    /// The range ends before it starts.
+    #[error("--to {to} is before --from {from}")]
+    Backwards {
+        /// `--from`.
+        from: String,
+        /// `--to`.
+        to: String,
+    },
+    /// The range is longer than ten years (each day is a listing).
+    #[error("a date range of more than ten years")]
+    TooLong,
+}
+
 /// The UTC days from `from` to `to` (inclusive, `YYYY-MM-DD`) as key prefixes `yyyy/mm/dd/`.
 #[cfg(feature = "appliance")]
-pub fn day_prefixes(from: &str, to: &str) -> Result<Vec<String>, String> {
+pub fn day_prefixes(from: &str, to: &str) -> Result<Vec<String>, DateRangeError> {
     let day = |d: &str| {
         erec::clock::parse_rfc3339_ms(&format!("{d}T00:00:00Z"))
-            .ok_or_else(|| format!("{d}: not a date (YYYY-MM-DD)"))
+            .ok_or_else(|| DateRangeError::NotADate(d.to_string()))
     };
     let (a, b) = (day(from)?, day(to)?);
     if b < a {
-        return Err(format!("--to {to} is before --from {from}"));
+        return Err(DateRangeError::Backwards {
+            from: from.to_string(),
+            to: to.to_string(),
+        });
     }
     if (b - a) / 86_400_000 > 3660 {
-        return Err("a date range of more than ten years".into());
+        return Err(DateRangeError::TooLong);
     }
     Ok((0..=(b - a) / 86_400_000)
         .map(|i| {
@@ -150,7 +173,7 @@ pub fn from_s3_store(
     store: &crate::store::s3::S3Store,
     prefix: &str,
     days: Option<&[String]>,
-) -> Result<Vec<Source>, String> {
+) -> Result<Vec<Source>, crate::store::StoreError> {
     let prefixes: Vec<String> = match days {
         None => vec![prefix.to_string()],
         Some(d) => d.iter().map(|d| format!("{prefix}{d}")).collect(),
@@ -159,8 +182,7 @@ pub fn from_s3_store(
     for p in prefixes {
         out.extend(
             store
-                .list(&p)
-                .map_err(|e| e.to_string())?
+                .list(&p)?
                 .into_iter()
                 .filter(|k| k.ends_with(".erec"))
                 .map(Source::S3),

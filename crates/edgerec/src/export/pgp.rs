@@ -60,10 +60,24 @@ fn may_encrypt(s: &Signature) -> bool {
     f.encrypt_comms() || f.encrypt_storage()
 }
 
+/// Why a certificate has no key to encrypt to.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+enum Unusable {
+    #[error("the certificate is revoked")]
+    Revoked,
+    #[error("the certificate has expired")]
+    Expired,
+    #[error(
+        "no key that may encrypt: every encryption key is revoked, expired, or without an \
+         encryption flag"
+    )]
+    NoEncryptionKey,
+}
+
 /// The keys of `cert` a message may be encrypted to at `now` (unix s), or why none.
-fn choose(cert: &SignedPublicKey, now: u32) -> Result<Vec<Key>, String> {
+fn choose(cert: &SignedPublicKey, now: u32) -> Result<Vec<Key>, Unusable> {
     if !cert.details.revocation_signatures.is_empty() {
-        return Err("the certificate is revoked".into());
+        return Err(Unusable::Revoked);
     }
     // The primary key's newest self-signature (on a user id, or directly on the key).
     let own = cert
@@ -93,7 +107,7 @@ fn choose(cert: &SignedPublicKey, now: u32) -> Result<Vec<Key>, String> {
             now,
         )
     {
-        return Err("the certificate has expired".into());
+        return Err(Unusable::Expired);
     }
     let mut keys = Vec::new();
     for (i, sub) in cert.public_subkeys.iter().enumerate() {
@@ -136,11 +150,7 @@ fn choose(cert: &SignedPublicKey, now: u32) -> Result<Vec<Key>, String> {
         keys.push(Key::Primary);
     }
     if keys.is_empty() {
-        return Err(
-            "no key that may encrypt: every encryption key is revoked, expired, or \
-                    without an encryption flag"
-                .into(),
-        );
+        return Err(Unusable::NoEncryptionKey);
     }
     Ok(keys)
 }

@@ -52,28 +52,41 @@ impl Census {
     }
 }
 
+/// Why an object's header could not be read: its bytes (`E`, the store's error), or what
+/// they hold.
+#[derive(Debug, thiserror::Error)]
+pub enum HeaderError<E> {
+    /// The first bytes could not be read.
+    #[error("{0}")]
+    Read(E),
+    /// They are not a package header.
+    #[error(transparent)]
+    Format(#[from] erec::format::FormatError),
+    /// The object ends inside its header.
+    #[error("too short for a package header")]
+    Short,
+}
+
 /// Decodes a header from the first bytes of an object, asking `first(n)` for the first `n`
 /// bytes as often as the decoder needs more.
-pub fn header_of(
-    mut first: impl FnMut(usize) -> Result<Vec<u8>, String>,
-) -> Result<Header, String> {
+pub fn header_of<E>(
+    mut first: impl FnMut(usize) -> Result<Vec<u8>, E>,
+) -> Result<Header, HeaderError<E>> {
     let mut want = 4096;
     loop {
-        let bytes = first(want)?;
-        match Header::decode(&bytes).map_err(|e| e.to_string())? {
+        let bytes = first(want).map_err(HeaderError::Read)?;
+        match Header::decode(&bytes)? {
             Decoded::Done(h, _) => return Ok(h),
             Decoded::Need(n) if n > bytes.len() && bytes.len() == want => want = n,
-            Decoded::Need(_) => return Err("too short for a package header".into()),
+            Decoded::Need(_) => return Err(HeaderError::Short),
         }
     }
 }
 
-fn file_first(path: &Path, n: usize) -> Result<Vec<u8>, String> {
-    let f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+fn file_first(path: &Path, n: usize) -> std::io::Result<Vec<u8>> {
+    let f = std::fs::File::open(path)?;
     let mut buf = Vec::with_capacity(n);
-    f.take(n as u64)
-        .read_to_end(&mut buf)
-        .map_err(|e| e.to_string())?;
+    f.take(n as u64).read_to_end(&mut buf)?;
     Ok(buf)
 }
 
@@ -116,7 +129,9 @@ pub fn count(
             for f in found.packages {
                 match header_of(|n| file_first(&f, n)) {
                     Ok(h) => census.add(&h, kek, gone),
-                    Err(why) => census.unreadable.push((f.display().to_string(), why)),
+                    Err(why) => census
+                        .unreadable
+                        .push((f.display().to_string(), why.to_string())),
                 }
             }
         }
@@ -126,9 +141,9 @@ pub fn count(
                     census.skipped += 1;
                     continue;
                 }
-                match header_of(|n| store.get_first(&key, n).map_err(|e| e.to_string())) {
+                match header_of(|n| store.get_first(&key, n)) {
                     Ok(h) => census.add(&h, kek, gone),
-                    Err(why) => census.unreadable.push((key, why)),
+                    Err(why) => census.unreadable.push((key, why.to_string())),
                 }
             }
         }

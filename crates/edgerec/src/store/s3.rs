@@ -124,7 +124,7 @@ impl S3Store {
             headers,
             body_sha256,
         )
-        .map_err(StoreError::Permanent)?;
+        .map_err(|e| StoreError::Permanent(e.to_string()))?;
         let method = reqwest::Method::from_bytes(method.as_bytes())
             .map_err(|e| StoreError::Permanent(e.to_string()))?;
         let mut req = self.client.request(method, url);

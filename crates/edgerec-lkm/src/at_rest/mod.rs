@@ -15,6 +15,9 @@
 //! - [`Protector`] is the interface the key store uses, so a KMS-held key (issue 5's KMS mode)
 //!   replaces the master key without touching the store.
 
+#[cfg(feature = "server")]
+pub(crate) mod kms;
+
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;

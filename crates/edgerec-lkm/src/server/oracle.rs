@@ -127,7 +127,8 @@ impl Oracle {
     }
 
     /// How many keys are open in memory now.
-    pub fn open_keys(&self) -> usize {
+    #[cfg(test)]
+    fn open_keys(&self) -> usize {
         self.opened.lock().map(|o| o.len()).unwrap_or(0)
     }
 }

@@ -29,8 +29,9 @@ use zeroize::Zeroizing;
 
 use crate::roles::Role;
 
-/// The clock skew allowed by default: Hawk's customary 60 s.
-pub const DEFAULT_SKEW: Duration = Duration::from_secs(60);
+/// The clock skew the tests allow: Hawk's customary 60 s (`lkm.skew_secs`' default).
+#[cfg(test)]
+const DEFAULT_SKEW: Duration = Duration::from_secs(60);
 
 /// Nonces remembered at most; beyond, requests are refused until old ones expire (a flood
 /// of fresh nonces cannot push out the one an attacker wants to replay).
@@ -143,7 +144,8 @@ impl NonceCache {
     }
 
     /// Bytes the entries take now.
-    pub fn bytes(&self) -> usize {
+    #[cfg(test)]
+    fn bytes(&self) -> usize {
         self.bytes
     }
 
@@ -195,13 +197,9 @@ impl NonceCache {
     }
 
     /// Nonces remembered now.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.seen.len()
-    }
-
-    /// Whether none are.
-    pub fn is_empty(&self) -> bool {
-        self.seen.is_empty()
     }
 }
 

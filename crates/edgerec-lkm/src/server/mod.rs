@@ -4,7 +4,7 @@
 //! `GET /key-management/v1/health` for load balancers.
 //!
 //! Invariants:
-//! - Every endpoint but `health` is Hawk-authenticated ([`crate::hawk_auth`]); a refusal
+//! - Every endpoint but `health` is Hawk-authenticated ([`crate::server::hawk_auth`]); a refusal
 //!   says only "authentication failed" (401) and its reason goes to the audit log.
 //! - Every credential has a role ([`crate::roles`]) and every endpoint needs one: a
 //!   recorder's credential reads public keys and nothing more; a request beyond its role is
@@ -24,6 +24,10 @@
 //! - Connections are held within [`edgerec_net::https::Limits`] (`[lkm]` header and idle timeouts,
 //!   connection caps).
 
+pub(crate) mod hawk_auth;
+mod metrics;
+mod oracle;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,13 +42,13 @@ use serde::Deserialize;
 use serde_json::json;
 use zeroize::Zeroizing;
 
-use crate::audit::{Durability, Event, Writer};
-use crate::hawk_auth::{Authenticated, RequestParts, Verifier};
+use crate::audit::{Durability, Event, WriteError, Writer};
 use crate::keystore::{KeyRecord, KeyState, KeyStore};
 use crate::manager::{Lkm, LkmConfig, Rotation, rotation_due};
-use crate::metrics::{KeyStateLabel, LkmMetrics};
-use crate::oracle::{Oracle, OracleError};
 use crate::roles::{Action, Role};
+use crate::server::hawk_auth::{Authenticated, RequestParts, Verifier};
+use crate::server::metrics::{KeyStateLabel, LkmMetrics};
+use crate::server::oracle::{Oracle, OracleError};
 use edgerec_net::rate_limit::PerKey;
 use erec::format::Wrap;
 use erec::keys::KekId;
@@ -136,7 +140,7 @@ impl App {
     }
 
     /// [`App::audited`] from a blocking thread (the scheduler).
-    fn audited_blocking(&self, event: Event) -> Result<(), String> {
+    fn audited_blocking(&self, event: Event) -> Result<(), WriteError> {
         let (tx, rx) = std::sync::mpsc::channel();
         self.audit.write(
             event,
@@ -145,7 +149,7 @@ impl App {
                 let _ = tx.send(r);
             })),
         );
-        rx.recv().map_err(|e| e.to_string())?
+        rx.recv().map_err(|_| WriteError::Stopped)?
     }
 
     /// A refused request: counted by `reason`, and a rate-limited line (in the bucket of the
@@ -172,16 +176,63 @@ fn warn_unset(unset: &[String]) {
     }
 }
 
+/// Why the service did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// No certificate and key are configured.
+    #[error("lkm.tls_cert and lkm.tls_key are needed: the service speaks HTTPS only")]
+    NoTls,
+    /// The certificate or key cannot be used.
+    #[error(transparent)]
+    Tls(#[from] edgerec_net::https::TlsConfigError),
+    /// The credentials file cannot be used.
+    #[error(transparent)]
+    Credentials(#[from] crate::manager::CredentialsError),
+    /// The key store or its audit log cannot be opened.
+    #[error(transparent)]
+    Open(#[from] crate::manager::ManagerError),
+    /// Opening the key store panicked.
+    #[error("opening the key store: {0}")]
+    Panicked(#[from] tokio::task::JoinError),
+    /// The audit writer's thread could not start.
+    #[error("the audit writer: {0}")]
+    AuditWriter(std::io::Error),
+    /// A listener could not be bound.
+    #[error("{key} {addr}: {source}")]
+    Bind {
+        /// `lkm.listen` or `lkm.metrics_listen`.
+        key: &'static str,
+        /// Its address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file descriptor limit could not be raised.
+    #[error("cannot raise the file descriptor limit: {0}")]
+    Descriptors(std::io::Error),
+    /// The file descriptor limit is below what the connections need.
+    #[error(
+        "the file descriptor limit is {got}, below lkm.max_connections + 256 = {need}: raise \
+         LimitNOFILE (systemd) or ulimit -n, or lower lkm.max_connections"
+    )]
+    TooFewDescriptors {
+        /// The limit.
+        got: u64,
+        /// What is needed.
+        need: u64,
+    },
+}
+
 /// Runs the service until SIGTERM or SIGINT.
-pub async fn serve(config: LkmConfig) -> Result<(), String> {
-    let (cert, key) = config
-        .tls
-        .clone()
-        .ok_or("lkm.tls_cert and lkm.tls_key are needed: the service speaks HTTPS only")?;
-    let tls = Arc::new(
-        edgerec_net::https::server_config(&cert, &key, "lkm.tls_cert", "lkm.tls_key", !config.demo)
-            .map_err(|e| e.to_string())?,
-    );
+pub async fn serve(config: LkmConfig) -> Result<(), ServeError> {
+    let (cert, key) = config.tls.clone().ok_or(ServeError::NoTls)?;
+    let tls = Arc::new(edgerec_net::https::server_config(
+        &cert,
+        &key,
+        "lkm.tls_cert",
+        "lkm.tls_key",
+        !config.demo,
+    )?);
     let credentials = crate::manager::load_credentials(&config.credentials_file, config.demo)?;
     if credentials.all.is_empty() {
         tracing::warn!("no Hawk credentials yet: issue one with edgerec lkm credentials add");
@@ -202,9 +253,8 @@ pub async fn serve(config: LkmConfig) -> Result<(), String> {
         config.read_limit,
     );
     // A KMS protector holds a blocking HTTP client: made outside the async context.
-    let Lkm { store, audit, .. } = tokio::task::spawn_blocking(move || Lkm::open(config, false))
-        .await
-        .map_err(|e| e.to_string())??;
+    let Lkm { store, audit, .. } =
+        tokio::task::spawn_blocking(move || Lkm::open(config, false)).await??;
     let (metrics, registry) = LkmMetrics::new();
     metrics
         .rotation_period
@@ -218,7 +268,7 @@ pub async fn serve(config: LkmConfig) -> Result<(), String> {
             tracing::error!(error = %e, "cannot write the audit log: audited requests are refused");
         }),
     )
-    .map_err(|e| format!("the audit writer: {e}"))?;
+    .map_err(ServeError::AuditWriter)?;
     let app = Arc::new(App {
         oracle: Oracle::new(store, Duration::from_secs(cache)),
         audit,
@@ -234,25 +284,28 @@ pub async fn serve(config: LkmConfig) -> Result<(), String> {
     if let Some(addr) = metrics_listen {
         let (bound, server) = edgerec_net::metrics_http::serve_registry(addr, None, registry)
             .await
-            .map_err(|e| format!("lkm.metrics_listen {addr}: {e}"))?;
+            .map_err(|source| ServeError::Bind {
+                key: "lkm.metrics_listen",
+                addr,
+                source,
+            })?;
         tracing::info!(%bound, "key manager metrics at /metrics");
         tokio::spawn(server);
     }
     tokio::spawn(housekeeping(Arc::clone(&app), rotation));
     // Every connection is a descriptor; the key store's files need some too.
     let need = server_limits.max_connections as u64 + 256;
-    let got = rlimit::increase_nofile_limit(need)
-        .map_err(|e| format!("cannot raise the file descriptor limit: {e}"))?;
+    let got = rlimit::increase_nofile_limit(need).map_err(ServeError::Descriptors)?;
     if got < need {
-        return Err(format!(
-            "the file descriptor limit is {got}, below lkm.max_connections + 256 = {need}: \
-             raise LimitNOFILE (systemd) or ulimit -n, or lower lkm.max_connections"
-        ));
+        return Err(ServeError::TooFewDescriptors { got, need });
     }
-    let tcp = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| format!("lkm.listen {listen}: {e}"))?;
-    let local = tcp.local_addr().map_err(|e| e.to_string())?;
+    let bind = |source| ServeError::Bind {
+        key: "lkm.listen",
+        addr: listen,
+        source,
+    };
+    let tcp = tokio::net::TcpListener::bind(listen).await.map_err(bind)?;
+    let local = tcp.local_addr().map_err(bind)?;
     let router = Router::new()
         .route(
             "/key-management/v1/keypair",
@@ -309,11 +362,7 @@ async fn housekeeping(app: Arc<App>, rotation: Rotation) {
         let done = tokio::task::spawn_blocking(move || {
             a.reload_credentials();
             let now = erec::clock::now_ms();
-            let current = a
-                .store()
-                .current(now)
-                .map_err(|e| e.to_string())?
-                .map(|r| r.date_created);
+            let current = a.store().current(now)?.map(|r| r.date_created);
             if rotation_due(rotation, current, now) {
                 // Written before the key exists: a key that recorders seal to is never unaudited.
                 a.audited_blocking(scheduler_event(None, "started"))?;
@@ -323,10 +372,10 @@ async fn housekeeping(app: Arc<App>, rotation: Rotation) {
                     Err(_) => (None, "failed"),
                 };
                 a.audited_blocking(scheduler_event(key, outcome))?;
-                let r = made.map_err(|e| e.to_string())?;
+                let r = made?;
                 tracing::info!(kek_id = %r.id, ?rotation, "scheduled rotation: new key pair");
             }
-            let all = a.store().list().map_err(|e| e.to_string())?;
+            let all = a.store().list()?;
             for state in [KeyState::Active, KeyState::Retired, KeyState::Destroyed] {
                 let n = all.iter().filter(|r| r.state == state).count();
                 a.metrics
@@ -336,7 +385,7 @@ async fn housekeeping(app: Arc<App>, rotation: Rotation) {
                     })
                     .set(i64::try_from(n).unwrap_or(i64::MAX));
             }
-            Ok::<_, String>(())
+            Ok::<_, HousekeepingError>(())
         })
         .await;
         match done {
@@ -345,6 +394,17 @@ async fn housekeeping(app: Arc<App>, rotation: Rotation) {
             Err(e) => tracing::error!(error = %e, "key store housekeeping panicked"),
         }
     }
+}
+
+/// Why a round of housekeeping failed (the next one tries again).
+#[derive(Debug, thiserror::Error)]
+enum HousekeepingError {
+    /// The key store could not be read, or a key pair not made.
+    #[error(transparent)]
+    Store(#[from] crate::keystore::KeyStoreError),
+    /// The rotation could not be audited, so it was not made (or not reported).
+    #[error(transparent)]
+    Audit(#[from] WriteError),
 }
 
 fn scheduler_event(key: Option<&str>, outcome: &str) -> Event {
@@ -836,7 +896,19 @@ async fn issue(app: Arc<App>, caller: Caller, body: Bytes) -> Response {
                 caller.event(ACTION, None, None, "failed"),
                 Durability::Written,
             );
-            message(StatusCode::BAD_REQUEST, &e)
+            use crate::manager::CredentialsError::{BadId, Exists};
+            match e {
+                BadId(_) | Exists(_) => message(StatusCode::BAD_REQUEST, &e.to_string()),
+                e => {
+                    // The file's path and the system's error are the operator's, not the
+                    // caller's.
+                    tracing::error!(error = %e, "cannot issue a credential");
+                    message(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "the credentials file cannot be changed",
+                    )
+                }
+            }
         }
     }
 }

@@ -108,7 +108,7 @@ const INTEGRITY: &str = "integrity";
 
 impl Kms {
     /// A client for `cfg`.
-    pub fn new(cfg: KmsConfig) -> Result<Kms, String> {
+    pub fn new(cfg: KmsConfig) -> Result<Kms, edgerec_net::client::ClientError> {
         let tls = edgerec_net::client::Tls {
             ca_file: cfg.ca_file.clone(),
             client_cert: None,
@@ -119,8 +119,7 @@ impl Kms {
             edgerec_net::client::Trust::SystemAndCa,
             Duration::from_secs(10),
             cfg.timeout,
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         let credentials = edgerec_net::aws::credentials(&cfg.access_key, &cfg.secret_key);
         Ok(Kms {
             cfg,
@@ -185,7 +184,7 @@ impl Kms {
             &headers,
             &sha,
         )
-        .map_err(AtRestError::Unavailable)?;
+        .map_err(|e| AtRestError::Unavailable(e.to_string()))?;
         let mut req = self.http.post(&url).body(body.to_vec());
         for (k, v) in headers {
             req = req.header(k, v);
