@@ -409,9 +409,21 @@ pub struct Sessions {
     starts_by_port: edgerec_net::rate_limit::PerKey<u16>,
     /// Why no recording may start now (the driver's spool or key), if one may not.
     refusing: Option<&'static str>,
-    /// Ports whose call was refused, and when its last datagram came: the rest of that call
-    /// is dropped as refused, and the refusal counted once.
-    refused_ports: PortMap<u64>,
+    /// Ports whose call was refused, when its last datagram came, and whether that refusal
+    /// ends with the refusals (a call refused for a full spool may record once there is room;
+    /// a call whose package could not be made stays refused until it goes quiet): the rest
+    /// of that call is dropped as refused, and the refusal counted once.
+    refused_ports: PortMap<RefusedCall>,
+}
+
+/// A call whose datagrams are dropped as refused.
+#[derive(Debug, Clone, Copy)]
+struct RefusedCall {
+    /// When its last datagram came (it stays refused until quiet for the idle timeout).
+    last: u64,
+    /// Refused because recordings could not start (let go when they can again), not
+    /// because its own package could not be made.
+    ends_with_refusals: bool,
 }
 
 impl Sessions {
@@ -444,9 +456,10 @@ impl Sessions {
     /// reason, and never started), and the rest of it is dropped as `refused`; a call heard
     /// from after it goes quiet for the idle timeout, or after refusals end, is a new one.
     pub fn set_refusal(&mut self, reason: Option<&'static str>) {
-        // Told at every message: an empty map is not cleared again each time.
-        if reason.is_none() && !self.refused_ports.is_empty() {
-            self.refused_ports.clear();
+        // Told at every message: the calls refused for a reason are let go once, when the
+        // refusals end; aborted calls stay refused.
+        if reason.is_none() && self.refusing.is_some() {
+            self.refused_ports.retain(|_, r| !r.ends_with_refusals);
         }
         self.refusing = reason;
     }
@@ -464,7 +477,13 @@ impl Sessions {
         };
         self.by_port.remove(&port);
         *self.counters.ended.entry("spool_error").or_default() += 1;
-        self.refused_ports.insert(port, now);
+        self.refused_ports.insert(
+            port,
+            RefusedCall {
+                last: now,
+                ends_with_refusals: false,
+            },
+        );
         if self.by_port.is_empty() {
             self.next_flush_us = None;
             self.next_deadline_us = self.candidate_deadline();
@@ -476,8 +495,8 @@ impl Sessions {
     fn refused_call(&mut self, now: u64, port: u16) -> bool {
         let idle = self.limits.idle_timeout_us;
         match self.refused_ports.get_mut(&port) {
-            Some(last) if now.saturating_sub(*last) < idle => {
-                *last = now;
+            Some(r) if now.saturating_sub(r.last) < idle => {
+                r.last = now;
                 true
             }
             Some(_) => {
@@ -494,7 +513,13 @@ impl Sessions {
             return false;
         };
         *self.counters.refused.entry(reason).or_default() += 1;
-        self.refused_ports.insert(port, now);
+        self.refused_ports.insert(
+            port,
+            RefusedCall {
+                last: now,
+                ends_with_refusals: true,
+            },
+        );
         true
     }
 
@@ -2066,7 +2091,11 @@ mod tests {
         assert_eq!(h.s.active(), 0);
         assert_eq!(h.s.counters().ended.get("spool_error"), Some(&1));
         let before = h.actions.len();
+        // The recorder tells the session at every message that recordings may start: that
+        // does not let the aborted call make a second package.
+        h.s.set_refusal(None);
         h.call(80 * MS, 40000, "10.0.0.1:5000", 7, 3..6);
+        h.s.set_refusal(None);
         h.tick_until(20_000 * MS);
         h.s.shutdown(&mut h.actions);
         assert!(
