@@ -696,104 +696,8 @@ fn store_section(cx: &Ctx<'_>, raw: &Raw) -> Result<(StoreKind, String), ConfigE
                 .ok_or_else(|| cx.missing("store.path", "the dir store's root directory"))?,
             limit,
         ),
-        "s3" => {
-            let endpoint = st
-                .endpoint
-                .as_ref()
-                .ok_or_else(|| cx.missing("store.endpoint", "the S3 API's http(s) URL"))?;
-            let e = endpoint.get_ref().trim_end_matches('/');
-            if !(e.starts_with("http://") || e.starts_with("https://")) || e.contains('?') {
-                return Err(cx.err("store.endpoint", endpoint, "must be http(s)://host[:port]"));
-            }
-            let bucket = st
-                .bucket
-                .as_ref()
-                .ok_or_else(|| cx.missing("store.bucket", "the bucket packages go to"))?;
-            let b = bucket.get_ref();
-            if b.len() < 3
-                || b.len() > 63
-                || !b
-                    .bytes()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.')
-            {
-                return Err(cx.err("store.bucket", bucket, "not an S3 bucket name"));
-            }
-            let credentials_file = st.credentials_file.as_ref().map(|f| cx.resolve(f));
-            let found = edgerec_net::aws::resolve_credentials_with(
-                credentials_file.as_deref(),
-                st.profile.as_deref(),
-                |name| cx.env.var(name),
-                |path| cx.env.read(path),
-            );
-            let (access_key, secret_key) = match found {
-                Ok(c) => (c.access_key, c.secret_key),
-                Err(edgerec_net::aws::CredentialsError::Missing) => {
-                    return Err(cx.missing(
-                        "store.credentials_file",
-                        "S3 credentials: a shared-credentials file, or \
-                         AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment",
-                    ));
-                }
-                Err(e) => {
-                    return Err(ConfigError(format!(
-                        "config {}: store.credentials_file {e}",
-                        cx.file.display()
-                    )));
-                }
-            };
-            StoreKind::S3(crate::store::s3::S3Config {
-                endpoint: e.to_string(),
-                region: st.region.clone().unwrap_or_else(|| "us-east-1".into()),
-                bucket: b.clone(),
-                access_key,
-                secret_key,
-                tls,
-                timeout,
-                limit,
-                multipart_threshold: *raw.upload.multipart_threshold_bytes.get_ref(),
-                part_bytes: *raw.upload.multipart_part_bytes.get_ref(),
-            })
-        }
-        "http" => {
-            let url = st
-                .url
-                .as_ref()
-                .ok_or_else(|| cx.missing("store.url", "where packages go, https://…/{key}"))?;
-            crate::store::http::check_template(url.get_ref())
-                .map_err(|why| cx.err("store.url", url, why))?;
-            let token = match &st.token_file {
-                Some(f) => {
-                    let f = cx.resolve(f);
-                    let text = cx.env.read(&f).map_err(|e| {
-                        ConfigError(format!(
-                            "config {}: store.token_file {}: {e}",
-                            cx.file.display(),
-                            f.display()
-                        ))
-                    })?;
-                    Some(zeroize::Zeroizing::new(text.trim().to_string()))
-                }
-                None => cx
-                    .env
-                    .var("EDGEREC_STORE_TOKEN")
-                    .map(|t| zeroize::Zeroizing::new(t.trim().to_string())),
-            }
-            .filter(|t| !t.is_empty());
-            if token.is_none() && tls.client_cert.is_none() {
-                return Err(cx.missing(
-                    "store.token_file",
-                    "a bearer token (token_file, or EDGEREC_STORE_TOKEN in the \
-                     environment) or a client certificate (client_cert, client_key)",
-                ));
-            }
-            StoreKind::Http(crate::store::http::HttpConfig {
-                url: url.get_ref().clone(),
-                token,
-                tls,
-                timeout,
-                limit,
-            })
-        }
+        "s3" => s3_store(cx, raw, tls, timeout, limit)?,
+        "http" => http_store(cx, st, tls, timeout, limit)?,
         _ => {
             return Err(cx.err(
                 "store.kind",
@@ -803,6 +707,123 @@ fn store_section(cx: &Ctx<'_>, raw: &Raw) -> Result<(StoreKind, String), ConfigE
         }
     };
     Ok((store, prefix))
+}
+
+/// `[store]` of kind `s3`: the endpoint, bucket and credentials (read now, from the file or
+/// the environment).
+fn s3_store(
+    cx: &Ctx<'_>,
+    raw: &Raw,
+    tls: crate::store::http::Tls,
+    timeout: std::time::Duration,
+    limit: Option<crate::store::bandwidth::Limit>,
+) -> Result<StoreKind, ConfigError> {
+    let st = &raw.store;
+    let endpoint = st
+        .endpoint
+        .as_ref()
+        .ok_or_else(|| cx.missing("store.endpoint", "the S3 API's http(s) URL"))?;
+    let e = endpoint.get_ref().trim_end_matches('/');
+    if !(e.starts_with("http://") || e.starts_with("https://")) || e.contains('?') {
+        return Err(cx.err("store.endpoint", endpoint, "must be http(s)://host[:port]"));
+    }
+    let bucket = st
+        .bucket
+        .as_ref()
+        .ok_or_else(|| cx.missing("store.bucket", "the bucket packages go to"))?;
+    let b = bucket.get_ref();
+    if b.len() < 3
+        || b.len() > 63
+        || !b
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.')
+    {
+        return Err(cx.err("store.bucket", bucket, "not an S3 bucket name"));
+    }
+    let credentials_file = st.credentials_file.as_ref().map(|f| cx.resolve(f));
+    let found = edgerec_net::aws::resolve_credentials_with(
+        credentials_file.as_deref(),
+        st.profile.as_deref(),
+        |name| cx.env.var(name),
+        |path| cx.env.read(path),
+    );
+    let (access_key, secret_key) = match found {
+        Ok(c) => (c.access_key, c.secret_key),
+        Err(edgerec_net::aws::CredentialsError::Missing) => {
+            return Err(cx.missing(
+                "store.credentials_file",
+                "S3 credentials: a shared-credentials file, or \
+                 AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment",
+            ));
+        }
+        Err(e) => {
+            return Err(ConfigError(format!(
+                "config {}: store.credentials_file {e}",
+                cx.file.display()
+            )));
+        }
+    };
+    Ok(StoreKind::S3(crate::store::s3::S3Config {
+        endpoint: e.to_string(),
+        region: st.region.clone().unwrap_or_else(|| "us-east-1".into()),
+        bucket: b.clone(),
+        access_key,
+        secret_key,
+        tls,
+        timeout,
+        limit,
+        multipart_threshold: *raw.upload.multipart_threshold_bytes.get_ref(),
+        part_bytes: *raw.upload.multipart_part_bytes.get_ref(),
+    }))
+}
+
+/// `[store]` of kind `http`: the URL template and a bearer token (read now) or a client
+/// certificate.
+fn http_store(
+    cx: &Ctx<'_>,
+    st: &RawStore,
+    tls: crate::store::http::Tls,
+    timeout: std::time::Duration,
+    limit: Option<crate::store::bandwidth::Limit>,
+) -> Result<StoreKind, ConfigError> {
+    let url = st
+        .url
+        .as_ref()
+        .ok_or_else(|| cx.missing("store.url", "where packages go, https://…/{key}"))?;
+    crate::store::http::check_template(url.get_ref())
+        .map_err(|why| cx.err("store.url", url, why))?;
+    let token = match &st.token_file {
+        Some(f) => {
+            let f = cx.resolve(f);
+            let text = cx.env.read(&f).map_err(|e| {
+                ConfigError(format!(
+                    "config {}: store.token_file {}: {e}",
+                    cx.file.display(),
+                    f.display()
+                ))
+            })?;
+            Some(zeroize::Zeroizing::new(text.trim().to_string()))
+        }
+        None => cx
+            .env
+            .var("EDGEREC_STORE_TOKEN")
+            .map(|t| zeroize::Zeroizing::new(t.trim().to_string())),
+    }
+    .filter(|t| !t.is_empty());
+    if token.is_none() && tls.client_cert.is_none() {
+        return Err(cx.missing(
+            "store.token_file",
+            "a bearer token (token_file, or EDGEREC_STORE_TOKEN in the \
+             environment) or a client certificate (client_cert, client_key)",
+        ));
+    }
+    Ok(StoreKind::Http(crate::store::http::HttpConfig {
+        url: url.get_ref().clone(),
+        token,
+        tls,
+        timeout,
+        limit,
+    }))
 }
 
 /// `[upload]`: the retry policy, multipart sizes, concurrency.

@@ -162,6 +162,25 @@ async fn pause_or_resume(api: Arc<Api>, headers: HeaderMap, port: u16, pause: bo
     )
 }
 
+/// Why the control API did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// No random bytes for the token comparison's key.
+    #[error("no random bytes: {0}")]
+    Random(getrandom::Error),
+    /// The listener could not be bound.
+    #[error("control.listen {addr}: {source}")]
+    Bind {
+        /// `control.listen`.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The certificate or key cannot be used.
+    #[error(transparent)]
+    Tls(#[from] edgerec_net::https::TlsConfigError),
+}
+
 /// Binds the control listener; returns its address and the server future (which runs
 /// until `shutdown`).
 pub async fn serve<F: std::future::Future<Output = ()> + Send + 'static>(
@@ -174,10 +193,10 @@ pub async fn serve<F: std::future::Future<Output = ()> + Send + 'static>(
         std::net::SocketAddr,
         impl std::future::Future<Output = ()> + use<F>,
     ),
-    String,
+    ControlError,
 > {
     let mut key = [0u8; 32];
-    getrandom::fill(&mut key).map_err(|e| e.to_string())?;
+    getrandom::fill(&mut key).map_err(ControlError::Random)?;
     let mut m = <HmacSha256 as KeyInit>::new_from_slice(&key).expect("any key length");
     m.update(cfg.token.as_bytes());
     let api = Arc::new(Api {
@@ -198,23 +217,24 @@ pub async fn serve<F: std::future::Future<Output = ()> + Send + 'static>(
         )
         .layer(DefaultBodyLimit::max(cfg.max_body_bytes))
         .with_state(api);
+    let bind = |source| ControlError::Bind {
+        addr: cfg.listen,
+        source,
+    };
     let tcp = tokio::net::TcpListener::bind(cfg.listen)
         .await
-        .map_err(|e| format!("control.listen {}: {e}", cfg.listen))?;
+        .map_err(bind)?;
     let tls = match &cfg.tls {
-        Some((cert, key)) => Some(Arc::new(
-            edgerec_net::https::server_config(
-                cert,
-                key,
-                "control.tls_cert",
-                "control.tls_key",
-                true,
-            )
-            .map_err(|e| e.to_string())?,
-        )),
+        Some((cert, key)) => Some(Arc::new(edgerec_net::https::server_config(
+            cert,
+            key,
+            "control.tls_cert",
+            "control.tls_key",
+            true,
+        )?)),
         None => None,
     };
-    let addr = tcp.local_addr().map_err(|e| e.to_string())?;
+    let addr = tcp.local_addr().map_err(bind)?;
     let limits = cfg.limits;
     let server = edgerec_net::https::serve(
         tcp,

@@ -77,22 +77,7 @@ pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(),
     tracing::info!(%metrics_addr, "metrics at /metrics, /healthz, /readyz");
     let store = open_store(&config).await?;
     let sockets = bind_ingest(&config)?;
-    // Replacing the key file rotates the KEK for new recordings (the key manager's fetcher
-    // does the same for source = "lkm").
-    let (_kek_watch, kek_file) = match &config.kek_source {
-        KekSource::File(path) => {
-            let w = crate::appliance::kek_watch::watch(
-                path.clone(),
-                config.escrow_public_key.clone(),
-                keks.clone(),
-                Arc::clone(&metrics),
-                config.demo_keys,
-            )
-            .map_err(start("keys.public_key: cannot watch its directory"))?;
-            (Some(w), Some(path.clone()))
-        }
-        KekSource::Lkm(_) => (None, None),
-    };
+    let (_kek_watch, kek_file) = watch_key_file(&config, &keks, &metrics)?;
     // Logged once the key file is watched too: from here on a key change is seen.
     let (first, last) = config.ports;
     tracing::info!(bind = %config.ingest.bind, first, last, "listening for RTP");
@@ -107,22 +92,21 @@ pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(),
     let queued = Arc::new(AtomicUsize::new(0));
     let (recycle_tx, recycle) = sync_channel(16);
     let (ready_tx, ready_rx) = sync_channel(10_000);
-    let setup = RecorderSetup {
-        spool: spool.clone(),
-        keks: keks.clone(),
-        wrap: config.wrap,
-        limits: config.limits(),
-        sync: config.recorder.sync == SyncMode::Data,
-        ready: ready_tx.clone(),
-        metrics: Arc::clone(&metrics),
-        accepting: Arc::clone(&accepting),
-        queued: Arc::clone(&queued),
-        recycle: recycle_tx,
-    };
-    let recorder = std::thread::Builder::new()
-        .name("recorder".into())
-        .spawn(move || recorder::run(setup, rx))
-        .map_err(start("starting the recorder"))?;
+    let recorder = start_thread("recorder", {
+        let setup = RecorderSetup {
+            spool: spool.clone(),
+            keks: keks.clone(),
+            wrap: config.wrap,
+            limits: config.limits(),
+            sync: config.recorder.sync == SyncMode::Data,
+            ready: ready_tx.clone(),
+            metrics: Arc::clone(&metrics),
+            accepting: Arc::clone(&accepting),
+            queued: Arc::clone(&queued),
+            recycle: recycle_tx,
+        };
+        move || recorder::run(setup, rx)
+    })?;
     // Packages put into ready/ by other means (spool retry, an operator) go at once.
     let _watcher = match uploader::watch_ready(&spool, ready_tx) {
         Ok(w) => Some(w),
@@ -134,7 +118,7 @@ pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(),
     // The uploader stops on a signal of its own, given once the recorder has sealed the
     // last packages: a planned stop delivers the calls it ended, store permitting.
     let upload_stop = Shutdown::new();
-    let uploader = {
+    let uploader = start_thread("uploader", {
         let setup = UploaderSetup {
             spool: spool.clone(),
             store,
@@ -147,12 +131,9 @@ pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(),
             concurrency: config.concurrency,
             abort_orphans_after: config.abort_orphans_after,
         };
-        std::thread::Builder::new()
-            .name("uploader".into())
-            .spawn(move || uploader::run(setup))
-            .map_err(start("starting the uploader"))?
-    };
-    let ingest = {
+        move || uploader::run(setup)
+    })?;
+    let ingest = start_thread("ingest", {
         let setup = IngestSetup {
             sockets,
             allow: Arc::new(config.allow.clone()),
@@ -164,15 +145,12 @@ pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(),
             stop: shutdown.clone(),
             round: ROUND,
         };
-        std::thread::Builder::new()
-            .name("ingest".into())
-            .spawn(move || {
-                if let Err(e) = ingest::run(setup) {
-                    tracing::error!(error = %e, "ingest stopped");
-                }
-            })
-            .map_err(start("starting ingest"))?
-    };
+        move || {
+            if let Err(e) = ingest::run(setup) {
+                tracing::error!(error = %e, "ingest stopped");
+            }
+        }
+    })?;
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(metrics_server);
     if let Some(control) = &config.control {
@@ -182,7 +160,7 @@ pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(),
                 stopping.triggered().await
             })
             .await
-            .map_err(RunError::Start)?;
+            .map_err(|e| RunError::Start(e.to_string()))?;
         tracing::info!(control_addr = %addr, tls = control.tls.is_some(), "control API listening");
         tasks.spawn(server);
     }
@@ -203,14 +181,87 @@ pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(),
 
     signal.await;
     tracing::info!("shutting down: ending every recording");
-    // One signal for all intake: ingest takes what the sockets hold and returns, the key
-    // fetcher and the inbox stop between rounds, the tasks at once. The recorder ends every
-    // recording once ingest has handed over its last batch; then the uploader stops between
-    // packages, having been told of the last ones.
+    stop(Running {
+        shutdown,
+        ingest,
+        recorder_tx: tx,
+        recorder,
+        upload_stop,
+        tasks,
+        inbox,
+        uploader,
+    })
+    .await;
+    tracing::info!("stopped; what was not stored waits in the spool");
+    Ok(())
+}
+
+/// Start-up: a named thread running `work`.
+fn start_thread<T: Send + 'static>(
+    name: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<std::thread::JoinHandle<T>, RunError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(work)
+        .map_err(start(format!("starting the {name}")))
+}
+
+/// Start-up, `source = "file"`: replacing the key file rotates the KEK for new recordings
+/// (the key manager's fetcher does the same for `source = "lkm"`). Returns the watch (kept
+/// for as long as the appliance runs) and the file.
+fn watch_key_file(
+    config: &Config,
+    keks: &KekHandle,
+    metrics: &Arc<Metrics>,
+) -> Result<(Option<notify::RecommendedWatcher>, Option<PathBuf>), RunError> {
+    match &config.kek_source {
+        KekSource::File(path) => {
+            let w = crate::appliance::kek_watch::watch(
+                path.clone(),
+                config.escrow_public_key.clone(),
+                keks.clone(),
+                Arc::clone(metrics),
+                config.demo_keys,
+            )
+            .map_err(start("keys.public_key: cannot watch its directory"))?;
+            Ok((Some(w), Some(path.clone())))
+        }
+        KekSource::Lkm(_) => Ok((None, None)),
+    }
+}
+
+/// What runs once the appliance has started, for [`stop`].
+struct Running {
+    shutdown: Shutdown,
+    ingest: std::thread::JoinHandle<()>,
+    recorder_tx: std::sync::mpsc::SyncSender<Msg>,
+    recorder: std::thread::JoinHandle<()>,
+    upload_stop: Shutdown,
+    tasks: tokio::task::JoinSet<()>,
+    inbox: Option<std::thread::JoinHandle<()>>,
+    uploader: std::thread::JoinHandle<()>,
+}
+
+/// The stop, in order. One signal for all intake: ingest takes what the sockets hold and
+/// returns, the key fetcher and the inbox stop between rounds, the tasks at once. The
+/// recorder ends every recording once ingest has handed over its last batch; then the
+/// uploader stops between packages, having been told of the last ones.
+async fn stop(r: Running) {
+    let Running {
+        shutdown,
+        ingest,
+        recorder_tx,
+        recorder,
+        upload_stop,
+        mut tasks,
+        inbox,
+        uploader,
+    } = r;
     shutdown.trigger();
     let _ = tokio::task::spawn_blocking(move || ingest.join()).await;
-    let _ = tx.send(Msg::Shutdown);
-    drop(tx);
+    let _ = recorder_tx.send(Msg::Shutdown);
+    drop(recorder_tx);
     let _ = tokio::task::spawn_blocking(move || recorder.join()).await;
     upload_stop.trigger();
     // The metrics server has no end of its own: it goes with the rest.
@@ -220,8 +271,6 @@ pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(),
         let _ = tokio::task::spawn_blocking(move || t.join()).await;
     }
     let _ = tokio::task::spawn_blocking(move || uploader.join()).await;
-    tracing::info!("stopped; what was not stored waits in the spool");
-    Ok(())
 }
 
 /// Runs `task` until `shutdown` is triggered.
