@@ -571,8 +571,8 @@ impl KeyStore {
         }
     }
 
-    /// Restores a backup ([`KeyStore::read_backup`], every record checked by
-    /// [`KeyStore::check_restorable`] before anything is written): records missing here are
+    /// Restores a backup (`KeyStore::read_backup`, every record checked by
+    /// `KeyStore::check_restorable` before anything is written): records missing here are
     /// written; records already here must be equal, or the same key further on in its life
     /// (kept as they are); anything else is refused. If the store has a current key, active
     /// keys newer than it are written retired: a restore never changes the current key unless

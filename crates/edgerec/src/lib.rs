@@ -27,6 +27,9 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
+// An application crate: its map links the private modules it names, for its maintainers
+// (`cargo doc --document-private-items`).
+#![allow(rustdoc::private_intra_doc_links)]
 
 #[cfg(feature = "appliance")]
 pub mod appliance;

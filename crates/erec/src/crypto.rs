@@ -4,7 +4,7 @@
 //! Invariants:
 //! - A [`Dek`] and the derived [`PackageKeys`] are zeroized on drop and never printed
 //!   (`Debug` shows only a placeholder).
-//! - [`ChunkCipher::open`] checks the tag, in constant time, before it decrypts a byte; on
+//! - [`ChunkCipher::open_in_place`] checks the tag, in constant time, before it decrypts a byte; on
 //!   failure the buffer holds only ciphertext.
 //! - Every tag binds the header MAC (and with it the DEK and every header field), the index,
 //!   the kind and the length, so records cannot be moved between packages or positions.

@@ -4,7 +4,7 @@
 //! No async runtime, no network, no file system beyond the key files a caller names: what
 //! a reader of the format needs and nothing else. The modules, from the bottom up:
 //!
-//! - [`format`]: the package layout, its limits and keyless structural checks (the
+//! - [`format`](mod@format): the package layout, its limits and keyless structural checks (the
 //!   specification is in that module's documentation).
 //! - [`crypto`]: data keys, HKDF key derivation, the header MAC and the chunk cipher.
 //! - [`keys`]: RSA key-encryption keys (PEM forms, kek ids, DEK sealing) and the
@@ -15,6 +15,10 @@
 //! - [`recover`]: keyless crash recovery (a torn tail cut at the last whole record).
 //! - [`clock`]: unix milliseconds and UTC calendar dates.
 //! - [`error`]: the one error type of reading and writing packages.
+//!
+//! The types most callers need are re-exported here: [`Sealer`] and [`seal_stream`] to
+//! write, [`open_stream`] and [`PackageReader`] to read, the keys ([`KekPublic`],
+//! [`KekPrivate`], [`KeyRing`], [`Unwrapper`]) and [`Error`].
 //!
 //! Feature `aws-lc`: unwraps and key generation through aws-lc-rs (constant-time OAEP,
 //! fast key generation) instead of the pure-Rust `rsa` crate.
@@ -33,3 +37,7 @@ pub mod recover;
 pub mod writer;
 
 pub use error::Error;
+// The surface most readers and writers of the format need, without knowing its modules.
+pub use keys::{KekId, KekPrivate, KekPublic, KeyRing, Unwrapper};
+pub use reader::{PackageReader, ReadMode, open_stream};
+pub use writer::{Media, SealOptions, Sealer, seal_stream};

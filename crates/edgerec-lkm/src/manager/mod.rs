@@ -1,6 +1,6 @@
 //! The Local Key Manager's administrator's acts: setting up a key store, opening it with
-//! its audit log, rotating; its configuration ([`config`]) and credentials
-//! ([`credentials`]). Every act is written to the audit log.
+//! its audit log, rotating; its configuration (`config`, [`LkmConfig`]) and credentials
+//! (`credentials`, [`CredentialsError`]). Every act is written to the audit log.
 //!
 //! Invariants:
 //! - Private keys exist in the clear only in memory; the store holds them sealed under the

@@ -4,7 +4,7 @@
 //! `GET /key-management/v1/health` for load balancers.
 //!
 //! Invariants:
-//! - Every endpoint but `health` is Hawk-authenticated ([`crate::server::hawk_auth`]); a refusal
+//! - Every endpoint but `health` is Hawk-authenticated (its `hawk_auth`); a refusal
 //!   says only "authentication failed" (401) and its reason goes to the audit log.
 //! - Every credential has a role ([`crate::roles`]) and every endpoint needs one: a
 //!   recorder's credential reads public keys and nothing more; a request beyond its role is
