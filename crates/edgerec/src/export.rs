@@ -36,6 +36,9 @@
 //! its own, before anything is allocated or written for it. With OpenPGP recipients, every
 //! output is encrypted as it is rendered: the plaintext passes through a pipe in memory to
 //! the encryptor, never through the disk.
+//!
+//! Its modules: `bulk` (many packages at once, resumable, verified, from files or a store)
+//! and `pgp` (each output encrypted to OpenPGP certificates as it is written).
 
 pub(crate) mod bulk;
 pub(crate) mod pgp;

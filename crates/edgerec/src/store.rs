@@ -10,6 +10,11 @@
 //!   UTC date of the UUIDv7 timestamp), so retries and restarts never make duplicates and
 //!   no counter can reset and overwrite an older upload.
 //! - The appliance needs no permission to delete from the store.
+//!
+//! Its modules: `s3` (S3 API, multipart, SigV4), `http` (PUT to a URL template, bearer
+//! token or client certificate), `wire` (the HTTPS bodies and answers both share), `retry`
+//! (the uploader's pure retry policy), `bandwidth` (the upload rate limit), and `census`
+//! (`edgerec keys census`: which packages are sealed to a key).
 
 pub mod bandwidth;
 #[cfg(feature = "lkm")]

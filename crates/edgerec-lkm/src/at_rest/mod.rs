@@ -14,6 +14,8 @@
 //! - A master key file must be readable by its owner alone (0600 or stricter).
 //! - [`Protector`] is the interface the key store uses, so a KMS-held key (issue 5's KMS mode)
 //!   replaces the master key without touching the store.
+//!
+//! Its module `kms` (feature `server`): the [`Protector`] whose keys AWS KMS seals.
 
 #[cfg(feature = "server")]
 pub(crate) mod kms;

@@ -23,6 +23,10 @@
 //!   (Bleichenbacher), and edgerec never seals with it.
 //! - Connections are held within [`edgerec_net::https::Limits`] (`[lkm]` header and idle timeouts,
 //!   connection caps).
+//!
+//! Its modules, private to it: `hawk_auth` (Hawk verification, bounded fields, the nonce
+//! cache), `oracle` (the unwrap and its opened-key cache) and `metrics` (the service's own
+//! metrics, no key or client named in a label).
 
 pub(crate) mod hawk_auth;
 mod metrics;

@@ -2,6 +2,11 @@
 //! module of its own; this module only maps results to the exit codes of the interface
 //! contract (0 success, 1 other error, 2 usage, 3 wrong key, 4 corrupt, 5 unterminated,
 //! 6 unsupported version or suite).
+//!
+//! Its modules: `appliance` (`run`, `loadgen` and their logging), `package` (`keygen`,
+//! `seal`, `open`, `inspect`, `export`), `spool` (`spool list/show/retry`), `lkm`
+//! (`edgerec lkm …`, feature `lkm`), and `io` (`-` for standard input or output, files
+//! written all-or-nothing).
 
 #[cfg(feature = "appliance")]
 mod appliance;
