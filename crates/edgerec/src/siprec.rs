@@ -1,0 +1,12 @@
+//! SIPREC (RFC 7866): edgerec as the recording server (SRS) session border controllers and
+//! PBXs record to. docs/siprec.md lists what real recording clients send and which of their
+//! quirks are handled.
+//!
+//! Its modules, sans-IO (pure functions of their input, tested on captured message bodies and
+//! fuzzed):
+//! - [`mime`]: a message body split into its parts (SDP, metadata, others), tolerant of what
+//!   real clients send.
+//! - [`metadata`]: RFC 7865 metadata read (no DTD, bounded) and merged as updates arrive.
+
+pub mod metadata;
+pub mod mime;
