@@ -1,13 +1,27 @@
 //! Feeds arbitrary bytes to the SIPREC recording server's decoders of what a recording client
-//! sends: the body splitter (under a multipart type with a boundary taken from the input, and
+//! sends: SIP message framing and parsing (a whole message is at most `MAX_MESSAGE` and
+//! framing never claims more than the buffer), the body splitter (under a multipart type with a boundary taken from the input, and
 //! as a single part) and the RFC 7865 metadata reader. Nothing may panic, every part lies
 //! within the body and there are at most `MAX_PARTS`, and metadata stays within its bounds.
 #![no_main]
 
-use edgerec::siprec::{metadata, mime};
+use edgerec::siprec::{message, metadata, mime};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
+    match message::frame(data) {
+        Ok(message::Framed::Message(n)) => {
+            assert!(n <= data.len() && n <= message::MAX_MESSAGE);
+            let _ = message::parse(&data[..n]).map(|m| m.is_recording_session());
+        }
+        Ok(message::Framed::KeepAlive(n)) => assert!(n <= data.len()),
+        _ => {}
+    }
+    if let Ok(m) = message::parse(data) {
+        assert!(m.body.len() <= data.len());
+        let _ = m.is_recording_session();
+        let _ = message::response(&m, 200, "OK", Some("t"), &[], None);
+    }
     // The first line is the boundary; the rest the body.
     let (boundary, body) = match data.iter().position(|b| *b == b'\n') {
         Some(n) => (String::from_utf8_lossy(&data[..n]).into_owned(), &data[n + 1..]),

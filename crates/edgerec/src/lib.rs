@@ -20,9 +20,9 @@
 //!   pcap capture sent again with its own timing, feature `pcap`).
 //! - `cli` (feature `cli`): the `edgerec` command line, the key manager's commands among
 //!   them; `hardening`, the first thing every process does (no core files, not dumpable).
-//! - [`siprec`]: the recording server of SIPREC (RFC 7866): its sans-IO parts — message
-//!   bodies split (`mime`), RFC 7865 metadata read and merged (`metadata`). No features
-//!   needed (fuzzed).
+//! - [`siprec`]: the recording server of SIPREC (RFC 7866): its sans-IO parts — SIP
+//!   messages framed, read and answered (`message`), bodies split (`mime`), RFC 7865
+//!   metadata read and merged (`metadata`). No features needed (fuzzed).
 //! - [`package_files`]: the one walk that finds package files on disk (symlinks never
 //!   followed), for export and the census.
 //! - [`error`]: the error of the commands and the exit codes of the interface contract.

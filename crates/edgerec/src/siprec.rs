@@ -7,6 +7,8 @@
 //! - [`mime`]: a message body split into its parts (SDP, metadata, others), tolerant of what
 //!   real clients send.
 //! - [`metadata`]: RFC 7865 metadata read (no DTD, bounded) and merged as updates arrive.
+//! - [`message`]: SIP messages framed, read (ezk's SIP types) and answered.
 
+pub mod message;
 pub mod metadata;
 pub mod mime;
