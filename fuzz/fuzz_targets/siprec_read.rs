@@ -1,11 +1,12 @@
 //! Feeds arbitrary bytes to the SIPREC recording server's decoders of what a recording client
 //! sends: SIP message framing and parsing (a whole message is at most `MAX_MESSAGE` and
 //! framing never claims more than the buffer), the body splitter (under a multipart type with a boundary taken from the input, and
-//! as a single part) and the RFC 7865 metadata reader. Nothing may panic, every part lies
+//! as a single part), the SDP offer reader (and the answer to what it read: one m-line for
+//! every offered one) and the RFC 7865 metadata reader. Nothing may panic, every part lies
 //! within the body and there are at most `MAX_PARTS`, and metadata stays within its bounds.
 #![no_main]
 
-use edgerec::siprec::{message, metadata, mime};
+use edgerec::siprec::{message, metadata, mime, sdp};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -35,6 +36,19 @@ fuzz_target!(|data: &[u8]| {
             let (start, end) = (body.as_ptr() as usize, body.as_ptr() as usize + body.len());
             let at = p.body.as_ptr() as usize;
             assert!(p.body.is_empty() || (at >= start && at + p.body.len() <= end));
+            if let Ok(o) = sdp::parse_offer(p.body) {
+                assert!(o.streams.len() <= sdp::MAX_STREAMS);
+                let answered: Vec<sdp::Answered> = o
+                    .streams
+                    .iter()
+                    .map(|s| match s.refusal() {
+                        None => sdp::Answered::Taken { port: 20000, crypto: None },
+                        Some(_) => sdp::Answered::Declined,
+                    })
+                    .collect();
+                let a = sdp::answer(&o, &answered, std::net::Ipv4Addr::LOCALHOST.into(), (1, 1));
+                assert_eq!(a.matches("\r\nm=").count(), o.streams.len());
+            }
             if let Ok(m) = metadata::parse(p.body) {
                 assert!(m.participants.len() <= metadata::MAX_ITEMS);
                 assert!(m.streams.len() <= metadata::MAX_ITEMS);

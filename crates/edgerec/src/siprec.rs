@@ -8,7 +8,9 @@
 //!   real clients send.
 //! - [`metadata`]: RFC 7865 metadata read (no DTD, bounded) and merged as updates arrive.
 //! - [`message`]: SIP messages framed, read (ezk's SIP types) and answered.
+//! - [`sdp`]: the offer read stream by stream (ezk's SDP types), the answer written.
 
 pub mod message;
 pub mod metadata;
 pub mod mime;
+pub mod sdp;
