@@ -1,12 +1,13 @@
 //! Feeds arbitrary bytes to the SIPREC recording server's decoders of what a recording client
-//! sends: SIP message framing and parsing (a whole message is at most `MAX_MESSAGE` and
+//! sends: SIP message framing and parsing (and the recording server's state machine taking
+//! what parsed: no panic, no session left once its timers ran out), (a whole message is at most `MAX_MESSAGE` and
 //! framing never claims more than the buffer), the body splitter (under a multipart type with a boundary taken from the input, and
 //! as a single part), the SDP offer reader (and the answer to what it read: one m-line for
 //! every offered one) and the RFC 7865 metadata reader. Nothing may panic, every part lies
 //! within the body and there are at most `MAX_PARTS`, and metadata stays within its bounds.
 #![no_main]
 
-use edgerec::siprec::{message, metadata, mime, sdp};
+use edgerec::siprec::{message, metadata, mime, sdp, srs};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -22,6 +23,27 @@ fuzz_target!(|data: &[u8]| {
         assert!(m.body.len() <= data.len());
         let _ = m.is_recording_session();
         let _ = message::response(&m, 200, "OK", Some("t"), &[], None);
+        // The state machine takes it (twice: a retransmission) and its timers run out.
+        let mut s = srs::Srs::new(
+            srs::SrsConfig {
+                advertise: std::net::Ipv4Addr::LOCALHOST.into(),
+                contact: "sip:srs@127.0.0.1".into(),
+                media_ports: (30000, 30009),
+                max_sessions: 2,
+                conversation_header: Some("X-Conversation-Id".into()),
+                inactivity_ms: 1000,
+            },
+            Box::new(|b: &mut [u8]| b.fill(7)),
+        );
+        let peer = srs::Peer {
+            addr: "192.0.2.1:5060".parse().expect("an address"),
+            transport: srs::Transport::Udp,
+            conn: None,
+        };
+        let _ = s.handle(0, peer, &m);
+        let _ = s.handle(1, peer, &m);
+        let _ = s.poll(100_000);
+        assert_eq!(s.sessions(), 0, "every session ends by its timers");
     }
     // The first line is the boundary; the rest the body.
     let (boundary, body) = match data.iter().position(|b| *b == b'\n') {

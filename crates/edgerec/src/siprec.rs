@@ -9,8 +9,10 @@
 //! - [`metadata`]: RFC 7865 metadata read (no DTD, bounded) and merged as updates arrive.
 //! - [`message`]: SIP messages framed, read (ezk's SIP types) and answered.
 //! - [`sdp`]: the offer read stream by stream (ezk's SDP types), the answer written.
+//! - [`srs`]: the recording server's SIP state machine: dialogs, answers, refusals, timers.
 
 pub mod message;
 pub mod metadata;
 pub mod mime;
 pub mod sdp;
+pub mod srs;
