@@ -3,11 +3,11 @@
 //! what parsed: no panic, no session left once its timers ran out), (a whole message is at most `MAX_MESSAGE` and
 //! framing never claims more than the buffer), the body splitter (under a multipart type with a boundary taken from the input, and
 //! as a single part), the SDP offer reader (and the answer to what it read: one m-line for
-//! every offered one) and the RFC 7865 metadata reader. Nothing may panic, every part lies
+//! every offered one), the SRTP decryptor (no state kept for what does not authenticate) and the RFC 7865 metadata reader. Nothing may panic, every part lies
 //! within the body and there are at most `MAX_PARTS`, and metadata stays within its bounds.
 #![no_main]
 
-use edgerec::siprec::{message, metadata, mime, sdp, srs};
+use edgerec::siprec::{message, metadata, mime, sdp, srs, srtp};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -47,7 +47,10 @@ fuzz_target!(|data: &[u8]| {
     }
     // The first line is the boundary; the rest the body.
     let (boundary, body) = match data.iter().position(|b| *b == b'\n') {
-        Some(n) => (String::from_utf8_lossy(&data[..n]).into_owned(), &data[n + 1..]),
+        Some(n) => (
+            String::from_utf8_lossy(&data[..n]).into_owned(),
+            &data[n + 1..],
+        ),
         None => ("b".to_string(), data),
     };
     let ct = format!("multipart/mixed; boundary=\"{boundary}\"");
@@ -64,7 +67,10 @@ fuzz_target!(|data: &[u8]| {
                     .streams
                     .iter()
                     .map(|s| match s.refusal() {
-                        None => sdp::Answered::Taken { port: 20000, crypto: None },
+                        None => sdp::Answered::Taken {
+                            port: 20000,
+                            crypto: None,
+                        },
                         Some(_) => sdp::Answered::Declined,
                     })
                     .collect();
@@ -77,6 +83,17 @@ fuzz_target!(|data: &[u8]| {
                 let _ = m.to_json();
             }
         }
+    }
+    // SRTP and SRTCP under a fixed key: refused, never a panic, state bounded.
+    let key = sdp::Sdes {
+        tag: 1,
+        suite: sdp::Suite::Aes128Sha1_32,
+        key: zeroize::Zeroizing::new([7u8; 30]),
+    };
+    if let Ok(mut rx) = srtp::SrtpIn::new(&key) {
+        let _ = rx.rtp(data);
+        let _ = rx.rtcp(data);
+        assert!(rx.ssrcs() <= srtp::MAX_SSRCS);
     }
     if let Ok(mut m) = metadata::parse(data) {
         let update = m.clone();

@@ -23,8 +23,8 @@
 //! - [`siprec`]: the recording server of SIPREC (RFC 7866): its sans-IO parts — SIP
 //!   messages framed, read and answered (`message`), bodies split (`mime`), RFC 7865
 //!   metadata read and merged (`metadata`), the SDP offer read and answered (`sdp`), the
-//!   SIP state machine of dialogs, answers, refusals and timers (`srs`). No features needed
-//!   (fuzzed).
+//!   SIP state machine of dialogs, answers, refusals and timers (`srs`), SRTP legs
+//!   decrypted (`srtp`). No features needed (fuzzed).
 //! - [`package_files`]: the one walk that finds package files on disk (symlinks never
 //!   followed), for export and the census.
 //! - [`error`]: the error of the commands and the exit codes of the interface contract.

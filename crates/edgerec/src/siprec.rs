@@ -10,9 +10,11 @@
 //! - [`message`]: SIP messages framed, read (ezk's SIP types) and answered.
 //! - [`sdp`]: the offer read stream by stream (ezk's SDP types), the answer written.
 //! - [`srs`]: the recording server's SIP state machine: dialogs, answers, refusals, timers.
+//! - [`srtp`]: SDES-keyed SRTP legs decrypted on arrival, with state bounded per stream.
 
 pub mod message;
 pub mod metadata;
 pub mod mime;
 pub mod sdp;
 pub mod srs;
+pub mod srtp;
