@@ -11,6 +11,9 @@
 //! - [`sdp`]: the offer read stream by stream (ezk's SDP types), the answer written.
 //! - [`srs`]: the recording server's SIP state machine: dialogs, answers, refusals, timers.
 //! - [`srtp`]: SDES-keyed SRTP legs decrypted on arrival, with state bounded per stream.
+//!
+//! And the thin tokio layer around them (feature `appliance`): `transport`, the SIP sockets
+//! (UDP and TCP) with their bounds.
 
 pub mod message;
 pub mod metadata;
@@ -18,3 +21,5 @@ pub mod mime;
 pub mod sdp;
 pub mod srs;
 pub mod srtp;
+#[cfg(feature = "appliance")]
+pub mod transport;
