@@ -118,7 +118,7 @@ pub struct CallInfo {
 
 /// What the state machine asks of its driver.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
+pub enum SipAction {
     /// Send these bytes.
     Send {
         /// To whom.
@@ -327,12 +327,12 @@ impl Srs {
     }
 
     /// Handles one message from `peer` at `now_ms`.
-    pub fn handle(&mut self, now_ms: u64, peer: Peer, msg: &Message) -> Vec<Action> {
+    pub fn handle(&mut self, now_ms: u64, peer: Peer, msg: &Message) -> Vec<SipAction> {
         let Start::Request { method, .. } = &msg.start else {
             return Vec::new(); // responses to our BYEs: nothing more to do
         };
         let mut out = Vec::new();
-        let respond = |code: u16, reason: &str, extra: &[(&str, String)]| Action::Send {
+        let respond = |code: u16, reason: &str, extra: &[(&str, String)]| SipAction::Send {
             peer,
             bytes: message::response(msg, code, reason, None, extra, None),
         };
@@ -380,7 +380,7 @@ impl Srs {
                         if let Some((n, bytes)) = &d.last_response
                             && *n == cseq_n
                         {
-                            out.push(Action::Send {
+                            out.push(SipAction::Send {
                                 peer,
                                 bytes: bytes.clone(),
                             });
@@ -404,7 +404,7 @@ impl Srs {
                 Some(d) => {
                     out.push(respond(200, "OK", &[]));
                     self.release(&d);
-                    out.push(Action::Stop {
+                    out.push(SipAction::Stop {
                         session: d.session,
                         reason: "bye",
                     });
@@ -428,7 +428,7 @@ impl Srs {
         out
     }
 
-    fn refuse(&mut self, msg: &Message, peer: Peer, why: Refusal, out: &mut Vec<Action>) {
+    fn refuse(&mut self, msg: &Message, peer: Peer, why: Refusal, out: &mut Vec<SipAction>) {
         *self.refused.entry(why).or_default() += 1;
         let (code, reason, extra): (u16, &str, Vec<(&str, String)>) = match why {
             Refusal::Busy => (
@@ -464,7 +464,7 @@ impl Srs {
                 )
             }
         };
-        out.push(Action::Send {
+        out.push(SipAction::Send {
             peer,
             bytes: message::response(msg, code, reason, Some(&self.tag()), &extra, None),
         });
@@ -496,9 +496,9 @@ impl Srs {
         msg: &Message,
         key: (String, String),
         cseq_n: u32,
-        out: &mut Vec<Action>,
+        out: &mut Vec<SipAction>,
     ) {
-        out.push(Action::Send {
+        out.push(SipAction::Send {
             peer,
             bytes: message::response(msg, 100, "Trying", None, &[], None),
         });
@@ -608,8 +608,8 @@ impl Srs {
             conversation_id,
         };
         self.dialogs.insert(key, d);
-        out.push(Action::Send { peer, bytes });
-        out.push(Action::Start {
+        out.push(SipAction::Send { peer, bytes });
+        out.push(SipAction::Start {
             session,
             streams,
             call,
@@ -682,7 +682,7 @@ impl Srs {
         msg: &Message,
         key: (String, String),
         cseq_n: u32,
-        out: &mut Vec<Action>,
+        out: &mut Vec<SipAction>,
     ) {
         let (offer, meta) = Self::body(msg);
         let Some(mut d) = self.dialogs.remove(&key) else {
@@ -739,9 +739,9 @@ impl Srs {
         if msg.method() == Some(&Method::INVITE) && peer.transport == Transport::Udp {
             d.unacked = Some((now_ms + T1_MS, T1_MS, now_ms + 64 * T1_MS));
         }
-        out.push(Action::Send { peer, bytes });
+        out.push(SipAction::Send { peer, bytes });
         if changed {
-            out.push(Action::Change {
+            out.push(SipAction::Change {
                 session: d.session,
                 streams: d.streams.clone(),
                 metadata: raw.map(|r| (d.metadata.to_json(), r)),
@@ -760,7 +760,7 @@ impl Srs {
 
     /// What is due at `now_ms`: 200s sent again, dialogs never acknowledged, sessions whose
     /// timer or media went quiet ended with a BYE.
-    pub fn poll(&mut self, now_ms: u64) -> Vec<Action> {
+    pub fn poll(&mut self, now_ms: u64) -> Vec<SipAction> {
         let mut out = Vec::new();
         let mut ended = Vec::new();
         for (key, d) in self.dialogs.iter_mut() {
@@ -772,7 +772,7 @@ impl Srs {
                     continue;
                 }
                 if let Some((_, bytes)) = &d.last_response {
-                    out.push(Action::Send {
+                    out.push(SipAction::Send {
                         peer: d.peer,
                         bytes: bytes.clone(),
                     });
@@ -791,12 +791,12 @@ impl Srs {
         for (key, reason) in ended {
             if let Some(mut d) = self.dialogs.remove(&key) {
                 let branch = self.tag();
-                out.push(Action::Send {
+                out.push(SipAction::Send {
                     peer: bye_peer(&d),
                     bytes: self.bye(&mut d, &branch),
                 });
                 self.release(&d);
-                out.push(Action::Stop {
+                out.push(SipAction::Stop {
                     session: d.session,
                     reason,
                 });

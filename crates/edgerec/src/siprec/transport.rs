@@ -4,9 +4,9 @@
 //! through; timers are the state machine's `next_timeout`.
 //!
 //! Invariants: everything a client sends is bounded before it is kept — a datagram or a
-//! stream's unframed bytes at most `MAX_MESSAGE`, at most [`Limits::max_connections`] TCP
-//! connections and [`Limits::per_source`] from one address (more are closed at once), a
-//! connection that sends no whole message within [`Limits::idle`] is closed; sources outside
+//! stream's unframed bytes at most `MAX_MESSAGE`, at most [`SipLimits::max_connections`] TCP
+//! connections and [`SipLimits::per_source`] from one address (more are closed at once), a
+//! connection that sends no whole message within [`SipLimits::idle`] is closed; sources outside
 //! `allow` are dropped unread (counted); a request the server sends on a connection that is
 //! gone (the BYE of a session the client forgot) goes on a new connection.
 
@@ -20,11 +20,11 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 
 use super::message::{self, Framed, MAX_MESSAGE};
-use super::srs::{Action, Peer, SessionId, Srs, Transport};
+use super::srs::{Peer, SessionId, SipAction, Srs, Transport};
 
 /// What clients may hold of the SIP listener.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub struct SipLimits {
     /// TCP connections at once.
     pub max_connections: usize,
     /// TCP connections from one address.
@@ -33,9 +33,9 @@ pub struct Limits {
     pub idle: Duration,
 }
 
-impl Default for Limits {
-    fn default() -> Limits {
-        Limits {
+impl Default for SipLimits {
+    fn default() -> SipLimits {
+        SipLimits {
             max_connections: 256,
             per_source: 16,
             idle: Duration::from_secs(300),
@@ -47,7 +47,7 @@ impl Default for Limits {
 #[derive(Debug)]
 pub enum Event {
     /// A session started, changed or stopped (the state machine's media actions).
-    Session(Action),
+    Session(SipAction),
     /// A datagram or connection from outside `allow` was dropped.
     Denied,
     /// A message that could not be read was dropped (a stream's connection closed).
@@ -101,7 +101,7 @@ pub fn server(
     listener: Listener,
     mut srs: Srs,
     allow: Arc<Vec<ipnet::IpNet>>,
-    limits: Limits,
+    limits: SipLimits,
     events: mpsc::Sender<Event>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> (MediaSeen, impl std::future::Future<Output = ()> + Send) {
@@ -190,14 +190,14 @@ pub fn server(
 /// Sends what the state machine says: on UDP, on the connection a request came on, or on a
 /// new connection when that one is gone; reports the rest.
 async fn dispatch(
-    actions: Vec<Action>,
+    actions: Vec<SipAction>,
     udp: &UdpSocket,
     writers: &HashMap<u64, mpsc::Sender<Vec<u8>>>,
     events: &mpsc::Sender<Event>,
 ) {
     for a in actions {
         match a {
-            Action::Send { peer, bytes } => match peer.transport {
+            SipAction::Send { peer, bytes } => match peer.transport {
                 Transport::Udp => {
                     let _ = udp.send_to(&bytes, peer.addr).await;
                 }
@@ -368,7 +368,7 @@ m=audio 40000 RTP/AVP 0\r\na=label:1\r\na=sendonly\r\nm=audio 40002 RTP/AVP 0\r\
             l,
             srs(),
             Arc::new(vec![]),
-            Limits::default(),
+            SipLimits::default(),
             etx,
             async move {
                 let _ = stop_rx.await;
@@ -394,7 +394,7 @@ m=audio 40000 RTP/AVP 0\r\na=label:1\r\na=sendonly\r\nm=audio 40002 RTP/AVP 0\r\
         let tag = message::tag_of(ok.header("to").unwrap())
             .unwrap()
             .to_string();
-        let Some(Event::Session(Action::Start {
+        let Some(Event::Session(SipAction::Start {
             session, streams, ..
         })) = erx.recv().await
         else {
@@ -413,7 +413,7 @@ m=audio 40000 RTP/AVP 0\r\na=label:1\r\na=sendonly\r\nm=audio 40002 RTP/AVP 0\r\
             .await
             .unwrap();
         response(&mut t, &mut buf, 200).await;
-        let Some(Event::Session(Action::Stop {
+        let Some(Event::Session(SipAction::Stop {
             session: stopped,
             reason,
         })) = erx.recv().await
@@ -432,9 +432,9 @@ m=audio 40000 RTP/AVP 0\r\na=label:1\r\na=sendonly\r\nm=audio 40002 RTP/AVP 0\r\
             .unwrap();
         let addr = l.local_addr().unwrap();
         let (etx, mut erx) = mpsc::channel(16);
-        let limits = Limits {
+        let limits = SipLimits {
             per_source: 2,
-            ..Limits::default()
+            ..SipLimits::default()
         };
         let (_media, task) = server(
             l,
@@ -479,7 +479,7 @@ m=audio 40000 RTP/AVP 0\r\na=label:1\r\na=sendonly\r\nm=audio 40002 RTP/AVP 0\r\
             l,
             srs(),
             allow,
-            Limits::default(),
+            SipLimits::default(),
             etx,
             std::future::pending(),
         );

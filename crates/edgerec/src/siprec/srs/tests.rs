@@ -104,11 +104,11 @@ fn invite(call: &str, extra: &str) -> Message {
 }
 
 /// The responses among `actions`, parsed.
-fn responses(actions: &[Action]) -> Vec<Message> {
+fn responses(actions: &[SipAction]) -> Vec<Message> {
     actions
         .iter()
         .filter_map(|a| match a {
-            Action::Send { bytes, .. } => Some(message::parse(bytes).unwrap()),
+            SipAction::Send { bytes, .. } => Some(message::parse(bytes).unwrap()),
             _ => None,
         })
         .collect()
@@ -121,11 +121,11 @@ fn code(m: &Message) -> u16 {
     }
 }
 
-fn codes(actions: &[Action]) -> Vec<u16> {
+fn codes(actions: &[SipAction]) -> Vec<u16> {
     responses(actions).iter().map(code).collect()
 }
 
-fn to_tag(actions: &[Action]) -> String {
+fn to_tag(actions: &[SipAction]) -> String {
     let r = responses(actions);
     let last = r.last().unwrap();
     message::tag_of(last.header("to").unwrap())
@@ -146,7 +146,7 @@ fn a_two_leg_call_is_answered_started_and_stopped_by_bye() {
     assert_eq!(ports, [30000, 30002]);
     assert_eq!(answer.streams[0].label.as_deref(), Some("1"));
     assert_eq!(answer.streams[0].direction, sdp::Dir::RecvOnly);
-    let Some(Action::Start {
+    let Some(SipAction::Start {
         session,
         streams,
         call,
@@ -173,7 +173,7 @@ fn a_two_leg_call_is_answered_started_and_stopped_by_bye() {
     assert_eq!(codes(&bye), [200]);
     assert_eq!(
         bye.last(),
-        Some(&Action::Stop {
+        Some(&SipAction::Stop {
             session: *session,
             reason: "bye"
         })
@@ -206,11 +206,11 @@ fn over_udp_the_200_is_sent_again_until_the_ack_or_the_dialog_ends() {
     assert!(
         s.poll(10_000)
             .iter()
-            .all(|a| !matches!(a, Action::Send { .. }))
+            .all(|a| !matches!(a, SipAction::Send { .. }))
     );
     // Never acknowledged: ended with a BYE after 64·T1.
     let a = s.handle(0, p, &invite("u2", ""));
-    let Some(Action::Start { session, .. }) = a.last() else {
+    let Some(SipAction::Start { session, .. }) = a.last() else {
         panic!()
     };
     let mut sent = 0;
@@ -221,14 +221,14 @@ fn over_udp_the_200_is_sent_again_until_the_ack_or_the_dialog_ends() {
         last = s.poll(t);
         sent += last
             .iter()
-            .filter(|a| matches!(a, Action::Send { .. }))
+            .filter(|a| matches!(a, SipAction::Send { .. }))
             .count();
-        if last.iter().any(|a| matches!(a, Action::Stop { .. })) {
+        if last.iter().any(|a| matches!(a, SipAction::Stop { .. })) {
             break;
         }
     }
     assert!(sent >= 7, "{sent} retransmissions");
-    assert!(last.contains(&Action::Stop {
+    assert!(last.contains(&SipAction::Stop {
         session: *session,
         reason: "no_ack"
     }));
@@ -242,11 +242,11 @@ fn a_retransmitted_invite_gets_the_same_answer_and_starts_nothing() {
     let p = peer(Transport::Udp);
     let first = s.handle(0, p, &invite("r1", ""));
     let again = s.handle(100, p, &invite("r1", ""));
-    assert!(!again.iter().any(|a| matches!(a, Action::Start { .. })));
-    let ok = |a: &[Action]| {
+    assert!(!again.iter().any(|a| matches!(a, SipAction::Start { .. })));
+    let ok = |a: &[SipAction]| {
         a.iter()
             .filter_map(|a| match a {
-                Action::Send { bytes, .. } => Some(bytes.clone()),
+                SipAction::Send { bytes, .. } => Some(bytes.clone()),
                 _ => None,
             })
             .next_back()
@@ -282,7 +282,7 @@ fn a_reinvite_pauses_and_resumes_without_new_ports_and_merges_metadata() {
         [30000, 30002],
         "same ports"
     );
-    let Some(Action::Change {
+    let Some(SipAction::Change {
         streams, metadata, ..
     }) = a.last()
     else {
@@ -301,7 +301,7 @@ fn a_reinvite_pauses_and_resumes_without_new_ports_and_merges_metadata() {
         Some(("application/sdp", SDP)),
     );
     let a = s.handle(2000, p, &re);
-    let Some(Action::Change {
+    let Some(SipAction::Change {
         streams, metadata, ..
     }) = a.last()
     else {
@@ -326,7 +326,7 @@ fn a_reinvite_pauses_and_resumes_without_new_ports_and_merges_metadata() {
             Some(("application/sdp", &declined)),
         ),
     );
-    let Some(Action::Change { streams, .. }) = a.last() else {
+    let Some(SipAction::Change { streams, .. }) = a.last() else {
         panic!()
     };
     assert_eq!(streams[1].port, None);
@@ -439,7 +439,7 @@ fn a_session_gone_quiet_is_ended_with_a_bye_through_its_route_set() {
     let p = peer(Transport::Tcp);
     let rr = "Record-Route: <sip:192.0.2.50:5070;lr>, <sip:proxy.example;lr>\r\n";
     let a = s.handle(0, p, &invite("q1", rr));
-    let Some(Action::Start { session, .. }) = a.last() else {
+    let Some(SipAction::Start { session, .. }) = a.last() else {
         panic!()
     };
     let session = *session;
@@ -448,12 +448,12 @@ fn a_session_gone_quiet_is_ended_with_a_bye_through_its_route_set() {
     let a = s.poll(90_000);
     assert_eq!(
         a.last(),
-        Some(&Action::Stop {
+        Some(&SipAction::Stop {
             session,
             reason: "srs_bye_inactive"
         })
     );
-    let Some(Action::Send { peer: to, bytes }) = a.first() else {
+    let Some(SipAction::Send { peer: to, bytes }) = a.first() else {
         panic!()
     };
     assert_eq!(
@@ -533,7 +533,7 @@ fn a_session_timer_not_refreshed_ends_the_session() {
     let a = s.poll(150_000);
     assert_eq!(
         a.last(),
-        Some(&Action::Stop {
+        Some(&SipAction::Stop {
             session: SessionId(1),
             reason: "session_timer"
         })
@@ -596,8 +596,8 @@ proptest::proptest! {
             actions.extend(s.poll(now));
             for a in &actions {
                 match a {
-                    Action::Start { session, .. } => proptest::prop_assert!(started.insert(*session)),
-                    Action::Stop { session, .. } => {
+                    SipAction::Start { session, .. } => proptest::prop_assert!(started.insert(*session)),
+                    SipAction::Stop { session, .. } => {
                         proptest::prop_assert!(started.contains(session));
                         proptest::prop_assert!(stopped.insert(*session));
                         tags.retain(|_, _| true);
@@ -605,7 +605,7 @@ proptest::proptest! {
                     _ => {}
                 }
             }
-            if actions.iter().any(|a| matches!(a, Action::Stop { .. })) {
+            if actions.iter().any(|a| matches!(a, SipAction::Stop { .. })) {
                 // A stopped call's next INVITE is a new dialog.
                 tags.clear();
             }
