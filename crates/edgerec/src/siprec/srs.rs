@@ -250,6 +250,13 @@ struct Dialog {
 /// Fills a buffer with random bytes (the operating system's; the tests' fixed).
 pub type Random = Box<dyn FnMut(&mut [u8]) + Send>;
 
+impl Dialog {
+    /// Whether a stream is taken and not paused: media should be arriving.
+    fn expects_media(&self) -> bool {
+        self.streams.iter().any(|s| s.port.is_some() && !s.paused)
+    }
+}
+
 /// The recording server's SIP state.
 pub struct Srs {
     cfg: SrsConfig,
@@ -312,7 +319,10 @@ impl Srs {
                 [
                     d.unacked.map(|(next, _, _)| next),
                     d.expires_at,
-                    Some(d.last_media_ms + self.cfg.inactivity_ms),
+                    // Only while media is expected: a paused session has no deadline (or a
+                    // driver would wake for it again and again).
+                    d.expects_media()
+                        .then(|| d.last_media_ms + self.cfg.inactivity_ms),
                 ]
             })
             .flatten()
@@ -690,6 +700,8 @@ impl Srs {
         };
         d.remote_cseq = cseq_n;
         d.peer = peer;
+        // The client is alive, and a stream resumed now has its full inactivity time.
+        d.last_media_ms = d.last_media_ms.max(now_ms);
         let mut changed = false;
         let raw = meta.map(|(m, raw)| {
             d.metadata.apply(m);
@@ -783,7 +795,7 @@ impl Srs {
             if d.expires_at.is_some_and(|at| now_ms >= at) {
                 ended.push((key.clone(), "session_timer"));
             } else if now_ms.saturating_sub(d.last_media_ms) >= self.cfg.inactivity_ms
-                && d.streams.iter().any(|s| s.port.is_some() && !s.paused)
+                && d.expects_media()
             {
                 ended.push((key.clone(), "srs_bye_inactive"));
             }

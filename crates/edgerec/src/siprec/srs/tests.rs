@@ -496,7 +496,20 @@ fn a_session_gone_quiet_is_ended_with_a_bye_through_its_route_set() {
             Some(("application/sdp", &inactive)),
         ),
     );
+    assert_eq!(s.next_timeout(), None, "nothing to wake for while paused");
     assert!(s.poll(600_000).is_empty());
+    // Resumed after ten minutes: it has its full inactivity time from the resume.
+    let resume = request(
+        "INVITE",
+        "q2",
+        3,
+        Some(&tag),
+        "",
+        Some(("application/sdp", SDP)),
+    );
+    s.handle(600_000, p, &resume);
+    assert!(s.poll(600_001).is_empty());
+    assert_eq!(s.next_timeout(), Some(660_000));
 }
 
 #[test]
