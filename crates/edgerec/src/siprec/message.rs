@@ -160,7 +160,16 @@ pub fn parse(buf: &[u8]) -> Result<Message, MessageError> {
     }
     let start = start.ok_or(MessageError::BadStartLine)?;
     let head_end = parser.head_end();
-    let body = match content_length(&bytes[..head_end])? {
+    // The length from the headers just read, not from a second pass over the head.
+    let length = match headers.get_raw(&Name::CONTENT_LENGTH).next() {
+        Some(v) => Some(
+            v.trim()
+                .parse::<usize>()
+                .map_err(|_| MessageError::BadContentLength)?,
+        ),
+        None => None,
+    };
+    let body = match length {
         Some(0) => Bytes::new(),
         Some(n) if bytes.len() >= head_end + n => bytes.slice(head_end..head_end + n),
         Some(n) => {

@@ -304,7 +304,9 @@ impl Srs {
         self.dialogs.len()
     }
 
-    /// Media arrived for `session` at `now_ms` (the inactivity timer starts again).
+    /// Media arrived for `session` at `now_ms` (the inactivity timer starts again). A driver
+    /// tells it at most about once a second a session, not per packet: it looks the session
+    /// up among all dialogs.
     pub fn media_seen(&mut self, session: SessionId, now_ms: u64) {
         if let Some(d) = self.dialogs.values_mut().find(|d| d.session == session) {
             d.last_media_ms = now_ms;
@@ -890,7 +892,8 @@ fn host_port(uri: &str) -> Option<SocketAddr> {
 
 /// The Session-Expires (RFC 4028) a request asks for, at least 90 s.
 fn session_expires(msg: &Message) -> Option<u32> {
-    let v = msg.header("session-expires").or_else(|| msg.header("x"))?;
+    // Its compact form `x` is the same header to ezk's names.
+    let v = msg.header("session-expires")?;
     let secs: u32 = v.split(';').next()?.trim().parse().ok()?;
     Some(secs.max(90))
 }

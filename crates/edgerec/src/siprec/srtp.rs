@@ -114,10 +114,15 @@ impl SrtpIn {
         run: impl Fn(&mut Context) -> Result<bytes::BytesMut, rtc_shared::error::Error>,
     ) -> Result<Vec<u8>, SrtpError> {
         if let Some(i) = self.contexts.iter().position(|(s, _)| *s == ssrc) {
-            let mut entry = self.contexts.remove(i);
-            let out = run(&mut entry.1);
-            self.contexts.push(entry);
-            return out.map(|b| b.to_vec()).map_err(judge);
+            // The most recently used goes last; a stream's one SSRC is there already.
+            if i + 1 != self.contexts.len() {
+                let entry = self.contexts.remove(i);
+                self.contexts.push(entry);
+            }
+            let last = self.contexts.len() - 1;
+            return run(&mut self.contexts[last].1)
+                .map(|b| b.to_vec())
+                .map_err(judge);
         }
         // Not authenticated yet: a context of its own, kept only if the packet is genuine.
         let mut scratch = self.context()?;
