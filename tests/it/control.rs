@@ -10,7 +10,7 @@ use crate::common::*;
 const TOKEN: &str = "control-token-for-the-tests-0123456789";
 
 /// 16-bit PCM samples of a WAV file, per channel (the layout `export` writes).
-fn wav_channels(path: &Path) -> Vec<Vec<i16>> {
+pub fn wav_channels(path: &Path) -> Vec<Vec<i16>> {
     let b = fs::read(path).unwrap();
     assert_eq!(&b[0..4], b"RIFF");
     let channels = usize::from(u16::from_le_bytes([b[22], b[23]]));

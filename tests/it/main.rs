@@ -16,6 +16,7 @@ mod lkm;
 mod lkm_attacks;
 mod proxy;
 mod s3;
+mod siprec;
 mod spool;
 mod tamper;
 mod vectors;

@@ -116,11 +116,19 @@ struct Counts {
     lost: u64,
     first: Option<u64>,
     last: u64,
+    /// The payload types its packets carried that are not G.711 (at most 8 kept).
+    others: Vec<u8>,
 }
 
 impl Counts {
     fn rtp(&mut self, h: &RtpHeader, arrival_us: u64) {
         self.packets += 1;
+        if crate::media::g711::table(h.payload_type).is_none()
+            && !self.others.contains(&h.payload_type)
+            && self.others.len() < 8
+        {
+            self.others.push(h.payload_type);
+        }
         self.first.get_or_insert(arrival_us);
         self.last = arrival_us;
         if self.ssrc != Some(h.ssrc) {
@@ -367,6 +375,14 @@ pub fn export_file_to(
             "{:.0} s of {channels} channels is more audio than a WAV file holds (4 GiB): \
              export it with --format pcap",
             d.survey.frames() as f64 / 8000.0
+        )));
+    }
+    if !file
+        && opts.format == Format::Wav
+        && let Some(problem) = undecodable(&d)
+    {
+        return Err(Error::Invalid(format!(
+            "{problem}, which WAV export cannot decode (G.711 only): export it with --format pcap"
         )));
     }
     fs::create_dir_all(&dir)?;
@@ -726,6 +742,37 @@ fn stream_stats(survey: &Survey) -> Value {
         }));
     }
     Value::Array(out)
+}
+
+/// A stream carrying audio WAV export cannot decode, named with its codec: a static
+/// payload type other than G.711, comfort noise aside (RFC 3551), or a dynamic one the
+/// recording's SIPREC metadata names as something other than telephone-events or comfort
+/// noise. A dynamic payload type no metadata names is taken as telephone-events (what an
+/// ingest-port call carries besides G.711), so its stream exports as it always did.
+fn undecodable(d: &Decoded) -> Option<String> {
+    let named = |stream: usize, pt: u8| -> Option<String> {
+        let streams = d.metadata.get("siprec")?.get("streams")?.as_array()?;
+        let s = streams
+            .iter()
+            .find(|s| s["stream"].as_u64() == Some(stream as u64))?;
+        s["codecs"]
+            .as_array()?
+            .iter()
+            .find(|c| c["payload_type"].as_u64() == Some(u64::from(pt)))
+            .and_then(|c| c["name"].as_str().map(str::to_string))
+    };
+    for (i, c) in d.survey.counts.iter().enumerate() {
+        for &pt in &c.others {
+            let name =
+                named(i, pt).or_else(|| crate::siprec::sdp::static_payload(pt).map(str::to_string));
+            let Some(name) = name else { continue };
+            let encoding = name.split('/').next().unwrap_or("").to_ascii_lowercase();
+            if !matches!(encoding.as_str(), "telephone-event" | "cn") {
+                return Some(format!("stream {i} carries {name} (payload type {pt})"));
+            }
+        }
+    }
+    None
 }
 
 fn codec_name(pt: u8) -> &'static str {

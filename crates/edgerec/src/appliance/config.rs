@@ -350,6 +350,46 @@ struct Raw {
     control: RawControl,
     #[serde(default)]
     inbox: RawInbox,
+    #[serde(default)]
+    siprec: RawSiprec,
+}
+
+/// `[siprec]` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSiprec {
+    listen: Option<Spanned<SocketAddr>>,
+    tls_listen: Option<Spanned<SocketAddr>>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    media_ports: Option<Spanned<String>>,
+    advertise: Option<Spanned<IpAddr>>,
+    #[serde(default)]
+    allow: Vec<Spanned<String>>,
+    conversation_id_header: Option<Spanned<String>>,
+    max_sessions: Option<Spanned<usize>>,
+    inactivity_secs: Option<Spanned<u64>>,
+}
+
+/// `[siprec]`, validated: the SIPREC recording server (docs/siprec.md).
+#[derive(Debug, Clone)]
+pub struct Siprec {
+    /// SIP over UDP and TCP.
+    pub listen: SocketAddr,
+    /// SIP over TLS, with its certificate chain and key (PEM).
+    pub tls: Option<(SocketAddr, PathBuf, PathBuf)>,
+    /// The media ports handed out in answers, first and last inclusive.
+    pub media_ports: (u16, u16),
+    /// The address put in the answers' `c=` and the Contact.
+    pub advertise: IpAddr,
+    /// The recording clients allowed (empty: any).
+    pub allow: Vec<IpNet>,
+    /// The SIP header whose value is a recording's conversation id.
+    pub conversation_id_header: Option<String>,
+    /// Recording sessions at once.
+    pub max_sessions: usize,
+    /// A session with no RTP for this long is ended with a BYE.
+    pub inactivity: std::time::Duration,
 }
 
 /// `[inbox]` as written.
@@ -438,6 +478,8 @@ pub struct Config {
     pub control: Option<Control>,
     /// `[inbox]`, if it has a `dir`.
     pub inbox: Option<InboxConfig>,
+    /// `[siprec]`, if it has a `listen`.
+    pub siprec: Option<Siprec>,
 }
 
 /// Builds the error text: file, line, key, value, problem.
@@ -563,17 +605,7 @@ fn ingest_section(cx: &Ctx<'_>, raw: &Raw) -> Result<((u16, u16), Vec<IpNet>), C
             return Err(cx.err(key, v, "must be above 0"));
         }
     }
-    let allow = raw
-        .ingest
-        .allow
-        .iter()
-        .map(|c| {
-            let s = c.get_ref().trim();
-            s.parse::<IpNet>()
-                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
-                .map_err(|_| cx.err("ingest.allow", c, "not a CIDR network or address"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let allow = allow_list(cx, "ingest.allow", &raw.ingest.allow)?;
     Ok((ports, allow))
 }
 
@@ -954,6 +986,139 @@ fn control_section(cx: &Ctx<'_>, raw: &Raw) -> Result<Option<Control>, ConfigErr
     Ok(control)
 }
 
+/// Networks and addresses of an `allow` list.
+fn allow_list(
+    cx: &Ctx<'_>,
+    key: &str,
+    list: &[Spanned<String>],
+) -> Result<Vec<IpNet>, ConfigError> {
+    list.iter()
+        .map(|c| {
+            let s = c.get_ref().trim();
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| cx.err(key, c, "not a CIDR network or address"))
+        })
+        .collect()
+}
+
+/// `[siprec]`, if it listens: its ports apart from the ingest ports, the address it
+/// advertises, TLS, who may record to it and its bounds.
+fn siprec_section(
+    cx: &Ctx<'_>,
+    raw: &Raw,
+    ingest: (u16, u16),
+) -> Result<Option<Siprec>, ConfigError> {
+    let r = &raw.siprec;
+    let Some(listen) = &r.listen else {
+        let set = r.tls_listen.is_some()
+            || r.media_ports.is_some()
+            || r.advertise.is_some()
+            || r.max_sessions.is_some();
+        return if set {
+            Err(cx.missing(
+                "siprec.listen",
+                "the SIPREC server needs an address to listen on",
+            ))
+        } else {
+            Ok(None)
+        };
+    };
+    let Some(mp) = &r.media_ports else {
+        return Err(cx.missing(
+            "siprec.media_ports",
+            "the SIPREC server needs ports for the media it answers (e.g. \"41000-41999\")",
+        ));
+    };
+    let media_ports = parse_ports(mp.get_ref())
+        .filter(|(a, b)| b > a)
+        .ok_or_else(|| {
+            cx.err(
+                "siprec.media_ports",
+                mp,
+                "not a port range A-B with 1 <= A < B <= 65535 (a stream takes an even port and \
+                 the odd one above)",
+            )
+        })?;
+    if media_ports.0 <= ingest.1 && ingest.0 <= media_ports.1 {
+        return Err(cx.err(
+            "siprec.media_ports",
+            mp,
+            &format!(
+                "overlaps ingest.ports {}-{}: the SIPREC media ports must be apart",
+                ingest.0, ingest.1
+            ),
+        ));
+    }
+    let advertise = match &r.advertise {
+        Some(a) if a.get_ref().is_unspecified() => {
+            return Err(cx.err(
+                "siprec.advertise",
+                a,
+                "must be an address clients can reach",
+            ));
+        }
+        Some(a) => *a.get_ref(),
+        None if listen.get_ref().ip().is_unspecified() => {
+            return Err(cx.missing(
+                "siprec.advertise",
+                "siprec.listen is a wildcard address: say which address clients send media to",
+            ));
+        }
+        None => listen.get_ref().ip(),
+    };
+    let tls = match (&r.tls_listen, &r.tls_cert, &r.tls_key) {
+        (None, None, None) => None,
+        (Some(l), Some(c), Some(k)) => Some((*l.get_ref(), cx.resolve(c), cx.resolve(k))),
+        _ => {
+            return Err(ConfigError(format!(
+                "config {}: siprec.tls_listen, siprec.tls_cert and siprec.tls_key go together",
+                cx.file.display()
+            )));
+        }
+    };
+    let header = match &r.conversation_id_header {
+        Some(h)
+            if h.get_ref().is_empty()
+                || !h
+                    .get_ref()
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') =>
+        {
+            return Err(cx.err(
+                "siprec.conversation_id_header",
+                h,
+                "not a SIP header name (letters, digits, '-', '_', '.')",
+            ));
+        }
+        h => h.as_ref().map(|h| h.get_ref().clone()),
+    };
+    let max_sessions = match &r.max_sessions {
+        Some(m) if !(1..=10_000).contains(m.get_ref()) => {
+            return Err(cx.err("siprec.max_sessions", m, "must be 1 to 10000"));
+        }
+        Some(m) => *m.get_ref(),
+        None => 100,
+    };
+    let inactivity = match &r.inactivity_secs {
+        Some(i) if !(5..=86_400).contains(i.get_ref()) => {
+            return Err(cx.err("siprec.inactivity_secs", i, "must be 5 to 86400"));
+        }
+        Some(i) => *i.get_ref(),
+        None => 60,
+    };
+    Ok(Some(Siprec {
+        listen: *listen.get_ref(),
+        tls,
+        media_ports,
+        advertise,
+        allow: allow_list(cx, "siprec.allow", &r.allow)?,
+        conversation_id_header: header,
+        max_sessions,
+        inactivity: std::time::Duration::from_secs(inactivity),
+    }))
+}
+
 /// `[inbox]`, if configured.
 fn inbox_section(cx: &Ctx<'_>, raw: &Raw) -> Result<Option<InboxConfig>, ConfigError> {
     let inbox = match &raw.inbox.dir {
@@ -1004,6 +1169,7 @@ impl Config {
         let retry = upload_section(&cx, &raw)?;
         let control = control_section(&cx, &raw)?;
         let inbox = inbox_section(&cx, &raw)?;
+        let siprec = siprec_section(&cx, &raw, ports)?;
         let mut recorder = raw.recorder.clone();
         recorder.spool_dir = cx.resolve(&recorder.spool_dir);
         Ok(Config {
@@ -1016,6 +1182,7 @@ impl Config {
             kek_source,
             control,
             inbox,
+            siprec,
             wrap,
             store,
             prefix,
@@ -1384,6 +1551,101 @@ path = "/srv/store"
             c.recorder.spool_dir,
             file.parent().unwrap().join("../var/spool")
         );
+    }
+
+    #[test]
+    fn the_sample_siprec_section_is_valid_once_uncommented() {
+        let file =
+            Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("samples/edgerec.toml");
+        let text = std::fs::read_to_string(&file).unwrap();
+        let mut on = false;
+        let mut lines = Vec::new();
+        for l in text.lines() {
+            on = (on || l == "# [siprec]") && !l.is_empty();
+            let key = l
+                .strip_prefix("# ")
+                .filter(|k| k.starts_with('[') || k.split(" = ").count() > 1);
+            lines.push(match key {
+                Some(k) if on => k,
+                _ => l,
+            });
+        }
+        let s = Config::parse(&file, &lines.join("\n"))
+            .unwrap()
+            .siprec
+            .unwrap();
+        assert_eq!(s.media_ports, (41000, 41999));
+        assert_eq!(
+            s.conversation_id_header.as_deref(),
+            Some("X-Conversation-Id")
+        );
+        assert!(s.tls.is_some());
+    }
+
+    #[test]
+    fn the_siprec_server_is_checked_key_by_key() {
+        assert!(parse(GOOD).unwrap().siprec.is_none());
+        let with = |body: &str| format!("{GOOD}\n[siprec]\n{body}");
+        let c = parse(&with(
+            "listen = \"127.0.0.1:5060\"\nmedia_ports = \"41000-41099\"\n\
+             allow = [\"192.0.2.0/24\"]\nconversation_id_header = \"X-Conversation-Id\"",
+        ))
+        .unwrap()
+        .siprec
+        .unwrap();
+        assert_eq!(c.media_ports, (41000, 41099));
+        assert_eq!(
+            c.advertise.to_string(),
+            "127.0.0.1",
+            "defaults to listen's address"
+        );
+        assert_eq!(c.max_sessions, 100);
+        assert_eq!(c.inactivity.as_secs(), 60);
+        assert_eq!(c.allow.len(), 1);
+        assert_eq!(
+            c.conversation_id_header.as_deref(),
+            Some("X-Conversation-Id")
+        );
+        for (body, wanted) in [
+            ("media_ports = \"41000-41099\"", "siprec.listen is missing"),
+            (
+                "listen = \"127.0.0.1:5060\"",
+                "siprec.media_ports is missing",
+            ),
+            (
+                "listen = \"127.0.0.1:5060\"\nmedia_ports = \"40008-40100\"",
+                "overlaps ingest.ports 40000-40009",
+            ),
+            (
+                "listen = \"0.0.0.0:5060\"\nmedia_ports = \"41000-41099\"",
+                "siprec.advertise is missing",
+            ),
+            (
+                "listen = \"127.0.0.1:5060\"\nmedia_ports = \"41000-41000\"",
+                "siprec.media_ports = 41000-41000",
+            ),
+            (
+                "listen = \"127.0.0.1:5060\"\nmedia_ports = \"41000-41099\"\nmax_sessions = 0",
+                "siprec.max_sessions = 0",
+            ),
+            (
+                "listen = \"127.0.0.1:5060\"\nmedia_ports = \"41000-41099\"\nallow = [\"nope\"]",
+                "siprec.allow = nope",
+            ),
+            (
+                "listen = \"127.0.0.1:5060\"\nmedia_ports = \"41000-41099\"\n\
+                 conversation_id_header = \"X Bad\"",
+                "siprec.conversation_id_header",
+            ),
+            (
+                "listen = \"127.0.0.1:5060\"\nmedia_ports = \"41000-41099\"\n\
+                 tls_listen = \"127.0.0.1:5061\"",
+                "go together",
+            ),
+        ] {
+            let e = err(&with(body));
+            assert!(e.contains(wanted), "{body}: {e}");
+        }
     }
 
     #[test]

@@ -108,6 +108,9 @@ pub enum Msg {
         /// Told what became of it, if anyone asks.
         reply: Option<SyncSender<PauseApplied>>,
     },
+    /// A SIPREC recording session started, changed or stopped (the SIP side's
+    /// [`SipAction::Start`](crate::siprec::srs::SipAction::Start), `Change` or `Stop`).
+    Siprec(crate::siprec::srs::SipAction),
     /// End every recording and return.
     Shutdown,
 }

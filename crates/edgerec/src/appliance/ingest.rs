@@ -57,6 +57,11 @@ pub struct IngestSetup {
     pub sockets: Vec<UdpSocket>,
     /// Allowed sources; empty allows all.
     pub allow: Arc<Vec<IpNet>>,
+    /// The sockets from this index on are the SIPREC media ports, whose sources are checked
+    /// against `[siprec] allow` instead (and, per session, against the offer).
+    pub siprec_from: usize,
+    /// `[siprec] allow`; empty allows all.
+    pub siprec_allow: Arc<Vec<IpNet>>,
     /// The recorder's queue.
     pub tx: SyncSender<Msg>,
     /// Batches the recorder has emptied, to be filled again (no allocation per round).
@@ -79,6 +84,8 @@ pub fn run(setup: IngestSetup) -> io::Result<()> {
     let IngestSetup {
         sockets,
         allow,
+        siprec_from,
+        siprec_allow,
         tx,
         recycle,
         queued,
@@ -164,6 +171,11 @@ pub fn run(setup: IngestSetup) -> io::Result<()> {
             let i = usize::try_from(ev.data()).unwrap_or(usize::MAX);
             let (Some(socket), Some(&local)) = (sockets.get(i), locals.get(i)) else {
                 continue;
+            };
+            let allow = if i >= siprec_from {
+                &siprec_allow
+            } else {
+                &allow
             };
             // Drain this socket: a short read means it was empty at that moment, and epoll
             // (edge-triggered) reports the socket again when anything new arrives.
@@ -316,6 +328,8 @@ mod tests {
         let setup = IngestSetup {
             sockets,
             allow: Arc::new(allow),
+            siprec_from: usize::MAX,
+            siprec_allow: Arc::new(Vec::new()),
             tx,
             recycle,
             queued: Arc::new(AtomicUsize::new(0)),

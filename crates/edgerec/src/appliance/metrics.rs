@@ -51,6 +51,20 @@ pub struct Version {
     pub version: String,
 }
 
+/// `{method}`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SipMethod {
+    /// INVITE, ACK, BYE, CANCEL, OPTIONS, UPDATE, or other.
+    pub method: String,
+}
+
+/// `{code}`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SipCode {
+    /// The status code.
+    pub code: String,
+}
+
 /// Every metric of the appliance.
 #[derive(Debug)]
 pub struct Metrics {
@@ -113,6 +127,21 @@ pub struct Metrics {
     pub kek_age: Gauge,
     /// KEK files (or, later, key manager answers) that could not be read.
     pub kek_fetch_errors: Counter,
+    /// `edgerec_siprec_sessions_active`.
+    pub siprec_active: Gauge,
+    /// `edgerec_siprec_sessions_total{outcome}`: `started`, how each ended (`bye`,
+    /// `srs_bye_inactive`, `session_timer`, `no_ack`, `shutdown`) and how INVITEs were
+    /// refused (`refused_busy`, `refused_disk`, `refused_not_acceptable`, ...).
+    pub siprec_sessions: Family<UploadOutcome, Counter>,
+    /// `edgerec_siprec_requests_total{method}`: SIP requests received.
+    pub siprec_requests: Family<SipMethod, Counter>,
+    /// `edgerec_siprec_responses_total{code}`: SIP responses sent.
+    pub siprec_responses: Family<SipCode, Counter>,
+    /// `edgerec_siprec_streams_declined_total{reason}`: offered streams answered with port 0.
+    pub siprec_declined: Family<Reason, Counter>,
+    /// `edgerec_siprec_dropped_total{reason}`: SIP datagrams or connections dropped
+    /// (`denied_source`, `malformed`).
+    pub siprec_dropped: Family<Reason, Counter>,
     /// Whether the spool is writable and under its quota (1) or not (0), for /readyz.
     ready: Arc<AtomicBool>,
     /// Why not ready.
@@ -156,6 +185,12 @@ impl Metrics {
             kek_info: Family::default(),
             kek_age: Gauge::default(),
             kek_fetch_errors: Counter::default(),
+            siprec_active: Gauge::default(),
+            siprec_sessions: Family::default(),
+            siprec_requests: Family::default(),
+            siprec_responses: Family::default(),
+            siprec_declined: Family::default(),
+            siprec_dropped: Family::default(),
             ready: Arc::new(AtomicBool::new(true)),
             not_ready_reason: std::sync::Mutex::new(String::new()),
         };
@@ -213,6 +248,36 @@ impl Metrics {
             m.rtp_paused.clone(),
         );
         r.register("rtcp_packets", "RTCP packets stored", m.rtcp.clone());
+        r.register(
+            "siprec_sessions_active",
+            "SIPREC recording sessions in progress",
+            m.siprec_active.clone(),
+        );
+        r.register(
+            "siprec_sessions",
+            "SIPREC recording sessions: started, how they ended, how INVITEs were refused",
+            m.siprec_sessions.clone(),
+        );
+        r.register(
+            "siprec_requests",
+            "SIP requests received, by method",
+            m.siprec_requests.clone(),
+        );
+        r.register(
+            "siprec_responses",
+            "SIP responses sent, by status code",
+            m.siprec_responses.clone(),
+        );
+        r.register(
+            "siprec_streams_declined",
+            "Offered SIPREC streams answered with port 0, by reason",
+            m.siprec_declined.clone(),
+        );
+        r.register(
+            "siprec_dropped",
+            "SIP datagrams or connections dropped (denied_source, malformed)",
+            m.siprec_dropped.clone(),
+        );
         r.register(
             "inbox_sealed",
             "Files of the inbox sealed into packages (and removed from it)",

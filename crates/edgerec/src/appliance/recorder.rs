@@ -52,6 +52,8 @@ pub struct RecorderSetup {
     pub queued: Arc<AtomicUsize>,
     /// Where emptied batches go back to ingest for reuse.
     pub recycle: SyncSender<Batch>,
+    /// The SIPREC server's media ports and its inactivity timer, if it runs.
+    pub siprec: Option<((u16, u16), crate::siprec::transport::MediaSeen)>,
 }
 
 /// How soon the recorder looks for packages the opener has made, when nothing else wakes it.
@@ -64,6 +66,106 @@ struct Open {
     id: Uuid,
     sealer: Sealer,
     file: ActiveFile,
+}
+
+/// A metadata record of a SIPREC session: the whole state, so the last one read wins
+/// (`conversation_id`; `siprec` with the SIP identity, the streams as offered, the merged
+/// RFC 7865 metadata as JSON and the XML of the message it came with).
+fn siprec_json(
+    call: &crate::siprec::srs::CallInfo,
+    streams: &[crate::siprec::srs::MediaStream],
+    metadata: Option<&(serde_json::Value, String)>,
+) -> Vec<u8> {
+    let streams: Vec<serde_json::Value> = streams
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "stream": s.index,
+                "label": s.label,
+                "recorded": s.port.is_some(),
+                "srtp": s.srtp.is_some(),
+                "codecs": s.payload_types.iter()
+                    .map(|(pt, name)| serde_json::json!({"payload_type": pt, "name": name}))
+                    .collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let mut doc = serde_json::json!({
+        "siprec": {
+            "call_id": call.call_id,
+            "from": call.from,
+            "to": call.to,
+            "streams": streams,
+            "metadata": metadata.map(|m| &m.0),
+            "xml": metadata.map(|m| &m.1),
+        }
+    });
+    if let Some(c) = &call.conversation_id {
+        doc["conversation_id"] = c.clone().into();
+    }
+    serde_json::to_vec(&doc).expect("a JSON value always serializes")
+}
+
+/// Hands a SIPREC session's start, change or stop to the session state.
+fn siprec_action(
+    sessions: &mut Sessions,
+    calls: &mut HashMap<crate::siprec::srs::SessionId, crate::siprec::srs::CallInfo>,
+    metrics: &Metrics,
+    now: u64,
+    action: crate::siprec::srs::SipAction,
+    out: &mut Vec<Action>,
+) {
+    use crate::siprec::srs::SipAction;
+    let outcome = |o: &str| {
+        metrics
+            .siprec_sessions
+            .get_or_create(&crate::appliance::metrics::UploadOutcome {
+                outcome: o.to_string(),
+            })
+            .inc();
+    };
+    match action {
+        SipAction::Start {
+            session,
+            streams,
+            call,
+            metadata,
+        } => {
+            let json = siprec_json(&call, &streams, metadata.as_ref());
+            if sessions
+                .siprec_start(now, session, &streams, json, out)
+                .is_some()
+            {
+                outcome("started");
+                tracing::info!(
+                    session = session.0,
+                    streams = streams.len(),
+                    "SIPREC session started"
+                );
+                calls.insert(session, call);
+            }
+        }
+        SipAction::Change {
+            session,
+            streams,
+            metadata,
+        } => {
+            let json = calls
+                .get(&session)
+                .filter(|_| metadata.is_some())
+                .map(|call| siprec_json(call, &streams, metadata.as_ref()));
+            sessions.siprec_change(now, session, &streams, json, out);
+        }
+        SipAction::Stop { session, reason } => {
+            if calls.remove(&session).is_some() {
+                outcome(reason);
+                tracing::info!(session = session.0, reason, "SIPREC session stopped");
+            }
+            sessions.siprec_stop(session, reason, out);
+        }
+        SipAction::Send { .. } => {}
+    }
+    metrics.siprec_active.set(sessions.siprec_active() as i64);
 }
 
 /// Runs until [`Msg::Shutdown`] arrives or every sender is gone.
@@ -102,6 +204,10 @@ struct Recorder {
     queued: Arc<AtomicUsize>,
     recycle: SyncSender<Batch>,
     sessions: Sessions,
+    /// Told of the SIPREC sessions whose media arrives.
+    media_seen: Option<crate::siprec::transport::MediaSeen>,
+    /// The SIP identity of each SIPREC session recording, for its metadata records.
+    siprec_calls: HashMap<crate::siprec::srs::SessionId, crate::siprec::srs::CallInfo>,
     /// The monotonic clock's origin: session times are microseconds since it.
     epoch: Instant,
     /// The session's time of the round ("now" on the clock of the data).
@@ -137,9 +243,17 @@ impl Recorder {
             accepting,
             queued,
             recycle,
+            siprec,
         } = setup;
+        let mut sessions = Sessions::new(limits);
+        let media_seen = siprec.map(|((first, last), seen)| {
+            sessions.set_siprec_ports(first, last);
+            seen
+        });
         Recorder {
-            sessions: Sessions::new(limits),
+            sessions,
+            media_seen,
+            siprec_calls: HashMap::new(),
             syncer: Syncer::start(spool.clone(), Arc::clone(&metrics)),
             opener: Opener::start(spool.clone()),
             spool,
@@ -220,6 +334,11 @@ impl Recorder {
                     }
                     sessions.handle(self.clock, d.local, d.remote, data, actions);
                 }
+                if let Some(seen) = &self.media_seen {
+                    for s in sessions.take_siprec_seen() {
+                        seen.seen(s);
+                    }
+                }
                 self.queued.fetch_sub(batch.len(), Ordering::Relaxed);
                 batch.clear();
                 let _ = self.recycle.try_send(batch);
@@ -243,6 +362,16 @@ impl Recorder {
                 if let Some(r) = reply {
                     let _ = r.try_send(applied);
                 }
+            }
+            Ok(Msg::Siprec(action)) => {
+                siprec_action(
+                    sessions,
+                    &mut self.siprec_calls,
+                    &self.metrics,
+                    self.clock,
+                    action,
+                    actions,
+                );
             }
             Ok(Msg::Shutdown) | Err(RecvTimeoutError::Disconnected) => {
                 sessions.shutdown(actions);
@@ -862,6 +991,7 @@ mod tests {
             accepting: Arc::new(AtomicBool::new(true)),
             queued: Arc::new(AtomicUsize::new(0)),
             recycle,
+            siprec: None,
         };
         let t = std::thread::spawn(move || run(setup, rx));
         let local: SocketAddr = "127.0.0.1:40000".parse().unwrap();

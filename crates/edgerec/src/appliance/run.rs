@@ -76,7 +76,7 @@ pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(),
             )))?;
     tracing::info!(%metrics_addr, "metrics at /metrics, /healthz, /readyz");
     let store = open_store(&config).await?;
-    let sockets = bind_ingest(&config)?;
+    let (sockets, siprec_from) = bind_ingest(&config)?;
     let (_kek_watch, kek_file) = watch_key_file(&config, &keks, &metrics)?;
     // Logged once the key file is watched too: from here on a key change is seen.
     let (first, last) = config.ports;
@@ -92,6 +92,15 @@ pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(),
     let queued = Arc::new(AtomicUsize::new(0));
     let (recycle_tx, recycle) = sync_channel(16);
     let (ready_tx, ready_rx) = sync_channel(10_000);
+    let refusing: Box<dyn Fn() -> bool + Send> = {
+        let (accepting, keks) = (Arc::clone(&accepting), keks.clone());
+        Box::new(move || !accepting.load(Ordering::Relaxed) || keks.current().is_empty())
+    };
+    let (siprec, siprec_server) =
+        match start_siprec(&config, tx.clone(), refusing, &metrics, &shutdown).await? {
+            Some((link, server)) => (Some(link), Some(server)),
+            None => (None, None),
+        };
     let recorder = start_thread("recorder", {
         let setup = RecorderSetup {
             spool: spool.clone(),
@@ -104,6 +113,7 @@ pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(),
             accepting: Arc::clone(&accepting),
             queued: Arc::clone(&queued),
             recycle: recycle_tx,
+            siprec,
         };
         move || recorder::run(setup, rx)
     })?;
@@ -137,6 +147,14 @@ pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(),
         let setup = IngestSetup {
             sockets,
             allow: Arc::new(config.allow.clone()),
+            siprec_from,
+            siprec_allow: Arc::new(
+                config
+                    .siprec
+                    .as_ref()
+                    .map(|s| s.allow.clone())
+                    .unwrap_or_default(),
+            ),
             tx: tx.clone(),
             recycle,
             queued,
@@ -153,6 +171,9 @@ pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(),
     })?;
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(metrics_server);
+    if let Some(server) = siprec_server {
+        tasks.spawn(server);
+    }
     if let Some(control) = &config.control {
         let stopping = shutdown.clone();
         let (addr, server) =
@@ -407,29 +428,152 @@ async fn open_store(config: &Config) -> Result<Arc<dyn Store>, RunError> {
 
 /// Start-up: the file limit raised to cover every ingest port (or the start fails naming
 /// what is needed), then one non-blocking UDP socket bound per port.
-fn bind_ingest(config: &Config) -> Result<Vec<std::net::UdpSocket>, RunError> {
+/// Start-up: one UDP socket per ingest port, then one per SIPREC media port (RTP and RTCP);
+/// returns them and where the SIPREC ones begin.
+fn bind_ingest(config: &Config) -> Result<(Vec<std::net::UdpSocket>, usize), RunError> {
     let (first, last) = config.ports;
     let count = u64::from(last - first) + 1;
-    let need = count + 256;
+    let media = config
+        .siprec
+        .as_ref()
+        .map(|s| (s.listen.ip(), s.media_ports));
+    let media_count = media.map_or(0, |(_, (a, b))| u64::from(b - a) + 1);
+    let need = count + media_count + 256;
     let got = rlimit::increase_nofile_limit(need).map_err(start("raising the file limit"))?;
     if got < need {
         return Err(RunError::Start(format!(
-            "ingest.ports: {count} ports need {need} open files, but the limit is {got}: \
-             raise LimitNOFILE (systemd) or ulimit -n, or use fewer ports"
+            "ingest.ports: {count} ports (and {media_count} SIPREC media ports) need {need} open \
+             files, but the limit is {got}: raise LimitNOFILE (systemd) or ulimit -n, or use \
+             fewer ports"
         )));
     }
-    let mut sockets = Vec::with_capacity(count as usize);
-    for port in first..=last {
-        let addr = SocketAddr::new(config.ingest.bind, port);
-        let s = std::net::UdpSocket::bind(addr)
+    let bind = |addr: SocketAddr, what: &str| {
+        std::net::UdpSocket::bind(addr)
             .and_then(|s| s.set_nonblocking(true).map(|()| s))
-            .map_err(start(format!("ingest: cannot bind udp {addr}")))?;
-        sockets.push(s);
+            .map_err(start(format!("{what}: cannot bind udp {addr}")))
+    };
+    let mut sockets = Vec::with_capacity((count + media_count) as usize);
+    for port in first..=last {
+        sockets.push(bind(SocketAddr::new(config.ingest.bind, port), "ingest")?);
+    }
+    let siprec_from = sockets.len();
+    if let Some((ip, (a, b))) = media {
+        for port in a..=b {
+            sockets.push(bind(SocketAddr::new(ip, port), "siprec.media_ports")?);
+        }
     }
     if config.allow.is_empty() {
         tracing::warn!("ingest.allow is empty: packets are taken from any source");
     }
-    Ok(sockets)
+    Ok((sockets, siprec_from))
+}
+
+/// Start-up, `[siprec]`: the SIP listener bound and its server made (run by the caller until
+/// `shutdown`), and a thread that hands the sessions it reports to the recorder. Returns the
+/// media ports and the handle the recorder tells of media, and the server's task.
+#[allow(clippy::type_complexity)]
+async fn start_siprec(
+    config: &Config,
+    recorder: std::sync::mpsc::SyncSender<Msg>,
+    refusing: Box<dyn Fn() -> bool + Send>,
+    metrics: &Arc<Metrics>,
+    shutdown: &Shutdown,
+) -> Result<
+    Option<(
+        ((u16, u16), crate::siprec::transport::MediaSeen),
+        impl Future<Output = ()> + Send + 'static,
+    )>,
+    RunError,
+> {
+    use crate::siprec::{srs, transport};
+    let Some(cfg) = &config.siprec else {
+        return Ok(None);
+    };
+    let listener = transport::Listener::bind(cfg.listen)
+        .await
+        .map_err(start(format!(
+            "siprec.listen: cannot listen on {}",
+            cfg.listen
+        )))?;
+    let listener = match &cfg.tls {
+        None => listener,
+        Some((addr, cert, key)) => {
+            let tls = edgerec_net::https::server_config(
+                cert,
+                key,
+                "siprec.tls_cert",
+                "siprec.tls_key",
+                true,
+            )
+            .map_err(|e| RunError::Start(e.to_string()))?;
+            let l = listener
+                .with_tls(*addr, tls)
+                .await
+                .map_err(start(format!("siprec.tls_listen: cannot listen on {addr}")))?;
+            tracing::info!(tls = ?l.tls_addr(), "SIPREC server listening (TLS)");
+            l
+        }
+    };
+    let local = listener
+        .local_addr()
+        .map_err(start("siprec.listen: its address"))?;
+    let srs = srs::Srs::new(
+        srs::SrsConfig {
+            advertise: cfg.advertise,
+            contact: format!("sip:srs@{}", SocketAddr::new(cfg.advertise, local.port())),
+            media_ports: cfg.media_ports,
+            max_sessions: cfg.max_sessions,
+            conversation_header: cfg.conversation_id_header.clone(),
+            inactivity_ms: u64::try_from(cfg.inactivity.as_millis()).unwrap_or(u64::MAX),
+        },
+        Box::new(|b: &mut [u8]| {
+            getrandom::fill(b).expect("the operating system's random source is available")
+        }),
+    );
+    if cfg.allow.is_empty() {
+        tracing::warn!("siprec.allow is empty: any address may start a recording session");
+    }
+    let (events_tx, mut events) = tokio::sync::mpsc::channel(1024);
+    let stopping = shutdown.clone();
+    let (seen, server) = transport::server(
+        listener,
+        srs,
+        Arc::new(cfg.allow.clone()),
+        transport::SipLimits::default(),
+        events_tx,
+        transport::SipHooks {
+            refusing,
+            metrics: Some(Arc::clone(metrics)),
+            sessions: Some(Box::new({
+                let recorder = recorder.clone();
+                move |a| {
+                    // In order, and none lost: a full queue (the recorder far behind) holds
+                    // the SIP side up rather than drop a session's start or stop.
+                    match recorder.try_send(Msg::Siprec(a)) {
+                        Err(std::sync::mpsc::TrySendError::Full(m)) => {
+                            let _ = tokio::task::block_in_place(|| recorder.send(m).is_ok());
+                        }
+                        Ok(()) | Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {}
+                    }
+                }
+            })),
+        },
+        async move { stopping.triggered().await },
+    );
+    let m = Arc::clone(metrics);
+    // What else the server reports is counted (sessions went to the recorder above).
+    tokio::spawn(async move {
+        while let Some(ev) = events.recv().await {
+            match ev {
+                transport::Event::Denied => Metrics::inc(&m.siprec_dropped, "denied_source", 1),
+                transport::Event::Malformed => Metrics::inc(&m.siprec_dropped, "malformed", 1),
+                transport::Event::Session(_) => {}
+            }
+        }
+    });
+    let (first, last) = cfg.media_ports;
+    tracing::info!(%local, advertise = %cfg.advertise, first, last, "SIPREC server listening (UDP and TCP)");
+    Ok(Some((((first, last), seen), server)))
 }
 
 /// Start-up: the inbox's thread, if `[inbox]` is configured; it runs until `shutdown`.

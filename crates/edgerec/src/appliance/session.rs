@@ -44,6 +44,8 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 
 use crate::media::rtp::{Datagram, Reject, SeqOutcome, SeqTracker, classify};
+
+mod siprec;
 use erec::entries::{ENTRY_HEADER_LEN, Entry, Event, NO_STREAM};
 use erec::format::EndReason;
 
@@ -99,6 +101,13 @@ pub enum Discard {
     StartRate,
     /// Of a call whose recording was refused (see [`Sessions::set_refusal`]).
     Refused,
+    /// On a SIPREC media port no session holds (or RTP on an RTCP port).
+    SiprecNoSession,
+    /// On a SIPREC session's port, from an address that is neither the offer's nor the
+    /// client's.
+    SiprecSource,
+    /// SRTP (or SRTCP) that did not authenticate, or a replay.
+    SrtpAuth,
 }
 
 impl Discard {
@@ -112,6 +121,9 @@ impl Discard {
             Discard::NotAdmitted => "not_admitted",
             Discard::StartRate => "start_rate",
             Discard::Refused => "refused",
+            Discard::SiprecNoSession => "siprec_no_session",
+            Discard::SiprecSource => "siprec_source",
+            Discard::SrtpAuth => "srtp_auth",
         }
     }
 }
@@ -316,6 +328,17 @@ impl Probe {
     }
 }
 
+/// An RTP packet placed in its recording: see [`Sessions::take_rtp`].
+struct Packet<'a> {
+    stream: u8,
+    /// Its time in the recording (µs).
+    t: u64,
+    outcome: SeqOutcome,
+    /// Whether its stream (or port) is paused.
+    paused: bool,
+    bytes: &'a [u8],
+}
+
 /// A datagram a candidate holds.
 #[derive(Debug)]
 struct Held {
@@ -414,6 +437,8 @@ pub struct Sessions {
     /// a call whose package could not be made stays refused until it goes quiet): the rest
     /// of that call is dropped as refused, and the refusal counted once.
     refused_ports: PortMap<RefusedCall>,
+    /// The SIPREC recordings (see [`siprec`]).
+    siprec: siprec::SiprecState,
 }
 
 /// A call whose datagrams are dropped as refused.
@@ -447,6 +472,7 @@ impl Sessions {
             starts_by_port: edgerec_net::rate_limit::PerKey::new(limits.starts_per_port, 10_000),
             refusing: None,
             refused_ports: PortMap::default(),
+            siprec: siprec::SiprecState::default(),
         }
     }
 
@@ -468,6 +494,9 @@ impl Sessions {
     /// created): it ends at once as `spool_error`, nothing more is handed out for it, and
     /// the rest of its call is refused like one refused at its start.
     pub fn abort(&mut self, now: u64, rec: RecId) {
+        if self.abort_siprec(rec) {
+            return;
+        }
         let Some(port) = self
             .by_port
             .iter()
@@ -484,7 +513,7 @@ impl Sessions {
                 ends_with_refusals: false,
             },
         );
-        if self.by_port.is_empty() {
+        if !self.any_recording() {
             self.next_flush_us = None;
             self.next_deadline_us = self.candidate_deadline();
         }
@@ -851,18 +880,24 @@ impl Sessions {
 
     fn close(&mut self, port: u16, reason: EndReason, out: &mut Vec<Action>) -> Option<Recording> {
         let mut rec = self.by_port.remove(&port)?;
-        hand_out(&mut rec, out);
+        self.finish(&mut rec, reason, out);
+        Some(rec)
+    }
+
+    /// Ends a recording no longer in `by_port` (or SIPREC's calls): its last chunk, its
+    /// end, its count; timers stop when it was the last.
+    fn finish(&mut self, rec: &mut Recording, reason: EndReason, out: &mut Vec<Action>) {
+        hand_out(rec, out);
         out.push(Action::Close {
             rec: rec.id,
             reason,
         });
         *self.counters.ended.entry(reason.name()).or_default() += 1;
-        if self.by_port.is_empty() {
+        if !self.any_recording() {
             self.next_flush_us = None;
             // Candidates on other ports still expire on time.
             self.next_deadline_us = self.candidate_deadline();
         }
-        Some(rec)
     }
 
     /// Ends a recording at the maximum duration and continues it at once in a new one that
@@ -979,6 +1014,9 @@ impl Sessions {
         datagram: &[u8],
         out: &mut Vec<Action>,
     ) {
+        if self.is_siprec_port(local.port()) {
+            return self.siprec_datagram(now, local, remote, datagram, out);
+        }
         match classify(datagram) {
             Err(r) => self.discard(Discard::Malformed(r)),
             Ok(Datagram::Rtp(h)) => self.rtp(now, local, remote, datagram, h, out),
@@ -1084,37 +1122,57 @@ impl Sessions {
         } else {
             rec.streams[index].seq.update(h.seq)
         };
-        match outcome {
+        let paused = rec.paused;
+        let packet = Packet {
+            stream,
+            t,
+            outcome,
+            paused,
+            bytes: datagram,
+        };
+        Self::take_rtp(&mut self.counters, &limits, rec, packet, out);
+    }
+
+    /// Records an RTP packet whose stream and sequence outcome are known: a gap is an
+    /// event before it, a duplicate is counted and not stored, a paused one counted only.
+    fn take_rtp(
+        counters: &mut Counters,
+        limits: &Limits,
+        rec: &mut Recording,
+        p: Packet<'_>,
+        out: &mut Vec<Action>,
+    ) {
+        match p.outcome {
             SeqOutcome::Duplicate => {
-                self.counters.rtp_duplicates += 1;
+                counters.rtp_duplicates += 1;
                 return;
             }
             SeqOutcome::Gap { lost } => {
-                self.counters.rtp_lost += u64::from(lost);
+                counters.rtp_lost += u64::from(lost);
                 let gap = Entry::Event {
-                    stream,
-                    time_us: t,
+                    stream: p.stream,
+                    time_us: p.t,
                     event: Event::Gap(lost),
                 };
-                Self::push(&limits, rec, &gap, out);
+                Self::push(limits, rec, &gap, out);
             }
             SeqOutcome::Reordered => {
-                self.counters.rtp_reordered += 1;
-                self.counters.rtp_lost = self.counters.rtp_lost.saturating_sub(1);
+                counters.rtp_reordered += 1;
+                counters.rtp_lost = counters.rtp_lost.saturating_sub(1);
             }
             SeqOutcome::InOrder | SeqOutcome::Stray | SeqOutcome::Restart => {}
         }
-        if rec.paused {
-            self.counters.rtp_paused += 1;
+        if p.paused {
+            counters.rtp_paused += 1;
             return;
         }
         let entry = Entry::Rtp {
-            stream,
-            arrival_us: t,
-            packet: datagram,
+            stream: p.stream,
+            arrival_us: p.t,
+            packet: p.bytes,
         };
-        Self::push(&limits, rec, &entry, out);
-        self.counters.rtp_packets += 1;
+        Self::push(limits, rec, &entry, out);
+        counters.rtp_packets += 1;
     }
 
     fn rtcp(
@@ -1180,7 +1238,8 @@ impl Sessions {
     pub fn handle_timeout(&mut self, now: u64, out: &mut Vec<Action>) {
         let mut idle: Vec<u16> = Vec::new();
         let mut long: Vec<u16> = Vec::new();
-        if self.next_deadline_us.is_some_and(|d| now >= d) {
+        let due = self.next_deadline_us.is_some_and(|d| now >= d);
+        if due {
             self.next_deadline_us = None;
             self.expire_candidates(Some(now));
             if let Some(d) = self.candidate_deadline() {
@@ -1203,6 +1262,7 @@ impl Sessions {
                         && now < r.started_us + self.limits.max_recording_us
                 })
                 .map(|r| self.deadline(r))
+                .chain(self.siprec_deadline(now))
                 .min();
             self.next_deadline_us = match (next, self.next_deadline_us) {
                 (Some(a), Some(b)) => Some(a.min(b)),
@@ -1212,6 +1272,10 @@ impl Sessions {
         idle.sort_unstable();
         long.sort_unstable();
         let mut wrote = !idle.is_empty() || !long.is_empty();
+        if due {
+            // SIPREC recordings at their maximum duration (they note their next deadline).
+            wrote |= self.siprec_split_due(now, out);
+        }
         for port in idle {
             self.close(port, EndReason::IdleTimeout, out);
         }
@@ -1225,8 +1289,10 @@ impl Sessions {
                 let rec = self.by_port.get_mut(&port).expect("listed above");
                 wrote |= hand_out(rec, out);
             }
-            self.next_flush_us =
-                (!self.by_port.is_empty()).then_some(now + self.limits.flush_interval_us);
+            wrote |= self.siprec_flush(out);
+            self.next_flush_us = self
+                .any_recording()
+                .then_some(now + self.limits.flush_interval_us);
         }
         if wrote {
             out.push(Action::Sync);
@@ -1242,6 +1308,7 @@ impl Sessions {
         for port in ports {
             self.close(port, EndReason::Shutdown, out);
         }
+        self.siprec_shutdown(out);
         out.push(Action::Sync);
     }
 }

@@ -320,7 +320,50 @@ fn stream(head: &str, section: &[&str], session_address: Option<IpAddr>) -> Offe
     out
 }
 
+/// The encoding of a static RTP payload type (RFC 3551, table 4), for one offered
+/// without an `rtpmap`.
+pub fn static_payload(pt: u8) -> Option<&'static str> {
+    Some(match pt {
+        0 => "PCMU/8000",
+        3 => "GSM/8000",
+        4 => "G723/8000",
+        5 => "DVI4/8000",
+        6 => "DVI4/16000",
+        7 => "LPC/8000",
+        8 => "PCMA/8000",
+        9 => "G722/8000",
+        10 => "L16/44100/2",
+        11 => "L16/44100",
+        12 => "QCELP/8000",
+        13 => "CN/8000",
+        14 => "MPA/90000",
+        15 => "G728/8000",
+        16 => "DVI4/11025",
+        17 => "DVI4/22050",
+        18 => "G729/8000",
+        _ => return None,
+    })
+}
+
 impl OfferedStream {
+    /// Every payload type offered with its encoding, in the offer's order: its `rtpmap`, or
+    /// for a static one without (RFC 3551) its standard name.
+    pub fn payload_types(&self) -> Vec<(u8, String)> {
+        self.formats
+            .iter()
+            .filter_map(|f| f.parse::<u8>().ok())
+            .filter_map(|pt| {
+                let name = self
+                    .rtpmaps
+                    .iter()
+                    .find(|(p, _)| *p == pt)
+                    .map(|(_, m)| m.clone())
+                    .or_else(|| static_payload(pt).map(str::to_string))?;
+                Some((pt, name))
+            })
+            .collect()
+    }
+
     /// Why edgerec cannot record this stream, if it cannot.
     pub fn refusal(&self) -> Option<&'static str> {
         if self.unreadable.is_some() {

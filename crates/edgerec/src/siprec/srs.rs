@@ -172,6 +172,20 @@ pub enum Refusal {
     BadRequest,
 }
 
+impl Refusal {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Busy => "busy",
+            Refusal::Refusing => "disk",
+            Refusal::NotAcceptable => "not_acceptable",
+            Refusal::BadExtension => "bad_extension",
+            Refusal::NotRecording => "not_recording",
+            Refusal::BadRequest => "bad_request",
+        }
+    }
+}
+
 /// The media port pool: even ports of the range, each with the odd one above.
 #[derive(Debug, Clone)]
 struct Ports {
@@ -268,6 +282,9 @@ pub struct Srs {
     random: Random,
     /// INVITEs refused, by why (counters the driver publishes).
     pub refused: HashMap<Refusal, u64>,
+    /// Offered streams declined (answered with port 0), by why (counters the driver
+    /// publishes): [`sdp::OfferedStream::refusal`]'s reasons and `no_port`.
+    pub declined: HashMap<&'static str, u64>,
 }
 
 impl std::fmt::Debug for Srs {
@@ -291,6 +308,7 @@ impl Srs {
             refusing: false,
             random,
             refused: HashMap::new(),
+            declined: HashMap::new(),
         }
     }
 
@@ -644,17 +662,19 @@ impl Srs {
             port: None,
             sources: s.address.into_iter().chain([peer.addr.ip()]).collect(),
             paused: matches!(s.direction, Dir::Inactive | Dir::RecvOnly),
-            payload_types: s.rtpmaps.clone(),
+            payload_types: s.payload_types(),
             srtp: None,
         };
         m.sources.dedup();
-        if s.refusal().is_some() {
+        if let Some(why) = s.refusal() {
+            *self.declined.entry(why).or_default() += 1;
             if let Some(p) = had {
                 self.ports.give(p);
             }
             return (Answered::Declined, m);
         }
         let Some(port) = had.or_else(|| self.ports.take()) else {
+            *self.declined.entry("no_port").or_default() += 1;
             return (Answered::Declined, m);
         };
         m.port = Some(port);

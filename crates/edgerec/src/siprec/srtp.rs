@@ -155,10 +155,10 @@ fn judge(e: rtc_shared::error::Error) -> SrtpError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn sdes(suite: Suite) -> Sdes {
+    pub(crate) fn sdes(suite: Suite) -> Sdes {
         let mut key = [0u8; SDES_KEY_LEN];
         for (i, b) in key.iter_mut().enumerate() {
             *b = i as u8 * 7 + 1;
@@ -180,7 +180,7 @@ mod tests {
     }
 
     /// A sender's context for the same key (what the client does).
-    fn sender(s: &Sdes) -> Context {
+    pub(crate) fn sender(s: &Sdes) -> Context {
         let provider = rtc_srtp::crypto::default_provider().unwrap();
         let profile = match s.suite {
             Suite::Aes128Sha1_80 => ProtectionProfile::Aes128CmHmacSha1_80,

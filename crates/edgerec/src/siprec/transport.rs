@@ -54,10 +54,104 @@ pub enum Event {
     Malformed,
 }
 
+/// What the SIP server asks of the rest of the appliance.
+pub struct SipHooks {
+    /// Whether recordings are refused now (the disk policy, no usable key): INVITEs are
+    /// answered `503` while it says so.
+    pub refusing: Box<dyn Fn() -> bool + Send>,
+    /// Where requests, responses, refusals and declined streams are counted.
+    pub metrics: Option<Arc<crate::appliance::metrics::Metrics>>,
+    /// Takes each session's start, change and stop at once, before the answer that
+    /// announces it is sent (so the recorder knows a session's ports before its media can
+    /// arrive); without it they go on the events channel.
+    pub sessions: Option<Box<dyn Fn(SipAction) + Send + Sync>>,
+}
+
+impl Default for SipHooks {
+    fn default() -> SipHooks {
+        SipHooks {
+            refusing: Box::new(|| false),
+            metrics: None,
+            sessions: None,
+        }
+    }
+}
+
+impl SipHooks {
+    /// A message in: the refusal state given to the state machine, the request counted.
+    fn handle(
+        &self,
+        srs: &mut Srs,
+        now_ms: u64,
+        peer: Peer,
+        m: &message::Message,
+    ) -> Vec<SipAction> {
+        srs.set_refusing((self.refusing)());
+        if let (Some(metrics), message::Start::Request { method, .. }) = (&self.metrics, &m.start) {
+            let known = ["INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "UPDATE"];
+            let name = method.to_string();
+            let method = if known.contains(&name.as_str()) {
+                name
+            } else {
+                "other".into()
+            };
+            metrics
+                .siprec_requests
+                .get_or_create(&crate::appliance::metrics::SipMethod { method })
+                .inc();
+        }
+        srs.handle(now_ms, peer, m)
+    }
+
+    /// Actions out: responses counted by code, and the state machine's refusals and
+    /// declined streams since the last time.
+    fn count(&self, srs: &Srs, actions: &[SipAction], tally: &mut Tally) {
+        let Some(metrics) = &self.metrics else { return };
+        for a in actions {
+            if let SipAction::Send { bytes, .. } = a
+                && let Some(code) = bytes.strip_prefix(b"SIP/2.0 ").and_then(|r| r.get(..3))
+            {
+                let code = String::from_utf8_lossy(code).into_owned();
+                metrics
+                    .siprec_responses
+                    .get_or_create(&crate::appliance::metrics::SipCode { code })
+                    .inc();
+            }
+        }
+        for (r, n) in &srs.refused {
+            let seen = tally.refused.entry(*r).or_default();
+            if *n > *seen {
+                metrics
+                    .siprec_sessions
+                    .get_or_create(&crate::appliance::metrics::UploadOutcome {
+                        outcome: format!("refused_{}", r.label()),
+                    })
+                    .inc_by(*n - *seen);
+                *seen = *n;
+            }
+        }
+        for (why, n) in &srs.declined {
+            let seen = tally.declined.entry(why).or_default();
+            if *n > *seen {
+                crate::appliance::metrics::Metrics::inc(&metrics.siprec_declined, why, *n - *seen);
+                *seen = *n;
+            }
+        }
+    }
+}
+
+/// What of the state machine's counters was published already.
+#[derive(Default)]
+struct Tally {
+    refused: HashMap<super::srs::Refusal, u64>,
+    declined: HashMap<&'static str, u64>,
+}
+
 /// The listener's sockets, bound.
 pub struct Listener {
     udp: Arc<UdpSocket>,
     tcp: TcpListener,
+    tls: Option<(TcpListener, tokio_rustls::TlsAcceptor)>,
 }
 
 impl Listener {
@@ -68,7 +162,24 @@ impl Listener {
         Ok(Listener {
             udp: Arc::new(udp),
             tcp,
+            tls: None,
         })
+    }
+
+    /// Adds SIP over TLS on `addr` with `config` (its certificate and key).
+    pub async fn with_tls(
+        mut self,
+        addr: SocketAddr,
+        config: rustls::ServerConfig,
+    ) -> std::io::Result<Listener> {
+        let tcp = TcpListener::bind(addr).await?;
+        self.tls = Some((tcp, tokio_rustls::TlsAcceptor::from(Arc::new(config))));
+        Ok(self)
+    }
+
+    /// The TLS listener's address, if there is one.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().and_then(|(t, _)| t.local_addr().ok())
     }
 
     /// The bound address (UDP and TCP share its port).
@@ -103,6 +214,7 @@ pub fn server(
     allow: Arc<Vec<ipnet::IpNet>>,
     limits: SipLimits,
     events: mpsc::Sender<Event>,
+    hooks: SipHooks,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> (MediaSeen, impl std::future::Future<Output = ()> + Send) {
     let (tx, mut rx) = mpsc::channel::<Input>(1024);
@@ -116,6 +228,7 @@ pub fn server(
         let mut writers: HashMap<u64, mpsc::Sender<Vec<u8>>> = HashMap::new();
         let mut per_source: HashMap<IpAddr, usize> = HashMap::new();
         let mut next_conn = 1u64;
+        let mut tally = Tally::default();
         tokio::pin!(stop);
         loop {
             let wake = srs.next_timeout().map(|t| t.saturating_sub(now_ms()));
@@ -131,14 +244,14 @@ pub fn server(
                     }
                     let peer = Peer { addr: from, transport: Transport::Udp, conn: None };
                     match (n <= MAX_MESSAGE).then(|| message::parse(&buf[..n])) {
-                        Some(Ok(m)) => srs.handle(now_ms(), peer, &m),
+                        Some(Ok(m)) => hooks.handle(&mut srs, now_ms(), peer, &m),
                         _ => {
                             let _ = events.try_send(Event::Malformed);
                             continue;
                         }
                     }
                 }
-                accepted = listener.tcp.accept() => {
+                accepted = accept(&listener.tcp, &listener.tls) => {
                     let Ok((stream, from)) = accepted else { continue };
                     let ip = from.ip();
                     if !allowed(ip) {
@@ -159,7 +272,7 @@ pub fn server(
                 input = rx.recv() => match input {
                     None => break,
                     Some(Input::Message(peer, bytes)) => match message::parse(&bytes) {
-                        Ok(m) => srs.handle(now_ms(), peer, &m),
+                        Ok(m) => hooks.handle(&mut srs, now_ms(), peer, &m),
                         Err(_) => {
                             let _ = events.try_send(Event::Malformed);
                             continue;
@@ -181,7 +294,8 @@ pub fn server(
                     }
                 },
             };
-            dispatch(actions, &udp, &writers, &events).await;
+            hooks.count(&srs, &actions, &mut tally);
+            dispatch(actions, &udp, &writers, &events, hooks.sessions.as_deref()).await;
         }
     };
     (media, task)
@@ -194,63 +308,149 @@ async fn dispatch(
     udp: &UdpSocket,
     writers: &HashMap<u64, mpsc::Sender<Vec<u8>>>,
     events: &mpsc::Sender<Event>,
+    sessions: Option<&(dyn Fn(SipAction) + Send + Sync)>,
 ) {
-    for a in actions {
-        match a {
-            SipAction::Send { peer, bytes } => match peer.transport {
-                Transport::Udp => {
-                    let _ = udp.send_to(&bytes, peer.addr).await;
-                }
-                Transport::Tcp | Transport::Tls => {
-                    let w = peer.conn.and_then(|c| writers.get(&c)).cloned();
-                    match w {
-                        Some(w) if w.send(bytes.clone()).await.is_ok() => {}
-                        // The connection is gone (or was never ours): a new one. TLS for a
-                        // request of ours comes with the TLS listener.
-                        _ => {
-                            tokio::spawn(async move {
-                                let connect = tokio::time::timeout(
-                                    Duration::from_secs(5),
-                                    TcpStream::connect(peer.addr),
-                                );
-                                if let Ok(Ok(mut s)) = connect.await
-                                    && s.write_all(&bytes).await.is_ok()
-                                {
-                                    // Its answer is read and the connection let go.
-                                    let mut sink = [0u8; 2048];
-                                    let _ = tokio::time::timeout(
-                                        Duration::from_secs(5),
-                                        s.read(&mut sink),
-                                    )
-                                    .await;
-                                }
-                            });
-                        }
+    // Sessions first: the media layer learns a session's ports before the client learns
+    // them from the answer, so no packet finds its port unknown.
+    let (sends, reports): (Vec<SipAction>, Vec<SipAction>) = actions
+        .into_iter()
+        .partition(|a| matches!(a, SipAction::Send { .. }));
+    for a in reports {
+        match sessions {
+            Some(f) => f(a),
+            None => {
+                let _ = events.send(Event::Session(a)).await;
+            }
+        }
+    }
+    for a in sends {
+        let SipAction::Send { peer, bytes } = a else {
+            continue;
+        };
+        match peer.transport {
+            Transport::Udp => {
+                let _ = udp.send_to(&bytes, peer.addr).await;
+            }
+            Transport::Tcp | Transport::Tls => {
+                let w = peer.conn.and_then(|c| writers.get(&c)).cloned();
+                match w {
+                    Some(w) if w.send(bytes.clone()).await.is_ok() => {}
+                    // A new TLS connection would need a client identity the client
+                    // trusts: the request is not sent (the session ends here anyway).
+                    _ if peer.transport == Transport::Tls => {
+                        tracing::warn!(peer = %peer.addr, "SIP over TLS: the client's connection is gone; request not sent");
+                    }
+                    // The connection is gone (or was never ours): a new one.
+                    _ => {
+                        tokio::spawn(async move {
+                            let connect = tokio::time::timeout(
+                                Duration::from_secs(5),
+                                TcpStream::connect(peer.addr),
+                            );
+                            if let Ok(Ok(mut s)) = connect.await
+                                && s.write_all(&bytes).await.is_ok()
+                            {
+                                // Its answer is read and the connection let go.
+                                let mut sink = [0u8; 2048];
+                                let _ =
+                                    tokio::time::timeout(Duration::from_secs(5), s.read(&mut sink))
+                                        .await;
+                            }
+                        });
                     }
                 }
-            },
-            other => {
-                let _ = events.send(Event::Session(other)).await;
             }
         }
     }
 }
 
-/// A TCP connection's reader (framing messages to the owner, answering keep-alives) and
-/// writer (what the owner sends on it).
+/// The next connection, TCP or TLS (a TLS connection's handshake is its task's).
+async fn accept(
+    tcp: &TcpListener,
+    tls: &Option<(TcpListener, tokio_rustls::TlsAcceptor)>,
+) -> std::io::Result<(Conn, SocketAddr)> {
+    let tls_accept = async {
+        match tls {
+            Some((l, a)) => {
+                let (s, from) = l.accept().await?;
+                Ok((Conn::Tls(s, a.clone()), from))
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        a = tcp.accept() => a.map(|(s, from)| (Conn::Tcp(s), from)),
+        a = tls_accept => a,
+    }
+}
+
+/// A stream connection as accepted.
+enum Conn {
+    Tcp(TcpStream),
+    /// Before its handshake.
+    Tls(TcpStream, tokio_rustls::TlsAcceptor),
+}
+
+/// How long a TLS client has for its handshake.
+const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
+
+/// A connection's reader (framing messages to the owner, answering keep-alives) and writer
+/// (what the owner sends on it); a TLS connection's handshake first.
 #[allow(clippy::too_many_arguments)]
 fn spawn_connection(
     id: u64,
-    stream: TcpStream,
+    conn: Conn,
     from: SocketAddr,
     idle: Duration,
     tx: mpsc::Sender<Input>,
     pong: mpsc::Sender<Vec<u8>>,
-    mut wrx: mpsc::Receiver<Vec<u8>>,
+    wrx: mpsc::Receiver<Vec<u8>>,
     events: mpsc::Sender<Event>,
 ) {
     tokio::spawn(async move {
-        let (mut read, mut write) = stream.into_split();
+        match conn {
+            Conn::Tcp(s) => {
+                let peer = Peer {
+                    addr: from,
+                    transport: Transport::Tcp,
+                    conn: Some(id),
+                };
+                serve_stream(s, peer, idle, &tx, pong, wrx, &events).await;
+            }
+            Conn::Tls(s, acceptor) => {
+                match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(s)).await {
+                    Ok(Ok(s)) => {
+                        let peer = Peer {
+                            addr: from,
+                            transport: Transport::Tls,
+                            conn: Some(id),
+                        };
+                        serve_stream(s, peer, idle, &tx, pong, wrx, &events).await;
+                    }
+                    _ => {
+                        let _ = events.try_send(Event::Malformed);
+                    }
+                }
+            }
+        }
+        let _ = tx.send(Input::Closed(id, from.ip())).await;
+    });
+}
+
+/// Reads and frames one connection's messages until it closes, idles or garbles.
+async fn serve_stream<S>(
+    stream: S,
+    peer: Peer,
+    idle: Duration,
+    tx: &mpsc::Sender<Input>,
+    pong: mpsc::Sender<Vec<u8>>,
+    mut wrx: mpsc::Receiver<Vec<u8>>,
+    events: &mpsc::Sender<Event>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    {
+        let (mut read, mut write) = tokio::io::split(stream);
         let writer = tokio::spawn(async move {
             while let Some(b) = wrx.recv().await {
                 if write.write_all(&b).await.is_err() {
@@ -258,11 +458,6 @@ fn spawn_connection(
                 }
             }
         });
-        let peer = Peer {
-            addr: from,
-            transport: Transport::Tcp,
-            conn: Some(id),
-        };
         let mut buf: Vec<u8> = Vec::with_capacity(4096);
         let mut chunk = vec![0u8; 16 * 1024];
         'conn: loop {
@@ -294,9 +489,8 @@ fn spawn_connection(
                 }
             }
         }
-        let _ = tx.send(Input::Closed(id, from.ip())).await;
         writer.abort();
-    });
+    }
 }
 
 #[cfg(test)]
@@ -370,6 +564,7 @@ m=audio 40000 RTP/AVP 0\r\na=label:1\r\na=sendonly\r\nm=audio 40002 RTP/AVP 0\r\
             Arc::new(vec![]),
             SipLimits::default(),
             etx,
+            SipHooks::default(),
             async move {
                 let _ = stop_rx.await;
             },
@@ -442,6 +637,7 @@ m=audio 40000 RTP/AVP 0\r\na=label:1\r\na=sendonly\r\nm=audio 40002 RTP/AVP 0\r\
             Arc::new(vec![]),
             limits,
             etx,
+            SipHooks::default(),
             std::future::pending(),
         );
         tokio::spawn(task);
@@ -481,6 +677,7 @@ m=audio 40000 RTP/AVP 0\r\na=label:1\r\na=sendonly\r\nm=audio 40002 RTP/AVP 0\r\
             allow,
             SipLimits::default(),
             etx,
+            SipHooks::default(),
             std::future::pending(),
         );
         tokio::spawn(task);

@@ -1,0 +1,410 @@
+//! `edgerec run` as a SIPREC recording server, end to end: a recording client (this test)
+//! opens a session over TCP with a two-stream offer and RFC 7865 metadata, sends both legs'
+//! RTP to the answered ports, and hangs up; the package holds both legs, bit-exact, and its
+//! export names the participants. Over UDP: OPTIONS answered, metrics counted; media from a
+//! stranger is not recorded.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpStream, UdpSocket};
+use std::time::Duration;
+
+use crate::appliance::{Appliance, files_with_ext, wait_stored};
+use crate::common::*;
+use crate::control::wav_channels;
+
+const XML: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
+<recording xmlns="urn:ietf:params:xml:ns:recording:1"><datamode>complete</datamode>
+<session session_id="sess-1"><sipSessionID>abc</sipSessionID></session>
+<participant participant_id="p-alice"><nameID aor="sip:alice@example.com"><name>Alice</name></nameID></participant>
+<participant participant_id="p-bob"><nameID aor="sip:bob@example.com"/></participant>
+<stream stream_id="s1" session_id="sess-1"><label>1</label></stream>
+<stream stream_id="s2" session_id="sess-1"><label>2</label></stream>
+<participantstreamassoc participant_id="p-alice"><send>s1</send></participantstreamassoc>
+<participantstreamassoc participant_id="p-bob"><send>s2</send></participantstreamassoc>
+</recording>"#;
+
+/// `n` consecutive free UDP ports on loopback, the first even.
+fn free_range(n: u16) -> u16 {
+    for _ in 0..200 {
+        let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let base = probe.local_addr().unwrap().port() & !1;
+        drop(probe);
+        if !(1024..=65000).contains(&base) {
+            continue;
+        }
+        if (base..base + n).all(|p| UdpSocket::bind(("127.0.0.1", p)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no {n} free ports");
+}
+
+/// A configured appliance with `[siprec]` on loopback, started; returns it and the SIP
+/// address from its log.
+fn start_srs(extra: &str) -> (Appliance, String) {
+    let mut a = Appliance::prepare("\"127.0.0.0/8\"", "path = \"store\"", "");
+    let media = free_range(8);
+    let cfg = a.path("edgerec.toml");
+    let mut text = fs::read_to_string(&cfg).unwrap();
+    text.push_str(&format!(
+        "[siprec]\nlisten = \"127.0.0.1:0\"\nmedia_ports = \"{media}-{}\"\n\
+         allow = [\"127.0.0.0/8\"]\nconversation_id_header = \"X-Conversation-Id\"\n{extra}",
+        media + 7
+    ));
+    fs::write(&cfg, text).unwrap();
+    a.spawn();
+    let line = a.wait_log("SIPREC server listening");
+    let addr = line
+        .split("local=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    (a, addr)
+}
+
+fn request(method: &str, cseq: u32, to_tag: &str, extra: &str, ct: &str, body: &str) -> String {
+    let ct = if ct.is_empty() {
+        String::new()
+    } else {
+        format!("Content-Type: {ct}\r\n")
+    };
+    format!(
+        "{method} sip:srs@127.0.0.1 SIP/2.0\r\n\
+Via: SIP/2.0/TCP 127.0.0.1:5999;branch=z9hG4bK-it-{cseq}-{method}\r\n\
+Max-Forwards: 70\r\nFrom: <sip:src@127.0.0.1>;tag=src1\r\nTo: <sip:srs@127.0.0.1>{to_tag}\r\n\
+Call-ID: it-call-1\r\nCSeq: {cseq} {method}\r\nContact: <sip:src@127.0.0.1:5999;transport=tcp>\r\n\
+{extra}{ct}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Reads one SIP message from a stream: its head and its body.
+fn read_message(s: &mut TcpStream) -> (String, String) {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).unwrap();
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8(buf).unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Content-Length:")
+                .or_else(|| l.strip_prefix("l:"))
+        })
+        .map_or(0, |v| v.trim().parse().unwrap());
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).unwrap();
+    (head, String::from_utf8(body).unwrap())
+}
+
+/// The final response (skipping `100 Trying`).
+fn final_response(s: &mut TcpStream) -> (String, String) {
+    loop {
+        let (head, body) = read_message(s);
+        if !head.starts_with("SIP/2.0 100") {
+            return (head, body);
+        }
+    }
+}
+
+fn rtp(seq: u16, ssrc: u32, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x80, 0];
+    p.extend_from_slice(&seq.to_be_bytes());
+    p.extend_from_slice(&(u32::from(seq) * 160).to_be_bytes());
+    p.extend_from_slice(&ssrc.to_be_bytes());
+    p.extend_from_slice(payload);
+    p
+}
+
+/// G.711 µ-law to linear (ITU-T G.711), the test's own oracle.
+fn ulaw(b: u8) -> i16 {
+    let u = !b;
+    let t = ((i32::from(u & 0x0f) << 3) + 0x84) << ((u & 0x70) >> 4);
+    (if u & 0x80 != 0 { 0x84 - t } else { t - 0x84 }) as i16
+}
+
+/// The To tag of a response (the dialog's, for the requests that follow).
+fn to_tag(head: &str) -> String {
+    let tag = head
+        .lines()
+        .find(|l| l.starts_with("To:") || l.starts_with("t:"))
+        .and_then(|l| l.split(";tag=").nth(1))
+        .unwrap();
+    format!(";tag={}", tag.trim())
+}
+
+#[test]
+fn a_two_leg_session_over_tcp_is_one_package_bit_exact_with_its_participants() {
+    let (a, sip) = start_srs("");
+    let mut s = TcpStream::connect(&sip).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let sdp = "v=0\r\no=SBC 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
+m=audio 10000 RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\n\
+a=label:1\r\na=sendonly\r\nm=audio 10002 RTP/AVP 0\r\na=label:2\r\na=sendonly\r\n";
+    let body = format!(
+        "--b1\r\nContent-Type: application/sdp\r\n\r\n{sdp}\r\n--b1\r\n\
+Content-Type: application/rs-metadata+xml\r\nContent-Disposition: recording-session\r\n\r\n{XML}\r\n--b1--\r\n"
+    );
+    let invite = request(
+        "INVITE",
+        1,
+        "",
+        "Require: siprec\r\nX-Conversation-Id: conv-sip-7\r\n",
+        "multipart/mixed;boundary=b1",
+        &body,
+    );
+    s.write_all(invite.as_bytes()).unwrap();
+    let (head, answer) = final_response(&mut s);
+    assert!(head.starts_with("SIP/2.0 200"), "{head}");
+    assert!(head.contains("+sip.srs"), "{head}");
+    let to_tag = to_tag(&head);
+    let ports: Vec<u16> = answer
+        .lines()
+        .filter_map(|l| l.strip_prefix("m=audio "))
+        .map(|r| r.split(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(ports.len(), 2, "{answer}");
+    assert!(answer.matches("a=recvonly").count() == 2, "{answer}");
+    assert!(
+        answer.contains("a=label:1") && answer.contains("a=label:2"),
+        "{answer}"
+    );
+    s.write_all(request("ACK", 1, &to_tag, "", "", "").as_bytes())
+        .unwrap();
+
+    // Both legs, 25 packets each (half a second of audio, sent at once: placed by RTP
+    // timestamp). No µ-law byte here decodes to silence, so each leg is found in its channel.
+    let payload = |leg: u8, seq: u16| -> Vec<u8> {
+        (0..160u16)
+            .map(|i| ((i + seq * 3 + u16::from(leg) * 40) % 0x70) as u8)
+            .collect()
+    };
+    let legs = [
+        UdpSocket::bind("127.0.0.1:0").unwrap(),
+        UdpSocket::bind("127.0.0.1:0").unwrap(),
+    ];
+    // A stranger's packet to the first port: not recorded (the offer named 127.0.0.1 only,
+    // so it comes from another loopback address).
+    let stranger = UdpSocket::bind("127.0.0.2:0").unwrap();
+    stranger
+        .send_to(&rtp(999, 0xbad, &[0x11; 160]), ("127.0.0.1", ports[0]))
+        .unwrap();
+    for seq in 0..25u16 {
+        for (leg, sock) in legs.iter().enumerate() {
+            let p = rtp(seq, 0x1000 + leg as u32, &payload(leg as u8, seq));
+            sock.send_to(&p, ("127.0.0.1", ports[leg])).unwrap();
+        }
+    }
+    a.wait_metric("edgerec_rtp_packets_received_total", 50.0);
+    a.wait_metric(
+        "edgerec_datagrams_rejected_total{reason=\"siprec_source\"}",
+        1.0,
+    );
+    s.write_all(request("BYE", 2, &to_tag, "", "", "").as_bytes())
+        .unwrap();
+    let (head, _) = final_response(&mut s);
+    assert!(head.starts_with("SIP/2.0 200"), "{head}");
+    let stored = wait_stored(&a.path("store"), 1);
+    assert_eq!(stored.len(), 1, "one package per session");
+    assert_eq!(
+        a.metric("edgerec_siprec_sessions_total{outcome=\"bye\"}"),
+        1.0
+    );
+    assert_eq!(
+        a.metric("edgerec_siprec_requests_total{method=\"INVITE\"}"),
+        1.0
+    );
+    assert!(a.metric("edgerec_siprec_responses_total{code=\"200\"}") >= 2.0);
+
+    let out = a.path("export");
+    let exported = edgerec(&[
+        "export",
+        "--key",
+        key_path("test-kek.pem").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        stored[0].to_str().unwrap(),
+    ]);
+    assert!(
+        exported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
+    let wav = files_with_ext(&out, "wav");
+    assert_eq!(wav.len(), 1);
+    assert!(
+        wav[0]
+            .to_str()
+            .unwrap()
+            .contains("conversation_id=conv-sip-7"),
+        "{}",
+        wav[0].display()
+    );
+    let channels = wav_channels(&wav[0]);
+    assert_eq!(channels.len(), 2, "one channel per m-line");
+    for (leg, samples) in channels.iter().enumerate() {
+        let want: Vec<i16> = (0..25u16)
+            .flat_map(|seq| payload(leg as u8, seq))
+            .map(ulaw)
+            .collect();
+        let start = samples.iter().position(|&x| x != 0).unwrap();
+        assert_eq!(
+            &samples[start..start + want.len()],
+            &want[..],
+            "leg {leg} is bit-exact"
+        );
+    }
+    let meta_file = wav[0].with_file_name(format!(
+        "{}_metadata.json",
+        wav[0].file_stem().unwrap().to_str().unwrap()
+    ));
+    let m: serde_json::Value = serde_json::from_slice(&fs::read(meta_file).unwrap()).unwrap();
+    let siprec = &m["metadata"]["siprec"];
+    assert_eq!(siprec["call_id"], "it-call-1", "{m}");
+    let participants = siprec["metadata"]["participants"].as_array().unwrap();
+    assert_eq!(participants.len(), 2, "{m}");
+    assert!(
+        participants
+            .iter()
+            .any(|p| p["aor"] == "sip:alice@example.com" && p["name"] == "Alice"),
+        "{m}"
+    );
+    assert!(siprec["xml"].as_str().unwrap().contains("p-alice"), "{m}");
+    assert_eq!(m["metadata"]["siprec_end"], "bye", "{m}");
+}
+
+/// Opens a one-stream session over TCP offering `pt` (with `rtpmap`, if any): the
+/// connection, the dialog's To tag and the answered port.
+fn one_stream_session(sip: &str, pt: u8, rtpmap: &str) -> (TcpStream, String, u16) {
+    let mut s = TcpStream::connect(sip).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let sdp = format!(
+        "v=0\r\no=SBC 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
+m=audio 10000 RTP/AVP {pt}\r\n{rtpmap}a=label:1\r\na=sendonly\r\n"
+    );
+    s.write_all(
+        request(
+            "INVITE",
+            1,
+            "",
+            "Require: siprec\r\n",
+            "application/sdp",
+            &sdp,
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let (head, answer) = final_response(&mut s);
+    assert!(head.starts_with("SIP/2.0 200"), "{head}");
+    let to_tag = to_tag(&head);
+    s.write_all(request("ACK", 1, &to_tag, "", "", "").as_bytes())
+        .unwrap();
+    let port = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("m=audio "))
+        .and_then(|r| r.split(' ').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    (s, to_tag, port)
+}
+
+/// Ends a session with a BYE and waits for its `200`.
+fn bye(s: &mut TcpStream, to_tag: &str) {
+    s.write_all(request("BYE", 2, to_tag, "", "", "").as_bytes())
+        .unwrap();
+    let (head, _) = final_response(s);
+    assert!(head.starts_with("SIP/2.0 200"), "{head}");
+}
+
+#[test]
+fn a_session_in_another_codec_exports_as_pcap_and_its_wav_is_refused_by_name() {
+    let (a, sip) = start_srs("");
+    let (mut s, to_tag, port) = one_stream_session(&sip, 18, "");
+    let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for seq in 0..10u16 {
+        let mut p = rtp(seq, 0x77, &[0x42; 20]);
+        p[1] = 18;
+        u.send_to(&p, ("127.0.0.1", port)).unwrap();
+    }
+    a.wait_metric("edgerec_rtp_packets_received_total", 10.0);
+    bye(&mut s, &to_tag);
+    let stored = wait_stored(&a.path("store"), 1);
+    let export = |format: &str| {
+        edgerec(&[
+            "export",
+            "--key",
+            key_path("test-kek.pem").to_str().unwrap(),
+            "--format",
+            format,
+            "--out",
+            a.path(format).to_str().unwrap(),
+            stored[0].to_str().unwrap(),
+        ])
+    };
+    let wav = export("wav");
+    let err = String::from_utf8_lossy(&wav.stderr);
+    assert!(!wav.status.success());
+    assert!(
+        err.contains("G729/8000 (payload type 18)") && err.contains("--format pcap"),
+        "{err}"
+    );
+    let pcap = export("pcap");
+    assert!(
+        pcap.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pcap.stderr)
+    );
+    assert_eq!(files_with_ext(&a.path("pcap"), "pcap").len(), 1);
+}
+
+#[test]
+fn options_over_udp_are_answered_and_a_session_without_media_is_still_a_package() {
+    let (a, sip) = start_srs("");
+    let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+    u.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let options = request("OPTIONS", 1, "", "", "", "").replace("SIP/2.0/TCP", "SIP/2.0/UDP");
+    u.send_to(options.as_bytes(), &sip).unwrap();
+    let mut buf = [0u8; 4096];
+    let (n, _) = u.recv_from(&mut buf).unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(answer.starts_with("SIP/2.0 200"), "{answer}");
+    a.wait_metric("edgerec_siprec_requests_total{method=\"OPTIONS\"}", 1.0);
+
+    // A session over TCP that never sends RTP, ended by the client.
+    let (mut s, to_tag, _) = one_stream_session(&sip, 8, "");
+    a.wait_metric("edgerec_siprec_sessions_active", 1.0);
+    bye(&mut s, &to_tag);
+    let stored = wait_stored(&a.path("store"), 1);
+    let ring = ring(&["test"]);
+    let mut r = erec::reader::PackageReader::new(
+        fs::File::open(&stored[0]).unwrap(),
+        &ring,
+        erec::reader::ReadMode::Strict,
+    )
+    .unwrap();
+    let mut kinds = Vec::new();
+    while let Some(rec) = r.next_record().unwrap() {
+        kinds.push(rec.kind);
+    }
+    assert_eq!(
+        kinds,
+        [erec::format::Kind::Metadata, erec::format::Kind::Metadata],
+        "the session's metadata and its end, no media"
+    );
+    assert_eq!(
+        r.end().map(|e| e.reason),
+        Some(erec::format::EndReason::Complete)
+    );
+    let m = r.metadata();
+    assert_eq!(m["siprec_end"], "bye");
+    assert_eq!(m["siprec"]["streams"][0]["recorded"], true, "{m:?}");
+    assert_eq!(
+        m["siprec"]["streams"][0]["codecs"][0]["name"], "PCMA/8000",
+        "{m:?}"
+    );
+}
