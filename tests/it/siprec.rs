@@ -7,6 +7,7 @@
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{TcpStream, UdpSocket};
+use std::path::Path;
 use std::time::Duration;
 
 use crate::appliance::{Appliance, files_with_ext, wait_stored};
@@ -193,8 +194,9 @@ Content-Type: application/rs-metadata+xml\r\nContent-Disposition: recording-sess
     stranger
         .send_to(&rtp(999, 0xbad, &[0x11; 160]), ("127.0.0.1", ports[0]))
         .unwrap();
+    // Stream 1 (the second m-line) sends first: its channel is still the second.
     for seq in 0..25u16 {
-        for (leg, sock) in legs.iter().enumerate() {
+        for (leg, sock) in legs.iter().enumerate().rev() {
             let p = rtp(seq, 0x1000 + leg as u32, &payload(leg as u8, seq));
             sock.send_to(&p, ("127.0.0.1", ports[leg])).unwrap();
         }
@@ -407,4 +409,265 @@ fn options_over_udp_are_answered_and_a_session_without_media_is_still_a_package(
         m["siprec"]["streams"][0]["codecs"][0]["name"], "PCMA/8000",
         "{m:?}"
     );
+}
+
+/// sipp (Debian's `sip-tester`, installed by the test command) as the recording client: one
+/// call of `tests/sipp/{scenario}.xml` to `sip` over `transport` (`t1` TCP, `u1` UDP), run in
+/// `dir` (where its messages go to `sipp.log`).
+fn sipp(dir: &Path, sip: &str, scenario: &str, transport: &str) -> std::process::Child {
+    let file = repo_path(&format!("tests/sipp/{scenario}.xml"));
+    std::process::Command::new("sipp")
+        .current_dir(dir)
+        .args([
+            sip,
+            "-sf",
+            file.to_str().unwrap(),
+            "-t",
+            transport,
+            "-m",
+            "1",
+        ])
+        .args(["-i", "127.0.0.1", "-mi", "127.0.0.1", "-p", "0", "-nostdin"])
+        .args([
+            "-timeout",
+            "40s",
+            "-timeout_error",
+            "-key",
+            "conversation",
+            "sipp-conv-1",
+        ])
+        .args([
+            "-trace_msg",
+            "-message_file",
+            "sipp.log",
+            "-trace_err",
+            "-error_file",
+            "sipp.err",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("sipp is installed by the test command (Debian's sip-tester)")
+}
+
+/// Waits for sipp's call to end well.
+fn sipp_done(child: std::process::Child, dir: &Path) {
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "sipp: {}\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        fs::read_to_string(dir.join("sipp.err")).unwrap_or_default()
+    );
+}
+
+/// A µ-law WAV of a tone, `secs` long, for sipp to play (sox, installed by the test
+/// command), and its samples as sox decodes them: the reference the export must match.
+fn tone(dir: &Path, secs: &str) -> Vec<i16> {
+    let wav = dir.join("leg1.wav");
+    let st = std::process::Command::new("sox")
+        .args(["-n", "-r", "8000", "-c", "1", "-e", "u-law"])
+        .arg(&wav)
+        .args(["synth", secs, "sine", "440"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let raw = std::process::Command::new("sox")
+        .arg(&wav)
+        .args(["-t", "raw", "-e", "signed", "-b", "16", "-"])
+        .output()
+        .unwrap();
+    assert!(raw.status.success());
+    raw.stdout
+        .chunks_exact(2)
+        .map(|b| i16::from_le_bytes([b[0], b[1]]))
+        .collect()
+}
+
+/// Where `want` lies whole in `samples`.
+fn find(samples: &[i16], want: &[i16]) -> Option<usize> {
+    (0..samples.len().saturating_sub(want.len()) + 1).find(|&k| samples[k..k + want.len()] == *want)
+}
+
+/// The ports of the `200` sipp received for its INVITE (from its message log).
+fn answered_ports(dir: &Path) -> Vec<u16> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = fs::read_to_string(dir.join("sipp.log")).unwrap_or_default();
+        if let Some(at) = log.find("SIP/2.0 200 OK") {
+            let ports: Vec<u16> = log[at..]
+                .split("-----------")
+                .next()
+                .unwrap()
+                .lines()
+                .filter_map(|l| l.strip_prefix("m=audio "))
+                .map(|r| r.split(' ').next().unwrap().parse().unwrap())
+                .collect();
+            if !ports.is_empty() {
+                return ports;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "no 200 in sipp's log");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// sipp opens a two-stream session with metadata and plays a tone to the first stream; the
+/// test sends the second leg (sipp plays to the first m=audio only), opening its stream
+/// before sipp's first packet can; sipp hangs up. Both legs come out of the export bit-exact.
+fn a_sipp_session_is_recorded_bit_exact(transport: &str) {
+    let (a, sip) = start_srs("");
+    let dir = a.path("sipp");
+    fs::create_dir(&dir).unwrap();
+    let reference = tone(&dir, "2");
+    let client = sipp(&dir, &sip, "siprec_call", transport);
+    let ports = answered_ports(&dir);
+    assert_eq!(ports.len(), 2);
+    let leg2 = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let payload = |seq: u16| -> Vec<u8> { (0..160u16).map(|i| ((i + seq) % 0x70) as u8).collect() };
+    for seq in 0..50u16 {
+        leg2.send_to(&rtp(seq, 0x2222, &payload(seq)), ("127.0.0.1", ports[1]))
+            .unwrap();
+    }
+    sipp_done(client, &dir);
+    let stored = wait_stored(&a.path("store"), 1);
+    assert_eq!(
+        a.metric("edgerec_siprec_sessions_total{outcome=\"bye\"}"),
+        1.0
+    );
+    let out = a.path("export");
+    let exported = edgerec(&[
+        "export",
+        "--key",
+        key_path("test-kek.pem").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        stored[0].to_str().unwrap(),
+    ]);
+    assert!(
+        exported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
+    let wav = files_with_ext(&out, "wav");
+    assert!(
+        wav[0]
+            .to_str()
+            .unwrap()
+            .contains("conversation_id=sipp-conv-1"),
+        "{}",
+        wav[0].display()
+    );
+    let channels = wav_channels(&wav[0]);
+    assert_eq!(channels.len(), 2, "one channel per m-line");
+    assert!(
+        find(&channels[0], &reference).is_some(),
+        "the tone sipp played is in channel 0, bit-exact"
+    );
+    let leg2: Vec<i16> = (0..50u16).flat_map(payload).map(ulaw).collect();
+    assert!(
+        find(&channels[1], &leg2).is_some(),
+        "the second leg is in channel 1, bit-exact"
+    );
+    let meta = wav[0].with_file_name(format!(
+        "{}_metadata.json",
+        wav[0].file_stem().unwrap().to_str().unwrap()
+    ));
+    let m: serde_json::Value = serde_json::from_slice(&fs::read(meta).unwrap()).unwrap();
+    let names: Vec<&str> = m["metadata"]["siprec"]["metadata"]["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(names.len(), 2, "{m}");
+    assert!(names.contains(&"Caller") && names.contains(&"Agent"), "{m}");
+}
+
+#[test]
+fn sipp_over_tcp_records_both_legs_bit_exact_with_the_participants() {
+    a_sipp_session_is_recorded_bit_exact("t1");
+}
+
+#[test]
+fn sipp_over_udp_records_both_legs_bit_exact_with_the_participants() {
+    a_sipp_session_is_recorded_bit_exact("u1");
+}
+
+#[test]
+fn sipp_pauses_and_resumes_by_re_invite_and_the_pause_is_silence() {
+    let (a, sip) = start_srs("");
+    let dir = a.path("sipp");
+    fs::create_dir(&dir).unwrap();
+    tone(&dir, "4");
+    let client = sipp(&dir, &sip, "siprec_pause", "u1");
+    sipp_done(client, &dir);
+    let stored = wait_stored(&a.path("store"), 1);
+    // About a second of the tone arrived while the stream was inactive: not stored.
+    assert!(a.metric("edgerec_rtp_packets_paused_total") >= 30.0);
+    let out = a.path("export");
+    let exported = edgerec(&[
+        "export",
+        "--key",
+        key_path("test-kek.pem").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        stored[0].to_str().unwrap(),
+    ]);
+    assert!(
+        exported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
+    let wav = files_with_ext(&out, "wav");
+    let meta = wav[0].with_file_name(format!(
+        "{}_metadata.json",
+        wav[0].file_stem().unwrap().to_str().unwrap()
+    ));
+    let m: serde_json::Value = serde_json::from_slice(&fs::read(meta).unwrap()).unwrap();
+    let spans = m["paused"]
+        .as_array()
+        .expect("the pause is in the metadata");
+    assert_eq!(spans.len(), 1, "{m}");
+    assert_eq!(spans[0]["stream"], 0, "{m}");
+    let (from, to) = (
+        spans[0]["from_ms"].as_f64().unwrap(),
+        spans[0]["to_ms"].as_f64().unwrap(),
+    );
+    assert!(to - from >= 800.0, "{from} .. {to}");
+    // Silence over the pause, the tone before and after it (sipp stamps its packets from
+    // its clock: a margin of three packets at each edge).
+    let samples = &wav_channels(&wav[0])[0];
+    let at = |ms: f64| (ms * 8.0) as usize;
+    assert!(
+        samples[at(from + 60.0)..at(to - 60.0)]
+            .iter()
+            .all(|&s| s == 0)
+    );
+    let loud = |s: &[i16]| s.iter().filter(|&&x| x.unsigned_abs() > 1000).count() > s.len() / 3;
+    assert!(
+        loud(&samples[at(from - 500.0)..at(from - 60.0)]),
+        "the tone before the pause"
+    );
+    assert!(
+        loud(&samples[at(to + 60.0)..at(to + 500.0)]),
+        "the tone after the pause"
+    );
+}
+
+#[test]
+fn sipp_is_sent_a_bye_when_it_forgets_its_session() {
+    let (a, sip) = start_srs("inactivity_secs = 5\n");
+    let dir = a.path("sipp");
+    fs::create_dir(&dir).unwrap();
+    // sipp's call succeeds only if the recording server's BYE comes and is answered.
+    let client = sipp(&dir, &sip, "siprec_inactive", "t1");
+    sipp_done(client, &dir);
+    a.wait_metric(
+        "edgerec_siprec_sessions_total{outcome=\"srs_bye_inactive\"}",
+        1.0,
+    );
+    let stored = wait_stored(&a.path("store"), 1);
+    assert_eq!(stored.len(), 1, "the forgotten session is still a package");
 }

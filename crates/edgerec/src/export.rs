@@ -103,6 +103,9 @@ struct Stream {
     local: SocketAddr,
     remote: SocketAddr,
     payload_type: u8,
+    /// False for an index below one opened that has not opened (yet): a SIPREC stream is
+    /// its m-line, and the second may send before the first, or the first never.
+    opened: bool,
 }
 
 /// One stream's counts, gathered in the first pass.
@@ -163,8 +166,9 @@ struct Survey {
     counts: Vec<Counts>,
     events: Vec<Value>,
     events_omitted: u64,
-    /// Pause (true) and resume (false) events of the whole recording, µs.
-    pauses: Vec<(u64, bool)>,
+    /// Pause (true) and resume (false) events, µs, by stream ([`NO_STREAM`]: the whole
+    /// recording, as a port's pause; a stream's own: a SIPREC stream made inactive).
+    pauses: Vec<(u8, u64, bool)>,
     /// Where each stream index's samples end (packets may name a stream before it opens,
     /// or one never opened: only the streams opened count, at the end, as in the output).
     ends: Vec<u64>,
@@ -221,14 +225,25 @@ impl Survey {
                 payload_type,
                 ..
             } => {
-                if usize::from(stream) == self.streams.len() {
+                let i = usize::from(stream);
+                while self.streams.len() <= i {
                     self.streams.push(Stream {
+                        ssrc: 0,
+                        local: SocketAddr::from(([0, 0, 0, 0], 0)),
+                        remote: SocketAddr::from(([0, 0, 0, 0], 0)),
+                        payload_type: 0,
+                        opened: false,
+                    });
+                    self.counts.push(Counts::default());
+                }
+                if !self.streams[i].opened {
+                    self.streams[i] = Stream {
                         ssrc,
                         local,
                         remote,
                         payload_type,
-                    });
-                    self.counts.push(Counts::default());
+                        opened: true,
+                    };
                 }
             }
             Entry::Event {
@@ -236,11 +251,8 @@ impl Survey {
                 time_us,
                 event,
             } => {
-                if stream == NO_STREAM
-                    && matches!(event, Event::Pause | Event::Resume)
-                    && self.pauses.len() < MAX_EVENTS
-                {
-                    self.pauses.push((time_us, event == Event::Pause));
+                if matches!(event, Event::Pause | Event::Resume) && self.pauses.len() < MAX_EVENTS {
+                    self.pauses.push((stream, time_us, event == Event::Pause));
                 }
                 if self.events.len() >= MAX_EVENTS {
                     self.events_omitted += 1;
@@ -530,12 +542,27 @@ fn describe_media(survey: &mut Survey, doc: &mut Value) {
     if survey.events_omitted > 0 {
         doc["events_omitted"] = survey.events_omitted.into();
     }
-    let paused = paused_spans(&survey.pauses);
-    if !paused.is_empty() {
-        doc["paused"] = paused
+    let mut by_stream: Vec<u8> = survey.pauses.iter().map(|p| p.0).collect();
+    by_stream.sort_unstable();
+    by_stream.dedup();
+    let mut paused = Vec::new();
+    for stream in by_stream {
+        let events: Vec<(u64, bool)> = survey
+            .pauses
             .iter()
-            .map(|(from, to)| json!({ "from_ms": from, "to_ms": to }))
+            .filter(|p| p.0 == stream)
+            .map(|p| (p.1, p.2))
             .collect();
+        for (from, to) in paused_spans(&events) {
+            let mut span = json!({ "from_ms": from, "to_ms": to });
+            if stream != NO_STREAM {
+                span["stream"] = stream.into();
+            }
+            paused.push(span);
+        }
+    }
+    if !paused.is_empty() {
+        doc["paused"] = paused.into();
         doc["paused_note"] = json!(
             "recording was paused on request over these spans (times from the recording's \
              start; to_ms null: to the end): no media was stored, the audio is silence there"
@@ -728,6 +755,7 @@ fn stream_stats(survey: &Survey) -> Value {
     for (i, (s, c)) in survey.streams.iter().zip(&survey.counts).enumerate() {
         out.push(json!({
             "index": i,
+            "opened": s.opened,
             "ssrc": s.ssrc,
             "local": s.local.to_string(),
             "remote": s.remote.to_string(),
