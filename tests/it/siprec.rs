@@ -138,6 +138,32 @@ fn to_tag(head: &str) -> String {
     format!(";tag={}", tag.trim())
 }
 
+/// Exports a stored package as WAV (the test key): the WAV file and its metadata document.
+fn export_wav(a: &Appliance, package: &Path) -> (std::path::PathBuf, serde_json::Value) {
+    let out = a.path("export");
+    let exported = edgerec(&[
+        "export",
+        "--key",
+        key_path("test-kek.pem").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        package.to_str().unwrap(),
+    ]);
+    assert!(
+        exported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
+    let wav = files_with_ext(&out, "wav");
+    assert_eq!(wav.len(), 1);
+    let meta = wav[0].with_file_name(format!(
+        "{}_metadata.json",
+        wav[0].file_stem().unwrap().to_str().unwrap()
+    ));
+    let m = serde_json::from_slice(&fs::read(meta).unwrap()).unwrap();
+    (wav[0].clone(), m)
+}
+
 #[test]
 fn a_two_leg_session_over_tcp_is_one_package_bit_exact_with_its_participants() {
     let (a, sip) = start_srs("");
@@ -222,31 +248,13 @@ Content-Type: application/rs-metadata+xml\r\nContent-Disposition: recording-sess
     );
     assert!(a.metric("edgerec_siprec_responses_total{code=\"200\"}") >= 2.0);
 
-    let out = a.path("export");
-    let exported = edgerec(&[
-        "export",
-        "--key",
-        key_path("test-kek.pem").to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        stored[0].to_str().unwrap(),
-    ]);
+    let (wav, m) = export_wav(&a, &stored[0]);
     assert!(
-        exported.status.success(),
+        wav.to_str().unwrap().contains("conversation_id=conv-sip-7"),
         "{}",
-        String::from_utf8_lossy(&exported.stderr)
+        wav.display()
     );
-    let wav = files_with_ext(&out, "wav");
-    assert_eq!(wav.len(), 1);
-    assert!(
-        wav[0]
-            .to_str()
-            .unwrap()
-            .contains("conversation_id=conv-sip-7"),
-        "{}",
-        wav[0].display()
-    );
-    let channels = wav_channels(&wav[0]);
+    let channels = wav_channels(&wav);
     assert_eq!(channels.len(), 2, "one channel per m-line");
     for (leg, samples) in channels.iter().enumerate() {
         let want: Vec<i16> = (0..25u16)
@@ -260,11 +268,6 @@ Content-Type: application/rs-metadata+xml\r\nContent-Disposition: recording-sess
             "leg {leg} is bit-exact"
         );
     }
-    let meta_file = wav[0].with_file_name(format!(
-        "{}_metadata.json",
-        wav[0].file_stem().unwrap().to_str().unwrap()
-    ));
-    let m: serde_json::Value = serde_json::from_slice(&fs::read(meta_file).unwrap()).unwrap();
     let siprec = &m["metadata"]["siprec"];
     assert_eq!(siprec["call_id"], "it-call-1", "{m}");
     let participants = siprec["metadata"]["participants"].as_array().unwrap();
@@ -536,30 +539,15 @@ fn a_sipp_session_is_recorded_bit_exact(transport: &str) {
         a.metric("edgerec_siprec_sessions_total{outcome=\"bye\"}"),
         1.0
     );
-    let out = a.path("export");
-    let exported = edgerec(&[
-        "export",
-        "--key",
-        key_path("test-kek.pem").to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        stored[0].to_str().unwrap(),
-    ]);
+    let (wav, m) = export_wav(&a, &stored[0]);
     assert!(
-        exported.status.success(),
-        "{}",
-        String::from_utf8_lossy(&exported.stderr)
-    );
-    let wav = files_with_ext(&out, "wav");
-    assert!(
-        wav[0]
-            .to_str()
+        wav.to_str()
             .unwrap()
             .contains("conversation_id=sipp-conv-1"),
         "{}",
-        wav[0].display()
+        wav.display()
     );
-    let channels = wav_channels(&wav[0]);
+    let channels = wav_channels(&wav);
     assert_eq!(channels.len(), 2, "one channel per m-line");
     assert!(
         find(&channels[0], &reference).is_some(),
@@ -570,11 +558,6 @@ fn a_sipp_session_is_recorded_bit_exact(transport: &str) {
         find(&channels[1], &leg2).is_some(),
         "the second leg is in channel 1, bit-exact"
     );
-    let meta = wav[0].with_file_name(format!(
-        "{}_metadata.json",
-        wav[0].file_stem().unwrap().to_str().unwrap()
-    ));
-    let m: serde_json::Value = serde_json::from_slice(&fs::read(meta).unwrap()).unwrap();
     let names: Vec<&str> = m["metadata"]["siprec"]["metadata"]["participants"]
         .as_array()
         .unwrap()
@@ -606,26 +589,7 @@ fn sipp_pauses_and_resumes_by_re_invite_and_the_pause_is_silence() {
     let stored = wait_stored(&a.path("store"), 1);
     // About a second of the tone arrived while the stream was inactive: not stored.
     assert!(a.metric("edgerec_rtp_packets_paused_total") >= 30.0);
-    let out = a.path("export");
-    let exported = edgerec(&[
-        "export",
-        "--key",
-        key_path("test-kek.pem").to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        stored[0].to_str().unwrap(),
-    ]);
-    assert!(
-        exported.status.success(),
-        "{}",
-        String::from_utf8_lossy(&exported.stderr)
-    );
-    let wav = files_with_ext(&out, "wav");
-    let meta = wav[0].with_file_name(format!(
-        "{}_metadata.json",
-        wav[0].file_stem().unwrap().to_str().unwrap()
-    ));
-    let m: serde_json::Value = serde_json::from_slice(&fs::read(meta).unwrap()).unwrap();
+    let (wav, m) = export_wav(&a, &stored[0]);
     let spans = m["paused"]
         .as_array()
         .expect("the pause is in the metadata");
@@ -638,7 +602,7 @@ fn sipp_pauses_and_resumes_by_re_invite_and_the_pause_is_silence() {
     assert!(to - from >= 800.0, "{from} .. {to}");
     // Silence over the pause, the tone before and after it (sipp stamps its packets from
     // its clock: a margin of three packets at each edge).
-    let samples = &wav_channels(&wav[0])[0];
+    let samples = &wav_channels(&wav)[0];
     let at = |ms: f64| (ms * 8.0) as usize;
     assert!(
         samples[at(from + 60.0)..at(to - 60.0)]
