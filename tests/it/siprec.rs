@@ -7,6 +7,7 @@
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{TcpStream, UdpSocket};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -44,6 +45,12 @@ fn free_range(n: u16) -> u16 {
 /// A configured appliance with `[siprec]` on loopback, started; returns it and the SIP
 /// address from its log.
 fn start_srs(extra: &str) -> (Appliance, String) {
+    let (a, sip, _) = start_srs_tls(extra);
+    (a, sip)
+}
+
+/// As [`start_srs`], and the TLS listener's address when `extra` configures one.
+fn start_srs_tls(extra: &str) -> (Appliance, String, Option<String>) {
     let mut a = Appliance::prepare("\"127.0.0.0/8\"", "path = \"store\"", "");
     let media = free_range(8);
     let cfg = a.path("edgerec.toml");
@@ -55,14 +62,22 @@ fn start_srs(extra: &str) -> (Appliance, String) {
     ));
     fs::write(&cfg, text).unwrap();
     a.spawn();
-    let line = a.wait_log("SIPREC server listening");
+    let tls = extra.contains("tls_listen").then(|| {
+        a.wait_log("SIPREC server listening (TLS)")
+            .split("tls=Some(")
+            .nth(1)
+            .and_then(|r| r.split(')').next())
+            .unwrap()
+            .to_string()
+    });
+    let line = a.wait_log("SIPREC server listening (UDP and TCP)");
     let addr = line
         .split("local=")
         .nth(1)
         .and_then(|r| r.split_whitespace().next())
         .unwrap()
         .to_string();
-    (a, addr)
+    (a, addr, tls)
 }
 
 fn request(method: &str, cseq: u32, to_tag: &str, extra: &str, ct: &str, body: &str) -> String {
@@ -519,8 +534,72 @@ fn answered_ports(dir: &Path) -> Vec<u16> {
 /// sipp opens a two-stream session with metadata and plays a tone to the first stream; the
 /// test sends the second leg (sipp plays to the first m=audio only), opening its stream
 /// before sipp's first packet can; sipp hangs up. Both legs come out of the export bit-exact.
-fn a_sipp_session_is_recorded_bit_exact(transport: &str) {
-    let (a, sip) = start_srs("");
+fn a_sipp_session_is_recorded_bit_exact(transport: &str, tls: bool) {
+    let mut tunnel = None;
+    let (a, sip) = if tls {
+        // sipp has no TLS in Debian's build: stunnel4 in front of its TCP, as an SBC's TLS.
+        // stunnel connects to the TLS listener only, which speaks nothing but TLS: the call
+        // succeeds only over TLS.
+        let certs = tempfile::tempdir().unwrap();
+        let (cert, key) = (certs.path().join("sip.crt"), certs.path().join("sip.key"));
+        let st = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+            ])
+            .args(["-nodes", "-days", "1", "-subj", "/CN=localhost", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .unwrap();
+        assert!(
+            st.status.success(),
+            "{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+        let (a, _, tls_addr) = start_srs_tls(&format!(
+            "tls_listen = \"127.0.0.1:0\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ));
+        let tls_addr = tls_addr.unwrap();
+        let local = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = local.local_addr().unwrap().port();
+        drop(local);
+        let conf = certs.path().join("stunnel.conf");
+        fs::write(
+            &conf,
+            format!(
+                "foreground = yes\npid =\n[sip]\nclient = yes\naccept = 127.0.0.1:{port}\n\
+                 connect = {tls_addr}\n"
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new("stunnel4")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("stunnel4 is installed by the test command");
+        tunnel = Some((child, certs));
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "stunnel never listened"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (a, format!("127.0.0.1:{port}"))
+    } else {
+        start_srs("")
+    };
     let dir = a.path("sipp");
     fs::create_dir(&dir).unwrap();
     let reference = tone(&dir, "2");
@@ -566,16 +645,25 @@ fn a_sipp_session_is_recorded_bit_exact(transport: &str) {
         .collect();
     assert_eq!(names.len(), 2, "{m}");
     assert!(names.contains(&"Caller") && names.contains(&"Agent"), "{m}");
+    if let Some((mut child, _certs)) = tunnel {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }
 
 #[test]
 fn sipp_over_tcp_records_both_legs_bit_exact_with_the_participants() {
-    a_sipp_session_is_recorded_bit_exact("t1");
+    a_sipp_session_is_recorded_bit_exact("t1", false);
+}
+
+#[test]
+fn sipp_over_tls_through_stunnel_records_both_legs_bit_exact() {
+    a_sipp_session_is_recorded_bit_exact("t1", true);
 }
 
 #[test]
 fn sipp_over_udp_records_both_legs_bit_exact_with_the_participants() {
-    a_sipp_session_is_recorded_bit_exact("u1");
+    a_sipp_session_is_recorded_bit_exact("u1", false);
 }
 
 #[test]
@@ -634,4 +722,92 @@ fn sipp_is_sent_a_bye_when_it_forgets_its_session() {
     );
     let stored = wait_stored(&a.path("store"), 1);
     assert_eq!(stored.len(), 1, "the forgotten session is still a package");
+}
+
+#[test]
+fn srtp_legs_encrypted_by_libsrtp_are_recorded_decrypted_and_forgeries_are_not() {
+    use base64::Engine;
+    let (a, sip) = start_srs("");
+    let b64 = |seed: u8| {
+        base64::engine::general_purpose::STANDARD.encode(
+            (0..30u8)
+                .map(|i| i.wrapping_mul(13).wrapping_add(seed))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let (k80, k32) = (b64(1), b64(2));
+    let sdp = format!(
+        "v=0\r\no=SBC 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
+m=audio 10000 RTP/SAVP 0\r\na=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:{k80}\r\na=label:1\r\na=sendonly\r\n\
+m=audio 10002 RTP/SAVP 0\r\na=crypto:1 AES_CM_128_HMAC_SHA1_32 inline:{k32}\r\na=label:2\r\na=sendonly\r\n"
+    );
+    let mut s = TcpStream::connect(&sip).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(
+        request(
+            "INVITE",
+            1,
+            "",
+            "Require: siprec\r\n",
+            "application/sdp",
+            &sdp,
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let (head, answer) = final_response(&mut s);
+    assert!(head.starts_with("SIP/2.0 200"), "{head}");
+    assert_eq!(answer.matches("RTP/SAVP").count(), 2, "{answer}");
+    assert!(
+        answer.contains("a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:")
+            && answer.contains("a=crypto:1 AES_CM_128_HMAC_SHA1_32 inline:")
+            && !answer.contains(&k80)
+            && !answer.contains(&k32),
+        "answered with keys of its own: {answer}"
+    );
+    let to_tag = to_tag(&head);
+    s.write_all(request("ACK", 1, &to_tag, "", "", "").as_bytes())
+        .unwrap();
+    let ports: Vec<u16> = answer
+        .lines()
+        .filter_map(|l| l.strip_prefix("m=audio "))
+        .map(|r| r.split(' ').next().unwrap().parse().unwrap())
+        .collect();
+    for (port, key, suite) in [(ports[0], &k80, "80"), (ports[1], &k32, "32")] {
+        let out = std::process::Command::new("python3")
+            .arg(repo_path("tests/sipp/srtp_sender.py"))
+            .args(["--port", &port.to_string(), "--key", key, "--suite", suite])
+            .output()
+            .expect("python3 is there");
+        assert!(
+            out.status.success(),
+            "the SRTP sender (pylibsrtp, installed by the test command): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    a.wait_metric("edgerec_rtp_packets_received_total", 100.0);
+    a.wait_metric(
+        "edgerec_datagrams_rejected_total{reason=\"srtp_auth\"}",
+        2.0,
+    );
+    bye(&mut s, &to_tag);
+    let stored = wait_stored(&a.path("store"), 1);
+    let (wav, _) = export_wav(&a, &stored[0]);
+    let want: Vec<i16> = (0..50u16)
+        .flat_map(|seq| (0..160u16).map(move |i| ((i + seq) % 0x70) as u8))
+        .map(ulaw)
+        .collect();
+    for (leg, samples) in wav_channels(&wav).iter().enumerate() {
+        assert!(
+            find(samples, &want).is_some(),
+            "SRTP leg {leg} decrypted bit-exact"
+        );
+    }
+    // The keys never reach the disk: not in the spool, not in the package.
+    let package = fs::read(&stored[0]).unwrap();
+    for k in [&k80, &k32] {
+        let raw = base64::engine::general_purpose::STANDARD.decode(k).unwrap();
+        assert!(!package.windows(raw.len()).any(|w| w == raw));
+        assert!(!package.windows(k.len()).any(|w| w == k.as_bytes()));
+    }
 }
