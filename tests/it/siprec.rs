@@ -450,6 +450,8 @@ fn sipp(dir: &Path, sip: &str, scenario: &str, transport: &str) -> std::process:
             "-timeout",
             "40s",
             "-timeout_error",
+            "-d",
+            "2500",
             "-key",
             "conversation",
             "sipp-conv-1",
