@@ -11,8 +11,9 @@ sessions=${1:-200}; secs=${2:-20}; rate=${3:-50}
 cd "$(dirname "$0")/.."
 cargo build --release --quiet
 bin=$PWD/target/release/edgerec
-work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+scenario=$PWD/tests/sipp/siprec_call.xml
+work=$(mktemp -d); echo "work: $work (KEEP=1 keeps it)" >&2
+trap 'kill $(jobs -p) 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
 hz=$(getconf CLK_TCK)
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
@@ -47,7 +48,7 @@ done
 sip=$(grep -o 'local=[^ ]*' "$work/log" | head -1 | cut -d= -f2)
 maddr=$(grep -o 'metrics_addr=[^ ]*' "$work/log" | head -1 | cut -d= -f2)
 rss0=$(rss_kb $pid); t0=$(cpu_ticks $pid)
-(cd "$work" && sipp "$sip" -sf "$PWD/tests/sipp/siprec_call.xml" -t t1 -m "$sessions" \
+(cd "$work" && sipp "$sip" -sf "$scenario" -t t1 -m "$sessions" \
   -l "$sessions" -r "$rate" -d $(( secs * 1000 + 500 )) -i 127.0.0.1 -mi 127.0.0.1 -p 0 \
   -nostdin -timeout $(( secs * 3 + 60 ))s -key conversation bench \
   -trace_stat -stf stats.csv -trace_err -error_file sipp.err > /dev/null 2>&1) &

@@ -70,11 +70,14 @@ struct Open {
 
 /// A metadata record of a SIPREC session: the whole state, so the last one read wins
 /// (`conversation_id`; `siprec` with the SIP identity, the streams as offered, the merged
-/// RFC 7865 metadata as JSON and the XML of the message it came with).
+/// RFC 7865 metadata as JSON and the XML of the message it came with). At most `max` bytes
+/// (a record's limit): the XML goes first (`xml_omitted`), then the metadata
+/// (`metadata_omitted`), so what a client sends can never make a record the package refuses.
 fn siprec_json(
     call: &crate::siprec::srs::CallInfo,
     streams: &[crate::siprec::srs::MediaStream],
     metadata: Option<&(serde_json::Value, String)>,
+    max: usize,
 ) -> Vec<u8> {
     let streams: Vec<serde_json::Value> = streams
         .iter()
@@ -103,16 +106,33 @@ fn siprec_json(
     if let Some(c) = &call.conversation_id {
         doc["conversation_id"] = c.clone().into();
     }
-    serde_json::to_vec(&doc).expect("a JSON value always serializes")
+    let mut json = serde_json::to_vec(&doc).expect("a JSON value always serializes");
+    for (key, omitted) in [("xml", "xml_omitted"), ("metadata", "metadata_omitted")] {
+        if json.len() <= max {
+            break;
+        }
+        doc["siprec"][key] = serde_json::Value::Null;
+        doc["siprec"][omitted] = true.into();
+        json = serde_json::to_vec(&doc).expect("a JSON value always serializes");
+    }
+    json
+}
+
+/// What the recorder keeps of a SIPREC session for its metadata records.
+struct SiprecCall {
+    call: crate::siprec::srs::CallInfo,
+    streams: Vec<crate::siprec::srs::MediaStream>,
+    metadata: Option<(serde_json::Value, String)>,
 }
 
 /// Hands a SIPREC session's start, change or stop to the session state.
 fn siprec_action(
     sessions: &mut Sessions,
-    calls: &mut HashMap<crate::siprec::srs::SessionId, crate::siprec::srs::CallInfo>,
+    calls: &mut HashMap<crate::siprec::srs::SessionId, SiprecCall>,
     metrics: &Metrics,
     now: u64,
     action: crate::siprec::srs::SipAction,
+    max: usize,
     out: &mut Vec<Action>,
 ) {
     use crate::siprec::srs::SipAction;
@@ -131,7 +151,7 @@ fn siprec_action(
             call,
             metadata,
         } => {
-            let json = siprec_json(&call, &streams, metadata.as_ref());
+            let json = siprec_json(&call, &streams, metadata.as_ref(), max);
             if sessions
                 .siprec_start(now, session, &streams, json, out)
                 .is_some()
@@ -142,7 +162,14 @@ fn siprec_action(
                     streams = streams.len(),
                     "SIPREC session started"
                 );
-                calls.insert(session, call);
+                calls.insert(
+                    session,
+                    SiprecCall {
+                        call,
+                        streams,
+                        metadata,
+                    },
+                );
             }
         }
         SipAction::Change {
@@ -150,10 +177,16 @@ fn siprec_action(
             streams,
             metadata,
         } => {
-            let json = calls
-                .get(&session)
-                .filter(|_| metadata.is_some())
-                .map(|call| siprec_json(call, &streams, metadata.as_ref()));
+            // A record when the metadata or the streams changed (a new codec must reach
+            // the package: the export decides by it what it can render).
+            let json = calls.get_mut(&session).and_then(|c| {
+                let changed = metadata.is_some() || c.streams != streams;
+                if metadata.is_some() {
+                    c.metadata = metadata;
+                }
+                c.streams.clone_from(&streams);
+                changed.then(|| siprec_json(&c.call, &streams, c.metadata.as_ref(), max))
+            });
             sessions.siprec_change(now, session, &streams, json, out);
         }
         SipAction::Stop { session, reason } => {
@@ -207,7 +240,7 @@ struct Recorder {
     /// Told of the SIPREC sessions whose media arrives.
     media_seen: Option<crate::siprec::transport::MediaSeen>,
     /// The SIP identity of each SIPREC session recording, for its metadata records.
-    siprec_calls: HashMap<crate::siprec::srs::SessionId, crate::siprec::srs::CallInfo>,
+    siprec_calls: HashMap<crate::siprec::srs::SessionId, SiprecCall>,
     /// The monotonic clock's origin: session times are microseconds since it.
     epoch: Instant,
     /// The session's time of the round ("now" on the clock of the data).
@@ -370,6 +403,7 @@ impl Recorder {
                     &self.metrics,
                     self.clock,
                     action,
+                    self.limits.max_chunk,
                     actions,
                 );
             }
@@ -1036,5 +1070,50 @@ mod tests {
         );
         assert_eq!(r.metadata()["conversation_id"], "c1");
         assert_eq!(r.metadata()["agent"], "a1");
+    }
+
+    #[test]
+    fn a_siprec_record_never_outgrows_a_record_however_large_the_metadata() {
+        use crate::siprec::srs::{CallInfo, MediaStream};
+        let call = CallInfo {
+            call_id: "c".into(),
+            from: "<sip:a@b>".into(),
+            to: "<sip:c@d>".into(),
+            conversation_id: Some("conv".into()),
+        };
+        let streams = [MediaStream {
+            index: 0,
+            label: Some("1".into()),
+            port: Some(40_000),
+            sources: Vec::new(),
+            paused: false,
+            payload_types: vec![(0, "PCMU/8000".into())],
+            srtp: None,
+        }];
+        let big = (
+            serde_json::json!({"participants": ["x".repeat(50_000)]}),
+            "<".repeat(60_000),
+        );
+        let small = (
+            serde_json::json!({"participants": []}),
+            "<recording/>".to_string(),
+        );
+        let max = 64 << 10;
+        let whole = siprec_json(&call, &streams, Some(&small), max);
+        let doc: serde_json::Value = serde_json::from_slice(&whole).unwrap();
+        assert_eq!(doc["siprec"]["xml"], "<recording/>");
+        assert_eq!(doc["conversation_id"], "conv");
+        let cut = siprec_json(&call, &streams, Some(&big), max);
+        assert!(cut.len() <= max, "{}", cut.len());
+        let doc: serde_json::Value = serde_json::from_slice(&cut).unwrap();
+        assert_eq!(doc["siprec"]["xml_omitted"], true);
+        assert_eq!(
+            doc["siprec"]["call_id"], "c",
+            "the call and its streams stay"
+        );
+        let tiny = siprec_json(&call, &streams, Some(&big), 4096);
+        assert!(tiny.len() <= 4096);
+        let doc: serde_json::Value = serde_json::from_slice(&tiny).unwrap();
+        assert_eq!(doc["siprec"]["metadata_omitted"], true);
     }
 }

@@ -534,6 +534,20 @@ async fn start_siprec(
         tracing::warn!("siprec.allow is empty: any address may start a recording session");
     }
     let (events_tx, mut events) = tokio::sync::mpsc::channel(1024);
+    // Sessions go to the recorder in order and none is lost: a blocking send on its queue
+    // (a std channel), from a thread of its own that acknowledges each once queued; the SIP
+    // task awaits the acknowledgement before it sends the answer. A full queue (the
+    // recorder far behind) holds the SIP side up, never a runtime thread.
+    let (sessions, mut session_rx) =
+        tokio::sync::mpsc::channel::<(srs::SipAction, tokio::sync::oneshot::Sender<()>)>(64);
+    start_thread("siprec-sessions", move || {
+        while let Some((action, ack)) = session_rx.blocking_recv() {
+            if recorder.send(Msg::Siprec(action)).is_err() {
+                break;
+            }
+            let _ = ack.send(());
+        }
+    })?;
     let stopping = shutdown.clone();
     let (seen, server) = transport::server(
         listener,
@@ -544,19 +558,7 @@ async fn start_siprec(
         transport::SipHooks {
             refusing,
             metrics: Some(Arc::clone(metrics)),
-            sessions: Some(Box::new({
-                let recorder = recorder.clone();
-                move |a| {
-                    // In order, and none lost: a full queue (the recorder far behind) holds
-                    // the SIP side up rather than drop a session's start or stop.
-                    match recorder.try_send(Msg::Siprec(a)) {
-                        Err(std::sync::mpsc::TrySendError::Full(m)) => {
-                            let _ = tokio::task::block_in_place(|| recorder.send(m).is_ok());
-                        }
-                        Ok(()) | Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {}
-                    }
-                }
-            })),
+            sessions: Some(sessions),
         },
         async move { stopping.triggered().await },
     );

@@ -306,9 +306,14 @@ fn insert<V>(map: &mut BTreeMap<String, V>, id: String, v: V) {
     }
 }
 
+/// A participant's stream lists without repeats (a stream named twice would be listed, and
+/// its label copied into the JSON, twice), at most [`MAX_ITEMS`] each.
 fn bound(p: &mut Participant) {
-    p.send.truncate(MAX_ITEMS);
-    p.recv.truncate(MAX_ITEMS);
+    for list in [&mut p.send, &mut p.recv] {
+        let mut seen = std::collections::HashSet::new();
+        list.retain(|s| seen.insert(s.clone()));
+        list.truncate(MAX_ITEMS);
+    }
 }
 
 /// An element's local name, lower-cased.

@@ -35,6 +35,11 @@ use super::sdp::{self, Answered, Dir, Offer, Sdes};
 pub const T1_MS: u64 = 500;
 /// RFC 3261's T2 (the longest retransmission interval), milliseconds.
 pub const T2_MS: u64 = 4000;
+/// A session whose every stream is paused, with neither media nor SIP from its client for
+/// this long (milliseconds), is ended too: a client that forgot a session on hold, and asked
+/// for no session timer, would otherwise hold its ports and a session slot for ever. An
+/// hour: longer than a hold.
+pub const PAUSED_INACTIVITY_MS: u64 = 3_600_000;
 /// What the recording server supports (`Supported`, `420`'s `Unsupported` aside).
 const SUPPORTED: [&str; 2] = ["siprec", "timer"];
 const ALLOW: &str = "INVITE, ACK, BYE, CANCEL, OPTIONS, UPDATE";
@@ -264,6 +269,17 @@ struct Dialog {
 /// Fills a buffer with random bytes (the operating system's; the tests' fixed).
 pub type Random = Box<dyn FnMut(&mut [u8]) + Send>;
 
+/// How long a session may go without media (or SIP) from its client: the configured
+/// inactivity while media is expected, [`PAUSED_INACTIVITY_MS`] (at least) while every
+/// stream is paused.
+fn inactivity_limit(cfg: &SrsConfig, d: &Dialog) -> u64 {
+    if d.expects_media() {
+        cfg.inactivity_ms
+    } else {
+        cfg.inactivity_ms.max(PAUSED_INACTIVITY_MS)
+    }
+}
+
 impl Dialog {
     /// Whether a stream is taken and not paused: media should be arriving.
     fn expects_media(&self) -> bool {
@@ -339,14 +355,17 @@ impl Srs {
                 [
                     d.unacked.map(|(next, _, _)| next),
                     d.expires_at,
-                    // Only while media is expected: a paused session has no deadline (or a
-                    // driver would wake for it again and again).
-                    d.expects_media()
-                        .then(|| d.last_media_ms + self.cfg.inactivity_ms),
+                    // Never one already past: poll ends the session when it comes.
+                    Some(d.last_media_ms + self.inactivity_limit(d)),
                 ]
             })
             .flatten()
             .min()
+    }
+
+    /// How long a session may go without media (or SIP) from its client.
+    fn inactivity_limit(&self, d: &Dialog) -> u64 {
+        inactivity_limit(&self.cfg, d)
     }
 
     fn tag(&mut self) -> String {
@@ -366,7 +385,7 @@ impl Srs {
             peer,
             bytes: message::response(msg, code, reason, None, extra, None),
         };
-        let (Some(call_id), Some(from), Some(_), Some(cseq)) = (
+        let (Some(call_id), Some(from), Some(to), Some(cseq)) = (
             msg.header("call-id"),
             msg.header("from"),
             msg.header("to"),
@@ -385,6 +404,27 @@ impl Srs {
             .unwrap_or(0);
         let remote_tag = message::tag_of(from).unwrap_or("").to_string();
         let key = (call_id.to_string(), remote_tag);
+        // A dialog is its Call-ID and both tags (RFC 3261 12): a request naming the dialog's
+        // Call-ID and From tag but not its To tag (ours) is not in it, so no one who learnt
+        // the first two can re-INVITE or end someone else's session. Only the retransmitted
+        // INVITE that created it (and its CANCEL) come without our tag.
+        let in_dialog = [Method::INVITE, Method::UPDATE, Method::BYE, Method::ACK];
+        if let Some(d) = self
+            .dialogs
+            .get(&key)
+            .filter(|_| in_dialog.contains(method))
+        {
+            let foreign = match message::tag_of(to) {
+                Some(t) => t != d.local_tag,
+                None => !(*method == Method::INVITE && cseq_n <= d.remote_cseq),
+            };
+            if foreign {
+                if *method != Method::ACK {
+                    out.push(respond(481, "Call/Transaction Does Not Exist", &[]));
+                }
+                return out;
+            }
+        }
         match method {
             m if *m == Method::OPTIONS => out.push(respond(
                 200,
@@ -816,9 +856,7 @@ impl Srs {
             }
             if d.expires_at.is_some_and(|at| now_ms >= at) {
                 ended.push((key.clone(), "session_timer"));
-            } else if now_ms.saturating_sub(d.last_media_ms) >= self.cfg.inactivity_ms
-                && d.expects_media()
-            {
+            } else if now_ms.saturating_sub(d.last_media_ms) >= inactivity_limit(&self.cfg, d) {
                 ended.push((key.clone(), "srs_bye_inactive"));
             }
         }

@@ -61,11 +61,16 @@ pub struct SipHooks {
     pub refusing: Box<dyn Fn() -> bool + Send>,
     /// Where requests, responses, refusals and declined streams are counted.
     pub metrics: Option<Arc<crate::appliance::metrics::Metrics>>,
-    /// Takes each session's start, change and stop at once, before the answer that
-    /// announces it is sent (so the recorder knows a session's ports before its media can
-    /// arrive); without it they go on the events channel.
-    pub sessions: Option<Box<dyn Fn(SipAction) + Send + Sync>>,
+    /// Takes each session's start, change and stop, and acknowledges it once it is handed
+    /// on; the answer that announces it is sent only then (so the recorder knows a
+    /// session's ports before its media can arrive). Without it they go on the events
+    /// channel.
+    pub sessions: Option<SessionSink>,
 }
+
+/// Where the SIP server hands each session's start, change and stop, with the
+/// acknowledgement it waits for (asynchronously: the runtime's threads are not held).
+pub type SessionSink = mpsc::Sender<(SipAction, tokio::sync::oneshot::Sender<()>)>;
 
 impl Default for SipHooks {
     fn default() -> SipHooks {
@@ -295,7 +300,7 @@ pub fn server(
                 },
             };
             hooks.count(&srs, &actions, &mut tally);
-            dispatch(actions, &udp, &writers, &events, hooks.sessions.as_deref()).await;
+            dispatch(actions, &udp, &writers, &events, hooks.sessions.as_ref()).await;
         }
     };
     (media, task)
@@ -308,7 +313,7 @@ async fn dispatch(
     udp: &UdpSocket,
     writers: &HashMap<u64, mpsc::Sender<Vec<u8>>>,
     events: &mpsc::Sender<Event>,
-    sessions: Option<&(dyn Fn(SipAction) + Send + Sync)>,
+    sessions: Option<&SessionSink>,
 ) {
     // Sessions first: the media layer learns a session's ports before the client learns
     // them from the answer, so no packet finds its port unknown.
@@ -317,7 +322,12 @@ async fn dispatch(
         .partition(|a| matches!(a, SipAction::Send { .. }));
     for a in reports {
         match sessions {
-            Some(f) => f(a),
+            Some(sink) => {
+                let (ack, acked) = tokio::sync::oneshot::channel();
+                if sink.send((a, ack)).await.is_ok() {
+                    let _ = acked.await;
+                }
+            }
             None => {
                 let _ = events.send(Event::Session(a)).await;
             }

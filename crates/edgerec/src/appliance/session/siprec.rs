@@ -73,6 +73,8 @@ struct Leg {
     sdes: Option<crate::siprec::sdp::Sdes>,
     /// Its RTP so far: SSRC, sender, sequence (none before its first packet).
     stream: Option<Stream>,
+    /// Where its first packet arrived (for a continuation to announce it again).
+    local: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for Leg {
@@ -102,6 +104,7 @@ impl Leg {
             srtp,
             sdes: s.srtp.clone(),
             stream: None,
+            local: None,
         };
         (leg, problem)
     }
@@ -198,9 +201,12 @@ impl Sessions {
         let Some(mut call) = self.siprec.calls.remove(&session) else {
             return;
         };
-        for leg in &call.legs {
-            if let Some(p) = leg.port {
-                self.siprec.by_port.remove(&p);
+        self.release_ports(session, &call.legs);
+        // A stream the new offer no longer has gave its port back (the SIP side may hand it
+        // to another session): it has none now.
+        for (i, leg) in call.legs.iter_mut().enumerate() {
+            if !streams.iter().any(|s| s.index == i) {
+                leg.port = None;
             }
         }
         for s in streams {
@@ -217,6 +223,7 @@ impl Sessions {
                     srtp: None,
                     sdes: None,
                     stream: None,
+                    local: None,
                 });
             }
             let leg = &mut call.legs[i];
@@ -255,11 +262,7 @@ impl Sessions {
         let Some(mut call) = self.siprec.calls.remove(&session) else {
             return;
         };
-        for leg in &call.legs {
-            if let Some(p) = leg.port {
-                self.siprec.by_port.remove(&p);
-            }
-        }
+        self.release_ports(session, &call.legs);
         if call.aborted {
             return;
         }
@@ -321,6 +324,17 @@ impl Sessions {
             self.next_flush_us = Some(now + self.limits.flush_interval_us);
         }
         self.note_deadline(now + self.limits.max_recording_us);
+    }
+
+    /// Forgets the ports of a session's legs, those that are still its own.
+    fn release_ports(&mut self, session: SessionId, legs: &[Leg]) {
+        for (i, leg) in legs.iter().enumerate() {
+            if let Some(p) = leg.port
+                && self.siprec.by_port.get(&p) == Some(&(session, i))
+            {
+                self.siprec.by_port.remove(&p);
+            }
+        }
     }
 
     fn take_ports(&mut self, session: SessionId, legs: &[Leg]) {
@@ -465,6 +479,7 @@ impl Sessions {
                 SeqOutcome::InOrder
             }
             None => {
+                leg.local = Some(local);
                 leg.stream = Some(Stream {
                     ssrc: h.ssrc,
                     remote,
@@ -553,11 +568,11 @@ impl Sessions {
             }
             for (i, leg) in call.legs.iter().enumerate() {
                 let stream = u8::try_from(i).expect("fewer than 255 streams");
-                if let (Some(s), Some(port)) = (&leg.stream, leg.port) {
+                if let (Some(s), Some(local)) = (&leg.stream, leg.local) {
                     let opened = Entry::StreamOpened {
                         stream,
                         ssrc: s.ssrc,
-                        local: SocketAddr::new(local.ip(), port),
+                        local,
                         remote: s.remote,
                         payload_type: s.payload_type,
                         label: &leg.label,
@@ -590,11 +605,7 @@ impl Sessions {
         let sessions: Vec<SessionId> = self.siprec.calls.keys().copied().collect();
         for s in sessions {
             let call = self.siprec.calls.remove(&s).expect("listed above");
-            for leg in &call.legs {
-                if let Some(p) = leg.port {
-                    self.siprec.by_port.remove(&p);
-                }
-            }
+            self.release_ports(s, &call.legs);
             if !call.aborted {
                 let mut rec = call.rec;
                 self.finish(&mut rec, EndReason::Shutdown, out);

@@ -496,7 +496,11 @@ fn a_session_gone_quiet_is_ended_with_a_bye_through_its_route_set() {
             Some(("application/sdp", &inactive)),
         ),
     );
-    assert_eq!(s.next_timeout(), None, "nothing to wake for while paused");
+    assert_eq!(
+        s.next_timeout(),
+        Some(PAUSED_INACTIVITY_MS),
+        "only the paused session's own limit"
+    );
     assert!(s.poll(600_000).is_empty());
     // Resumed after ten minutes: it has its full inactivity time from the resume.
     let resume = request(
@@ -510,6 +514,30 @@ fn a_session_gone_quiet_is_ended_with_a_bye_through_its_route_set() {
     s.handle(600_000, p, &resume);
     assert!(s.poll(600_001).is_empty());
     assert_eq!(s.next_timeout(), Some(660_000));
+    // Paused again, then forgotten (no media, no SIP, no session timer): ended after the
+    // paused limit, not kept for ever.
+    let pause = request(
+        "INVITE",
+        "q2",
+        4,
+        Some(&tag),
+        "",
+        Some(("application/sdp", &inactive)),
+    );
+    s.handle(610_000, p, &pause);
+    assert!(s.poll(610_000 + PAUSED_INACTIVITY_MS - 1).is_empty());
+    let end = s.poll(610_000 + PAUSED_INACTIVITY_MS);
+    assert!(
+        end.iter().any(|a| matches!(
+            a,
+            SipAction::Stop {
+                reason: "srs_bye_inactive",
+                ..
+            }
+        )),
+        "{end:?}"
+    );
+    assert_eq!(s.sessions(), 0);
 }
 
 #[test]
@@ -626,4 +654,40 @@ proptest::proptest! {
             proptest::prop_assert_eq!(in_use, s.ports.used.len());
         }
     }
+}
+
+#[test]
+fn a_request_without_our_to_tag_is_not_in_the_dialog() {
+    // Someone who learnt the Call-ID and the client's From tag cannot end or re-offer the
+    // session: the dialog is also its To tag, ours.
+    let mut s = srs();
+    let p = peer(Transport::Tcp);
+    let a = s.handle(0, p, &invite("c1", ""));
+    let tag = to_tag(&a);
+    for forged in [
+        request("BYE", "c1", 2, Some("guessed"), "", None),
+        request("BYE", "c1", 2, None, "", None),
+        request(
+            "INVITE",
+            "c1",
+            3,
+            None,
+            "Require: siprec\r\n",
+            Some(("application/sdp", SDP)),
+        ),
+        request("UPDATE", "c1", 4, Some("guessed"), "", None),
+    ] {
+        let r = s.handle(10, p, &forged);
+        assert_eq!(codes(&r), [481]);
+        assert!(
+            !r.iter()
+                .any(|x| matches!(x, SipAction::Stop { .. } | SipAction::Change { .. }))
+        );
+    }
+    assert_eq!(s.sessions(), 1);
+    // The INVITE that made it, sent again (no To tag yet), is answered as before.
+    assert_eq!(codes(&s.handle(20, p, &invite("c1", ""))), [200]);
+    let bye = s.handle(30, p, &request("BYE", "c1", 5, Some(&tag), "", None));
+    assert_eq!(codes(&bye), [200]);
+    assert_eq!(s.sessions(), 0);
 }

@@ -351,3 +351,46 @@ fn an_aborted_session_records_nothing_more_and_ends_once() {
     assert_eq!(h.closes(), [(other, EndReason::Shutdown)]);
     assert_eq!(h.s.poll_timeout(), None);
 }
+
+#[test]
+fn a_stream_a_re_invite_drops_frees_its_port_for_the_next_session() {
+    // Session 1 drops its second stream; the SIP side gives that port to session 2. Session
+    // 1's next change must not take it back: session 2's audio stays in session 2.
+    let mut h = H::new();
+    let one = h.start(
+        0,
+        1,
+        &[stream(0, Some(40_000), "a"), stream(1, Some(40_002), "b")],
+    );
+    h.s.siprec_change(
+        MS,
+        SessionId(1),
+        &[stream(0, Some(40_000), "a")],
+        None,
+        &mut h.out,
+    );
+    let two = h.start(2 * MS, 2, &[stream(0, Some(40_002), "c")]);
+    h.s.siprec_change(
+        3 * MS,
+        SessionId(1),
+        &[stream(0, Some(40_000), "a")],
+        Some(br#"{"conversation_id":"c1"}"#.to_vec()),
+        &mut h.out,
+    );
+    h.send(4 * MS, 40_002, SBC, &rtp(1, 5));
+    // And session 1's stop leaves session 2's port alone.
+    h.s.siprec_stop(SessionId(1), "bye", &mut h.out);
+    h.send(5 * MS, 40_002, SBC, &rtp(2, 5));
+    h.s.siprec_stop(SessionId(2), "bye", &mut h.out);
+    assert!(h.records(one).iter().all(|r| !r.starts_with("rtp")));
+    assert_eq!(
+        h.records(two),
+        [
+            r#"M:{"conversation_id":"c1"}"#,
+            "open s0 c",
+            "rtp s0 1",
+            "rtp s0 2",
+            r#"M:{"siprec_end":"bye"}"#
+        ]
+    );
+}
