@@ -60,19 +60,21 @@ until [ "$(find "$work/store" -name '*.erec' 2>/dev/null | wc -l)" -ge "$session
       [ $(( SECONDS - end )) -gt 30 ]; do sleep 0.2; done
 stored_pkgs=$(find "$work/store" -name '*.erec' | wc -l)
 rtp=$(metric edgerec_rtp_packets_received_total)
+lost=$(metric edgerec_rtp_packets_lost_total)
 bye=$(metric 'edgerec_siprec_sessions_total{outcome="bye"}')
 curl -s "http://$maddr/metrics" | grep -E '^edgerec_(datagrams_rejected|siprec_sessions_total|siprec_responses)' | sed 's/^/  /' >&2 || true
 kill -TERM $pid; wait $pid || true
 python3 - "$sessions" "$secs" "$sipp_ok" "$stored_pkgs" "${rtp:-0}" "${bye:-0}" "$t0" "$t1" "$hz" \
-  "$rss0" "$rss1" "${active:-0}" <<'PY'
+  "$rss0" "$rss1" "${active:-0}" "${lost:-0}" <<'PY'
 import sys
-n, secs, ok, pkgs, rtp, bye, t0, t1, hz, rss0, rss1, active = sys.argv[1:]
+n, secs, ok, pkgs, rtp, bye, t0, t1, hz, rss0, rss1, active, lost = sys.argv[1:]
 n, secs, hz = int(n), int(secs), int(hz)
 expected = n * secs * 50          # one played stream a session, 20 ms packets
 cpu = (int(t1) - int(t0)) / hz * 1e6 / (n * secs)
 print(f"sessions {n} (active at the middle: {float(active):.0f}), sipp all successful: {ok}")
 print(f"packages stored {pkgs}, sessions ended by bye {float(bye):.0f}")
-print(f"rtp stored {float(rtp):.0f} of about {expected} sent ({100 * float(rtp) / expected:.2f} %)")
+print(f"rtp stored {float(rtp):.0f} (sipp plays {expected} and one more a call), "
+      f"missing by sequence number {float(lost):.0f}")
 print(f"edgerec cpu {cpu:.1f} us per stream-second (SIP, ingest, recorder, uploader)")
 print(f"memory {(int(rss1) - int(rss0)) / n:.1f} KiB per session")
 PY

@@ -20,7 +20,8 @@
 //! - Metadata: a record at the start and at every change that brought metadata, each the
 //!   whole state (`conversation_id` and `siprec` with the call, the merged RFC 7865
 //!   metadata as JSON and the raw XML it came from), so the merged view of any package is
-//!   complete; a record `siprec_end` with the SIP reason before the end.
+//!   complete; a record `siprec_end` with the SIP reason (and `streams_with_media`, how many
+//!   streams sent anything) before the end.
 //! - The maximum duration splits it like any recording: a continuation with the same
 //!   streams and metadata.
 //!
@@ -266,7 +267,10 @@ impl Sessions {
         if call.aborted {
             return;
         }
-        let end = serde_json::json!({ "siprec_end": reason });
+        // Says too how many streams sent anything: a session without media is a package
+        // that says so.
+        let heard = call.legs.iter().filter(|l| l.stream.is_some()).count();
+        let end = serde_json::json!({ "siprec_end": reason, "streams_with_media": heard });
         Self::tag_call(&mut call, end.to_string().into_bytes(), out);
         self.finish(&mut call.rec, end_reason(reason), out);
     }

@@ -164,7 +164,7 @@ fn a_session_is_one_recording_its_streams_the_m_lines_from_the_first_packet() {
             "rtp s0 100",
             "rtp s0 101",
             "rtcp s0",
-            r#"M:{"siprec_end":"bye"}"#,
+            r#"M:{"siprec_end":"bye","streams_with_media":2}"#,
         ]
     );
     assert_eq!(h.closes(), [(rec, EndReason::Complete)]);
@@ -189,7 +189,7 @@ fn a_session_without_media_is_still_a_package_and_strangers_are_not_recorded() {
         h.records(rec),
         [
             r#"M:{"conversation_id":"c1"}"#,
-            r#"M:{"siprec_end":"srs_bye_inactive"}"#
+            r#"M:{"siprec_end":"srs_bye_inactive","streams_with_media":0}"#
         ]
     );
     assert_eq!(h.closes(), [(rec, EndReason::IdleTimeout)]);
@@ -231,7 +231,7 @@ fn a_re_invite_pauses_resumes_and_moves_a_stream_within_one_recording() {
             r#"M:{"conversation_id":"c2"}"#,
             "gap s0 1",
             "rtp s0 4",
-            r#"M:{"siprec_end":"bye"}"#,
+            r#"M:{"siprec_end":"bye","streams_with_media":1}"#,
         ]
     );
     assert_eq!(h.s.counters().rtp_paused, 1);
@@ -264,7 +264,7 @@ fn srtp_is_stored_decrypted_and_a_forged_packet_is_counted_not_stored() {
             r#"M:{"conversation_id":"c1"}"#,
             "open s0 a",
             "rtp s0 1",
-            r#"M:{"siprec_end":"bye"}"#
+            r#"M:{"siprec_end":"bye","streams_with_media":1}"#
         ]
     );
     let stored = h
@@ -316,7 +316,7 @@ fn the_maximum_duration_continues_the_session_with_its_streams_and_metadata() {
             r#"M:{"conversation_id":"c1"}"#.to_string(),
             "open s0 a".into(),
             format!("rtp s0 {seq}"),
-            r#"M:{"siprec_end":"bye"}"#.into(),
+            r#"M:{"siprec_end":"bye","streams_with_media":1}"#.into(),
         ]
     );
 }
@@ -390,7 +390,7 @@ fn a_stream_a_re_invite_drops_frees_its_port_for_the_next_session() {
             "open s0 c",
             "rtp s0 1",
             "rtp s0 2",
-            r#"M:{"siprec_end":"bye"}"#
+            r#"M:{"siprec_end":"bye","streams_with_media":1}"#
         ]
     );
 }
