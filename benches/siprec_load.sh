@@ -17,6 +17,8 @@ trap 'kill $(jobs -p) 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$work"'
 hz=$(getconf CLK_TCK)
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+# CPU ticks by thread name: "name ticks" lines.
+by_thread() { for t in /proc/$1/task/*; do printf '%s %s\n' "$(tr ' ' _ < "$t/comm")" "$(awk '{print $14 + $15}' "$t/stat")"; done | awk '{s[$1] += $2} END {for (k in s) print k, s[k]}' | sort; }
 metric() { curl -s "http://$maddr/metrics" | awk -v n="$1" '$1 == n {print $2}'; }
 # Four media ports a session (two streams, RTP and RTCP each), and some room.
 media_last=$(( 42000 + sessions * 4 + 63 ))
@@ -47,7 +49,7 @@ until grep -q "SIPREC server listening" "$work/log"; do
 done
 sip=$(grep -o 'local=[^ ]*' "$work/log" | head -1 | cut -d= -f2)
 maddr=$(grep -o 'metrics_addr=[^ ]*' "$work/log" | head -1 | cut -d= -f2)
-rss0=$(rss_kb $pid); t0=$(cpu_ticks $pid)
+rss0=$(rss_kb $pid); t0=$(cpu_ticks $pid); by_thread $pid > "$work/threads0"
 (cd "$work" && sipp "$sip" -sf "$scenario" -t t1 -m "$sessions" \
   -l "$sessions" -r "$rate" -d $(( secs * 1000 + 500 )) -i 127.0.0.1 -mi 127.0.0.1 -p 0 \
   -nostdin -timeout $(( secs * 3 + 60 ))s -key conversation bench \
@@ -55,7 +57,7 @@ rss0=$(rss_kb $pid); t0=$(cpu_ticks $pid)
 sp=$!
 sleep $(( secs / 2 + sessions / rate )); rss1=$(rss_kb $pid); active=$(metric edgerec_siprec_sessions_active)
 wait $sp && sipp_ok=yes || sipp_ok="no (see sipp.err)"
-t1=$(cpu_ticks $pid); end=$SECONDS
+t1=$(cpu_ticks $pid); end=$SECONDS; by_thread $pid > "$work/threads1"
 until [ "$(find "$work/store" -name '*.erec' 2>/dev/null | wc -l)" -ge "$sessions" ] || \
       [ $(( SECONDS - end )) -gt 30 ]; do sleep 0.2; done
 stored_pkgs=$(find "$work/store" -name '*.erec' | wc -l)
@@ -64,6 +66,9 @@ lost=$(metric edgerec_rtp_packets_lost_total)
 bye=$(metric 'edgerec_siprec_sessions_total{outcome="bye"}')
 curl -s "http://$maddr/metrics" | grep -E '^edgerec_(datagrams_rejected|siprec_sessions_total|siprec_responses)' | sed 's/^/  /' >&2 || true
 kill -TERM $pid; wait $pid || true
+# Where the CPU went, by thread (µs per stream-second).
+join -a 2 -e 0 -o 0,1.2,2.2 "$work/threads0" "$work/threads1" | \
+  awk -v hz="$hz" -v n="$sessions" -v s="$secs" '{printf "  thread %-18s %.1f us per stream-second\n", $1, ($3 - $2) / hz * 1e6 / (n * s)}' >&2
 python3 - "$sessions" "$secs" "$sipp_ok" "$stored_pkgs" "${rtp:-0}" "${bye:-0}" "$t0" "$t1" "$hz" \
   "$rss0" "$rss1" "${active:-0}" "${lost:-0}" <<'PY'
 import sys
