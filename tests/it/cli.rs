@@ -445,3 +445,31 @@ fn lkm_verify_audit_reports_an_intact_chain_and_names_a_changed_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line 3") && err.contains("line 2"), "{err}");
 }
+
+#[test]
+fn check_config_validates_without_starting_anything() {
+    let sample = repo_path("samples/edgerec.toml");
+    let ok = edgerec(&["check-config", "--config", sample.to_str().unwrap()]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        out.contains("valid") && out.contains("ingest ports"),
+        "{out}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("edgerec.toml");
+    let text = std::fs::read_to_string(&sample).unwrap().replace(
+        "[metrics]",
+        "[siprec]\nlisten = \"127.0.0.1:5060\"\n\n[metrics]",
+    );
+    std::fs::write(&bad, text).unwrap();
+    let err = edgerec(&["check-config", "--config", bad.to_str().unwrap()]);
+    assert_eq!(err.status.code(), Some(1));
+    let msg = String::from_utf8_lossy(&err.stderr);
+    assert_eq!(msg.lines().count(), 1, "one line: {msg}");
+    assert!(msg.contains("siprec.media_ports is missing"), "{msg}");
+}

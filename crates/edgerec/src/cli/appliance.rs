@@ -18,6 +18,37 @@ pub fn init_logging() {
         .init();
 }
 
+/// `edgerec check-config`: the config validated as `run` validates it, nothing started.
+pub fn check_config(config: &Path) -> ExitCode {
+    match Config::load(config) {
+        Ok(c) => {
+            let (first, last) = c.ports;
+            println!("config {}: valid", config.display());
+            println!(
+                "  ingest ports {first}-{last}, spool {}",
+                c.recorder.spool_dir.display()
+            );
+            if let Some(s) = &c.siprec {
+                let (a, b) = s.media_ports;
+                println!(
+                    "  siprec on {} (tls: {}), media ports {a}-{b}, advertised as {}",
+                    s.listen,
+                    s.tls.as_ref().map_or("no".to_string(), |t| t.0.to_string()),
+                    s.advertise
+                );
+            }
+            if let Some(ctl) = &c.control {
+                println!("  control API on {}", ctl.listen);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("edgerec: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 /// Loads the config, starts the runtime, runs until SIGTERM or SIGINT.
 pub fn run(config: &Path) -> ExitCode {
     init_logging();

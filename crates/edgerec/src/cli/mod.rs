@@ -43,6 +43,15 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Check an appliance configuration without starting anything: every key and value, and
+    /// the files and environment variables it reads its secrets from. Exit 0 with a summary,
+    /// or 1 with the one-line error `run` would stop with.
+    #[cfg(feature = "appliance")]
+    CheckConfig {
+        /// The TOML configuration.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Send paced 20 ms G.711 µ-law test streams (two legs per port, distinct SSRCs, a
     /// 1,000 Hz tone on leg 0 and 1,500 Hz on leg 1) for sizing and benchmarks, or replay a
     /// captured call (--replay FILE.pcap).
@@ -545,6 +554,8 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         #[cfg(feature = "appliance")]
         Command::Run { config } => return appliance::run(&config),
+        #[cfg(feature = "appliance")]
+        Command::CheckConfig { config } => return appliance::check_config(&config),
         #[cfg(feature = "appliance")]
         Command::Loadgen {
             target,
