@@ -394,3 +394,192 @@ fn a_stream_a_re_invite_drops_frees_its_port_for_the_next_session() {
         ]
     );
 }
+
+mod prop {
+    //! Any sequence of session starts, changes (streams kept, dropped, added, paused, moved),
+    //! stops, aborts, datagrams and time: the media layer follows the SIP side's ports, so
+    //! a packet is only ever recorded in the session its port belongs to, and every
+    //! recording opened is closed once (or aborted).
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::{BTreeMap, HashMap};
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Start(u8),
+        /// A re-offer: stream i keeps its port if bit i of `keep` is set, is paused if bit i
+        /// of `pause` is; one m-line more if `add`, one fewer (the last) if `shrink`.
+        Change {
+            session: u8,
+            keep: u8,
+            add: bool,
+            pause: u8,
+            shrink: bool,
+        },
+        Stop(u8),
+        Abort(u8),
+        Packet {
+            port: u8,
+            rtcp: bool,
+        },
+        Wait(u16),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            2 => (0u8..4).prop_map(Step::Start),
+            2 => (0u8..4, any::<u8>(), any::<bool>(), any::<u8>())
+                .prop_flat_map(|(session, keep, add, pause)| any::<bool>().prop_map(move |shrink| {
+                    Step::Change { session, keep, add, pause, shrink }
+                })),
+            1 => (0u8..4).prop_map(Step::Stop),
+            1 => (0u8..4).prop_map(Step::Abort),
+            8 => (0u8..22, any::<bool>()).prop_map(|(port, rtcp)| Step::Packet { port, rtcp }),
+            2 => (0u16..2000).prop_map(Step::Wait),
+        ]
+    }
+
+    /// The SIP side, as the test models it: who holds which even port of 40000..40020.
+    #[derive(Default)]
+    struct Sip {
+        streams: BTreeMap<u8, Vec<MediaStream>>,
+        free: Vec<u16>,
+    }
+
+    impl Sip {
+        fn take(&mut self) -> Option<u16> {
+            self.free.pop()
+        }
+        fn owner(&self, port: u16) -> Option<u8> {
+            let even = port & !1;
+            self.streams
+                .iter()
+                .find(|(_, ss)| ss.iter().any(|s| s.port == Some(even)))
+                .map(|(k, _)| *k)
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn packets_stay_in_their_sessions_and_every_recording_ends_once(
+            steps in proptest::collection::vec(step(), 1..150),
+        ) {
+            let mut h = H::new();
+            h.s.limits.max_recording_us = 3_000 * MS;
+            let mut sip = Sip { free: (0..10).map(|i| 40_000 + 2 * i).collect(), ..Sip::default() };
+            // Each recording's session: from its start, and a continuation's from its
+            // predecessor's.
+            let mut session_of: HashMap<RecId, u8> = HashMap::new();
+            let mut current: HashMap<u8, RecId> = HashMap::new();
+            let mut aborted: Vec<RecId> = Vec::new();
+            let mut now = 0u64;
+            let mut seq = 0u16;
+            for st in steps {
+                match st {
+                    Step::Start(k) if !sip.streams.contains_key(&k) => {
+                        let Some(p) = sip.take() else { continue };
+                        let ss = vec![stream(0, Some(p), "a")];
+                        let rec = h.s
+                            .siprec_start(now, SessionId(u64::from(k)), &ss, b"{}".to_vec(), &mut h.out)
+                            .expect("a new session");
+                        session_of.insert(rec, k);
+                        current.insert(k, rec);
+                        sip.streams.insert(k, ss);
+                    }
+                    Step::Change { session: k, keep, add, pause, shrink } => {
+                        let Some(mut ss) = sip.streams.remove(&k) else { continue };
+                        if shrink && ss.len() > 1 {
+                            // The SIP side gives the last m-line's port back.
+                            sip.free.extend(ss.pop().and_then(|s| s.port));
+                        }
+                        for (i, s) in ss.iter_mut().enumerate() {
+                            if keep & (1 << i) == 0 && s.port.is_some() {
+                                sip.free.push(s.port.take().expect("checked"));
+                            }
+                            s.paused = pause & (1 << i) != 0;
+                        }
+                        // A dropped stream stays an m-line (port 0), as in SDP.
+                        if add && ss.len() < 6 {
+                            let p = sip.take();
+                            ss.push(stream(ss.len(), p, "b"));
+                        }
+                        h.s.siprec_change(now, SessionId(u64::from(k)), &ss, None, &mut h.out);
+                        sip.streams.insert(k, ss);
+                    }
+                    Step::Stop(k) => {
+                        if let Some(ss) = sip.streams.remove(&k) {
+                            sip.free.extend(ss.iter().filter_map(|s| s.port));
+                            h.s.siprec_stop(SessionId(u64::from(k)), "bye", &mut h.out);
+                            current.remove(&k);
+                        }
+                    }
+                    Step::Abort(k) => {
+                        if let Some(rec) = current.get(&k) {
+                            h.s.abort(now, *rec);
+                            aborted.push(*rec);
+                        }
+                    }
+                    Step::Packet { port, rtcp } => {
+                        let port = 40_000 + u16::from(port);
+                        // The SSRC says whose port it was when sent (99: nobody's).
+                        let owner = sip.owner(port).map_or(99, u32::from);
+                        seq = seq.wrapping_add(1);
+                        let d = if rtcp {
+                            let mut b = vec![0x80, 200, 0, 6];
+                            b.extend_from_slice(&owner.to_be_bytes());
+                            b.extend_from_slice(&[0; 20]);
+                            b
+                        } else {
+                            rtp(seq, owner)
+                        };
+                        h.send(now, port, SBC, &d);
+                    }
+                    Step::Wait(ms) => {
+                        now += u64::from(ms) * MS;
+                        h.flush_until(now);
+                    }
+                    Step::Start(_) => {}
+                }
+                // Continuations belong to their predecessor's session.
+                for a in &h.out {
+                    if let Action::Open { rec, continues: Some(prev), .. } = a
+                        && let Some(k) = session_of.get(prev).copied()
+                    {
+                        session_of.insert(*rec, k);
+                        current.insert(k, *rec);
+                    }
+                }
+            }
+            h.s.shutdown(&mut h.out);
+            let mut opened = Vec::new();
+            let mut closed: HashMap<RecId, usize> = HashMap::new();
+            for a in &h.out {
+                match a {
+                    Action::Open { rec, .. } => opened.push(*rec),
+                    Action::Close { rec, .. } => *closed.entry(*rec).or_default() += 1,
+                    Action::Chunk { rec, plaintext } => {
+                        prop_assert!(!closed.contains_key(rec), "a chunk after the end");
+                        for e in entries(plaintext) {
+                            if let Ok(Entry::Rtp { packet, .. }) = e {
+                                let ssrc = u32::from_be_bytes([packet[8], packet[9], packet[10], packet[11]]);
+                                prop_assert_eq!(Some(ssrc), session_of.get(rec).map(|k| u32::from(*k)),
+                                    "a packet recorded in another session's recording");
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            for rec in opened {
+                let n = closed.get(&rec).copied().unwrap_or(0);
+                if aborted.contains(&rec) {
+                    prop_assert!(n <= 1);
+                } else {
+                    prop_assert_eq!(n, 1, "every recording ends once");
+                }
+            }
+            prop_assert_eq!(h.s.siprec_active(), 0);
+            prop_assert!(h.s.siprec.by_port.is_empty(), "no port left held");
+        }
+    }
+}
