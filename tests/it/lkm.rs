@@ -916,6 +916,17 @@ fn the_sample_key_manager_runs_as_it_stands_and_opens_the_demo_keys_recordings()
     let out = open_as("lkm/demo-decrypt.cred");
     // The recorder's credential (what samples/edgerec.toml holds) cannot decrypt.
     let refused = open_as("lkm/demo-recorder.cred");
+    // A denial's audit line is written after the answer (denials never wait on the disk,
+    // so a flood of them cannot stall the service): wait for it before stopping.
+    let audit_file = dir.path().join("var/lkm/audit.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !fs::read_to_string(&audit_file)
+        .unwrap_or_default()
+        .contains("denied: role recorder")
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let _ = child.kill();
     let _ = child.wait();
     assert!(
