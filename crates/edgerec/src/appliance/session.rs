@@ -258,6 +258,20 @@ struct Recording {
 }
 
 impl Recording {
+    /// A recording that starts now at `local`, with nothing in it yet.
+    fn fresh(id: RecId, local: SocketAddr, now: u64) -> Recording {
+        Recording {
+            id,
+            local,
+            started_us: now,
+            last_rtp_us: now,
+            streams: Vec::new(),
+            pending: Vec::new(),
+            tags: Vec::new(),
+            paused: false,
+        }
+    }
+
     /// Whether it has streams and every one said BYE.
     fn all_said_bye(&self) -> bool {
         !self.streams.is_empty() && self.streams.iter().all(|s| s.said_bye)
@@ -836,19 +850,8 @@ impl Sessions {
             continues,
             started_us: now,
         });
-        self.by_port.insert(
-            local.port(),
-            Recording {
-                id,
-                local,
-                started_us: now,
-                last_rtp_us: now,
-                streams: Vec::new(),
-                pending: Vec::new(),
-                tags: Vec::new(),
-                paused: false,
-            },
-        );
+        self.by_port
+            .insert(local.port(), Recording::fresh(id, local, now));
         if paused {
             self.mark(now, local.port(), true, out);
         }

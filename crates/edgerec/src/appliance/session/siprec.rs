@@ -160,7 +160,9 @@ impl Sessions {
         if self.siprec.calls.contains_key(&session) {
             return None;
         }
-        let id = self.open_siprec(now, streams, None, out);
+        let local = first_local(streams.iter().filter_map(|s| s.port));
+        let rec = self.open_siprec(now, local, None, out);
+        let id = rec.id;
         let mut legs = Vec::with_capacity(streams.len());
         for s in streams {
             let (leg, problem) = Leg::new(s);
@@ -170,7 +172,7 @@ impl Sessions {
             legs.push(leg);
         }
         let mut call = Call {
-            rec: self.recording(id, now, streams),
+            rec,
             legs,
             aborted: false,
             last_seen_report_us: None,
@@ -289,37 +291,25 @@ impl Sessions {
         false
     }
 
-    /// Opens a SIPREC recording's package; the recording's `local` is its first port's.
+    /// Opens a SIPREC recording's package (a first one, or a continuation) and returns
+    /// the recording, empty.
     fn open_siprec(
         &mut self,
         now: u64,
-        streams: &[MediaStream],
+        local: SocketAddr,
         continues: Option<RecId>,
         out: &mut Vec<Action>,
-    ) -> RecId {
+    ) -> Recording {
         let id = RecId(self.next_id);
         self.next_id += 1;
         self.counters.started += 1;
         out.push(Action::Open {
             rec: id,
-            local: first_local(streams.iter().filter_map(|s| s.port)),
+            local,
             continues,
             started_us: now,
         });
-        id
-    }
-
-    fn recording(&self, id: RecId, now: u64, streams: &[MediaStream]) -> Recording {
-        Recording {
-            id,
-            local: first_local(streams.iter().filter_map(|s| s.port)),
-            started_us: now,
-            last_rtp_us: now,
-            streams: Vec::new(),
-            pending: Vec::new(),
-            tags: Vec::new(),
-            paused: false,
-        }
+        Recording::fresh(id, local, now)
     }
 
     /// Flush ticks and the maximum duration now cover one more recording.
@@ -537,36 +527,16 @@ impl Sessions {
         let limits = self.limits;
         for session in &due {
             let mut call = self.siprec.calls.remove(session).expect("listed above");
-            let mut old = std::mem::replace(
-                &mut call.rec,
-                Recording {
-                    id: RecId(0),
-                    local: first_local(std::iter::empty()),
-                    started_us: now,
-                    last_rtp_us: now,
-                    streams: Vec::new(),
-                    pending: Vec::new(),
-                    tags: Vec::new(),
-                    paused: false,
-                },
-            );
+            // (A placeholder until the continuation opens, after the old one's end.)
+            let placeholder = Recording::fresh(call.rec.id, call.rec.local, now);
+            let mut old = std::mem::replace(&mut call.rec, placeholder);
             let tags = std::mem::take(&mut old.tags);
             let (local, old_id) = (old.local, old.id);
             // Not the last recording: the call itself goes on below.
             self.siprec.calls.insert(*session, call);
             self.finish(&mut old, EndReason::MaxDuration, out);
             let mut call = self.siprec.calls.remove(session).expect("put back above");
-            let id = RecId(self.next_id);
-            self.next_id += 1;
-            self.counters.started += 1;
-            out.push(Action::Open {
-                rec: id,
-                local,
-                continues: Some(old_id),
-                started_us: now,
-            });
-            call.rec.id = id;
-            call.rec.local = local;
+            call.rec = self.open_siprec(now, local, Some(old_id), out);
             for json in tags {
                 Self::tag_call(&mut call, json, out);
             }
