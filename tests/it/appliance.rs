@@ -2,7 +2,7 @@
 //! dir store; SIGTERM and kill -9.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::UdpSocket;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -17,7 +17,7 @@ use erec::reader::{PackageReader, ReadMode};
 use crate::common::*;
 
 /// Four consecutive free UDP ports on loopback.
-fn free_ports() -> u16 {
+pub fn free_ports() -> u16 {
     for _ in 0..200 {
         let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
         let base = probe.local_addr().unwrap().port();
@@ -123,15 +123,8 @@ listen = "127.0.0.1:0"
             cmd.current_dir(d);
         }
         let mut child = cmd.spawn().unwrap();
-        let (tx, rx) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
+        self.log = log_lines(child.stderr.take().unwrap());
         self.child = Some(child);
-        self.log = rx;
         let line = self.wait_log("metrics at");
         self.metrics = line
             .split("metrics_addr=")
@@ -243,7 +236,7 @@ impl Drop for Appliance {
     }
 }
 
-fn rtp(seq: u16, ssrc: u32, fill: u8) -> Vec<u8> {
+pub fn rtp(seq: u16, ssrc: u32, fill: u8) -> Vec<u8> {
     let mut p = vec![0x80, 0];
     p.extend_from_slice(&seq.to_be_bytes());
     p.extend_from_slice(&(u32::from(seq) * 160).to_be_bytes());

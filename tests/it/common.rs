@@ -1,9 +1,9 @@
 //! Shared helpers: the committed test keys, the built binary, package building.
 
-use std::io::Cursor;
+use std::io::{BufRead, BufReader, Cursor, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::Mutex;
+use std::sync::{Mutex, mpsc};
 
 use erec::Error;
 use erec::crypto::Dek;
@@ -153,4 +153,15 @@ impl Drop for Tmpfs {
             .arg(&self.0)
             .status();
     }
+}
+
+/// The lines a child writes to `stream` (its stderr, say), as they come.
+pub fn log_lines(stream: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
 }

@@ -13,6 +13,10 @@ fn the_systemd_unit_verifies_and_is_hardened() {
             "DynamicUser=yes",
             "StateDirectory=edgerec\n",
             "LimitNOFILE=",
+            "Type=notify\n",
+            "Restart=always\n",
+            "WatchdogSec=",
+            "FileDescriptorStoreMax=",
         ],
     );
 }

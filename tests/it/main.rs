@@ -16,6 +16,7 @@ mod lkm;
 mod lkm_attacks;
 mod proxy;
 mod s3;
+mod service_manager;
 mod siprec;
 mod spool;
 mod tamper;

@@ -27,7 +27,7 @@ const XML: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
 </recording>"#;
 
 /// `n` consecutive free UDP ports on loopback, the first even.
-fn free_range(n: u16) -> u16 {
+pub fn free_range(n: u16) -> u16 {
     for _ in 0..200 {
         let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
         let base = probe.local_addr().unwrap().port() & !1;

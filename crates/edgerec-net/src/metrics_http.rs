@@ -63,13 +63,25 @@ pub async fn serve_registry(
     ready: Option<Arc<dyn Readiness>>,
     registry: Registry,
 ) -> std::io::Result<(SocketAddr, impl std::future::Future<Output = ()>)> {
+    serve_registry_on(
+        tokio::net::TcpListener::bind(listen).await?,
+        ready,
+        registry,
+    )
+}
+
+/// [`serve_registry`] on a listener already bound (one a service manager passed, say).
+pub fn serve_registry_on(
+    listener: tokio::net::TcpListener,
+    ready: Option<Arc<dyn Readiness>>,
+    registry: Registry,
+) -> std::io::Result<(SocketAddr, impl std::future::Future<Output = ()>)> {
     let served = Arc::new(Served { ready, registry });
     let app = Router::new()
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(served);
-    let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     // Within the same limits as the services' own listeners: whoever reaches the port cannot
     // hold the process's descriptors.

@@ -8,7 +8,8 @@
 //! [`inbox`] seals files another system leaves; the [`control`] API tags and pauses calls;
 //! [`kek_watch`] and [`kek_fetch`] keep the current public key; [`metrics`] counts
 //! everything; [`config`] is the TOML configuration; [`run`] starts and stops the whole,
-//! with one [`shutdown`] signal for every thread and task.
+//! with one [`shutdown`] signal for every thread and task, on sockets that are passed by the
+//! [`service_manager`] and handed back to it, so they outlive the process.
 
 pub(crate) mod config;
 pub(crate) mod control;
@@ -20,8 +21,10 @@ pub(crate) mod kek_watch;
 pub(crate) mod metrics;
 pub(crate) mod recorder;
 pub(crate) mod run;
+pub(crate) mod service_manager;
 pub(crate) mod session;
 pub(crate) mod shutdown;
+pub(crate) mod sockets;
 pub mod spool;
 pub(crate) mod upload_queue;
 pub(crate) mod uploader;

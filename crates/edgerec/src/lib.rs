@@ -12,8 +12,9 @@
 //!   `metrics`, the TOML `config`, and `run`, which wires them.
 //! - `store` (feature `appliance`): the store interface, object keys and the `dir` store;
 //!   `s3` (SigV4, resumable multipart) and `http`; the upload `retry` policy and
-//!   `bandwidth` limit; the key `census` of a store. The one `unsafe` block of the crate
-//!   maps a spool package for upload (`store::s3::map`).
+//!   `bandwidth` limit; the key `census` of a store. The crate's two `unsafe` blocks
+//!   map a spool package for upload (`store::wire`) and take the descriptors a service
+//!   manager passed (`appliance::service_manager`).
 //! - `export` (feature `cli`): recordings decrypted into WAV, pcap or their original file;
 //!   `bulk` export from files or a store, resumable; `pgp` outputs.
 //! - [`tools`]: `loadgen` (paced G.711 test streams, feature `appliance`) and `replay` (a

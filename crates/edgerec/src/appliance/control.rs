@@ -181,10 +181,11 @@ pub enum ControlError {
     Tls(#[from] edgerec_net::https::TlsConfigError),
 }
 
-/// Binds the control listener; returns its address and the server future (which runs
-/// until `shutdown`).
-pub async fn serve<F: std::future::Future<Output = ()> + Send + 'static>(
+/// Serves the control API on `listener` (bound to `cfg.listen`, non-blocking; inside the
+/// runtime); returns its address and the server future (which runs until `shutdown`).
+pub fn serve<F: std::future::Future<Output = ()> + Send + 'static>(
     cfg: &Control,
+    listener: std::net::TcpListener,
     recorder: SyncSender<Msg>,
     ports: (u16, u16),
     shutdown: F,
@@ -221,9 +222,7 @@ pub async fn serve<F: std::future::Future<Output = ()> + Send + 'static>(
         addr: cfg.listen,
         source,
     };
-    let tcp = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(bind)?;
+    let tcp = tokio::net::TcpListener::from_std(listener).map_err(bind)?;
     let tls = match &cfg.tls {
         Some((cert, key)) => Some(Arc::new(edgerec_net::https::server_config(
             cert,

@@ -34,6 +34,7 @@ use nix::sys::time::TimeSpec;
 
 use crate::appliance::feed::{Batch, Msg};
 use crate::appliance::metrics::Metrics;
+use crate::appliance::service_manager::Beat;
 use crate::appliance::shutdown::Shutdown;
 
 /// Datagrams one `recvmmsg` call can take.
@@ -76,6 +77,8 @@ pub struct IngestSetup {
     pub stop: Shutdown,
     /// How long a busy round gathers before the sockets are read again.
     pub round: Duration,
+    /// Beaten once a round (at least every [`STOP_CHECK`]) for the watchdog.
+    pub beat: Arc<Beat>,
 }
 
 /// Runs until `stop` is set (then takes what the sockets already hold and returns) or the
@@ -93,6 +96,7 @@ pub fn run(setup: IngestSetup) -> io::Result<()> {
         metrics,
         stop,
         round,
+        beat,
     } = setup;
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
     let mut locals = Vec::with_capacity(sockets.len());
@@ -151,6 +155,7 @@ pub fn run(setup: IngestSetup) -> io::Result<()> {
     };
     let mut last_rounds = 0;
     loop {
+        beat.beat();
         // Stopping: one last round without waiting takes what the kernel already holds, so
         // a datagram that arrived before the stop is recorded, not left in a socket.
         let stopping = stop.is_triggered();
@@ -337,6 +342,7 @@ mod tests {
             metrics: Arc::clone(&metrics),
             stop: Shutdown::new(),
             round: Duration::from_millis(5),
+            beat: Beat::new("ingest"),
         };
         (addrs, setup, rx, metrics)
     }

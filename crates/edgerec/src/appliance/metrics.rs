@@ -402,11 +402,13 @@ impl edgerec_net::metrics_http::Readiness for Metrics {
     }
 }
 
-/// Binds the metrics listener; returns its address and the server future.
-pub async fn serve(
-    listen: SocketAddr,
+/// Serves the metrics on `listener` (bound, non-blocking; inside the runtime); returns its
+/// address and the server future.
+pub fn serve(
+    listener: std::net::TcpListener,
     metrics: Arc<Metrics>,
     registry: Registry,
 ) -> std::io::Result<(SocketAddr, impl std::future::Future<Output = ()>)> {
-    edgerec_net::metrics_http::serve_registry(listen, Some(metrics), registry).await
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    edgerec_net::metrics_http::serve_registry_on(listener, Some(metrics), registry)
 }

@@ -22,6 +22,7 @@ use uuid::Uuid;
 
 use crate::appliance::feed::{Batch, Msg};
 use crate::appliance::metrics::Metrics;
+use crate::appliance::service_manager::Beat;
 use crate::appliance::session::{Action, Counters, Limits, RecId, Sessions};
 use crate::appliance::spool::{ActiveFile, Spool};
 use erec::clock::now_ms;
@@ -54,8 +55,13 @@ pub struct RecorderSetup {
     pub recycle: SyncSender<Batch>,
     /// The SIPREC server's media ports and its inactivity timer, if it runs.
     pub siprec: Option<((u16, u16), crate::siprec::transport::MediaSeen)>,
+    /// Beaten once a round (at least every [`IDLE_WAKE`]) for the watchdog.
+    pub beat: Arc<Beat>,
 }
 
+/// The longest the recorder waits for work: an idle recorder still beats for the watchdog
+/// (well within its `service_manager::STALE`).
+const IDLE_WAKE: Duration = Duration::from_millis(250);
 /// How soon the recorder looks for packages the opener has made, when nothing else wakes it.
 const OPENING_POLL: Duration = Duration::from_millis(10);
 
@@ -203,12 +209,11 @@ fn siprec_action(
 
 /// Runs until [`Msg::Shutdown`] arrives or every sender is gone.
 pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
+    let beat = Arc::clone(&setup.beat);
     let mut r = Recorder::new(setup);
     loop {
-        let msg = match r.timeout() {
-            Some(d) => rx.recv_timeout(d),
-            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-        };
+        beat.beat();
+        let msg = rx.recv_timeout(r.timeout().map_or(IDLE_WAKE, |d| d.min(IDLE_WAKE)));
         let stop = r.take(msg);
         r.carry_out();
         r.take_opened(stop);
@@ -277,6 +282,7 @@ impl Recorder {
             queued,
             recycle,
             siprec,
+            beat: _,
         } = setup;
         let mut sessions = Sessions::new(limits);
         let media_seen = siprec.map(|((first, last), seen)| {
@@ -1026,6 +1032,7 @@ mod tests {
             queued: Arc::new(AtomicUsize::new(0)),
             recycle,
             siprec: None,
+            beat: Beat::new("recorder"),
         };
         let t = std::thread::spawn(move || run(setup, rx));
         let local: SocketAddr = "127.0.0.1:40000".parse().unwrap();

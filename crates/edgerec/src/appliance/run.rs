@@ -1,14 +1,16 @@
 //! `edgerec run`: starts the appliance from a validated [`Config`] and runs it until the
 //! shutdown future completes.
 //!
-//! Start-up, in order, each failure one clear line: the spool (created 0700, checked
-//! writable, crash leftovers recovered), the KEK public key(s), the store, the file limit
-//! (raised to cover every ingest port, or the start fails naming what is needed), then one
-//! UDP socket per ingest port. Then threads run: ingest (all sockets, epoll and `recvmmsg`,
-//! batches to the recorder; see [`crate::appliance::ingest`]), the recorder and the uploader; the tokio
-//! runtime serves the metrics and watches the spool.
+//! Start-up, in order, each failure one clear line: every socket (taken from the service
+//! manager or bound, and handed to its store: [`crate::appliance::sockets`]) and ingest
+//! reading them at once (all sockets, epoll and `recvmmsg`, batches to the recorder's queue;
+//! see [`crate::appliance::ingest`]); then the spool (created 0700, checked writable, crash
+//! leftovers recovered), the KEK public key(s), the store; then the recorder and the
+//! uploader. The tokio runtime serves the metrics, watches the spool and tells the service
+//! manager `READY=1`, the status and the watchdog's pings (while the ingest and recorder
+//! loops beat).
 //!
-//! Shutdown (SIGTERM or SIGINT): one [`Shutdown`] signal for every thread and task of
+//! Shutdown (SIGTERM or SIGINT; `STOPPING=1`): one [`Shutdown`] signal for every thread and task of
 //! intake. Ingest takes what the sockets already hold and returns, then the recorder ends
 //! every recording with its end record and sync; the key fetcher and the inbox stop between
 //! rounds. The uploader's own signal comes after the recorder's last package, so it is told
@@ -21,7 +23,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::sync_channel;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::appliance::config::KekSource;
 use crate::appliance::config::{Config, SyncMode};
@@ -30,7 +32,9 @@ use crate::appliance::ingest::{self, IngestSetup};
 use crate::appliance::kek_watch::refuse_demo;
 use crate::appliance::metrics::{KekLabel, Metrics, SpoolState};
 use crate::appliance::recorder::{self, RecorderSetup};
+use crate::appliance::service_manager::{self, Beat, Passed, Watchdog};
 use crate::appliance::shutdown::Shutdown;
+use crate::appliance::sockets::{SipSockets, Sockets};
 use crate::appliance::spool::{Recovery, Spool};
 use crate::appliance::uploader::{self, UploaderSetup};
 use crate::store::StoreKind;
@@ -39,6 +43,7 @@ use crate::store::s3::S3Store;
 use crate::store::{DirStore, Store};
 use erec::clock::now_ms;
 use erec::keys::{KekHandle, KekPublic};
+use sd_notify::NotifyState;
 
 /// Why the appliance did not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +57,15 @@ fn start<E: std::fmt::Display>(what: impl std::fmt::Display) -> impl FnOnce(E) -
     move |e| RunError::Start(format!("{what}: {e}"))
 }
 
+impl RunError {
+    /// A failed start-up step, for `map_err`: `what` and the error on one line.
+    pub(crate) fn io<E: std::fmt::Display>(
+        what: impl std::fmt::Display,
+    ) -> impl FnOnce(E) -> RunError {
+        start(what)
+    }
+}
+
 /// Datagrams the recorder may have queued before ingest drops (and counts) them: about two
 /// seconds of 2,000 G.711 streams.
 const QUEUE: usize = 200_000;
@@ -63,20 +77,74 @@ const ROUND: Duration = Duration::from_millis(50);
 /// start-up step fails with one clear line; then one [`Shutdown`] stops every thread and
 /// task.
 pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(), RunError> {
-    let spool = open_spool(&config)?;
     let (metrics, registry) = Metrics::new();
     let shutdown = Shutdown::new();
+    // The sockets first, and ingest reading them at once: those the service manager kept
+    // while no process ran hold what arrived meanwhile, and it waits in the recorder's
+    // queue (not in socket buffers that may fill) while the spool recovers.
+    let passed = Passed::from_env().map_err(start("the service manager's sockets"))?;
+    let sockets = crate::appliance::sockets::open(&config, passed)?;
+    if sockets.adopted > 0 {
+        tracing::info!(
+            sockets = sockets.adopted,
+            "sockets from the service manager taken over"
+        );
+    }
+    let Sockets {
+        ingest: udp,
+        siprec_from,
+        sip,
+        metrics: metrics_listener,
+        control: control_listener,
+        ..
+    } = sockets;
+    if config.allow.is_empty() {
+        tracing::warn!("ingest.allow is empty: packets are taken from any source");
+    }
+    // Bounded in datagrams by `queued`; the channel's own bound (in batches) is only a
+    // backstop.
+    let (tx, rx) = sync_channel::<Msg>(4096);
+    let queued = Arc::new(AtomicUsize::new(0));
+    let (recycle_tx, recycle) = sync_channel(16);
+    let (ingest_beat, recorder_beat) = (Beat::new("ingest"), Beat::new("recorder"));
+    let ingest = start_thread("ingest", {
+        let setup = IngestSetup {
+            sockets: udp,
+            allow: Arc::new(config.allow.clone()),
+            siprec_from,
+            siprec_allow: Arc::new(
+                config
+                    .siprec
+                    .as_ref()
+                    .map(|s| s.allow.clone())
+                    .unwrap_or_default(),
+            ),
+            tx: tx.clone(),
+            recycle,
+            queued: Arc::clone(&queued),
+            max_queued: QUEUE,
+            metrics: Arc::clone(&metrics),
+            stop: shutdown.clone(),
+            round: ROUND,
+            beat: Arc::clone(&ingest_beat),
+        };
+        move || {
+            if let Err(e) = ingest::run(setup) {
+                tracing::error!(error = %e, "ingest stopped");
+            }
+        }
+    })?;
+
+    let spool = open_spool(&config)?;
     let keks = start_keys(&config, &metrics, &shutdown).await?;
     let (metrics_addr, metrics_server) =
-        crate::appliance::metrics::serve(config.metrics.listen, Arc::clone(&metrics), registry)
-            .await
+        crate::appliance::metrics::serve(metrics_listener, Arc::clone(&metrics), registry)
             .map_err(start(format!(
                 "metrics.listen: cannot listen on {}",
                 config.metrics.listen
             )))?;
     tracing::info!(%metrics_addr, "metrics at /metrics, /healthz, /readyz");
     let store = open_store(&config).await?;
-    let (sockets, siprec_from) = bind_ingest(&config)?;
     let (_kek_watch, kek_file) = watch_key_file(&config, &keks, &metrics)?;
     // Logged once the key file is watched too: from here on a key change is seen.
     let (first, last) = config.ports;
@@ -86,18 +154,13 @@ pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(),
     // or inbox files, while it is.
     let accepting = Arc::new(AtomicBool::new(true));
     let inbox = start_inbox(&config, &spool, &keks, &metrics, &accepting, &shutdown)?;
-    // Bounded in datagrams by `queued`; the channel's own bound (in batches) is only a
-    // backstop.
-    let (tx, rx) = sync_channel::<Msg>(4096);
-    let queued = Arc::new(AtomicUsize::new(0));
-    let (recycle_tx, recycle) = sync_channel(16);
     let (ready_tx, ready_rx) = sync_channel(10_000);
     let refusing: Box<dyn Fn() -> bool + Send> = {
         let (accepting, keks) = (Arc::clone(&accepting), keks.clone());
         Box::new(move || !accepting.load(Ordering::Relaxed) || keks.current().is_empty())
     };
     let (siprec, siprec_server) =
-        match start_siprec(&config, tx.clone(), refusing, &metrics, &shutdown).await? {
+        match start_siprec(&config, sip, tx.clone(), refusing, &metrics, &shutdown).await? {
             Some((link, server)) => (Some(link), Some(server)),
             None => (None, None),
         };
@@ -114,6 +177,7 @@ pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(),
             queued: Arc::clone(&queued),
             recycle: recycle_tx,
             siprec,
+            beat: Arc::clone(&recorder_beat),
         };
         move || recorder::run(setup, rx)
     })?;
@@ -143,45 +207,21 @@ pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(),
         };
         move || uploader::run(setup)
     })?;
-    let ingest = start_thread("ingest", {
-        let setup = IngestSetup {
-            sockets,
-            allow: Arc::new(config.allow.clone()),
-            siprec_from,
-            siprec_allow: Arc::new(
-                config
-                    .siprec
-                    .as_ref()
-                    .map(|s| s.allow.clone())
-                    .unwrap_or_default(),
-            ),
-            tx: tx.clone(),
-            recycle,
-            queued,
-            max_queued: QUEUE,
-            metrics: Arc::clone(&metrics),
-            stop: shutdown.clone(),
-            round: ROUND,
-        };
-        move || {
-            if let Err(e) = ingest::run(setup) {
-                tracing::error!(error = %e, "ingest stopped");
-            }
-        }
-    })?;
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(metrics_server);
     if let Some(server) = siprec_server {
         tasks.spawn(server);
     }
-    if let Some(control) = &config.control {
+    if let (Some(control), Some(listener)) = (&config.control, control_listener) {
         let stopping = shutdown.clone();
-        let (addr, server) =
-            crate::appliance::control::serve(control, tx.clone(), config.ports, async move {
-                stopping.triggered().await
-            })
-            .await
-            .map_err(|e| RunError::Start(e.to_string()))?;
+        let (addr, server) = crate::appliance::control::serve(
+            control,
+            listener,
+            tx.clone(),
+            config.ports,
+            async move { stopping.triggered().await },
+        )
+        .map_err(|e| RunError::Start(e.to_string()))?;
         tracing::info!(control_addr = %addr, tls = control.tls.is_some(), "control API listening");
         tasks.spawn(server);
     }
@@ -200,7 +240,17 @@ pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(),
         ),
     ));
 
+    tasks.spawn(until(
+        shutdown.clone(),
+        tell_service_manager(vec![ingest_beat, recorder_beat], Arc::clone(&metrics)),
+    ));
+    service_manager::notify(&[NotifyState::Ready, NotifyState::Status("recording")]);
+
     signal.await;
+    service_manager::notify(&[
+        NotifyState::Stopping,
+        NotifyState::Status("stopping: ending every recording"),
+    ]);
     tracing::info!("shutting down: ending every recording");
     stop(Running {
         shutdown,
@@ -426,54 +476,13 @@ async fn open_store(config: &Config) -> Result<Arc<dyn Store>, RunError> {
     })
 }
 
-/// Start-up: the file limit raised to cover every ingest port (or the start fails naming
-/// what is needed), then one non-blocking UDP socket bound per port.
-/// Start-up: one UDP socket per ingest port, then one per SIPREC media port (RTP and RTCP);
-/// returns them and where the SIPREC ones begin.
-fn bind_ingest(config: &Config) -> Result<(Vec<std::net::UdpSocket>, usize), RunError> {
-    let (first, last) = config.ports;
-    let count = u64::from(last - first) + 1;
-    let media = config
-        .siprec
-        .as_ref()
-        .map(|s| (s.listen.ip(), s.media_ports));
-    let media_count = media.map_or(0, |(_, (a, b))| u64::from(b - a) + 1);
-    let need = count + media_count + 256;
-    let got = rlimit::increase_nofile_limit(need).map_err(start("raising the file limit"))?;
-    if got < need {
-        return Err(RunError::Start(format!(
-            "ingest.ports: {count} ports (and {media_count} SIPREC media ports) need {need} open \
-             files, but the limit is {got}: raise LimitNOFILE (systemd) or ulimit -n, or use \
-             fewer ports"
-        )));
-    }
-    let bind = |addr: SocketAddr, what: &str| {
-        std::net::UdpSocket::bind(addr)
-            .and_then(|s| s.set_nonblocking(true).map(|()| s))
-            .map_err(start(format!("{what}: cannot bind udp {addr}")))
-    };
-    let mut sockets = Vec::with_capacity((count + media_count) as usize);
-    for port in first..=last {
-        sockets.push(bind(SocketAddr::new(config.ingest.bind, port), "ingest")?);
-    }
-    let siprec_from = sockets.len();
-    if let Some((ip, (a, b))) = media {
-        for port in a..=b {
-            sockets.push(bind(SocketAddr::new(ip, port), "siprec.media_ports")?);
-        }
-    }
-    if config.allow.is_empty() {
-        tracing::warn!("ingest.allow is empty: packets are taken from any source");
-    }
-    Ok((sockets, siprec_from))
-}
-
 /// Start-up, `[siprec]`: the SIP listener bound and its server made (run by the caller until
 /// `shutdown`), and a thread that hands the sessions it reports to the recorder. Returns the
 /// media ports and the handle the recorder tells of media, and the server's task.
 #[allow(clippy::type_complexity)]
 async fn start_siprec(
     config: &Config,
+    sockets: Option<SipSockets>,
     recorder: std::sync::mpsc::SyncSender<Msg>,
     refusing: Box<dyn Fn() -> bool + Send>,
     metrics: &Arc<Metrics>,
@@ -486,18 +495,14 @@ async fn start_siprec(
     RunError,
 > {
     use crate::siprec::{srs, transport};
-    let Some(cfg) = &config.siprec else {
+    let (Some(cfg), Some(sockets)) = (&config.siprec, sockets) else {
         return Ok(None);
     };
-    let listener = transport::Listener::bind(cfg.listen)
-        .await
-        .map_err(start(format!(
-            "siprec.listen: cannot listen on {}",
-            cfg.listen
-        )))?;
-    let listener = match &cfg.tls {
-        None => listener,
-        Some((addr, cert, key)) => {
+    let listener = transport::Listener::from_std(sockets.udp, sockets.tcp).map_err(start(
+        format!("siprec.listen: cannot listen on {}", cfg.listen),
+    ))?;
+    let listener = match (&cfg.tls, sockets.tls) {
+        (Some((addr, cert, key)), Some(tcp)) => {
             let tls = edgerec_net::https::server_config(
                 cert,
                 key,
@@ -507,12 +512,12 @@ async fn start_siprec(
             )
             .map_err(|e| RunError::Start(e.to_string()))?;
             let l = listener
-                .with_tls(*addr, tls)
-                .await
+                .with_tls_on(tcp, tls)
                 .map_err(start(format!("siprec.tls_listen: cannot listen on {addr}")))?;
             tracing::info!(tls = ?l.tls_addr(), "SIPREC server listening (TLS)");
             l
         }
+        _ => listener,
     };
     let local = listener
         .local_addr()
@@ -613,6 +618,58 @@ fn start_inbox(
         .map_err(start("inbox thread"))
 }
 
+/// Tells the service manager how the appliance is: every two seconds a `STATUS=` line with
+/// the recordings in progress and the packages waiting (when it changed); and, if it asked
+/// for a watchdog (`WATCHDOG_USEC`), `WATCHDOG=1` four times a period (at most every two
+/// seconds) — only while every loop in `beats` keeps beating ([`Watchdog`]), so a hung
+/// ingest or recorder thread gets the process restarted after the period.
+async fn tell_service_manager(beats: Vec<Arc<Beat>>, metrics: Arc<Metrics>) {
+    let period = service_manager::watchdog_period();
+    let tick_every = period.map_or(Duration::from_secs(2), |p| {
+        (p / 4).clamp(Duration::from_millis(100), Duration::from_secs(2))
+    });
+    let mut tick = tokio::time::interval(tick_every);
+    let mut watchdog = Watchdog::new(beats, Instant::now());
+    let (mut status, mut status_at, mut stalled) = (String::new(), Instant::now(), None);
+    loop {
+        tick.tick().await;
+        if period.is_some() {
+            match watchdog.check(Instant::now()) {
+                Ok(()) => {
+                    service_manager::notify(&[NotifyState::Watchdog]);
+                    stalled = None;
+                }
+                Err(thread) if stalled != Some(thread) => {
+                    tracing::error!(
+                        thread,
+                        "a loop has stopped: no watchdog ping, the service manager restarts \
+                         the appliance"
+                    );
+                    stalled = Some(thread);
+                }
+                Err(_) => {}
+            }
+        }
+        if status_at.elapsed() >= Duration::from_secs(2) || status.is_empty() {
+            status_at = Instant::now();
+            let ready = metrics
+                .spool_files
+                .get_or_create(&SpoolState {
+                    state: "ready".into(),
+                })
+                .get();
+            let now = format!(
+                "recording {} calls; {ready} packages waiting for the store",
+                metrics.recordings_active.get()
+            );
+            if now != status {
+                service_manager::notify(&[NotifyState::Status(&now)]);
+                status = now;
+            }
+        }
+    }
+}
+
 /// Every two seconds: datagrams the kernel dropped at full socket buffers on the ingest
 /// ports (a burst larger than a socket holds between two reads) into
 /// `edgerec_datagrams_rejected_total{reason="socket_buffer_full"}`, and the age of the KEK
@@ -638,7 +695,9 @@ async fn watch_kernel(ports: (u16, u16), kek_file: Option<PathBuf>, metrics: Arc
             return;
         };
         if let Some(now) = drops {
-            // The sockets are this process's own, bound at start: their counts start at 0.
+            // Counted from 0 at the first look: a socket the service manager kept while no
+            // process ran brings the drops of that time (buffers that filled), which are
+            // losses too.
             let before = counted.replace(now).unwrap_or(0);
             if now > before {
                 Metrics::inc(

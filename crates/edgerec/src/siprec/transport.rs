@@ -171,13 +171,27 @@ impl Listener {
         })
     }
 
-    /// Adds SIP over TLS on `addr` with `config` (its certificate and key).
-    pub async fn with_tls(
+    /// The listener on sockets already bound (non-blocking; inside the runtime): UDP and
+    /// TCP on the same address.
+    pub fn from_std(
+        udp: std::net::UdpSocket,
+        tcp: std::net::TcpListener,
+    ) -> std::io::Result<Listener> {
+        Ok(Listener {
+            udp: Arc::new(UdpSocket::from_std(udp)?),
+            tcp: TcpListener::from_std(tcp)?,
+            tls: None,
+        })
+    }
+
+    /// Adds SIP over TLS on a listener already bound, with `config` (its certificate and
+    /// key).
+    pub fn with_tls_on(
         mut self,
-        addr: SocketAddr,
+        tcp: std::net::TcpListener,
         config: rustls::ServerConfig,
     ) -> std::io::Result<Listener> {
-        let tcp = TcpListener::bind(addr).await?;
+        let tcp = TcpListener::from_std(tcp)?;
         self.tls = Some((tcp, tokio_rustls::TlsAcceptor::from(Arc::new(config))));
         Ok(self)
     }

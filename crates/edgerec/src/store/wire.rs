@@ -3,7 +3,8 @@
 //! bandwidth limit, and a failed answer or no answer turned into a [`StoreError`] of the
 //! right class for the retry policy.
 //!
-//! Invariant: the one `unsafe` block of the crate is here ([`map`]), with why it is sound.
+//! Invariant: one of the crate's two `unsafe` blocks is here ([`map`]), with why it is sound (the
+//! other takes the descriptors a service manager passed: `appliance::service_manager`).
 
 use std::fs::File;
 use std::time::{Duration, SystemTime};

@@ -1,0 +1,530 @@
+//! The service manager's protocol, end to end: a harness plays systemd (as these machines
+//! do not run it as PID 1). It holds the sockets the appliance hands to its descriptor
+//! store (`FDSTORE=1` over `SCM_RIGHTS` on its own notify socket), starts `edgerec run`
+//! with them (`LISTEN_FDS` from descriptor 3, `LISTEN_PID`), and starts it again after
+//! `kill -9`, as `Restart=always` does; it reads `READY=1`, `STATUS=`, `WATCHDOG=1` and
+//! `STOPPING=1`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::IoSliceMut;
+use std::net::UdpSocket;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use command_fds::{CommandFdExt, FdMapping};
+use erec::entries::{Entry, entries};
+use erec::reader::{PackageReader, ReadMode};
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+
+use crate::appliance::{files_with_ext, free_ports, rtp};
+use crate::common::*;
+
+/// What the appliance told the manager in one message.
+#[derive(Debug, Default)]
+struct Told {
+    lines: Vec<String>,
+    fds: Vec<OwnedFd>,
+}
+
+impl Told {
+    fn has(&self, line: &str) -> bool {
+        self.lines.iter().any(|l| l == line)
+    }
+
+    fn value(&self, key: &str) -> Option<&str> {
+        self.lines
+            .iter()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+    }
+}
+
+/// The harness: a service manager with a descriptor store.
+struct Manager {
+    dir: tempfile::TempDir,
+    notify: UnixDatagram,
+    /// The descriptor store, by name, in the order stored.
+    store: Vec<(String, OwnedFd)>,
+    child: Option<Child>,
+    log: mpsc::Receiver<String>,
+    /// Every message since the child started.
+    told: Vec<Told>,
+}
+
+impl Manager {
+    /// Four ingest ports.
+    fn new() -> Manager {
+        Self::with_ports(free_ports(), 4)
+    }
+
+    /// `count` ingest ports from `base`.
+    fn with_ports(base: u16, count: u16) -> Manager {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join("edgerec.toml"),
+            format!(
+                r#"
+[recorder]
+spool_dir = "spool"
+flush_interval_ms = 200
+idle_timeout_ms = 10000
+[ingest]
+bind = "127.0.0.1"
+ports = "{base}-{}"
+allow = ["127.0.0.0/8"]
+[keys]
+public_key = "{}"
+[store]
+path = "store"
+[upload]
+retry_initial_ms = 100
+retry_max_ms = 1000
+[metrics]
+listen = "127.0.0.1:0"
+"#,
+                base + count - 1,
+                key_path("test-kek.pub.pem").display(),
+            ),
+        )
+        .unwrap();
+        let notify = UnixDatagram::bind(dir.path().join("notify.sock")).unwrap();
+        notify
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        Manager {
+            dir,
+            notify,
+            store: Vec::new(),
+            child: None,
+            log: mpsc::channel().1,
+            told: Vec::new(),
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    /// Starts `edgerec run` with the stored descriptors from 3 on, as systemd does, and
+    /// `env`; returns once it said `READY=1`.
+    fn start(&mut self, env: &[(&str, &str)]) {
+        self.start_holding(true, env);
+    }
+
+    /// [`Manager::start`]; without `hold`, no descriptor store (the process binds its own
+    /// sockets, and they close with it).
+    fn start_holding(&mut self, hold: bool, env: &[(&str, &str)]) {
+        if !hold {
+            self.store.clear();
+        }
+        let mut cmd = Command::new("sh");
+        // LISTEN_PID (and WATCHDOG_PID) name the process itself: the shell's pid, which
+        // `exec` keeps.
+        cmd.args([
+            "-c",
+            "export LISTEN_PID=$$ WATCHDOG_PID=$$; exec \"$0\" \"$@\"",
+            env!("CARGO_BIN_EXE_edgerec"),
+            "run",
+            "--config",
+            "edgerec.toml",
+        ])
+        .current_dir(self.dir.path())
+        .env("NOTIFY_SOCKET", self.path("notify.sock"))
+        .env("EDGEREC_LOG", "info")
+        .stderr(Stdio::piped());
+        if !self.store.is_empty() {
+            let names: Vec<&str> = self.store.iter().map(|(n, _)| n.as_str()).collect();
+            cmd.env("LISTEN_FDS", self.store.len().to_string())
+                .env("LISTEN_FDNAMES", names.join(":"));
+            let mappings = self
+                .store
+                .iter()
+                .enumerate()
+                .map(|(i, (_, fd))| FdMapping {
+                    parent_fd: fd.try_clone().unwrap(),
+                    child_fd: 3 + RawFd::try_from(i).unwrap(),
+                })
+                .collect();
+            cmd.fd_mappings(mappings).unwrap();
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        self.log = log_lines(child.stderr.take().unwrap());
+        self.child = Some(child);
+        self.told.clear();
+        self.pump_until("READY=1", |t| t.has("READY=1"));
+    }
+
+    /// Receives one message if one comes within 50 ms; keeps what it stores.
+    fn receive(&mut self) -> Option<&Told> {
+        let mut buf = [0u8; 4096];
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let mut cmsg = nix::cmsg_space!([RawFd; 253]);
+        let (bytes, fds) = match recvmsg::<()>(
+            self.notify.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(msg) => {
+                let mut fds = Vec::new();
+                for c in msg.cmsgs().unwrap() {
+                    if let ControlMessageOwned::ScmRights(raw) = c {
+                        fds.extend(raw);
+                    }
+                }
+                (msg.bytes, fds)
+            }
+            Err(nix::errno::Errno::EAGAIN) => return None,
+            Err(e) => panic!("notify socket: {e}"),
+        };
+        let text = String::from_utf8_lossy(&buf[..bytes]).to_string();
+        let mut told = Told {
+            lines: text.lines().map(str::to_string).collect(),
+            fds: fds.into_iter().map(own).collect(),
+        };
+        let name = told.value("FDNAME").unwrap_or("stored").to_string();
+        if told.has("FDSTOREREMOVE=1") {
+            self.store.retain(|(n, _)| *n != name);
+        }
+        if told.has("FDSTORE=1") {
+            for fd in told.fds.drain(..) {
+                self.store.push((name.clone(), fd));
+            }
+        }
+        self.told.push(told);
+        self.told.last()
+    }
+
+    /// Receives until a message satisfies `done` (within 30 s).
+    fn pump_until(&mut self, what: &str, done: impl Fn(&Told) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            assert!(Instant::now() < deadline, "the appliance never said {what}");
+            if self.receive().is_some_and(&done) {
+                return;
+            }
+            if let Some(c) = self.child.as_mut() {
+                assert!(
+                    c.try_wait().unwrap().is_none(),
+                    "the appliance exited before it said {what}"
+                );
+            }
+        }
+    }
+
+    /// Receives for `d`.
+    fn pump_for(&mut self, d: Duration) {
+        let until = Instant::now() + d;
+        while Instant::now() < until {
+            self.receive();
+        }
+    }
+
+    #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
+    fn wait_log(&self, what: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while let Ok(line) = self.log.recv_timeout(deadline - Instant::now()) {
+            if line.contains(what) {
+                return line;
+            }
+        }
+        panic!("no log line with {what:?}");
+    }
+
+    fn kill9(&mut self) {
+        let mut c = self.child.take().unwrap();
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    fn sigterm(&mut self) {
+        let mut c = self.child.take().unwrap();
+        let st = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut stopping = false;
+        while c.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "no exit after SIGTERM");
+            stopping |= self.receive().is_some_and(|t| t.has("STOPPING=1"));
+        }
+        while let Some(t) = self.receive() {
+            stopping |= t.has("STOPPING=1");
+        }
+        assert!(c.wait().unwrap().success());
+        assert!(stopping, "STOPPING=1 at shutdown");
+    }
+
+    fn stored_names(&self) -> BTreeMap<String, usize> {
+        let mut m = BTreeMap::new();
+        for (n, _) in &self.store {
+            *m.entry(n.clone()).or_insert(0) += 1;
+        }
+        m
+    }
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A descriptor received over `SCM_RIGHTS`.
+#[allow(unsafe_code)]
+fn own(raw: RawFd) -> OwnedFd {
+    // SAFETY: the kernel just installed `raw` in this process for this message
+    // (MSG_CMSG_CLOEXEC); nothing else refers to it.
+    unsafe { OwnedFd::from_raw_fd(raw) }
+}
+
+/// Every (SSRC, sequence number) in the packages under `store`, with repeats.
+fn recorded(store: &Path) -> Vec<(u32, u16)> {
+    let ring = ring(&["test"]);
+    let mut out = Vec::new();
+    for f in files_with_ext(store, "erec") {
+        let mut r =
+            PackageReader::new(fs::File::open(&f).unwrap(), &ring, ReadMode::Recovery).unwrap();
+        while let Some(rec) = r.next_record().unwrap() {
+            for e in entries(&rec.plaintext) {
+                if let Entry::Rtp { packet, .. } = e.unwrap() {
+                    let ssrc = u32::from_be_bytes(packet[8..12].try_into().unwrap());
+                    out.push((ssrc, u16::from_be_bytes([packet[2], packet[3]])));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// What [`kill_under_load`] measured.
+struct Kills {
+    sent: usize,
+    recorded: usize,
+    /// Packets sent while no process ran, per stream, and how many of them were lost.
+    in_outage: usize,
+    lost_in_outage: usize,
+    /// From `kill -9` to the next process's `READY=1`, each time.
+    restarts: Vec<Duration>,
+}
+
+/// Paced streams (one per port, SSRC = port, 50 packets a second) while the appliance is
+/// killed `kills` times, each time started again after `outage` (as `RestartSec=` waits),
+/// with or without the descriptor store (`hold`); then stopped with SIGTERM. Checks that
+/// nothing is stored twice and returns what was lost.
+fn kill_under_load(streams: u16, kills: usize, outage: Duration, hold: bool) -> Kills {
+    let base = if streams <= 4 {
+        free_ports()
+    } else {
+        crate::siprec::free_range(streams)
+    };
+    let mut m = Manager::with_ports(base, streams);
+    m.start_holding(hold, &[]);
+    let sent: Arc<Mutex<Vec<(Instant, u16)>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = {
+        let (sent, stop) = (Arc::clone(&sent), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let start = Instant::now();
+            let mut seq = 0u16;
+            while !stop.load(Ordering::Relaxed) {
+                let at = Instant::now();
+                for port in base..base + streams {
+                    // Refused while nothing listens (without the store): lost, not fatal.
+                    let _ = s.send_to(&rtp(seq, u32::from(port), 0x55), ("127.0.0.1", port));
+                }
+                sent.lock().unwrap().push((at, seq));
+                seq += 1;
+                let next = start + Duration::from_millis(20) * u32::from(seq);
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            }
+        })
+    };
+    let mut outages = Vec::new();
+    let mut restarts = Vec::new();
+    for _ in 0..kills {
+        m.pump_for(Duration::from_millis(800));
+        m.kill9();
+        let dead = Instant::now();
+        std::thread::sleep(outage);
+        let restarting = Instant::now();
+        m.start_holding(hold, &[]);
+        restarts.push(dead.elapsed());
+        outages.push((dead, restarting));
+        if hold {
+            assert_eq!(
+                m.stored_names().get("rtp"),
+                Some(&usize::from(streams)),
+                "each socket stored once"
+            );
+        }
+    }
+    m.pump_for(Duration::from_millis(800));
+    stop.store(true, Ordering::Relaxed);
+    sender.join().unwrap();
+    m.sigterm();
+
+    // Each killed process left one recording per stream, the last one stopped: the last
+    // process delivered them all before it exited.
+    let store = m.path("store");
+    assert_eq!(
+        files_with_ext(&store, "erec").len(),
+        usize::from(streams) * (kills + 1)
+    );
+    let got = recorded(&store);
+    let mut seen = BTreeSet::new();
+    for p in &got {
+        assert!(seen.insert(*p), "{p:?} is stored twice");
+    }
+    let sent = sent.lock().unwrap().clone();
+    let (mut in_outage, mut lost_in_outage) = (0, 0);
+    for (at, seq) in &sent {
+        if outages.iter().any(|(dead, up)| at > dead && at < up) {
+            in_outage += 1;
+            for port in base..base + streams {
+                if !seen.contains(&(u32::from(port), *seq)) {
+                    lost_in_outage += 1;
+                }
+            }
+        }
+    }
+    Kills {
+        sent: sent.len() * usize::from(streams),
+        recorded: got.len(),
+        in_outage,
+        lost_in_outage,
+        restarts,
+    }
+}
+
+#[test]
+fn sockets_kept_by_the_service_manager_lose_nothing_while_no_process_runs() {
+    let mut m = Manager::new();
+    m.start(&[]);
+    // Every socket the appliance bound went into the store, by role.
+    let names = m.stored_names();
+    assert_eq!(names.get("rtp"), Some(&4), "{names:?}");
+    assert_eq!(names.get("metrics"), Some(&1), "{names:?}");
+    m.pump_until("STATUS=recording 0 calls…", |t| {
+        t.value("STATUS")
+            .is_some_and(|s| s.starts_with("recording 0 calls"))
+    });
+    // Started again with the stored sockets, it takes them all and stores none twice.
+    m.kill9();
+    m.start(&[]);
+    assert_eq!(m.stored_names(), names);
+    m.sigterm();
+
+    // Three kills under paced streams: every packet sent while no process ran waited in
+    // the sockets the manager held.
+    let k = kill_under_load(4, 3, Duration::from_millis(300), true);
+    assert!(
+        k.in_outage >= 30,
+        "{} packets per stream sent during the outages",
+        k.in_outage
+    );
+    assert_eq!(
+        k.lost_in_outage, 0,
+        "packets sent while no process ran are lost"
+    );
+    eprintln!(
+        "service manager harness: {} sent, {} recorded over 3 kills; none lost of the {} per \
+         stream sent while no process ran",
+        k.sent, k.recorded, k.in_outage
+    );
+}
+
+/// The benchmark `benches/restart_loss.sh` runs: `EDGEREC_BENCH_STREAMS` streams (50),
+/// `EDGEREC_BENCH_KILLS` kills (10), with and without the descriptor store; prints the
+/// packets lost per stream per kill and the restart times.
+#[test]
+#[ignore = "a benchmark: benches/restart_loss.sh"]
+fn restart_loss_benchmark() {
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let streams = u16::try_from(env("EDGEREC_BENCH_STREAMS", 50)).unwrap();
+    let kills = env("EDGEREC_BENCH_KILLS", 10);
+    let outage = Duration::from_millis(100);
+    for hold in [false, true] {
+        let k = kill_under_load(streams, kills, outage, hold);
+        let per = (k.sent - k.recorded) as f64 / f64::from(streams) / kills as f64;
+        let mut r = k.restarts.clone();
+        r.sort();
+        println!(
+            "{}: {streams} streams, {kills} kills (RestartSec=100ms): {} of {} packets lost, \
+             {per:.1} per stream per kill ({:.0} ms of audio); sent while no process ran: {} \
+             per stream, {} lost in all; kill to READY=1: median {:?}, max {:?}",
+            if hold {
+                "descriptor store"
+            } else {
+                "no descriptor store"
+            },
+            k.sent - k.recorded,
+            k.sent,
+            per * 20.0,
+            k.in_outage,
+            k.lost_in_outage,
+            r[r.len() / 2],
+            r[r.len() - 1],
+        );
+    }
+}
+
+#[cfg(feature = "test-hooks")]
+#[test]
+fn a_hung_recorder_thread_stops_the_watchdog_pings_and_the_restart_recovers() {
+    let mut m = Manager::new();
+    let pings = |m: &Manager| m.told.iter().filter(|t| t.has("WATCHDOG=1")).count();
+    m.start(&[
+        ("WATCHDOG_USEC", "2000000"),
+        ("EDGEREC_TEST_STALL", "recorder:1500"),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pings(&m) < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "no watchdog pings: {:?}",
+            m.told.iter().map(|t| &t.lines).collect::<Vec<_>>()
+        );
+        m.receive();
+    }
+    m.wait_log("stalled by EDGEREC_TEST_STALL");
+    let line = m.wait_log("a loop has stopped");
+    assert!(line.contains("recorder"), "{line}");
+    // Checks within a second of the last beat still ping (a recorder may idle that long);
+    // none after that.
+    m.pump_for(Duration::from_millis(600));
+    let before = pings(&m);
+    m.pump_for(Duration::from_millis(1500));
+    assert_eq!(pings(&m), before, "pings while the recorder hangs");
+    // The service manager's answer to a missed watchdog: kill and start again.
+    m.kill9();
+    m.start(&[("WATCHDOG_USEC", "2000000")]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pings(&m) < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "no watchdog pings after the restart"
+        );
+        m.receive();
+    }
+    m.sigterm();
+}
