@@ -38,6 +38,8 @@ pub struct Appliance {
     child: Option<Child>,
     log: mpsc::Receiver<String>,
     metrics: String,
+    /// Whether the child gets `EDGEREC_LOG=debug`.
+    log_env: bool,
 }
 
 impl Appliance {
@@ -99,12 +101,31 @@ listen = "127.0.0.1:0"
             child: None,
             log: mpsc::channel().1,
             metrics: String::new(),
+            log_env: true,
         }
     }
 
     pub fn spawn(&mut self) {
         let cfg = self.dir.path().join("edgerec.toml");
         self.spawn_with(cfg.to_str().unwrap(), None);
+    }
+
+    /// Started without `EDGEREC_LOG`: the config's `[log] level` rules.
+    pub fn spawn_logging_as_configured(&mut self) {
+        self.log_env = false;
+        self.spawn();
+    }
+
+    /// Sends SIGHUP (reload).
+    pub fn sighup(&self) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-HUP", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
     }
 
     /// Started from its own directory with `--config edgerec.toml`: every relative path of
@@ -119,6 +140,9 @@ listen = "127.0.0.1:0"
         cmd.args(["run", "--config", config])
             .env("EDGEREC_LOG", "debug")
             .stderr(Stdio::piped());
+        if !self.log_env {
+            cmd.env_remove("EDGEREC_LOG");
+        }
         if let Some(d) = cwd {
             cmd.current_dir(d);
         }

@@ -32,7 +32,7 @@ fn rms(s: &[i16]) -> f64 {
 }
 
 /// Where the running appliance's control API listens (from its log).
-fn control_addr(a: &Appliance) -> String {
+pub fn control_addr(a: &Appliance) -> String {
     a.wait_log("control API listening")
         .split("control_addr=")
         .nth(1)

@@ -15,6 +15,7 @@ mod kms;
 mod lkm;
 mod lkm_attacks;
 mod proxy;
+mod reload;
 mod s3;
 mod service_manager;
 mod siprec;

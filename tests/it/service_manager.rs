@@ -291,23 +291,52 @@ fn own(raw: RawFd) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(raw) }
 }
 
-/// Every (SSRC, sequence number) in the packages under `store`, with repeats.
-fn recorded(store: &Path) -> Vec<(u32, u16)> {
+/// Every package under `store`: its port, the recording it continues, when it was made,
+/// and every (SSRC, sequence number) it holds.
+struct Stored {
+    id: uuid::Uuid,
+    port: u64,
+    continues: Option<String>,
+    created_ms: u64,
+    packets: Vec<(u32, u16)>,
+}
+
+fn stored(store: &Path) -> Vec<Stored> {
     let ring = ring(&["test"]);
     let mut out = Vec::new();
     for f in files_with_ext(store, "erec") {
         let mut r =
             PackageReader::new(fs::File::open(&f).unwrap(), &ring, ReadMode::Recovery).unwrap();
+        let h = r.header();
+        let public: serde_json::Value = serde_json::from_slice(&h.metadata).unwrap();
+        let mut p = Stored {
+            id: uuid::Uuid::from_bytes(h.recording_id),
+            port: public["port"].as_u64().unwrap(),
+            continues: public["continues"].as_str().map(str::to_string),
+            created_ms: h.created_ms,
+            packets: Vec::new(),
+        };
         while let Some(rec) = r.next_record().unwrap() {
             for e in entries(&rec.plaintext) {
                 if let Entry::Rtp { packet, .. } = e.unwrap() {
                     let ssrc = u32::from_be_bytes(packet[8..12].try_into().unwrap());
-                    out.push((ssrc, u16::from_be_bytes([packet[2], packet[3]])));
+                    p.packets
+                        .push((ssrc, u16::from_be_bytes([packet[2], packet[3]])));
                 }
             }
         }
+        out.push(p);
     }
     out
+}
+
+/// How the harness ends each process.
+#[derive(Clone, Copy, PartialEq)]
+enum Stop {
+    /// `kill -9`: a crash.
+    Kill,
+    /// SIGTERM: `systemctl restart`, an upgrade.
+    Term,
 }
 
 /// What [`kill_under_load`] measured.
@@ -325,7 +354,7 @@ struct Kills {
 /// killed `kills` times, each time started again after `outage` (as `RestartSec=` waits),
 /// with or without the descriptor store (`hold`); then stopped with SIGTERM. Checks that
 /// nothing is stored twice and returns what was lost.
-fn kill_under_load(streams: u16, kills: usize, outage: Duration, hold: bool) -> Kills {
+fn kill_under_load(streams: u16, kills: usize, outage: Duration, hold: bool, how: Stop) -> Kills {
     let base = if streams <= 4 {
         free_ports()
     } else {
@@ -358,7 +387,10 @@ fn kill_under_load(streams: u16, kills: usize, outage: Duration, hold: bool) -> 
     let mut restarts = Vec::new();
     for _ in 0..kills {
         m.pump_for(Duration::from_millis(800));
-        m.kill9();
+        match how {
+            Stop::Kill => m.kill9(),
+            Stop::Term => m.sigterm(),
+        }
         let dead = Instant::now();
         std::thread::sleep(outage);
         let restarting = Instant::now();
@@ -385,10 +417,31 @@ fn kill_under_load(streams: u16, kills: usize, outage: Duration, hold: bool) -> 
         files_with_ext(&store, "erec").len(),
         usize::from(streams) * (kills + 1)
     );
-    let got = recorded(&store);
+    let packages = stored(&store);
+    let got: Vec<(u32, u16)> = packages.iter().flat_map(|p| p.packets.clone()).collect();
     let mut seen = BTreeSet::new();
     for p in &got {
         assert!(seen.insert(*p), "{p:?} is stored twice");
+    }
+    if hold {
+        // Each port's recordings form one chain: every one after a restart continues the
+        // one before it (export joins them into one call).
+        for port in base..base + streams {
+            let mut chain: Vec<&Stored> = packages
+                .iter()
+                .filter(|p| p.port == u64::from(port))
+                .collect();
+            chain.sort_by_key(|p| p.created_ms);
+            assert_eq!(chain.len(), kills + 1);
+            assert_eq!(chain[0].continues, None);
+            for w in chain.windows(2) {
+                assert_eq!(
+                    w[1].continues.as_deref(),
+                    Some(w[0].id.hyphenated().to_string().as_str()),
+                    "port {port}: a recording after a restart continues the one before"
+                );
+            }
+        }
     }
     let sent = sent.lock().unwrap().clone();
     let (mut in_outage, mut lost_in_outage) = (0, 0);
@@ -431,7 +484,7 @@ fn sockets_kept_by_the_service_manager_lose_nothing_while_no_process_runs() {
 
     // Three kills under paced streams: every packet sent while no process ran waited in
     // the sockets the manager held.
-    let k = kill_under_load(4, 3, Duration::from_millis(300), true);
+    let k = kill_under_load(4, 3, Duration::from_millis(300), true, Stop::Kill);
     assert!(
         k.in_outage >= 30,
         "{} packets per stream sent during the outages",
@@ -445,6 +498,17 @@ fn sockets_kept_by_the_service_manager_lose_nothing_while_no_process_runs() {
         "service manager harness: {} sent, {} recorded over 3 kills; none lost of the {} per \
          stream sent while no process ran",
         k.sent, k.recorded, k.in_outage
+    );
+}
+
+#[test]
+fn a_planned_restart_under_load_loses_no_packet_at_all() {
+    // SIGTERM (systemctl restart, an upgrade): the process ends every recording with what
+    // it read, the sockets hold the rest; the next process continues each call.
+    let k = kill_under_load(4, 2, Duration::from_millis(300), true, Stop::Term);
+    assert_eq!(
+        k.recorded, k.sent,
+        "every packet sent is stored, exactly once"
     );
 }
 
@@ -464,7 +528,7 @@ fn restart_loss_benchmark() {
     let kills = env("EDGEREC_BENCH_KILLS", 10);
     let outage = Duration::from_millis(100);
     for hold in [false, true] {
-        let k = kill_under_load(streams, kills, outage, hold);
+        let k = kill_under_load(streams, kills, outage, hold, Stop::Kill);
         let per = (k.sent - k.recorded) as f64 / f64::from(streams) / kills as f64;
         let mut r = k.restarts.clone();
         r.sort();

@@ -6,11 +6,13 @@
 //! timers) and seals what it says into package files of the [`spool`]; the [`uploader`]
 //! delivers finished packages to the store on the sans-IO schedule of [`upload_queue`]. The
 //! [`inbox`] seals files another system leaves; the [`control`] API tags and pauses calls;
-//! [`kek_watch`] and [`kek_fetch`] keep the current public key; [`metrics`] counts
+//! [`kek_watch`] and [`kek_fetch`] keep the current public key, started by [`key_source`]; [`metrics`] counts
 //! everything; [`config`] is the TOML configuration; [`run`] starts and stops the whole,
-//! with one [`shutdown`] signal for every thread and task, on sockets that are passed by the
+//! with one [`shutdown`] signal for every thread and task, [`reload`]s the config on SIGHUP,
+//! on sockets that are passed by the
 //! [`service_manager`] and handed back to it, so they outlive the process.
 
+pub(crate) mod carry;
 pub(crate) mod config;
 pub(crate) mod control;
 pub(crate) mod feed;
@@ -18,8 +20,10 @@ pub(crate) mod inbox;
 pub(crate) mod ingest;
 pub(crate) mod kek_fetch;
 pub(crate) mod kek_watch;
+pub(crate) mod key_source;
 pub(crate) mod metrics;
 pub(crate) mod recorder;
+pub(crate) mod reload;
 pub(crate) mod run;
 pub(crate) mod service_manager;
 pub(crate) mod session;

@@ -333,6 +333,13 @@ impl Default for MetricsConfig {
     }
 }
 
+/// `[log]` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    level: Option<Spanned<String>>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Raw {
@@ -352,6 +359,8 @@ struct Raw {
     inbox: RawInbox,
     #[serde(default)]
     siprec: RawSiprec,
+    #[serde(default)]
+    log: RawLog,
 }
 
 /// `[siprec]` as written.
@@ -474,6 +483,9 @@ pub struct Config {
     pub abort_orphans_after: Option<std::time::Duration>,
     /// `[metrics]`.
     pub metrics: MetricsConfig,
+    /// `[log] level`: what is logged (an `EDGEREC_LOG` filter: `info`, `debug`,
+    /// `edgerec=debug,info`); `EDGEREC_LOG` in the environment wins. `None`: info.
+    pub log_level: Option<String>,
     /// `[control]`, if it has a `listen`.
     pub control: Option<Control>,
     /// `[inbox]`, if it has a `dir`.
@@ -1140,6 +1152,21 @@ fn inbox_section(cx: &Ctx<'_>, raw: &Raw) -> Result<Option<InboxConfig>, ConfigE
     Ok(inbox)
 }
 
+/// `[log]`: the level, checked to be a filter `EDGEREC_LOG` would take.
+fn log_section(cx: &Ctx<'_>, raw: &Raw) -> Result<Option<String>, ConfigError> {
+    let Some(level) = &raw.log.level else {
+        return Ok(None);
+    };
+    tracing_subscriber::EnvFilter::try_new(level.get_ref()).map_err(|e| {
+        cx.err(
+            "log.level",
+            level,
+            &format!("is not a log filter ({e}); e.g. \"info\", \"debug\", \"edgerec=debug,info\""),
+        )
+    })?;
+    Ok(Some(level.get_ref().clone()))
+}
+
 impl Config {
     /// Reads and validates a config file.
     pub fn load(file: &Path) -> Result<Config, ConfigError> {
@@ -1170,6 +1197,7 @@ impl Config {
         let control = control_section(&cx, &raw)?;
         let inbox = inbox_section(&cx, &raw)?;
         let siprec = siprec_section(&cx, &raw, ports)?;
+        let log_level = log_section(&cx, &raw)?;
         let mut recorder = raw.recorder.clone();
         recorder.spool_dir = cx.resolve(&recorder.spool_dir);
         Ok(Config {
@@ -1193,6 +1221,7 @@ impl Config {
                 .filter(|s| *s > 0)
                 .map(std::time::Duration::from_secs),
             metrics: raw.metrics,
+            log_level,
         })
     }
 
@@ -1535,6 +1564,18 @@ path = "/srv/store"
         assert_eq!(c.retry.initial, std::time::Duration::from_millis(200));
         assert_eq!(c.retry.max, std::time::Duration::from_secs(60));
         assert_eq!(c.retry.max_attempts, Some(10));
+    }
+
+    #[test]
+    fn a_log_level_is_checked_as_a_filter() {
+        let c = parse(&format!("{GOOD}\n[log]\nlevel = \"edgerec=debug,info\"\n")).unwrap();
+        assert_eq!(c.log_level.as_deref(), Some("edgerec=debug,info"));
+        assert_eq!(parse(GOOD).unwrap().log_level, None);
+        let e = parse(&format!("{GOOD}\n[log]\nlevel = \"edgerec=loud\"\n")).unwrap_err();
+        assert!(
+            e.0.contains("log.level") && e.0.contains("not a log filter"),
+            "{e}"
+        );
     }
 
     #[test]

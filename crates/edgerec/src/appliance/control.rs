@@ -38,11 +38,55 @@ use crate::appliance::session::{PauseApplied, Tagged};
 
 type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
+/// The bearer token requests must carry, replaceable by a reload. Only the HMAC of the
+/// token under a random key is kept, and a presented token is compared by its HMAC in
+/// constant time.
+pub struct ControlToken {
+    key: [u8; 32],
+    expected: std::sync::RwLock<Vec<u8>>,
+}
+
+impl ControlToken {
+    fn new(token: &str) -> Result<ControlToken, ControlError> {
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).map_err(ControlError::Random)?;
+        let t = ControlToken {
+            key,
+            expected: std::sync::RwLock::new(Vec::new()),
+        };
+        t.set(token);
+        Ok(t)
+    }
+
+    fn mac(&self) -> HmacSha256 {
+        <HmacSha256 as KeyInit>::new_from_slice(&self.key).expect("HMAC takes a key of any length")
+    }
+
+    /// From now on requests must carry `token`.
+    pub fn set(&self, token: &str) {
+        let mut m = self.mac();
+        m.update(token.as_bytes());
+        *self
+            .expected
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            m.finalize().into_bytes().to_vec();
+    }
+
+    fn matches(&self, presented: &str) -> bool {
+        let mut m = self.mac();
+        m.update(presented.as_bytes());
+        let expected = self
+            .expected
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.verify_slice(&expected).is_ok()
+    }
+}
+
 /// What the handlers share.
 struct Api {
-    /// A random key, and the HMAC of the token under it.
-    key: [u8; 32],
-    expected: Vec<u8>,
+    token: Arc<ControlToken>,
     recorder: SyncSender<Msg>,
     ports: (u16, u16),
 }
@@ -54,10 +98,7 @@ impl Api {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or_default();
-        let mut m = <HmacSha256 as KeyInit>::new_from_slice(&self.key)
-            .expect("HMAC takes a key of any length");
-        m.update(presented.as_bytes());
-        m.verify_slice(&self.expected).is_ok()
+        self.token.matches(presented)
     }
 }
 
@@ -182,7 +223,8 @@ pub enum ControlError {
 }
 
 /// Serves the control API on `listener` (bound to `cfg.listen`, non-blocking; inside the
-/// runtime); returns its address and the server future (which runs until `shutdown`).
+/// runtime); returns its address, the server future (which runs until `shutdown`) and the
+/// token's handle (a reload replaces the token).
 pub fn serve<F: std::future::Future<Output = ()> + Send + 'static>(
     cfg: &Control,
     listener: std::net::TcpListener,
@@ -193,16 +235,13 @@ pub fn serve<F: std::future::Future<Output = ()> + Send + 'static>(
     (
         std::net::SocketAddr,
         impl std::future::Future<Output = ()> + use<F>,
+        Arc<ControlToken>,
     ),
     ControlError,
 > {
-    let mut key = [0u8; 32];
-    getrandom::fill(&mut key).map_err(ControlError::Random)?;
-    let mut m = <HmacSha256 as KeyInit>::new_from_slice(&key).expect("any key length");
-    m.update(cfg.token.as_bytes());
+    let token = Arc::new(ControlToken::new(&cfg.token)?);
     let api = Arc::new(Api {
-        key,
-        expected: m.finalize().into_bytes().to_vec(),
+        token: Arc::clone(&token),
         recorder,
         ports,
     });
@@ -243,5 +282,5 @@ pub fn serve<F: std::future::Future<Output = ()> + Send + 'static>(
         Arc::new(|cut| tracing::debug!(?cut, "control connection refused or cut")),
         shutdown,
     );
-    Ok((addr, server))
+    Ok((addr, server, token))
 }

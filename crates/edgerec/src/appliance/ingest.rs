@@ -34,6 +34,7 @@ use nix::sys::time::TimeSpec;
 
 use crate::appliance::feed::{Batch, Msg};
 use crate::appliance::metrics::Metrics;
+use crate::appliance::reload::Live;
 use crate::appliance::service_manager::Beat;
 use crate::appliance::shutdown::Shutdown;
 
@@ -56,8 +57,8 @@ const STOP_CHECK: Duration = Duration::from_millis(50);
 pub struct IngestSetup {
     /// The bound, non-blocking sockets.
     pub sockets: Vec<UdpSocket>,
-    /// Allowed sources; empty allows all.
-    pub allow: Arc<Vec<IpNet>>,
+    /// Allowed sources; empty allows all. Taken once a round: a reload replaces it.
+    pub allow: Arc<Live<Vec<IpNet>>>,
     /// The sockets from this index on are the SIPREC media ports, whose sources are checked
     /// against `[siprec] allow` instead (and, per session, against the offer).
     pub siprec_from: usize,
@@ -160,6 +161,7 @@ pub fn run(setup: IngestSetup) -> io::Result<()> {
         // a datagram that arrived before the stop is recorded, not left in a socket.
         let stopping = stop.is_triggered();
         let started = Instant::now();
+        let allow_now = allow.get();
         let wait = if stopping {
             EpollTimeout::ZERO
         } else {
@@ -180,7 +182,7 @@ pub fn run(setup: IngestSetup) -> io::Result<()> {
             let allow = if i >= siprec_from {
                 &siprec_allow
             } else {
-                &allow
+                &allow_now
             };
             // Drain this socket: a short read means it was empty at that moment, and epoll
             // (edge-triggered) reports the socket again when anything new arrives.
@@ -332,7 +334,7 @@ mod tests {
         let (metrics, _registry) = Metrics::new();
         let setup = IngestSetup {
             sockets,
-            allow: Arc::new(allow),
+            allow: Live::new(allow),
             siprec_from: usize::MAX,
             siprec_allow: Arc::new(Vec::new()),
             tx,

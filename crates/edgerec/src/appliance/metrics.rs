@@ -142,6 +142,8 @@ pub struct Metrics {
     /// `edgerec_siprec_dropped_total{reason}`: SIP datagrams or connections dropped
     /// (`denied_source`, `malformed`).
     pub siprec_dropped: Family<Reason, Counter>,
+    /// `edgerec_config_reloads_total{reason}`: SIGHUP reloads, `applied` or `refused`.
+    pub config_reloads: Family<Reason, Counter>,
     /// Whether the spool is writable and under its quota (1) or not (0), for /readyz.
     ready: Arc<AtomicBool>,
     /// Why not ready.
@@ -191,6 +193,7 @@ impl Metrics {
             siprec_responses: Family::default(),
             siprec_declined: Family::default(),
             siprec_dropped: Family::default(),
+            config_reloads: Family::default(),
             ready: Arc::new(AtomicBool::new(true)),
             not_ready_reason: std::sync::Mutex::new(String::new()),
         };
@@ -277,6 +280,11 @@ impl Metrics {
             "siprec_dropped",
             "SIP datagrams or connections dropped (denied_source, malformed)",
             m.siprec_dropped.clone(),
+        );
+        r.register(
+            "config_reloads",
+            "SIGHUP reloads of the config, by outcome (applied, refused)",
+            m.config_reloads.clone(),
         );
         r.register(
             "inbox_sealed",

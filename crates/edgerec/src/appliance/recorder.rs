@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
+use crate::appliance::carry::Carry;
 use crate::appliance::feed::{Batch, Msg};
 use crate::appliance::metrics::Metrics;
 use crate::appliance::service_manager::Beat;
@@ -57,6 +58,9 @@ pub struct RecorderSetup {
     pub siprec: Option<((u16, u16), crate::siprec::transport::MediaSeen)>,
     /// Beaten once a round (at least every [`IDLE_WAKE`]) for the watchdog.
     pub beat: Arc<Beat>,
+    /// The recordings in progress by port, for the next process; with those the last
+    /// process had, which the first recording on their port continues.
+    pub carry: Option<(Carry, HashMap<u16, Uuid>)>,
 }
 
 /// The longest the recorder waits for work: an idle recorder still beats for the watchdog
@@ -220,6 +224,7 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
         r.salvage_broken();
         r.finish_closed();
         r.publish(stop);
+        r.forget_carried();
         if stop {
             r.stop();
             return;
@@ -231,6 +236,16 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
 /// The recorder's state: the session it drives and every package it holds, each step of a
 /// round one method. No lock: one thread owns it all.
 struct Recorder {
+    /// The recordings in progress by port, for the next process.
+    carry: Option<Carry>,
+    /// The last process's recordings by port, until a recording there continues one.
+    carried_before: HashMap<u16, Uuid>,
+    /// When the last process's recordings are forgotten.
+    forget_carried_at: Instant,
+    /// The port of each recording noted in `carry`.
+    carried: HashMap<RecId, u16>,
+    /// The SIPREC media ports (their recordings are sessions, not ports: not carried).
+    siprec_ports: Option<(u16, u16)>,
     spool: Spool,
     keks: KekHandle,
     wrap: Wrap,
@@ -283,13 +298,33 @@ impl Recorder {
             recycle,
             siprec,
             beat: _,
+            carry,
         } = setup;
         let mut sessions = Sessions::new(limits);
+        let siprec_ports = siprec.as_ref().map(|(ports, _)| *ports);
         let media_seen = siprec.map(|((first, last), seen)| {
             sessions.set_siprec_ports(first, last);
             seen
         });
+        let (carry, carried_before) = match carry {
+            Some((c, before)) => (Some(c), before),
+            None => (None, HashMap::new()),
+        };
+        if !carried_before.is_empty() {
+            tracing::info!(
+                recordings = carried_before.len(),
+                "recordings of the last process: the next recording on each port continues one"
+            );
+        }
         Recorder {
+            carry,
+            carried_before,
+            // A call that has not come back within an idle timeout ended meanwhile.
+            forget_carried_at: Instant::now()
+                + Duration::from_micros(limits.idle_timeout_us)
+                + Duration::from_secs(1),
+            carried: HashMap::new(),
+            siprec_ports,
             sessions,
             media_seen,
             siprec_calls: HashMap::new(),
@@ -317,6 +352,19 @@ impl Recorder {
             published: Counters::default(),
             last_publish: Instant::now(),
             unpublished: false,
+        }
+    }
+
+    /// The last process's recordings whose call did not come back: forgotten (in the
+    /// carry file too, so a later restart does not continue them).
+    fn forget_carried(&mut self) {
+        if self.carried_before.is_empty() || Instant::now() < self.forget_carried_at {
+            return;
+        }
+        for (port, id) in self.carried_before.drain() {
+            if let Some(c) = &self.carry {
+                c.clear(port, id);
+            }
         }
     }
 
@@ -449,7 +497,14 @@ impl Recorder {
                     }
                 }
                 Action::Close { rec, reason } => {
-                    self.uuids.remove(&rec);
+                    let id = self.uuids.remove(&rec);
+                    // Ended by the appliance's stop, it is continued after the restart.
+                    if let (Some(carry), Some(port), Some(id)) =
+                        (&self.carry, self.carried.remove(&rec), id)
+                        && reason != EndReason::Shutdown
+                    {
+                        carry.clear(port, id);
+                    }
                     if let Some(waiting) = self.opening.get_mut(&rec) {
                         waiting.push(Pending::Close(reason));
                     } else {
@@ -481,8 +536,20 @@ impl Recorder {
         let age_ms = self.us(Instant::now()).saturating_sub(started_us) / 1000;
         let created_ms = erec::clock::now_ms().saturating_sub(age_ms);
         let mut public = Metadata::new();
-        public.insert("port".into(), local.port().into());
-        if let Some(prev) = continues.and_then(|c| self.uuids.get(&c)) {
+        let port = local.port();
+        public.insert("port".into(), port.into());
+        let carried = self.carry.is_some()
+            && !self
+                .siprec_ports
+                .is_some_and(|(a, b)| (a..=b).contains(&port));
+        let before = continues.and_then(|c| self.uuids.get(&c).copied()).or_else(|| {
+            let last = carried.then(|| self.carried_before.remove(&port)).flatten();
+            if let Some(id) = last {
+                tracing::info!(port, continues = %id, "continuing a recording of the last process");
+            }
+            last
+        });
+        if let Some(prev) = before {
             public.insert("continues".into(), prev.hyphenated().to_string().into());
         }
         let current = self.keks.current();
@@ -505,6 +572,10 @@ impl Recorder {
             created_ms: Some(created_ms),
         };
         self.uuids.insert(rec, id);
+        if let Some(carry) = self.carry.as_ref().filter(|_| carried) {
+            carry.set(port, id);
+            self.carried.insert(rec, port);
+        }
         self.opening.insert(rec, Vec::new());
         let job = OpenJob {
             rec,
@@ -1033,6 +1104,7 @@ mod tests {
             recycle,
             siprec: None,
             beat: Beat::new("recorder"),
+            carry: None,
         };
         let t = std::thread::spawn(move || run(setup, rx));
         let local: SocketAddr = "127.0.0.1:40000".parse().unwrap();

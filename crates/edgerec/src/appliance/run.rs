@@ -25,24 +25,24 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::sync_channel;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::appliance::config::KekSource;
+use crate::appliance::carry::Carry;
 use crate::appliance::config::{Config, SyncMode};
 use crate::appliance::feed::Msg;
 use crate::appliance::ingest::{self, IngestSetup};
-use crate::appliance::kek_watch::refuse_demo;
-use crate::appliance::metrics::{KekLabel, Metrics, SpoolState};
+use crate::appliance::metrics::{Metrics, SpoolState};
 use crate::appliance::recorder::{self, RecorderSetup};
+use crate::appliance::reload::{Live, ReloadFrom, Reloadable};
 use crate::appliance::service_manager::{self, Beat, Passed, Watchdog};
 use crate::appliance::shutdown::Shutdown;
 use crate::appliance::sockets::{SipSockets, Sockets};
 use crate::appliance::spool::{Recovery, Spool};
-use crate::appliance::uploader::{self, UploaderSetup};
+use crate::appliance::uploader::{self, UploadSettings, UploaderSetup};
 use crate::store::StoreKind;
 use crate::store::http::HttpStore;
 use crate::store::s3::S3Store;
 use crate::store::{DirStore, Store};
 use erec::clock::now_ms;
-use erec::keys::{KekHandle, KekPublic};
+use erec::keys::KekHandle;
 use sd_notify::NotifyState;
 
 /// Why the appliance did not start or stopped.
@@ -75,14 +75,28 @@ const ROUND: Duration = Duration::from_millis(50);
 
 /// Runs the appliance until `signal` completes (SIGTERM or SIGINT), in named steps: each
 /// start-up step fails with one clear line; then one [`Shutdown`] stops every thread and
-/// task.
-pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(), RunError> {
+/// task. SIGHUP reloads the config from `reload` ([`crate::appliance::reload`]).
+pub async fn run(
+    config: Config,
+    reload: ReloadFrom,
+    signal: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    // Watched from the first moment: a SIGHUP before the appliance is ready waits for it
+    // instead of ending the process.
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(start("cannot watch SIGHUP"))?;
     let (metrics, registry) = Metrics::new();
     let shutdown = Shutdown::new();
     // The sockets first, and ingest reading them at once: those the service manager kept
     // while no process ran hold what arrived meanwhile, and it waits in the recorder's
     // queue (not in socket buffers that may fill) while the spool recovers.
-    let passed = Passed::from_env().map_err(start("the service manager's sockets"))?;
+    let mut passed = Passed::from_env().map_err(start("the service manager's sockets"))?;
+    let (carry, carried, fresh) = Carry::open(passed.take_carry()).map_err(start(
+        "the file of recordings carried over restarts (memfd)",
+    ))?;
+    if fresh && let Err(e) = service_manager::store_file(service_manager::CARRY, carry.as_fd()) {
+        tracing::warn!(error = %e, "cannot hand the carried recordings' file to the service manager");
+    }
     let sockets = crate::appliance::sockets::open(&config, passed)?;
     if sockets.adopted > 0 {
         tracing::info!(
@@ -107,10 +121,11 @@ pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(),
     let queued = Arc::new(AtomicUsize::new(0));
     let (recycle_tx, recycle) = sync_channel(16);
     let (ingest_beat, recorder_beat) = (Beat::new("ingest"), Beat::new("recorder"));
+    let allow = Live::new(config.allow.clone());
     let ingest = start_thread("ingest", {
         let setup = IngestSetup {
             sockets: udp,
-            allow: Arc::new(config.allow.clone()),
+            allow: Arc::clone(&allow),
             siprec_from,
             siprec_allow: Arc::new(
                 config
@@ -136,7 +151,9 @@ pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(),
     })?;
 
     let spool = open_spool(&config)?;
-    let keks = start_keys(&config, &metrics, &shutdown).await?;
+    let keks = KekHandle::new(Vec::new());
+    let keys = crate::appliance::key_source::start(&config, &keks, &metrics, &shutdown).await?;
+    let kek_file = Live::new(keys.file.clone());
     let (metrics_addr, metrics_server) =
         crate::appliance::metrics::serve(metrics_listener, Arc::clone(&metrics), registry)
             .map_err(start(format!(
@@ -144,9 +161,11 @@ pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(),
                 config.metrics.listen
             )))?;
     tracing::info!(%metrics_addr, "metrics at /metrics, /healthz, /readyz");
-    let store = open_store(&config).await?;
-    let (_kek_watch, kek_file) = watch_key_file(&config, &keks, &metrics)?;
-    // Logged once the key file is watched too: from here on a key change is seen.
+    let upload_settings = Live::new(UploadSettings {
+        store: open_store(&config).await?,
+        policy: config.retry,
+        rescan: config.rescan,
+    });
     let (first, last) = config.ports;
     tracing::info!(bind = %config.ingest.bind, first, last, "listening for RTP");
 
@@ -178,6 +197,7 @@ pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(),
             recycle: recycle_tx,
             siprec,
             beat: Arc::clone(&recorder_beat),
+            carry: Some((carry, carried)),
         };
         move || recorder::run(setup, rx)
     })?;
@@ -195,13 +215,11 @@ pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(),
     let uploader = start_thread("uploader", {
         let setup = UploaderSetup {
             spool: spool.clone(),
-            store,
+            settings: Arc::clone(&upload_settings),
             prefix: config.prefix.clone(),
             ready: ready_rx,
             stop: upload_stop.clone(),
             metrics: Arc::clone(&metrics),
-            rescan: config.rescan,
-            policy: config.retry,
             concurrency: config.concurrency,
             abort_orphans_after: config.abort_orphans_after,
         };
@@ -212,9 +230,10 @@ pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(),
     if let Some(server) = siprec_server {
         tasks.spawn(server);
     }
+    let mut token = None;
     if let (Some(control), Some(listener)) = (&config.control, control_listener) {
         let stopping = shutdown.clone();
-        let (addr, server) = crate::appliance::control::serve(
+        let (addr, server, handle) = crate::appliance::control::serve(
             control,
             listener,
             tx.clone(),
@@ -224,17 +243,18 @@ pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(),
         .map_err(|e| RunError::Start(e.to_string()))?;
         tracing::info!(control_addr = %addr, tls = control.tls.is_some(), "control API listening");
         tasks.spawn(server);
+        token = Some(handle);
     }
     tasks.spawn(until(
         shutdown.clone(),
-        watch_kernel(config.ports, kek_file, Arc::clone(&metrics)),
+        watch_kernel(config.ports, Arc::clone(&kek_file), Arc::clone(&metrics)),
     ));
     tasks.spawn(until(
         shutdown.clone(),
         watch_spool(
             spool.clone(),
-            config.recorder.spool_max_bytes.into_inner(),
-            config.recorder.min_free_bytes.into_inner(),
+            *config.recorder.spool_max_bytes.get_ref(),
+            *config.recorder.min_free_bytes.get_ref(),
             accepting,
             Arc::clone(&metrics),
         ),
@@ -243,6 +263,23 @@ pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(),
     tasks.spawn(until(
         shutdown.clone(),
         tell_service_manager(vec![ingest_beat, recorder_beat], Arc::clone(&metrics)),
+    ));
+    let reloadable = Reloadable {
+        from: reload,
+        current: config,
+        allow,
+        upload: upload_settings,
+        token,
+        keks,
+        keys,
+        kek_file,
+        metrics: Arc::clone(&metrics),
+        shutdown: shutdown.clone(),
+    };
+    reloadable.set_log_level(reloadable.current.log_level.as_deref());
+    tasks.spawn(until(
+        shutdown.clone(),
+        reload_on_hangup(hangup, reloadable),
     ));
     service_manager::notify(&[NotifyState::Ready, NotifyState::Status("recording")]);
 
@@ -276,30 +313,6 @@ fn start_thread<T: Send + 'static>(
         .name(name.into())
         .spawn(work)
         .map_err(start(format!("starting the {name}")))
-}
-
-/// Start-up, `source = "file"`: replacing the key file rotates the KEK for new recordings
-/// (the key manager's fetcher does the same for `source = "lkm"`). Returns the watch (kept
-/// for as long as the appliance runs) and the file.
-fn watch_key_file(
-    config: &Config,
-    keks: &KekHandle,
-    metrics: &Arc<Metrics>,
-) -> Result<(Option<notify::RecommendedWatcher>, Option<PathBuf>), RunError> {
-    match &config.kek_source {
-        KekSource::File(path) => {
-            let w = crate::appliance::kek_watch::watch(
-                path.clone(),
-                config.escrow_public_key.clone(),
-                keks.clone(),
-                Arc::clone(metrics),
-                config.demo_keys,
-            )
-            .map_err(start("keys.public_key: cannot watch its directory"))?;
-            Ok((Some(w), Some(path.clone())))
-        }
-        KekSource::Lkm(_) => Ok((None, None)),
-    }
 }
 
 /// What runs once the appliance has started, for [`stop`].
@@ -386,69 +399,8 @@ fn open_spool(config: &Config) -> Result<Spool, RunError> {
     Ok(spool)
 }
 
-/// Start-up: the KEK(s) new recordings are sealed to, from the key file or the key manager
-/// (whose fetcher then runs until `shutdown`); the demo key refused unless allowed.
-async fn start_keys(
-    config: &Config,
-    metrics: &Arc<Metrics>,
-    shutdown: &Shutdown,
-) -> Result<KekHandle, RunError> {
-    let escrow = match &config.escrow_public_key {
-        Some(e) => Some(KekPublic::from_file(e).map_err(start("keys.escrow_public_key"))?),
-        None => None,
-    };
-    let keks = match &config.kek_source {
-        KekSource::File(path) => {
-            let kek = KekPublic::from_file(path).map_err(start("keys.public_key"))?;
-            refuse_demo(&kek, config.demo_keys).map_err(start("keys.public_key"))?;
-            let mut keks = vec![kek];
-            keks.extend(escrow);
-            KekHandle::new(keks)
-        }
-        KekSource::Lkm(lkm) => {
-            let lkm = lkm.clone();
-            let (m, stop) = (Arc::clone(metrics), shutdown.clone());
-            // The blocking HTTP client is made and kept on threads of its own, never
-            // dropped in the async context.
-            tokio::task::spawn_blocking(move || {
-                let now = erec::clock::now_ms();
-                let (fetcher, keks) =
-                    crate::appliance::kek_fetch::Fetcher::start(&lkm, escrow, now)
-                        .map_err(start("keys.lkm_url"))?;
-                if let Some(k) = keks.first() {
-                    refuse_demo(k, lkm.allow_demo).map_err(start("keys.lkm_url"))?;
-                }
-                if keks.is_empty() {
-                    tracing::error!(
-                        kek_id = fetcher.kek_id(),
-                        "no usable KEK: the cached key is stale"
-                    );
-                }
-                fetcher.publish(&m, now);
-                let handle = KekHandle::new(keks);
-                fetcher
-                    .spawn(handle.clone(), m, stop)
-                    .map_err(start("keys.lkm_url: cannot start the key fetcher"))?;
-                Ok::<_, RunError>(handle)
-            })
-            .await
-            .map_err(start("keys"))??
-        }
-    };
-    if let Some(k) = keks.current().first() {
-        tracing::info!(kek_id = %k.id(), "sealing to KEK");
-        metrics
-            .kek_info
-            .get_or_create(&KekLabel {
-                kek_id: k.id().to_hex(),
-            })
-            .set(1);
-    }
-    Ok(keks)
-}
-
-/// Start-up: the store packages are delivered to.
-async fn open_store(config: &Config) -> Result<Arc<dyn Store>, RunError> {
+/// Start-up and reload: the store packages are delivered to.
+pub(crate) async fn open_store(config: &Config) -> Result<Arc<dyn Store>, RunError> {
     Ok(match &config.store {
         StoreKind::Dir(path, limit) => Arc::new(
             DirStore::open(path)
@@ -618,6 +570,25 @@ fn start_inbox(
         .map_err(start("inbox thread"))
 }
 
+/// Each SIGHUP: the config reloaded ([`Reloadable::reload`]), the outcome logged and
+/// counted, the service manager told (`RELOADING=1`, then `READY=1`).
+async fn reload_on_hangup(mut hangup: tokio::signal::unix::Signal, mut r: Reloadable) {
+    while hangup.recv().await.is_some() {
+        service_manager::notify(&[NotifyState::Reloading]);
+        match r.reload().await {
+            Ok(changes) => {
+                tracing::info!(changed = ?changes.names(), "config reloaded");
+                Metrics::inc(&r.metrics.config_reloads, "applied", 1);
+            }
+            Err(why) => {
+                tracing::error!(%why, "config reload refused; the running config stays");
+                Metrics::inc(&r.metrics.config_reloads, "refused", 1);
+            }
+        }
+        service_manager::notify(&[NotifyState::Ready]);
+    }
+}
+
 /// Tells the service manager how the appliance is: every two seconds a `STATUS=` line with
 /// the recordings in progress and the packages waiting (when it changed); and, if it asked
 /// for a watchdog (`WATCHDOG_USEC`), `WATCHDOG=1` four times a period (at most every two
@@ -674,12 +645,16 @@ async fn tell_service_manager(beats: Vec<Arc<Beat>>, metrics: Arc<Metrics>) {
 /// ports (a burst larger than a socket holds between two reads) into
 /// `edgerec_datagrams_rejected_total{reason="socket_buffer_full"}`, and the age of the KEK
 /// file into `edgerec_kek_age_seconds`.
-async fn watch_kernel(ports: (u16, u16), kek_file: Option<PathBuf>, metrics: Arc<Metrics>) {
+async fn watch_kernel(
+    ports: (u16, u16),
+    kek_file: Arc<Live<Option<PathBuf>>>,
+    metrics: Arc<Metrics>,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     let mut counted = None;
     loop {
         tick.tick().await;
-        let file = kek_file.clone();
+        let file = (*kek_file.get()).clone();
         let Ok((drops, modified)) = tokio::task::spawn_blocking(move || {
             let mut drops = None;
             for table in ["/proc/net/udp", "/proc/net/udp6"] {

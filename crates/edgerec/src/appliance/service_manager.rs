@@ -27,6 +27,8 @@ use sd_notify::NotifyState;
 
 /// At most this many descriptors go in one notification (the kernel's `SCM_MAX_FD` is 253).
 pub const FDS_PER_MESSAGE: usize = 253;
+/// The store name of the carried recordings' file.
+pub const CARRY: &str = "carry";
 
 /// Why the passed descriptors could not be taken.
 #[derive(Debug, thiserror::Error)]
@@ -113,10 +115,12 @@ pub fn pick(have: &[PassedInfo], role: Role, want: SocketAddr) -> Option<usize> 
         })
 }
 
-/// The sockets the service manager passed, not yet taken.
+/// The sockets the service manager passed, not yet taken, and the carried recordings'
+/// file ([`crate::appliance::carry`]).
 #[derive(Default)]
 pub struct Passed {
     fds: Vec<(OwnedFd, PassedInfo)>,
+    carry: Option<OwnedFd>,
 }
 
 impl Passed {
@@ -130,6 +134,10 @@ impl Passed {
         let mut passed = Passed::default();
         for (raw, name) in fds {
             let fd = own_passed(raw);
+            if name == CARRY {
+                passed.carry = Some(fd);
+                continue;
+            }
             match describe(fd.as_fd(), name) {
                 Some(info) => passed.fds.push((fd, info)),
                 None => tracing::warn!(
@@ -139,6 +147,11 @@ impl Passed {
             }
         }
         Ok(passed)
+    }
+
+    /// The carried recordings' file, if it was passed.
+    pub fn take_carry(&mut self) -> Option<OwnedFd> {
+        self.carry.take()
     }
 
     /// The passed socket for `role` on `want`, if there is one ([`pick`]).
@@ -226,6 +239,15 @@ pub fn store(
         }
     }
     Ok(sent)
+}
+
+/// Hands one file (the carried recordings') to the descriptor store under `name`; nothing
+/// without `NOTIFY_SOCKET`.
+pub fn store_file(name: &str, fd: BorrowedFd<'_>) -> std::io::Result<()> {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return Ok(());
+    }
+    sd_notify::notify_with_fds(&[NotifyState::FdStore, NotifyState::FdName(name)], &[fd])
 }
 
 /// Tells the service manager something; a failure is logged, never fatal (the appliance

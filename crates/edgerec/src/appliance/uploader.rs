@@ -18,6 +18,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use crate::appliance::metrics::{Metrics, UploadOutcome};
+use crate::appliance::reload::Live;
 use crate::appliance::shutdown::Shutdown;
 use crate::appliance::spool::{Place, Spool, UploadState};
 use crate::appliance::upload_queue::UploadQueue;
@@ -56,12 +57,23 @@ pub fn watch_ready(
     Ok(watcher)
 }
 
+/// What a reload may replace (`[store]`, `[upload]`'s policy and rescan interval): each
+/// attempt takes the settings of its moment.
+pub struct UploadSettings {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// The retry policy.
+    pub policy: Policy,
+    /// How often `ready/` is scanned as a safety net (`upload.rescan_secs`).
+    pub rescan: Duration,
+}
+
 /// What the uploader needs.
 pub struct UploaderSetup {
     /// The spool.
     pub spool: Spool,
-    /// The store.
-    pub store: Arc<dyn Store>,
+    /// The store, retry policy and rescan interval, replaced by a reload.
+    pub settings: Arc<Live<UploadSettings>>,
     /// Prefix of every object key.
     pub prefix: String,
     /// Told the id of every package that reached `ready/`.
@@ -70,10 +82,6 @@ pub struct UploaderSetup {
     pub stop: Shutdown,
     /// The metrics.
     pub metrics: Arc<Metrics>,
-    /// How often `ready/` is scanned as a safety net (`upload.rescan_secs`).
-    pub rescan: Duration,
-    /// The retry policy.
-    pub policy: Policy,
     /// Uploads at once (`[upload] concurrency`).
     pub concurrency: usize,
     /// Orphaned multipart uploads are aborted after this long (`None`: never).
@@ -87,20 +95,18 @@ const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 pub fn run(setup: UploaderSetup) {
     let UploaderSetup {
         spool,
-        store,
+        settings,
         prefix,
         ready: rx,
         stop,
         metrics,
-        rescan,
-        policy,
         concurrency,
         abort_orphans_after,
     } = setup;
     let sweeper = abort_orphans_after.and_then(|older_than| {
-        let (spool, store, prefix, metrics, stop) = (
+        let (spool, settings, prefix, metrics, stop) = (
             spool.clone(),
-            Arc::clone(&store),
+            Arc::clone(&settings),
             prefix.clone(),
             Arc::clone(&metrics),
             stop.clone(),
@@ -109,6 +115,7 @@ pub fn run(setup: UploaderSetup) {
             .name("upload-sweep".into())
             .spawn(move || {
                 loop {
+                    let store = Arc::clone(&settings.get().store);
                     if let Err(e) =
                         sweep_orphans(&spool, store.as_ref(), &prefix, older_than, &metrics)
                     {
@@ -130,9 +137,9 @@ pub fn run(setup: UploaderSetup) {
     let (done_tx, done_rx) = std::sync::mpsc::channel::<(Uuid, Option<u64>)>();
     let workers: Vec<_> = (0..concurrency.max(1))
         .filter_map(|i| {
-            let (spool, store, prefix, metrics) = (
+            let (spool, settings, prefix, metrics) = (
                 spool.clone(),
-                Arc::clone(&store),
+                Arc::clone(&settings),
                 prefix.clone(),
                 Arc::clone(&metrics),
             );
@@ -146,8 +153,15 @@ pub fn run(setup: UploaderSetup) {
                             Err(_) => return,
                         };
                         let Ok(id) = job else { return };
-                        let next =
-                            upload_one(&spool, store.as_ref(), &prefix, id, &metrics, &policy);
+                        let now = settings.get();
+                        let next = upload_one(
+                            &spool,
+                            now.store.as_ref(),
+                            &prefix,
+                            id,
+                            &metrics,
+                            &now.policy,
+                        );
                         if done.send((id, next)).is_err() {
                             return;
                         }
@@ -165,7 +179,7 @@ pub fn run(setup: UploaderSetup) {
         while let Ok((id, next)) = done_rx.try_recv() {
             queue.answered(id, next);
         }
-        if last_scan.is_none_or(|t| t.elapsed() >= rescan) {
+        if last_scan.is_none_or(|t| t.elapsed() >= settings.get().rescan) {
             match spool.list(Place::Ready) {
                 Ok(ids) => ids.into_iter().for_each(|id| queue.offer(id)),
                 Err(e) => tracing::error!(error = %e, "cannot list the spool"),
@@ -495,13 +509,15 @@ mod tests {
         let (metrics, _registry) = Metrics::new();
         let setup = UploaderSetup {
             spool: spool.clone(),
-            store,
+            settings: Live::new(UploadSettings {
+                store,
+                policy,
+                rescan: Duration::from_secs(60),
+            }),
             prefix: String::new(),
             ready: rx,
             stop: stop.clone(),
             metrics: Arc::clone(&metrics),
-            rescan: Duration::from_secs(60),
-            policy,
             concurrency,
             abort_orphans_after: None,
         };

@@ -5,17 +5,29 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use crate::appliance::config::Config;
+use crate::appliance::reload::{ReloadFrom, SetLogLevel};
 
-/// Logs to standard error at `EDGEREC_LOG` (info by default).
-pub fn init_logging() {
-    tracing_subscriber::fmt()
+/// Logs to standard error at `EDGEREC_LOG` (info by default). Returns how to change the
+/// level later (`[log] level`), unless `EDGEREC_LOG` is set: then it rules.
+pub fn init_logging() -> Option<SetLogLevel> {
+    let from_env = std::env::var_os("EDGEREC_LOG").is_some();
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("EDGEREC_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_filter_reloading();
+    let handle = builder.reload_handle();
+    builder.init();
+    (!from_env).then(|| {
+        Box::new(move |level: &str| {
+            let filter =
+                tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+            handle.reload(filter).map_err(|e| e.to_string())
+        }) as SetLogLevel
+    })
 }
 
 /// `edgerec check-config`: the config validated as `run` validates it, nothing started.
@@ -49,10 +61,10 @@ pub fn check_config(config: &Path) -> ExitCode {
     }
 }
 
-/// Loads the config, starts the runtime, runs until SIGTERM or SIGINT.
-pub fn run(config: &Path) -> ExitCode {
-    init_logging();
-    let config = match Config::load(config) {
+/// Loads the config, starts the runtime, runs until SIGTERM or SIGINT; SIGHUP reloads.
+pub fn run(path: &Path) -> ExitCode {
+    let set_log_level = init_logging();
+    let config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("edgerec: {e}");
@@ -85,7 +97,11 @@ pub fn run(config: &Path) -> ExitCode {
                 _ = tokio::signal::ctrl_c() => {}
             }
         };
-        crate::appliance::run::run(config, shutdown).await
+        let reload = ReloadFrom {
+            path: path.to_path_buf(),
+            set_log_level,
+        };
+        crate::appliance::run::run(config, reload, shutdown).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
