@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::io::IoSliceMut;
+use std::io::{IoSliceMut, Write};
 use std::net::UdpSocket;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
@@ -64,6 +64,11 @@ impl Manager {
 
     /// `count` ingest ports from `base`.
     fn with_ports(base: u16, count: u16) -> Manager {
+        Self::with_ports_and(base, count, "")
+    }
+
+    /// `count` ingest ports from `base`, and `extra` config.
+    fn with_ports_and(base: u16, count: u16, extra: &str) -> Manager {
         let dir = tempfile::tempdir().unwrap();
         fs::write(
             dir.path().join("edgerec.toml"),
@@ -86,7 +91,7 @@ retry_initial_ms = 100
 retry_max_ms = 1000
 [metrics]
 listen = "127.0.0.1:0"
-"#,
+{extra}"#,
                 base + count - 1,
                 key_path("test-kek.pub.pem").display(),
             ),
@@ -228,7 +233,6 @@ listen = "127.0.0.1:0"
         }
     }
 
-    #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
     fn wait_log(&self, what: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(30);
         while let Ok(line) = self.log.recv_timeout(deadline - Instant::now()) {
@@ -311,12 +315,15 @@ fn stored(store: &Path) -> Vec<Stored> {
         let public: serde_json::Value = serde_json::from_slice(&h.metadata).unwrap();
         let mut p = Stored {
             id: uuid::Uuid::from_bytes(h.recording_id),
-            port: public["port"].as_u64().unwrap(),
+            port: public["port"].as_u64().unwrap_or(0),
             continues: public["continues"].as_str().map(str::to_string),
             created_ms: h.created_ms,
             packets: Vec::new(),
         };
         while let Some(rec) = r.next_record().unwrap() {
+            if rec.kind != erec::format::Kind::Media {
+                continue;
+            }
             for e in entries(&rec.plaintext) {
                 if let Entry::Rtp { packet, .. } = e.unwrap() {
                     let ssrc = u32::from_be_bytes(packet[8..12].try_into().unwrap());
@@ -385,8 +392,9 @@ fn kill_under_load(streams: u16, kills: usize, outage: Duration, hold: bool, how
     };
     let mut outages = Vec::new();
     let mut restarts = Vec::new();
-    for _ in 0..kills {
-        m.pump_for(Duration::from_millis(800));
+    for k in 0..kills {
+        // At a different moment of the flush interval each time.
+        m.pump_for(Duration::from_millis(700 + (k as u64 * 73) % 200));
         match how {
             Stop::Kill => m.kill9(),
             Stop::Term => m.sigterm(),
@@ -409,14 +417,27 @@ fn kill_under_load(streams: u16, kills: usize, outage: Duration, hold: bool, how
     stop.store(true, Ordering::Relaxed);
     sender.join().unwrap();
     m.sigterm();
+    // A stop delivers what it can in its time; the rest goes at the next start.
+    let ready = m.path("spool/ready");
+    let waiting = || files_with_ext(&ready, "erec").len();
+    if waiting() > 0 {
+        m.start_holding(hold, &[]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while waiting() > 0 {
+            assert!(Instant::now() < deadline, "packages stay in the spool");
+            m.pump_for(Duration::from_millis(50));
+        }
+        m.sigterm();
+    }
 
-    // Each killed process left one recording per stream, the last one stopped: the last
-    // process delivered them all before it exited.
+    // Each killed process left one recording per stream, the last one stopped.
     let store = m.path("store");
-    assert_eq!(
-        files_with_ext(&store, "erec").len(),
-        usize::from(streams) * (kills + 1)
-    );
+    if hold {
+        assert_eq!(
+            files_with_ext(&store, "erec").len(),
+            usize::from(streams) * (kills + 1)
+        );
+    }
     let packages = stored(&store);
     let got: Vec<(u32, u16)> = packages.iter().flat_map(|p| p.packets.clone()).collect();
     let mut seen = BTreeSet::new();
@@ -510,6 +531,54 @@ fn a_planned_restart_under_load_loses_no_packet_at_all() {
         k.recorded, k.sent,
         "every packet sent is stored, exactly once"
     );
+}
+
+#[test]
+fn a_siprec_session_cut_by_a_crash_is_delivered_and_its_client_told_481() {
+    // SIP dialogs and SRTP keys are not carried over: a session in progress at a crash
+    // ends there. Its package is salvaged and delivered like any recording; the SIP
+    // listener outlives the process, so the client's next request is answered, with 481.
+    let media = crate::siprec::free_range(2);
+    let mut m = Manager::with_ports_and(
+        free_ports(),
+        4,
+        &format!(
+            "[siprec]\nlisten = \"127.0.0.1:0\"\nmedia_ports = \"{media}-{}\"\n\
+             allow = [\"127.0.0.0/8\"]\n",
+            media + 1
+        ),
+    );
+    m.start(&[]);
+    let names = m.stored_names();
+    assert_eq!(names.get("sip-udp"), Some(&1), "{names:?}");
+    assert_eq!(names.get("sip-tcp"), Some(&1), "{names:?}");
+    assert_eq!(names.get("media"), Some(&2), "{names:?}");
+    let line = m.wait_log("SIPREC server listening (UDP and TCP)");
+    let sip = line
+        .split("local=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    let (_conn, to_tag, port) = crate::siprec::one_stream_session(&sip, 0, "");
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for i in 0..30u16 {
+        s.send_to(&rtp(i, 7, 0x66), ("127.0.0.1", port)).unwrap();
+    }
+    m.pump_for(Duration::from_millis(600));
+    m.kill9();
+    m.start(&[]);
+    // The same SIP address (its socket was kept); the dialog is unknown there now.
+    let mut c = std::net::TcpStream::connect(&sip).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.write_all(crate::siprec::request("BYE", 2, &to_tag, "", "", "").as_bytes())
+        .unwrap();
+    let (head, _) = crate::siprec::final_response(&mut c);
+    assert!(head.starts_with("SIP/2.0 481"), "{head}");
+    m.sigterm();
+    let packages = stored(&m.path("store"));
+    assert_eq!(packages.len(), 1, "the session's package, salvaged");
+    assert!(!packages[0].packets.is_empty());
 }
 
 /// The benchmark `benches/restart_loss.sh` runs: `EDGEREC_BENCH_STREAMS` streams (50),

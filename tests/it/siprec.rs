@@ -80,7 +80,7 @@ fn start_srs_tls(extra: &str) -> (Appliance, String, Option<String>) {
     (a, addr, tls)
 }
 
-fn request(method: &str, cseq: u32, to_tag: &str, extra: &str, ct: &str, body: &str) -> String {
+pub fn request(method: &str, cseq: u32, to_tag: &str, extra: &str, ct: &str, body: &str) -> String {
     let ct = if ct.is_empty() {
         String::new()
     } else {
@@ -118,7 +118,7 @@ fn read_message(s: &mut TcpStream) -> (String, String) {
 }
 
 /// The final response (skipping `100 Trying`).
-fn final_response(s: &mut TcpStream) -> (String, String) {
+pub fn final_response(s: &mut TcpStream) -> (String, String) {
     loop {
         let (head, body) = read_message(s);
         if !head.starts_with("SIP/2.0 100") {
@@ -299,7 +299,7 @@ Content-Type: application/rs-metadata+xml\r\nContent-Disposition: recording-sess
 
 /// Opens a one-stream session over TCP offering `pt` (with `rtpmap`, if any): the
 /// connection, the dialog's To tag and the answered port.
-fn one_stream_session(sip: &str, pt: u8, rtpmap: &str) -> (TcpStream, String, u16) {
+pub fn one_stream_session(sip: &str, pt: u8, rtpmap: &str) -> (TcpStream, String, u16) {
     let mut s = TcpStream::connect(sip).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let sdp = format!(
