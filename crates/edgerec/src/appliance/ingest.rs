@@ -49,7 +49,9 @@ const RCVBUF: usize = 4 << 20;
 /// A batch goes to the recorder when it holds this many datagrams, even mid-round.
 const BATCH_MAX: usize = 8192;
 /// A kernel timestamp further back than this is not believed (the wall clock was stepped).
-const MAX_WAIT: Duration = Duration::from_secs(2);
+/// Datagrams do wait this long: in sockets the service manager kept over a restart (their
+/// buffers hold about 10 s of a stream at Debian's defaults: docs/operations.md).
+pub const MAX_WAIT: Duration = Duration::from_secs(30);
 /// How often an idle ingest thread looks at its stop flag.
 const STOP_CHECK: Duration = Duration::from_millis(50);
 

@@ -186,6 +186,9 @@ pub struct Fetcher {
     escrow: Option<KekPublic>,
     cached: CachedKey,
     stale_logged: bool,
+    /// Once triggered (the source replaced by a reload, or the appliance stopping), a round
+    /// still in flight changes the keys no more.
+    stopped: Option<Shutdown>,
 }
 
 impl Fetcher {
@@ -226,6 +229,7 @@ impl Fetcher {
             escrow,
             cached,
             stale_logged: false,
+            stopped: None,
         };
         let keks = match f.judge(now_ms) {
             Freshness::StaleRefused => Vec::new(),
@@ -303,7 +307,7 @@ impl Fetcher {
                 self.stale_logged = false;
                 let before = handle.current();
                 if before.first().map(|k| k.id()) != Some(k.kek.id()) {
-                    handle.replace(self.recipients(k.kek));
+                    self.replace(handle, self.recipients(k.kek));
                     if before.is_empty() {
                         tracing::info!(kek_id = %self.cached.id, "the key manager confirmed a key again: new recordings are taken");
                     }
@@ -316,14 +320,14 @@ impl Fetcher {
                 match self.judge(now_ms) {
                     Freshness::StaleRefused => {
                         if !handle.current().is_empty() {
-                            handle.replace(Vec::new());
+                            self.replace(handle, Vec::new());
                         }
                     }
                     _ => {
                         if handle.current().is_empty()
                             && let Ok(kek) = self.cached.kek()
                         {
-                            handle.replace(self.recipients(kek));
+                            self.replace(handle, self.recipients(kek));
                         }
                     }
                 }
@@ -332,6 +336,13 @@ impl Fetcher {
         };
         self.publish(metrics, now_ms);
         answered
+    }
+
+    /// Replaces the recipients, unless this fetcher was stopped meanwhile.
+    fn replace(&self, handle: &KekHandle, keks: Vec<KekPublic>) {
+        if !self.stopped.as_ref().is_some_and(Shutdown::is_triggered) {
+            handle.replace(keks);
+        }
     }
 
     /// The key in hand into `edgerec_kek_info` and `edgerec_kek_age_seconds` (the key pair's
@@ -354,6 +365,7 @@ impl Fetcher {
         metrics: Arc<Metrics>,
         stop: Shutdown,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        self.stopped = Some(stop.clone());
         std::thread::Builder::new()
             .name("kek-fetch".into())
             .spawn(move || {

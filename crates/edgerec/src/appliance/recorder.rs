@@ -61,6 +61,10 @@ pub struct RecorderSetup {
     /// The recordings in progress by port, for the next process; with those the last
     /// process had, which the first recording on their port continues.
     pub carry: Option<(Carry, HashMap<u16, Uuid>)>,
+    /// The origin of the session's clock: taken before ingest starts, so datagrams read
+    /// before the recorder runs (what waited in sockets kept over a restart) keep their
+    /// arrival times.
+    pub epoch: Instant,
 }
 
 /// The longest the recorder waits for work: an idle recorder still beats for the watchdog
@@ -242,8 +246,11 @@ struct Recorder {
     carried_before: HashMap<u16, Uuid>,
     /// When the last process's recordings are forgotten.
     forget_carried_at: Instant,
-    /// The port of each recording noted in `carry`.
+    /// The port of each recording to note in `carry` once its package exists.
     carried: HashMap<RecId, u16>,
+    /// The ids of recordings ended this round: a maximum-duration split's successor
+    /// (opened after its predecessor's close, in the same round) names its predecessor.
+    ended: HashMap<RecId, Uuid>,
     /// The SIPREC media ports (their recordings are sessions, not ports: not carried).
     siprec_ports: Option<(u16, u16)>,
     spool: Spool,
@@ -299,6 +306,7 @@ impl Recorder {
             siprec,
             beat: _,
             carry,
+            epoch,
         } = setup;
         let mut sessions = Sessions::new(limits);
         let siprec_ports = siprec.as_ref().map(|(ports, _)| *ports);
@@ -324,6 +332,7 @@ impl Recorder {
                 + Duration::from_micros(limits.idle_timeout_us)
                 + Duration::from_secs(1),
             carried: HashMap::new(),
+            ended: HashMap::new(),
             siprec_ports,
             sessions,
             media_seen,
@@ -340,7 +349,7 @@ impl Recorder {
             accepting,
             queued,
             recycle,
-            epoch: Instant::now(),
+            epoch,
             clock: 0,
             actions: Vec::new(),
             open: HashMap::new(),
@@ -505,6 +514,9 @@ impl Recorder {
                     {
                         carry.clear(port, id);
                     }
+                    if let Some(id) = id {
+                        self.ended.insert(rec, id);
+                    }
                     if let Some(waiting) = self.opening.get_mut(&rec) {
                         waiting.push(Pending::Close(reason));
                     } else {
@@ -519,6 +531,7 @@ impl Recorder {
                 }
             }
         }
+        self.ended.clear();
         // The buffer's room is kept for the next round.
         self.actions = actions;
     }
@@ -538,11 +551,22 @@ impl Recorder {
         let mut public = Metadata::new();
         let port = local.port();
         public.insert("port".into(), port.into());
+        let current = self.keks.current();
+        if current.is_empty() {
+            // The key went stale since the session was told: it ends at once.
+            tracing::error!(
+                port,
+                "recording ended at its start: no usable KEK (the key manager's key is stale)"
+            );
+            self.sessions.abort(self.clock, rec);
+            return;
+        }
         let carried = self.carry.is_some()
             && !self
                 .siprec_ports
                 .is_some_and(|(a, b)| (a..=b).contains(&port));
-        let before = continues.and_then(|c| self.uuids.get(&c).copied()).or_else(|| {
+        let split_from = continues.and_then(|c| self.uuids.get(&c).or(self.ended.get(&c)).copied());
+        let before = split_from.or_else(|| {
             let last = carried.then(|| self.carried_before.remove(&port)).flatten();
             if let Some(id) = last {
                 tracing::info!(port, continues = %id, "continuing a recording of the last process");
@@ -551,16 +575,6 @@ impl Recorder {
         });
         if let Some(prev) = before {
             public.insert("continues".into(), prev.hyphenated().to_string().into());
-        }
-        let current = self.keks.current();
-        if current.is_empty() {
-            // The key went stale since the session was told: it ends at once.
-            tracing::error!(
-                port = local.port(),
-                "recording ended at its start: no usable KEK (the key manager's key is stale)"
-            );
-            self.sessions.abort(self.clock, rec);
-            return;
         }
         let id = Uuid::now_v7();
         let opts = SealOptions {
@@ -572,8 +586,8 @@ impl Recorder {
             created_ms: Some(created_ms),
         };
         self.uuids.insert(rec, id);
-        if let Some(carry) = self.carry.as_ref().filter(|_| carried) {
-            carry.set(port, id);
+        if carried {
+            // Noted in the carry file once its package exists.
             self.carried.insert(rec, port);
         }
         self.opening.insert(rec, Vec::new());
@@ -585,6 +599,8 @@ impl Recorder {
         };
         if self.opener.jobs.send(job).is_err() {
             self.opening.remove(&rec);
+            self.uuids.remove(&rec);
+            self.carried.remove(&rec);
             tracing::error!(
                 port = local.port(),
                 "recording ended at its start: the opener is gone"
@@ -630,6 +646,9 @@ impl Recorder {
             match result {
                 Ok(o) => {
                     tracing::info!(recording = %o.id, port, "recording started");
+                    if let (Some(carry), Some(&at)) = (&self.carry, self.carried.get(&rec)) {
+                        carry.set(at, o.id);
+                    }
                     self.open.insert(rec, o);
                     self.metrics.recordings_active.inc();
                     for p in waiting {
@@ -654,6 +673,8 @@ impl Recorder {
                     }
                 }
                 Err(e) => {
+                    self.uuids.remove(&rec);
+                    self.carried.remove(&rec);
                     tracing::error!(port, error = %e, "recording ended at its start: its package cannot be made");
                     self.sessions.abort(self.us(Instant::now()), rec);
                     self.unpublished = true;
@@ -1067,8 +1088,37 @@ mod tests {
         m
     }
 
-    #[test]
-    fn metadata_before_and_during_a_call_is_sealed_in_order_with_its_media() {
+    /// Limits for a test: an hour per recording unless `max_recording_us` says otherwise.
+    fn limits(max_recording_us: u64) -> Limits {
+        Limits {
+            idle_timeout_us: 60_000_000,
+            max_recording_us,
+            flush_interval_us: 1_000_000,
+            max_chunk: 65_536,
+            min_packets: 1,
+            starts_per_source: edgerec_net::rate_limit::Limit {
+                rate: 1e9,
+                burst: 1e9,
+            },
+            starts_per_port: edgerec_net::rate_limit::Limit {
+                rate: 1e9,
+                burst: 1e9,
+            },
+        }
+    }
+
+    /// A recorder thread on a fresh spool: its spool (and directory), its queue, the ids
+    /// of the packages it makes ready, the thread.
+    #[allow(clippy::type_complexity)]
+    fn recorder(
+        limits: Limits,
+    ) -> (
+        tempfile::TempDir,
+        Spool,
+        SyncSender<Msg>,
+        Receiver<Uuid>,
+        std::thread::JoinHandle<()>,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(&dir.path().join("spool")).unwrap();
         let (metrics, _registry) = Metrics::new();
@@ -1081,21 +1131,7 @@ mod tests {
                 KekPublic::from_file(&key("test-kek.pub.pem")).unwrap(),
             ]),
             wrap: Wrap::OaepSha256,
-            limits: Limits {
-                idle_timeout_us: 60_000_000,
-                max_recording_us: 3_600_000_000,
-                flush_interval_us: 1_000_000,
-                max_chunk: 65_536,
-                min_packets: 1,
-                starts_per_source: edgerec_net::rate_limit::Limit {
-                    rate: 1e9,
-                    burst: 1e9,
-                },
-                starts_per_port: edgerec_net::rate_limit::Limit {
-                    rate: 1e9,
-                    burst: 1e9,
-                },
-            },
+            limits,
             sync: true,
             ready: ready_tx,
             metrics,
@@ -1105,8 +1141,56 @@ mod tests {
             siprec: None,
             beat: Beat::new("recorder"),
             carry: None,
+            epoch: Instant::now(),
         };
         let t = std::thread::spawn(move || run(setup, rx));
+        (dir, spool, tx, ready_rx, t)
+    }
+
+    fn ring() -> KeyRing {
+        let mut ring = KeyRing::new();
+        ring.add(KekPrivate::from_file(&key("test-kek.pem")).unwrap());
+        ring
+    }
+
+    #[test]
+    fn a_maximum_duration_split_names_the_recording_it_continues() {
+        let (_dir, spool, tx, ready, t) = recorder(limits(200_000));
+        let local: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let remote: SocketAddr = "10.0.0.1:5000".parse().unwrap();
+        for seqs in [0..3u16, 3..6] {
+            let mut b = Batch::default();
+            for s in seqs {
+                b.push(local, remote, Instant::now(), &rtp(s));
+            }
+            tx.send(Msg::Batch(b)).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        tx.send(Msg::Shutdown).unwrap();
+        t.join().unwrap();
+        let mut ids: Vec<Uuid> = ready.try_iter().collect();
+        // UUIDv7: in the order they were made.
+        ids.sort();
+        assert!(ids.len() >= 2, "split at least once: {ids:?}");
+        let ring = ring();
+        let public = |id: Uuid| {
+            let file = std::fs::File::open(spool.package_path(Place::Ready, id)).unwrap();
+            let r = PackageReader::new(file, &ring, ReadMode::Strict).unwrap();
+            erec::format::parse_json_object(&r.header().metadata).unwrap()
+        };
+        assert_eq!(public(ids[0]).get("continues"), None);
+        for w in ids.windows(2) {
+            assert_eq!(
+                public(w[1])["continues"],
+                w[0].hyphenated().to_string(),
+                "each successor names its predecessor"
+            );
+        }
+    }
+
+    #[test]
+    fn metadata_before_and_during_a_call_is_sealed_in_order_with_its_media() {
+        let (_dir, spool, tx, ready_rx, t) = recorder(limits(3_600_000_000));
         let local: SocketAddr = "127.0.0.1:40000".parse().unwrap();
         let remote: SocketAddr = "10.0.0.1:5000".parse().unwrap();
         let tag = |d: Metadata| {
@@ -1135,8 +1219,7 @@ mod tests {
         t.join().unwrap();
 
         let id = ready_rx.try_recv().unwrap();
-        let mut ring = KeyRing::new();
-        ring.add(KekPrivate::from_file(&key("test-kek.pem")).unwrap());
+        let ring = ring();
         let file = std::fs::File::open(spool.package_path(Place::Ready, id)).unwrap();
         let mut r = PackageReader::new(file, &ring, ReadMode::Strict).unwrap();
         let mut kinds = Vec::new();

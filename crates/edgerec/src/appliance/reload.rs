@@ -11,9 +11,9 @@
 //! the recorder's timings, `[siprec]`, `[inbox]` — refuses the whole reload with a line
 //! naming the key ([`needs_restart`]), and the running config stays.
 //!
-//! Invariants: a reload is all or nothing — the new store and key source are made first
-//! (either failing refuses the reload, the running ones untouched), then everything is
-//! swapped; a datagram is never held up by it (ingest reads the allow list once a round
+//! Invariants: a reload is all or nothing — the new key source and store are made first,
+//! from the files they name read again (either failing, or a key manager whose only key is
+//! stale, refuses the reload, the running ones untouched), then everything is swapped; a datagram is never held up by it (ingest reads the allow list once a round
 //! from a [`Live`] value); nothing secret is logged, only the names of the keys that changed.
 
 use std::path::PathBuf;
@@ -212,32 +212,32 @@ impl Reloadable {
             ));
         }
         let changes = Changes::between(&self.current, &new);
-        // What can fail, first: nothing is swapped unless all of it is made.
-        let store = if changes.store {
-            Some(
-                crate::appliance::run::open_store(&new)
-                    .await
-                    .map_err(|e| e.to_string())?,
-            )
-        } else {
-            None
-        };
-        if changes.keys {
-            let source = key_source::start(&new, &self.keks, &self.metrics, &self.shutdown)
-                .await
-                .map_err(|e| e.to_string())?;
-            self.kek_file.set(source.file.clone());
-            // The old source stops as it is dropped.
-            self.keys = source;
+        // What can fail, first, changing nothing: the key (the file or the key manager) and
+        // the store, both made anew from the files they name (a credential or certificate
+        // rotated in place is read again even where the config text did not change).
+        let prepared = key_source::prepare(&new).await.map_err(|e| e.to_string())?;
+        if !prepared.usable() {
+            return Err(
+                "keys: the key manager did not answer and its cached key is stale; \
+                        the key in use stays"
+                    .into(),
+            );
         }
-        if changes.store || changes.upload {
-            let old = self.upload.get();
-            self.upload.set(UploadSettings {
-                store: store.unwrap_or_else(|| Arc::clone(&old.store)),
-                policy: new.retry,
-                rescan: new.rescan,
-            });
-        }
+        let store = crate::appliance::run::open_store(&new)
+            .await
+            .map_err(|e| e.to_string())?;
+        let source = prepared
+            .start(&new, &self.keks, &self.metrics, &self.shutdown)
+            .map_err(|e| e.to_string())?;
+        // Then everything is swapped: the old key source stopped before the new key applies.
+        drop(std::mem::replace(&mut self.keys, source));
+        self.keys.apply(&self.keks, &self.metrics);
+        self.kek_file.set(self.keys.file.clone());
+        self.upload.set(UploadSettings {
+            store,
+            policy: new.retry,
+            rescan: new.rescan,
+        });
         if changes.allow {
             self.allow.set(new.allow.clone());
         }

@@ -29,6 +29,7 @@ use crate::appliance::carry::Carry;
 use crate::appliance::config::{Config, SyncMode};
 use crate::appliance::feed::Msg;
 use crate::appliance::ingest::{self, IngestSetup};
+use crate::appliance::key_source;
 use crate::appliance::metrics::{Metrics, SpoolState};
 use crate::appliance::recorder::{self, RecorderSetup};
 use crate::appliance::reload::{Live, ReloadFrom, Reloadable};
@@ -121,6 +122,11 @@ pub async fn run(
     let queued = Arc::new(AtomicUsize::new(0));
     let (recycle_tx, recycle) = sync_channel(16);
     let (ingest_beat, recorder_beat) = (Beat::new("ingest"), Beat::new("recorder"));
+    // The session clock's origin, before the arrival of any datagram ingest can read (what
+    // waited in kept sockets arrived before this process started).
+    let epoch = Instant::now()
+        .checked_sub(ingest::MAX_WAIT)
+        .unwrap_or_else(Instant::now);
     let allow = Live::new(config.allow.clone());
     let ingest = start_thread("ingest", {
         let setup = IngestSetup {
@@ -152,7 +158,10 @@ pub async fn run(
 
     let spool = open_spool(&config)?;
     let keks = KekHandle::new(Vec::new());
-    let keys = crate::appliance::key_source::start(&config, &keks, &metrics, &shutdown).await?;
+    let mut keys = key_source::prepare(&config)
+        .await?
+        .start(&config, &keks, &metrics, &shutdown)?;
+    keys.apply(&keks, &metrics);
     let kek_file = Live::new(keys.file.clone());
     let (metrics_addr, metrics_server) =
         crate::appliance::metrics::serve(metrics_listener, Arc::clone(&metrics), registry)
@@ -198,6 +207,7 @@ pub async fn run(
             siprec,
             beat: Arc::clone(&recorder_beat),
             carry: Some((carry, carried)),
+            epoch,
         };
         move || recorder::run(setup, rx)
     })?;
@@ -574,7 +584,10 @@ fn start_inbox(
 /// counted, the service manager told (`RELOADING=1`, then `READY=1`).
 async fn reload_on_hangup(mut hangup: tokio::signal::unix::Signal, mut r: Reloadable) {
     while hangup.recv().await.is_some() {
-        service_manager::notify(&[NotifyState::Reloading]);
+        match NotifyState::monotonic_usec_now() {
+            Ok(now) => service_manager::notify(&[NotifyState::Reloading, now]),
+            Err(_) => service_manager::notify(&[NotifyState::Reloading]),
+        }
         match r.reload().await {
             Ok(changes) => {
                 tracing::info!(changed = ?changes.names(), "config reloaded");

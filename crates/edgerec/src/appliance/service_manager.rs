@@ -202,18 +202,24 @@ fn describe(fd: BorrowedFd<'_>, name: String) -> Option<PassedInfo> {
     Some(PassedInfo { proto, local, name })
 }
 
+/// Clears `names` from the service manager's descriptor store (`FDSTOREREMOVE=1`): the
+/// sockets stored under them that this process no longer uses close there too. Nothing
+/// without `NOTIFY_SOCKET`.
+pub fn clear(names: &BTreeSet<String>) -> std::io::Result<()> {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return Ok(());
+    }
+    for name in names {
+        sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)])?;
+    }
+    Ok(())
+}
+
 /// Hands sockets to the service manager's descriptor store, by role, in messages of at most
-/// [`FDS_PER_MESSAGE`]; first clears the names in `clear` (whose stored sockets the process
-/// no longer uses). Nothing is sent without `NOTIFY_SOCKET`. Returns how many went.
-pub fn store(
-    sockets: &[(Role, BorrowedFd<'_>)],
-    clear: &BTreeSet<String>,
-) -> std::io::Result<usize> {
+/// [`FDS_PER_MESSAGE`]. Nothing is sent without `NOTIFY_SOCKET`. Returns how many went.
+pub fn store(sockets: &[(Role, BorrowedFd<'_>)]) -> std::io::Result<usize> {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return Ok(0);
-    }
-    for name in clear {
-        sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)])?;
     }
     let mut sent = 0;
     for role in [

@@ -12,6 +12,7 @@
 use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::time::{Duration, Instant};
 
 use crate::appliance::config::Config;
 use crate::appliance::run::RunError;
@@ -43,57 +44,83 @@ pub struct Sockets {
     pub adopted: usize,
 }
 
-/// Makes every socket of `config`, taking those in `passed` that fit; then hands the ones
-/// bound here (and those of a role whose stored sockets were partly dropped) to the
-/// descriptor store.
+/// Makes every socket of `config`, in three steps: those in `passed` that fit are taken;
+/// the passed ones no role took are closed and their names cleared from the store (so a
+/// socket of the same port on another address can be bound: systemd's copy would hold the
+/// port otherwise); the rest are bound. Then the ones bound here (and those in use of a
+/// name that was cleared) go to the descriptor store.
 pub fn open(config: &Config, passed: Passed) -> Result<Sockets, RunError> {
     raise_file_limit(config)?;
     let mut b = Binder {
         passed,
         fresh: BTreeSet::new(),
         adopted: 0,
+        released: false,
     };
+    // 1. Take what was passed.
     let (first, last) = config.ports;
-    let mut ingest = Vec::new();
-    for port in first..=last {
-        let addr = SocketAddr::new(config.ingest.bind, port);
-        ingest.push(b.udp(Role::Rtp, addr, "ingest")?);
-    }
+    let mut ingest: Vec<Slot<UdpSocket>> = (first..=last)
+        .map(|port| b.take_udp(Role::Rtp, SocketAddr::new(config.ingest.bind, port)))
+        .collect();
     let siprec_from = ingest.len();
-    let sip = match &config.siprec {
-        None => None,
-        Some(s) => {
-            for port in s.media_ports.0..=s.media_ports.1 {
-                let addr = SocketAddr::new(s.listen.ip(), port);
-                ingest.push(b.udp(Role::Media, addr, "siprec.media_ports")?);
-            }
-            let udp = b.udp(Role::SipUdp, s.listen, "siprec.listen")?;
-            let port = udp.local_addr().map_err(RunError::io("siprec.listen"))?;
-            let tcp = b.tcp(Role::SipTcp, port, "siprec.listen")?;
-            let tls = match &s.tls {
-                Some((addr, _, _)) => Some(b.tcp(Role::SipTls, *addr, "siprec.tls_listen")?),
-                None => None,
-            };
-            Some(SipSockets { udp, tcp, tls })
+    let mut sip = None;
+    if let Some(s) = &config.siprec {
+        for port in s.media_ports.0..=s.media_ports.1 {
+            ingest.push(b.take_udp(Role::Media, SocketAddr::new(s.listen.ip(), port)));
         }
-    };
-    let metrics = b.tcp(Role::Metrics, config.metrics.listen, "metrics.listen")?;
-    let control = match &config.control {
-        Some(c) => Some(b.tcp(Role::Control, c.listen, "control.listen")?),
-        None => None,
-    };
-    let Binder {
-        passed,
-        fresh,
-        adopted,
-    } = b;
-    let (clear, dropped) = passed.close_rest();
+        let udp = b.take_udp(Role::SipUdp, s.listen);
+        // TCP shares UDP's port: known now if UDP was passed or the port is configured.
+        let tcp = match &udp {
+            Slot::Have(u) => {
+                let at = u.local_addr().map_err(RunError::io("siprec.listen"))?;
+                b.take_tcp(Role::SipTcp, at)
+            }
+            Slot::Need(_) if s.listen.port() != 0 => b.take_tcp(Role::SipTcp, s.listen),
+            Slot::Need(_) => Slot::Need(s.listen),
+        };
+        let tls = s
+            .tls
+            .as_ref()
+            .map(|(addr, _, _)| b.take_tcp(Role::SipTls, *addr));
+        sip = Some((udp, tcp, tls));
+    }
+    let metrics = b.take_tcp(Role::Metrics, config.metrics.listen);
+    let control = config
+        .control
+        .as_ref()
+        .map(|c| b.take_tcp(Role::Control, c.listen));
+    // 2. Release what no role took.
+    let (clear, dropped) = b.release();
     if !dropped.is_empty() {
         tracing::info!(
             ?dropped,
             "sockets from the service manager that the config no longer names: closed"
         );
     }
+    // 3. Bind the rest.
+    let ingest = ingest
+        .into_iter()
+        .map(|slot| b.udp(slot, "ingest"))
+        .collect::<Result<Vec<_>, _>>()?;
+    let sip = match sip {
+        None => None,
+        Some((udp, tcp, tls)) => {
+            let udp = b.udp(udp, "siprec.listen")?;
+            let tcp = match tcp {
+                // Port 0: the port the system gave UDP.
+                Slot::Need(at) if at.port() == 0 => {
+                    let port = udp.local_addr().map_err(RunError::io("siprec.listen"))?;
+                    b.tcp(Slot::Need(port), "siprec.listen")?
+                }
+                slot => b.tcp(slot, "siprec.listen")?,
+            };
+            let tls = tls.map(|t| b.tcp(t, "siprec.tls_listen")).transpose()?;
+            Some(SipSockets { udp, tcp, tls })
+        }
+    };
+    let metrics = b.tcp(metrics, "metrics.listen")?;
+    let control = control.map(|c| b.tcp(c, "control.listen")).transpose()?;
+    let Binder { fresh, adopted, .. } = b;
     let sockets = Sockets {
         ingest,
         siprec_from,
@@ -107,7 +134,7 @@ pub fn open(config: &Config, passed: Passed) -> Result<Sockets, RunError> {
         .into_iter()
         .filter(|(role, fd)| fresh.contains(&fd.as_raw_fd()) || clear.contains(role.name()))
         .collect();
-    match service_manager::store(&to_store, &clear) {
+    match service_manager::store(&to_store) {
         Ok(0) => {}
         Ok(n) => tracing::info!(
             sockets = n,
@@ -119,6 +146,12 @@ pub fn open(config: &Config, passed: Passed) -> Result<Sockets, RunError> {
         ),
     }
     Ok(sockets)
+}
+
+/// A socket taken from those passed, or the address one must be bound to.
+enum Slot<S> {
+    Have(S),
+    Need(SocketAddr),
 }
 
 impl Sockets {
@@ -148,47 +181,93 @@ impl Sockets {
     }
 }
 
-/// Takes passed sockets or binds, noting which it bound.
+/// Takes passed sockets, releases the rest, binds, noting which it bound.
 struct Binder {
     passed: Passed,
     fresh: BTreeSet<RawFd>,
     adopted: usize,
+    /// Whether passed sockets were released (a bind may then wait for the service manager
+    /// to close its copy).
+    released: bool,
 }
 
+/// How long a bind waits for a port the service manager was just told to let go of.
+const RELEASE_WAIT: Duration = Duration::from_secs(3);
+
 impl Binder {
-    fn udp(&mut self, role: Role, addr: SocketAddr, key: &str) -> Result<UdpSocket, RunError> {
-        let s = match self.passed.take(role, addr) {
+    fn take_udp(&mut self, role: Role, addr: SocketAddr) -> Slot<UdpSocket> {
+        match self.passed.take(role, addr) {
             Some(fd) => {
                 self.adopted += 1;
-                UdpSocket::from(fd)
+                Slot::Have(UdpSocket::from(fd))
             }
-            None => {
-                let s = UdpSocket::bind(addr)
-                    .map_err(RunError::io(format!("{key}: cannot bind udp {addr}")))?;
-                self.fresh.insert(s.as_raw_fd());
-                s
+            None => Slot::Need(addr),
+        }
+    }
+
+    fn take_tcp(&mut self, role: Role, addr: SocketAddr) -> Slot<TcpListener> {
+        match self.passed.take(role, addr) {
+            Some(fd) => {
+                self.adopted += 1;
+                Slot::Have(TcpListener::from(fd))
+            }
+            None => Slot::Need(addr),
+        }
+    }
+
+    /// Closes the passed sockets no role took and clears their names from the store;
+    /// returns the names and their addresses.
+    fn release(&mut self) -> (BTreeSet<String>, Vec<SocketAddr>) {
+        let (names, addrs) = std::mem::take(&mut self.passed).close_rest();
+        if let Err(e) = service_manager::clear(&names) {
+            tracing::warn!(error = %e, "cannot clear sockets from the service manager's store");
+        }
+        self.released = !addrs.is_empty();
+        (names, addrs)
+    }
+
+    /// Binds with `bind`; a port in use is tried again for a while after a release (the
+    /// service manager closes its copy of a released socket when it reads the message).
+    fn bind<S: AsRawFd>(
+        &mut self,
+        addr: SocketAddr,
+        what: &str,
+        bind: impl Fn(SocketAddr) -> std::io::Result<S>,
+    ) -> Result<S, RunError> {
+        let until = Instant::now() + RELEASE_WAIT;
+        let s = loop {
+            match bind(addr) {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AddrInUse
+                        && self.released
+                        && Instant::now() < until =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                r => break r.map_err(RunError::io(format!("{what}: cannot bind {addr}")))?,
             }
         };
-        s.set_nonblocking(true)
-            .map_err(RunError::io(format!("{key}: udp {addr}")))?;
+        self.fresh.insert(s.as_raw_fd());
         Ok(s)
     }
 
-    fn tcp(&mut self, role: Role, addr: SocketAddr, key: &str) -> Result<TcpListener, RunError> {
-        let s = match self.passed.take(role, addr) {
-            Some(fd) => {
-                self.adopted += 1;
-                TcpListener::from(fd)
-            }
-            None => {
-                let s = TcpListener::bind(addr)
-                    .map_err(RunError::io(format!("{key}: cannot listen on {addr}")))?;
-                self.fresh.insert(s.as_raw_fd());
-                s
-            }
+    fn udp(&mut self, slot: Slot<UdpSocket>, key: &str) -> Result<UdpSocket, RunError> {
+        let s = match slot {
+            Slot::Have(s) => s,
+            Slot::Need(addr) => self.bind(addr, &format!("{key} (udp)"), UdpSocket::bind)?,
         };
         s.set_nonblocking(true)
-            .map_err(RunError::io(format!("{key}: tcp {addr}")))?;
+            .map_err(RunError::io(format!("{key}: udp")))?;
+        Ok(s)
+    }
+
+    fn tcp(&mut self, slot: Slot<TcpListener>, key: &str) -> Result<TcpListener, RunError> {
+        let s = match slot {
+            Slot::Have(s) => s,
+            Slot::Need(addr) => self.bind(addr, &format!("{key} (tcp)"), TcpListener::bind)?,
+        };
+        s.set_nonblocking(true)
+            .map_err(RunError::io(format!("{key}: tcp")))?;
         Ok(s)
     }
 }
