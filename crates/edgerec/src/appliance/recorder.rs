@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use crate::appliance::carry::Carry;
+use crate::appliance::carry::{Carried, Carry};
 use crate::appliance::feed::{Batch, Msg};
 use crate::appliance::metrics::Metrics;
 use crate::appliance::service_manager::Beat;
@@ -60,7 +60,7 @@ pub struct RecorderSetup {
     pub beat: Arc<Beat>,
     /// The recordings in progress by port, for the next process; with those the last
     /// process had, which the first recording on their port continues.
-    pub carry: Option<(Carry, HashMap<u16, Uuid>)>,
+    pub carry: Option<(Carry, HashMap<u16, Carried>)>,
     /// The origin of the session's clock: taken before ingest starts, so datagrams read
     /// before the recorder runs (what waited in sockets kept over a restart) keep their
     /// arrival times.
@@ -243,14 +243,15 @@ struct Recorder {
     /// The recordings in progress by port, for the next process.
     carry: Option<Carry>,
     /// The last process's recordings by port, until a recording there continues one.
-    carried_before: HashMap<u16, Uuid>,
+    carried_before: HashMap<u16, Carried>,
     /// When the last process's recordings are forgotten.
     forget_carried_at: Instant,
-    /// The port of each recording to note in `carry` once its package exists.
-    carried: HashMap<RecId, u16>,
-    /// The ids of recordings ended this round: a maximum-duration split's successor
-    /// (opened after its predecessor's close, in the same round) names its predecessor.
-    ended: HashMap<RecId, Uuid>,
+    /// The port and source of each recording to note in `carry` once its package exists.
+    carried: HashMap<RecId, (u16, std::net::IpAddr)>,
+    /// The ids (and sources) of recordings ended this round: a maximum-duration split's
+    /// successor (opened after its predecessor's close, in the same round) names its
+    /// predecessor and is carried as it was.
+    ended: HashMap<RecId, (Uuid, Option<std::net::IpAddr>)>,
     /// The SIPREC media ports (their recordings are sessions, not ports: not carried).
     siprec_ports: Option<(u16, u16)>,
     spool: Spool,
@@ -370,7 +371,7 @@ impl Recorder {
         if self.carried_before.is_empty() || Instant::now() < self.forget_carried_at {
             return;
         }
-        for (port, id) in self.carried_before.drain() {
+        for (port, (id, _)) in self.carried_before.drain() {
             if let Some(c) = &self.carry {
                 c.clear(port, id);
             }
@@ -494,8 +495,9 @@ impl Recorder {
                     rec,
                     local,
                     continues,
+                    source,
                     started_us,
-                } => self.open_package(rec, local, continues, started_us),
+                } => self.open_package(rec, local, continues, source, started_us),
                 Action::Chunk { rec, plaintext } => self.record(rec, Kind::Media, plaintext),
                 Action::Metadata { rec, json } => self.record(rec, Kind::Metadata, json),
                 Action::Sync => {
@@ -507,15 +509,15 @@ impl Recorder {
                 }
                 Action::Close { rec, reason } => {
                     let id = self.uuids.remove(&rec);
+                    let noted = self.carried.remove(&rec);
                     // Ended by the appliance's stop, it is continued after the restart.
-                    if let (Some(carry), Some(port), Some(id)) =
-                        (&self.carry, self.carried.remove(&rec), id)
+                    if let (Some(carry), Some((port, _)), Some(id)) = (&self.carry, noted, id)
                         && reason != EndReason::Shutdown
                     {
                         carry.clear(port, id);
                     }
                     if let Some(id) = id {
-                        self.ended.insert(rec, id);
+                        self.ended.insert(rec, (id, noted.map(|(_, from)| from)));
                     }
                     if let Some(waiting) = self.opening.get_mut(&rec) {
                         waiting.push(Pending::Close(reason));
@@ -543,6 +545,7 @@ impl Recorder {
         rec: RecId,
         local: std::net::SocketAddr,
         continues: Option<RecId>,
+        source: Option<std::net::IpAddr>,
         started_us: u64,
     ) {
         // The wall clock when its first datagram arrived (it may have been held).
@@ -561,13 +564,31 @@ impl Recorder {
             self.sessions.abort(self.clock, rec);
             return;
         }
-        let carried = self.carry.is_some()
-            && !self
-                .siprec_ports
-                .is_some_and(|(a, b)| (a..=b).contains(&port));
-        let split_from = continues.and_then(|c| self.uuids.get(&c).or(self.ended.get(&c)).copied());
-        let before = split_from.or_else(|| {
-            let last = carried.then(|| self.carried_before.remove(&port)).flatten();
+        // A split's successor: its predecessor's id, and the source that started it.
+        let split = continues.and_then(|c| {
+            let source = self.carried.get(&c).map(|&(_, from)| from);
+            self.uuids
+                .get(&c)
+                .map(|&id| (id, source))
+                .or_else(|| self.ended.get(&c).copied())
+        });
+        let source = source.or(split.and_then(|(_, from)| from));
+        // A port's recording (not a SIPREC session's) started by a stream: noted for the
+        // next process, and it may continue the last process's recording from that source.
+        let carried = source.filter(|_| {
+            self.carry.is_some()
+                && !self
+                    .siprec_ports
+                    .is_some_and(|(a, b)| (a..=b).contains(&port))
+        });
+        let before = split.map(|(id, _)| id).or_else(|| {
+            let from = carried?;
+            let (last, was_from) = *self.carried_before.get(&port)?;
+            if was_from != from {
+                return None;
+            }
+            self.carried_before.remove(&port);
+            let last = Some(last);
             if let Some(id) = last {
                 tracing::info!(port, continues = %id, "continuing a recording of the last process");
             }
@@ -586,9 +607,9 @@ impl Recorder {
             created_ms: Some(created_ms),
         };
         self.uuids.insert(rec, id);
-        if carried {
+        if let Some(from) = carried {
             // Noted in the carry file once its package exists.
-            self.carried.insert(rec, port);
+            self.carried.insert(rec, (port, from));
         }
         self.opening.insert(rec, Vec::new());
         let job = OpenJob {
@@ -646,8 +667,9 @@ impl Recorder {
             match result {
                 Ok(o) => {
                     tracing::info!(recording = %o.id, port, "recording started");
-                    if let (Some(carry), Some(&at)) = (&self.carry, self.carried.get(&rec)) {
-                        carry.set(at, o.id);
+                    if let (Some(carry), Some(&(at, from))) = (&self.carry, self.carried.get(&rec))
+                    {
+                        carry.set(at, o.id, from);
                     }
                     self.open.insert(rec, o);
                     self.metrics.recordings_active.inc();
@@ -1119,6 +1141,21 @@ mod tests {
         Receiver<Uuid>,
         std::thread::JoinHandle<()>,
     ) {
+        recorder_carrying(limits, None)
+    }
+
+    /// [`recorder`], with a carry file and what the last process left in it.
+    #[allow(clippy::type_complexity)]
+    fn recorder_carrying(
+        limits: Limits,
+        carry: Option<(Carry, HashMap<u16, Carried>)>,
+    ) -> (
+        tempfile::TempDir,
+        Spool,
+        SyncSender<Msg>,
+        Receiver<Uuid>,
+        std::thread::JoinHandle<()>,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(&dir.path().join("spool")).unwrap();
         let (metrics, _registry) = Metrics::new();
@@ -1140,7 +1177,7 @@ mod tests {
             recycle,
             siprec: None,
             beat: Beat::new("recorder"),
-            carry: None,
+            carry,
             epoch: Instant::now(),
         };
         let t = std::thread::spawn(move || run(setup, rx));
@@ -1151,6 +1188,55 @@ mod tests {
         let mut ring = KeyRing::new();
         ring.add(KekPrivate::from_file(&key("test-kek.pem")).unwrap());
         ring
+    }
+
+    #[test]
+    fn a_call_of_the_last_process_is_continued_only_from_the_source_that_started_it() {
+        let (carry, _, _) = Carry::open(None).unwrap();
+        let sbc: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let before = HashMap::from([(40_000, (a, sbc)), (40_002, (b, sbc))]);
+        let (_dir, spool, tx, ready, t) =
+            recorder_carrying(limits(3_600_000_000), Some((carry, before)));
+        let mut batch = Batch::default();
+        let local = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+        for s in 0..3 {
+            // The same caller on 40000; another one on 40002.
+            batch.push(
+                local(40_000),
+                "10.0.0.1:5000".parse().unwrap(),
+                Instant::now(),
+                &rtp(s),
+            );
+            batch.push(
+                local(40_002),
+                "10.0.0.9:5000".parse().unwrap(),
+                Instant::now(),
+                &rtp(s),
+            );
+        }
+        tx.send(Msg::Batch(batch)).unwrap();
+        tx.send(Msg::Shutdown).unwrap();
+        t.join().unwrap();
+        let ring = ring();
+        let mut continues = HashMap::new();
+        for id in ready.try_iter() {
+            let file = std::fs::File::open(spool.package_path(Place::Ready, id)).unwrap();
+            let r = PackageReader::new(file, &ring, ReadMode::Strict).unwrap();
+            let public = erec::format::parse_json_object(&r.header().metadata).unwrap();
+            continues.insert(
+                public["port"].as_u64().unwrap(),
+                public
+                    .get("continues")
+                    .and_then(|c| c.as_str())
+                    .map(str::to_string),
+            );
+        }
+        assert_eq!(continues[&40_000], Some(a.hyphenated().to_string()));
+        assert_eq!(
+            continues[&40_002], None,
+            "another caller on the port is not chained"
+        );
     }
 
     #[test]

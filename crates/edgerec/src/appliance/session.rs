@@ -139,6 +139,9 @@ pub enum Action {
         local: SocketAddr,
         /// The recording this one continues after a maximum-duration split.
         continues: Option<RecId>,
+        /// The source address of the stream whose packets started it (`None` for a split
+        /// or a SIPREC session): a call continued over a restart must come from it.
+        source: Option<std::net::IpAddr>,
         /// The monotonic time its entry times count from: the arrival of its first datagram,
         /// which may be up to a second before this action (held while it was a candidate).
         /// Its creation time is the wall clock at that instant.
@@ -749,7 +752,15 @@ impl Sessions {
         let port = local.port();
         let first = c.held.iter().find(|x| x.ssrc.is_some());
         let first_us = first.map_or(now, |x| x.at);
-        self.open(first_us, local, None, first.is_some_and(|x| x.paused), out);
+        let source = first.map(|x| x.from.ip());
+        self.open(
+            first_us,
+            local,
+            None,
+            source,
+            first.is_some_and(|x| x.paused),
+            out,
+        );
         self.replaying = true;
         for x in c.held {
             if self
@@ -833,11 +844,13 @@ impl Sessions {
             .min()
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn open(
         &mut self,
         now: u64,
         local: SocketAddr,
         continues: Option<RecId>,
+        source: Option<std::net::IpAddr>,
         paused: bool,
         out: &mut Vec<Action>,
     ) {
@@ -848,6 +861,7 @@ impl Sessions {
             rec: id,
             local,
             continues,
+            source,
             started_us: now,
         });
         self.by_port
@@ -914,7 +928,7 @@ impl Sessions {
             return;
         }
         let paused = self.paused.contains_key(&port);
-        self.open(now, old.local, Some(old.id), paused, out);
+        self.open(now, old.local, Some(old.id), None, paused, out);
         for json in old.tags {
             self.tag(port, json, out);
         }
@@ -1055,7 +1069,7 @@ impl Sessions {
                     return self.discard(Discard::StartRate);
                 }
                 let paused = self.paused.contains_key(&port);
-                self.open(now, local, None, paused, out)
+                self.open(now, local, None, Some(remote.ip()), paused, out)
             }
             Some(r) if now.saturating_sub(r.started_us) >= self.limits.max_recording_us => {
                 self.split(now, port, out);

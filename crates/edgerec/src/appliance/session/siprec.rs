@@ -307,6 +307,7 @@ impl Sessions {
             rec: id,
             local,
             continues,
+            source: None,
             started_us: now,
         });
         Recording::fresh(id, local, now)
