@@ -1129,33 +1129,26 @@ mod tests {
         }
     }
 
-    /// A recorder thread on a fresh spool: its spool (and directory), its queue, the ids
-    /// of the packages it makes ready, the thread.
-    #[allow(clippy::type_complexity)]
-    fn recorder(
-        limits: Limits,
-    ) -> (
+    /// A test recorder: its spool (and directory), its queue, the ids of the packages it
+    /// makes ready, the thread.
+    type TestRecorder = (
         tempfile::TempDir,
         Spool,
         SyncSender<Msg>,
         Receiver<Uuid>,
         std::thread::JoinHandle<()>,
-    ) {
+    );
+
+    /// A recorder thread on a fresh spool.
+    fn recorder(limits: Limits) -> TestRecorder {
         recorder_carrying(limits, None)
     }
 
     /// [`recorder`], with a carry file and what the last process left in it.
-    #[allow(clippy::type_complexity)]
     fn recorder_carrying(
         limits: Limits,
         carry: Option<(Carry, HashMap<u16, Carried>)>,
-    ) -> (
-        tempfile::TempDir,
-        Spool,
-        SyncSender<Msg>,
-        Receiver<Uuid>,
-        std::thread::JoinHandle<()>,
-    ) {
+    ) -> TestRecorder {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(&dir.path().join("spool")).unwrap();
         let (metrics, _registry) = Metrics::new();
