@@ -118,14 +118,7 @@ listen = "127.0.0.1:0"
 
     /// Sends SIGHUP (reload).
     pub fn sighup(&self) {
-        let pid = self.child.as_ref().unwrap().id().to_string();
-        assert!(
-            Command::new("kill")
-                .args(["-HUP", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
+        signal(self.child.as_ref().unwrap(), "HUP");
     }
 
     /// Started from its own directory with `--config edgerec.toml`: every relative path of
@@ -236,11 +229,7 @@ listen = "127.0.0.1:0"
 
     pub fn sigterm(&mut self) {
         let mut child = self.child.take().unwrap();
-        let st = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(st.success());
+        signal(&child, "TERM");
         assert!(child.wait().unwrap().success(), "exit 0 after SIGTERM");
     }
 

@@ -165,3 +165,12 @@ pub fn log_lines(stream: impl Read + Send + 'static) -> mpsc::Receiver<String> {
     });
     rx
 }
+
+/// Sends `signal` (`TERM`, `HUP`, …) to `child` with kill(1).
+pub fn signal(child: &std::process::Child, signal: &str) {
+    let st = Command::new("kill")
+        .args([&format!("-{signal}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success(), "kill -{signal}");
+}

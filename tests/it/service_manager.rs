@@ -258,11 +258,7 @@ listen = "127.0.0.1:0"
 
     fn sigterm(&mut self) {
         let mut c = self.child.take().unwrap();
-        let st = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(st.success());
+        signal(&c, "TERM");
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut stopping = false;
         while c.try_wait().unwrap().is_none() {

@@ -1177,6 +1177,13 @@ mod tests {
         (dir, spool, tx, ready_rx, t)
     }
 
+    /// The public metadata of a ready package (its header verified).
+    fn public_metadata(spool: &Spool, id: Uuid) -> Metadata {
+        let file = std::fs::File::open(spool.package_path(Place::Ready, id)).unwrap();
+        let r = PackageReader::new(file, &ring(), ReadMode::Strict).unwrap();
+        erec::format::parse_json_object(&r.header().metadata).unwrap()
+    }
+
     fn ring() -> KeyRing {
         let mut ring = KeyRing::new();
         ring.add(KekPrivate::from_file(&key("test-kek.pem")).unwrap());
@@ -1211,12 +1218,9 @@ mod tests {
         tx.send(Msg::Batch(batch)).unwrap();
         tx.send(Msg::Shutdown).unwrap();
         t.join().unwrap();
-        let ring = ring();
         let mut continues = HashMap::new();
         for id in ready.try_iter() {
-            let file = std::fs::File::open(spool.package_path(Place::Ready, id)).unwrap();
-            let r = PackageReader::new(file, &ring, ReadMode::Strict).unwrap();
-            let public = erec::format::parse_json_object(&r.header().metadata).unwrap();
+            let public = public_metadata(&spool, id);
             continues.insert(
                 public["port"].as_u64().unwrap(),
                 public
@@ -1251,12 +1255,7 @@ mod tests {
         // UUIDv7: in the order they were made.
         ids.sort();
         assert!(ids.len() >= 2, "split at least once: {ids:?}");
-        let ring = ring();
-        let public = |id: Uuid| {
-            let file = std::fs::File::open(spool.package_path(Place::Ready, id)).unwrap();
-            let r = PackageReader::new(file, &ring, ReadMode::Strict).unwrap();
-            erec::format::parse_json_object(&r.header().metadata).unwrap()
-        };
+        let public = |id: Uuid| public_metadata(&spool, id);
         assert_eq!(public(ids[0]).get("continues"), None);
         for w in ids.windows(2) {
             assert_eq!(

@@ -119,7 +119,9 @@ pub fn pick(have: &[PassedInfo], role: Role, want: SocketAddr) -> Option<usize> 
 /// file ([`crate::appliance::carry`]).
 #[derive(Default)]
 pub struct Passed {
-    fds: Vec<(OwnedFd, PassedInfo)>,
+    /// The descriptors and what is known of each, side by side.
+    fds: Vec<OwnedFd>,
+    infos: Vec<PassedInfo>,
     carry: Option<OwnedFd>,
 }
 
@@ -139,7 +141,10 @@ impl Passed {
                 continue;
             }
             match describe(fd.as_fd(), name) {
-                Some(info) => passed.fds.push((fd, info)),
+                Some(info) => {
+                    passed.fds.push(fd);
+                    passed.infos.push(info);
+                }
                 None => tracing::warn!(
                     fd = raw,
                     "a descriptor from the service manager is no UDP or TCP socket: closed"
@@ -156,8 +161,9 @@ impl Passed {
 
     /// The passed socket for `role` on `want`, if there is one ([`pick`]).
     pub fn take(&mut self, role: Role, want: SocketAddr) -> Option<OwnedFd> {
-        let infos: Vec<PassedInfo> = self.fds.iter().map(|(_, i)| i.clone()).collect();
-        pick(&infos, role, want).map(|i| self.fds.remove(i).0)
+        let i = pick(&self.infos, role, want)?;
+        self.infos.remove(i);
+        Some(self.fds.remove(i))
     }
 
     /// Closes what no role took; returns their store names (to be cleared from the store)
@@ -165,8 +171,8 @@ impl Passed {
     pub fn close_rest(self) -> (BTreeSet<String>, Vec<SocketAddr>) {
         let mut names = BTreeSet::new();
         let mut addrs = Vec::new();
-        for (fd, info) in self.fds {
-            drop(fd);
+        drop(self.fds);
+        for info in self.infos {
             if !info.name.is_empty() {
                 names.insert(info.name);
             }
@@ -406,11 +412,11 @@ mod tests {
         let (u, t) = (udp.local_addr().unwrap(), tcp.local_addr().unwrap());
         let mut p = Passed::default();
         for (fd, name) in [(OwnedFd::from(udp), "rtp"), (OwnedFd::from(tcp), "metrics")] {
-            let i = describe(fd.as_fd(), name.into()).unwrap();
-            p.fds.push((fd, i));
+            p.infos.push(describe(fd.as_fd(), name.into()).unwrap());
+            p.fds.push(fd);
         }
-        assert_eq!(p.fds[0].1.local, u);
-        assert_eq!(p.fds[1].1.proto, Proto::Tcp);
+        assert_eq!(p.infos[0].local, u);
+        assert_eq!(p.infos[1].proto, Proto::Tcp);
         let got = p.take(Role::Rtp, u).unwrap();
         assert_eq!(
             std::net::UdpSocket::from(got).local_addr().unwrap(),

@@ -60,35 +60,35 @@ pub fn open(config: &Config, passed: Passed) -> Result<Sockets, RunError> {
     // 1. Take what was passed.
     let (first, last) = config.ports;
     let mut ingest: Vec<Slot<UdpSocket>> = (first..=last)
-        .map(|port| b.take_udp(Role::Rtp, SocketAddr::new(config.ingest.bind, port)))
+        .map(|port| b.take(Role::Rtp, SocketAddr::new(config.ingest.bind, port)))
         .collect();
     let siprec_from = ingest.len();
     let mut sip = None;
     if let Some(s) = &config.siprec {
         for port in s.media_ports.0..=s.media_ports.1 {
-            ingest.push(b.take_udp(Role::Media, SocketAddr::new(s.listen.ip(), port)));
+            ingest.push(b.take(Role::Media, SocketAddr::new(s.listen.ip(), port)));
         }
-        let udp = b.take_udp(Role::SipUdp, s.listen);
+        let udp: Slot<UdpSocket> = b.take(Role::SipUdp, s.listen);
         // TCP shares UDP's port: known now if UDP was passed or the port is configured.
         let tcp = match &udp {
             Slot::Have(u) => {
                 let at = u.local_addr().map_err(RunError::io("siprec.listen"))?;
-                b.take_tcp(Role::SipTcp, at)
+                b.take(Role::SipTcp, at)
             }
-            Slot::Need(_) if s.listen.port() != 0 => b.take_tcp(Role::SipTcp, s.listen),
+            Slot::Need(_) if s.listen.port() != 0 => b.take(Role::SipTcp, s.listen),
             Slot::Need(_) => Slot::Need(s.listen),
         };
         let tls = s
             .tls
             .as_ref()
-            .map(|(addr, _, _)| b.take_tcp(Role::SipTls, *addr));
+            .map(|(addr, _, _)| b.take(Role::SipTls, *addr));
         sip = Some((udp, tcp, tls));
     }
-    let metrics = b.take_tcp(Role::Metrics, config.metrics.listen);
+    let metrics = b.take(Role::Metrics, config.metrics.listen);
     let control = config
         .control
         .as_ref()
-        .map(|c| b.take_tcp(Role::Control, c.listen));
+        .map(|c| b.take(Role::Control, c.listen));
     // 2. Release what no role took.
     let (clear, dropped) = b.release();
     if !dropped.is_empty() {
@@ -100,26 +100,26 @@ pub fn open(config: &Config, passed: Passed) -> Result<Sockets, RunError> {
     // 3. Bind the rest.
     let ingest = ingest
         .into_iter()
-        .map(|slot| b.udp(slot, "ingest"))
+        .map(|slot| b.ready(slot, "ingest"))
         .collect::<Result<Vec<_>, _>>()?;
     let sip = match sip {
         None => None,
         Some((udp, tcp, tls)) => {
-            let udp = b.udp(udp, "siprec.listen")?;
+            let udp = b.ready(udp, "siprec.listen")?;
             let tcp = match tcp {
                 // Port 0: the port the system gave UDP.
                 Slot::Need(at) if at.port() == 0 => {
                     let port = udp.local_addr().map_err(RunError::io("siprec.listen"))?;
-                    b.tcp(Slot::Need(port), "siprec.listen")?
+                    b.ready(Slot::Need(port), "siprec.listen")?
                 }
-                slot => b.tcp(slot, "siprec.listen")?,
+                slot => b.ready(slot, "siprec.listen")?,
             };
-            let tls = tls.map(|t| b.tcp(t, "siprec.tls_listen")).transpose()?;
+            let tls = tls.map(|t| b.ready(t, "siprec.tls_listen")).transpose()?;
             Some(SipSockets { udp, tcp, tls })
         }
     };
-    let metrics = b.tcp(metrics, "metrics.listen")?;
-    let control = control.map(|c| b.tcp(c, "control.listen")).transpose()?;
+    let metrics = b.ready(metrics, "metrics.listen")?;
+    let control = control.map(|c| b.ready(c, "control.listen")).transpose()?;
     let Binder { fresh, adopted, .. } = b;
     let sockets = Sockets {
         ingest,
@@ -195,21 +195,12 @@ struct Binder {
 const RELEASE_WAIT: Duration = Duration::from_secs(3);
 
 impl Binder {
-    fn take_udp(&mut self, role: Role, addr: SocketAddr) -> Slot<UdpSocket> {
+    /// The passed socket for `role` on `addr`, or the address to bind.
+    fn take<S: Socket>(&mut self, role: Role, addr: SocketAddr) -> Slot<S> {
         match self.passed.take(role, addr) {
             Some(fd) => {
                 self.adopted += 1;
-                Slot::Have(UdpSocket::from(fd))
-            }
-            None => Slot::Need(addr),
-        }
-    }
-
-    fn take_tcp(&mut self, role: Role, addr: SocketAddr) -> Slot<TcpListener> {
-        match self.passed.take(role, addr) {
-            Some(fd) => {
-                self.adopted += 1;
-                Slot::Have(TcpListener::from(fd))
+                Slot::Have(S::from(fd))
             }
             None => Slot::Need(addr),
         }
@@ -226,49 +217,66 @@ impl Binder {
         (names, addrs)
     }
 
-    /// Binds with `bind`; a port in use is tried again for a while after a release (the
-    /// service manager closes its copy of a released socket when it reads the message).
-    fn bind<S: AsRawFd>(
-        &mut self,
-        addr: SocketAddr,
-        what: &str,
-        bind: impl Fn(SocketAddr) -> std::io::Result<S>,
-    ) -> Result<S, RunError> {
-        let until = Instant::now() + RELEASE_WAIT;
-        let s = loop {
-            match bind(addr) {
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::AddrInUse
-                        && self.released
-                        && Instant::now() < until =>
-                {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                r => break r.map_err(RunError::io(format!("{what}: cannot bind {addr}")))?,
+    /// The socket of `slot`, bound if it was not passed, non-blocking. A port in use is
+    /// tried again for a while after a release (the service manager closes its copy of a
+    /// released socket when it reads the message).
+    fn ready<S: Socket>(&mut self, slot: Slot<S>, key: &str) -> Result<S, RunError> {
+        let s = match slot {
+            Slot::Have(s) => s,
+            Slot::Need(addr) => {
+                let until = Instant::now() + RELEASE_WAIT;
+                let s = loop {
+                    match S::bind(addr) {
+                        Err(e)
+                            if e.kind() == std::io::ErrorKind::AddrInUse
+                                && self.released
+                                && Instant::now() < until =>
+                        {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        r => {
+                            break r.map_err(RunError::io(format!(
+                                "{key}: cannot bind {} {addr}",
+                                S::PROTO
+                            )))?;
+                        }
+                    }
+                };
+                self.fresh.insert(s.as_raw_fd());
+                s
             }
         };
-        self.fresh.insert(s.as_raw_fd());
+        s.set_nonblocking(true)
+            .map_err(RunError::io(format!("{key}: {}", S::PROTO)))?;
         Ok(s)
     }
+}
 
-    fn udp(&mut self, slot: Slot<UdpSocket>, key: &str) -> Result<UdpSocket, RunError> {
-        let s = match slot {
-            Slot::Have(s) => s,
-            Slot::Need(addr) => self.bind(addr, &format!("{key} (udp)"), UdpSocket::bind)?,
-        };
-        s.set_nonblocking(true)
-            .map_err(RunError::io(format!("{key}: udp")))?;
-        Ok(s)
+/// What the binder needs of a UDP socket and a TCP listener alike.
+trait Socket: From<std::os::fd::OwnedFd> + AsRawFd + Sized {
+    /// `udp` or `tcp`, for messages.
+    const PROTO: &'static str;
+    fn bind(addr: SocketAddr) -> std::io::Result<Self>;
+    fn set_nonblocking(&self, on: bool) -> std::io::Result<()>;
+}
+
+impl Socket for UdpSocket {
+    const PROTO: &'static str = "udp";
+    fn bind(addr: SocketAddr) -> std::io::Result<Self> {
+        UdpSocket::bind(addr)
     }
+    fn set_nonblocking(&self, on: bool) -> std::io::Result<()> {
+        UdpSocket::set_nonblocking(self, on)
+    }
+}
 
-    fn tcp(&mut self, slot: Slot<TcpListener>, key: &str) -> Result<TcpListener, RunError> {
-        let s = match slot {
-            Slot::Have(s) => s,
-            Slot::Need(addr) => self.bind(addr, &format!("{key} (tcp)"), TcpListener::bind)?,
-        };
-        s.set_nonblocking(true)
-            .map_err(RunError::io(format!("{key}: tcp")))?;
-        Ok(s)
+impl Socket for TcpListener {
+    const PROTO: &'static str = "tcp";
+    fn bind(addr: SocketAddr) -> std::io::Result<Self> {
+        TcpListener::bind(addr)
+    }
+    fn set_nonblocking(&self, on: bool) -> std::io::Result<()> {
+        TcpListener::set_nonblocking(self, on)
     }
 }
 
