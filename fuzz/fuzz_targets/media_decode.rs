@@ -1,9 +1,12 @@
 //! Feeds arbitrary bytes to the media decoders: datagram classification (RTP / RTCP), the
-//! sequence tracker, and the entry decoder of `rtp` recordings. Nothing may panic, and
-//! decoding then encoding a well-formed chunk gives back the same bytes.
+//! sequence tracker, the entry decoder of `rtp` recordings, and the crash journal's ring
+//! read back by the next process (bytes a killed process left). Nothing may panic, decoding
+//! then encoding a well-formed chunk gives back the same bytes, and a replayed datagram
+//! lies within the ring.
 #![no_main]
 
 use erec::entries::entries;
+use edgerec::media::journal::Ring;
 use edgerec::media::rtp::{Datagram, SeqTracker, classify};
 use libfuzzer_sys::fuzz_target;
 
@@ -29,5 +32,20 @@ fuzz_target!(|data: &[u8]| {
             e.encode(&mut again).expect("a decoded entry fits");
         }
         assert_eq!(again, data, "decode then encode is identity");
+    }
+    if data.len() >= 4 {
+        // A ring of 4 KiB with the tail and head the first bytes give, the rest its bytes.
+        let cap = 4096;
+        let tail = u64::from(u16::from_le_bytes([data[0], data[1]])) * 8;
+        let head = tail + u64::from(u16::from_le_bytes([data[2], data[3]])) % (cap + 1);
+        if let Ok(mut ring) = Ring::from_parts(cap, tail, head, &data[4..]) {
+            let (replay, _) = ring.take_over();
+            for (pos, d) in &replay {
+                assert!(*pos >= tail && *pos < head);
+                assert!(d.data.len() as u64 <= cap);
+            }
+            let (again, _) = ring.take_over();
+            assert_eq!(again, replay, "taken over twice, the same replay");
+        }
     }
 });

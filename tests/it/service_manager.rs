@@ -56,6 +56,8 @@ struct Manager {
     told: Vec<Told>,
     /// Whether it keeps what is stored (a service manager without a descriptor store: no).
     hold: bool,
+    /// The binary it starts.
+    binary: PathBuf,
 }
 
 impl Manager {
@@ -111,6 +113,7 @@ listen = "127.0.0.1:0"
             log: mpsc::channel().1,
             told: Vec::new(),
             hold: true,
+            binary: PathBuf::from(env!("CARGO_BIN_EXE_edgerec")),
         }
     }
 
@@ -137,7 +140,7 @@ listen = "127.0.0.1:0"
         cmd.args([
             "-c",
             "export LISTEN_PID=$$ WATCHDOG_PID=$$; exec \"$0\" \"$@\"",
-            env!("CARGO_BIN_EXE_edgerec"),
+            self.binary.to_str().unwrap(),
             "run",
             "--config",
             "edgerec.toml",
@@ -256,6 +259,20 @@ listen = "127.0.0.1:0"
         c.wait().unwrap();
     }
 
+    /// `systemctl reload`: SIGHUP, and back to `READY=1`.
+    fn reload(&mut self) {
+        signal(self.child.as_ref().unwrap(), "HUP");
+        self.pump_until("RELOADING=1", |t| t.has("RELOADING=1"));
+        self.pump_until("READY=1 after the reload", |t| t.has("READY=1"));
+    }
+
+    /// An upgrade: the next process runs from a copy of the binary at another path.
+    fn upgrade(&mut self) {
+        let to = self.path("edgerec-upgraded");
+        fs::copy(&self.binary, &to).unwrap();
+        self.binary = to;
+    }
+
     fn sigterm(&mut self) {
         let mut c = self.child.take().unwrap();
         signal(&c, "TERM");
@@ -362,9 +379,18 @@ struct Kills {
 
 /// Paced streams (one per port, SSRC = port, 50 packets a second) while the appliance is
 /// killed `kills` times, each time started again after `outage` (as `RestartSec=` waits),
-/// with or without the descriptor store (`hold`); then stopped with SIGTERM. Checks that
+/// with or without the descriptor store (`hold`); then stopped with SIGTERM. With `long`,
+/// a third of the way through the config is reloaded (SIGHUP), and two thirds through the
+/// appliance is upgraded (stopped, started again from a binary at another path). Checks that
 /// nothing is stored twice and returns what was lost.
-fn kill_under_load(streams: u16, kills: usize, outage: Duration, hold: bool, how: Stop) -> Kills {
+fn kill_under_load(
+    streams: u16,
+    kills: usize,
+    outage: Duration,
+    hold: bool,
+    how: Stop,
+    long: bool,
+) -> Kills {
     let base = if streams <= 4 {
         free_ports()
     } else {
@@ -398,9 +424,17 @@ fn kill_under_load(streams: u16, kills: usize, outage: Duration, hold: bool, how
     for k in 0..kills {
         // At a different moment of the flush interval each time.
         m.pump_for(Duration::from_millis(700 + (k as u64 * 73) % 200));
+        if long && k == kills / 3 {
+            m.reload();
+            m.pump_for(Duration::from_millis(300));
+        }
+        let upgrade = long && k == 2 * kills / 3;
+        if upgrade {
+            m.upgrade();
+        }
         match how {
-            Stop::Kill => m.kill9(),
-            Stop::Term => m.sigterm(),
+            Stop::Kill if !upgrade => m.kill9(),
+            _ => m.sigterm(),
         }
         let dead = Instant::now();
         std::thread::sleep(outage);
@@ -508,7 +542,7 @@ fn sockets_kept_by_the_service_manager_lose_nothing_while_no_process_runs() {
 
     // Three kills under paced streams: every packet sent while no process ran waited in
     // the sockets the manager held.
-    let k = kill_under_load(4, 3, Duration::from_millis(300), true, Stop::Kill);
+    let k = kill_under_load(4, 3, Duration::from_millis(300), true, Stop::Kill, false);
     assert!(
         k.in_outage >= 30,
         "{} packets per stream sent during the outages",
@@ -517,6 +551,12 @@ fn sockets_kept_by_the_service_manager_lose_nothing_while_no_process_runs() {
     assert_eq!(
         k.lost_in_outage, 0,
         "packets sent while no process ran are lost"
+    );
+    // And what the killed processes had read but not yet written came back from the
+    // journal: every packet sent is stored, each once (checked in kill_under_load).
+    assert_eq!(
+        k.recorded, k.sent,
+        "packets read before a kill -9 and not yet in a package file are lost"
     );
     eprintln!(
         "service manager harness: {} sent, {} recorded over 3 kills; none lost of the {} per \
@@ -554,7 +594,7 @@ fn a_port_moved_to_another_address_is_let_go_of_and_bound_anew() {
 fn a_planned_restart_under_load_loses_no_packet_at_all() {
     // SIGTERM (systemctl restart, an upgrade): the process ends every recording with what
     // it read, the sockets hold the rest; the next process continues each call.
-    let k = kill_under_load(4, 2, Duration::from_millis(300), true, Stop::Term);
+    let k = kill_under_load(4, 2, Duration::from_millis(300), true, Stop::Term, false);
     assert_eq!(
         k.recorded, k.sent,
         "every packet sent is stored, exactly once"
@@ -619,8 +659,9 @@ fn a_siprec_session_cut_by_a_crash_is_delivered_and_its_client_told_481() {
 }
 
 /// The benchmark `benches/restart_loss.sh` runs: `EDGEREC_BENCH_STREAMS` streams (50),
-/// `EDGEREC_BENCH_KILLS` kills (10), with and without the descriptor store; prints the
-/// packets lost per stream per kill and the restart times.
+/// `EDGEREC_BENCH_KILLS` restarts (10: all `kill -9` but one, an upgrade to a binary at
+/// another path by SIGTERM; a SIGHUP reload a third of the way), with and without the
+/// descriptor store; prints the packets lost per stream per restart and the restart times.
 #[test]
 #[ignore = "a benchmark: benches/restart_loss.sh"]
 fn restart_loss_benchmark() {
@@ -631,22 +672,24 @@ fn restart_loss_benchmark() {
             .unwrap_or(d)
     };
     let streams = u16::try_from(env("EDGEREC_BENCH_STREAMS", 50)).unwrap();
-    let kills = env("EDGEREC_BENCH_KILLS", 10);
+    let kills = env("EDGEREC_BENCH_KILLS", 10).max(3);
     let outage = Duration::from_millis(100);
     for hold in [false, true] {
-        let k = kill_under_load(streams, kills, outage, hold, Stop::Kill);
+        let k = kill_under_load(streams, kills, outage, hold, Stop::Kill, true);
         let per = (k.sent - k.recorded) as f64 / f64::from(streams) / kills as f64;
         let mut r = k.restarts.clone();
         r.sort();
         println!(
-            "{}: {streams} streams, {kills} kills (RestartSec=100ms): {} of {} packets lost, \
-             {per:.1} per stream per kill ({:.0} ms of audio); sent while no process ran: {} \
-             per stream, {} lost in all; kill to READY=1: median {:?}, max {:?}",
+            "{}: {streams} streams, {kills} restarts ({} kill -9, one upgrade; a reload; \
+             RestartSec=100ms): {} of {} packets lost, {per:.1} per stream per restart \
+             ({:.0} ms of audio); sent while no process ran: {} per stream, {} lost in all; \
+             stop to READY=1: median {:?}, max {:?}",
             if hold {
                 "descriptor store"
             } else {
                 "no descriptor store"
             },
+            kills - 1,
             k.sent - k.recorded,
             k.sent,
             per * 20.0,

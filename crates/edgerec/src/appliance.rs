@@ -18,6 +18,7 @@ pub(crate) mod control;
 pub(crate) mod feed;
 pub(crate) mod inbox;
 pub(crate) mod ingest;
+pub(crate) mod journal;
 pub(crate) mod kek_fetch;
 pub(crate) mod kek_watch;
 pub(crate) mod key_source;

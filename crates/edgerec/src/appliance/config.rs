@@ -99,6 +99,12 @@ pub struct Ingest {
     /// Recordings started a second on one port.
     #[serde(default = "default_starts_per_port")]
     pub max_starts_per_port_per_sec: Spanned<f64>,
+    /// The crash journal's size in MiB (`appliance/journal.rs`): the datagrams read but not
+    /// yet in a package file, kept in memory the service manager holds over a `kill -9`.
+    /// Unset: sized from the port range and the flush interval; 0: no journal. Kept only
+    /// under a service manager (`NOTIFY_SOCKET`).
+    #[serde(default)]
+    pub journal_mib: Option<Spanned<u64>>,
 }
 
 /// Three packets in sequence (60 ms of a call) before a recording starts: one spoofed
@@ -126,6 +132,7 @@ impl Default for Ingest {
             min_packets: default_min_packets(),
             max_starts_per_source_per_sec: default_starts_per_source(),
             max_starts_per_port_per_sec: default_starts_per_port(),
+            journal_mib: None,
         }
     }
 }
@@ -616,6 +623,11 @@ fn ingest_section(cx: &Ctx<'_>, raw: &Raw) -> Result<((u16, u16), Vec<IpNet>), C
         if !(v.get_ref().is_finite() && *v.get_ref() > 0.0) {
             return Err(cx.err(key, v, "must be above 0"));
         }
+    }
+    if let Some(mib) = &i.journal_mib
+        && *mib.get_ref() > crate::appliance::journal::MAX_CAPACITY >> 20
+    {
+        return Err(cx.err("ingest.journal_mib", mib, "must be at most 1024"));
     }
     let allow = allow_list(cx, "ingest.allow", &raw.ingest.allow)?;
     Ok((ports, allow))
@@ -1223,6 +1235,19 @@ impl Config {
             metrics: raw.metrics,
             log_level,
         })
+    }
+
+    /// The crash journal's size in bytes (`[ingest] journal_mib`, or from the port count and
+    /// the flush interval); `None`: none is kept.
+    pub fn journal_bytes(&self) -> Option<u64> {
+        match &self.ingest.journal_mib {
+            Some(mib) if *mib.get_ref() == 0 => None,
+            Some(mib) => Some(mib.get_ref() << 20),
+            None => Some(crate::appliance::journal::default_capacity(
+                u64::from(self.ports.1 - self.ports.0) + 1,
+                std::time::Duration::from_millis(*self.recorder.flush_interval_ms.get_ref()),
+            )),
+        }
     }
 
     /// The recording limits the session state machine works with.

@@ -22,6 +22,9 @@ pub struct Received {
     pub remote: SocketAddr,
     /// When it was read (at most one round after it arrived).
     pub at: Instant,
+    /// Its position in the datagram journal, if it is kept there
+    /// ([`crate::appliance::journal`]).
+    pub journal: Option<u64>,
     start: usize,
     end: usize,
 }
@@ -50,9 +53,25 @@ impl Batch {
             local,
             remote,
             at,
+            journal: None,
             start,
             end: self.bytes.len(),
         });
+    }
+
+    /// Adds one datagram the journal already holds at `pos`.
+    pub fn push_journaled(
+        &mut self,
+        local: SocketAddr,
+        remote: SocketAddr,
+        at: Instant,
+        data: &[u8],
+        pos: u64,
+    ) {
+        self.push(local, remote, at, data);
+        if let Some(d) = self.datagrams.last_mut() {
+            d.journal = Some(pos);
+        }
     }
 
     /// Empties it, keeping its memory for the next round.
@@ -74,6 +93,15 @@ impl Batch {
     /// True when it holds none.
     pub fn is_empty(&self) -> bool {
         self.datagrams.is_empty()
+    }
+
+    /// The datagrams from index `from` on, each with its bytes, to be noted in the journal.
+    pub fn iter_mut_from(&mut self, from: usize) -> impl Iterator<Item = (&mut Received, &[u8])> {
+        let bytes = &self.bytes;
+        self.datagrams.iter_mut().skip(from).map(move |d| {
+            let (s, e) = (d.start, d.end);
+            (d, &bytes[s..e])
+        })
     }
 
     /// Each datagram with its bytes, in the order received.

@@ -33,6 +33,7 @@ use nix::sys::socket::{
 use nix::sys::time::TimeSpec;
 
 use crate::appliance::feed::{Batch, Msg};
+use crate::appliance::journal::{self, Journal};
 use crate::appliance::metrics::Metrics;
 use crate::appliance::reload::Live;
 use crate::appliance::service_manager::Beat;
@@ -82,6 +83,12 @@ pub struct IngestSetup {
     pub round: Duration,
     /// Beaten once a round (at least every [`STOP_CHECK`]) for the watchdog.
     pub beat: Arc<Beat>,
+    /// The crash journal every datagram of the ingest ports goes into as it is read (not
+    /// the SIPREC media ports': their sessions end at a crash).
+    pub journal: Option<Journal>,
+    /// What the last process left in the journal, handed to the recorder before anything
+    /// is read.
+    pub replay: Vec<(u64, journal::Datagram)>,
 }
 
 /// Runs until `stop` is set (then takes what the sockets already hold and returns) or the
@@ -100,7 +107,12 @@ pub fn run(setup: IngestSetup) -> io::Result<()> {
         stop,
         round,
         beat,
+        journal,
+        replay,
     } = setup;
+    if !replay_first(&tx, &queued, &metrics, replay) {
+        return Ok(());
+    }
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
     let mut locals = Vec::with_capacity(sockets.len());
     for (i, s) in sockets.iter().enumerate() {
@@ -143,11 +155,22 @@ pub fn run(setup: IngestSetup) -> io::Result<()> {
         let n = b.len();
         if queued.load(Ordering::Relaxed) + n > max_queued {
             Metrics::inc(&metrics.datagrams_rejected, "overload", n as u64);
+            if let Some(j) = &journal {
+                j.dropped(&b);
+            }
             return true;
         }
         queued.fetch_add(n, Ordering::Relaxed);
         match tx.try_send(Msg::Batch(b)) {
             Ok(()) => true,
+            Err(TrySendError::Full(Msg::Batch(b))) => {
+                queued.fetch_sub(n, Ordering::Relaxed);
+                Metrics::inc(&metrics.datagrams_rejected, "overload", n as u64);
+                if let Some(j) = &journal {
+                    j.dropped(&b);
+                }
+                true
+            }
             Err(TrySendError::Full(_)) => {
                 queued.fetch_sub(n, Ordering::Relaxed);
                 Metrics::inc(&metrics.datagrams_rejected, "overload", n as u64);
@@ -203,6 +226,7 @@ pub fn run(setup: IngestSetup) -> io::Result<()> {
                     Ok(results) => {
                         let read_at = Instant::now();
                         let wall = SystemTime::now();
+                        let from = batch.len();
                         let mut got = 0;
                         for msg in results {
                             got += 1;
@@ -221,6 +245,13 @@ pub fn run(setup: IngestSetup) -> io::Result<()> {
                             let at = arrival(&msg, read_at, wall);
                             if let Some(data) = msg.iovs().next() {
                                 batch.push(local, remote, at, &data[..msg.bytes.min(data.len())]);
+                            }
+                        }
+                        // Kept at once: a kill from here on loses none of them.
+                        if let Some(j) = journal.as_ref().filter(|_| i < siprec_from) {
+                            let full = j.append(&mut batch, from, read_at, wall);
+                            if full > 0 {
+                                Metrics::inc(&metrics.journal, "unprotected", full);
                             }
                         }
                         got
@@ -261,6 +292,37 @@ pub fn run(setup: IngestSetup) -> io::Result<()> {
     }
 }
 
+/// Hands the recorder what the last process left in the journal, before anything is read:
+/// in batches, waiting for room (nothing of it is dropped). False if the recorder is gone.
+fn replay_first(
+    tx: &SyncSender<Msg>,
+    queued: &AtomicUsize,
+    metrics: &Metrics,
+    replay: Vec<(u64, journal::Datagram)>,
+) -> bool {
+    if replay.is_empty() {
+        return true;
+    }
+    tracing::info!(
+        datagrams = replay.len(),
+        "replaying what the last process read but had not written"
+    );
+    Metrics::inc(&metrics.journal, "replayed", replay.len() as u64);
+    let (now, wall) = (Instant::now(), SystemTime::now());
+    for part in replay.chunks(BATCH_MAX) {
+        let mut b = Batch::with_capacity(part.len(), part.iter().map(|(_, d)| d.data.len()).sum());
+        for (pos, d) in part {
+            let at = arrived(Duration::from_nanos(d.wall_ns), now, wall);
+            b.push_journaled(d.local, d.remote, at, &d.data, *pos);
+        }
+        queued.fetch_add(b.len(), Ordering::Relaxed);
+        if tx.send(Msg::Batch(b)).is_err() {
+            return false;
+        }
+    }
+    true
+}
+
 /// When a datagram arrived, on the monotonic clock: its kernel timestamp (wall clock) taken
 /// back from the moment of the read; the read time itself if there is none.
 fn arrival<S>(msg: &RecvMsg<'_, '_, S>, read_at: Instant, wall: SystemTime) -> Instant {
@@ -269,17 +331,22 @@ fn arrival<S>(msg: &RecvMsg<'_, '_, S>, read_at: Instant, wall: SystemTime) -> I
     };
     for c in cmsgs {
         if let ControlMessageOwned::ScmTimestampns(ts) = c {
-            let stamp = Duration::from(ts);
-            let waited = wall
-                .duration_since(UNIX_EPOCH)
-                .ok()
-                .and_then(|now| now.checked_sub(stamp))
-                .unwrap_or_default()
-                .min(MAX_WAIT);
-            return read_at.checked_sub(waited).unwrap_or(read_at);
+            return arrived(Duration::from(ts), read_at, wall);
         }
     }
     read_at
+}
+
+/// When a datagram stamped `stamp` (since the Unix epoch) arrived, on the monotonic clock,
+/// from a moment `now` when the wall clock said `wall`; at most [`MAX_WAIT`] back.
+pub fn arrived(stamp: Duration, now: Instant, wall: SystemTime) -> Instant {
+    let waited = wall
+        .duration_since(UNIX_EPOCH)
+        .ok()
+        .and_then(|w| w.checked_sub(stamp))
+        .unwrap_or_default()
+        .min(MAX_WAIT);
+    now.checked_sub(waited).unwrap_or(now)
 }
 
 /// The kernel's count of datagrams it dropped because a socket's receive buffer was full,
@@ -347,6 +414,8 @@ mod tests {
             stop: Shutdown::new(),
             round: Duration::from_millis(5),
             beat: Beat::new("ingest"),
+            journal: None,
+            replay: Vec::new(),
         };
         (addrs, setup, rx, metrics)
     }

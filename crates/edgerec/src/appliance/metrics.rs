@@ -144,6 +144,11 @@ pub struct Metrics {
     pub siprec_dropped: Family<Reason, Counter>,
     /// `edgerec_config_reloads_total{reason}`: SIGHUP reloads, `applied` or `refused`.
     pub config_reloads: Family<Reason, Counter>,
+    /// `edgerec_journal_datagrams_total{reason}`: datagrams of the crash journal
+    /// (`appliance/journal.rs`): `replayed` from the last process, `unprotected` (recorded,
+    /// but read while the journal was full), `unreadable` (left by the last process past a
+    /// damaged entry).
+    pub journal: Family<Reason, Counter>,
     /// Whether the spool is writable and under its quota (1) or not (0), for /readyz.
     ready: Arc<AtomicBool>,
     /// Why not ready.
@@ -194,6 +199,7 @@ impl Metrics {
             siprec_declined: Family::default(),
             siprec_dropped: Family::default(),
             config_reloads: Family::default(),
+            journal: Family::default(),
             ready: Arc::new(AtomicBool::new(true)),
             not_ready_reason: std::sync::Mutex::new(String::new()),
         };
@@ -285,6 +291,12 @@ impl Metrics {
             "config_reloads",
             "SIGHUP reloads of the config, by outcome (applied, refused)",
             m.config_reloads.clone(),
+        );
+        r.register(
+            "journal_datagrams",
+            "Datagrams of the crash journal: replayed from the last process, unprotected \
+             (recorded, read while the journal was full), unreadable (past a damaged entry)",
+            m.journal.clone(),
         );
         r.register(
             "inbox_sealed",

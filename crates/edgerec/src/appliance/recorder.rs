@@ -22,9 +22,10 @@ use uuid::Uuid;
 
 use crate::appliance::carry::{Carried, Carry};
 use crate::appliance::feed::{Batch, Msg};
+use crate::appliance::journal::{Journal, Marks, Owner, entry_end};
 use crate::appliance::metrics::Metrics;
 use crate::appliance::service_manager::Beat;
-use crate::appliance::session::{Action, Counters, Limits, RecId, Sessions};
+use crate::appliance::session::{Action, Counters, Holding, Limits, RecId, Sessions};
 use crate::appliance::spool::{ActiveFile, Spool};
 use erec::clock::now_ms;
 use erec::format::{EndReason, Kind, Metadata, Wrap};
@@ -65,6 +66,9 @@ pub struct RecorderSetup {
     /// before the recorder runs (what waited in sockets kept over a restart) keep their
     /// arrival times.
     pub epoch: Instant,
+    /// The datagram journal, if one is kept, and the position of the first entry still to
+    /// take (the first the last process left to replay, or its head).
+    pub journal: Option<(Journal, u64)>,
 }
 
 /// The longest the recorder waits for work: an idle recorder still beats for the watchdog
@@ -75,6 +79,9 @@ const OPENING_POLL: Duration = Duration::from_millis(10);
 
 /// How often the session's counters reach the metrics (at most).
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
+
+/// How often the journal's tail is moved on (at most).
+const JOURNAL_EVERY: Duration = Duration::from_millis(100);
 
 struct Open {
     id: Uuid,
@@ -229,6 +236,7 @@ pub fn run(setup: RecorderSetup, rx: Receiver<Msg>) {
         r.finish_closed();
         r.publish(stop);
         r.forget_carried();
+        r.journal_tail(stop);
         if stop {
             r.stop();
             return;
@@ -254,6 +262,18 @@ struct Recorder {
     ended: HashMap<RecId, (Uuid, Option<std::net::IpAddr>)>,
     /// The SIPREC media ports (their recordings are sessions, not ports: not carried).
     siprec_ports: Option<(u16, u16)>,
+    /// The datagram journal: owners noted as datagrams are taken, each port's written mark
+    /// as its records reach the file, the tail moved on every [`JOURNAL_EVERY`].
+    journal: Option<Journal>,
+    marks: Marks,
+    /// Owners noted in this round, written to the journal in one go.
+    owners: Vec<(u64, Owner)>,
+    /// Beside each action of the round: the journal position below which the datagrams it
+    /// covers lie (for a chunk: every entry of its port before it is in it).
+    action_pos: Vec<u64>,
+    /// The port of each recording whose datagrams the journal keeps.
+    journal_ports: HashMap<RecId, u16>,
+    journal_moved: Instant,
     spool: Spool,
     keks: KekHandle,
     wrap: Wrap,
@@ -308,7 +328,12 @@ impl Recorder {
             beat: _,
             carry,
             epoch,
+            journal,
         } = setup;
+        let (journal, marks) = match journal {
+            Some((j, start)) => (Some(j), Marks::new(start)),
+            None => (None, Marks::default()),
+        };
         let mut sessions = Sessions::new(limits);
         let siprec_ports = siprec.as_ref().map(|(ports, _)| *ports);
         let media_seen = siprec.map(|((first, last), seen)| {
@@ -335,6 +360,12 @@ impl Recorder {
             carried: HashMap::new(),
             ended: HashMap::new(),
             siprec_ports,
+            journal,
+            marks,
+            owners: Vec::new(),
+            action_pos: Vec::new(),
+            journal_ports: HashMap::new(),
+            journal_moved: Instant::now(),
             sessions,
             media_seen,
             siprec_calls: HashMap::new(),
@@ -425,12 +456,25 @@ impl Recorder {
                     self.clock =
                         u64::try_from(d.at.saturating_duration_since(self.epoch).as_micros())
                             .unwrap_or(u64::MAX);
+                    // A chunk handed out before this datagram is taken holds every entry
+                    // of its port before it.
+                    let before = d.journal.unwrap_or(self.marks.processed_end());
                     // A timer due before this datagram fires first (cheap when none is).
                     if sessions.poll_timeout().is_some_and(|t| t <= self.clock) {
                         sessions.handle_timeout(self.clock, actions);
                     }
                     sessions.handle(self.clock, d.local, d.remote, data, actions);
+                    self.action_pos.resize(actions.len(), before);
+                    if let Some(pos) = d.journal {
+                        let owner = sessions.took().map_or(Owner::Dropped, Owner::Port);
+                        self.marks.took(pos, entry_end(pos, data.len()), owner);
+                        self.owners.push((pos, owner));
+                    }
                 }
+                if let Some(j) = &self.journal {
+                    j.owners(&self.owners);
+                }
+                self.owners.clear();
                 if let Some(seen) = &self.media_seen {
                     for s in sessions.take_siprec_seen() {
                         seen.seen(s);
@@ -482,6 +526,8 @@ impl Recorder {
         }
         // A timer may change counts without an action (a candidate expired).
         self.unpublished |= !actions.is_empty() || sessions.counters() != &self.published;
+        self.action_pos
+            .resize(actions.len(), self.marks.processed_end());
         stop
     }
 
@@ -489,7 +535,12 @@ impl Recorder {
     /// sealed and appended, group commits, recordings ended.
     fn carry_out(&mut self) {
         let mut actions = std::mem::take(&mut self.actions);
-        for action in actions.drain(..) {
+        let positions = std::mem::take(&mut self.action_pos);
+        for (i, action) in actions.drain(..).enumerate() {
+            let below = positions
+                .get(i)
+                .copied()
+                .unwrap_or(self.marks.processed_end());
             match action {
                 Action::Open {
                     rec,
@@ -497,9 +548,17 @@ impl Recorder {
                     continues,
                     source,
                     started_us,
-                } => self.open_package(rec, local, continues, source, started_us),
-                Action::Chunk { rec, plaintext } => self.record(rec, Kind::Media, plaintext),
-                Action::Metadata { rec, json } => self.record(rec, Kind::Metadata, json),
+                } => {
+                    if self.journal.is_some() && !self.is_siprec_port(local.port()) {
+                        self.journal_ports.insert(rec, local.port());
+                    }
+                    self.open_package(rec, local, continues, source, started_us);
+                }
+                Action::Chunk { rec, plaintext } => {
+                    let mark = self.journal_ports.get(&rec).map(|&p| (p, below));
+                    self.record(rec, Kind::Media, plaintext, mark);
+                }
+                Action::Metadata { rec, json } => self.record(rec, Kind::Metadata, json, None),
                 Action::Sync => {
                     if self.sync {
                         self.syncer.poll(&mut self.open);
@@ -508,6 +567,7 @@ impl Recorder {
                     }
                 }
                 Action::Close { rec, reason } => {
+                    self.journal_ports.remove(&rec);
                     let id = self.uuids.remove(&rec);
                     let noted = self.carried.remove(&rec);
                     // Ended by the appliance's stop, it is continued after the restart.
@@ -534,8 +594,64 @@ impl Recorder {
             }
         }
         self.ended.clear();
-        // The buffer's room is kept for the next round.
+        // The buffers' room is kept for the next round.
         self.actions = actions;
+        self.action_pos = positions;
+        self.action_pos.clear();
+    }
+
+    fn is_siprec_port(&self, port: u16) -> bool {
+        self.siprec_ports
+            .is_some_and(|(a, b)| (a..=b).contains(&port))
+    }
+
+    /// A record reached `port`'s package file: every entry the port owns below `below` is in
+    /// it.
+    fn written(&mut self, mark: Option<(u16, u64)>) {
+        if let (Some(j), Some((port, below))) = (&self.journal, mark) {
+            j.written(port, below);
+            self.marks.written(port, below);
+        }
+    }
+
+    /// Moves the journal's tail on past what is written: every [`JOURNAL_EVERY`], first
+    /// letting go of the ports that hold nothing any more (what they owned was written or
+    /// dropped); while the ring is more than half full, of ports whose only holder is a
+    /// candidate too (a port kept a candidate by junk does not fill it; a call's first
+    /// packets then lose their protection, never their recording). At the stop, everything
+    /// taken is in a file or dropped.
+    fn journal_tail(&mut self, stop: bool) {
+        let Some(j) = &self.journal else {
+            return;
+        };
+        if !stop && self.journal_moved.elapsed() < JOURNAL_EVERY {
+            return;
+        }
+        self.journal_moved = Instant::now();
+        let end = self.marks.processed_end();
+        let crowded = j.used(self.marks.tail()) > j.capacity() / 2;
+        let opening: std::collections::HashSet<u16> = self
+            .opening
+            .keys()
+            .filter_map(|r| self.journal_ports.get(r).copied())
+            .collect();
+        let idle: Vec<u16> = self
+            .marks
+            .pending()
+            .filter(|&p| {
+                stop || (!opening.contains(&p)
+                    && match self.sessions.holding(p) {
+                        Holding::Nothing => true,
+                        Holding::Candidate => crowded,
+                        Holding::Recording => false,
+                    })
+            })
+            .collect();
+        for p in idle {
+            j.written(p, end);
+            self.marks.written(p, end);
+        }
+        j.set_tail(self.marks.tail());
     }
 
     /// Asks the opener for a package for `rec`: its id chosen here (a successor can name it
@@ -575,12 +691,7 @@ impl Recorder {
         let source = source.or(split.and_then(|(_, from)| from));
         // A port's recording (not a SIPREC session's) started by a stream: noted for the
         // next process, and it may continue the last process's recording from that source.
-        let carried = source.filter(|_| {
-            self.carry.is_some()
-                && !self
-                    .siprec_ports
-                    .is_some_and(|(a, b)| (a..=b).contains(&port))
-        });
+        let carried = source.filter(|_| self.carry.is_some() && !self.is_siprec_port(port));
         let before = split.map(|(id, _)| id).or_else(|| {
             let from = carried?;
             let (last, was_from) = *self.carried_before.get(&port)?;
@@ -630,20 +741,29 @@ impl Recorder {
         }
     }
 
-    /// A record for `rec`: written now, or kept until its package is made.
-    fn record(&mut self, rec: RecId, kind: Kind, plaintext: Vec<u8>) {
+    /// A record for `rec`: written now, or kept until its package is made; `mark`: the
+    /// journal's written mark it sets once in the file.
+    fn record(&mut self, rec: RecId, kind: Kind, plaintext: Vec<u8>, mark: Option<(u16, u64)>) {
         if let Some(waiting) = self.opening.get_mut(&rec) {
-            waiting.push(Pending::Record(kind, plaintext));
+            waiting.push(Pending::Record(kind, plaintext, mark));
         } else {
-            write_record(
-                &mut self.open,
-                rec,
-                kind,
-                &plaintext,
-                &mut self.buf,
-                &mut self.broken,
-                &self.metrics,
-            );
+            self.write(rec, kind, &plaintext, mark);
+        }
+    }
+
+    /// Seals and appends a record to `rec`'s package; once it is in the file, the journal's
+    /// written `mark` is set.
+    fn write(&mut self, rec: RecId, kind: Kind, plaintext: &[u8], mark: Option<(u16, u64)>) {
+        if write_record(
+            &mut self.open,
+            rec,
+            kind,
+            plaintext,
+            &mut self.buf,
+            &mut self.broken,
+            &self.metrics,
+        ) {
+            self.written(mark);
         }
     }
 
@@ -675,15 +795,9 @@ impl Recorder {
                     self.metrics.recordings_active.inc();
                     for p in waiting {
                         match p {
-                            Pending::Record(kind, plaintext) => write_record(
-                                &mut self.open,
-                                rec,
-                                kind,
-                                &plaintext,
-                                &mut self.buf,
-                                &mut self.broken,
-                                &self.metrics,
-                            ),
+                            Pending::Record(kind, plaintext, mark) => {
+                                self.write(rec, kind, &plaintext, mark);
+                            }
                             Pending::Close(reason) => close(
                                 &mut self.open,
                                 rec,
@@ -798,13 +912,13 @@ fn publish(m: &Metrics, now: &Counters, last: &mut Counters) {
 
 /// What waits for a package that is still being made.
 enum Pending {
-    Record(Kind, Vec<u8>),
+    Record(Kind, Vec<u8>, Option<(u16, u64)>),
     Close(EndReason),
 }
 
-/// Seals a record (a media chunk or metadata) into its package and appends it; a failed
-/// write ends the recording, and its package goes to `broken` with the reason, to be kept up
-/// to its last whole record.
+/// Seals a record (a media chunk or metadata) into its package and appends it (whether it
+/// did); a failed write ends the recording, and its package goes to `broken` with the
+/// reason, to be kept up to its last whole record.
 fn write_record(
     open: &mut HashMap<RecId, Open>,
     rec: RecId,
@@ -813,9 +927,9 @@ fn write_record(
     buf: &mut Vec<u8>,
     broken: &mut Vec<(ActiveFile, String)>,
     metrics: &Metrics,
-) {
+) -> bool {
     let Some(o) = open.get_mut(&rec) else {
-        return;
+        return false;
     };
     buf.clear();
     let written = o
@@ -828,6 +942,7 @@ fn write_record(
             if kind == Kind::Media {
                 metrics.chunks_written.inc();
             }
+            true
         }
         Err(e) => {
             tracing::error!(recording = %o.id, error = %e, "write failed; recording ended");
@@ -836,6 +951,7 @@ fn write_record(
             if let Some(o) = open.remove(&rec) {
                 broken.push((o.file, format!("write failed: {e}")));
             }
+            false
         }
     }
 }
@@ -1172,6 +1288,7 @@ mod tests {
             beat: Beat::new("recorder"),
             carry,
             epoch: Instant::now(),
+            journal: None,
         };
         let t = std::thread::spawn(move || run(setup, rx));
         (dir, spool, tx, ready_rx, t)

@@ -61,6 +61,7 @@ fn fixed(c: &Config) -> Vec<(&'static str, String)> {
     vec![
         ("ingest.ports", format!("{:?}", c.ports)),
         ("ingest.bind", c.ingest.bind.to_string()),
+        ("ingest.journal_mib", format!("{:?}", c.journal_bytes())),
         ("metrics.listen", c.metrics.listen.to_string()),
         ("control.listen", format!("{:?}", control.map(|c| c.listen))),
         (

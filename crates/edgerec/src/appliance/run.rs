@@ -29,6 +29,7 @@ use crate::appliance::carry::Carry;
 use crate::appliance::config::{Config, SyncMode};
 use crate::appliance::feed::Msg;
 use crate::appliance::ingest::{self, IngestSetup};
+use crate::appliance::journal::{self, Journal};
 use crate::appliance::key_source;
 use crate::appliance::metrics::{Metrics, SpoolState};
 use crate::appliance::recorder::{self, RecorderSetup};
@@ -98,6 +99,7 @@ pub async fn run(
     if fresh && let Err(e) = service_manager::store_file(service_manager::CARRY, carry.as_fd()) {
         tracing::warn!(error = %e, "cannot hand the carried recordings' file to the service manager");
     }
+    let (journal, replay) = open_journal(&config, passed.take_journal(), &metrics)?;
     let sockets = crate::appliance::sockets::open(&config, passed)?;
     if sockets.adopted > 0 {
         tracing::info!(
@@ -148,6 +150,8 @@ pub async fn run(
             stop: shutdown.clone(),
             round: ROUND,
             beat: Arc::clone(&ingest_beat),
+            journal: journal.as_ref().map(|(j, _)| j.clone()),
+            replay,
         };
         move || {
             if let Err(e) = ingest::run(setup) {
@@ -208,6 +212,7 @@ pub async fn run(
             beat: Arc::clone(&recorder_beat),
             carry: Some((carry, carried)),
             epoch,
+            journal,
         };
         move || recorder::run(setup, rx)
     })?;
@@ -377,6 +382,57 @@ async fn until(shutdown: Shutdown, task: impl Future<Output = ()>) {
 
 /// Start-up: the spool opened (0700, checked writable), files an inbox had claimed before
 /// a crash made ready to seal again, and the spool's crash leftovers recovered.
+/// What [`open_journal`] gives: the journal with the position of its first entry to take,
+/// and the datagrams to replay.
+type Journaled = (Option<(Journal, u64)>, Vec<(u64, journal::Datagram)>);
+
+/// The crash journal (`appliance/journal.rs`): kept only under a service manager, whose
+/// store holds it over a kill, and unless `[ingest] journal_mib = 0`; what the last process
+/// left in one is replayed either way.
+fn open_journal(
+    config: &Config,
+    passed: Option<std::os::fd::OwnedFd>,
+    metrics: &Metrics,
+) -> Result<Journaled, RunError> {
+    let size = config.journal_bytes();
+    let keep = size.is_some() && std::env::var_os("NOTIFY_SOCKET").is_some();
+    let was_passed = passed.is_some();
+    if !was_passed && !keep {
+        return Ok((None, Vec::new()));
+    }
+    let (j, replay, fresh) = Journal::open(passed, size.unwrap_or(journal::MIN_CAPACITY))
+        .map_err(start("the datagram journal (memfd)"))?;
+    if replay.broken {
+        tracing::warn!("the last process's datagram journal is damaged: replayed up to the damage");
+        Metrics::inc(&metrics.journal, "damaged", 1);
+    }
+    let first = replay.datagrams.first().map_or(j.head(), |(p, _)| *p);
+    let remove = |what: &str| {
+        if let Err(e) = service_manager::clear(&[service_manager::JOURNAL.to_string()].into()) {
+            tracing::warn!(error = %e, "cannot {what}");
+        }
+    };
+    if !keep {
+        remove("remove the datagram journal from the service manager's store");
+        return Ok((None, replay.datagrams));
+    }
+    if fresh {
+        if was_passed {
+            // Resized: the new one replaces it.
+            remove("remove the old datagram journal from the service manager's store");
+        }
+        if let Err(e) = service_manager::store_file(service_manager::JOURNAL, j.as_fd()) {
+            tracing::warn!(error = %e, "cannot hand the datagram journal to the service manager");
+        }
+    }
+    tracing::info!(
+        bytes = j.capacity(),
+        replay = replay.datagrams.len(),
+        "datagram journal kept for the next process"
+    );
+    Ok((Some((j, first)), replay.datagrams))
+}
+
 fn open_spool(config: &Config) -> Result<Spool, RunError> {
     let spool = Spool::open(&config.recorder.spool_dir).map_err(start("recorder.spool_dir"))?;
     if let Some(inbox) = &config.inbox {

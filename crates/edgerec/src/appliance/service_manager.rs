@@ -29,6 +29,8 @@ use sd_notify::NotifyState;
 pub const FDS_PER_MESSAGE: usize = 253;
 /// The store name of the carried recordings' file.
 pub const CARRY: &str = "carry";
+/// The store name of the datagram journal ([`crate::appliance::journal`]).
+pub const JOURNAL: &str = "journal";
 
 /// Why the passed descriptors could not be taken.
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +125,7 @@ pub struct Passed {
     fds: Vec<OwnedFd>,
     infos: Vec<PassedInfo>,
     carry: Option<OwnedFd>,
+    journal: Option<OwnedFd>,
 }
 
 impl Passed {
@@ -138,6 +141,10 @@ impl Passed {
             let fd = own_passed(raw);
             if name == CARRY {
                 passed.carry = Some(fd);
+                continue;
+            }
+            if name == JOURNAL {
+                passed.journal = Some(fd);
                 continue;
             }
             match describe(fd.as_fd(), name) {
@@ -157,6 +164,11 @@ impl Passed {
     /// The carried recordings' file, if it was passed.
     pub fn take_carry(&mut self) -> Option<OwnedFd> {
         self.carry.take()
+    }
+
+    /// The datagram journal, if it was passed.
+    pub fn take_journal(&mut self) -> Option<OwnedFd> {
+        self.journal.take()
     }
 
     /// The passed socket for `role` on `want`, if there is one ([`pick`]).

@@ -425,6 +425,17 @@ impl Candidate {
     }
 }
 
+/// What holds media on a port ([`Sessions::holding`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holding {
+    /// Nothing: all it took is handed out or dropped.
+    Nothing,
+    /// A candidate, until its call is admitted or forgotten.
+    Candidate,
+    /// A recording (its pending chunk).
+    Recording,
+}
+
 /// All recordings in progress. See the module documentation.
 #[derive(Debug)]
 pub struct Sessions {
@@ -445,6 +456,8 @@ pub struct Sessions {
     candidates: PortMap<Candidate>,
     /// A candidate's held datagrams are being recorded (see [`Sessions::admit`]).
     replaying: bool,
+    /// The port whose recording or candidate took the last datagram handled, if one did.
+    took: Option<u16>,
     starts_by_source: edgerec_net::rate_limit::PerKey<std::net::IpAddr>,
     starts_by_port: edgerec_net::rate_limit::PerKey<u16>,
     /// Why no recording may start now (the driver's spool or key), if one may not.
@@ -482,6 +495,7 @@ impl Sessions {
             counters: Counters::default(),
             candidates: PortMap::default(),
             replaying: false,
+            took: None,
             starts_by_source: edgerec_net::rate_limit::PerKey::new(
                 limits.starts_per_source,
                 10_000,
@@ -693,6 +707,7 @@ impl Sessions {
                 ssrc: Some(h.ssrc),
                 paused,
             });
+            self.took = Some(port);
         }
         if c.probes.is_empty() {
             rtcp_dropped += c.held.len() as u64;
@@ -713,6 +728,7 @@ impl Sessions {
             // A call, admitted, whose recording may not start: everything it held goes.
             let c = self.candidates.remove(&port).expect("held above");
             let n = c.held.len() as u64;
+            self.took = None;
             return self.discard_n(Discard::Refused, n);
         }
         if !self.may_start(now, local, remote) {
@@ -724,6 +740,7 @@ impl Sessions {
             if rtcp.is_some() {
                 self.candidates.remove(&port);
             }
+            self.took = None;
             self.discard_n(Discard::StartRate, n);
             self.discard_n(Discard::RtcpWithoutRecording, rtcp.unwrap_or(0));
             return;
@@ -809,6 +826,7 @@ impl Sessions {
             ssrc: None,
             paused,
         });
+        self.took = Some(target);
     }
 
     /// Forgets the streams on probation that were silent for the window at `now` (all of
@@ -1031,6 +1049,7 @@ impl Sessions {
         datagram: &[u8],
         out: &mut Vec<Action>,
     ) {
+        self.took = None;
         if self.is_siprec_port(local.port()) {
             return self.siprec_datagram(now, local, remote, datagram, out);
         }
@@ -1140,6 +1159,9 @@ impl Sessions {
             rec.streams[index].seq.update(h.seq)
         };
         let paused = rec.paused;
+        if !paused && !matches!(outcome, SeqOutcome::Duplicate) {
+            self.took = Some(port);
+        }
         let packet = Packet {
             stream,
             t,
@@ -1225,6 +1247,7 @@ impl Sessions {
             packet: datagram,
         };
         Self::push(&limits, rec, &entry, out);
+        self.took = Some(port);
         self.counters.rtcp_packets += 1;
         for ssrc in &info.bye {
             if let Some(s) = rec.streams.iter_mut().find(|s| s.ssrc == *ssrc) {
@@ -1233,6 +1256,25 @@ impl Sessions {
         }
         if !info.bye.is_empty() && !self.replaying && rec.all_said_bye() {
             self.close(port, EndReason::RtcpBye, out);
+        }
+    }
+
+    /// The port whose recording or candidate took the datagram [`Sessions::handle`] was last
+    /// given (stored, or held until its call is admitted); `None` if it was counted and
+    /// dropped (malformed, a duplicate, paused, refused, over a limit) or is a SIPREC
+    /// session's. The driver's datagram journal notes it.
+    pub fn took(&self) -> Option<u16> {
+        self.took
+    }
+
+    /// What holds media on `port` in memory: its recording, a candidate, or nothing.
+    pub fn holding(&self, port: u16) -> Holding {
+        if self.by_port.contains_key(&port) {
+            Holding::Recording
+        } else if self.candidates.contains_key(&port) {
+            Holding::Candidate
+        } else {
+            Holding::Nothing
         }
     }
 
@@ -1545,6 +1587,30 @@ mod tests {
             starts_per_port: rate(per_port),
             ..limits()
         }
+    }
+
+    /// What the driver's crash journal is told of each datagram: the port whose recording
+    /// or candidate took it, or none when it was counted and dropped.
+    #[test]
+    fn each_datagram_is_owned_by_the_port_that_holds_it_or_by_none() {
+        let mut h = Harness::with(admitting(3, 1e9, 1e9));
+        let from = "10.0.0.1:5000";
+        h.send(0, 40_000, from, &rtp(1, 7));
+        assert_eq!(h.s.took(), Some(40_000), "held by the candidate");
+        assert_eq!(h.s.holding(40_000), Holding::Candidate);
+        h.send(5 * MS, 40_001, "10.0.0.1:5001", &bye(8));
+        assert_eq!(h.s.took(), Some(40_000), "RTCP held for the port below");
+        h.send(20 * MS, 40_000, from, &rtp(2, 7));
+        h.send(40 * MS, 40_000, from, &rtp(3, 7));
+        assert_eq!(h.s.took(), Some(40_000), "admitted: in the recording");
+        assert_eq!(h.s.holding(40_000), Holding::Recording);
+        h.send(60 * MS, 40_000, from, &rtp(3, 7));
+        assert_eq!(h.s.took(), None, "a duplicate is dropped");
+        h.send(60 * MS, 40_000, from, &[0x80, 0]);
+        assert_eq!(h.s.took(), None, "malformed");
+        h.send(80 * MS, 40_000, from, &rtp(4, 7));
+        assert_eq!(h.s.took(), Some(40_000));
+        assert_eq!(h.s.holding(40_002), Holding::Nothing);
     }
 
     /// `copies` of one RTP packet and a BYE to each of `ports` ports, a millisecond apart.
