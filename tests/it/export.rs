@@ -422,6 +422,227 @@ fn call_package_of(arrivals: impl Iterator<Item = u64>) -> Vec<u8> {
     pkg
 }
 
+/// One part of a one-leg call (SSRC 7) made at `created_ms` with the packets `seqs` (20 ms
+/// apart from its start, timestamps running on), continuing `continues`.
+fn call_part(
+    id: uuid::Uuid,
+    created_ms: u64,
+    continues: Option<uuid::Uuid>,
+    seqs: std::ops::Range<u16>,
+) -> Vec<u8> {
+    use erec::entries::Entry;
+    use erec::format::{EndReason, Kind, Metadata};
+    use erec::writer::{Media, SealOptions, Sealer};
+    let mut meta = Metadata::new();
+    meta.insert("port".into(), 40_000.into());
+    if let Some(c) = continues {
+        meta.insert("continues".into(), c.hyphenated().to_string().into());
+    }
+    let opts = SealOptions {
+        media: Media::Rtp,
+        recording_id: Some(id),
+        created_ms: Some(created_ms),
+        public: meta,
+        ..SealOptions::default()
+    };
+    let mut s = Sealer::new(&[public("test")], &opts).unwrap();
+    let mut pkg = s.header_bytes().to_vec();
+    let mut chunk = Vec::new();
+    Entry::StreamOpened {
+        stream: 0,
+        ssrc: 7,
+        local: "127.0.0.1:40000".parse().unwrap(),
+        remote: "127.0.0.1:5000".parse().unwrap(),
+        payload_type: 0,
+        label: "",
+    }
+    .encode(&mut chunk)
+    .unwrap();
+    let first = seqs.start;
+    for seq in seqs {
+        let mut p = vec![0x80, 0];
+        p.extend_from_slice(&seq.to_be_bytes());
+        p.extend_from_slice(&(u32::from(seq) * 160).to_be_bytes());
+        p.extend_from_slice(&7u32.to_be_bytes());
+        p.extend([0x10; 160]);
+        Entry::Rtp {
+            stream: 0,
+            arrival_us: u64::from(seq - first) * 20_000,
+            packet: &p,
+        }
+        .encode(&mut chunk)
+        .unwrap();
+    }
+    s.seal(Kind::Media, &chunk, &mut pkg).unwrap();
+    s.finish(EndReason::MaxDuration, created_ms + 1000, &mut pkg);
+    pkg
+}
+
+/// `edgerec export --format pcap --out OUT` with the test key, and `more`.
+pub fn export_pcap(out: &Path, more: &[&str]) -> std::process::Output {
+    let key = key_path("test-kek.pem");
+    let mut args = vec![
+        "export",
+        "--key",
+        key.to_str().unwrap(),
+        "--format",
+        "pcap",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(more);
+    edgerec(&args)
+}
+
+/// The packets (SSRC, sequence) of an exported pcap.
+pub fn pcap_packets(p: &Path) -> Vec<(u32, u16)> {
+    let mut r = pcap_file::pcap::PcapReader::new(fs::File::open(p).unwrap()).unwrap();
+    let mut out = Vec::new();
+    while let Some(pkt) = r.next_packet() {
+        let pkt = pkt.unwrap();
+        let ip = etherparse::SlicedPacket::from_ip(&pkt.data).unwrap();
+        let Some(etherparse::TransportSlice::Udp(udp)) = ip.transport else {
+            panic!("a UDP frame");
+        };
+        let rtp = udp.payload();
+        out.push((
+            u32::from_be_bytes(rtp[8..12].try_into().unwrap()),
+            u16::from_be_bytes([rtp[2], rtp[3]]),
+        ));
+    }
+    out
+}
+
+#[test]
+fn a_call_in_several_packages_exports_as_one_recording_unless_told_not_to() {
+    use uuid::{NoContext, Timestamp, Uuid};
+    // A call across midnight, split twice (the maximum duration, or two restarts): its first
+    // part on 2026-11-30, the others on 2026-12-01; and another call that day.
+    let midnight = 1_796_083_200_000u64; // 2026-12-01T00:00:00Z
+    let at = |ms: u64| {
+        Uuid::new_v7(Timestamp::from_unix(
+            NoContext,
+            ms / 1000,
+            (ms % 1000) as u32 * 1_000_000,
+        ))
+    };
+    let (a, b, c, other) = (
+        at(midnight - 1000),
+        at(midnight),
+        at(midnight + 1000),
+        at(midnight + 5000),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("recordings");
+    for (id, created, continues, seqs) in [
+        (c, midnight + 1000, Some(b), 100..150),
+        (a, midnight - 1000, None, 0..50),
+        (other, midnight + 5000, None, 500..550),
+        (b, midnight, Some(a), 50..100),
+    ] {
+        let path = store.join(edgerec::store::object_key("", id));
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, call_part(id, created, continues, seqs)).unwrap();
+    }
+    let app = dir.path().join("edgerec.toml");
+    fs::write(
+        &app,
+        format!(
+            "[recorder]\nspool_dir = \"spool\"\n[keys]\npublic_key = \"{}\"\n[store]\npath = \"{}\"\n",
+            key_path("test-kek.pub.pem").display(),
+            store.display()
+        ),
+    )
+    .unwrap();
+    let export = |out: &Path, more: &[&str]| {
+        let o = export_pcap(out, more);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{err}");
+        err
+    };
+
+    // By default: two recordings, the call named after its first part, every packet once
+    // and in order, its metadata listing the parts.
+    let joined = dir.path().join("joined");
+    let err = export(&joined, &[store.to_str().unwrap()]);
+    assert!(
+        err.contains("export: 2 recordings from 4 packages (continuations joined): 2 exported"),
+        "{err}"
+    );
+    let pcaps = files_with_ext(&joined, "pcap");
+    assert_eq!(pcaps.len(), 2);
+    let call = pcaps
+        .iter()
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with(&a.to_string())
+        })
+        .expect("named after the first part");
+    assert!(
+        call.to_str().unwrap().contains("day=30"),
+        "filed by its start"
+    );
+    let want: Vec<(u32, u16)> = (0..150).map(|s| (7, s)).collect();
+    assert_eq!(pcap_packets(call), want);
+    let doc: serde_json::Value = serde_json::from_slice(
+        &fs::read(call.with_file_name(format!("{a}_metadata.json"))).unwrap(),
+    )
+    .unwrap();
+    let parts: Vec<&str> = doc["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["recording_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(parts, [a.to_string(), b.to_string(), c.to_string()]);
+    assert_eq!(doc["parts"][2]["offset_ms"], 2000.0);
+    assert_eq!(
+        doc["streams"].as_array().unwrap().len(),
+        1,
+        "one leg, not three"
+    );
+
+    // Selected by a day on which only its later parts were made, the call comes whole.
+    let by_day = dir.path().join("by_day");
+    let err = export(
+        &by_day,
+        &[
+            "--store-config",
+            app.to_str().unwrap(),
+            "--from",
+            "2026-12-01",
+        ],
+    );
+    assert!(err.contains("2 exported"), "{err}");
+    let pcaps = files_with_ext(&by_day, "pcap");
+    assert_eq!(pcaps.len(), 2);
+    assert!(pcaps.iter().any(|p| pcap_packets(p) == want));
+    // The day before holds only its first part: that call, and not the other.
+    let before = dir.path().join("before");
+    let err = export(
+        &before,
+        &[
+            "--store-config",
+            app.to_str().unwrap(),
+            "--from",
+            "2026-11-30",
+        ],
+    );
+    assert!(
+        err.contains("export: 1 recordings from 3 packages"),
+        "{err}"
+    );
+
+    // --no-join: each package on its own, as before.
+    let apart = dir.path().join("apart");
+    let err = export(&apart, &["--no-join", store.to_str().unwrap()]);
+    assert!(err.contains("export: 4 packages: 4 exported"), "{err}");
+    assert_eq!(files_with_ext(&apart, "pcap").len(), 4);
+}
+
 #[test]
 fn a_package_claiming_days_of_audio_fails_alone_within_bounded_memory() {
     // Made with the public key alone: two packets 400,000 s apart, 6.4 GB of WAV asked for

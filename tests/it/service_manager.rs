@@ -501,6 +501,11 @@ fn kill_under_load(
             }
         }
     }
+    if hold {
+        // Exported, each port's recordings are one call again: one pcap a stream, holding
+        // every packet its packages hold, each once.
+        exports_joined(&m, &seen, streams);
+    }
     let sent = sent.lock().unwrap().clone();
     let (mut in_outage, mut lost_in_outage) = (0, 0);
     for (at, seq) in &sent {
@@ -520,6 +525,43 @@ fn kill_under_load(
         lost_in_outage,
         restarts,
     }
+}
+
+/// `edgerec export --format pcap` of the store: one recording a stream (each call's parts
+/// joined, named after the first), and its packets, counted by SSRC and sequence number,
+/// exactly those `stored`, each once.
+fn exports_joined(m: &Manager, stored: &BTreeSet<(u32, u16)>, streams: u16) {
+    let out = m.path("export");
+    let o = crate::export::export_pcap(&out, &[m.path("store").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let pcaps = files_with_ext(&out, "pcap");
+    assert_eq!(
+        pcaps.len(),
+        usize::from(streams),
+        "one joined recording a call"
+    );
+    let mut exported = BTreeSet::new();
+    for p in &pcaps {
+        let mut ssrcs = BTreeSet::new();
+        for (ssrc, seq) in crate::export::pcap_packets(p) {
+            ssrcs.insert(ssrc);
+            assert!(
+                exported.insert((ssrc, seq)),
+                "({ssrc}, {seq}) exported twice"
+            );
+        }
+        assert_eq!(ssrcs.len(), 1, "{}: one call's stream", p.display());
+        let meta = p.with_file_name(format!(
+            "{}_metadata.json",
+            p.file_stem().unwrap().to_str().unwrap()
+        ));
+        let doc: serde_json::Value = serde_json::from_slice(&fs::read(meta).unwrap()).unwrap();
+        assert!(
+            doc["parts"].as_array().is_some_and(|a| a.len() > 1),
+            "{doc}"
+        );
+    }
+    assert_eq!(&exported, stored, "the export holds what the packages hold");
 }
 
 #[test]

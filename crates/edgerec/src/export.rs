@@ -37,10 +37,18 @@
 //! output is encrypted as it is rendered: the plaintext passes through a pipe in memory to
 //! the encryptor, never through the disk.
 //!
-//! Its modules: `bulk` (many packages at once, resumable, verified, from files or a store)
-//! and `pgp` (each output encrypted to OpenPGP certificates as it is written).
+//! A call recorded in several packages (the appliance restarted during it, or it reached the
+//! maximum duration) is exported as one recording by default: the parts' media on one
+//! timeline (each part at its own start, streams matched by SSRC or source address), named
+//! after the first part, its metadata listing the parts (`join`; `--no-join` exports each
+//! package on its own).
+//!
+//! Its modules: `bulk` (many packages at once, resumable, verified, from files or a store),
+//! `join` (which packages make one call) and `pgp` (each output encrypted to OpenPGP
+//! certificates as it is written).
 
 pub(crate) mod bulk;
+pub(crate) mod join;
 pub(crate) mod pgp;
 
 use std::fs::{self, File};
@@ -308,7 +316,8 @@ fn bad_entry(_: erec::entries::EntryError, record: u32) -> Error {
 /// memory, zeroized when dropped): a key manager is asked once a package.
 struct Remembered<'a> {
     inner: &'a dyn Unwrapper,
-    got: std::sync::Mutex<Option<(KekId, Vec<u8>, Dek)>>,
+    /// One data key per part of a joined recording.
+    got: std::sync::Mutex<Vec<(KekId, Vec<u8>, Dek)>>,
 }
 
 impl Unwrapper for Remembered<'_> {
@@ -324,9 +333,7 @@ impl Unwrapper for Remembered<'_> {
         sealed: &[u8],
     ) -> Result<Dek, UnwrapError> {
         if let Ok(got) = self.got.lock()
-            && let Some((k, s, dek)) = got.as_ref()
-            && k == kek_id
-            && s == sealed
+            && let Some((_, _, dek)) = got.iter().find(|(k, s, _)| k == kek_id && s == sealed)
         {
             return Ok(dek.clone());
         }
@@ -336,7 +343,7 @@ impl Unwrapper for Remembered<'_> {
             self.inner.unwrap_dek_for(recording, kek_id, wrap, sealed)?
         };
         if let Ok(mut got) = self.got.lock() {
-            *got = Some((*kek_id, sealed.to_vec(), dek.clone()));
+            got.push((*kek_id, sealed.to_vec(), dek.clone()));
         }
         Ok(dek)
     }
@@ -359,21 +366,23 @@ fn open_package(
     )?)
 }
 
-/// Exports one package file into `out` as `opts` say, in four steps: [`decode`] (pass 1:
-/// every record verified, the media surveyed), [`layout`] (where its outputs go and what
-/// they are called), [`render`] (pass 2: WAV, pcap or the file, as it is read) and
-/// [`produce`] (written as is, or encrypted to OpenPGP as it is written).
-pub fn export_file_to(
-    input: &Path,
+/// Exports the package files of one call — a recording and those that continue it, in
+/// order (`export::join`) — into `out` as one recording named after the first, in four
+/// steps: [`decode`] (pass 1: every record of every part verified, the media surveyed on one
+/// timeline), [`layout`] (where its outputs go and what they are called), [`render`] (pass
+/// 2: WAV, pcap or the file, as it is read) and [`produce`] (written as is, or encrypted to
+/// OpenPGP as it is written).
+pub fn export_parts_to(
+    inputs: &[PathBuf],
     unwrapper: &dyn Unwrapper,
     out: &Path,
     opts: &Options,
 ) -> Result<Exported, Error> {
     let keys = Remembered {
         inner: unwrapper,
-        got: std::sync::Mutex::new(None),
+        got: std::sync::Mutex::new(Vec::new()),
     };
-    let mut d = decode(input, &keys, opts.max_span)?;
+    let mut d = decode(inputs, &keys, opts.max_span)?;
     let (dir, name) = layout(out, &d, opts.format);
     let mut doc = describe(&d);
     let file = d.media == "file";
@@ -402,10 +411,7 @@ pub fn export_file_to(
         describe_media(&mut d.survey, &mut doc);
     }
     // Pass 2: render into the output, as it is read.
-    let mut reader = open_package(input, &keys)?;
-    let (media_tmp, audio) = produce(out, opts.pgp, &name, |w| {
-        render(&mut reader, &d, opts.format, w)
-    })?;
+    let (media_tmp, audio) = produce(out, opts.pgp, &name, |w| render(&d, &keys, opts.format, w))?;
     if let Some(a) = audio {
         doc["audio"] = a;
     }
@@ -425,8 +431,107 @@ pub fn export_file_to(
     })
 }
 
-/// What the first pass learnt of a package.
+/// One package of a joined recording: where it sits on the whole's timeline and which of
+/// the whole's streams each of its own is.
+struct Part {
+    path: PathBuf,
+    id: Uuid,
+    created_ms: u64,
+    /// µs from the first part's start to this one's.
+    offset_us: u64,
+    /// Its stream index → the whole's (`None`, or beyond: the same index). The first part's
+    /// streams are the whole's.
+    streams: Vec<Option<u8>>,
+    first: bool,
+    records: u32,
+    media_bytes: u64,
+    end: Option<EndInfo>,
+}
+
+impl Part {
+    fn stream(&self, s: u8) -> u8 {
+        if s == NO_STREAM {
+            return s;
+        }
+        self.streams
+            .get(usize::from(s))
+            .copied()
+            .flatten()
+            .unwrap_or(s)
+    }
+
+    /// The whole's stream for a stream this part opens: the stream of the same SSRC, else
+    /// of the same source address, that no stream of this part took yet; else a new one.
+    fn join_stream(
+        &mut self,
+        s: u8,
+        ssrc: u32,
+        remote: SocketAddr,
+        survey: &Survey,
+    ) -> Result<u8, Error> {
+        let taken = |j: usize| self.streams.iter().any(|m| *m == u8::try_from(j).ok());
+        let open = |j: &usize| survey.streams[*j].opened && !taken(*j);
+        let found = (0..survey.streams.len())
+            .filter(open)
+            .find(|&j| survey.streams[j].ssrc == ssrc)
+            .or_else(|| {
+                (0..survey.streams.len())
+                    .filter(open)
+                    .find(|&j| survey.streams[j].remote == remote)
+            })
+            .unwrap_or(survey.streams.len());
+        let j = u8::try_from(found)
+            .ok()
+            .filter(|j| *j != NO_STREAM)
+            .ok_or_else(|| {
+                Error::Invalid("the joined recording has more than 254 streams".into())
+            })?;
+        let i = usize::from(s);
+        if self.streams.len() <= i {
+            self.streams.resize(i + 1, None);
+        }
+        self.streams[i] = Some(j);
+        Ok(j)
+    }
+
+    /// An entry of this part as an entry of the whole (streams and times moved).
+    fn whole<'a>(&mut self, mut e: Entry<'a>, survey: &Survey) -> Result<Entry<'a>, Error> {
+        let offset = self.offset_us;
+        match &mut e {
+            Entry::StreamOpened {
+                stream,
+                ssrc,
+                remote,
+                ..
+            } => {
+                if !self.first {
+                    *stream = self.join_stream(*stream, *ssrc, *remote, survey)?;
+                }
+            }
+            Entry::Rtp {
+                stream,
+                arrival_us: t,
+                ..
+            }
+            | Entry::Rtcp {
+                stream,
+                arrival_us: t,
+                ..
+            }
+            | Entry::Event {
+                stream, time_us: t, ..
+            } => {
+                *stream = self.stream(*stream);
+                *t = t.saturating_add(offset);
+            }
+        }
+        Ok(e)
+    }
+}
+
+/// What the first pass learnt of a recording (of all its parts).
 struct Decoded {
+    /// The first part's header.
     header: erec::format::Header,
     id: Uuid,
     public: serde_json::Map<String, Value>,
@@ -435,52 +540,89 @@ struct Decoded {
     survey: Survey,
     records: u32,
     media_bytes: u64,
+    /// The last part's end.
     end: Option<EndInfo>,
+    /// The metadata records of every part, merged (a later part's keys win).
     metadata: serde_json::Map<String, Value>,
+    /// Every KEK the parts are sealed to.
+    kek_ids: Vec<String>,
+    parts: Vec<Part>,
 }
 
-/// Pass 1: every record of the package verified (as a recovery read: an unterminated
-/// package is exported up to its last whole record), and the media surveyed without keeping
-/// a packet, its span bounded by `max_span`.
-fn decode(input: &Path, keys: &dyn Unwrapper, max_span: Duration) -> Result<Decoded, Error> {
+/// Pass 1: every record of every part verified (as a recovery read: an unterminated package
+/// — one cut by a crash, say — counts up to its last whole record), and the media surveyed
+/// on one timeline without keeping a packet, its span bounded by `max_span`.
+fn decode(inputs: &[PathBuf], keys: &dyn Unwrapper, max_span: Duration) -> Result<Decoded, Error> {
     let max_frames = max_span.as_secs().saturating_mul(8000);
-    let mut reader = open_package(input, keys)?;
-    let header = reader.header().clone();
-    let id = Uuid::from_bytes(header.recording_id);
-    let public = parse_json_object(&header.metadata).unwrap_or_default();
-    let media = public
-        .get("media")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
-    let mut survey = Survey::default();
-    let (mut records, mut media_bytes) = (0u32, 0u64);
-    while let Some(rec) = reader.next_record()? {
-        records += 1;
-        if rec.kind != Kind::Media {
-            continue;
+    let mut d: Option<Decoded> = None;
+    for input in inputs {
+        let mut reader = open_package(input, keys)?;
+        let header = reader.header().clone();
+        let created_ms = header.created_ms;
+        let d = d.get_or_insert_with(|| {
+            let public = parse_json_object(&header.metadata).unwrap_or_default();
+            let media = public
+                .get("media")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            Decoded {
+                id: Uuid::from_bytes(header.recording_id),
+                header: header.clone(),
+                public,
+                media,
+                survey: Survey::default(),
+                records: 0,
+                media_bytes: 0,
+                end: None,
+                metadata: serde_json::Map::new(),
+                kek_ids: Vec::new(),
+                parts: Vec::new(),
+            }
+        });
+        for r in &header.recipients {
+            let id = KekId(r.kek_id).to_hex();
+            if !d.kek_ids.contains(&id) {
+                d.kek_ids.push(id);
+            }
         }
-        media_bytes += rec.plaintext.len() as u64;
-        if media == "file" {
-            continue;
+        let mut part = Part {
+            path: input.clone(),
+            id: Uuid::from_bytes(header.recording_id),
+            created_ms,
+            offset_us: created_ms
+                .saturating_sub(d.header.created_ms)
+                .saturating_mul(1000),
+            streams: Vec::new(),
+            first: d.parts.is_empty(),
+            records: 0,
+            media_bytes: 0,
+            end: None,
+        };
+        while let Some(rec) = reader.next_record()? {
+            part.records += 1;
+            if rec.kind != Kind::Media {
+                continue;
+            }
+            part.media_bytes += rec.plaintext.len() as u64;
+            if d.media == "file" {
+                continue;
+            }
+            for e in entries(&rec.plaintext) {
+                let e = part.whole(e.map_err(|e| bad_entry(e, rec.index))?, &d.survey)?;
+                d.survey.entry(e, max_frames)?;
+            }
         }
-        for e in entries(&rec.plaintext) {
-            survey.entry(e.map_err(|e| bad_entry(e, rec.index))?, max_frames)?;
+        part.end = reader.end();
+        d.records += part.records;
+        d.media_bytes += part.media_bytes;
+        d.end = part.end;
+        for (k, v) in reader.metadata() {
+            d.metadata.insert(k.clone(), v.clone());
         }
+        d.parts.push(part);
     }
-    let end = reader.end();
-    let metadata = reader.metadata().clone();
-    Ok(Decoded {
-        header,
-        id,
-        public,
-        media,
-        survey,
-        records,
-        media_bytes,
-        end,
-        metadata,
-    })
+    d.ok_or_else(|| Error::Invalid("no package to export".into()))
 }
 
 /// Where a package's outputs go (`year=/month=/day=/conversation_id=`, by its creation day
@@ -516,14 +658,15 @@ fn layout(out: &Path, d: &Decoded, format: Format) -> (PathBuf, String) {
     (dir, name)
 }
 
-/// The metadata document of an export: the package's identity, keys, metadata and end.
+/// The metadata document of an export: the recording's identity, keys, metadata and end;
+/// for a joined one, each part (its package, where it starts, how it ended).
 fn describe(d: &Decoded) -> Value {
     let mut doc = json!({
         "recording_id": d.id.hyphenated().to_string(),
         "created": Utc::from_unix_ms(d.header.created_ms).rfc3339(),
         "created_ms": d.header.created_ms,
         "media": d.media,
-        "kek_ids": d.header.recipients.iter().map(|r| KekId(r.kek_id).to_hex()).collect::<Vec<_>>(),
+        "kek_ids": d.kek_ids,
         "public_metadata": d.public,
         "metadata": d.metadata,
         "records": d.records,
@@ -531,6 +674,30 @@ fn describe(d: &Decoded) -> Value {
         "terminated": d.end.is_some(),
     });
     add_end(&mut doc, d.header.created_ms, d.end);
+    if d.parts.len() > 1 {
+        doc["parts"] = d
+            .parts
+            .iter()
+            .map(|p| {
+                let mut part = json!({
+                    "recording_id": p.id.hyphenated().to_string(),
+                    "created": Utc::from_unix_ms(p.created_ms).rfc3339(),
+                    "offset_ms": p.offset_us as f64 / 1000.0,
+                    "records": p.records,
+                    "media_bytes": p.media_bytes,
+                    "terminated": p.end.is_some(),
+                });
+                add_end(&mut part, p.created_ms, p.end);
+                part
+            })
+            .collect::<Vec<_>>()
+            .into();
+        doc["parts_note"] = json!(
+            "one call in several packages (a restart of the appliance, or its maximum \
+             duration), joined: each part continues the one before; a part cut by a crash is \
+             unterminated and the next one takes up the call"
+        );
+    }
     doc
 }
 
@@ -573,16 +740,19 @@ fn describe_media(survey: &mut Survey, doc: &mut Value) {
 /// Pass 2: the media rendered into `w` as it is read — the file's bytes, a WAV file (one
 /// channel per stream, silence where nothing was received) or a pcap capture; for WAV, what
 /// the metadata says of the audio.
-fn render<R: io::Read>(
-    reader: &mut PackageReader<R>,
+fn render(
     d: &Decoded,
+    keys: &dyn Unwrapper,
     format: Format,
     w: &mut dyn Write,
 ) -> Result<Option<Value>, Error> {
     if d.media == "file" {
-        while let Some(rec) = reader.next_record()? {
-            if rec.kind == Kind::Media {
-                w.write_all(&rec.plaintext)?;
+        for part in &d.parts {
+            let mut reader = open_package(&part.path, keys)?;
+            while let Some(rec) = reader.next_record()? {
+                if rec.kind == Kind::Media {
+                    w.write_all(&rec.plaintext)?;
+                }
             }
         }
         return Ok(None);
@@ -591,7 +761,7 @@ fn render<R: io::Read>(
         Format::Wav => {
             let n = d.survey.streams.len();
             let mut r = Renderer::new(n, d.survey.frames(), w)?;
-            each_packet(reader, |stream, arrival_us, bytes, rtcp| {
+            each_packet(d, keys, |stream, arrival_us, bytes, rtcp| {
                 if !rtcp {
                     r.packet(usize::from(stream), arrival_us, bytes)?;
                 }
@@ -606,25 +776,31 @@ fn render<R: io::Read>(
             })))
         }
         Format::Pcap => {
-            write_pcap(reader, &d.survey.streams, d.header.created_ms, w)?;
+            write_pcap(d, keys, w)?;
             Ok(None)
         }
     }
 }
 
-/// Calls `f` with every RTP and RTCP packet of the verified records, in order.
-fn each_packet<R: io::Read>(
-    reader: &mut PackageReader<R>,
+/// Calls `f` with every RTP and RTCP packet of the verified records of every part, in
+/// order, on the whole's streams and timeline.
+fn each_packet(
+    d: &Decoded,
+    keys: &dyn Unwrapper,
     mut f: impl FnMut(u8, u64, &[u8], bool) -> Result<(), Error>,
 ) -> Result<(), Error> {
-    while let Some(rec) = reader.next_record()? {
-        if rec.kind != Kind::Media {
-            continue;
-        }
-        for e in entries(&rec.plaintext) {
-            let e = e.map_err(|e| bad_entry(e, rec.index))?;
-            if let Some((stream, arrival_us, packet, rtcp)) = e.as_packet() {
-                f(stream, arrival_us, packet, rtcp)?;
+    for part in &d.parts {
+        let mut reader = open_package(&part.path, keys)?;
+        while let Some(rec) = reader.next_record()? {
+            if rec.kind != Kind::Media {
+                continue;
+            }
+            for e in entries(&rec.plaintext) {
+                let e = e.map_err(|e| bad_entry(e, rec.index))?;
+                if let Some((stream, arrival_us, packet, rtcp)) = e.as_packet() {
+                    let at = arrival_us.saturating_add(part.offset_us);
+                    f(part.stream(stream), at, packet, rtcp)?;
+                }
             }
         }
     }
@@ -987,12 +1163,8 @@ impl<'w> Renderer<'w> {
     }
 }
 
-fn write_pcap<R: io::Read>(
-    reader: &mut PackageReader<R>,
-    streams: &[Stream],
-    created_ms: u64,
-    out: &mut dyn Write,
-) -> Result<(), Error> {
+fn write_pcap(d: &Decoded, keys: &dyn Unwrapper, out: &mut dyn Write) -> Result<(), Error> {
+    let (streams, created_ms) = (&d.survey.streams, d.header.created_ms);
     use pcap_file::DataLink;
     use pcap_file::pcap::{PcapHeader, PcapPacket, PcapWriter};
     let header = PcapHeader {
@@ -1002,7 +1174,7 @@ fn write_pcap<R: io::Read>(
     let pcap_err = |e: pcap_file::PcapError| Error::Io(io::Error::other(format!("pcap: {e}")));
     let mut w = PcapWriter::with_header(out, header).map_err(pcap_err)?;
     let mut frame = Vec::with_capacity(2048);
-    each_packet(reader, |stream, arrival_us, bytes, rtcp| {
+    each_packet(d, keys, |stream, arrival_us, bytes, rtcp| {
         let stream = if stream == NO_STREAM {
             0
         } else {

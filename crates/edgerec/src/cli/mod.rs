@@ -180,6 +180,12 @@ enum Command {
         /// recording that claims a longer one fails on its own.
         #[arg(long, value_name = "SECONDS", default_value_t = crate::export::DEFAULT_MAX_SPAN.as_secs())]
         max_span_secs: u64,
+        /// Export each package on its own. By default a call recorded in several packages
+        /// (the appliance restarted during it, or it reached its maximum duration: each part
+        /// names the one it continues) is exported as one recording, named after its first
+        /// part, when any of its parts is selected.
+        #[arg(long)]
+        no_join: bool,
     },
     /// Show a package's header facts without any key.
     Inspect {
@@ -693,6 +699,7 @@ pub fn main() -> ExitCode {
             jobs,
             pgp_recipients,
             max_span_secs,
+            no_join,
         } => keys.unwrapper().and_then(|u| {
             package::export(
                 u.as_ref(),
@@ -709,6 +716,7 @@ pub fn main() -> ExitCode {
                     }),
                     pgp_recipients,
                     max_span: std::time::Duration::from_secs(max_span_secs),
+                    join: !no_join,
                 },
                 jobs,
             )

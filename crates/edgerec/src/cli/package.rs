@@ -221,6 +221,8 @@ pub struct ExportFrom {
     pub pgp_recipients: Vec<PathBuf>,
     /// The longest recording timeline exported.
     pub max_span: std::time::Duration,
+    /// Join the packages of one call into one recording (`--no-join`: false).
+    pub join: bool,
 }
 
 /// Removes what an export stopped by a crash left in `out`: its temporaries (ciphertext
@@ -258,32 +260,58 @@ pub fn export(
     };
     #[cfg_attr(not(feature = "appliance"), allow(unused_mut))]
     let mut sources = crate::export::bulk::from_paths(&from.inputs)?;
+    // With a date range, the days around it are listed too (a call across midnight joins
+    // its part from the day before or after); only calls with a part in the range go.
+    #[cfg_attr(not(feature = "appliance"), allow(unused_mut))]
+    let mut around: std::collections::HashSet<String> = std::collections::HashSet::new();
     #[cfg(feature = "appliance")]
     let mut s3 = None;
     #[cfg(feature = "appliance")]
     if let Some(cfg) = &from.store_config {
         let cfg = crate::appliance::config::Config::load(cfg)
             .map_err(|e| Error::Invalid(e.to_string()))?;
-        let days = match &from.days {
-            Some((f, t)) => Some(
-                crate::export::bulk::day_prefixes(f, t)
-                    .map_err(|e| Error::Invalid(e.to_string()))?,
-            ),
-            None => None,
+        let (days, margin) = match &from.days {
+            Some((f, t)) => {
+                let days = crate::export::bulk::day_prefixes(f, t)
+                    .map_err(|e| Error::Invalid(e.to_string()))?;
+                let margin = match from.join {
+                    true => crate::export::bulk::days_around(f, t)
+                        .map_err(|e| Error::Invalid(e.to_string()))?,
+                    false => Vec::new(),
+                };
+                (Some(days), margin)
+            }
+            None => (None, Vec::new()),
         };
         match cfg
             .store
             .open_readable()
             .map_err(|e| Error::Invalid(e.to_string()))?
         {
-            crate::store::Readable::Dir(root) => sources.extend(
-                crate::export::bulk::from_dir_store(&root, &cfg.prefix, days.as_deref())?,
-            ),
+            crate::store::Readable::Dir(root) => {
+                sources.extend(crate::export::bulk::from_dir_store(
+                    &root,
+                    &cfg.prefix,
+                    days.as_deref(),
+                )?);
+                if !margin.is_empty() {
+                    let more =
+                        crate::export::bulk::from_dir_store(&root, &cfg.prefix, Some(&margin))?;
+                    around.extend(more.iter().map(|s| s.name()));
+                    sources.extend(more);
+                }
+            }
             crate::store::Readable::S3(store) => {
-                sources.extend(
-                    crate::export::bulk::from_s3_store(&store, &cfg.prefix, days.as_deref())
-                        .map_err(|e| Error::Invalid(e.to_string()))?,
-                );
+                let listed = |days: Option<&[String]>| {
+                    crate::export::bulk::from_s3_store(&store, &cfg.prefix, days)
+                        .map_err(|e| Error::Invalid(e.to_string()))
+                };
+                sources.extend(listed(days.as_deref())?);
+                if !margin.is_empty() {
+                    let more = listed(Some(&margin))?;
+                    around.extend(more.iter().map(|s| s.name()));
+                    sources.extend(more);
+                }
                 s3 = Some(*store);
             }
         }
@@ -303,7 +331,8 @@ pub fn export(
         #[cfg(feature = "appliance")]
         s3,
     };
-    let total = sources.len();
+    let calls = exporter.calls(sources, from.join, |s| !around.contains(&s.name()));
+    let (total, packages) = (calls.len(), calls.iter().map(Vec::len).sum::<usize>());
     let bar = std::io::stderr().is_terminal().then(|| {
         let b = indicatif::ProgressBar::new(total as u64);
         b.set_style(
@@ -319,7 +348,8 @@ pub fn export(
         Some(b) => b.println(line),
         None => eprintln!("{line}"),
     };
-    let results = exporter.all(sources, jobs.unwrap_or_else(default_workers), |src, o| {
+    let name = crate::export::bulk::call_name;
+    let results = exporter.all(calls, jobs.unwrap_or_else(default_workers), |src, o| {
         match o {
             ExportOutcome::Exported { media, terminated } => {
                 let warn = if *terminated {
@@ -330,20 +360,17 @@ pub fn export(
                 if bar.is_none() || !*terminated {
                     say(format!(
                         "exported {} -> {}{warn}",
-                        src.name(),
+                        name(src),
                         media.display()
                     ));
                 }
             }
             ExportOutcome::Skipped => {
                 if bar.is_none() {
-                    say(format!(
-                        "skipped {} (exported before, verified)",
-                        src.name()
-                    ));
+                    say(format!("skipped {} (exported before, verified)", name(src)));
                 }
             }
-            ExportOutcome::Failed(e) => say(format!("FAILED {}: {e}", src.name())),
+            ExportOutcome::Failed(e) => say(format!("FAILED {}: {e}", name(src))),
         }
         if let Some(b) = &bar {
             b.inc(1);
@@ -362,12 +389,16 @@ pub fn export(
             _ => None,
         })
         .collect();
+    let what = match packages == total {
+        true => format!("{total} packages"),
+        false => format!("{total} recordings from {packages} packages (continuations joined)"),
+    };
     eprintln!(
-        "export: {total} packages: {exported} exported, {skipped} skipped (done before), {} failed",
+        "export: {what}: {exported} exported, {skipped} skipped (done before), {} failed",
         failed.len()
     );
     for (s, e) in &failed {
-        eprintln!("  failed: {}: {e}", s.name());
+        eprintln!("  failed: {}: {e}", name(s));
     }
     match failed.is_empty() {
         true => Ok(()),

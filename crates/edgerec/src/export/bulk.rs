@@ -3,15 +3,21 @@
 //! over the `{prefix}{yyyy}/{mm}/{dd}/` key layout), exported in parallel into the export
 //! layout, resumable, with progress and a summary of what failed and why.
 //!
+//! The packages are first grouped into calls ([`crate::export::join`], from their headers:
+//! a file's first bytes, an S3 object's by a ranged GET), and each call is exported as one
+//! recording; with a date range, the store is listed a day further on each side, and a
+//! call is exported when any of its parts is in the range.
+//!
 //! Invariants:
-//! - One bad package never stops the rest: each is exported, skipped or failed on its own,
+//! - One bad call never stops the rest: each is exported, skipped or failed on its own,
 //!   and every failure is reported with its reason.
-//! - Resumable: after a package's outputs are in place,
-//!   `<out>/.edgerec-export/done/<id>.<format>.json` records what the package was (its header
-//!   MAC and size, or for S3 the `erec-sha256` the store holds) and each output's path, size
-//!   and modification time. A later run skips a package only if that record matches the
-//!   package and every output is still there, unchanged in size and time; anything else is
-//!   exported again. (An S3 package already done is not even downloaded.)
+//! - Resumable: after a call's outputs are in place,
+//!   `<out>/.edgerec-export/done/<id>.<format>.json` (the first part's id) records what its
+//!   packages were (each one's header MAC and size, or for S3 the `erec-sha256` the store
+//!   holds, joined by `+`) and each output's path, size and modification time. A later run
+//!   skips a call only if that record matches its packages and every output is still there,
+//!   unchanged in size and time; anything else (a part more, say) is exported again. (An S3
+//!   call already done is not even downloaded.)
 //! - Packages fetched from S3 are ciphertext; they are checked against the `erec-sha256` the
 //!   store holds for them before they are opened, and removed after.
 
@@ -25,7 +31,8 @@ use std::sync::mpsc;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
-use crate::export::{Exported, Format, export_file_to};
+use crate::export::join::{Facts, calls};
+use crate::export::{Exported, Format, export_parts_to};
 use erec::keys::Unwrapper;
 
 /// Where a package comes from.
@@ -46,6 +53,16 @@ impl Source {
             #[cfg(feature = "appliance")]
             Source::S3(k) => format!("s3:{k}"),
         }
+    }
+}
+
+/// How a call is named in progress lines and the summary: its first package, and how many
+/// continue it.
+pub fn call_name(call: &[Source]) -> String {
+    let first = call.first().map(Source::name).unwrap_or_default();
+    match call.len() {
+        0 | 1 => first,
+        n => format!("{first} (+{} continuing it)", n - 1),
     }
 }
 
@@ -128,6 +145,21 @@ pub fn day_prefixes(from: &str, to: &str) -> Result<Vec<String>, DateRangeError>
             format!("{:04}/{:02}/{:02}/", u.year, u.month, u.day)
         })
         .collect())
+}
+
+/// The day before `from` and the day after `to` as key prefixes: listed too, so that a call
+/// across midnight finds its other part.
+#[cfg(feature = "appliance")]
+pub fn days_around(from: &str, to: &str) -> Result<Vec<String>, DateRangeError> {
+    let day = |d: &str, by: i64| {
+        erec::clock::parse_rfc3339_ms(&format!("{d}T00:00:00Z"))
+            .map(|ms| {
+                let u = erec::clock::Utc::from_unix_ms(ms.saturating_add_signed(by * 86_400_000));
+                format!("{:04}/{:02}/{:02}/", u.year, u.month, u.day)
+            })
+            .ok_or_else(|| DateRangeError::NotADate(d.to_string()))
+    };
+    Ok(vec![day(from, -1)?, day(to, 1)?])
 }
 
 /// The packages of the inputs (files and directories searched for `*.erec`).
@@ -267,6 +299,14 @@ impl Exporter<'_> {
     /// A package file's recording id and identity (`mac:<header MAC>:<size>`), from its
     /// header (keyless); `None` if it has no readable header.
     fn identify(path: &Path) -> Option<(String, String)> {
+        Self::header(path).map(|(h, size)| {
+            let id = uuid::Uuid::from_bytes(h.recording_id).to_string();
+            (id, format!("mac:{}:{size}", hex::encode(h.mac)))
+        })
+    }
+
+    /// A package file's header (keyless) and size; `None` if it has no readable header.
+    fn header(path: &Path) -> Option<(erec::format::Header, u64)> {
         use erec::format::{Decoded, Header};
         use std::io::Read;
         let mut f = fs::File::open(path).ok()?;
@@ -274,10 +314,7 @@ impl Exporter<'_> {
         let mut buf = Vec::new();
         loop {
             let want = match Header::decode(&buf).ok()? {
-                Decoded::Done(h, _) => {
-                    let id = uuid::Uuid::from_bytes(h.recording_id).to_string();
-                    return Some((id, format!("mac:{}:{size}", hex::encode(h.mac))));
-                }
+                Decoded::Done(h, _) => return Some((h, size)),
                 Decoded::Need(n) if n > buf.len() && n <= 1 << 20 => n,
                 Decoded::Need(_) => return None,
             };
@@ -287,48 +324,101 @@ impl Exporter<'_> {
         }
     }
 
-    /// Exports (or skips) one package.
-    pub fn one(&self, source: &Source) -> ExportOutcome {
-        match self.try_one(source) {
+    /// What a package's header says of its place in a call (keyless: a file's first bytes,
+    /// an S3 object's by a ranged GET); `None` if it cannot be read (the export says why).
+    fn facts(&self, source: &Source) -> Option<Facts> {
+        let h = match source {
+            Source::File(p) => Self::header(p)?.0,
+            #[cfg(feature = "appliance")]
+            Source::S3(key) => {
+                let store = self.s3.as_ref()?;
+                crate::store::census::header_of(|n| store.get_first(key, n)).ok()?
+            }
+        };
+        Some(Facts::of(h.recording_id, h.created_ms, &h.metadata))
+    }
+
+    /// The calls among `sources` (each its parts in order; with `join` false, each package
+    /// on its own), keeping those with a part `wanted` (a store's listing of the days asked
+    /// for, when the listing also holds the days around them).
+    pub fn calls(
+        &self,
+        sources: Vec<Source>,
+        join: bool,
+        wanted: impl Fn(&Source) -> bool,
+    ) -> Vec<Vec<Source>> {
+        let groups = if join {
+            let facts: Vec<Option<Facts>> = sources.iter().map(|s| self.facts(s)).collect();
+            calls(&facts)
+        } else {
+            (0..sources.len()).map(|i| vec![i]).collect()
+        };
+        let mut slots: Vec<Option<Source>> = sources.into_iter().map(Some).collect();
+        groups
+            .into_iter()
+            .filter_map(|g| {
+                let call: Vec<Source> = g.iter().filter_map(|&i| slots[i].take()).collect();
+                call.iter().any(&wanted).then_some(call)
+            })
+            .collect()
+    }
+
+    /// Exports (or skips) one call.
+    pub fn one(&self, call: &[Source]) -> ExportOutcome {
+        match self.try_one(call) {
             Ok(o) => o,
             Err(e) => ExportOutcome::Failed(e),
         }
     }
 
-    fn try_one(&self, source: &Source) -> Result<ExportOutcome, Error> {
-        let (path, identity, _fetched) = match source {
-            Source::File(p) => {
-                let Some((id, identity)) = Self::identify(p) else {
+    fn try_one(&self, call: &[Source]) -> Result<ExportOutcome, Error> {
+        let mut first = None;
+        let mut identities = Vec::new();
+        for source in call {
+            let (id, identity) = match source {
+                Source::File(p) => match Self::identify(p) {
+                    Some((id, identity)) => (Some(id), identity),
                     // Not a package header: the export says what is wrong with it.
-                    return self.export(p, None);
-                };
-                if self.is_done(&id, &identity) {
-                    return Ok(ExportOutcome::Skipped);
+                    None => return self.export(std::slice::from_ref(p), None),
+                },
+                #[cfg(feature = "appliance")]
+                Source::S3(key) => {
+                    let (identity, id) = self.s3_identity(key)?;
+                    (id, identity)
                 }
-                (p.clone(), identity, None::<tempfile::NamedTempFile>)
-            }
-            #[cfg(feature = "appliance")]
-            Source::S3(key) => {
-                let (identity, id) = self.s3_identity(key)?;
-                if let Some(id) = &id
-                    && self.is_done(id, &identity)
-                {
-                    return Ok(ExportOutcome::Skipped);
+            };
+            first = first.or(Some(id));
+            identities.push(identity);
+        }
+        let identity = identities.join("+");
+        if let Some(Some(id)) = &first
+            && self.is_done(id, &identity)
+        {
+            return Ok(ExportOutcome::Skipped);
+        }
+        let mut paths = Vec::new();
+        let mut _fetched = Vec::new();
+        for (source, _identity) in call.iter().zip(&identities) {
+            match source {
+                Source::File(p) => paths.push(p.clone()),
+                #[cfg(feature = "appliance")]
+                Source::S3(key) => {
+                    let tmp = self.fetch(key, _identity)?;
+                    paths.push(tmp.path().to_path_buf());
+                    _fetched.push(tmp);
                 }
-                let tmp = self.fetch(key, &identity)?;
-                (tmp.path().to_path_buf(), identity, Some(tmp))
             }
-        };
-        self.export(&path, Some(identity))
+        }
+        self.export(&paths, Some(identity))
     }
 
-    fn export(&self, path: &Path, identity: Option<String>) -> Result<ExportOutcome, Error> {
+    fn export(&self, paths: &[PathBuf], identity: Option<String>) -> Result<ExportOutcome, Error> {
         let opts = crate::export::Options {
             format: self.format,
             pgp: self.pgp.as_ref(),
             max_span: self.max_span,
         };
-        let x = export_file_to(path, self.keys, &self.out, &opts)?;
+        let x = export_parts_to(paths, self.keys, &self.out, &opts)?;
         if let Some(identity) = identity {
             self.record(&x, identity)?;
         }
@@ -385,14 +475,14 @@ impl Exporter<'_> {
         Ok(tmp)
     }
 
-    /// Exports every source with `jobs` workers; `report` sees each outcome as it comes.
+    /// Exports every call with `jobs` workers; `report` sees each outcome as it comes.
     pub fn all(
         &self,
-        sources: Vec<Source>,
+        calls: Vec<Vec<Source>>,
         jobs: usize,
-        mut report: impl FnMut(&Source, &ExportOutcome),
-    ) -> Vec<(Source, ExportOutcome)> {
-        let queue = Mutex::new(sources.into_iter().collect::<VecDeque<_>>());
+        mut report: impl FnMut(&[Source], &ExportOutcome),
+    ) -> Vec<(Vec<Source>, ExportOutcome)> {
+        let queue = Mutex::new(calls.into_iter().collect::<VecDeque<_>>());
         let (tx, rx) = mpsc::channel();
         let mut results = Vec::new();
         std::thread::scope(|s| {
@@ -432,6 +522,10 @@ mod tests {
         assert_eq!(day_prefixes("2028-02-28", "2028-03-01").unwrap().len(), 3);
         assert!(day_prefixes("2026-12-01", "2026-11-29").is_err());
         assert!(day_prefixes("yesterday", "2026-11-29").is_err());
+        assert_eq!(
+            days_around("2026-12-01", "2026-12-31").unwrap(),
+            ["2026/11/30/", "2027/01/01/"]
+        );
     }
 
     #[test]
