@@ -641,6 +641,35 @@ fn a_call_in_several_packages_exports_as_one_recording_unless_told_not_to() {
     let err = export(&apart, &["--no-join", store.to_str().unwrap()]);
     assert!(err.contains("export: 4 packages: 4 exported"), "{err}");
     assert_eq!(files_with_ext(&apart, "pcap").len(), 4);
+
+    // A part that fails verification fails the call, and takes nothing else with it: the
+    // other parts are exported on their own.
+    let b_path = store.join(edgerec::store::object_key("", b));
+    let mut bytes = fs::read(&b_path).unwrap();
+    let last = bytes.len() - 40;
+    bytes[last] ^= 1;
+    fs::write(&b_path, bytes).unwrap();
+    let bad = dir.path().join("bad");
+    let o = export_pcap(&bad, &[store.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(4), "{err}");
+    assert!(
+        err.contains("1 exported") && err.contains("1 failed"),
+        "{err}"
+    );
+    let mut got: Vec<Vec<(u32, u16)>> = files_with_ext(&bad, "pcap")
+        .iter()
+        .map(|p| pcap_packets(p))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            (0..50).map(|s| (7, s)).collect::<Vec<_>>(),
+            (100..150).map(|s| (7, s)).collect(),
+            (500..550).map(|s| (7, s)).collect(),
+        ]
+    );
 }
 
 #[test]

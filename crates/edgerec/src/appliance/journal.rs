@@ -87,6 +87,15 @@ impl Journal {
                 }
             }
         }
+        // Room for every datagram to replay, whatever size was asked for (the next start
+        // makes it the size asked for).
+        let needed: u64 = replay
+            .datagrams
+            .iter()
+            .map(|(_, d)| entry_end(0, d.data.len()))
+            .sum::<u64>()
+            .saturating_add(1 << 16);
+        let capacity = capacity.max(needed.next_multiple_of(8)).min(MAX_CAPACITY);
         let fd = rustix::fs::memfd_create("edgerec-journal", rustix::fs::MemfdFlags::CLOEXEC)?;
         let file = File::from(fd);
         file.set_len(Ring::<Vec<u8>>::bytes_for(capacity))?;

@@ -463,8 +463,17 @@ impl Recorder {
                     if sessions.poll_timeout().is_some_and(|t| t <= self.clock) {
                         sessions.handle_timeout(self.clock, actions);
                     }
-                    sessions.handle(self.clock, d.local, d.remote, data, actions);
                     self.action_pos.resize(actions.len(), before);
+                    let mid = actions.len();
+                    sessions.handle(self.clock, d.local, d.remote, data, actions);
+                    let tag = chunk_mark(
+                        &actions[mid..],
+                        before,
+                        d.journal.map(|p| entry_end(p, data.len())),
+                        sessions.took().is_some(),
+                        sessions.admitted(),
+                    );
+                    self.action_pos.resize(actions.len(), tag);
                     if let Some(pos) = d.journal {
                         let owner = sessions.took().map_or(Owner::Dropped, Owner::Port);
                         self.marks.took(pos, entry_end(pos, data.len()), owner);
@@ -567,7 +576,6 @@ impl Recorder {
                     }
                 }
                 Action::Close { rec, reason } => {
-                    self.journal_ports.remove(&rec);
                     let id = self.uuids.remove(&rec);
                     let noted = self.carried.remove(&rec);
                     // Ended by the appliance's stop, it is continued after the restart.
@@ -579,16 +587,12 @@ impl Recorder {
                     if let Some(id) = id {
                         self.ended.insert(rec, (id, noted.map(|(_, from)| from)));
                     }
+                    // A package still being made keeps its journal port until what waits
+                    // for it is written.
                     if let Some(waiting) = self.opening.get_mut(&rec) {
                         waiting.push(Pending::Close(reason));
                     } else {
-                        close(
-                            &mut self.open,
-                            rec,
-                            reason,
-                            &mut self.closing,
-                            &self.metrics,
-                        );
+                        self.end(rec, reason);
                     }
                 }
             }
@@ -598,6 +602,18 @@ impl Recorder {
         self.actions = actions;
         self.action_pos = positions;
         self.action_pos.clear();
+    }
+
+    /// Ends `rec`'s package: its end record goes with the others of the round.
+    fn end(&mut self, rec: RecId, reason: EndReason) {
+        self.journal_ports.remove(&rec);
+        close(
+            &mut self.open,
+            rec,
+            reason,
+            &mut self.closing,
+            &self.metrics,
+        );
     }
 
     fn is_siprec_port(&self, port: u16) -> bool {
@@ -616,10 +632,10 @@ impl Recorder {
 
     /// Moves the journal's tail on past what is written: every [`JOURNAL_EVERY`], first
     /// letting go of the ports that hold nothing any more (what they owned was written or
-    /// dropped); while the ring is more than half full, of ports whose only holder is a
-    /// candidate too (a port kept a candidate by junk does not fill it; a call's first
-    /// packets then lose their protection, never their recording). At the stop, everything
-    /// taken is in a file or dropped.
+    /// dropped, or its package is gone); while the ring is more than half full, of ports
+    /// whose only holder is a candidate too (a port kept a candidate by junk does not fill
+    /// it; a call's first packets then lose their protection, never their recording). At the
+    /// stop, everything taken is in a file or dropped.
     fn journal_tail(&mut self, stop: bool) {
         let Some(j) = &self.journal else {
             return;
@@ -630,20 +646,23 @@ impl Recorder {
         self.journal_moved = Instant::now();
         let end = self.marks.processed_end();
         let crowded = j.used(self.marks.tail()) > j.capacity() / 2;
-        let opening: std::collections::HashSet<u16> = self
-            .opening
-            .keys()
-            .filter_map(|r| self.journal_ports.get(r).copied())
+        // Ports with a package being made or written: what they took is on its way to a file.
+        let live: std::collections::HashSet<u16> = self
+            .journal_ports
+            .iter()
+            .filter(|(r, _)| self.opening.contains_key(r) || self.open.contains_key(r))
+            .map(|(_, p)| *p)
             .collect();
         let idle: Vec<u16> = self
             .marks
             .pending()
             .filter(|&p| {
-                stop || (!opening.contains(&p)
+                stop || (!live.contains(&p)
                     && match self.sessions.holding(p) {
                         Holding::Nothing => true,
                         Holding::Candidate => crowded,
-                        Holding::Recording => false,
+                        // One whose package is gone (a failed write): nothing reaches a file.
+                        Holding::Recording => true,
                     })
             })
             .collect();
@@ -677,6 +696,7 @@ impl Recorder {
                 port,
                 "recording ended at its start: no usable KEK (the key manager's key is stale)"
             );
+            self.journal_ports.remove(&rec);
             self.sessions.abort(self.clock, rec);
             return;
         }
@@ -733,6 +753,7 @@ impl Recorder {
             self.opening.remove(&rec);
             self.uuids.remove(&rec);
             self.carried.remove(&rec);
+            self.journal_ports.remove(&rec);
             tracing::error!(
                 port = local.port(),
                 "recording ended at its start: the opener is gone"
@@ -798,19 +819,14 @@ impl Recorder {
                             Pending::Record(kind, plaintext, mark) => {
                                 self.write(rec, kind, &plaintext, mark);
                             }
-                            Pending::Close(reason) => close(
-                                &mut self.open,
-                                rec,
-                                reason,
-                                &mut self.closing,
-                                &self.metrics,
-                            ),
+                            Pending::Close(reason) => self.end(rec, reason),
                         }
                     }
                 }
                 Err(e) => {
                     self.uuids.remove(&rec);
                     self.carried.remove(&rec);
+                    self.journal_ports.remove(&rec);
                     tracing::error!(port, error = %e, "recording ended at its start: its package cannot be made");
                     self.sessions.abort(self.us(Instant::now()), rec);
                     self.unpublished = true;
@@ -874,6 +890,29 @@ impl Recorder {
             syncer, mut open, ..
         } = self;
         syncer.stop(&mut open);
+    }
+}
+
+/// The journal position below which a chunk handed out while one datagram was handled
+/// holds every entry of its port, for the `actions` that handling gave: `before` (the
+/// datagram's own position: the chunk was handed out before it was taken), or, when those
+/// actions end its recording without opening another (an RTCP BYE: the final chunk holds
+/// it), `end` (the position after it). `0` (no mark) when the datagram admitted a
+/// candidate: the datagrams it held were recorded then, and a chunk handed out among them
+/// leaves later ones pending.
+fn chunk_mark(
+    actions: &[Action],
+    before: u64,
+    end: Option<u64>,
+    took: bool,
+    admitted: bool,
+) -> u64 {
+    let closed = actions.iter().any(|a| matches!(a, Action::Close { .. }))
+        && !actions.iter().any(|a| matches!(a, Action::Open { .. }));
+    match end {
+        _ if admitted => 0,
+        Some(end) if took && closed => end,
+        _ => before,
     }
 }
 
@@ -1351,6 +1390,41 @@ mod tests {
             continues[&40_002], None,
             "another caller on the port is not chained"
         );
+    }
+
+    /// The journal's written mark of the chunks handed out while one datagram is handled.
+    #[test]
+    fn a_chunk_marks_the_datagrams_it_holds_and_no_more() {
+        let (rec, rec2) = (RecId(1), RecId(2));
+        let chunk = Action::Chunk {
+            rec,
+            plaintext: Vec::new(),
+        };
+        let close = Action::Close {
+            rec,
+            reason: EndReason::RtcpBye,
+        };
+        let open = Action::Open {
+            rec: rec2,
+            local: "127.0.0.1:40000".parse().unwrap(),
+            continues: Some(rec),
+            source: None,
+            started_us: 0,
+        };
+        // Full, or split at the maximum duration: the datagram went into the next chunk or
+        // the next recording.
+        assert_eq!(
+            chunk_mark(std::slice::from_ref(&chunk), 100, Some(200), true, false),
+            100
+        );
+        let split = [chunk.clone(), close.clone(), open];
+        assert_eq!(chunk_mark(&split, 100, Some(200), true, false), 100);
+        // A BYE that ended its recording is in the final chunk.
+        let bye = [chunk.clone(), close];
+        assert_eq!(chunk_mark(&bye, 100, Some(200), true, false), 200);
+        assert_eq!(chunk_mark(&bye, 100, Some(200), false, false), 100);
+        // An admission: held datagrams may be left pending: no mark.
+        assert_eq!(chunk_mark(&[chunk], 100, Some(200), true, true), 0);
     }
 
     #[test]

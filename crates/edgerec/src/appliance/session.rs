@@ -458,6 +458,8 @@ pub struct Sessions {
     replaying: bool,
     /// The port whose recording or candidate took the last datagram handled, if one did.
     took: Option<u16>,
+    /// The last datagram handled admitted a candidate (its held datagrams were recorded).
+    admitted: bool,
     starts_by_source: edgerec_net::rate_limit::PerKey<std::net::IpAddr>,
     starts_by_port: edgerec_net::rate_limit::PerKey<u16>,
     /// Why no recording may start now (the driver's spool or key), if one may not.
@@ -496,6 +498,7 @@ impl Sessions {
             candidates: PortMap::default(),
             replaying: false,
             took: None,
+            admitted: false,
             starts_by_source: edgerec_net::rate_limit::PerKey::new(
                 limits.starts_per_source,
                 10_000,
@@ -767,6 +770,7 @@ impl Sessions {
     /// replay, the recording ends then.
     fn admit(&mut self, now: u64, local: SocketAddr, c: Candidate, out: &mut Vec<Action>) {
         let port = local.port();
+        self.admitted = true;
         let first = c.held.iter().find(|x| x.ssrc.is_some());
         let first_us = first.map_or(now, |x| x.at);
         let source = first.map(|x| x.from.ip());
@@ -1050,6 +1054,9 @@ impl Sessions {
         out: &mut Vec<Action>,
     ) {
         self.took = None;
+        if !self.replaying {
+            self.admitted = false;
+        }
         if self.is_siprec_port(local.port()) {
             return self.siprec_datagram(now, local, remote, datagram, out);
         }
@@ -1265,6 +1272,13 @@ impl Sessions {
     /// session's. The driver's datagram journal notes it.
     pub fn took(&self) -> Option<u16> {
         self.took
+    }
+
+    /// Whether the datagram [`Sessions::handle`] was last given admitted a candidate: the
+    /// datagrams it held (read earlier) were recorded then, and a chunk handed out meanwhile
+    /// may leave some of them pending.
+    pub fn admitted(&self) -> bool {
+        self.admitted
     }
 
     /// What holds media on `port` in memory: its recording, a candidate, or nothing.

@@ -372,7 +372,7 @@ impl Exporter<'_> {
     }
 
     fn try_one(&self, call: &[Source]) -> Result<ExportOutcome, Error> {
-        let mut first = None;
+        let mut ids = Vec::new();
         let mut identities = Vec::new();
         for source in call {
             let (id, identity) = match source {
@@ -387,11 +387,11 @@ impl Exporter<'_> {
                     (id, identity)
                 }
             };
-            first = first.or(Some(id));
+            ids.push(id);
             identities.push(identity);
         }
         let identity = identities.join("+");
-        if let Some(Some(id)) = &first
+        if let Some(Some(id)) = ids.first()
             && self.is_done(id, &identity)
         {
             return Ok(ExportOutcome::Skipped);
@@ -409,7 +409,28 @@ impl Exporter<'_> {
                 }
             }
         }
-        self.export(&paths, Some(identity))
+        match self.export(&paths, Some(identity)) {
+            Err(joined) if paths.len() > 1 => {
+                // One bad part (a package that fails verification, or one whose header
+                // names a call it does not belong to) or a call too long for one output
+                // must not take the others with it: each part goes on its own.
+                let mut outcome = Err(joined);
+                for ((path, id), identity) in paths.iter().zip(&ids).zip(identities) {
+                    let one = match id {
+                        Some(id) if self.is_done(id, &identity) => Ok(ExportOutcome::Skipped),
+                        _ => self.export(std::slice::from_ref(path), Some(identity)),
+                    };
+                    outcome = match (outcome, one) {
+                        // The first part's outcome, unless a part failed.
+                        (Err(_), o) if path == &paths[0] => o,
+                        (o, Ok(_)) => o,
+                        (_, Err(e)) => Err(e),
+                    };
+                }
+                outcome
+            }
+            o => o,
+        }
     }
 
     fn export(&self, paths: &[PathBuf], identity: Option<String>) -> Result<ExportOutcome, Error> {

@@ -195,7 +195,12 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Ring<M> {
             u64_at(b, TAIL_AT),
             u64_at(b, HEAD_AT),
         );
-        if cap != (b.len() - RING) as u64 || cap % 8 != 0 || tail > head || head - tail > cap {
+        if cap != (b.len() - RING) as u64
+            || cap % 8 != 0
+            || tail > head
+            || head - tail > cap
+            || head.checked_add(2 * cap).is_none()
+        {
             return Err(RingError::NotJournal);
         }
         Ok(Ring {
