@@ -1394,6 +1394,32 @@ fn a_full_spool_file_system_refuses_new_calls_keeps_the_spooled_ones_and_recover
             .next()
             .is_none()
     );
+    // The outcome journal, written on the full disk too: three calls in the spool (the store
+    // never answered), B salvaged at its failed write, C refused for the full spool.
+    let o = edgerec(&["calls", "list", "--config", cfg.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let calls = doc["calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 3, "{doc}");
+    assert!(calls.iter().all(|c| c["outcome"] == "spooled"), "{doc}");
+    let salvaged: Vec<&serde_json::Value> =
+        calls.iter().filter_map(|c| c.get("salvaged")).collect();
+    assert_eq!(salvaged.len(), 1, "{doc}");
+    assert!(
+        salvaged[0]["why"]
+            .as_str()
+            .unwrap()
+            .contains("write failed"),
+        "{doc}"
+    );
+    let refused: u64 = doc["refusals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["reason"] == "spool_full")
+        .map(|r| r["count"].as_u64().unwrap())
+        .sum();
+    assert!(refused >= 1, "{doc}");
 }
 
 /// The hex kek ids a package is sealed to (`inspect --json`).

@@ -505,6 +505,7 @@ fn kill_under_load(
         // Exported, each port's recordings are one call again: one pcap a stream, holding
         // every packet its packages hold, each once.
         exports_joined(&m, &seen, streams);
+        outcomes_agree(&m, &packages, streams, kills, how);
     }
     let sent = sent.lock().unwrap().clone();
     let (mut in_outage, mut lost_in_outage) = (0, 0);
@@ -562,6 +563,51 @@ fn exports_joined(m: &Manager, stored: &BTreeSet<(u32, u16)>, streams: u16) {
         );
     }
     assert_eq!(&exported, stored, "the export holds what the packages hold");
+}
+
+/// `edgerec calls list --json` of the spool: every package in the store is a call stored,
+/// with the recording it continues; each killed process's recordings were salvaged (one a
+/// stream a kill), a stopped one's ended at the shutdown.
+fn outcomes_agree(m: &Manager, packages: &[Stored], streams: u16, kills: usize, how: Stop) {
+    let o = edgerec(&[
+        "calls",
+        "list",
+        "--spool",
+        m.path("spool").to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let calls = doc["calls"].as_array().unwrap();
+    let by_id = |id: &uuid::Uuid| {
+        calls
+            .iter()
+            .find(|c| c["id"] == id.hyphenated().to_string())
+            .unwrap_or_else(|| panic!("{id} is not in the outcome journal: {doc}"))
+    };
+    for p in packages {
+        let c = by_id(&p.id);
+        assert_eq!(c["outcome"], "stored", "{c}");
+        if c.get("started_ms").is_some() {
+            assert_eq!(c["continues"].as_str(), p.continues.as_deref(), "{c}");
+        }
+    }
+    let salvaged = calls.iter().filter(|c| c.get("salvaged").is_some()).count();
+    let shutdown = calls
+        .iter()
+        .filter(|c| c["ended"]["reason"] == "shutdown")
+        .count();
+    let n = usize::from(streams);
+    match how {
+        Stop::Kill => {
+            assert_eq!(salvaged, n * kills, "{doc}");
+            assert_eq!(shutdown, n, "the last process stopped: {doc}");
+        }
+        Stop::Term => {
+            assert_eq!(salvaged, 0, "{doc}");
+            assert_eq!(shutdown, n * (kills + 1), "{doc}");
+        }
+    }
 }
 
 #[test]

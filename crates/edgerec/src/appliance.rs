@@ -23,6 +23,7 @@ pub(crate) mod kek_fetch;
 pub(crate) mod kek_watch;
 pub(crate) mod key_source;
 pub(crate) mod metrics;
+pub(crate) mod outcomes;
 pub(crate) mod recorder;
 pub(crate) mod reload;
 pub(crate) mod run;

@@ -347,6 +347,13 @@ struct RawLog {
     level: Option<Spanned<String>>,
 }
 
+/// `[outcomes]` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutcomes {
+    keep_days: Option<Spanned<u32>>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Raw {
@@ -368,6 +375,8 @@ struct Raw {
     siprec: RawSiprec,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    outcomes: RawOutcomes,
 }
 
 /// `[siprec]` as written.
@@ -493,6 +502,8 @@ pub struct Config {
     /// `[log] level`: what is logged (an `EDGEREC_LOG` filter: `info`, `debug`,
     /// `edgerec=debug,info`); `EDGEREC_LOG` in the environment wins. `None`: info.
     pub log_level: Option<String>,
+    /// `[outcomes] keep_days`: days of the outcome journal kept (30; 1 to 3660).
+    pub outcomes_keep_days: u32,
     /// `[control]`, if it has a `listen`.
     pub control: Option<Control>,
     /// `[inbox]`, if it has a `dir`.
@@ -1210,6 +1221,13 @@ impl Config {
         let inbox = inbox_section(&cx, &raw)?;
         let siprec = siprec_section(&cx, &raw, ports)?;
         let log_level = log_section(&cx, &raw)?;
+        let outcomes_keep_days = match &raw.outcomes.keep_days {
+            Some(d) if !(1..=3660).contains(d.get_ref()) => {
+                return Err(cx.err("outcomes.keep_days", d, "must be 1 to 3660"));
+            }
+            Some(d) => *d.get_ref(),
+            None => 30,
+        };
         let mut recorder = raw.recorder.clone();
         recorder.spool_dir = cx.resolve(&recorder.spool_dir);
         Ok(Config {
@@ -1234,6 +1252,7 @@ impl Config {
                 .map(std::time::Duration::from_secs),
             metrics: raw.metrics,
             log_level,
+            outcomes_keep_days,
         })
     }
 
@@ -1601,6 +1620,22 @@ path = "/srv/store"
             e.0.contains("log.level") && e.0.contains("not a log filter"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn outcome_retention_and_the_journal_size_are_bounded() {
+        assert_eq!(parse(GOOD).unwrap().outcomes_keep_days, 30);
+        let c = parse(&format!("{GOOD}\n[outcomes]\nkeep_days = 400\n")).unwrap();
+        assert_eq!(c.outcomes_keep_days, 400);
+        let e = parse(&format!("{GOOD}\n[outcomes]\nkeep_days = 0\n")).unwrap_err();
+        assert!(
+            e.0.contains("outcomes.keep_days") && e.0.contains("1 to 3660"),
+            "{e}"
+        );
+        let c = parse(&GOOD.replace("[ingest]", "[ingest]\njournal_mib = 0")).unwrap();
+        assert_eq!(c.journal_bytes(), None);
+        let e = parse(&GOOD.replace("[ingest]", "[ingest]\njournal_mib = 4096")).unwrap_err();
+        assert!(e.0.contains("ingest.journal_mib"), "{e}");
     }
 
     #[test]

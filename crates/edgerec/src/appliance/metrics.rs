@@ -149,6 +149,10 @@ pub struct Metrics {
     /// but read while the journal was full), `unreadable` (left by the last process past a
     /// damaged entry).
     pub journal: Family<Reason, Counter>,
+    /// `edgerec_outcomes_total{outcome}`: facts of the outcome journal
+    /// (`appliance/outcomes.rs`): started, ended, salvaged, stored, failed, refused (by
+    /// recording), lost (the journal's queue was full).
+    pub outcomes: Family<UploadOutcome, Counter>,
     /// Whether the spool is writable and under its quota (1) or not (0), for /readyz.
     ready: Arc<AtomicBool>,
     /// Why not ready.
@@ -200,6 +204,7 @@ impl Metrics {
             siprec_dropped: Family::default(),
             config_reloads: Family::default(),
             journal: Family::default(),
+            outcomes: Family::default(),
             ready: Arc::new(AtomicBool::new(true)),
             not_ready_reason: std::sync::Mutex::new(String::new()),
         };
@@ -291,6 +296,12 @@ impl Metrics {
             "config_reloads",
             "SIGHUP reloads of the config, by outcome (applied, refused)",
             m.config_reloads.clone(),
+        );
+        r.register(
+            "outcomes",
+            "Facts of the outcome journal: recordings started, ended, salvaged, stored, failed, \
+             refused; lost (not written: its queue was full)",
+            m.outcomes.clone(),
         );
         r.register(
             "journal_datagrams",

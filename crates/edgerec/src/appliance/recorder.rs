@@ -24,6 +24,7 @@ use crate::appliance::carry::{Carried, Carry};
 use crate::appliance::feed::{Batch, Msg};
 use crate::appliance::journal::{Journal, Marks, Owner, entry_end};
 use crate::appliance::metrics::Metrics;
+use crate::appliance::outcomes::{Fact, Outcomes};
 use crate::appliance::service_manager::Beat;
 use crate::appliance::session::{Action, Counters, Holding, Limits, RecId, Sessions};
 use crate::appliance::spool::{ActiveFile, Spool};
@@ -69,6 +70,9 @@ pub struct RecorderSetup {
     /// The datagram journal, if one is kept, and the position of the first entry still to
     /// take (the first the last process left to replay, or its head).
     pub journal: Option<(Journal, u64)>,
+    /// The outcome journal: told of each recording started, ended, salvaged, and of the
+    /// refusals.
+    pub outcomes: Outcomes,
 }
 
 /// The longest the recorder waits for work: an idle recorder still beats for the watchdog
@@ -274,6 +278,9 @@ struct Recorder {
     /// The port of each recording whose datagrams the journal keeps.
     journal_ports: HashMap<RecId, u16>,
     journal_moved: Instant,
+    outcomes: Outcomes,
+    /// The recording each recording whose package is being made continues.
+    continuing: HashMap<RecId, Uuid>,
     spool: Spool,
     keks: KekHandle,
     wrap: Wrap,
@@ -329,6 +336,7 @@ impl Recorder {
             carry,
             epoch,
             journal,
+            outcomes,
         } = setup;
         let (journal, marks) = match journal {
             Some((j, start)) => (Some(j), Marks::new(start)),
@@ -366,6 +374,8 @@ impl Recorder {
             action_pos: Vec::new(),
             journal_ports: HashMap::new(),
             journal_moved: Instant::now(),
+            outcomes,
+            continuing: HashMap::new(),
             sessions,
             media_seen,
             siprec_calls: HashMap::new(),
@@ -607,6 +617,12 @@ impl Recorder {
     /// Ends `rec`'s package: its end record goes with the others of the round.
     fn end(&mut self, rec: RecId, reason: EndReason) {
         self.journal_ports.remove(&rec);
+        if let Some(o) = self.open.get(&rec) {
+            self.outcomes.note(Fact::Ended {
+                id: o.id,
+                reason: reason.name().into(),
+            });
+        }
         close(
             &mut self.open,
             rec,
@@ -727,6 +743,7 @@ impl Recorder {
         });
         if let Some(prev) = before {
             public.insert("continues".into(), prev.hyphenated().to_string().into());
+            self.continuing.insert(rec, prev);
         }
         let id = Uuid::now_v7();
         let opts = SealOptions {
@@ -751,6 +768,7 @@ impl Recorder {
         };
         if self.opener.jobs.send(job).is_err() {
             self.opening.remove(&rec);
+            self.continuing.remove(&rec);
             self.uuids.remove(&rec);
             self.carried.remove(&rec);
             self.journal_ports.remove(&rec);
@@ -805,9 +823,15 @@ impl Recorder {
             };
             let (rec, port, result) = made;
             let waiting = self.opening.remove(&rec).unwrap_or_default();
+            let continues = self.continuing.remove(&rec);
             match result {
                 Ok(o) => {
                     tracing::info!(recording = %o.id, port, "recording started");
+                    self.outcomes.note(Fact::Started {
+                        id: o.id,
+                        port,
+                        continues,
+                    });
                     if let (Some(carry), Some(&(at, from))) = (&self.carry, self.carried.get(&rec))
                     {
                         carry.set(at, o.id, from);
@@ -839,7 +863,14 @@ impl Recorder {
     /// record goes to ready/, unterminated, so the call so far is delivered.
     fn salvage_broken(&mut self) {
         for (f, why) in self.broken.drain(..) {
-            let id = f.id();
+            let (id, bytes) = (f.id(), f.len());
+            // Kept up to its last whole record, whether it reaches ready/ now or at the
+            // next start's recovery (a full disk may refuse its state file).
+            self.outcomes.note_durable(Fact::Salvaged {
+                id,
+                why: why.clone(),
+                bytes,
+            });
             match self.spool.salvage(f, &why, now_ms()) {
                 Ok(state) => {
                     tracing::warn!(recording = %id, bytes = state.size, "package kept up to the failed write; ready, unterminated");
@@ -878,7 +909,12 @@ impl Recorder {
     /// stop).
     fn publish(&mut self, stop: bool) {
         if stop || (self.unpublished && self.last_publish.elapsed() >= PUBLISH_EVERY) {
-            publish(&self.metrics, self.sessions.counters(), &mut self.published);
+            publish(
+                &self.metrics,
+                &self.outcomes,
+                self.sessions.counters(),
+                &mut self.published,
+            );
             self.last_publish = Instant::now();
             self.unpublished = false;
         }
@@ -917,7 +953,7 @@ fn chunk_mark(
 }
 
 /// Adds what the session counted since the last call to the metrics.
-fn publish(m: &Metrics, now: &Counters, last: &mut Counters) {
+fn publish(m: &Metrics, outcomes: &Outcomes, now: &Counters, last: &mut Counters) {
     m.rtp_received.inc_by(now.rtp_packets - last.rtp_packets);
     m.rtp_lost
         .inc_by(now.rtp_lost.saturating_sub(last.rtp_lost));
@@ -932,6 +968,10 @@ fn publish(m: &Metrics, now: &Counters, last: &mut Counters) {
         let before = last.refused.get(reason).copied().unwrap_or(0);
         if *n > before {
             Metrics::inc(&m.recordings_refused, reason, n - before);
+            outcomes.note(Fact::Refused {
+                reason: (*reason).to_string(),
+                count: n - before,
+            });
         }
     }
     for (reason, n) in &now.dropped {
@@ -1328,6 +1368,7 @@ mod tests {
             carry,
             epoch: Instant::now(),
             journal: None,
+            outcomes: Outcomes::none(),
         };
         let t = std::thread::spawn(move || run(setup, rx));
         (dir, spool, tx, ready_rx, t)

@@ -160,7 +160,17 @@ pub async fn run(
         }
     })?;
 
-    let spool = open_spool(&config)?;
+    let outcomes = crate::appliance::outcomes::Outcomes::start(
+        crate::appliance::outcomes::Settings {
+            dir: crate::appliance::outcomes::dir_of(&config.recorder.spool_dir),
+            keep_days: config.outcomes_keep_days,
+            commit_every: Duration::from_millis(*config.recorder.flush_interval_ms.get_ref()),
+            sync: config.recorder.sync == SyncMode::Data,
+        },
+        Arc::clone(&metrics),
+    )
+    .map_err(start("the outcome journal (recorder.spool_dir/outcomes)"))?;
+    let spool = open_spool(&config, &outcomes)?;
     let keks = KekHandle::new(Vec::new());
     let mut keys = key_source::prepare(&config)
         .await?
@@ -213,6 +223,7 @@ pub async fn run(
             carry: Some((carry, carried)),
             epoch,
             journal,
+            outcomes: outcomes.clone(),
         };
         move || recorder::run(setup, rx)
     })?;
@@ -237,6 +248,7 @@ pub async fn run(
             metrics: Arc::clone(&metrics),
             concurrency: config.concurrency,
             abort_orphans_after: config.abort_orphans_after,
+            outcomes: outcomes.clone(),
         };
         move || uploader::run(setup)
     })?;
@@ -315,6 +327,8 @@ pub async fn run(
         uploader,
     })
     .await;
+    // Every thread that notes outcomes has stopped: what they noted is committed.
+    let _ = tokio::task::spawn_blocking(move || outcomes.stop()).await;
     tracing::info!("stopped; what was not stored waits in the spool");
     Ok(())
 }
@@ -433,7 +447,10 @@ fn open_journal(
     Ok((Some((j, first)), replay.datagrams))
 }
 
-fn open_spool(config: &Config) -> Result<Spool, RunError> {
+fn open_spool(
+    config: &Config,
+    outcomes: &crate::appliance::outcomes::Outcomes,
+) -> Result<Spool, RunError> {
     let spool = Spool::open(&config.recorder.spool_dir).map_err(start("recorder.spool_dir"))?;
     if let Some(inbox) = &config.inbox {
         // Before the spool's recovery: a package cut short while sealing an inbox file is
@@ -454,7 +471,17 @@ fn open_spool(config: &Config) -> Result<Spool, RunError> {
                 terminated,
                 cut,
             } => {
-                tracing::warn!(recording = %id, terminated, cut_bytes = cut, "recovered after a crash")
+                tracing::warn!(recording = %id, terminated, cut_bytes = cut, "recovered after a crash");
+                if !terminated {
+                    let bytes = spool
+                        .read_state(crate::appliance::spool::Place::Ready, id)
+                        .map_or(0, |s| s.size);
+                    outcomes.note_durable(crate::appliance::outcomes::Fact::Salvaged {
+                        id,
+                        why: "recovered after a crash".into(),
+                        bytes,
+                    });
+                }
             }
             Recovery::StateRebuilt(id) => tracing::warn!(recording = %id, "upload state rebuilt"),
             Recovery::Quarantined { name, reason } => {

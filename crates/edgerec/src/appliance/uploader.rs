@@ -18,6 +18,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use crate::appliance::metrics::{Metrics, UploadOutcome};
+use crate::appliance::outcomes::{Fact, Outcomes};
 use crate::appliance::reload::Live;
 use crate::appliance::shutdown::Shutdown;
 use crate::appliance::spool::{Place, Spool, UploadState};
@@ -86,6 +87,8 @@ pub struct UploaderSetup {
     pub concurrency: usize,
     /// Orphaned multipart uploads are aborted after this long (`None`: never).
     pub abort_orphans_after: Option<Duration>,
+    /// The outcome journal: told of each package stored or failed.
+    pub outcomes: crate::appliance::outcomes::Outcomes,
 }
 
 /// How often the store is swept for orphaned multipart uploads (and once at start).
@@ -102,6 +105,7 @@ pub fn run(setup: UploaderSetup) {
         metrics,
         concurrency,
         abort_orphans_after,
+        outcomes,
     } = setup;
     let sweeper = abort_orphans_after.and_then(|older_than| {
         let (spool, settings, prefix, metrics, stop) = (
@@ -137,11 +141,12 @@ pub fn run(setup: UploaderSetup) {
     let (done_tx, done_rx) = std::sync::mpsc::channel::<(Uuid, Option<u64>)>();
     let workers: Vec<_> = (0..concurrency.max(1))
         .filter_map(|i| {
-            let (spool, settings, prefix, metrics) = (
+            let (spool, settings, prefix, metrics, outcomes) = (
                 spool.clone(),
                 Arc::clone(&settings),
                 prefix.clone(),
                 Arc::clone(&metrics),
+                outcomes.clone(),
             );
             let (jobs, done) = (Arc::clone(&jobs_rx), done_tx.clone());
             std::thread::Builder::new()
@@ -159,7 +164,7 @@ pub fn run(setup: UploaderSetup) {
                             now.store.as_ref(),
                             &prefix,
                             id,
-                            &metrics,
+                            (&metrics, &outcomes),
                             &now.policy,
                         );
                         if done.send((id, next)).is_err() {
@@ -255,7 +260,7 @@ fn upload_one(
     store: &dyn Store,
     prefix: &str,
     id: Uuid,
-    metrics: &Metrics,
+    (metrics, outcomes): (&Metrics, &Outcomes),
     policy: &Policy,
 ) -> Option<u64> {
     let Ok(mut state) = spool.read_state(Place::Ready, id) else {
@@ -295,23 +300,33 @@ fn upload_one(
             .inc();
     };
     match result {
-        Ok(how) => match spool.remove_stored(id) {
-            Ok(()) => {
-                outcome(match how {
-                    Stored::Written => "stored",
-                    Stored::AlreadyThere => "already_stored",
-                });
-                metrics.uploaded_bytes.inc_by(state.size);
-                let age_ms = now_ms().saturating_sub(state.ready_ms);
-                metrics.recording_to_stored.observe(age_ms as f64 / 1000.0);
-                tracing::info!(recording = %id, key, ?how, "stored");
-                None
+        Ok(how) => {
+            // In the journal before the spool lets go of it: a crash in between sends it
+            // again (the store answers "already there") and notes it again.
+            outcomes.note_durable(Fact::Stored {
+                id,
+                key: key.clone(),
+                bytes: state.size,
+                sha256: state.sha256.clone(),
+            });
+            match spool.remove_stored(id) {
+                Ok(()) => {
+                    outcome(match how {
+                        Stored::Written => "stored",
+                        Stored::AlreadyThere => "already_stored",
+                    });
+                    metrics.uploaded_bytes.inc_by(state.size);
+                    let age_ms = now_ms().saturating_sub(state.ready_ms);
+                    metrics.recording_to_stored.observe(age_ms as f64 / 1000.0);
+                    tracing::info!(recording = %id, key, ?how, "stored");
+                    None
+                }
+                Err(e) => {
+                    tracing::error!(recording = %id, error = %e, "stored, but cannot remove from the spool");
+                    None
+                }
             }
-            Err(e) => {
-                tracing::error!(recording = %id, error = %e, "stored, but cannot remove from the spool");
-                None
-            }
-        },
+        }
         Err(StoreError::Transient { why, retry_after }) => {
             let wait = match policy.after_transient(state.attempts, retry_after, random()) {
                 Verdict::RetryAfter(w) => w,
@@ -320,7 +335,7 @@ fn upload_one(
                         "gave up after {} attempts (upload.max_attempts); last: {why}",
                         state.attempts
                     ));
-                    return fail(spool, store, &key, &mut state, &e, metrics);
+                    return fail(spool, store, &key, &mut state, &e, (metrics, outcomes));
                 }
             };
             outcome("retry");
@@ -333,7 +348,7 @@ fn upload_one(
             }
             Some(state.next_attempt_ms)
         }
-        Err(e) => fail(spool, store, &key, &mut state, &e, metrics),
+        Err(e) => fail(spool, store, &key, &mut state, &e, (metrics, outcomes)),
     }
 }
 
@@ -345,7 +360,7 @@ fn fail(
     key: &str,
     state: &mut UploadState,
     e: &StoreError,
-    metrics: &Metrics,
+    (metrics, outcomes): (&Metrics, &Outcomes),
 ) -> Option<u64> {
     let id = state.id;
     state.last_error = Some(e.to_string());
@@ -360,6 +375,11 @@ fn fail(
             }
         }
     }
+    // In the journal before the move: a crash in between leaves it in ready/, tried again.
+    outcomes.note_durable(Fact::Failed {
+        id,
+        reason: e.to_string(),
+    });
     let moved = spool
         .write_state(Place::Ready, state)
         .and_then(|()| spool.move_package(id, Place::Ready, Place::Failed));
@@ -520,6 +540,7 @@ mod tests {
             metrics: Arc::clone(&metrics),
             concurrency,
             abort_orphans_after: None,
+            outcomes: crate::appliance::outcomes::Outcomes::none(),
         };
         let t = std::thread::spawn(move || run(setup));
         (tx, stop, metrics, t)

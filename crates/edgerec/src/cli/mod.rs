@@ -10,6 +10,8 @@
 
 #[cfg(feature = "appliance")]
 mod appliance;
+#[cfg(feature = "appliance")]
+mod calls;
 mod io;
 #[cfg(feature = "lkm")]
 mod lkm;
@@ -83,6 +85,14 @@ enum Command {
     Spool {
         #[command(subcommand)]
         action: SpoolAction,
+    },
+    /// What became of every recording and refusal: the appliance's outcome journal
+    /// (started, ended, salvaged, stored, failed; refusals per reason and second). Needs no
+    /// key.
+    #[cfg(feature = "appliance")]
+    Calls {
+        #[command(subcommand)]
+        action: CallsAction,
     },
     /// The Local Key Manager's tools.
     Lkm {
@@ -290,6 +300,34 @@ enum SpoolAction {
         /// The recording ids.
         #[arg(required_unless_present = "all")]
         ids: Vec<String>,
+    },
+}
+
+/// What `edgerec calls` does.
+#[cfg(feature = "appliance")]
+#[derive(Debug, Subcommand)]
+enum CallsAction {
+    /// Every recording the journal names, oldest first, with its outcome (recording,
+    /// spooled, stored, failed), and the refusals.
+    List {
+        #[command(flatten)]
+        at: SpoolAt,
+        /// From this time on (RFC 3339, or a UTC day YYYY-MM-DD).
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        /// Only this outcome: recording, spooled, stored, failed, salvaged, refused.
+        #[arg(long, value_name = "OUTCOME")]
+        outcome: Option<String>,
+        /// One JSON object (calls, refusals) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Everything the journal says of one recording, as JSON.
+    Show {
+        #[command(flatten)]
+        at: SpoolAt,
+        /// The recording id.
+        id: String,
     },
 }
 
@@ -582,6 +620,24 @@ pub fn main() -> ExitCode {
             SpoolAction::Retry { at, all, ids } => {
                 spool::open(at.config.as_deref(), at.spool.as_deref())
                     .and_then(|s| spool::retry(&s, &ids, all))
+            }
+        },
+        #[cfg(feature = "appliance")]
+        Command::Calls { action } => match action {
+            CallsAction::List {
+                at,
+                since,
+                outcome,
+                json,
+            } => calls::list(
+                at.config.as_deref(),
+                at.spool.as_deref(),
+                since.as_deref(),
+                outcome.as_deref(),
+                json,
+            ),
+            CallsAction::Show { at, id } => {
+                calls::show(at.config.as_deref(), at.spool.as_deref(), &id)
             }
         },
         Command::Lkm { action } => match action {

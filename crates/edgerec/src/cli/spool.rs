@@ -19,7 +19,12 @@ use erec::clock::{Utc, now_ms};
 
 /// The spool of `--config FILE` or `--spool DIR`.
 pub fn open(config: Option<&Path>, dir: Option<&Path>) -> Result<Spool, Error> {
-    let root: PathBuf = match (config, dir) {
+    Spool::existing(&root(config, dir)?).map_err(|e| Error::Invalid(e.to_string()))
+}
+
+/// The spool directory of `--config FILE` (its `recorder.spool_dir`) or `--spool DIR`.
+pub fn root(config: Option<&Path>, dir: Option<&Path>) -> Result<PathBuf, Error> {
+    Ok(match (config, dir) {
         (_, Some(d)) => d.to_path_buf(),
         (Some(c), None) => {
             crate::appliance::config::Config::load(c)
@@ -32,8 +37,7 @@ pub fn open(config: Option<&Path>, dir: Option<&Path>) -> Result<Spool, Error> {
                 "say which spool: --config FILE or --spool DIR".into(),
             ));
         }
-    };
-    Spool::existing(&root).map_err(|e| Error::Invalid(e.to_string()))
+    })
 }
 
 fn when(ms: u64) -> String {

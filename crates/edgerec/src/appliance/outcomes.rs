@@ -1,0 +1,739 @@
+//! The outcome journal: what became of every recording and every refusal, one JSON line a
+//! fact, in `{spool}/outcomes/YYYY-MM-DD.jsonl` (by the UTC day of the fact): a recording
+//! started (its port, the recording it continues), ended (the reason), salvaged (cut by a
+//! crash or a failed write, kept up to its last whole record), stored (object key, size,
+//! SHA-256), failed (the store refused it, or it used up its attempts); refusals counted per
+//! reason and second. `edgerec calls list|show` reads it ([`read`], [`fold`]).
+//!
+//! Written by one thread: the recorder, the uploader and the start-up's recovery hand it
+//! facts ([`Outcomes::note`]); it appends them and commits (flush, and `fdatasync` when the
+//! spool syncs) once a flush interval, as the spool does its records. Files older than
+//! `[outcomes] keep_days` are removed. Each day's file keeps [`RESERVE`] bytes allocated
+//! ahead of its end, so that the refusals of a full disk are still written.
+//!
+//! Invariants: operational facts only — ids, ports, times, sizes, digests, reasons — never
+//! media, metadata, addresses or keys. Append-only: a line is never rewritten; a line torn by
+//! a crash is skipped by the reader, and the next process starts on a fresh line. A flood of
+//! refusals is at most one line per reason and second. Files 0600 in a 0700 directory.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::appliance::metrics::Metrics;
+use erec::clock::{Utc, now_ms};
+
+/// A fact about a recording, or a count of refusals.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Fact {
+    /// A recording began (its package exists).
+    Started {
+        /// The recording id.
+        id: Uuid,
+        /// Its port (0 for a file of the inbox).
+        port: u16,
+        /// The recording it continues (a restart, the maximum duration).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        continues: Option<Uuid>,
+    },
+    /// It ended, and why (`idle_timeout`, `rtcp_bye`, `max_duration`, `shutdown`, …).
+    Ended {
+        /// The recording id.
+        id: Uuid,
+        /// The end reason.
+        reason: String,
+    },
+    /// It was kept up to its last whole record without an end (a crash, a failed write).
+    Salvaged {
+        /// The recording id.
+        id: Uuid,
+        /// Why.
+        why: String,
+        /// Bytes kept.
+        bytes: u64,
+    },
+    /// It is in the store.
+    Stored {
+        /// The recording id.
+        id: Uuid,
+        /// Its object key.
+        key: String,
+        /// Its size.
+        bytes: u64,
+        /// Its SHA-256, hex.
+        sha256: String,
+    },
+    /// The store refused it, or it used up its attempts: it waits in `failed/`.
+    Failed {
+        /// The recording id.
+        id: Uuid,
+        /// Why.
+        reason: String,
+    },
+    /// Recordings refused in one second, for one reason (`spool_full`, `kek_stale`, …).
+    Refused {
+        /// Why.
+        reason: String,
+        /// How many.
+        count: u64,
+    },
+}
+
+impl Fact {
+    /// Its name, as in the journal and the metric.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Fact::Started { .. } => "started",
+            Fact::Ended { .. } => "ended",
+            Fact::Salvaged { .. } => "salvaged",
+            Fact::Stored { .. } => "stored",
+            Fact::Failed { .. } => "failed",
+            Fact::Refused { .. } => "refused",
+        }
+    }
+
+    /// The recording it is about, if one.
+    pub fn id(&self) -> Option<Uuid> {
+        match self {
+            Fact::Started { id, .. }
+            | Fact::Ended { id, .. }
+            | Fact::Salvaged { id, .. }
+            | Fact::Stored { id, .. }
+            | Fact::Failed { id, .. } => Some(*id),
+            Fact::Refused { .. } => None,
+        }
+    }
+}
+
+/// One line of the journal: when, and what.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Line {
+    /// When (ms since the epoch; for refusals, the start of their second).
+    pub at_ms: u64,
+    /// What.
+    #[serde(flatten)]
+    pub fact: Fact,
+}
+
+/// Refusals of the same reason and second, added up before they are written.
+#[derive(Debug, Default)]
+pub struct Refusals {
+    pending: BTreeMap<(u64, String), u64>,
+}
+
+impl Refusals {
+    /// `count` refusals for `reason` at `at_ms`.
+    pub fn add(&mut self, at_ms: u64, reason: &str, count: u64) {
+        *self
+            .pending
+            .entry((at_ms / 1000, reason.to_string()))
+            .or_default() += count;
+    }
+
+    /// The lines of the seconds before `now_ms`'s (all of them with `all`), taken out.
+    pub fn due(&mut self, now_ms: u64, all: bool) -> Vec<Line> {
+        let now_s = now_ms / 1000;
+        let keep = self
+            .pending
+            .split_off(&(if all { u64::MAX } else { now_s }, String::new()));
+        std::mem::replace(&mut self.pending, keep)
+            .into_iter()
+            .map(|((s, reason), count)| Line {
+                at_ms: s * 1000,
+                fact: Fact::Refused { reason, count },
+            })
+            .collect()
+    }
+}
+
+/// Where the journal of a spool lives.
+pub fn dir_of(spool_dir: &Path) -> PathBuf {
+    spool_dir.join("outcomes")
+}
+
+fn file_of(dir: &Path, at_ms: u64) -> (String, PathBuf) {
+    let d = Utc::from_unix_ms(at_ms);
+    let day = format!("{:04}-{:02}-{:02}", d.year, d.month, d.day);
+    let path = dir.join(format!("{day}.jsonl"));
+    (day, path)
+}
+
+/// How the journal is written.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `{spool}/outcomes`.
+    pub dir: PathBuf,
+    /// Days of files kept.
+    pub keep_days: u32,
+    /// How often what was noted is committed (the spool's flush interval).
+    pub commit_every: Duration,
+    /// Whether a commit syncs (`recorder.sync = "data"`).
+    pub sync: bool,
+}
+
+/// What the writer is handed: a line, and for a durable one who waits for its commit.
+type Msg = (Line, Option<SyncSender<()>>);
+
+/// The handle the appliance's threads note facts through; [`Outcomes::stop`] commits the
+/// rest.
+#[derive(Clone)]
+pub struct Outcomes {
+    tx: Option<SyncSender<Msg>>,
+    metrics: Option<Arc<Metrics>>,
+    writer: Option<Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>>,
+}
+
+/// Bytes kept allocated past the end of the day's file (`fallocate`, size unchanged): about
+/// 4,000 lines written while the spool's file system is full.
+pub const RESERVE: u64 = 1 << 20;
+
+/// Facts waiting for the writer at most; beyond, a fact is lost and counted
+/// (`edgerec_outcomes_total{outcome="lost"}`): the recorder never waits for the journal.
+const QUEUE: usize = 65_536;
+
+impl Outcomes {
+    /// A handle that notes nothing (tests of the parts that take one).
+    #[cfg(test)]
+    pub fn none() -> Outcomes {
+        Outcomes {
+            tx: None,
+            metrics: None,
+            writer: None,
+        }
+    }
+
+    /// Starts the writer thread.
+    pub fn start(settings: Settings, metrics: Arc<Metrics>) -> io::Result<Outcomes> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&settings.dir)?;
+        remove_old(&settings.dir, settings.keep_days, now_ms());
+        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        let handle = std::thread::Builder::new()
+            .name("outcomes".into())
+            .spawn(move || write_loop(&settings, &rx))?;
+        Ok(Outcomes {
+            tx: Some(tx),
+            metrics: Some(metrics),
+            writer: Some(Arc::new(std::sync::Mutex::new(Some(handle)))),
+        })
+    }
+
+    /// Notes a fact, now; committed with the others of its flush interval (a `kill -9`
+    /// before that loses it).
+    pub fn note(&self, fact: Fact) {
+        self.send(fact, None);
+    }
+
+    /// Notes a fact and returns once it is committed: for a fact the spool will not tell
+    /// again after a crash (a package stored and removed from the spool, moved to
+    /// `failed/`, salvaged by the recovery). Waits at most a second (then it is as
+    /// [`Outcomes::note`]).
+    pub fn note_durable(&self, fact: Fact) {
+        let (done, wait) = std::sync::mpsc::sync_channel(1);
+        if self.send(fact, Some(done)) {
+            let _ = wait.recv_timeout(Duration::from_secs(1));
+        }
+    }
+
+    /// Hands a fact to the writer; whether it took it.
+    fn send(&self, fact: Fact, done: Option<SyncSender<()>>) -> bool {
+        let Some(tx) = &self.tx else {
+            return false;
+        };
+        let (name, n) = match &fact {
+            Fact::Refused { count, .. } => ("refused", *count),
+            f => (f.name(), 1),
+        };
+        let line = Line {
+            at_ms: now_ms(),
+            fact,
+        };
+        let (name, took) = match tx.try_send((line, done)) {
+            Ok(()) => (name, true),
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => ("lost", false),
+        };
+        if let Some(m) = &self.metrics {
+            m.outcomes
+                .get_or_create(&crate::appliance::metrics::UploadOutcome {
+                    outcome: name.into(),
+                })
+                .inc_by(n);
+        }
+        took
+    }
+
+    /// Commits what was noted and stops the writer (the other handles note nothing more).
+    pub fn stop(mut self) {
+        self.tx = None;
+        if let Some(w) = self.writer.take()
+            && let Ok(mut w) = w.lock()
+            && let Some(h) = w.take()
+        {
+            // Every other handle's sender must be gone too: the appliance's threads have
+            // stopped by now.
+            let _ = h.join();
+        }
+    }
+}
+
+/// The writer: appends each line to its day's file, adds up refusals, commits every
+/// `commit_every` and when the last handle goes.
+fn write_loop(s: &Settings, rx: &Receiver<Msg>) {
+    let mut file: Option<(String, BufWriter<File>)> = None;
+    let mut reserved_to = 0u64;
+    let mut refusals = Refusals::default();
+    let mut dirty = false;
+    let mut last_commit = std::time::Instant::now();
+    loop {
+        let got = rx.recv_timeout(s.commit_every.saturating_sub(last_commit.elapsed()));
+        let done = matches!(got, Err(RecvTimeoutError::Disconnected));
+        let mut waiting = None;
+        match got {
+            Ok((
+                Line {
+                    at_ms,
+                    fact: Fact::Refused { reason, count },
+                },
+                _,
+            )) => refusals.add(at_ms, &reason, count),
+            Ok((line, wait)) => {
+                dirty |= append(s, &mut file, &mut reserved_to, &line);
+                waiting = wait;
+            }
+            Err(_) => {}
+        }
+        if done || waiting.is_some() || last_commit.elapsed() >= s.commit_every {
+            for line in refusals.due(now_ms(), done) {
+                dirty |= append(s, &mut file, &mut reserved_to, &line);
+            }
+            if dirty && let Some((_, w)) = file.as_mut() {
+                let committed = w.flush().and_then(|()| {
+                    if s.sync {
+                        w.get_ref().sync_data()
+                    } else {
+                        Ok(())
+                    }
+                });
+                if let Err(e) = committed {
+                    tracing::error!(error = %e, "cannot commit the outcome journal");
+                }
+                dirty = false;
+                reserve(w.get_ref(), &mut reserved_to);
+            }
+            last_commit = std::time::Instant::now();
+            if let Some(w) = waiting {
+                let _ = w.try_send(());
+            }
+        }
+        if done {
+            return;
+        }
+    }
+}
+
+/// Appends one line to its day's file (opened, and the old days removed, at a new day);
+/// whether anything was written.
+fn append(
+    s: &Settings,
+    file: &mut Option<(String, BufWriter<File>)>,
+    reserved_to: &mut u64,
+    line: &Line,
+) -> bool {
+    let (day, path) = file_of(&s.dir, line.at_ms);
+    if file.as_ref().is_none_or(|(d, _)| *d != day) {
+        if let Some((_, mut old)) = file.take() {
+            let _ = old.flush().and_then(|()| old.get_ref().sync_data());
+        }
+        match open_day(&path) {
+            Ok(f) => {
+                *reserved_to = 0;
+                reserve(&f, reserved_to);
+                *file = Some((day, BufWriter::new(f)))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, path = %path.display(), "cannot open the outcome journal");
+                return false;
+            }
+        }
+        remove_old(&s.dir, s.keep_days, line.at_ms);
+    }
+    let Some((_, w)) = file.as_mut() else {
+        return false;
+    };
+    let mut bytes = serde_json::to_vec(line).expect("a line always serializes");
+    bytes.push(b'\n');
+    if let Err(e) = w.write_all(&bytes) {
+        tracing::error!(error = %e, "cannot write the outcome journal");
+        return false;
+    }
+    true
+}
+
+/// A day's file for appending (0600); one a crash left without its last newline gets one,
+/// so the torn line stays alone.
+fn open_day(path: &Path) -> io::Result<File> {
+    let mut f = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)?;
+    let len = f.metadata()?.len();
+    if len > 0 {
+        let mut last = [0u8; 1];
+        f.seek(SeekFrom::Start(len - 1))?;
+        f.read_exact(&mut last)?;
+        if last[0] != b'\n' {
+            f.write_all(b"\n")?;
+        }
+    }
+    Ok(f)
+}
+
+/// Keeps [`RESERVE`] bytes allocated past the file's end once half of the last reservation
+/// is used (a file system that cannot, or is full, is left as it is: logged once a day).
+fn reserve(f: &File, reserved_to: &mut u64) {
+    let Ok(len) = f.metadata().map(|m| m.len()) else {
+        return;
+    };
+    if len + RESERVE / 2 < *reserved_to {
+        return;
+    }
+    match rustix::fs::fallocate(f, rustix::fs::FallocateFlags::KEEP_SIZE, len, RESERVE) {
+        Ok(()) => *reserved_to = len + RESERVE,
+        Err(e) => {
+            if *reserved_to == 0 {
+                tracing::warn!(error = %e, "cannot reserve room for the outcome journal");
+            }
+            // Not tried again until as much more is written.
+            *reserved_to = len + RESERVE / 2 + 1;
+        }
+    }
+}
+
+/// Removes the days' files older than `keep_days` before `now_ms`.
+fn remove_old(dir: &Path, keep_days: u32, now_ms: u64) {
+    let (oldest, _) = file_of(
+        dir,
+        now_ms.saturating_sub(u64::from(keep_days) * 86_400_000),
+    );
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(day) = name.strip_suffix(".jsonl")
+            && day.len() == 10
+            && *day < *oldest.as_str()
+        {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
+/// The journal's lines from the day of `since_ms` on (all with `None`), in file order; a line
+/// that does not parse (torn by a crash) is skipped and counted.
+pub fn read(dir: &Path, since_ms: Option<u64>) -> io::Result<(Vec<Line>, usize)> {
+    let from = since_ms.map(|ms| file_of(dir, ms).0);
+    let mut days: Vec<PathBuf> = fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".jsonl"))
+                .is_some_and(|d| from.as_deref().is_none_or(|f| d >= f))
+        })
+        .collect();
+    days.sort();
+    let (mut lines, mut torn) = (Vec::new(), 0);
+    for day in days {
+        for l in io::BufReader::new(File::open(&day)?).lines() {
+            match serde_json::from_str::<Line>(&l?) {
+                Ok(line) => lines.push(line),
+                Err(_) => torn += 1,
+            }
+        }
+    }
+    Ok((lines, torn))
+}
+
+/// A fact of a [`Call`] with its time: `{"at_ms": …, "outcome": …, …}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct When<T> {
+    /// When (ms since the epoch).
+    pub at_ms: u64,
+    /// What.
+    #[serde(flatten)]
+    pub what: T,
+}
+
+/// What the journal says of one recording.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Call {
+    /// The recording id.
+    pub id: Uuid,
+    /// Its port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// When it started (ms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_ms: Option<u64>,
+    /// The recording it continues.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub continues: Option<Uuid>,
+    /// When and why it ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended: Option<When<Fact>>,
+    /// When and why it was salvaged, and the bytes kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub salvaged: Option<When<Fact>>,
+    /// When it was stored, its object key, size and SHA-256.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stored: Option<When<Fact>>,
+    /// When and why it failed (the last time).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed: Option<When<Fact>>,
+    /// What became of it: `recording`, `spooled` (ended, not yet stored), `stored`,
+    /// `failed`.
+    pub outcome: &'static str,
+}
+
+impl Call {
+    fn settle(&mut self) {
+        let stored_after_failing = match (&self.stored, &self.failed) {
+            (Some(s), Some(f)) => s.at_ms >= f.at_ms,
+            (Some(_), None) => true,
+            _ => false,
+        };
+        self.outcome = if stored_after_failing {
+            "stored"
+        } else if self.failed.is_some() {
+            "failed"
+        } else if self.ended.is_some() || self.salvaged.is_some() {
+            "spooled"
+        } else {
+            "recording"
+        };
+    }
+
+    /// Whether it matches an `--outcome` filter (its outcome, or `salvaged`).
+    pub fn is(&self, outcome: &str) -> bool {
+        self.outcome == outcome || (outcome == "salvaged" && self.salvaged.is_some())
+    }
+}
+
+/// The journal's lines folded into one [`Call`] per recording (in order of first mention)
+/// and the refusals as they are.
+pub fn fold(lines: Vec<Line>) -> (Vec<Call>, Vec<Line>) {
+    let mut calls: Vec<Call> = Vec::new();
+    let mut index: std::collections::HashMap<Uuid, usize> = std::collections::HashMap::new();
+    let mut refusals = Vec::new();
+    for line in lines {
+        let Some(id) = line.fact.id() else {
+            refusals.push(line);
+            continue;
+        };
+        let i = *index.entry(id).or_insert_with(|| {
+            calls.push(Call {
+                id,
+                ..Call::default()
+            });
+            calls.len() - 1
+        });
+        let c = &mut calls[i];
+        let at_ms = line.at_ms;
+        let slot = match &line.fact {
+            Fact::Started {
+                port, continues, ..
+            } => {
+                c.port = Some(*port);
+                c.started_ms = Some(at_ms);
+                c.continues = *continues;
+                continue;
+            }
+            Fact::Ended { .. } => &mut c.ended,
+            Fact::Salvaged { .. } => &mut c.salvaged,
+            Fact::Stored { .. } => &mut c.stored,
+            Fact::Failed { .. } => &mut c.failed,
+            Fact::Refused { .. } => continue,
+        };
+        *slot = Some(When {
+            at_ms,
+            what: line.fact,
+        });
+    }
+    for c in &mut calls {
+        c.settle();
+    }
+    (calls, refusals)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u128) -> Uuid {
+        Uuid::from_u128(n)
+    }
+
+    #[test]
+    fn a_flood_of_refusals_is_a_line_per_reason_and_second() {
+        let mut r = Refusals::default();
+        for i in 0..10_000u64 {
+            r.add(
+                5_000 + i % 2_000,
+                if i % 3 == 0 {
+                    "kek_stale"
+                } else {
+                    "spool_full"
+                },
+                1,
+            );
+        }
+        let due = r.due(6_500, false);
+        assert_eq!(due.len(), 2, "the second 5 of both reasons: {due:?}");
+        assert!(due.iter().all(|l| l.at_ms == 5_000));
+        let total: u64 = due
+            .iter()
+            .map(|l| match &l.fact {
+                Fact::Refused { count, .. } => *count,
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(total, 5_000);
+        assert_eq!(r.due(6_500, true).len(), 2, "the second 6 at the stop");
+        assert!(r.due(99_000, true).is_empty());
+    }
+
+    #[test]
+    fn the_lines_of_a_recording_fold_into_its_outcome() {
+        let line = |at_ms, fact| Line { at_ms, fact };
+        let lines = vec![
+            line(
+                1,
+                Fact::Started {
+                    id: id(1),
+                    port: 40_000,
+                    continues: None,
+                },
+            ),
+            line(
+                2,
+                Fact::Started {
+                    id: id(2),
+                    port: 40_002,
+                    continues: Some(id(9)),
+                },
+            ),
+            line(
+                3,
+                Fact::Refused {
+                    reason: "spool_full".into(),
+                    count: 4,
+                },
+            ),
+            line(
+                4,
+                Fact::Ended {
+                    id: id(1),
+                    reason: "rtcp_bye".into(),
+                },
+            ),
+            line(
+                5,
+                Fact::Failed {
+                    id: id(1),
+                    reason: "403".into(),
+                },
+            ),
+            line(
+                6,
+                Fact::Salvaged {
+                    id: id(2),
+                    why: "recovered after a crash".into(),
+                    bytes: 9,
+                },
+            ),
+            line(
+                7,
+                Fact::Stored {
+                    id: id(1),
+                    key: "k".into(),
+                    bytes: 10,
+                    sha256: "ab".into(),
+                },
+            ),
+            line(
+                8,
+                Fact::Started {
+                    id: id(3),
+                    port: 40_004,
+                    continues: None,
+                },
+            ),
+        ];
+        let (calls, refused) = fold(lines);
+        assert_eq!(refused.len(), 1);
+        let outcomes: Vec<(Uuid, &str)> = calls.iter().map(|c| (c.id, c.outcome)).collect();
+        assert_eq!(
+            outcomes,
+            [(id(1), "stored"), (id(2), "spooled"), (id(3), "recording")]
+        );
+        assert!(calls[1].is("salvaged") && calls[1].continues == Some(id(9)));
+    }
+
+    #[test]
+    fn lines_round_trip_and_a_torn_line_is_skipped_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Settings {
+            dir: dir.path().to_path_buf(),
+            keep_days: 30,
+            commit_every: Duration::from_millis(10),
+            sync: false,
+        };
+        let at = 1_796_083_200_000; // 2026-12-01
+        let first = Line {
+            at_ms: at,
+            fact: Fact::Ended {
+                id: id(1),
+                reason: "idle_timeout".into(),
+            },
+        };
+        let (mut file, mut reserved) = (None, 0);
+        assert!(append(&s, &mut file, &mut reserved, &first));
+        file.take().unwrap().1.flush().unwrap();
+        // A crash mid-line, then the next process appends.
+        let path = dir.path().join("2026-12-01.jsonl");
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"at_ms\":17").unwrap();
+        let second = Line {
+            at_ms: at + 1,
+            fact: Fact::Failed {
+                id: id(1),
+                reason: "gave up".into(),
+            },
+        };
+        assert!(append(&s, &mut file, &mut reserved, &second));
+        file.take().unwrap().1.flush().unwrap();
+        let (lines, torn) = read(dir.path(), Some(at)).unwrap();
+        assert_eq!(lines, [first, second]);
+        assert_eq!(torn, 1);
+        // A day past keep_days goes.
+        fs::write(dir.path().join("2026-10-01.jsonl"), "").unwrap();
+        remove_old(dir.path(), 30, at);
+        assert!(!dir.path().join("2026-10-01.jsonl").exists());
+        assert!(path.exists());
+    }
+}
