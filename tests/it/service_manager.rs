@@ -592,6 +592,33 @@ fn outcomes_agree(m: &Manager, packages: &[Stored], streams: u16, kills: usize, 
             assert_eq!(c["continues"].as_str(), p.continues.as_deref(), "{c}");
         }
     }
+    // The identity made at the first start is kept (0600) and shown for registration.
+    let o = edgerec(&[
+        "identity",
+        "show",
+        "--config",
+        m.path("edgerec.toml").to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let shown: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let id = shown["appliance_id"].as_str().unwrap();
+    assert!(
+        id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{shown}"
+    );
+    assert!(
+        shown["public_key_pem"]
+            .as_str()
+            .unwrap()
+            .starts_with("-----BEGIN PUBLIC KEY-----\n")
+    );
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &fs::metadata(m.path("spool/identity.key"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
     let salvaged = calls.iter().filter(|c| c.get("salvaged").is_some()).count();
     let shutdown = calls
         .iter()

@@ -16,6 +16,7 @@ pub(crate) mod carry;
 pub(crate) mod config;
 pub(crate) mod control;
 pub(crate) mod feed;
+pub(crate) mod identity;
 pub(crate) mod inbox;
 pub(crate) mod ingest;
 pub(crate) mod journal;

@@ -347,6 +347,13 @@ struct RawLog {
     level: Option<Spanned<String>>,
 }
 
+/// `[identity]` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    key_file: Option<PathBuf>,
+}
+
 /// `[outcomes]` as written.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -377,6 +384,8 @@ struct Raw {
     log: RawLog,
     #[serde(default)]
     outcomes: RawOutcomes,
+    #[serde(default)]
+    identity: RawIdentity,
 }
 
 /// `[siprec]` as written.
@@ -504,6 +513,9 @@ pub struct Config {
     pub log_level: Option<String>,
     /// `[outcomes] keep_days`: days of the outcome journal kept (30; 1 to 3660).
     pub outcomes_keep_days: u32,
+    /// `[identity] key_file`: the appliance's Ed25519 identity key (default `identity.key`
+    /// in the spool directory; made at the first start).
+    pub identity_key: PathBuf,
     /// `[control]`, if it has a `listen`.
     pub control: Option<Control>,
     /// `[inbox]`, if it has a `dir`.
@@ -1230,6 +1242,10 @@ impl Config {
         };
         let mut recorder = raw.recorder.clone();
         recorder.spool_dir = cx.resolve(&recorder.spool_dir);
+        let identity_key = match &raw.identity.key_file {
+            Some(f) => cx.resolve(f),
+            None => recorder.spool_dir.join("identity.key"),
+        };
         Ok(Config {
             escrow_public_key: raw.keys.escrow_public_key.as_deref().map(|p| cx.resolve(p)),
             demo_keys: raw.keys.demo,
@@ -1253,6 +1269,7 @@ impl Config {
             metrics: raw.metrics,
             log_level,
             outcomes_keep_days,
+            identity_key,
         })
     }
 

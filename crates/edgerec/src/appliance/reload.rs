@@ -73,6 +73,7 @@ fn fixed(c: &Config) -> Vec<(&'static str, String)> {
         ),
         ("siprec", format!("{:?}", c.siprec)),
         ("recorder.spool_dir", r.spool_dir.display().to_string()),
+        ("identity.key_file", c.identity_key.display().to_string()),
         (
             "recorder (timings, sizes, sync) or ingest admission limits",
             format!(

@@ -171,6 +171,20 @@ pub async fn run(
     )
     .map_err(start("the outcome journal (recorder.spool_dir/outcomes)"))?;
     let spool = open_spool(&config, &outcomes)?;
+    let identity = match crate::appliance::identity::Identity::load_or_create(&config.identity_key)
+    {
+        Ok((identity, true)) => {
+            tracing::warn!(
+                appliance = identity.id(),
+                key_file = %config.identity_key.display(),
+                "appliance identity made: register its public key (`edgerec identity show`)"
+            );
+            identity
+        }
+        Ok((identity, false)) => identity,
+        Err(e) => return Err(RunError::Start(format!("identity.key_file: {e}"))),
+    };
+    tracing::info!(appliance = identity.id(), "appliance identity");
     let keks = KekHandle::new(Vec::new());
     let mut keys = key_source::prepare(&config)
         .await?

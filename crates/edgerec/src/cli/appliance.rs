@@ -171,3 +171,24 @@ pub fn loadgen(
     println!("late_ticks {}", r.late_ticks);
     Ok(())
 }
+
+/// `edgerec identity show`: the appliance id and public key of the config's
+/// `[identity] key_file`.
+pub fn identity_show(config: &Path, json: bool) -> Result<(), crate::Error> {
+    let c = Config::load(config).map_err(|e| crate::Error::Invalid(e.to_string()))?;
+    let identity = crate::appliance::identity::Identity::load(&c.identity_key)
+        .map_err(|e| crate::Error::Invalid(e.to_string()))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "appliance_id": identity.id(),
+                "public_key_pem": identity.public_pem(),
+            })
+        );
+    } else {
+        // Text before the PEM block is allowed (RFC 7468, 5.2): the file stays a public key.
+        print!("appliance id {}\n{}", identity.id(), identity.public_pem());
+    }
+    Ok(())
+}

@@ -94,6 +94,13 @@ enum Command {
         #[command(subcommand)]
         action: CallsAction,
     },
+    /// The appliance's identity: its Ed25519 signing key pair (made at its first start, in
+    /// `[identity] key_file`) and the appliance id derived from it.
+    #[cfg(feature = "appliance")]
+    Identity {
+        #[command(subcommand)]
+        action: IdentityAction,
+    },
     /// The Local Key Manager's tools.
     Lkm {
         #[command(subcommand)]
@@ -328,6 +335,22 @@ enum CallsAction {
         at: SpoolAt,
         /// The recording id.
         id: String,
+    },
+}
+
+/// What `edgerec identity` does.
+#[cfg(feature = "appliance")]
+#[derive(Debug, Subcommand)]
+enum IdentityAction {
+    /// Print the appliance id and its public key (SPKI PEM), to register where the store is
+    /// verified. Reads the key file; never makes one.
+    Show {
+        /// The appliance's config file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// One JSON object (`appliance_id`, `public_key_pem`) instead.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -622,6 +645,10 @@ pub fn main() -> ExitCode {
                     .and_then(|s| spool::retry(&s, &ids, all))
             }
         },
+        #[cfg(feature = "appliance")]
+        Command::Identity {
+            action: IdentityAction::Show { config, json },
+        } => appliance::identity_show(&config, json),
         #[cfg(feature = "appliance")]
         Command::Calls { action } => match action {
             CallsAction::List {
