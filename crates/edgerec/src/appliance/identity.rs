@@ -106,18 +106,32 @@ impl Identity {
                 "the random source failed to make a key",
             ))
         })?;
-        if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir).map_err(io)?;
-        }
-        let mut f = fs::OpenOptions::new()
+        let dir = path.parent().unwrap_or(Path::new("."));
+        fs::create_dir_all(dir).map_err(io)?;
+        // Written whole and synced under another name, then linked into place (which fails
+        // if the name exists): a crash leaves no half key where the key belongs.
+        let tmp = dir.join(format!(".identity.{}.tmp", std::process::id()));
+        let _ = fs::remove_file(&tmp);
+        let written = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(path)
-            .map_err(io)?;
-        f.write_all(pem(PRIVATE, doc.as_ref()).as_bytes())
-            .and_then(|()| f.sync_all())
-            .map_err(io)?;
+            .open(&tmp)
+            .and_then(|mut f| {
+                f.write_all(pem(PRIVATE, doc.as_ref()).as_bytes())?;
+                f.sync_all()
+            })
+            .and_then(|()| fs::hard_link(&tmp, path));
+        let _ = fs::remove_file(&tmp);
+        match written {
+            Ok(()) => {}
+            // Made meanwhile by another start: that one is the identity.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Self::load(path).map(|i| (i, false));
+            }
+            Err(e) => return Err(io(e)),
+        }
+        fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
         let pair =
             Ed25519KeyPair::from_pkcs8(doc.as_ref()).map_err(|_| IdentityError::NotAKey {
                 path: path.to_path_buf(),
@@ -156,7 +170,8 @@ impl Identity {
             path: path.to_path_buf(),
         };
         let der = unpem(PRIVATE, &text).ok_or_else(not_a_key)?;
-        let pair = Ed25519KeyPair::from_pkcs8(&der).map_err(|_| not_a_key())?;
+        // PKCS#8 v2 as made here, or v1 (what `openssl genpkey -algorithm ed25519` writes).
+        let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der).map_err(|_| not_a_key())?;
         Ok(Identity { pair })
     }
 

@@ -180,8 +180,9 @@ pub struct Settings {
     pub sync: bool,
 }
 
-/// What the writer is handed: a line, and for a durable one who waits for its commit.
-type Msg = (Line, Option<SyncSender<()>>);
+/// What the writer is handed: a line, and for a durable one who waits for its commit (told
+/// whether it succeeded).
+type Msg = (Line, Option<SyncSender<bool>>);
 
 /// The handle the appliance's threads note facts through; [`Outcomes::stop`] commits the
 /// rest.
@@ -189,12 +190,16 @@ type Msg = (Line, Option<SyncSender<()>>);
 pub struct Outcomes {
     tx: Option<SyncSender<Msg>>,
     metrics: Option<Arc<Metrics>>,
-    writer: Option<Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>>,
+    /// Told when the writer has committed the last line and returned.
+    finished: Option<Arc<std::sync::Mutex<Receiver<()>>>>,
 }
 
 /// Bytes kept allocated past the end of the day's file (`fallocate`, size unchanged): about
 /// 4,000 lines written while the spool's file system is full.
 pub const RESERVE: u64 = 1 << 20;
+
+/// How long [`Outcomes::note_durable`] waits for its commit at most.
+pub const DURABLE_WAIT: Duration = Duration::from_secs(10);
 
 /// Facts waiting for the writer at most; beyond, a fact is lost and counted
 /// (`edgerec_outcomes_total{outcome="lost"}`): the recorder never waits for the journal.
@@ -207,7 +212,7 @@ impl Outcomes {
         Outcomes {
             tx: None,
             metrics: None,
-            writer: None,
+            finished: None,
         }
     }
 
@@ -219,13 +224,17 @@ impl Outcomes {
             .create(&settings.dir)?;
         remove_old(&settings.dir, settings.keep_days, now_ms());
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
-        let handle = std::thread::Builder::new()
+        let (finish, finished) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
             .name("outcomes".into())
-            .spawn(move || write_loop(&settings, &rx))?;
+            .spawn(move || {
+                write_loop(&settings, &rx);
+                let _ = finish.send(());
+            })?;
         Ok(Outcomes {
             tx: Some(tx),
             metrics: Some(metrics),
-            writer: Some(Arc::new(std::sync::Mutex::new(Some(handle)))),
+            finished: Some(Arc::new(std::sync::Mutex::new(finished))),
         })
     }
 
@@ -235,19 +244,43 @@ impl Outcomes {
         self.send(fact, None);
     }
 
-    /// Notes a fact and returns once it is committed: for a fact the spool will not tell
-    /// again after a crash (a package stored and removed from the spool, moved to
-    /// `failed/`, salvaged by the recovery). Waits at most a second (then it is as
-    /// [`Outcomes::note`]).
-    pub fn note_durable(&self, fact: Fact) {
+    /// Notes a fact and returns once it is committed, with whether it was: for a fact the
+    /// spool will not tell again after a crash (a package stored and removed from the spool,
+    /// moved to `failed/`, salvaged). Waits at most [`DURABLE_WAIT`]; a fact not committed
+    /// by then is counted `lost` (the caller goes on: delivering a recording comes before
+    /// noting it).
+    pub fn note_durable(&self, fact: Fact) -> bool {
         let (done, wait) = std::sync::mpsc::sync_channel(1);
-        if self.send(fact, Some(done)) {
-            let _ = wait.recv_timeout(Duration::from_secs(1));
+        let committed =
+            self.send(fact, Some(done)) && wait.recv_timeout(DURABLE_WAIT).unwrap_or(false);
+        if !committed
+            && self.tx.is_some()
+            && let Some(m) = &self.metrics
+        {
+            m.outcomes
+                .get_or_create(&crate::appliance::metrics::UploadOutcome {
+                    outcome: "lost".into(),
+                })
+                .inc();
         }
+        committed
+    }
+
+    /// Notes every fact of `facts`, committed together before it returns (one sync); whether
+    /// they were.
+    pub fn note_all_durable(&self, facts: Vec<Fact>) -> bool {
+        let mut facts = facts;
+        let Some(last) = facts.pop() else {
+            return true;
+        };
+        for f in facts {
+            self.note(f);
+        }
+        self.note_durable(last)
     }
 
     /// Hands a fact to the writer; whether it took it.
-    fn send(&self, fact: Fact, done: Option<SyncSender<()>>) -> bool {
+    fn send(&self, fact: Fact, done: Option<SyncSender<bool>>) -> bool {
         let Some(tx) = &self.tx else {
             return false;
         };
@@ -273,47 +306,64 @@ impl Outcomes {
         took
     }
 
-    /// Commits what was noted and stops the writer (the other handles note nothing more).
+    /// Commits what was noted and stops the writer, once every other handle is gone too
+    /// (the appliance's threads have stopped by then); waits at most [`DURABLE_WAIT`], so a
+    /// handle left somewhere never holds the stop up.
     pub fn stop(mut self) {
         self.tx = None;
-        if let Some(w) = self.writer.take()
-            && let Ok(mut w) = w.lock()
-            && let Some(h) = w.take()
+        if let Some(f) = self.finished.take()
+            && let Ok(f) = f.lock()
+            && f.recv_timeout(DURABLE_WAIT).is_err()
         {
-            // Every other handle's sender must be gone too: the appliance's threads have
-            // stopped by now.
-            let _ = h.join();
+            tracing::warn!("the outcome journal's writer did not finish in time");
         }
     }
 }
 
 /// The writer: appends each line to its day's file, adds up refusals, commits every
-/// `commit_every` and when the last handle goes.
+/// `commit_every`, when a durable fact waits (after taking what else is queued, so one sync
+/// serves them all), and when the last handle goes; tells each durable fact's noter whether
+/// its commit succeeded.
 fn write_loop(s: &Settings, rx: &Receiver<Msg>) {
     let mut file: Option<(String, BufWriter<File>)> = None;
     let mut reserved_to = 0u64;
     let mut refusals = Refusals::default();
-    let mut dirty = false;
+    let (mut dirty, mut failed) = (false, false);
+    let mut waiting: Vec<SyncSender<bool>> = Vec::new();
     let mut last_commit = std::time::Instant::now();
     loop {
-        let got = rx.recv_timeout(s.commit_every.saturating_sub(last_commit.elapsed()));
-        let done = matches!(got, Err(RecvTimeoutError::Disconnected));
-        let mut waiting = None;
-        match got {
-            Ok((
-                Line {
-                    at_ms,
-                    fact: Fact::Refused { reason, count },
-                },
-                _,
-            )) => refusals.add(at_ms, &reason, count),
-            Ok((line, wait)) => {
-                dirty |= append(s, &mut file, &mut reserved_to, &line);
-                waiting = wait;
+        let mut got = rx.recv_timeout(s.commit_every.saturating_sub(last_commit.elapsed()));
+        let mut done = false;
+        // Everything already queued goes into this commit.
+        for _ in 0..QUEUE {
+            match got {
+                Ok((
+                    Line {
+                        at_ms,
+                        fact: Fact::Refused { reason, count },
+                    },
+                    _,
+                )) => refusals.add(at_ms, &reason, count),
+                Ok((line, wait)) => {
+                    match append(s, &mut file, &mut reserved_to, &line) {
+                        true => dirty = true,
+                        false => failed = true,
+                    }
+                    waiting.extend(wait);
+                }
+                Err(RecvTimeoutError::Disconnected) => done = true,
+                Err(RecvTimeoutError::Timeout) => {}
             }
-            Err(_) => {}
+            got = match rx.try_recv() {
+                Ok(m) => Ok(m),
+                Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    done = true;
+                    break;
+                }
+            };
         }
-        if done || waiting.is_some() || last_commit.elapsed() >= s.commit_every {
+        if done || !waiting.is_empty() || last_commit.elapsed() >= s.commit_every {
             for line in refusals.due(now_ms(), done) {
                 dirty |= append(s, &mut file, &mut reserved_to, &line);
             }
@@ -327,18 +377,34 @@ fn write_loop(s: &Settings, rx: &Receiver<Msg>) {
                 });
                 if let Err(e) = committed {
                     tracing::error!(error = %e, "cannot commit the outcome journal");
+                    failed = true;
                 }
                 dirty = false;
                 reserve(w.get_ref(), &mut reserved_to);
             }
             last_commit = std::time::Instant::now();
-            if let Some(w) = waiting {
-                let _ = w.try_send(());
+            for w in waiting.drain(..) {
+                let _ = w.try_send(!failed);
             }
+            failed = false;
         }
         if done {
+            if let Some((_, w)) = file.take() {
+                release(w);
+            }
             return;
         }
+    }
+}
+
+/// A day's file is done with: what it holds is committed and the room reserved past its end
+/// is given back.
+fn release(mut w: BufWriter<File>) {
+    let _ = w.flush();
+    let f = w.get_ref();
+    if let Ok(len) = f.metadata().map(|m| m.len()) {
+        // Blocks allocated past the end go with a truncation to the size it has.
+        let _ = f.set_len(len).and_then(|()| f.sync_data());
     }
 }
 
@@ -352,8 +418,8 @@ fn append(
 ) -> bool {
     let (day, path) = file_of(&s.dir, line.at_ms);
     if file.as_ref().is_none_or(|(d, _)| *d != day) {
-        if let Some((_, mut old)) = file.take() {
-            let _ = old.flush().and_then(|()| old.get_ref().sync_data());
+        if let Some((_, old)) = file.take() {
+            release(old);
         }
         match open_day(&path) {
             Ok(f) => {
@@ -459,9 +525,23 @@ pub fn read(dir: &Path, since_ms: Option<u64>) -> io::Result<(Vec<Line>, usize)>
     days.sort();
     let (mut lines, mut torn) = (Vec::new(), 0);
     for day in days {
-        for l in io::BufReader::new(File::open(&day)?).lines() {
-            match serde_json::from_str::<Line>(&l?) {
+        let f = match File::open(&day) {
+            Ok(f) => f,
+            // Removed by the retention meanwhile.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let mut r = io::BufReader::new(f);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            if r.read_until(b'\n', &mut buf)? == 0 {
+                break;
+            }
+            // Bytes, not text: a line torn inside a character is skipped like any other.
+            match serde_json::from_slice::<Line>(buf.trim_ascii_end()) {
                 Ok(line) => lines.push(line),
+                Err(_) if buf.trim_ascii().is_empty() => {}
                 Err(_) => torn += 1,
             }
         }
@@ -526,6 +606,21 @@ impl Call {
         } else {
             "recording"
         };
+    }
+
+    /// When the journal first names it: its start, or (a start lost to a crash) its
+    /// earliest other fact.
+    pub fn first_ms(&self) -> u64 {
+        self.started_ms
+            .into_iter()
+            .chain(
+                [&self.ended, &self.salvaged, &self.stored, &self.failed]
+                    .into_iter()
+                    .flatten()
+                    .map(|w| w.at_ms),
+            )
+            .min()
+            .unwrap_or(0)
     }
 
     /// Whether it matches an `--outcome` filter (its outcome, or `salvaged`).
@@ -692,6 +787,57 @@ mod tests {
             [(id(1), "stored"), (id(2), "spooled"), (id(3), "recording")]
         );
         assert!(calls[1].is("salvaged") && calls[1].continues == Some(id(9)));
+    }
+
+    #[test]
+    fn a_durable_fact_is_on_disk_when_noting_it_returns_and_the_stop_commits_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (metrics, _) = Metrics::new();
+        let o = Outcomes::start(
+            Settings {
+                dir: dir.path().join("outcomes"),
+                keep_days: 30,
+                // Longer than the test: only the durable fact and the stop commit.
+                commit_every: Duration::from_secs(3600),
+                sync: false,
+            },
+            metrics,
+        )
+        .unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(mode(&dir.path().join("outcomes")), 0o700);
+        o.note(Fact::Started {
+            id: id(1),
+            port: 40_000,
+            continues: None,
+        });
+        o.note(Fact::Refused {
+            reason: "spool_full".into(),
+            count: 3,
+        });
+        assert!(o.note_durable(Fact::Stored {
+            id: id(1),
+            key: "2026/12/01/x.erec".into(),
+            bytes: 10,
+            sha256: "ab".into(),
+        }));
+        let (lines, _) = read(&dir.path().join("outcomes"), None).unwrap();
+        let names: Vec<&str> = lines.iter().map(|l| l.fact.name()).collect();
+        assert_eq!(
+            names,
+            ["started", "stored"],
+            "the start went with the durable commit"
+        );
+        o.stop();
+        let (lines, _) = read(&dir.path().join("outcomes"), None).unwrap();
+        assert_eq!(lines.len(), 3, "the refusal at the stop");
+        let day = fs::read_dir(dir.path().join("outcomes"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        assert_eq!(mode(&day.path()), 0o600);
     }
 
     #[test]

@@ -862,15 +862,20 @@ impl Recorder {
     /// Recordings whose write failed (a full disk): what they hold up to their last whole
     /// record goes to ready/, unterminated, so the call so far is delivered.
     fn salvage_broken(&mut self) {
-        for (f, why) in self.broken.drain(..) {
-            let (id, bytes) = (f.id(), f.len());
-            // Kept up to its last whole record, whether it reaches ready/ now or at the
-            // next start's recovery (a full disk may refuse its state file).
-            self.outcomes.note_durable(Fact::Salvaged {
-                id,
+        // Kept up to their last whole record, whether they reach ready/ now or at the next
+        // start's recovery (a full disk may refuse a state file): noted first, one commit.
+        let salvaged = self
+            .broken
+            .iter()
+            .map(|(f, why)| Fact::Salvaged {
+                id: f.id(),
                 why: why.clone(),
-                bytes,
-            });
+                bytes: f.len(),
+            })
+            .collect();
+        self.outcomes.note_all_durable(salvaged);
+        for (f, why) in self.broken.drain(..) {
+            let id = f.id();
             match self.spool.salvage(f, &why, now_ms()) {
                 Ok(state) => {
                     tracing::warn!(recording = %id, bytes = state.size, "package kept up to the failed write; ready, unterminated");

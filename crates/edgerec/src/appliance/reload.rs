@@ -74,6 +74,7 @@ fn fixed(c: &Config) -> Vec<(&'static str, String)> {
         ("siprec", format!("{:?}", c.siprec)),
         ("recorder.spool_dir", r.spool_dir.display().to_string()),
         ("identity.key_file", c.identity_key.display().to_string()),
+        ("outcomes.keep_days", c.outcomes_keep_days.to_string()),
         (
             "recorder (timings, sizes, sync) or ingest admission limits",
             format!(

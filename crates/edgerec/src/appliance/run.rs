@@ -478,6 +478,7 @@ fn open_spool(
             );
         }
     }
+    let mut salvaged = Vec::new();
     for r in spool.recover(now_ms()).map_err(start("spool recovery"))? {
         match r {
             Recovery::Recovered {
@@ -490,7 +491,7 @@ fn open_spool(
                     let bytes = spool
                         .read_state(crate::appliance::spool::Place::Ready, id)
                         .map_or(0, |s| s.size);
-                    outcomes.note_durable(crate::appliance::outcomes::Fact::Salvaged {
+                    salvaged.push(crate::appliance::outcomes::Fact::Salvaged {
                         id,
                         why: "recovered after a crash".into(),
                         bytes,
@@ -503,6 +504,7 @@ fn open_spool(
             }
         }
     }
+    outcomes.note_all_durable(salvaged);
     Ok(spool)
 }
 

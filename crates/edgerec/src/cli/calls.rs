@@ -92,12 +92,14 @@ pub fn list(
         )));
     }
     let since = since.map(since_ms).transpose()?;
-    let (lines, torn) = read(&journal_dir(config, spool)?, since)?;
-    let lines = lines
-        .into_iter()
-        .filter(|l| since.is_none_or(|s| l.at_ms >= s))
-        .collect();
+    // Every day is read and folded (a call's start may be days before its store); then
+    // the calls started since, and the refusals since, are shown.
+    let (lines, torn) = read(&journal_dir(config, spool)?, None)?;
     let (mut calls, mut refusals) = fold(lines);
+    if let Some(s) = since {
+        calls.retain(|c| c.first_ms() >= s);
+        refusals.retain(|l| l.at_ms >= s);
+    }
     if let Some(o) = outcome {
         calls.retain(|c| c.is(o));
         if o != "refused" {
