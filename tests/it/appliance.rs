@@ -1396,9 +1396,7 @@ fn a_full_spool_file_system_refuses_new_calls_keeps_the_spooled_ones_and_recover
     );
     // The outcome journal, written on the full disk too: three calls in the spool (the store
     // never answered), B salvaged at its failed write, C refused for the full spool.
-    let o = edgerec(&["calls", "list", "--config", cfg.to_str().unwrap(), "--json"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let doc = calls_json("--config", &cfg);
     let calls = doc["calls"].as_array().unwrap();
     assert_eq!(calls.len(), 3, "{doc}");
     assert!(calls.iter().all(|c| c["outcome"] == "spooled"), "{doc}");

@@ -97,6 +97,13 @@ pub fn open_bytes(
 }
 
 /// Runs the built binary.
+/// `edgerec calls list --json` of a spool (`--config FILE` or `--spool DIR`), parsed.
+pub fn calls_json(flag: &str, at: &std::path::Path) -> serde_json::Value {
+    let o = edgerec(&["calls", "list", flag, at.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
 pub fn edgerec(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_edgerec"))
         .args(args)

@@ -103,6 +103,16 @@ fn files_dropped_while_down_and_while_running_are_sealed_delivered_and_removed()
         let bytes = fs::read(&f).unwrap();
         assert!(!bytes.windows(16).any(|w| w == &transcript[..16]));
     }
+    // In the outcome journal as recordings of port 0, sealed whole and stored; no name.
+    let doc = calls_json("--config", &a.path("edgerec.toml"));
+    let calls = doc["calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 2, "{doc}");
+    for c in calls {
+        assert_eq!(c["port"], 0, "{c}");
+        assert_eq!(c["outcome"], "stored", "{c}");
+        assert_eq!(c["ended"]["reason"], "complete", "{c}");
+    }
+    assert!(!doc.to_string().contains("voicemail"));
 }
 
 #[test]

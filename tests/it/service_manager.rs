@@ -569,15 +569,7 @@ fn exports_joined(m: &Manager, stored: &BTreeSet<(u32, u16)>, streams: u16) {
 /// with the recording it continues; each killed process's recordings were salvaged (one a
 /// stream a kill), a stopped one's ended at the shutdown.
 fn outcomes_agree(m: &Manager, packages: &[Stored], streams: u16, kills: usize, how: Stop) {
-    let o = edgerec(&[
-        "calls",
-        "list",
-        "--spool",
-        m.path("spool").to_str().unwrap(),
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let doc = calls_json("--spool", &m.path("spool"));
     let calls = doc["calls"].as_array().unwrap();
     let by_id = |id: &uuid::Uuid| {
         calls

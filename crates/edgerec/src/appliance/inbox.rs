@@ -36,6 +36,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use crate::appliance::metrics::Metrics;
+use crate::appliance::outcomes::Fact;
 use crate::appliance::shutdown::Shutdown;
 use crate::appliance::spool::{ActiveFile, Place, Spool};
 use edgerec_net::durable::sync_dir;
@@ -133,6 +134,9 @@ pub struct Inbox {
     metrics: Arc<Metrics>,
     /// False while the disk policy refuses new recordings: files wait in the inbox.
     accepting: Arc<AtomicBool>,
+    /// The outcome journal: told of each file sealed (started and ended at once; a file that
+    /// waits for room is not refused, it is sealed later).
+    outcomes: Option<crate::appliance::outcomes::Outcomes>,
 }
 
 /// Appends through an active spool file.
@@ -173,6 +177,7 @@ impl Inbox {
             max_chunk,
             metrics,
             accepting,
+            outcomes: None,
         })
     }
 
@@ -361,10 +366,32 @@ impl Inbox {
         self.finish_claim(id, name, sidecar)
     }
 
+    /// Notes a fact in the outcome journal, if there is one.
+    fn note(&self, fact: Fact) {
+        if let Some(o) = &self.outcomes {
+            o.note(fact);
+        }
+    }
+
+    /// With the outcome journal to tell.
+    pub fn with_outcomes(mut self, outcomes: crate::appliance::outcomes::Outcomes) -> Inbox {
+        self.outcomes = Some(outcomes);
+        self
+    }
+
     fn finish_claim(&self, id: Uuid, name: &str, sidecar: bool) -> bool {
         match self.seal(id, name, sidecar) {
             Ok(bytes) => {
                 self.metrics.inbox_sealed.inc();
+                self.note(Fact::Started {
+                    id,
+                    port: 0,
+                    continues: None,
+                });
+                self.note(Fact::Ended {
+                    id,
+                    reason: "complete".into(),
+                });
                 tracing::info!(recording = %id, bytes, "inbox: sealed and removed from the inbox");
                 true
             }

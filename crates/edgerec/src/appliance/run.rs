@@ -209,17 +209,32 @@ pub async fn run(
     // Cleared by the disk policy (spool_max_bytes, min_free_bytes): no new recordings, calls
     // or inbox files, while it is.
     let accepting = Arc::new(AtomicBool::new(true));
-    let inbox = start_inbox(&config, &spool, &keks, &metrics, &accepting, &shutdown)?;
+    let inbox = start_inbox(
+        &config,
+        &spool,
+        &keks,
+        (&metrics, &outcomes),
+        &accepting,
+        &shutdown,
+    )?;
     let (ready_tx, ready_rx) = sync_channel(10_000);
     let refusing: Box<dyn Fn() -> bool + Send> = {
         let (accepting, keks) = (Arc::clone(&accepting), keks.clone());
         Box::new(move || !accepting.load(Ordering::Relaxed) || keks.current().is_empty())
     };
-    let (siprec, siprec_server) =
-        match start_siprec(&config, sip, tx.clone(), refusing, &metrics, &shutdown).await? {
-            Some((link, server)) => (Some(link), Some(server)),
-            None => (None, None),
-        };
+    let (siprec, siprec_server) = match start_siprec(
+        &config,
+        sip,
+        tx.clone(),
+        refusing,
+        (&metrics, &outcomes),
+        &shutdown,
+    )
+    .await?
+    {
+        Some((link, server)) => (Some(link), Some(server)),
+        None => (None, None),
+    };
     let recorder = start_thread("recorder", {
         let setup = RecorderSetup {
             spool: spool.clone(),
@@ -546,7 +561,7 @@ async fn start_siprec(
     sockets: Option<SipSockets>,
     recorder: std::sync::mpsc::SyncSender<Msg>,
     refusing: Box<dyn Fn() -> bool + Send>,
-    metrics: &Arc<Metrics>,
+    (metrics, outcomes): (&Arc<Metrics>, &crate::appliance::outcomes::Outcomes),
     shutdown: &Shutdown,
 ) -> Result<
     Option<(
@@ -625,6 +640,7 @@ async fn start_siprec(
             refusing,
             metrics: Some(Arc::clone(metrics)),
             sessions: Some(sessions),
+            outcomes: Some(outcomes.clone()),
         },
         async move { stopping.triggered().await },
     );
@@ -649,7 +665,7 @@ fn start_inbox(
     config: &Config,
     spool: &Spool,
     keks: &KekHandle,
-    metrics: &Arc<Metrics>,
+    (metrics, outcomes): (&Arc<Metrics>, &crate::appliance::outcomes::Outcomes),
     accepting: &Arc<AtomicBool>,
     shutdown: &Shutdown,
 ) -> Result<Option<std::thread::JoinHandle<()>>, RunError> {
@@ -665,7 +681,8 @@ fn start_inbox(
         Arc::clone(metrics),
         Arc::clone(accepting),
     )
-    .map_err(start(format!("inbox.dir {}", cfg.dir.display())))?;
+    .map_err(start(format!("inbox.dir {}", cfg.dir.display())))?
+    .with_outcomes(outcomes.clone());
     let (rescan, stop) = (cfg.rescan, shutdown.clone());
     tracing::info!(dir = %cfg.dir.display(), "inbox watched: files renamed into it are sealed");
     std::thread::Builder::new()

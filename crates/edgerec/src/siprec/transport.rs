@@ -66,6 +66,8 @@ pub struct SipHooks {
     /// session's ports before its media can arrive). Without it they go on the events
     /// channel.
     pub sessions: Option<SessionSink>,
+    /// The outcome journal: told of the sessions refused (`siprec_busy`, `siprec_disk`, …).
+    pub outcomes: Option<crate::appliance::outcomes::Outcomes>,
 }
 
 /// Where the SIP server hands each session's start, change and stop, with the
@@ -78,6 +80,7 @@ impl Default for SipHooks {
             refusing: Box::new(|| false),
             metrics: None,
             sessions: None,
+            outcomes: None,
         }
     }
 }
@@ -111,6 +114,26 @@ impl SipHooks {
     /// Actions out: responses counted by code, and the state machine's refusals and
     /// declined streams since the last time.
     fn count(&self, srs: &Srs, actions: &[SipAction], tally: &mut Tally) {
+        for (r, n) in &srs.refused {
+            let seen = tally.refused.entry(*r).or_default();
+            if *n > *seen {
+                if let Some(metrics) = &self.metrics {
+                    metrics
+                        .siprec_sessions
+                        .get_or_create(&crate::appliance::metrics::UploadOutcome {
+                            outcome: format!("refused_{}", r.label()),
+                        })
+                        .inc_by(*n - *seen);
+                }
+                if let Some(o) = &self.outcomes {
+                    o.note(crate::appliance::outcomes::Fact::Refused {
+                        reason: format!("siprec_{}", r.label()),
+                        count: *n - *seen,
+                    });
+                }
+                *seen = *n;
+            }
+        }
         let Some(metrics) = &self.metrics else { return };
         for a in actions {
             if let SipAction::Send { bytes, .. } = a
@@ -121,18 +144,6 @@ impl SipHooks {
                     .siprec_responses
                     .get_or_create(&crate::appliance::metrics::SipCode { code })
                     .inc();
-            }
-        }
-        for (r, n) in &srs.refused {
-            let seen = tally.refused.entry(*r).or_default();
-            if *n > *seen {
-                metrics
-                    .siprec_sessions
-                    .get_or_create(&crate::appliance::metrics::UploadOutcome {
-                        outcome: format!("refused_{}", r.label()),
-                    })
-                    .inc_by(*n - *seen);
-                *seen = *n;
             }
         }
         for (why, n) in &srs.declined {
