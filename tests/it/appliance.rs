@@ -18,18 +18,42 @@ use crate::common::*;
 
 /// Four consecutive free UDP ports on loopback.
 pub fn free_ports() -> u16 {
+    free_block(4)
+}
+
+/// The first of `n` consecutive UDP ports free on loopback (an even one), for an appliance
+/// to bind. Taken below the kernel's ephemeral range (32768 and up on Linux), in blocks of
+/// 64 handed out in turn to the tests of this process (from a place that depends on its
+/// pid): a port found free is not taken meanwhile by another test's client socket or by a
+/// parallel test's pick, as one from the ephemeral range could be.
+pub fn free_block(n: u16) -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const FIRST: u32 = 20_000;
+    const BLOCKS: u32 = 12_000 / 64;
+    let start = std::process::id() % BLOCKS;
+    if n <= 64 {
+        for _ in 0..BLOCKS {
+            let k = NEXT.fetch_add(1, Ordering::Relaxed);
+            let base = u16::try_from(FIRST + (start + k) % BLOCKS * 64).unwrap();
+            if (base..base + n).all(|p| UdpSocket::bind(("127.0.0.1", p)).is_ok()) {
+                return base;
+            }
+        }
+    }
+    // More than a block (a benchmark's hundreds of streams): from the ephemeral range.
     for _ in 0..200 {
         let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let base = probe.local_addr().unwrap().port();
+        let base = probe.local_addr().unwrap().port() & !1;
         drop(probe);
-        if base > 65000 {
+        if !(1024..=65535 - n).contains(&base) {
             continue;
         }
-        if (base..base + 4).all(|p| UdpSocket::bind(("127.0.0.1", p)).is_ok()) {
+        if (base..base + n).all(|p| UdpSocket::bind(("127.0.0.1", p)).is_ok()) {
             return base;
         }
     }
-    panic!("no four free ports");
+    panic!("no {n} free ports");
 }
 
 pub struct Appliance {

@@ -28,18 +28,7 @@ const XML: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
 
 /// `n` consecutive free UDP ports on loopback, the first even.
 pub fn free_range(n: u16) -> u16 {
-    for _ in 0..200 {
-        let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let base = probe.local_addr().unwrap().port() & !1;
-        drop(probe);
-        if !(1024..=65000).contains(&base) {
-            continue;
-        }
-        if (base..base + n).all(|p| UdpSocket::bind(("127.0.0.1", p)).is_ok()) {
-            return base;
-        }
-    }
-    panic!("no {n} free ports");
+    crate::appliance::free_block(n)
 }
 
 /// A configured appliance with `[siprec]` on loopback, started; returns it and the SIP

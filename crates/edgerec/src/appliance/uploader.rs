@@ -180,6 +180,12 @@ pub fn run(setup: UploaderSetup) {
     let mut queue = UploadQueue::new(slots);
     let mut last_scan: Option<std::time::Instant> = None;
     let mut news_open = true;
+    let attempt_at = |id| {
+        spool
+            .read_state(Place::Ready, id)
+            .ok()
+            .map(|s| s.next_attempt_ms)
+    };
     while !stop.is_triggered() && slots > 0 {
         while let Ok((id, next)) = done_rx.try_recv() {
             queue.answered(id, next);
@@ -192,12 +198,6 @@ pub fn run(setup: UploaderSetup) {
             last_scan = Some(std::time::Instant::now());
         }
         let now = now_ms();
-        let attempt_at = |id| {
-            spool
-                .read_state(Place::Ready, id)
-                .ok()
-                .map(|s| s.next_attempt_ms)
-        };
         let mut handed = false;
         while let Some(id) = queue.next_due(now, attempt_at) {
             if jobs_tx.send(id).is_err() {
@@ -233,6 +233,21 @@ pub fn run(setup: UploaderSetup) {
             }
         } else if let Ok((id, next)) = done_rx.recv_timeout(wait) {
             queue.answered(id, next);
+        }
+    }
+    // Stopping: the packages the recorder sealed last were told before the stop and may
+    // not have been handed out yet (told in the round the stop came in): they go too, as
+    // many as there are free workers; the rest waits in ready/ for the next start.
+    while let Ok(id) = rx.try_recv() {
+        queue.offer(id);
+    }
+    while let Ok((id, next)) = done_rx.try_recv() {
+        queue.answered(id, next);
+    }
+    let now = now_ms();
+    while let Some(id) = queue.next_due(now, attempt_at) {
+        if jobs_tx.send(id).is_err() {
+            break;
         }
     }
     finish(jobs_tx, workers, sweeper);
