@@ -253,15 +253,8 @@ impl Outcomes {
         let (done, wait) = std::sync::mpsc::sync_channel(1);
         let committed =
             self.send(fact, Some(done)) && wait.recv_timeout(DURABLE_WAIT).unwrap_or(false);
-        if !committed
-            && self.tx.is_some()
-            && let Some(m) = &self.metrics
-        {
-            m.outcomes
-                .get_or_create(&crate::appliance::metrics::UploadOutcome {
-                    outcome: "lost".into(),
-                })
-                .inc();
+        if !committed && self.tx.is_some() {
+            self.count("lost", 1);
         }
         committed
     }
@@ -296,14 +289,19 @@ impl Outcomes {
             Ok(()) => (name, true),
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => ("lost", false),
         };
+        self.count(name, n);
+        took
+    }
+
+    /// Counts `n` facts of `outcome` in `edgerec_outcomes_total`.
+    fn count(&self, outcome: &str, n: u64) {
         if let Some(m) = &self.metrics {
             m.outcomes
                 .get_or_create(&crate::appliance::metrics::UploadOutcome {
-                    outcome: name.into(),
+                    outcome: outcome.into(),
                 })
                 .inc_by(n);
         }
-        took
     }
 
     /// Commits what was noted and stops the writer, once every other handle is gone too
@@ -508,10 +506,9 @@ fn remove_old(dir: &Path, keep_days: u32, now_ms: u64) {
     }
 }
 
-/// The journal's lines from the day of `since_ms` on (all with `None`), in file order; a line
-/// that does not parse (torn by a crash) is skipped and counted.
-pub fn read(dir: &Path, since_ms: Option<u64>) -> io::Result<(Vec<Line>, usize)> {
-    let from = since_ms.map(|ms| file_of(dir, ms).0);
+/// Every line of the journal, day by day in file order; a line that does not parse (torn by
+/// a crash) is skipped and counted.
+pub fn read(dir: &Path) -> io::Result<(Vec<Line>, usize)> {
     let mut days: Vec<PathBuf> = fs::read_dir(dir)?
         .flatten()
         .map(|e| e.path())
@@ -519,7 +516,7 @@ pub fn read(dir: &Path, since_ms: Option<u64>) -> io::Result<(Vec<Line>, usize)>
             p.file_name()
                 .and_then(|n| n.to_str())
                 .and_then(|n| n.strip_suffix(".jsonl"))
-                .is_some_and(|d| from.as_deref().is_none_or(|f| d >= f))
+                .is_some()
         })
         .collect();
     days.sort();
@@ -822,7 +819,7 @@ mod tests {
             bytes: 10,
             sha256: "ab".into(),
         }));
-        let (lines, _) = read(&dir.path().join("outcomes"), None).unwrap();
+        let (lines, _) = read(&dir.path().join("outcomes")).unwrap();
         let names: Vec<&str> = lines.iter().map(|l| l.fact.name()).collect();
         assert_eq!(
             names,
@@ -830,7 +827,7 @@ mod tests {
             "the start went with the durable commit"
         );
         o.stop();
-        let (lines, _) = read(&dir.path().join("outcomes"), None).unwrap();
+        let (lines, _) = read(&dir.path().join("outcomes")).unwrap();
         assert_eq!(lines.len(), 3, "the refusal at the stop");
         let day = fs::read_dir(dir.path().join("outcomes"))
             .unwrap()
@@ -873,7 +870,7 @@ mod tests {
         };
         assert!(append(&s, &mut file, &mut reserved, &second));
         file.take().unwrap().1.flush().unwrap();
-        let (lines, torn) = read(dir.path(), Some(at)).unwrap();
+        let (lines, torn) = read(dir.path()).unwrap();
         assert_eq!(lines, [first, second]);
         assert_eq!(torn, 1);
         // A day past keep_days goes.

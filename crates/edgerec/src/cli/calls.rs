@@ -94,7 +94,7 @@ pub fn list(
     let since = since.map(since_ms).transpose()?;
     // Every day is read and folded (a call's start may be days before its store); then
     // the calls started since, and the refusals since, are shown.
-    let (lines, torn) = read(&journal_dir(config, spool)?, None)?;
+    let (lines, torn) = read(&journal_dir(config, spool)?)?;
     let (mut calls, mut refusals) = fold(lines);
     if let Some(s) = since {
         calls.retain(|c| c.first_ms() >= s);
@@ -167,7 +167,7 @@ pub fn list(
 pub fn show(config: Option<&Path>, spool: Option<&Path>, id: &str) -> Result<(), Error> {
     let id = uuid::Uuid::parse_str(id)
         .map_err(|_| Error::Invalid(format!("{id}: not a recording id")))?;
-    let (lines, _) = read(&journal_dir(config, spool)?, None)?;
+    let (lines, _) = read(&journal_dir(config, spool)?)?;
     let mine: Vec<_> = lines
         .into_iter()
         .filter(|l| l.fact.id() == Some(id))
