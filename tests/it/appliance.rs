@@ -197,7 +197,7 @@ listen = "127.0.0.1:0"
     }
 
     /// GET a path of the metrics listener: (status, body).
-    fn get(&self, path: &str) -> (u16, String) {
+    pub fn get(&self, path: &str) -> (u16, String) {
         let mut s = std::net::TcpStream::connect(&self.metrics).unwrap();
         write!(
             s,
@@ -257,7 +257,7 @@ listen = "127.0.0.1:0"
         assert!(child.wait().unwrap().success(), "exit 0 after SIGTERM");
     }
 
-    fn kill9(&mut self) {
+    pub fn kill9(&mut self) {
         let mut child = self.child.take().unwrap();
         child.kill().unwrap();
         child.wait().unwrap();
@@ -293,16 +293,38 @@ fn stored(store: &Path) -> Vec<PathBuf> {
     files_with_ext(store, "erec")
 }
 
-/// Every file under `root` whose name ends `.ext`.
+/// Whether a package of the spool is a manifest (its state names its object key).
+pub fn is_manifest(package: &Path) -> bool {
+    fs::read(package.with_extension("json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|s| s.get("object").is_some())
+}
+
+/// The keys of the recordings an S3 store holds under `prefix` (its manifests left out).
+pub fn recordings_in(store: &edgerec::store::s3::S3Store, prefix: &str) -> Vec<String> {
+    store
+        .list(prefix)
+        .unwrap()
+        .into_iter()
+        .filter(|k| !edgerec::store::is_manifest(prefix, k))
+        .collect()
+}
+
+/// Every file under `root` whose name ends `.ext` (manifests left out, in a store's
+/// `manifests/` or the spool: they are not recordings).
 pub fn files_with_ext(root: &Path, ext: &str) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(d) = stack.pop() {
         for e in fs::read_dir(&d).into_iter().flatten().flatten() {
             let p = e.path();
-            if p.is_dir() {
+            if p.is_dir() && p.file_name().is_some_and(|n| n == "manifests") {
+                continue;
+            } else if p.is_dir() {
                 stack.push(p);
-            } else if p.extension().is_some_and(|x| x == ext) {
+            } else if p.extension().is_some_and(|x| x == ext) && !(ext == "erec" && is_manifest(&p))
+            {
                 out.push(p);
             }
         }
@@ -991,7 +1013,7 @@ fn wrong_credentials_send_packages_to_failed_until_fixed_and_retried() {
         4,
         "2 packages + states"
     );
-    assert!(weed.store(SECRET_KEY).list("calls/").unwrap().is_empty());
+    assert!(recordings_in(&weed.store(SECRET_KEY), "calls/").is_empty());
     // The operator fixes the credentials, restarts, and sends the failed packages again.
     a.sigterm();
     let cfg = a.path("edgerec.toml");
@@ -1019,7 +1041,7 @@ fn wrong_credentials_send_packages_to_failed_until_fixed_and_retried() {
     );
     a.wait_metric("edgerec_uploads_total{outcome=\"stored\"}", 2.0);
     let store = weed.store(SECRET_KEY);
-    let keys = store.list("calls/").unwrap();
+    let keys = recordings_in(&store, "calls/");
     assert_eq!(keys.len(), 2);
     for k in keys {
         assert_eq!(rtp_packets(&store.get(&k).unwrap()), 100);
@@ -1050,7 +1072,7 @@ fn a_store_killed_under_load_gets_every_recording_exactly_once_after_it_returns(
         std::thread::sleep(Duration::from_millis(20));
     }
     let store = weed.store(SECRET_KEY);
-    let keys = store.list("calls/").unwrap();
+    let keys = recordings_in(&store, "calls/");
     assert_eq!(keys.len(), 4, "each recording once: {keys:?}");
     for k in keys {
         let bytes = store.get(&k).unwrap();
@@ -1136,7 +1158,7 @@ fn a_recorder_killed_during_multipart_uploads_resumes_them_after_restart() {
     assert!(listing.contains("of 5 parts stored"), "{listing}");
     let store = weed.store(SECRET_KEY);
     assert_eq!(store.list_uploads("calls/").unwrap().len(), 2);
-    assert!(store.list("calls/").unwrap().is_empty());
+    assert!(recordings_in(&store, "calls/").is_empty());
     // Restarted, on a free link: the uploads resume with the parts still missing.
     let text = fs::read_to_string(&cfg).unwrap();
     fs::write(&cfg, text.replace("bandwidth_bytes_per_sec = 4194304", "")).unwrap();
@@ -1149,7 +1171,7 @@ fn a_recorder_killed_during_multipart_uploads_resumes_them_after_restart() {
         (10 - saved) as f64,
         "only the missing parts went up again"
     );
-    let keys = store.list("calls/").unwrap();
+    let keys = recordings_in(&store, "calls/");
     assert_eq!(keys.len(), 2, "each package once: {keys:?}");
     for (id, bytes) in &packages {
         let key = keys.iter().find(|k| k.contains(id.as_str())).unwrap();
@@ -1221,7 +1243,7 @@ fn store_faults_are_retried_and_a_lost_answer_is_recognised_as_stored() {
     assert!(a.metric("edgerec_upload_retries_total") >= 5.0);
     assert_eq!(a.metric("edgerec_uploads_total{outcome=\"failed\"}"), 0.0);
     let s3 = weed.store(SECRET_KEY);
-    let keys = s3.list("calls/").unwrap();
+    let keys = recordings_in(&s3, "calls/");
     assert_eq!(keys.len(), 4, "each recording once: {keys:?}");
     for k in keys {
         assert_eq!(rtp_packets(&s3.get(&k).unwrap()), 100, "{k}");
@@ -1303,7 +1325,7 @@ fn a_full_spool_file_system_refuses_new_calls_keeps_the_spooled_ones_and_recover
         let mut v: Vec<PathBuf> = fs::read_dir(a.path("spool/ready"))
             .unwrap()
             .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|x| x == "erec"))
+            .filter(|p| p.extension().is_some_and(|x| x == "erec") && !is_manifest(p))
             .collect();
         v.sort();
         v

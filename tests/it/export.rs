@@ -6,7 +6,7 @@ use std::path::Path;
 
 use edgerec::store::Store;
 
-use crate::appliance::{Appliance, files_with_ext, loadgen, s3_store};
+use crate::appliance::{Appliance, files_with_ext, loadgen, recordings_in, s3_store};
 use crate::common::*;
 use crate::s3::{SECRET_KEY, Weed};
 
@@ -26,7 +26,7 @@ fn a_days_recordings_export_from_s3_skipping_the_tampered_and_a_second_run_does_
     a.wait_metric("edgerec_uploads_total{outcome=\"stored\"}", 4.0);
     a.sigterm();
     let s3 = weed.store(SECRET_KEY);
-    let keys = s3.list("calls/").unwrap();
+    let keys = recordings_in(&s3, "calls/");
     assert_eq!(keys.len(), 4);
     let day = keys[0]["calls/".len().."calls/yyyy/mm/dd/".len()].to_string();
     // Among them: a package with one byte changed, and one that ends without its end record.

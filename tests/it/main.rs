@@ -14,6 +14,7 @@ mod inbox;
 mod kms;
 mod lkm;
 mod lkm_attacks;
+mod provenance;
 mod proxy;
 mod reload;
 mod s3;

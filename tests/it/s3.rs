@@ -26,6 +26,9 @@ pub struct Weed {
     child: Option<Child>,
     pub dir: tempfile::TempDir,
     pub endpoint: String,
+    /// The filer's HTTP address: the bucket's objects under `/buckets/edgerec/`, without
+    /// S3's checks (what a test tampering with the store uses).
+    pub filer: String,
     args: Vec<String>,
 }
 
@@ -61,6 +64,7 @@ impl Weed {
             child: None,
             dir,
             endpoint: String::new(),
+            filer: String::new(),
             args: Vec::new(),
         };
         // Ports are picked free, but parallel tests can take one before weed binds it: then
@@ -69,6 +73,7 @@ impl Weed {
             let mut taken = Vec::new();
             let [master, volume, filer, s3, admin] = [0; 5].map(|_| free_pair(&mut taken));
             weed.endpoint = format!("http://127.0.0.1:{s3}");
+            weed.filer = format!("http://127.0.0.1:{filer}");
             weed.args = vec![
                 "mini".to_string(),
                 format!("-dir={}", weed.dir.path().join("data").display()),

@@ -23,6 +23,8 @@ pub(crate) mod journal;
 pub(crate) mod kek_fetch;
 pub(crate) mod kek_watch;
 pub(crate) mod key_source;
+pub(crate) mod manifest;
+pub(crate) mod manifests;
 pub(crate) mod metrics;
 pub(crate) mod outcomes;
 pub(crate) mod recorder;

@@ -2,8 +2,8 @@
 //!
 //! A package's own failures come from [`erec::Error`] unchanged (its coarse crypto failures
 //! stay coarse); this type adds what only the tools around the format can fail with. Exit
-//! codes: 0 success, 1 other error, 2 usage, 3 wrong key, 4 corrupt (a package, or an audit
-//! log's chain), 5 unterminated (strict), 6 unsupported version or suite.
+//! codes: 0 success, 1 other error, 2 usage, 3 wrong key, 4 corrupt (a package, an audit
+//! log's chain, or a store that does not match its manifests), 5 unterminated (strict), 6 unsupported version or suite.
 
 use erec::keys::KeyError;
 
@@ -22,6 +22,10 @@ pub enum Error {
     /// The caller asked for something that cannot be done, and why.
     #[error("{0}")]
     Invalid(String),
+    /// A store that does not hold what its appliances signed (`verify-store`): a manifest
+    /// missing or forged, a recording missing, altered or listed by none.
+    #[error("{0}")]
+    Unverified(String),
 }
 
 impl From<KeyError> for Error {
@@ -50,7 +54,7 @@ impl Error {
                 | erec::Error::Io(_)
                 | erec::Error::Invalid(_) => 1,
             },
-            Error::Audit(_) => 4,
+            Error::Audit(_) | Error::Unverified(_) => 4,
             Error::Io(_) | Error::Invalid(_) => 1,
         }
     }

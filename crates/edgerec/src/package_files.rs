@@ -1,5 +1,7 @@
 //! Package files on disk: the one walk that finds every `*.erec` under a directory, for
-//! export (files and the `dir` store) and the key census alike.
+//! export (files and the `dir` store) and the key census alike. A manifest
+//! (`{appliance id}.{seq}.erec`, `appliance/manifests.rs`) is not a recording: a walk skips
+//! it (a manifest named on its own is taken).
 //!
 //! Invariant: a symlink is neither followed nor taken — one to `/` would walk the whole
 //! machine, one to a package outside the store would export or count it; every entry is
@@ -18,8 +20,22 @@ pub struct Found {
     pub skipped: usize,
 }
 
-/// Every package file under `path` (itself, if it is not a directory).
+/// Every package file under `path` (itself, if it is not a directory); manifests skipped.
 pub fn find(path: &Path) -> io::Result<Found> {
+    walk(path, |p| {
+        p.extension().is_some_and(|x| x == "erec") && !is_manifest(p)
+    })
+}
+
+/// Every manifest file under `dir` (`edgerec verify-store`).
+#[cfg(feature = "appliance")]
+pub fn find_manifests(dir: &Path) -> io::Result<Found> {
+    walk(dir, is_manifest)
+}
+
+/// Every regular file under `path` that `keep` takes (`path` itself, if it is not a
+/// directory).
+fn walk(path: &Path, keep: impl Fn(&Path) -> bool) -> io::Result<Found> {
     let mut found = Found::default();
     if !path.is_dir() {
         found.packages.push(path.to_path_buf());
@@ -33,7 +49,7 @@ pub fn find(path: &Path) -> io::Result<Found> {
             let p = e.path();
             if t.is_dir() {
                 stack.push(p);
-            } else if t.is_file() && p.extension().is_some_and(|x| x == "erec") {
+            } else if t.is_file() && keep(&p) {
                 found.packages.push(p);
             } else {
                 found.skipped += 1;
@@ -42,6 +58,23 @@ pub fn find(path: &Path) -> io::Result<Found> {
     }
     found.packages.sort();
     Ok(found)
+}
+
+/// Whether `path` is named as a manifest is: 16 hex digits, a dot, a number, `.erec` (a
+/// recording is `{uuid}.erec`).
+pub fn is_manifest(path: &Path) -> bool {
+    let Some((appliance, seq)) = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_suffix(".erec"))
+        .and_then(|n| n.split_once('.'))
+    else {
+        return false;
+    };
+    appliance.len() == 16
+        && appliance.bytes().all(|b| b.is_ascii_hexdigit())
+        && !seq.is_empty()
+        && seq.bytes().all(|b| b.is_ascii_digit())
 }
 
 #[cfg(test)]
@@ -61,9 +94,13 @@ mod tests {
         std::os::unix::fs::symlink(dir.path(), day.join("loop")).unwrap();
         std::os::unix::fs::symlink(outside.path(), day.join("elsewhere")).unwrap();
         std::os::unix::fs::symlink(outside.path().join("theirs.erec"), day.join("b.erec")).unwrap();
+        // A manifest is not a recording.
+        let manifests = dir.path().join("manifests/2026/11/30/09");
+        fs::create_dir_all(&manifests).unwrap();
+        fs::write(manifests.join("0123456789abcdef.7.erec"), b"m").unwrap();
         let found = find(dir.path()).unwrap();
         assert_eq!(found.packages, [day.join("a.erec")]);
-        assert_eq!(found.skipped, 4);
+        assert_eq!(found.skipped, 5);
         // A file named directly is taken as it is.
         assert_eq!(
             find(&day.join("a.erec")).unwrap().packages,

@@ -130,6 +130,34 @@ pub fn object_key(prefix: &str, id: Uuid) -> String {
     )
 }
 
+/// The folder of manifests below the prefix (`appliance/manifests.rs`): never a recording;
+/// every walk of a store for recordings skips it.
+pub const MANIFESTS: &str = "manifests/";
+
+/// The object key of a manifest below the prefix:
+/// `manifests/{yyyy}/{mm}/{dd}/{hh}/{appliance}.{seq}.erec` (the UTC hour of `at_ms`, the end
+/// of its period). A sequence number is never used twice, so the key is never reused.
+pub fn manifest_object(appliance: &str, seq: u64, at_ms: u64) -> String {
+    let d = Utc::from_unix_ms(at_ms);
+    format!(
+        "{MANIFESTS}{:04}/{:02}/{:02}/{:02}/{appliance}.{seq}.erec",
+        d.year, d.month, d.day, d.hms_ms.0
+    )
+}
+
+/// Whether `key` (a full object key) is under the manifests of `prefix`.
+pub fn is_manifest(prefix: &str, key: &str) -> bool {
+    key.strip_prefix(prefix)
+        .is_some_and(|k| k.starts_with(MANIFESTS))
+}
+
+/// The appliance id and sequence number a manifest's key names.
+pub fn manifest_names(key: &str) -> Option<(String, u64)> {
+    let name = key.rsplit('/').next()?.strip_suffix(".erec")?;
+    let (appliance, seq) = name.split_once('.')?;
+    Some((appliance.to_string(), seq.parse().ok()?))
+}
+
 /// Why a put did not succeed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

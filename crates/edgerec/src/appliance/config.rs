@@ -359,6 +359,7 @@ struct RawIdentity {
 #[serde(deny_unknown_fields)]
 struct RawOutcomes {
     keep_days: Option<Spanned<u32>>,
+    manifest_period_secs: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -513,6 +514,9 @@ pub struct Config {
     pub log_level: Option<String>,
     /// `[outcomes] keep_days`: days of the outcome journal kept (30; 1 to 3660).
     pub outcomes_keep_days: u32,
+    /// `[outcomes] manifest_period_secs`: how often a signed manifest of the recordings goes
+    /// to the store (3600; 60 to 86400), on the period's UTC boundaries.
+    pub manifest_period: std::time::Duration,
     /// `[identity] key_file`: the appliance's Ed25519 identity key (default `identity.key`
     /// in the spool directory; made at the first start).
     pub identity_key: PathBuf,
@@ -1240,6 +1244,13 @@ impl Config {
             Some(d) => *d.get_ref(),
             None => 30,
         };
+        let manifest_period = match &raw.outcomes.manifest_period_secs {
+            Some(p) if !(60..=86_400).contains(p.get_ref()) => {
+                return Err(cx.err("outcomes.manifest_period_secs", p, "must be 60 to 86400"));
+            }
+            Some(p) => std::time::Duration::from_secs(*p.get_ref()),
+            None => std::time::Duration::from_secs(3600),
+        };
         let mut recorder = raw.recorder.clone();
         recorder.spool_dir = cx.resolve(&recorder.spool_dir);
         let identity_key = match &raw.identity.key_file {
@@ -1269,6 +1280,7 @@ impl Config {
             metrics: raw.metrics,
             log_level,
             outcomes_keep_days,
+            manifest_period,
             identity_key,
         })
     }
@@ -1644,6 +1656,15 @@ path = "/srv/store"
         assert_eq!(parse(GOOD).unwrap().outcomes_keep_days, 30);
         let c = parse(&format!("{GOOD}\n[outcomes]\nkeep_days = 400\n")).unwrap();
         assert_eq!(c.outcomes_keep_days, 400);
+        assert_eq!(c.manifest_period.as_secs(), 3600);
+        let c = parse(&format!("{GOOD}\n[outcomes]\nmanifest_period_secs = 60\n")).unwrap();
+        assert_eq!(c.manifest_period.as_secs(), 60);
+        let e = parse(&format!("{GOOD}\n[outcomes]\nmanifest_period_secs = 59\n")).unwrap_err();
+        assert!(
+            e.0.contains("outcomes.manifest_period_secs") && e.0.contains("60 to 86400"),
+            "{}",
+            e.0
+        );
         let e = parse(&format!("{GOOD}\n[outcomes]\nkeep_days = 0\n")).unwrap_err();
         assert!(
             e.0.contains("outcomes.keep_days") && e.0.contains("1 to 3660"),

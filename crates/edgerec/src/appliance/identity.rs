@@ -196,7 +196,6 @@ impl Identity {
     }
 
     /// Signs `message`.
-    #[cfg(test)]
     pub fn sign(&self, message: &[u8]) -> [u8; 64] {
         self.pair
             .sign(message)
@@ -211,21 +210,45 @@ pub fn id_of(public: &[u8]) -> String {
     hex::encode(&Sha256::digest(public)[..8])
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// A registered appliance's public key (what `edgerec identity show` printed), to verify
+/// what it signed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicIdentity {
+    raw: [u8; 32],
+}
 
-    /// Whether `signature` is `public`'s (SPKI PEM) over `message`; `None` if `public` is not an
-    /// Ed25519 public key.
-    pub fn verify(public_pem: &str, message: &[u8], signature: &[u8]) -> Option<bool> {
-        let der = unpem(PUBLIC, public_pem)?;
+impl PublicIdentity {
+    /// The key of an SPKI PEM (`-----BEGIN PUBLIC KEY-----`); `None` if it is not an Ed25519
+    /// public key.
+    pub fn from_pem(text: &str) -> Option<PublicIdentity> {
+        let der = unpem(PUBLIC, text)?;
         // SPKI of Ed25519: a fixed 12-byte prefix, then the key.
         const PREFIX: [u8; 12] = [
             0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
         ];
-        let raw = der.strip_prefix(&PREFIX[..]).filter(|k| k.len() == 32)?;
-        let key = aws_lc_rs::signature::UnparsedPublicKey::new(&aws_lc_rs::signature::ED25519, raw);
-        Some(key.verify(message, signature).is_ok())
+        let raw = der.strip_prefix(&PREFIX[..])?.try_into().ok()?;
+        Some(PublicIdentity { raw })
+    }
+
+    /// Its appliance id.
+    pub fn id(&self) -> String {
+        id_of(&self.raw)
+    }
+
+    /// Whether `signature` is this key's over `message`.
+    pub fn verify(&self, message: &[u8], signature: &[u8]) -> bool {
+        aws_lc_rs::signature::UnparsedPublicKey::new(&aws_lc_rs::signature::ED25519, self.raw)
+            .verify(message, signature)
+            .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verify(public_pem: &str, message: &[u8], signature: &[u8]) -> Option<bool> {
+        PublicIdentity::from_pem(public_pem).map(|k| k.verify(message, signature))
     }
 
     #[test]
@@ -247,6 +270,10 @@ mod tests {
         assert_eq!(a.public(), b.public());
         assert_eq!(a.id().len(), 16);
         assert_eq!(a.id(), id_of(a.public()));
+        assert_eq!(
+            PublicIdentity::from_pem(&a.public_pem()).unwrap().id(),
+            a.id()
+        );
         let sig = a.sign(b"manifest 1");
         assert_eq!(verify(&a.public_pem(), b"manifest 1", &sig), Some(true));
         assert_eq!(verify(&a.public_pem(), b"manifest 2", &sig), Some(false));

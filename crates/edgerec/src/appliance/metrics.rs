@@ -153,6 +153,12 @@ pub struct Metrics {
     /// (`appliance/outcomes.rs`): started, ended, salvaged, stored, failed, refused (by
     /// recording), lost (the journal's queue was full).
     pub outcomes: Family<UploadOutcome, Counter>,
+    /// `edgerec_manifests_total{outcome}`: manifests (`appliance/manifests.rs`) `made`
+    /// (sealed into the spool for the store) or `not_made` (no key to seal to, a spool
+    /// error: tried again, nothing of the journal skipped); and their uploads, counted as
+    /// recordings' are in `edgerec_uploads_total` (`stored`, `already_stored`, `retry`,
+    /// `failed` — a manifest refused by the store).
+    pub manifests: Family<UploadOutcome, Counter>,
     /// Whether the spool is writable and under its quota (1) or not (0), for /readyz.
     ready: Arc<AtomicBool>,
     /// Why not ready.
@@ -205,6 +211,7 @@ impl Metrics {
             config_reloads: Family::default(),
             journal: Family::default(),
             outcomes: Family::default(),
+            manifests: Family::default(),
             ready: Arc::new(AtomicBool::new(true)),
             not_ready_reason: std::sync::Mutex::new(String::new()),
         };
@@ -302,6 +309,13 @@ impl Metrics {
             "Facts of the outcome journal: recordings started, ended, salvaged, stored, failed, \
              refused; lost (not written: its queue was full)",
             m.outcomes.clone(),
+        );
+        r.register(
+            "manifests",
+            "Manifests of the recordings, signed by the appliance: made (sealed for the store), \
+             not_made (tried again); their uploads: stored, already_stored, retry, \
+             failed (moved to failed/)",
+            m.manifests.clone(),
         );
         r.register(
             "journal_datagrams",

@@ -182,7 +182,8 @@ pub struct Settings {
 
 /// What the writer is handed: a line, and for a durable one who waits for its commit (told
 /// whether it succeeded).
-type Msg = (Line, Option<SyncSender<bool>>);
+/// No line: a commit of what was noted before (see [`Outcomes::commit`]).
+type Msg = (Option<Line>, Option<SyncSender<bool>>);
 
 /// The handle the appliance's threads note facts through; [`Outcomes::stop`] commits the
 /// rest.
@@ -259,6 +260,16 @@ impl Outcomes {
         committed
     }
 
+    /// Commits what was noted before (and the refusals of the seconds before this one);
+    /// returns once it is, with whether it was. What a manifest is made of is read after.
+    pub fn commit(&self) -> bool {
+        let Some(tx) = &self.tx else {
+            return false;
+        };
+        let (done, wait) = std::sync::mpsc::sync_channel(1);
+        tx.try_send((None, Some(done))).is_ok() && wait.recv_timeout(DURABLE_WAIT).unwrap_or(false)
+    }
+
     /// Notes every fact of `facts`, committed together before it returns (one sync); whether
     /// they were.
     pub fn note_all_durable(&self, facts: Vec<Fact>) -> bool {
@@ -285,7 +296,7 @@ impl Outcomes {
             at_ms: now_ms(),
             fact,
         };
-        let (name, took) = match tx.try_send((line, done)) {
+        let (name, took) = match tx.try_send((Some(line), done)) {
             Ok(()) => (name, true),
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => ("lost", false),
         };
@@ -336,13 +347,14 @@ fn write_loop(s: &Settings, rx: &Receiver<Msg>) {
         for _ in 0..QUEUE {
             match got {
                 Ok((
-                    Line {
+                    Some(Line {
                         at_ms,
                         fact: Fact::Refused { reason, count },
-                    },
+                    }),
                     _,
                 )) => refusals.add(at_ms, &reason, count),
-                Ok((line, wait)) => {
+                Ok((None, wait)) => waiting.extend(wait),
+                Ok((Some(line), wait)) => {
                     match append(s, &mut file, &mut reserved_to, &line) {
                         true => dirty = true,
                         false => failed = true,
@@ -544,6 +556,56 @@ pub fn read(dir: &Path) -> io::Result<(Vec<Line>, usize)> {
         }
     }
     Ok((lines, torn))
+}
+
+/// A place in the journal: a day's file and a byte offset in it, just after a whole line.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Cursor {
+    /// The day (`YYYY-MM-DD`; empty: before the first).
+    pub day: String,
+    /// Bytes of that day's file already read.
+    pub offset: u64,
+}
+
+/// The whole lines written after `from` (a line still being written is left for the next
+/// read), the lines that do not parse among them, and the cursor after the last whole one.
+pub fn read_after(dir: &Path, from: &Cursor) -> io::Result<(Vec<Line>, usize, Cursor)> {
+    let mut days: Vec<String> = fs::read_dir(dir)?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let day = name.strip_suffix(".jsonl")?;
+            (day.len() == 10 && *day >= *from.day.as_str()).then(|| day.to_string())
+        })
+        .collect();
+    days.sort();
+    let (mut lines, mut torn, mut at) = (Vec::new(), 0, from.clone());
+    for day in days {
+        let mut f = match File::open(dir.join(format!("{day}.jsonl"))) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let start = if day == from.day { from.offset } else { 0 };
+        f.seek(SeekFrom::Start(start))?;
+        let mut r = io::BufReader::new(f);
+        let (mut buf, mut offset) = (Vec::new(), start);
+        loop {
+            buf.clear();
+            let n = r.read_until(b'\n', &mut buf)?;
+            if n == 0 || buf.last() != Some(&b'\n') {
+                break;
+            }
+            offset += n as u64;
+            match serde_json::from_slice::<Line>(buf.trim_ascii_end()) {
+                Ok(line) => lines.push(line),
+                Err(_) if buf.trim_ascii().is_empty() => {}
+                Err(_) => torn += 1,
+            }
+        }
+        at = Cursor { day, offset };
+    }
+    Ok((lines, torn, at))
 }
 
 /// A fact of a [`Call`] with its time: `{"at_ms": …, "outcome": …, …}`.

@@ -76,6 +76,10 @@ fn fixed(c: &Config) -> Vec<(&'static str, String)> {
         ("identity.key_file", c.identity_key.display().to_string()),
         ("outcomes.keep_days", c.outcomes_keep_days.to_string()),
         (
+            "outcomes.manifest_period_secs",
+            c.manifest_period.as_secs().to_string(),
+        ),
+        (
             "recorder (timings, sizes, sync) or ingest admission limits",
             format!(
                 "{:?}",

@@ -256,6 +256,22 @@ pub async fn run(
         };
         move || recorder::run(setup, rx)
     })?;
+    let manifests =
+        crate::appliance::manifests::Manifests::open(crate::appliance::manifests::ManifestSetup {
+            spool: spool.clone(),
+            journal: crate::appliance::outcomes::dir_of(&config.recorder.spool_dir),
+            identity,
+            keks: keks.clone(),
+            wrap: config.wrap,
+            outcomes: outcomes.clone(),
+            metrics: Arc::clone(&metrics),
+            period: config.manifest_period,
+        })
+        .map_err(start("the manifests' state (recorder.spool_dir/manifests)"))?;
+    let manifests = start_thread("manifests", {
+        let (ready, stop) = (ready_tx.clone(), shutdown.clone());
+        move || crate::appliance::manifests::run(manifests, ready, stop)
+    })?;
     // Packages put into ready/ by other means (spool retry, an operator) go at once.
     let _watcher = match uploader::watch_ready(&spool, ready_tx) {
         Ok(w) => Some(w),
@@ -320,6 +336,14 @@ pub async fn run(
         shutdown.clone(),
         tell_service_manager(vec![ingest_beat, recorder_beat], Arc::clone(&metrics)),
     ));
+    let last_manifest = LastManifest {
+        manifests,
+        spool: spool.clone(),
+        upload: Arc::clone(&upload_settings),
+        prefix: config.prefix.clone(),
+        metrics: Arc::clone(&metrics),
+        outcomes: outcomes.clone(),
+    };
     let reloadable = Reloadable {
         from: reload,
         current: config,
@@ -356,6 +380,7 @@ pub async fn run(
         uploader,
     })
     .await;
+    last_manifest.deliver().await;
     // Every thread that notes outcomes has stopped: what they noted is committed.
     let _ = tokio::task::spawn_blocking(move || outcomes.stop()).await;
     tracing::info!("stopped; what was not stored waits in the spool");
@@ -413,6 +438,55 @@ async fn stop(r: Running) {
         let _ = tokio::task::spawn_blocking(move || t.join()).await;
     }
     let _ = tokio::task::spawn_blocking(move || uploader.join()).await;
+}
+
+/// What the stop needs for its last manifest.
+struct LastManifest {
+    manifests: std::thread::JoinHandle<crate::appliance::manifests::Manifests>,
+    spool: Spool,
+    upload: Arc<Live<UploadSettings>>,
+    prefix: String,
+    metrics: Arc<Metrics>,
+    outcomes: crate::appliance::outcomes::Outcomes,
+}
+
+/// How long a stop waits for its last manifest to reach the store.
+const LAST_MANIFEST_WAIT: Duration = Duration::from_secs(10);
+
+impl LastManifest {
+    /// The stop's manifest (what the stop ended and delivered among it), made and sent to the
+    /// store at once, within [`LAST_MANIFEST_WAIT`]; otherwise it waits in the spool for the
+    /// next start.
+    async fn deliver(self) {
+        let LastManifest {
+            manifests,
+            spool,
+            upload,
+            prefix,
+            metrics,
+            outcomes,
+        } = self;
+        let sent = tokio::task::spawn_blocking(move || {
+            let Ok(mut m) = manifests.join() else {
+                return false;
+            };
+            match m.make(now_ms()) {
+                Ok(id) => {
+                    uploader::deliver_now(&spool, &upload.get(), &prefix, id, (&metrics, &outcomes))
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot make the last manifest; the next start makes it");
+                    false
+                }
+            }
+        });
+        match tokio::time::timeout(LAST_MANIFEST_WAIT, sent).await {
+            Ok(Ok(true)) => tracing::info!("the last manifest is in the store"),
+            _ => tracing::warn!(
+                "the last manifest did not reach the store in time; it waits in the spool"
+            ),
+        }
+    }
 }
 
 /// Runs `task` until `shutdown` is triggered.
@@ -493,6 +567,9 @@ fn open_spool(
             );
         }
     }
+    // Before the spool's recovery: a manifest being placed is not taken for a recording.
+    crate::appliance::manifests::recover(&spool, now_ms())
+        .map_err(start("manifest recovery (recorder.spool_dir/manifests)"))?;
     let mut salvaged = Vec::new();
     for r in spool.recover(now_ms()).map_err(start("spool recovery"))? {
         match r {

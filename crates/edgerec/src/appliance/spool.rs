@@ -71,6 +71,10 @@ pub struct UploadState {
     /// A multipart upload in progress, so that a restart resumes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub multipart: Option<Multipart>,
+    /// The object key below the prefix, for a package that is not a recording (a manifest:
+    /// `manifests/…`); a recording's follows from its id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
 }
 
 impl UploadState {
@@ -94,7 +98,21 @@ impl UploadState {
             next_attempt_ms: 0,
             last_error: None,
             multipart: None,
+            object: None,
         }
+    }
+
+    /// Its object key in the store under `prefix`.
+    pub fn object_key(&self, prefix: &str) -> String {
+        match &self.object {
+            Some(o) => format!("{prefix}{o}"),
+            None => crate::store::object_key(prefix, self.id),
+        }
+    }
+
+    /// Whether it is a recording (not a manifest): what the outcome journal speaks of.
+    pub fn is_recording(&self) -> bool {
+        self.object.is_none()
     }
 }
 

@@ -25,7 +25,7 @@ use crate::appliance::spool::{Place, Spool, UploadState};
 use crate::appliance::upload_queue::UploadQueue;
 use crate::store::Multipart;
 use crate::store::retry::{Policy, Verdict};
-use crate::store::{Checkpoint, Store, StoreError, Stored, object_key};
+use crate::store::{Checkpoint, Store, StoreError, Stored};
 use erec::clock::now_ms;
 
 /// The recording id of a state file in `ready/` (`<id>.json`), the last file a package
@@ -269,6 +269,28 @@ fn finish(
     }
 }
 
+/// One attempt at the package `id` now, outside the uploader's thread (the stop's last
+/// manifest, after the uploader stopped); whether the store confirmed it.
+pub fn deliver_now(
+    spool: &Spool,
+    settings: &UploadSettings,
+    prefix: &str,
+    id: Uuid,
+    (metrics, outcomes): (&Metrics, &Outcomes),
+) -> bool {
+    upload_one(
+        spool,
+        settings.store.as_ref(),
+        prefix,
+        id,
+        (metrics, outcomes),
+        &settings.policy,
+    )
+    .is_none()
+        && !spool.package_path(Place::Ready, id).exists()
+        && !spool.package_path(Place::Failed, id).exists()
+}
+
 /// One attempt. Returns the next attempt time if the package stays in `ready/`.
 fn upload_one(
     spool: &Spool,
@@ -281,7 +303,7 @@ fn upload_one(
     let Ok(mut state) = spool.read_state(Place::Ready, id) else {
         return None; // gone meanwhile (stored, or moved by an operator)
     };
-    let key = object_key(prefix, id);
+    let key = state.object_key(prefix);
     let path = spool.package_path(Place::Ready, id);
     let sha: [u8; 32] = match hex::decode(&state.sha256)
         .ok()
@@ -308,9 +330,13 @@ fn upload_one(
     metrics
         .upload_duration
         .observe(started.elapsed().as_secs_f64());
+    // A manifest's upload is counted among the manifests, not the recordings.
+    let counter = match state.is_recording() {
+        true => &metrics.uploads,
+        false => &metrics.manifests,
+    };
     let outcome = |o: &str| {
-        metrics
-            .uploads
+        counter
             .get_or_create(&UploadOutcome { outcome: o.into() })
             .inc();
     };
@@ -318,12 +344,14 @@ fn upload_one(
         Ok(how) => {
             // In the journal before the spool lets go of it: a crash in between sends it
             // again (the store answers "already there") and notes it again.
-            outcomes.note_durable(Fact::Stored {
-                id,
-                key: key.clone(),
-                bytes: state.size,
-                sha256: state.sha256.clone(),
-            });
+            if state.is_recording() {
+                outcomes.note_durable(Fact::Stored {
+                    id,
+                    key: key.clone(),
+                    bytes: state.size,
+                    sha256: state.sha256.clone(),
+                });
+            }
             match spool.remove_stored(id) {
                 Ok(()) => {
                     outcome(match how {
@@ -331,8 +359,10 @@ fn upload_one(
                         Stored::AlreadyThere => "already_stored",
                     });
                     metrics.uploaded_bytes.inc_by(state.size);
-                    let age_ms = now_ms().saturating_sub(state.ready_ms);
-                    metrics.recording_to_stored.observe(age_ms as f64 / 1000.0);
+                    if state.is_recording() {
+                        let age_ms = now_ms().saturating_sub(state.ready_ms);
+                        metrics.recording_to_stored.observe(age_ms as f64 / 1000.0);
+                    }
                     tracing::info!(recording = %id, key, ?how, "stored");
                     None
                 }
@@ -391,10 +421,12 @@ fn fail(
         }
     }
     // In the journal before the move: a crash in between leaves it in ready/, tried again.
-    outcomes.note_durable(Fact::Failed {
-        id,
-        reason: e.to_string(),
-    });
+    if state.is_recording() {
+        outcomes.note_durable(Fact::Failed {
+            id,
+            reason: e.to_string(),
+        });
+    }
     let moved = spool
         .write_state(Place::Ready, state)
         .and_then(|()| spool.move_package(id, Place::Ready, Place::Failed));
@@ -403,12 +435,14 @@ fn fail(
     }
     // Logged and counted once it is in failed/, so what the metric says is on disk.
     tracing::error!(recording = %id, error = %e, "store refused the package; moved to failed/");
-    metrics
-        .uploads
-        .get_or_create(&UploadOutcome {
-            outcome: "failed".into(),
-        })
-        .inc();
+    match state.is_recording() {
+        true => &metrics.uploads,
+        false => &metrics.manifests,
+    }
+    .get_or_create(&UploadOutcome {
+        outcome: "failed".into(),
+    })
+    .inc();
     None
 }
 

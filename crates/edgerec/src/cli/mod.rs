@@ -18,6 +18,8 @@ mod lkm;
 mod package;
 #[cfg(feature = "appliance")]
 mod spool;
+#[cfg(feature = "appliance")]
+mod verify_store;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -197,12 +199,48 @@ enum Command {
         /// recording that claims a longer one fails on its own.
         #[arg(long, value_name = "SECONDS", default_value_t = crate::export::DEFAULT_MAX_SPAN.as_secs())]
         max_span_secs: u64,
+        /// Export only packages that a signed manifest of this appliance lists (its public
+        /// key, as `edgerec identity show` printed it); repeat for several appliances. The
+        /// manifests are read from the --store-config store; others are refused.
+        #[cfg(feature = "appliance")]
+        #[arg(
+            long = "appliance-key",
+            value_name = "PUB.pem",
+            requires = "store_config"
+        )]
+        appliance_keys: Vec<PathBuf>,
         /// Export each package on its own. By default a call recorded in several packages
         /// (the appliance restarted during it, or it reached its maximum duration: each part
         /// names the one it continues) is exported as one recording, named after its first
         /// part, when any of its parts is selected.
         #[arg(long)]
         no_join: bool,
+    },
+    /// Prove a store complete and genuine: read its manifests (signed by each appliance's
+    /// identity, chained), and report by recording id what is missing, altered, listed by no
+    /// manifest (forged or orphaned), refused or failed, and every gap in a chain. Exit 0
+    /// only when complete; 4 when the store does not hold what was signed; 1 when it is
+    /// genuine but calls were refused, failed or are not stored yet.
+    #[cfg(feature = "appliance")]
+    VerifyStore {
+        #[command(flatten)]
+        keys: KeySource,
+        /// An appliance config whose [store] (dir or s3, with its prefix) to verify; an http
+        /// store cannot be listed.
+        #[arg(long, value_name = "FILE")]
+        store_config: PathBuf,
+        /// A registered appliance's public key (`edgerec identity show`); repeat for each.
+        #[arg(long = "appliance-key", value_name = "PUB.pem", required = true)]
+        appliance_keys: Vec<PathBuf>,
+        /// The first UTC day of recordings to check (YYYY-MM-DD; every manifest is read).
+        #[arg(long, value_name = "DATE")]
+        from: Option<String>,
+        /// The last UTC day (inclusive; default: --from).
+        #[arg(long, value_name = "DATE", requires = "from")]
+        to: Option<String>,
+        /// One JSON report instead of lines.
+        #[arg(long)]
+        json: bool,
     },
     /// Show a package's header facts without any key.
     Inspect {
@@ -768,6 +806,28 @@ pub fn main() -> ExitCode {
             .unwrapper()
             .and_then(|u| package::open(u.as_ref(), allow_unterminated, threads, &input, &output)),
         Command::Inspect { json, file } => package::inspect(&file, json),
+        #[cfg(feature = "appliance")]
+        Command::VerifyStore {
+            keys,
+            store_config,
+            appliance_keys,
+            from,
+            to,
+            json,
+        } => keys.unwrapper().and_then(|u| {
+            verify_store::verify_store(
+                u.as_ref(),
+                verify_store::VerifyArgs {
+                    store_config: &store_config,
+                    appliance_keys: &appliance_keys,
+                    days: from.map(|f| {
+                        let t = to.unwrap_or_else(|| f.clone());
+                        (f, t)
+                    }),
+                    json,
+                },
+            )
+        }),
         Command::Export {
             keys,
             out,
@@ -783,6 +843,8 @@ pub fn main() -> ExitCode {
             pgp_recipients,
             max_span_secs,
             no_join,
+            #[cfg(feature = "appliance")]
+            appliance_keys,
         } => keys.unwrapper().and_then(|u| {
             package::export(
                 u.as_ref(),
@@ -800,6 +862,8 @@ pub fn main() -> ExitCode {
                     pgp_recipients,
                     max_span: std::time::Duration::from_secs(max_span_secs),
                     join: !no_join,
+                    #[cfg(feature = "appliance")]
+                    appliance_keys,
                 },
                 jobs,
             )

@@ -223,6 +223,10 @@ pub struct ExportFrom {
     pub max_span: std::time::Duration,
     /// Join the packages of one call into one recording (`--no-join`: false).
     pub join: bool,
+    /// `--appliance-key`: export only packages a signed manifest of these appliances lists
+    /// (the manifests of the `store_config` store).
+    #[cfg(feature = "appliance")]
+    pub appliance_keys: Vec<PathBuf>,
 }
 
 /// Removes what an export stopped by a crash left in `out`: its temporaries (ciphertext
@@ -322,6 +326,23 @@ pub fn export(
     };
     fs::create_dir_all(out)?;
     remove_partials(out);
+    #[cfg(feature = "appliance")]
+    let genuine = match (&from.store_config, from.appliance_keys.is_empty()) {
+        (_, true) => None,
+        (Some(cfg), false) => Some(super::verify_store::genuine_digests(
+            cfg,
+            &from.appliance_keys,
+            keys,
+        )?),
+        (None, false) => {
+            return Err(Error::Invalid(
+                "--appliance-key needs --store-config: the manifests are read from the store"
+                    .into(),
+            ));
+        }
+    };
+    #[cfg(not(feature = "appliance"))]
+    let genuine = None;
     let exporter = Exporter {
         keys,
         out: out.to_path_buf(),
@@ -330,6 +351,7 @@ pub fn export(
         max_span: from.max_span,
         #[cfg(feature = "appliance")]
         s3,
+        genuine,
     };
     let calls = exporter.calls(sources, from.join, |s| !around.contains(&s.name()));
     let (total, packages) = (calls.len(), calls.iter().map(Vec::len).sum::<usize>());

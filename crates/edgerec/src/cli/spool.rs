@@ -14,7 +14,6 @@ use uuid::Uuid;
 
 use crate::Error;
 use crate::appliance::spool::{Place, Spool, UploadState};
-use crate::store::object_key;
 use erec::clock::{Utc, now_ms};
 
 /// The spool of `--config FILE` or `--spool DIR`.
@@ -187,7 +186,7 @@ pub fn show(spool: &Spool, id: &str) -> Result<(), Error> {
     let v = json!({
         "place": if place == Place::Ready { "ready" } else { "failed" },
         "package": spool.package_path(place, id),
-        "object_key": object_key("", id),
+        "object_key": state.object_key(""),
         "state": state,
         "ready_at": when(state.ready_ms),
         "next_attempt_at": when(state.next_attempt_ms),

@@ -216,7 +216,7 @@ pub fn from_s3_store(
             store
                 .list(&p)?
                 .into_iter()
-                .filter(|k| k.ends_with(".erec"))
+                .filter(|k| k.ends_with(".erec") && !crate::store::is_manifest(prefix, k))
                 .map(Source::S3),
         );
     }
@@ -238,6 +238,9 @@ pub struct Exporter<'a> {
     /// The S3 store, for S3 sources.
     #[cfg(feature = "appliance")]
     pub s3: Option<crate::store::s3::S3Store>,
+    /// With `--appliance-key`: the SHA-256s (hex) the verified manifests list; a package
+    /// not among them is refused.
+    pub genuine: Option<std::collections::BTreeSet<String>>,
 }
 
 impl Exporter<'_> {
@@ -397,7 +400,7 @@ impl Exporter<'_> {
             return Ok(ExportOutcome::Skipped);
         }
         let mut paths = Vec::new();
-        let mut _fetched = Vec::new();
+        let mut _fetched: Vec<tempfile::NamedTempFile> = Vec::new();
         for (source, _identity) in call.iter().zip(&identities) {
             match source {
                 Source::File(p) => paths.push(p.clone()),
@@ -434,6 +437,17 @@ impl Exporter<'_> {
     }
 
     fn export(&self, paths: &[PathBuf], identity: Option<String>) -> Result<ExportOutcome, Error> {
+        if let Some(genuine) = &self.genuine {
+            for p in paths {
+                let sha = hex::encode(erec::crypto::sha256_file(p)?);
+                if !genuine.contains(&sha) {
+                    return Err(Error::Unverified(format!(
+                        "a package of SHA-256 {sha} that no signed manifest of a registered \
+                         appliance lists: not exported (forged, or not yet in a manifest)"
+                    )));
+                }
+            }
+        }
         let opts = crate::export::Options {
             format: self.format,
             pgp: self.pgp.as_ref(),

@@ -137,6 +137,9 @@ pub fn count(
         }
         Readable::S3(store) => {
             for key in store.list(prefix)? {
+                if crate::store::is_manifest(prefix, &key) {
+                    continue;
+                }
                 if !key.ends_with(".erec") {
                     census.skipped += 1;
                     continue;

@@ -153,6 +153,27 @@ impl S3Store {
             .map_err(|e| StoreError::transient(format!("{url}: {e}")))
     }
 
+    /// The SHA-256 (hex) of the object under `key`, hashed as it streams in.
+    pub fn sha256_of(&self, key: &str) -> Result<String, StoreError> {
+        use sha2::Digest;
+        use std::io::Read;
+        let url = self.url(key);
+        let mut r = self.send("GET", &url, &[], None, EMPTY_SHA256)?;
+        if classify(r.status().as_u16()) != Class::Success {
+            return Err(status_error(&url, r));
+        }
+        let mut hash = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) => return Ok(hex::encode(hash.finalize())),
+                Ok(n) => hash.update(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(StoreError::transient(format!("{url}: {e}"))),
+            }
+        }
+    }
+
     /// The first `n` bytes of the object under `key` (fewer if it is shorter): a ranged GET.
     pub fn get_first(&self, key: &str, n: usize) -> Result<Vec<u8>, StoreError> {
         let url = self.url(key);
