@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::net::{TcpStream, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::appliance::{Appliance, files_with_ext, wait_stored};
 use crate::common::*;
@@ -40,10 +40,18 @@ fn start_srs(extra: &str) -> (Appliance, String) {
 
 /// As [`start_srs`], and the TLS listener's address when `extra` configures one.
 fn start_srs_tls(extra: &str) -> (Appliance, String, Option<String>) {
+    start_srs_with("", extra)
+}
+
+/// As [`start_srs_tls`], with `recorder` lines in `[recorder]`.
+fn start_srs_with(recorder: &str, extra: &str) -> (Appliance, String, Option<String>) {
     let mut a = Appliance::prepare("\"127.0.0.0/8\"", "path = \"store\"", "");
     let media = free_range(8);
     let cfg = a.path("edgerec.toml");
-    let mut text = fs::read_to_string(&cfg).unwrap();
+    let mut text = fs::read_to_string(&cfg).unwrap().replace(
+        "idle_timeout_ms = 1500",
+        &format!("idle_timeout_ms = 1500\n{recorder}"),
+    );
     text.push_str(&format!(
         "[siprec]\nlisten = \"127.0.0.1:0\"\nmedia_ports = \"{media}-{}\"\n\
          allow = [\"127.0.0.0/8\"]\nconversation_id_header = \"X-Conversation-Id\"\n{extra}",
@@ -288,7 +296,9 @@ Content-Type: application/rs-metadata+xml\r\nContent-Disposition: recording-sess
 
 /// Opens a one-stream session over TCP offering `pt` (with `rtpmap`, if any): the
 /// connection, the dialog's To tag and the answered port.
-pub fn one_stream_session(sip: &str, pt: u8, rtpmap: &str) -> (TcpStream, String, u16) {
+/// Sends the INVITE of a one-stream session (Call-ID `call`) on a new connection: the
+/// connection and the final response.
+fn invite(sip: &str, call: &str, pt: u8, rtpmap: &str) -> (TcpStream, String, String) {
     let mut s = TcpStream::connect(sip).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let sdp = format!(
@@ -304,10 +314,16 @@ m=audio 10000 RTP/AVP {pt}\r\n{rtpmap}a=label:1\r\na=sendonly\r\n"
             "application/sdp",
             &sdp,
         )
+        .replace("Call-ID: it-call-1", &format!("Call-ID: {call}"))
         .as_bytes(),
     )
     .unwrap();
     let (head, answer) = final_response(&mut s);
+    (s, head, answer)
+}
+
+pub fn one_stream_session(sip: &str, pt: u8, rtpmap: &str) -> (TcpStream, String, u16) {
+    let (mut s, head, answer) = invite(sip, "it-call-1", pt, rtpmap);
     assert!(head.starts_with("SIP/2.0 200"), "{head}");
     let to_tag = to_tag(&head);
     s.write_all(request("ACK", 1, &to_tag, "", "", "").as_bytes())
@@ -328,6 +344,43 @@ fn bye(s: &mut TcpStream, to_tag: &str) {
         .unwrap();
     let (head, _) = final_response(s);
     assert!(head.starts_with("SIP/2.0 200"), "{head}");
+}
+
+#[test]
+fn invites_refused_busy_or_for_a_full_spool_are_in_the_outcome_journal_by_reason() {
+    let (a, sip, _) = start_srs_with("spool_max_bytes = 67108864", "max_sessions = 1\n");
+    let (mut s, to_tag, _) = one_stream_session(&sip, 0, "");
+    // At max_sessions: the next INVITE is refused, busy.
+    let (_, head, _) = invite(&sip, "it-call-2", 0, "");
+    assert!(head.starts_with("SIP/2.0 503"), "{head}");
+    bye(&mut s, &to_tag);
+    // The spool over its quota: refused for the disk.
+    let ballast = a.path("spool/quarantine/ballast");
+    fs::File::create(&ballast)
+        .unwrap()
+        .set_len(80 << 20)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while a.get("/readyz").0 != 503 {
+        assert!(
+            Instant::now() < deadline,
+            "/readyz stayed ready over the quota"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (_, head, _) = invite(&sip, "it-call-3", 0, "");
+    assert!(head.starts_with("SIP/2.0 503"), "{head}");
+    // Each refusal in the journal, by reason, once its second is over.
+    let cfg = a.path("edgerec.toml");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let refusals = calls_json("--config", &cfg)["refusals"].to_string();
+        if refusals.contains("\"siprec_busy\"") && refusals.contains("\"siprec_disk\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "refusals not noted: {refusals}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! Package files on disk: the one walk that finds every `*.erec` under a directory, for
-//! export (files and the `dir` store) and the key census alike. A manifest
-//! (`{appliance id}.{seq}.erec`, `appliance/manifests.rs`) is not a recording: a walk skips
-//! it (a manifest named on its own is taken).
+//! export (files and the `dir` store) and the key census alike. Manifests
+//! (`appliance/manifests.rs`) are not recordings: a walk skips a store's `manifests/` folder
+//! (by where it is, not by what a file is called: a forger cannot hide a package from an
+//! audit by its name).
 //!
 //! Invariant: a symlink is neither followed nor taken — one to `/` would walk the whole
 //! machine, one to a package outside the store would export or count it; every entry is
@@ -20,22 +21,21 @@ pub struct Found {
     pub skipped: usize,
 }
 
-/// Every package file under `path` (itself, if it is not a directory); manifests skipped.
+/// Every package file under `path` (itself, if it is not a directory); a `manifests/`
+/// folder below it (a store's manifests) is skipped, counted once.
 pub fn find(path: &Path) -> io::Result<Found> {
-    walk(path, |p| {
-        p.extension().is_some_and(|x| x == "erec") && !is_manifest(p)
-    })
+    walk(path, true)
 }
 
-/// Every manifest file under `dir` (`edgerec verify-store`).
+/// Every package file under `dir`, a store's `manifests/` (`edgerec verify-store`).
 #[cfg(feature = "appliance")]
 pub fn find_manifests(dir: &Path) -> io::Result<Found> {
-    walk(dir, is_manifest)
+    walk(dir, false)
 }
 
-/// Every regular file under `path` that `keep` takes (`path` itself, if it is not a
-/// directory).
-fn walk(path: &Path, keep: impl Fn(&Path) -> bool) -> io::Result<Found> {
+/// The regular `*.erec` files under `path` (`path` itself, if it is not a directory);
+/// folders named `manifests` below it skipped when `skip_manifests`.
+fn walk(path: &Path, skip_manifests: bool) -> io::Result<Found> {
     let mut found = Found::default();
     if !path.is_dir() {
         found.packages.push(path.to_path_buf());
@@ -47,9 +47,9 @@ fn walk(path: &Path, keep: impl Fn(&Path) -> bool) -> io::Result<Found> {
             let e = e?;
             let t = e.file_type()?;
             let p = e.path();
-            if t.is_dir() {
+            if t.is_dir() && !(skip_manifests && e.file_name() == "manifests") {
                 stack.push(p);
-            } else if t.is_file() && keep(&p) {
+            } else if t.is_file() && p.extension().is_some_and(|x| x == "erec") {
                 found.packages.push(p);
             } else {
                 found.skipped += 1;
@@ -58,23 +58,6 @@ fn walk(path: &Path, keep: impl Fn(&Path) -> bool) -> io::Result<Found> {
     }
     found.packages.sort();
     Ok(found)
-}
-
-/// Whether `path` is named as a manifest is: 16 hex digits, a dot, a number, `.erec` (a
-/// recording is `{uuid}.erec`).
-pub fn is_manifest(path: &Path) -> bool {
-    let Some((appliance, seq)) = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.strip_suffix(".erec"))
-        .and_then(|n| n.split_once('.'))
-    else {
-        return false;
-    };
-    appliance.len() == 16
-        && appliance.bytes().all(|b| b.is_ascii_hexdigit())
-        && !seq.is_empty()
-        && seq.bytes().all(|b| b.is_ascii_digit())
 }
 
 #[cfg(test)]

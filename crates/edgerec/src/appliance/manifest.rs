@@ -47,6 +47,10 @@ pub struct Manifest {
     pub from_ms: u64,
     /// To its making (ms).
     pub to_ms: u64,
+    /// How often the appliance makes one (ms): a chain whose last one ended more than two
+    /// periods ago has lost its newest, or its appliance is down.
+    #[serde(default)]
+    pub period_ms: u64,
     /// The SHA-256 of the manifest before (hex); none for the first.
     pub previous: Option<String>,
     /// The recordings begun in the period (their start is among `facts`).
@@ -111,25 +115,36 @@ pub enum ManifestError {
 pub fn verify(bytes: &[u8], registered: &[PublicIdentity]) -> Result<Signed, ManifestError> {
     let malformed = |e: serde_json::Error| ManifestError::Malformed(e.to_string());
     let envelope: Envelope = serde_json::from_slice(bytes).map_err(malformed)?;
+    let signature = STANDARD
+        .decode(&envelope.ed25519)
+        .map_err(|e| ManifestError::Malformed(format!("ed25519: {e}")))?;
+    // The signature first, under each registered key: nothing of the text is read before.
+    let signed = [DOMAIN, envelope.manifest.as_bytes()].concat();
+    let Some(key) = registered.iter().find(|k| k.verify(&signed, &signature)) else {
+        // Unsigned: what it claims only names the finding.
+        let claims: Manifest = serde_json::from_str(&envelope.manifest).map_err(malformed)?;
+        return Err(if registered.iter().any(|k| k.id() == claims.appliance) {
+            ManifestError::BadSignature {
+                appliance: claims.appliance,
+                seq: claims.seq,
+            }
+        } else {
+            ManifestError::Unregistered(claims.appliance)
+        });
+    };
     let manifest: Manifest = serde_json::from_str(&envelope.manifest).map_err(malformed)?;
+    if manifest.appliance != key.id() {
+        // Signed, but by another registered appliance than the one it names.
+        return Err(ManifestError::BadSignature {
+            appliance: manifest.appliance,
+            seq: manifest.seq,
+        });
+    }
     if manifest.format != FORMAT {
         return Err(ManifestError::Malformed(format!(
             "format {:?}, not {FORMAT:?}",
             manifest.format
         )));
-    }
-    let key = registered
-        .iter()
-        .find(|k| k.id() == manifest.appliance)
-        .ok_or_else(|| ManifestError::Unregistered(manifest.appliance.clone()))?;
-    let signature = STANDARD
-        .decode(&envelope.ed25519)
-        .map_err(|e| ManifestError::Malformed(format!("ed25519: {e}")))?;
-    if !key.verify(&[DOMAIN, envelope.manifest.as_bytes()].concat(), &signature) {
-        return Err(ManifestError::BadSignature {
-            appliance: manifest.appliance,
-            seq: manifest.seq,
-        });
     }
     Ok(Signed {
         sha256: hex::encode(Sha256::digest(envelope.manifest.as_bytes())),
@@ -142,7 +157,7 @@ pub fn verify(bytes: &[u8], registered: &[PublicIdentity]) -> Result<Signed, Man
 pub fn make(
     appliance: &str,
     (seq, previous): (u64, Option<String>),
-    (from_ms, to_ms): (u64, u64),
+    (from_ms, to_ms, period_ms): (u64, u64, u64),
     facts: Vec<Line>,
     unreadable_lines: usize,
 ) -> Manifest {
@@ -159,6 +174,7 @@ pub fn make(
         seq,
         from_ms,
         to_ms,
+        period_ms,
         previous,
         began,
         facts,
@@ -200,8 +216,12 @@ pub struct Chain {
     pub last_to_ms: u64,
     /// Sequence numbers missing, as inclusive ranges.
     pub gaps: Vec<(u64, u64)>,
-    /// Manifests whose `previous` is not the SHA-256 of the one before.
+    /// Manifests whose `previous` is not the SHA-256 of the one before, or of which two
+    /// different ones were signed (a fork).
     pub broken: Vec<u64>,
+    /// The last one ended more than two of its periods before the audit: the newest were
+    /// deleted, or the appliance is down.
+    pub stale: bool,
 }
 
 /// A finding about one recording.
@@ -251,7 +271,8 @@ pub struct Report {
 
 impl Report {
     /// Whether the store holds something other than what the appliances signed: a manifest
-    /// missing, broken, forged or unreadable; a recording missing, altered or unlisted.
+    /// missing in a chain, broken, forged or unreadable; a recording missing, altered or
+    /// unlisted.
     pub fn tampered(&self) -> bool {
         self.chains
             .iter()
@@ -263,9 +284,11 @@ impl Report {
     }
 
     /// Whether every call the appliances saw is in the store, genuine: nothing tampered,
-    /// refused, failed, waiting or unreadable.
+    /// refused, failed, waiting or unreadable, and every registered appliance's chain there
+    /// and current (one with no manifest, or a stale one, may have lost its newest).
     pub fn complete(&self) -> bool {
         !self.tampered()
+            && self.chains.iter().all(|c| c.manifests > 0 && !c.stale)
             && self.failed.is_empty()
             && self.not_stored.is_empty()
             && self.refused.is_empty()
@@ -278,19 +301,34 @@ fn id_of_key(key: &str) -> Option<Uuid> {
     Uuid::parse_str(key.rsplit('/').next()?.strip_suffix(".erec")?).ok()
 }
 
-/// Audits the store: the chains of `manifests` (by appliance), and the recordings they list
-/// against `objects` (the recording objects the store holds in the days asked for).
-/// `in_scope` says whether a recording belongs to those days (by its object key when it was
-/// stored, else by when the journal first named it, ms); `from_start` whether the manifests
-/// were read from the first (a gap before the first one read is a gap then).
+/// What the audit is asked: which recordings belong to the days asked for, which
+/// appliances are registered, and when it is.
+pub struct Scope<'a> {
+    /// Whether a recording belongs to the days asked for (by its object key when it was
+    /// stored, else by when the journal first named it, ms).
+    pub in_scope: &'a dyn Fn(Option<&str>, u64) -> bool,
+    /// The registered appliances' ids: each has a chain in the report, if only an empty one.
+    pub registered: Vec<String>,
+    /// Now (ms), to tell a stale chain.
+    pub now_ms: u64,
+}
+
+/// Audits the store: the chains of `manifests` (by appliance, every one read from the
+/// first), and the recordings they list against `objects` (the recording objects the store
+/// holds in the days asked for).
 pub fn audit(
     manifests: Vec<ManifestObject>,
     objects: Vec<RecordingObject>,
-    in_scope: &dyn Fn(Option<&str>, u64) -> bool,
-    from_start: bool,
+    scope: &Scope<'_>,
 ) -> Report {
+    let in_scope = scope.in_scope;
     let mut report = Report::default();
-    let mut by_appliance: BTreeMap<String, BTreeMap<u64, Signed>> = BTreeMap::new();
+    let mut by_appliance: BTreeMap<String, BTreeMap<u64, Signed>> = scope
+        .registered
+        .iter()
+        .map(|id| (id.clone(), BTreeMap::new()))
+        .collect();
+    let mut forks: Vec<(String, u64)> = Vec::new();
     for m in manifests {
         let signed = match m.read {
             Ok(s) => s,
@@ -305,24 +343,39 @@ pub fn audit(
         };
         // The key must name what the signed text says: a manifest copied to another key is
         // not taken twice.
+        let (appliance, seq) = (signed.manifest.appliance.clone(), signed.manifest.seq);
         let named = crate::store::manifest_names(&m.key);
-        if named.as_ref() != Some(&(signed.manifest.appliance.clone(), signed.manifest.seq)) {
+        if named.as_ref() != Some(&(appliance.clone(), seq)) {
             report.bad_manifests.push(Finding {
                 id: None,
                 key: Some(m.key),
                 why: format!(
-                    "holds appliance {}'s manifest {}, which belongs under another key",
-                    signed.manifest.appliance, signed.manifest.seq
+                    "holds appliance {appliance}'s manifest {seq}, which belongs under another key"
                 ),
             });
             continue;
         }
-        by_appliance
-            .entry(signed.manifest.appliance.clone())
-            .or_default()
-            .insert(signed.manifest.seq, signed);
+        let chain = by_appliance.entry(appliance.clone()).or_default();
+        match chain.get(&seq) {
+            Some(other) if other.sha256 != signed.sha256 => {
+                report.bad_manifests.push(Finding {
+                    id: None,
+                    key: Some(m.key),
+                    why: format!(
+                        "a second, different manifest {seq} of appliance {appliance}: a fork \
+                         (its identity key used by two appliances, or a spool restored from a backup)"
+                    ),
+                });
+                forks.push((appliance, seq));
+            }
+            Some(_) => {}
+            None => {
+                chain.insert(seq, signed);
+            }
+        }
     }
-    let mut facts = Vec::new();
+    let mut calls = Vec::new();
+    let mut refusals = Vec::new();
     for (appliance, chain) in &by_appliance {
         let mut c = Chain {
             appliance: appliance.clone(),
@@ -330,13 +383,14 @@ pub fn audit(
             ..Chain::default()
         };
         let mut before: Option<&Signed> = None;
+        let mut facts = Vec::new();
         for (seq, m) in chain {
             match before {
                 None => {
                     c.first = *seq;
-                    if from_start && *seq > 0 {
+                    if *seq > 0 {
                         c.gaps.push((0, seq - 1));
-                    } else if from_start && m.manifest.previous.is_some() {
+                    } else if m.manifest.previous.is_some() {
                         c.broken.push(*seq);
                     }
                 }
@@ -351,14 +405,31 @@ pub fn audit(
             }
             c.last = *seq;
             c.last_to_ms = m.manifest.to_ms;
+            c.stale = m.manifest.period_ms > 0
+                && m.manifest
+                    .to_ms
+                    .saturating_add(m.manifest.period_ms.saturating_mul(2))
+                    < scope.now_ms;
             before = Some(m);
             facts.extend(m.manifest.facts.iter().cloned());
         }
+        c.broken.extend(
+            forks
+                .iter()
+                .filter(|(a, _)| a == appliance)
+                .map(|(_, s)| *s),
+        );
+        c.broken.sort_unstable();
+        c.broken.dedup();
+        // Each appliance's facts on their own: one appliance's word never changes what
+        // another's says of a recording.
+        let (mut cs, mut rs) = fold(facts);
+        calls.append(&mut cs);
+        refusals.append(&mut rs);
         report.chains.push(c);
     }
-    // Facts of all appliances, in chain order per appliance: the latest fact of each
-    // recording wins (a stored retry after a failure).
-    let (calls, refusals) = fold(facts);
+    // In chain order per appliance, the latest fact of each recording won (a stored retry
+    // after a failure).
     for line in refusals {
         if let Fact::Refused { reason, count } = line.fact
             && in_scope(None, line.at_ms)
@@ -491,7 +562,7 @@ mod tests {
             let m = make(
                 &me.id(),
                 (seq, previous.clone()),
-                (seq * 60_000, (seq + 1) * 60_000),
+                (seq * 60_000, (seq + 1) * 60_000, 60_000),
                 facts,
                 0,
             );
@@ -515,11 +586,19 @@ mod tests {
         true
     }
 
+    fn all() -> Scope<'static> {
+        Scope {
+            in_scope: &everything,
+            registered: vec![],
+            now_ms: 0,
+        }
+    }
+
     #[test]
     fn a_signature_verifies_only_under_its_own_key_and_only_unchanged() {
         let dir = tempfile::tempdir().unwrap();
         let (me, other) = (identity(dir.path(), "a"), identity(dir.path(), "b"));
-        let m = make(&me.id(), (0, None), (0, 1), vec![], 0);
+        let m = make(&me.id(), (0, None), (0, 1, 60_000), vec![], 0);
         let (bytes, _) = sign(&m, &me);
         let mine = PublicIdentity::from_pem(&me.public_pem()).unwrap();
         let theirs = PublicIdentity::from_pem(&other.public_pem()).unwrap();
@@ -607,7 +686,7 @@ mod tests {
             obj(key(3), "cc"),
             obj(key(9), "99"),
         ];
-        let r = audit(manifests.clone(), objects.clone(), &everything, true);
+        let r = audit(manifests.clone(), objects.clone(), &all());
         assert_eq!(r.chains.len(), 1);
         assert!(r.chains[0].gaps.is_empty() && r.chains[0].broken.is_empty());
         assert_eq!((r.listed, r.intact), (5, 2));
@@ -623,12 +702,12 @@ mod tests {
         // The middle manifest deleted: a gap, and what only it said is not known.
         let mut gap = manifests.clone();
         gap.remove(1);
-        let r = audit(gap, objects.clone(), &everything, true);
+        let r = audit(gap, objects.clone(), &all());
         assert_eq!(r.chains[0].gaps, [(1, 1)]);
         // A manifest copied over another's key: not taken.
         let mut copied = manifests.clone();
         copied[1].read = copied[2].read.clone();
-        let r = audit(copied, objects, &everything, true);
+        let r = audit(copied, objects, &all());
         assert_eq!(r.bad_manifests.len(), 1);
         assert_eq!(r.chains[0].gaps, [(1, 1)]);
     }
@@ -646,8 +725,38 @@ mod tests {
         let mut m = second[1].read.clone().unwrap();
         m.manifest.previous = Some("00".repeat(32));
         first[1].read = Ok(m);
-        let r = audit(first, vec![], &everything, true);
+        let r = audit(first, vec![], &all());
         assert_eq!(r.chains[0].broken, [1]);
+        assert!(r.tampered());
+    }
+
+    #[test]
+    fn a_wiped_store_a_stale_chain_and_a_fork_are_never_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = identity(dir.path(), "a");
+        // Every manifest and recording deleted: the registered appliance has no chain.
+        let wiped = audit(
+            vec![],
+            vec![],
+            &Scope {
+                registered: vec![me.id()],
+                ..all()
+            },
+        );
+        assert_eq!(wiped.chains[0].manifests, 0);
+        assert!(!wiped.complete());
+        // The newest manifests deleted: the chain ends two periods before now.
+        let manifests = chain(&me, vec![vec![], vec![]]);
+        let at = |now_ms| audit(manifests.clone(), vec![], &Scope { now_ms, ..all() });
+        assert!(at(120_000 + 120_000).complete());
+        let stale = at(120_000 + 120_001);
+        assert!(stale.chains[0].stale && !stale.complete() && !stale.tampered());
+        // Two different manifests of one number: a fork.
+        let other = chain(&me, vec![vec![line(5, started(Uuid::from_u128(5)))]]);
+        let mut forked = manifests.clone();
+        forked.push(other[0].clone());
+        let r = audit(forked, vec![], &all());
+        assert_eq!(r.chains[0].broken, [0]);
         assert!(r.tampered());
     }
 
@@ -668,7 +777,7 @@ mod tests {
             key,
             sha256: Ok("77".into()),
         }];
-        let r = audit(manifests.clone(), objects, &everything, true);
+        let r = audit(manifests.clone(), objects, &all());
         assert!(r.complete(), "{r:?}");
         assert_eq!(
             listed_digests(&[manifests[1].read.clone().unwrap()]),

@@ -251,6 +251,12 @@ impl Manifests {
     }
 
     fn try_make(&mut self, now_ms: u64) -> Result<Uuid, MakeError> {
+        // One whose placing failed goes first: the chain names it.
+        if let Some((id, object)) = self.state.placing.clone() {
+            place(&self.spool, &self.dir, id, &object, now_ms)?;
+            self.state.placing = None;
+            save(&self.dir, &self.state)?;
+        }
         let keks = self.keks.current();
         if keks.is_empty() {
             return Err(MakeError::NoKek);
@@ -265,7 +271,7 @@ impl Manifests {
         let manifest = crate::appliance::manifest::make(
             &appliance,
             (seq, self.state.previous.clone()),
-            (self.period_from(), now_ms),
+            (self.period_from(), now_ms, self.period_ms),
             facts,
             unreadable,
         );
@@ -319,8 +325,14 @@ impl Manifests {
             placing: Some((id, object.clone())),
         };
         if let Err(e) = save(&self.dir, &next) {
-            let _ = fs::remove_file(&dest);
-            return Err(e.into());
+            // Renamed into place but not synced, say: what the disk says is the chain.
+            match load(&self.dir) {
+                Ok(on_disk) if on_disk.placing.as_ref().map(|p| p.0) == Some(id) => {}
+                _ => {
+                    let _ = fs::remove_file(&dest);
+                    return Err(e.into());
+                }
+            }
         }
         self.state = next;
         // Counted in the chain: from here a failure leaves it to the next start's recovery.
@@ -517,6 +529,25 @@ mod tests {
         let m = read(&f, id);
         assert_eq!(m.manifest.seq, 1);
         assert_eq!(m.manifest.began, [Uuid::from_u128(2)]);
+    }
+
+    #[test]
+    fn a_manifest_whose_move_to_ready_failed_goes_before_the_next_one() {
+        let mut f = fixture(tempfile::tempdir().unwrap());
+        let first = f.manifests.make(1_000).unwrap();
+        // As if the move to ready/ had failed: counted in the chain, still beside it.
+        fs::rename(
+            f.spool.package_path(Place::Ready, first),
+            dir_of(&f.spool).join(format!("{first}.erec")),
+        )
+        .unwrap();
+        fs::remove_file(f.spool.state_path(Place::Ready, first)).unwrap();
+        f.manifests.state.placing = Some((first, "manifests/x.0.erec".into()));
+        let second = f.manifests.make(61_000).unwrap();
+        for (id, seq) in [(first, 0), (second, 1)] {
+            assert_eq!(read(&f, id).manifest.seq, seq);
+            assert!(!f.spool.read_state(Place::Ready, id).unwrap().is_recording());
+        }
     }
 
     #[test]

@@ -251,10 +251,13 @@ impl Outcomes {
     /// by then is counted `lost` (the caller goes on: delivering a recording comes before
     /// noting it).
     pub fn note_durable(&self, fact: Fact) -> bool {
+        if self.tx.is_none() {
+            return true; // no journal: nothing to wait for
+        }
         let (done, wait) = std::sync::mpsc::sync_channel(1);
         let committed =
             self.send(fact, Some(done)) && wait.recv_timeout(DURABLE_WAIT).unwrap_or(false);
-        if !committed && self.tx.is_some() {
+        if !committed {
             self.count("lost", 1);
         }
         committed
@@ -340,6 +343,10 @@ fn write_loop(s: &Settings, rx: &Receiver<Msg>) {
     let (mut dirty, mut failed) = (false, false);
     let mut waiting: Vec<SyncSender<bool>> = Vec::new();
     let mut last_commit = std::time::Instant::now();
+    let mut force_sync = false;
+    // Lines go to the file of the day they are written (never an earlier one than the last:
+    // a manifest reads the days in order, after where it stopped).
+    let mut last_day = newest_day(&s.dir);
     loop {
         let mut got = rx.recv_timeout(s.commit_every.saturating_sub(last_commit.elapsed()));
         let mut done = false;
@@ -353,9 +360,15 @@ fn write_loop(s: &Settings, rx: &Receiver<Msg>) {
                     }),
                     _,
                 )) => refusals.add(at_ms, &reason, count),
-                Ok((None, wait)) => waiting.extend(wait),
+                Ok((None, wait)) => {
+                    // A manifest reads up to here next: on disk whatever `sync` says, so
+                    // that no crash takes back a line a manifest holds.
+                    force_sync = true;
+                    dirty |= file.is_some();
+                    waiting.extend(wait);
+                }
                 Ok((Some(line), wait)) => {
-                    match append(s, &mut file, &mut reserved_to, &line) {
+                    match append(s, &mut file, (&mut reserved_to, &mut last_day), &line) {
                         true => dirty = true,
                         false => failed = true,
                     }
@@ -375,11 +388,11 @@ fn write_loop(s: &Settings, rx: &Receiver<Msg>) {
         }
         if done || !waiting.is_empty() || last_commit.elapsed() >= s.commit_every {
             for line in refusals.due(now_ms(), done) {
-                dirty |= append(s, &mut file, &mut reserved_to, &line);
+                dirty |= append(s, &mut file, (&mut reserved_to, &mut last_day), &line);
             }
             if dirty && let Some((_, w)) = file.as_mut() {
                 let committed = w.flush().and_then(|()| {
-                    if s.sync {
+                    if s.sync || force_sync {
                         w.get_ref().sync_data()
                     } else {
                         Ok(())
@@ -393,6 +406,7 @@ fn write_loop(s: &Settings, rx: &Receiver<Msg>) {
                 reserve(w.get_ref(), &mut reserved_to);
             }
             last_commit = std::time::Instant::now();
+            force_sync = false;
             for w in waiting.drain(..) {
                 let _ = w.try_send(!failed);
             }
@@ -418,15 +432,35 @@ fn release(mut w: BufWriter<File>) {
     }
 }
 
-/// Appends one line to its day's file (opened, and the old days removed, at a new day);
-/// whether anything was written.
+/// The newest day a file of the journal in `dir` is of, if any.
+fn newest_day(dir: &Path) -> Option<String> {
+    fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let day = name.strip_suffix(".jsonl")?;
+            (day.len() == 10).then(|| day.to_string())
+        })
+        .max()
+}
+
+/// Appends one line to the file of the day it is written (opened, and the old days removed,
+/// at a new day; never a day before `last_day`, whatever the clock says); whether anything
+/// was written.
 fn append(
     s: &Settings,
     file: &mut Option<(String, BufWriter<File>)>,
-    reserved_to: &mut u64,
+    (reserved_to, last_day): (&mut u64, &mut Option<String>),
     line: &Line,
 ) -> bool {
-    let (day, path) = file_of(&s.dir, line.at_ms);
+    let (today, _) = file_of(&s.dir, now_ms());
+    let day = match last_day.take() {
+        Some(last) if last > today => last,
+        _ => today,
+    };
+    *last_day = Some(day.clone());
+    let path = s.dir.join(format!("{day}.jsonl"));
     if file.as_ref().is_none_or(|(d, _)| *d != day) {
         if let Some((_, old)) = file.take() {
             release(old);
@@ -442,7 +476,7 @@ fn append(
                 return false;
             }
         }
-        remove_old(&s.dir, s.keep_days, line.at_ms);
+        remove_old(&s.dir, s.keep_days, now_ms());
     }
     let Some((_, w)) = file.as_mut() else {
         return false;
@@ -916,11 +950,18 @@ mod tests {
                 reason: "idle_timeout".into(),
             },
         };
-        let (mut file, mut reserved) = (None, 0);
-        assert!(append(&s, &mut file, &mut reserved, &first));
+        let (mut file, mut reserved, mut last_day) = (None, 0, None);
+        assert!(append(
+            &s,
+            &mut file,
+            (&mut reserved, &mut last_day),
+            &first
+        ));
         file.take().unwrap().1.flush().unwrap();
+        // Filed by the day it is written, whatever its time.
+        let (_, path) = file_of(dir.path(), now_ms());
+        assert!(path.exists());
         // A crash mid-line, then the next process appends.
-        let path = dir.path().join("2026-12-01.jsonl");
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(b"{\"at_ms\":17").unwrap();
         let second = Line {
@@ -930,11 +971,39 @@ mod tests {
                 reason: "gave up".into(),
             },
         };
-        assert!(append(&s, &mut file, &mut reserved, &second));
+        assert!(append(
+            &s,
+            &mut file,
+            (&mut reserved, &mut last_day),
+            &second
+        ));
         file.take().unwrap().1.flush().unwrap();
         let (lines, torn) = read(dir.path()).unwrap();
-        assert_eq!(lines, [first, second]);
+        assert_eq!(lines, [first.clone(), second.clone()]);
         assert_eq!(torn, 1);
+        // Read after a place: whole lines only; one being written waits for the next read.
+        let (after, _, cursor) = read_after(dir.path(), &Cursor::default()).unwrap();
+        assert_eq!(after, [first, second.clone()]);
+        f.write_all(b"\n").unwrap();
+        let mut partial = serde_json::to_vec(&second).unwrap();
+        f.write_all(&partial[..10]).unwrap();
+        assert!(read_after(dir.path(), &cursor).unwrap().0.is_empty());
+        partial.push(b'\n');
+        f.write_all(&partial[10..]).unwrap();
+        let (after, _, _) = read_after(dir.path(), &cursor).unwrap();
+        assert_eq!(after.len(), 1, "the line, once whole");
+        // A clock set back never files a line before the newest day.
+        let later = dir.path().join("2999-01-01.jsonl");
+        fs::write(&later, "").unwrap();
+        let mut last_day = newest_day(dir.path());
+        assert!(append(
+            &s,
+            &mut file,
+            (&mut reserved, &mut last_day),
+            &second
+        ));
+        file.take().unwrap().1.flush().unwrap();
+        assert!(fs::metadata(&later).unwrap().len() > 0);
         // A day past keep_days goes.
         fs::write(dir.path().join("2026-10-01.jsonl"), "").unwrap();
         remove_old(dir.path(), 30, at);

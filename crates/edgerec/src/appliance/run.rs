@@ -570,25 +570,29 @@ fn open_spool(
     // Before the spool's recovery: a manifest being placed is not taken for a recording.
     crate::appliance::manifests::recover(&spool, now_ms())
         .map_err(start("manifest recovery (recorder.spool_dir/manifests)"))?;
-    let mut salvaged = Vec::new();
-    for r in spool.recover(now_ms()).map_err(start("spool recovery"))? {
+    // The salvages are in the outcome journal before their packages leave active/.
+    let mut note = |kept: Vec<(uuid::Uuid, u64)>| {
+        outcomes.note_all_durable(
+            kept.into_iter()
+                .map(|(id, bytes)| crate::appliance::outcomes::Fact::Salvaged {
+                    id,
+                    why: "recovered after a crash".into(),
+                    bytes,
+                })
+                .collect(),
+        );
+    };
+    for r in spool
+        .recover_noting(now_ms(), &mut note)
+        .map_err(start("spool recovery"))?
+    {
         match r {
             Recovery::Recovered {
                 id,
                 terminated,
                 cut,
             } => {
-                tracing::warn!(recording = %id, terminated, cut_bytes = cut, "recovered after a crash");
-                if !terminated {
-                    let bytes = spool
-                        .read_state(crate::appliance::spool::Place::Ready, id)
-                        .map_or(0, |s| s.size);
-                    salvaged.push(crate::appliance::outcomes::Fact::Salvaged {
-                        id,
-                        why: "recovered after a crash".into(),
-                        bytes,
-                    });
-                }
+                tracing::warn!(recording = %id, terminated, cut_bytes = cut, "recovered after a crash")
             }
             Recovery::StateRebuilt(id) => tracing::warn!(recording = %id, "upload state rebuilt"),
             Recovery::Quarantined { name, reason } => {
@@ -596,7 +600,6 @@ fn open_spool(
             }
         }
     }
-    outcomes.note_all_durable(salvaged);
     Ok(spool)
 }
 

@@ -589,12 +589,24 @@ impl Spool {
     /// Recovers what a crash left (see the module documentation). Call once at start,
     /// before recording. Errors are only I/O errors of the spool itself.
     pub fn recover(&self, now_ms: u64) -> io::Result<Vec<Recovery>> {
+        self.recover_noting(now_ms, &mut |_| {})
+    }
+
+    /// [`Spool::recover`], telling `salvaged` of every package it keeps without an end record
+    /// (its id and the bytes kept) before any of them leaves `active/`: a crash in between
+    /// tells them again at the next start, never not at all.
+    pub fn recover_noting(
+        &self,
+        now_ms: u64,
+        salvaged: &mut dyn FnMut(Vec<(Uuid, u64)>),
+    ) -> io::Result<Vec<Recovery>> {
         let mut done = Vec::new();
         let mut names: Vec<_> = fs::read_dir(self.dir(Place::Active))?
             .filter_map(|e| e.ok())
             .map(|e| e.file_name())
             .collect();
         names.sort();
+        let mut kept = Vec::new();
         for name in names {
             let from = self.dir(Place::Active).join(&name);
             let name = name.to_string_lossy().into_owned();
@@ -607,20 +619,32 @@ impl Spool {
             };
             let file = OpenOptions::new().read(true).write(true).open(&from)?;
             match cut_torn_tail(&file) {
-                Ok(r) => {
-                    drop(file);
-                    fs::rename(&from, self.package_path(Place::Ready, id))?;
-                    self.rebuild_state(id, r.walk.terminated, now_ms)?;
-                    sync_dir(&self.dir(Place::Active))?;
-                    done.push(Recovery::Recovered {
-                        id,
-                        terminated: r.walk.terminated,
-                        cut: r.cut_bytes,
-                    });
-                }
+                Ok(r) => kept.push((
+                    from,
+                    id,
+                    r.walk.terminated,
+                    r.cut_bytes,
+                    file.metadata()?.len(),
+                )),
                 Err(erec::Error::Io(e)) => return Err(e),
                 Err(e) => done.push(self.quarantine(&from, &name, &e.to_string())?),
             }
+        }
+        salvaged(
+            kept.iter()
+                .filter(|k| !k.2)
+                .map(|&(_, id, _, _, bytes)| (id, bytes))
+                .collect(),
+        );
+        for (from, id, terminated, cut, _) in kept {
+            fs::rename(&from, self.package_path(Place::Ready, id))?;
+            self.rebuild_state(id, terminated, now_ms)?;
+            sync_dir(&self.dir(Place::Active))?;
+            done.push(Recovery::Recovered {
+                id,
+                terminated,
+                cut,
+            });
         }
         for id in self.list(Place::Ready)? {
             if !self.state_path(Place::Ready, id).exists() {

@@ -343,14 +343,26 @@ fn upload_one(
     match result {
         Ok(how) => {
             // In the journal before the spool lets go of it: a crash in between sends it
-            // again (the store answers "already there") and notes it again.
-            if state.is_recording() {
-                outcomes.note_durable(Fact::Stored {
+            // again (the store answers "already there") and notes it again. Not noted, it
+            // stays: a recording no manifest lists would look forged (the next attempt finds
+            // it there and notes it then).
+            if state.is_recording()
+                && !outcomes.note_durable(Fact::Stored {
                     id,
                     key: key.clone(),
                     bytes: state.size,
                     sha256: state.sha256.clone(),
-                });
+                })
+            {
+                tracing::warn!(recording = %id, "stored, but the outcome journal did not commit it; kept in the spool and tried again");
+                let wait = policy.wait(state.attempts, None, random());
+                state.next_attempt_ms =
+                    now_ms() + u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+                state.last_error = Some("the outcome journal did not commit".into());
+                if let Err(e) = spool.write_state(Place::Ready, &state) {
+                    tracing::error!(recording = %id, error = %e, "cannot write upload state");
+                }
+                return Some(state.next_attempt_ms);
             }
             match spool.remove_stored(id) {
                 Ok(()) => {

@@ -17,7 +17,7 @@ use erec::keys::Unwrapper;
 use crate::Error;
 use crate::appliance::identity::PublicIdentity;
 use crate::appliance::manifest::{
-    Finding, ManifestObject, RecordingObject, Report, Signed, audit, verify,
+    Finding, ManifestObject, RecordingObject, Report, Scope, Signed, audit, verify,
 };
 use crate::store::{MANIFESTS, Readable};
 
@@ -81,13 +81,10 @@ pub fn manifests(
             }
             for path in crate::package_files::find_manifests(&dir)?.packages {
                 let key = key_of(root, &path);
-                let read = match std::fs::metadata(&path) {
-                    Ok(m) if m.len() > MAX_MANIFEST as u64 => Err(too_large()),
-                    Ok(_) => std::fs::read(&path)
-                        .map_err(|e| e.to_string())
-                        .and_then(|b| open_manifest(&b, keys, registered)),
-                    Err(e) => Err(e.to_string()),
-                };
+                let read = read_bounded(&path).and_then(|b| match b.len() > MAX_MANIFEST {
+                    true => Err(too_large()),
+                    false => open_manifest(&b, keys, registered),
+                });
                 out.push(ManifestObject { key, read });
             }
         }
@@ -106,6 +103,16 @@ pub fn manifests(
         }
     }
     Ok(out)
+}
+
+/// At most [`MAX_MANIFEST`] + 1 bytes of a file (whatever it grows to meanwhile).
+fn read_bounded(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let mut b = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_MANIFEST as u64 + 1).read_to_end(&mut b))
+        .map_err(|e| e.to_string())?;
+    Ok(b)
 }
 
 /// A `dir` store's object key of a file in it.
@@ -190,7 +197,15 @@ pub fn verify_store(keys: &dyn Unwrapper, args: VerifyArgs<'_>) -> Result<(), Er
         };
         wanted.contains(&day)
     };
-    let report = audit(manifests, objects, &in_scope, true);
+    let report = audit(
+        manifests,
+        objects,
+        &Scope {
+            in_scope: &in_scope,
+            registered: registered.iter().map(PublicIdentity::id).collect(),
+            now_ms: erec::clock::now_ms(),
+        },
+    );
     if args.json {
         println!(
             "{}",
@@ -209,7 +224,7 @@ pub fn verify_store(keys: &dyn Unwrapper, args: VerifyArgs<'_>) -> Result<(), Er
         )))
     } else if !report.complete() {
         Err(Error::Invalid(format!(
-            "verify-store: incomplete: recordings refused, failed, not stored or unreadable ({summary})"
+            "verify-store: incomplete: recordings refused, failed, not stored or unreadable, or a chain missing or stale ({summary})"
         )))
     } else {
         eprintln!("edgerec: verify-store: complete: {summary}");
@@ -227,10 +242,21 @@ fn when(ms: u64) -> String {
 }
 
 fn print_report(r: &Report) {
-    if r.chains.is_empty() {
-        println!("no manifest of a registered appliance in the store");
-    }
     for c in &r.chains {
+        if c.manifests == 0 {
+            println!(
+                "NO MANIFEST appliance {}: none in the store (not started yet, or its manifests were deleted)",
+                c.appliance
+            );
+            continue;
+        }
+        if c.stale {
+            println!(
+                "STALE       appliance {}: its last manifest ended {}, more than two periods ago (the newest were deleted, or it is down)",
+                c.appliance,
+                when(c.last_to_ms)
+            );
+        }
         let state = if c.gaps.is_empty() && c.broken.is_empty() {
             "chain intact"
         } else {

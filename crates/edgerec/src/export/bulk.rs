@@ -437,17 +437,32 @@ impl Exporter<'_> {
     }
 
     fn export(&self, paths: &[PathBuf], identity: Option<String>) -> Result<ExportOutcome, Error> {
-        if let Some(genuine) = &self.genuine {
-            for p in paths {
-                let sha = hex::encode(erec::crypto::sha256_file(p)?);
-                if !genuine.contains(&sha) {
-                    return Err(Error::Unverified(format!(
-                        "a package of SHA-256 {sha} that no signed manifest of a registered \
-                         appliance lists: not exported (forged, or not yet in a manifest)"
-                    )));
+        // With --appliance-key, what is exported is a private copy whose SHA-256 a signed
+        // manifest lists: the store's file cannot change between the check and the export.
+        let mut copies = Vec::new();
+        let checked: Vec<PathBuf>;
+        let paths = match &self.genuine {
+            None => paths,
+            Some(genuine) => {
+                let dir = self.state_dir().join("fetch");
+                fs::create_dir_all(&dir)?;
+                for p in paths {
+                    let mut copy = tempfile::Builder::new().suffix(".erec").tempfile_in(&dir)?;
+                    io::copy(&mut fs::File::open(p)?, copy.as_file_mut())?;
+                    let sha = hex::encode(erec::crypto::sha256_file(copy.path())?);
+                    if !genuine.contains(&sha) {
+                        return Err(Error::Unverified(format!(
+                            "{}: SHA-256 {sha}, which no signed manifest of a registered \
+                             appliance lists: not exported (forged, or not yet in a manifest)",
+                            p.display()
+                        )));
+                    }
+                    copies.push(copy);
                 }
+                checked = copies.iter().map(|c| c.path().to_path_buf()).collect();
+                &checked[..]
             }
-        }
+        };
         let opts = crate::export::Options {
             format: self.format,
             pgp: self.pgp.as_ref(),
