@@ -918,3 +918,118 @@ fn pgp_exports_go_to_every_valid_encryption_key_and_never_to_an_expired_or_revok
     assert_eq!(r.status.code(), Some(1), "{err}");
     assert!(err.contains("no key that may encrypt"), "{err}");
 }
+
+/// The peak resident memory (VmHWM, KiB) of a child, read until it exits; and its status.
+fn peak_kib(mut child: std::process::Child) -> (u64, std::process::ExitStatus) {
+    let status = format!("/proc/{}/status", child.id());
+    let mut peak = 0;
+    loop {
+        // A zombie's status has no memory lines: the last read before it is the peak.
+        if let Ok(text) = fs::read_to_string(&status)
+            && let Some(kib) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        {
+            peak = peak.max(kib);
+        }
+        if let Some(s) = child.try_wait().unwrap() {
+            return (peak, s);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_128_mib_file_package_exports_from_s3_in_bounded_memory() {
+    let weed = Weed::start();
+    let a = Appliance::prepare("\"127.0.0.0/8\"", &s3_store(&weed, SECRET_KEY), "");
+    let plain = a.path("big.bin");
+    let data = pattern(128 << 20);
+    fs::write(&plain, &data).unwrap();
+    let package = a.path("big.erec");
+    let o = edgerec(&[
+        "seal",
+        "--kek",
+        key_path("test-kek.pub.pem").to_str().unwrap(),
+        plain.to_str().unwrap(),
+        package.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value =
+        serde_json::from_slice(&edgerec(&["inspect", "--json", package.to_str().unwrap()]).stdout)
+            .unwrap();
+    let id = uuid::Uuid::parse_str(v["recording_id"].as_str().unwrap()).unwrap();
+    let key = edgerec::store::object_key("calls/", id);
+    let sha: [u8; 32] = erec::crypto::sha256_file(&package).unwrap();
+    weed.store(SECRET_KEY)
+        .put_resumable(
+            &key,
+            &package,
+            &sha,
+            &mut edgerec::store::InMemory::default(),
+        )
+        .unwrap();
+    fs::remove_file(&package).unwrap();
+    // Hour precision: a window ending before the recording began selects nothing, one
+    // around it selects it.
+    let (secs, _) = id.get_timestamp().unwrap().to_unix();
+    let hour = |s: u64| {
+        let u = erec::clock::Utc::from_unix_ms(s * 1000);
+        format!(
+            "{:04}-{:02}-{:02}T{:02}:00Z",
+            u.year, u.month, u.day, u.hms_ms.0
+        )
+    };
+    let (before, from, to) = (hour(secs - 7200), hour(secs - 3600), hour(secs + 3600));
+    let cfg = a.path("edgerec.toml");
+    let key = key_path("test-kek.pem");
+    let earlier = a.path("earlier");
+    let o = edgerec(&[
+        "export",
+        "--key",
+        key.to_str().unwrap(),
+        "--out",
+        earlier.to_str().unwrap(),
+        "--store-config",
+        cfg.to_str().unwrap(),
+        "--from",
+        &before,
+        "--to",
+        &from,
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        files_with_ext(&earlier, "bin").is_empty(),
+        "outside the window"
+    );
+    let out = a.path("export");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_edgerec"))
+        .args([
+            "export",
+            "--key",
+            key.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--store-config",
+            cfg.to_str().unwrap(),
+            "--from",
+            &from,
+            "--to",
+            &to,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (peak, status) = peak_kib(child);
+    eprintln!("export of a 128 MiB package from S3: peak resident memory {peak} KiB");
+    assert!(status.success());
+    let restored = files_with_ext(&out, "bin");
+    assert_eq!(restored.len(), 1, "the original file restored");
+    assert!(fs::read(&restored[0]).unwrap() == data, "byte for byte");
+    assert!(
+        peak > 0 && peak < 64 << 10,
+        "peak resident memory {peak} KiB, over 64 MiB for a 128 MiB package"
+    );
+}

@@ -179,11 +179,13 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         store_config: Option<PathBuf>,
         /// The first UTC day to export from the store (YYYY-MM-DD; by the object keys'
-        /// {yyyy}/{mm}/{dd}/ layout).
+        /// {yyyy}/{mm}/{dd}/ layout), or the first time (2026-11-30T10:00Z: recordings begun
+        /// from then on).
         #[cfg(feature = "appliance")]
         #[arg(long, value_name = "DATE", requires = "store_config")]
         from: Option<String>,
-        /// The last UTC day (inclusive; default: --from).
+        /// The last UTC day (inclusive; default: --from), or the end time (exclusive:
+        /// recordings begun before it; needed with a --from time).
         #[cfg(feature = "appliance")]
         #[arg(long, value_name = "DATE", requires = "from")]
         to: Option<String>,
@@ -232,10 +234,11 @@ enum Command {
         /// A registered appliance's public key (`edgerec identity show`); repeat for each.
         #[arg(long = "appliance-key", value_name = "PUB.pem", required = true)]
         appliance_keys: Vec<PathBuf>,
-        /// The first UTC day of recordings to check (YYYY-MM-DD; every manifest is read).
+        /// The first UTC day of recordings to check (YYYY-MM-DD), or the first time
+        /// (2026-11-30T10:00Z); every manifest is read whatever the range.
         #[arg(long, value_name = "DATE")]
         from: Option<String>,
-        /// The last UTC day (inclusive; default: --from).
+        /// The last UTC day (inclusive; default: --from), or the end time (exclusive).
         #[arg(long, value_name = "DATE", requires = "from")]
         to: Option<String>,
         /// One JSON report instead of lines.
@@ -820,10 +823,7 @@ pub fn main() -> ExitCode {
                 verify_store::VerifyArgs {
                     store_config: &store_config,
                     appliance_keys: &appliance_keys,
-                    days: from.map(|f| {
-                        let t = to.unwrap_or_else(|| f.clone());
-                        (f, t)
-                    }),
+                    days: from.map(|f| (f, to)),
                     json,
                 },
             )
@@ -855,10 +855,7 @@ pub fn main() -> ExitCode {
                     #[cfg(feature = "appliance")]
                     store_config,
                     #[cfg(feature = "appliance")]
-                    days: from.map(|f| {
-                        let t = to.unwrap_or_else(|| f.clone());
-                        (f, t)
-                    }),
+                    days: from.map(|f| (f, to)),
                     pgp_recipients,
                     max_span: std::time::Duration::from_secs(max_span_secs),
                     join: !no_join,

@@ -214,9 +214,9 @@ pub struct ExportFrom {
     /// An appliance config whose store to read.
     #[cfg(feature = "appliance")]
     pub store_config: Option<PathBuf>,
-    /// A UTC day range (from, to), inclusive.
+    /// `--from` and `--to`: UTC days (inclusive) or times (the end exclusive).
     #[cfg(feature = "appliance")]
-    pub days: Option<(String, String)>,
+    pub days: Option<(String, Option<String>)>,
     /// OpenPGP certificates to encrypt every output to.
     pub pgp_recipients: Vec<PathBuf>,
     /// The longest recording timeline exported.
@@ -264,6 +264,8 @@ pub fn export(
     };
     #[cfg_attr(not(feature = "appliance"), allow(unused_mut))]
     let mut sources = crate::export::bulk::from_paths(&from.inputs)?;
+    // Packages named on the command line go whatever --from and --to say.
+    let named: std::collections::HashSet<String> = sources.iter().map(|s| s.name()).collect();
     // With a date range, the days around it are listed too (a call across midnight joins
     // its part from the day before or after); only calls with a part in the range go.
     #[cfg_attr(not(feature = "appliance"), allow(unused_mut))]
@@ -271,19 +273,21 @@ pub fn export(
     #[cfg(feature = "appliance")]
     let mut s3 = None;
     #[cfg(feature = "appliance")]
+    let mut window: Option<crate::export::bulk::Window> = None;
+    #[cfg(feature = "appliance")]
     if let Some(cfg) = &from.store_config {
         let cfg = crate::appliance::config::Config::load(cfg)
             .map_err(|e| Error::Invalid(e.to_string()))?;
         let (days, margin) = match &from.days {
             Some((f, t)) => {
-                let days = crate::export::bulk::day_prefixes(f, t)
+                let w = crate::export::bulk::Window::parse(f, t.as_deref())
                     .map_err(|e| Error::Invalid(e.to_string()))?;
+                window = Some(w);
                 let margin = match from.join {
-                    true => crate::export::bulk::days_around(f, t)
-                        .map_err(|e| Error::Invalid(e.to_string()))?,
+                    true => w.days_around(),
                     false => Vec::new(),
                 };
-                (Some(days), margin)
+                (Some(w.day_prefixes()), margin)
             }
             None => (None, Vec::new()),
         };
@@ -353,7 +357,16 @@ pub fn export(
         s3,
         genuine,
     };
-    let calls = exporter.calls(sources, from.join, |s| !around.contains(&s.name()));
+    // A call goes when a part of it was listed for the range (not only for the days around
+    // it) and began in the window.
+    #[cfg(feature = "appliance")]
+    let in_window = |name: &str| window.is_none_or(|w| w.holds(name));
+    #[cfg(not(feature = "appliance"))]
+    let in_window = |_: &str| true;
+    let calls = exporter.calls(sources, from.join, |s| {
+        let name = s.name();
+        !around.contains(&name) && (named.contains(&name) || in_window(&name))
+    });
     let (total, packages) = (calls.len(), calls.iter().map(Vec::len).sum::<usize>());
     let bar = std::io::stderr().is_terminal().then(|| {
         let b = indicatif::ProgressBar::new(total as u64);

@@ -163,8 +163,9 @@ pub struct VerifyArgs<'a> {
     pub store_config: &'a Path,
     /// The registered appliances' public keys.
     pub appliance_keys: &'a [PathBuf],
-    /// A UTC day range (from, to), inclusive: the recordings of those days.
-    pub days: Option<(String, String)>,
+    /// `--from` and `--to`: the recordings begun in those UTC days (inclusive) or between
+    /// those times (the end exclusive).
+    pub days: Option<(String, Option<String>)>,
     /// A JSON report instead of lines.
     pub json: bool,
 }
@@ -173,29 +174,28 @@ pub struct VerifyArgs<'a> {
 pub fn verify_store(keys: &dyn Unwrapper, args: VerifyArgs<'_>) -> Result<(), Error> {
     let registered = registered(args.appliance_keys)?;
     let (store, prefix) = open_store(args.store_config)?;
-    let days = match &args.days {
+    let window = match &args.days {
         Some((f, t)) => Some(
-            crate::export::bulk::day_prefixes(f, t).map_err(|e| Error::Invalid(e.to_string()))?,
+            crate::export::bulk::Window::parse(f, t.as_deref())
+                .map_err(|e| Error::Invalid(e.to_string()))?,
         ),
         None => None,
     };
-    // Every manifest, whatever the days: a recording's outcome may be in a later one, and the
-    // chain is checked whole.
+    // Every manifest, whatever the window: a recording's outcome may be in a later one, and
+    // the chain is checked whole.
     let manifests = manifests(&store, &prefix, keys, &registered)?;
-    let objects = recordings(&store, &prefix, days.as_deref())?;
-    let wanted: Option<BTreeSet<String>> = days.map(|d| d.into_iter().collect());
+    let days = window.map(|w| w.day_prefixes());
+    let objects: Vec<RecordingObject> = recordings(&store, &prefix, days.as_deref())?
+        .into_iter()
+        .filter(|o| window.is_none_or(|w| w.holds(&o.key)))
+        .collect();
+    // A recording belongs to the window by its start: its key's id when it was stored, else
+    // when the journal first named it.
     let in_scope = |key: Option<&str>, first_ms: u64| -> bool {
-        let Some(wanted) = &wanted else {
-            return true;
-        };
-        let day = match key.and_then(|k| k.strip_prefix(prefix.as_str())) {
-            Some(k) => k.get(..11).unwrap_or("").to_string(),
-            None => {
-                let d = Utc::from_unix_ms(first_ms);
-                format!("{:04}/{:02}/{:02}/", d.year, d.month, d.day)
-            }
-        };
-        wanted.contains(&day)
+        window.is_none_or(|w| match key {
+            Some(k) => w.holds(k),
+            None => (w.from_ms..w.to_ms).contains(&first_ms),
+        })
     };
     let report = audit(
         manifests,

@@ -107,8 +107,11 @@ pub enum ExportOutcome {
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DateRangeError {
     /// A bound is not a date.
-    #[error("{0}: not a date (YYYY-MM-DD)")]
+    #[error("{0}: not a UTC day (2026-11-30) or time (2026-11-30T10:00Z)")]
     NotADate(String),
+    /// `--from` is a time and `--to` is missing.
+    #[error("--from {0} is a time: give --to too (the end, exclusive)")]
+    NeedsTo(String),
     /// The range ends before it starts.
     #[error("--to {to} is before --from {from}")]
     Backwards {
@@ -122,44 +125,115 @@ pub enum DateRangeError {
     TooLong,
 }
 
-/// The UTC days from `from` to `to` (inclusive, `YYYY-MM-DD`) as key prefixes `yyyy/mm/dd/`.
 #[cfg(feature = "appliance")]
-pub fn day_prefixes(from: &str, to: &str) -> Result<Vec<String>, DateRangeError> {
-    let day = |d: &str| {
-        erec::clock::parse_rfc3339_ms(&format!("{d}T00:00:00Z"))
-            .ok_or_else(|| DateRangeError::NotADate(d.to_string()))
-    };
-    let (a, b) = (day(from)?, day(to)?);
-    if b < a {
-        return Err(DateRangeError::Backwards {
-            from: from.to_string(),
-            to: to.to_string(),
-        });
-    }
-    if (b - a) / 86_400_000 > 3660 {
-        return Err(DateRangeError::TooLong);
-    }
-    Ok((0..=(b - a) / 86_400_000)
-        .map(|i| {
-            let u = erec::clock::Utc::from_unix_ms(a + i * 86_400_000);
-            format!("{:04}/{:02}/{:02}/", u.year, u.month, u.day)
-        })
-        .collect())
+const DAY_MS: u64 = 86_400_000;
+
+/// The key prefix `yyyy/mm/dd/` of the UTC day of `ms`.
+#[cfg(feature = "appliance")]
+fn day_prefix(ms: u64) -> String {
+    let u = erec::clock::Utc::from_unix_ms(ms);
+    format!("{:04}/{:02}/{:02}/", u.year, u.month, u.day)
 }
 
-/// The day before `from` and the day after `to` as key prefixes: listed too, so that a call
-/// across midnight finds its other part.
+/// A bound of `--from`/`--to`: its time (ms) and whether it is a whole day.
 #[cfg(feature = "appliance")]
-pub fn days_around(from: &str, to: &str) -> Result<Vec<String>, DateRangeError> {
-    let day = |d: &str, by: i64| {
-        erec::clock::parse_rfc3339_ms(&format!("{d}T00:00:00Z"))
-            .map(|ms| {
-                let u = erec::clock::Utc::from_unix_ms(ms.saturating_add_signed(by * 86_400_000));
-                format!("{:04}/{:02}/{:02}/", u.year, u.month, u.day)
-            })
-            .ok_or_else(|| DateRangeError::NotADate(d.to_string()))
+fn bound(s: &str) -> Option<(u64, bool)> {
+    use erec::clock::parse_rfc3339_ms;
+    if let Some(ms) = parse_rfc3339_ms(&format!("{s}T00:00:00Z")) {
+        return Some((ms, true));
+    }
+    if let Some(ms) = parse_rfc3339_ms(s) {
+        return Some((ms, false));
+    }
+    // To the minute (2026-11-30T10:00Z) or the hour (2026-11-30T10Z).
+    let head = s.strip_suffix('Z')?;
+    let full = match head.len() {
+        16 => format!("{head}:00Z"),
+        13 => format!("{head}:00:00Z"),
+        _ => return None,
     };
-    Ok(vec![day(from, -1)?, day(to, 1)?])
+    parse_rfc3339_ms(&full).map(|ms| (ms, false))
+}
+
+/// The time window of `--from`/`--to`: UTC days (`YYYY-MM-DD`; `--to` inclusive, `--from`
+/// alone one day) or instants (`2026-11-30T10:00Z`, to the hour, minute or second; start
+/// inclusive, end exclusive). Days select what their listings hold (as they always did);
+/// times select a package by its recording's start (its UUIDv7).
+#[cfg(feature = "appliance")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// The first millisecond.
+    pub from_ms: u64,
+    /// The first millisecond after it.
+    pub to_ms: u64,
+    /// Whole days: the days' listings are the selection.
+    pub days: bool,
+}
+
+#[cfg(feature = "appliance")]
+impl Window {
+    /// The window of `--from FROM [--to TO]`.
+    pub fn parse(from: &str, to: Option<&str>) -> Result<Window, DateRangeError> {
+        let not = |s: &str| DateRangeError::NotADate(s.to_string());
+        let (from_ms, from_day) = bound(from).ok_or_else(|| not(from))?;
+        let (to_ms, to_day) = match to {
+            None if from_day => (from_ms + DAY_MS, true),
+            None => return Err(DateRangeError::NeedsTo(from.to_string())),
+            Some(t) => match bound(t).ok_or_else(|| not(t))? {
+                (ms, true) => (ms + DAY_MS, true),
+                (ms, false) => (ms, false),
+            },
+        };
+        if to_ms <= from_ms {
+            return Err(DateRangeError::Backwards {
+                from: from.to_string(),
+                to: to.unwrap_or(from).to_string(),
+            });
+        }
+        if (to_ms - from_ms) / DAY_MS > 3660 {
+            return Err(DateRangeError::TooLong);
+        }
+        Ok(Window {
+            from_ms,
+            to_ms,
+            days: from_day && to_day,
+        })
+    }
+
+    /// The UTC days it touches, as key prefixes `yyyy/mm/dd/`.
+    pub fn day_prefixes(&self) -> Vec<String> {
+        let (first, last) = (self.from_ms / DAY_MS, (self.to_ms - 1) / DAY_MS);
+        (first..=last).map(|d| day_prefix(d * DAY_MS)).collect()
+    }
+
+    /// The day before it and the day after it, as key prefixes: listed too, so that a call
+    /// across midnight finds its other part.
+    pub fn days_around(&self) -> Vec<String> {
+        vec![
+            day_prefix(self.from_ms.saturating_sub(DAY_MS)),
+            day_prefix((self.to_ms - 1).saturating_add(DAY_MS)),
+        ]
+    }
+
+    /// Whether the recording a package file or key names (`…/{id}.erec`) began in it (for
+    /// days: whether its day's listing chose it); one whose name is not an id is taken.
+    pub fn holds(&self, name: &str) -> bool {
+        if self.days {
+            return true;
+        }
+        let Some(t) = name
+            .rsplit('/')
+            .next()
+            .and_then(|n| n.strip_suffix(".erec"))
+            .and_then(|n| uuid::Uuid::parse_str(n).ok())
+            .and_then(|u| u.get_timestamp())
+        else {
+            return true;
+        };
+        let (s, n) = t.to_unix();
+        let ms = s * 1000 + u64::from(n / 1_000_000);
+        (self.from_ms..self.to_ms).contains(&ms)
+    }
 }
 
 /// The packages of the inputs (files and directories searched for `*.erec`).
@@ -499,29 +573,33 @@ impl Exporter<'_> {
         Ok((format!("sha256:{sha}"), id))
     }
 
-    /// Downloads an S3 package into a temporary file (ciphertext, 0600) and checks it
-    /// against the SHA-256 the store holds for it.
+    /// Downloads an S3 package into a temporary file (ciphertext, 0600), streamed (memory
+    /// stays at a buffer whatever its size), and checks it against the SHA-256 the store
+    /// holds for it once the last byte is in: nothing of it is opened before that holds.
     #[cfg(feature = "appliance")]
     fn fetch(&self, key: &str, identity: &str) -> Result<tempfile::NamedTempFile, Error> {
-        use std::io::Write;
         let store = self
             .s3
             .as_ref()
             .ok_or_else(|| Error::Invalid("no S3 store configured".into()))?;
-        let bytes = store
-            .get(key)
-            .map_err(|e| Error::Invalid(format!("s3:{key}: {e}")))?;
-        let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+        let dir = self.state_dir().join("fetch");
+        fs::create_dir_all(&dir)?;
+        let mut tmp = tempfile::Builder::new().suffix(".erec").tempfile_in(&dir)?;
+        let sha = {
+            let mut w = io::BufWriter::new(tmp.as_file_mut());
+            let sha = store
+                .get_to(key, &mut w)
+                .map_err(|e| Error::Invalid(format!("s3:{key}: {e}")))?;
+            io::Write::flush(&mut w)?;
+            sha
+        };
         if identity.strip_prefix("sha256:") != Some(sha.as_str()) {
+            // The temporary file goes with `tmp`.
             return Err(Error::Package(erec::Error::Corrupt {
                 what: "the object's bytes are not the SHA-256 the store recorded for it",
                 record: None,
             }));
         }
-        let dir = self.state_dir().join("fetch");
-        fs::create_dir_all(&dir)?;
-        let mut tmp = tempfile::Builder::new().suffix(".erec").tempfile_in(&dir)?;
-        tmp.write_all(&bytes)?;
         Ok(tmp)
     }
 
@@ -564,18 +642,56 @@ mod tests {
     use super::*;
 
     #[test]
-    fn date_ranges_become_day_prefixes() {
+    fn date_ranges_become_day_prefixes_and_hours_select_within_them() {
+        let w = |f: &str, t: &str| Window::parse(f, Some(t));
         assert_eq!(
-            day_prefixes("2026-11-29", "2026-12-01").unwrap(),
+            w("2026-11-29", "2026-12-01").unwrap().day_prefixes(),
             ["2026/11/29/", "2026/11/30/", "2026/12/01/"]
         );
-        assert_eq!(day_prefixes("2028-02-28", "2028-03-01").unwrap().len(), 3);
-        assert!(day_prefixes("2026-12-01", "2026-11-29").is_err());
-        assert!(day_prefixes("yesterday", "2026-11-29").is_err());
         assert_eq!(
-            days_around("2026-12-01", "2026-12-31").unwrap(),
+            w("2028-02-28", "2028-03-01").unwrap().day_prefixes().len(),
+            3
+        );
+        assert!(w("2026-12-01", "2026-11-29").is_err());
+        assert!(w("yesterday", "2026-11-29").is_err());
+        assert_eq!(
+            w("2026-12-01", "2026-12-31").unwrap().days_around(),
             ["2026/11/30/", "2027/01/01/"]
         );
+        assert_eq!(
+            Window::parse("2026-12-01", None).unwrap().day_prefixes(),
+            ["2026/12/01/"]
+        );
+        // Hours: start inclusive, end exclusive; the days they touch are listed.
+        let h = w("2026-11-30T10:00Z", "2026-11-30T12:00Z").unwrap();
+        assert_eq!(h.day_prefixes(), ["2026/11/30/"]);
+        assert_eq!(
+            w("2026-11-30T23Z", "2026-12-01T00:00:00Z")
+                .unwrap()
+                .day_prefixes(),
+            ["2026/11/30/"]
+        );
+        assert_eq!(
+            Window::parse("2026-11-30T10:00Z", None),
+            Err(DateRangeError::NeedsTo("2026-11-30T10:00Z".into()))
+        );
+        let at = |t: &str| {
+            let ms = erec::clock::parse_rfc3339_ms(t).unwrap();
+            let id = uuid::Uuid::new_v7(uuid::Timestamp::from_unix(
+                uuid::NoContext,
+                ms / 1000,
+                (ms % 1000) as u32 * 1_000_000,
+            ));
+            format!("calls/2026/11/30/{id}.erec")
+        };
+        assert!(h.holds(&at("2026-11-30T10:00:00Z")));
+        assert!(h.holds(&at("2026-11-30T11:59:59.999Z")));
+        assert!(!h.holds(&at("2026-11-30T12:00:00Z")));
+        assert!(!h.holds(&at("2026-11-30T09:59:59.999Z")));
+        assert!(h.holds("calls/2026/11/30/not-an-id.erec"));
+        // Days keep their meaning: what their listings hold.
+        let d = w("2026-11-30", "2026-11-30").unwrap();
+        assert!(d.days && d.holds(&at("2020-01-01T00:00:00Z")));
     }
 
     #[test]

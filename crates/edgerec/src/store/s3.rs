@@ -155,6 +155,12 @@ impl S3Store {
 
     /// The SHA-256 (hex) of the object under `key`, hashed as it streams in.
     pub fn sha256_of(&self, key: &str) -> Result<String, StoreError> {
+        self.get_to(key, &mut std::io::sink())
+    }
+
+    /// Streams the object under `key` into `out` (64 KiB at a time, whatever its size);
+    /// returns its SHA-256 (hex), hashed on the way.
+    pub fn get_to(&self, key: &str, out: &mut dyn std::io::Write) -> Result<String, StoreError> {
         use sha2::Digest;
         use std::io::Read;
         let url = self.url(key);
@@ -167,7 +173,11 @@ impl S3Store {
         loop {
             match r.read(&mut buf) {
                 Ok(0) => return Ok(hex::encode(hash.finalize())),
-                Ok(n) => hash.update(&buf[..n]),
+                Ok(n) => {
+                    hash.update(&buf[..n]);
+                    out.write_all(&buf[..n])
+                        .map_err(|e| StoreError::transient(format!("{url}: writing: {e}")))?;
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(StoreError::transient(format!("{url}: {e}"))),
             }
