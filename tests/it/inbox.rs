@@ -69,13 +69,15 @@ fn files_dropped_while_down_and_while_running_are_sealed_delivered_and_removed()
     drop_in(
         &a,
         "chat-0001.txt.meta.json",
-        br#"{"conversation_id":"conv-7","channel":"chat"}"#,
+        br#"{"conversation_id":"conv-7","channel":"chat","media_type":"transcript"}"#,
     );
     drop_in(&a, "chat-0001.txt", &transcript);
     a.spawn();
     wait_stored(&a.path("store"), 1);
     // Dropped while it runs: taken at once (inotify), with no scan due for an hour.
     let voicemail: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    // A media type the platform has not: kept out, and said so.
+    drop_in(&a, "voicemail 17.wav.meta.json", br#"{"media_type":"fax"}"#);
     drop_in(&a, "voicemail 17.wav", &voicemail);
     // A file written in place under a hidden name is not taken.
     fs::write(a.path("inbox/.being-written"), b"partial").unwrap();
@@ -93,8 +95,43 @@ fn files_dropped_while_down_and_while_running_are_sealed_delivered_and_removed()
         "{}",
         got[0].2
     );
+    assert_eq!(got[0].2["media_type"], "transcript");
     assert_eq!(got[1].0, "voicemail 17.wav");
     assert!(got[1].1 == voicemail, "byte for byte");
+    assert_eq!(got[1].2["media_type"], serde_json::Value::Null);
+    assert!(
+        got[1].2["metadata"]["sidecar_error"]
+            .as_str()
+            .unwrap()
+            .contains("media_type is none of"),
+        "{}",
+        got[1].2
+    );
+    // Selected by media type: only the transcript, beside its conversation.
+    let out = a.path("transcripts");
+    let r = edgerec(&[
+        "export",
+        "--key",
+        key_path("test-kek.pem").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--media-type",
+        "transcript",
+        a.path("store").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{err}");
+    assert!(
+        err.contains("1 exported, 0 skipped (done before), 1 of other media types, 0 failed"),
+        "{err}"
+    );
+    let only: Vec<_> = files_with_ext(&out, "txt");
+    assert_eq!(only.len(), 1);
+    assert!(
+        only[0].to_str().unwrap().contains("conversation_id=conv-7"),
+        "{}",
+        only[0].display()
+    );
     // Gone from the inbox once sealed; the hidden file stays.
     fs::remove_file(a.path("inbox/.being-written")).unwrap();
     assert!(inbox_is_empty(&a.path("inbox")));

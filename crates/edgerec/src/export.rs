@@ -91,6 +91,17 @@ pub struct Options<'a> {
     pub pgp: Option<&'a crate::export::pgp::Recipients>,
     /// The longest timeline a recording may have (from its start to its last sample).
     pub max_span: Duration,
+    /// Export only recordings of these media types (`--media-type`; empty: all).
+    pub media_types: &'a [String],
+}
+
+/// A recording's media type: the one its metadata gives, else `call` for a recorded call;
+/// none for a file that gave none.
+fn media_type(d: &Decoded) -> Option<String> {
+    match d.metadata.get("media_type").and_then(Value::as_str) {
+        Some(t) if crate::media::MEDIA_TYPES.contains(&t) => Some(t.to_string()),
+        _ => (d.media != "file").then(|| "call".to_string()),
+    }
 }
 
 /// What one export wrote.
@@ -377,12 +388,17 @@ pub fn export_parts_to(
     unwrapper: &dyn Unwrapper,
     out: &Path,
     opts: &Options,
-) -> Result<Exported, Error> {
+) -> Result<Option<Exported>, Error> {
     let keys = Remembered {
         inner: unwrapper,
         got: std::sync::Mutex::new(Vec::new()),
     };
     let mut d = decode(inputs, &keys, opts.max_span)?;
+    if !opts.media_types.is_empty()
+        && !media_type(&d).is_some_and(|t| opts.media_types.contains(&t))
+    {
+        return Ok(None);
+    }
     let (dir, name) = layout(out, &d, opts.format);
     let mut doc = describe(&d);
     let file = d.media == "file";
@@ -423,12 +439,12 @@ pub fn export_parts_to(
         Ok(())
     })?;
     let meta_path = place(meta_tmp, &dir.join(&meta_name), opts.pgp.is_some())?;
-    Ok(Exported {
+    Ok(Some(Exported {
         id: d.id,
         media: media_path,
         metadata: meta_path,
         terminated: d.end.is_some(),
-    })
+    }))
 }
 
 /// One package of a joined recording: where it sits on the whole's timeline and which of
@@ -666,6 +682,7 @@ fn describe(d: &Decoded) -> Value {
         "created": Utc::from_unix_ms(d.header.created_ms).rfc3339(),
         "created_ms": d.header.created_ms,
         "media": d.media,
+        "media_type": media_type(d),
         "kek_ids": d.kek_ids,
         "public_metadata": d.public,
         "metadata": d.metadata,

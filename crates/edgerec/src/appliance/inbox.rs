@@ -415,6 +415,36 @@ impl Inbox {
     }
 
     fn metadata(&self, id: Uuid, name: &str, sidecar: bool) -> Metadata {
+        /// The keys export reads kept only when they hold what it expects: a `media_type` of
+        /// [`crate::media::MEDIA_TYPES`], a `conversation_id` of 1 to 256 characters; what
+        /// is kept out is named in `sidecar_error`.
+        fn checked(mut m: Metadata) -> Metadata {
+            let mut wrong = Vec::new();
+            if m.get("media_type").is_some_and(|t| {
+                !t.as_str()
+                    .is_some_and(|t| crate::media::MEDIA_TYPES.contains(&t))
+            }) {
+                m.remove("media_type");
+                wrong.push(format!(
+                    "media_type is none of {}",
+                    crate::media::MEDIA_TYPES.join(", ")
+                ));
+            }
+            if m.get("conversation_id").is_some_and(|c| {
+                !c.as_str()
+                    .is_some_and(|c| (1..=256).contains(&c.chars().count()))
+            }) {
+                m.remove("conversation_id");
+                wrong.push("conversation_id is not a text of 1 to 256 characters".into());
+            }
+            if !wrong.is_empty() {
+                m.insert(
+                    "sidecar_error".into(),
+                    format!("{}; kept out", wrong.join("; ")).into(),
+                );
+            }
+            m
+        }
         let mut meta = Metadata::new();
         if sidecar {
             let path = self.claims().join(format!("{id}.{name}{SIDECAR}"));
@@ -430,7 +460,7 @@ impl Inbox {
                     .then(|| serde_json::from_slice::<Metadata>(&t).ok())
                     .flatten()
             }) {
-                Ok(Some(m)) => meta = m,
+                Ok(Some(m)) => meta = checked(m),
                 _ => {
                     meta.insert(
                         "sidecar_error".into(),

@@ -211,6 +211,11 @@ enum Command {
             requires = "store_config"
         )]
         appliance_keys: Vec<PathBuf>,
+        /// Export only recordings of this media type (call, email, chat, message, callback,
+        /// screen, transcript: an inbox file's sidecar gives it, a recorded call is a call);
+        /// repeat for several. Each package's metadata is opened to tell.
+        #[arg(long = "media-type", value_name = "TYPE", value_parser = clap::builder::PossibleValuesParser::new(crate::media::MEDIA_TYPES))]
+        media_types: Vec<String>,
         /// Export each package on its own. By default a call recorded in several packages
         /// (the appliance restarted during it, or it reached its maximum duration: each part
         /// names the one it continues) is exported as one recording, named after its first
@@ -843,6 +848,7 @@ pub fn main() -> ExitCode {
             pgp_recipients,
             max_span_secs,
             no_join,
+            media_types,
             #[cfg(feature = "appliance")]
             appliance_keys,
         } => keys.unwrapper().and_then(|u| {
@@ -858,6 +864,7 @@ pub fn main() -> ExitCode {
                     days: from.map(|f| (f, to)),
                     pgp_recipients,
                     max_span: std::time::Duration::from_secs(max_span_secs),
+                    media_types,
                     join: !no_join,
                     #[cfg(feature = "appliance")]
                     appliance_keys,

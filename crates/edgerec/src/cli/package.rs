@@ -221,6 +221,8 @@ pub struct ExportFrom {
     pub pgp_recipients: Vec<PathBuf>,
     /// The longest recording timeline exported.
     pub max_span: std::time::Duration,
+    /// `--media-type`: only recordings of these (empty: all).
+    pub media_types: Vec<String>,
     /// Join the packages of one call into one recording (`--no-join`: false).
     pub join: bool,
     /// `--appliance-key`: export only packages a signed manifest of these appliances lists
@@ -353,6 +355,7 @@ pub fn export(
         format,
         pgp,
         max_span: from.max_span,
+        media_types: from.media_types.clone(),
         #[cfg(feature = "appliance")]
         s3,
         genuine,
@@ -405,6 +408,7 @@ pub fn export(
                     say(format!("skipped {} (exported before, verified)", name(src)));
                 }
             }
+            ExportOutcome::NotSelected => {}
             ExportOutcome::Failed(e) => say(format!("FAILED {}: {e}", name(src))),
         }
         if let Some(b) = &bar {
@@ -417,6 +421,7 @@ pub fn export(
     let count = |f: fn(&ExportOutcome) -> bool| results.iter().filter(|(_, o)| f(o)).count();
     let exported = count(|o| matches!(o, ExportOutcome::Exported { .. }));
     let skipped = count(|o| matches!(o, ExportOutcome::Skipped));
+    let not_selected = count(|o| matches!(o, ExportOutcome::NotSelected));
     let mut failed: Vec<_> = results
         .into_iter()
         .filter_map(|(s, o)| match o {
@@ -428,8 +433,12 @@ pub fn export(
         true => format!("{total} packages"),
         false => format!("{total} recordings from {packages} packages (continuations joined)"),
     };
+    let other = match from.media_types.is_empty() {
+        true => String::new(),
+        false => format!(", {not_selected} of other media types"),
+    };
     eprintln!(
-        "export: {what}: {exported} exported, {skipped} skipped (done before), {} failed",
+        "export: {what}: {exported} exported, {skipped} skipped (done before){other}, {} failed",
         failed.len()
     );
     for (s, e) in &failed {

@@ -98,6 +98,8 @@ pub enum ExportOutcome {
     },
     /// Exported before, and verified.
     Skipped,
+    /// Not of the media types asked for (`--media-type`).
+    NotSelected,
     /// Not exported: why.
     Failed(Error),
 }
@@ -315,6 +317,8 @@ pub struct Exporter<'a> {
     /// With `--appliance-key`: the SHA-256s (hex) the verified manifests list; a package
     /// not among them is refused.
     pub genuine: Option<std::collections::BTreeSet<String>>,
+    /// `--media-type`: only recordings of these (empty: all).
+    pub media_types: Vec<String>,
 }
 
 impl Exporter<'_> {
@@ -541,8 +545,11 @@ impl Exporter<'_> {
             format: self.format,
             pgp: self.pgp.as_ref(),
             max_span: self.max_span,
+            media_types: &self.media_types,
         };
-        let x = export_parts_to(paths, self.keys, &self.out, &opts)?;
+        let Some(x) = export_parts_to(paths, self.keys, &self.out, &opts)? else {
+            return Ok(ExportOutcome::NotSelected);
+        };
         if let Some(identity) = identity {
             self.record(&x, identity)?;
         }
