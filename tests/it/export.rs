@@ -147,12 +147,12 @@ fn a_days_recordings_export_from_s3_skipping_the_tampered_and_a_second_run_does_
 }
 
 /// A throwaway GnuPG home with one key pair (receiver), killed on drop.
-struct Gpg {
+pub struct Gpg {
     home: tempfile::TempDir,
 }
 
 impl Gpg {
-    fn new() -> Gpg {
+    pub fn new() -> Gpg {
         let home = tempfile::Builder::new()
             .prefix("gpg")
             .tempdir_in("/tmp")
@@ -198,7 +198,7 @@ impl Gpg {
         g
     }
 
-    fn run(&self, args: &[&str]) -> std::process::Output {
+    pub fn run(&self, args: &[&str]) -> std::process::Output {
         self.run_with_input(args, "")
     }
 

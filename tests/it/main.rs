@@ -9,6 +9,7 @@ mod common;
 mod control;
 mod deploy;
 mod export;
+mod export_bucket;
 mod http_store;
 mod inbox;
 mod kms;

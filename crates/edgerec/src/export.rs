@@ -47,6 +47,8 @@
 //! `join` (which packages make one call) and `pgp` (each output encrypted to OpenPGP
 //! certificates as it is written).
 
+#[cfg(feature = "appliance")]
+pub(crate) mod bucket;
 pub(crate) mod bulk;
 pub(crate) mod join;
 pub(crate) mod pgp;
@@ -93,6 +95,51 @@ pub struct Options<'a> {
     pub max_span: Duration,
     /// Export only recordings of these media types (`--media-type`; empty: all).
     pub media_types: &'a [String],
+    /// Export only recordings of these conversations (`--conversation`; empty: all).
+    pub conversations: &'a [String],
+    /// When each conversation began (the manifests' index): the platform layout files a
+    /// recording by its conversation's start.
+    pub conversation_starts: Option<&'a std::collections::HashMap<String, u64>>,
+    /// edgerec's layout, or the platform's.
+    pub layout: Layout<'a>,
+}
+
+/// Where an export's outputs go.
+#[derive(Clone, Copy)]
+pub enum Dest<'a> {
+    /// A directory (outputs written to a temporary name and renamed into place).
+    Dir(&'a Path),
+    /// A bucket (outputs streamed up and confirmed by a `HEAD`).
+    #[cfg(feature = "appliance")]
+    Bucket(&'a bucket::Bucket),
+}
+
+/// The layout of an export (`--layout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout<'a> {
+    /// edgerec's: `year=/month=/day=/conversation_id=/`, by the recording's start day.
+    Edgerec,
+    /// The platform's bulk export: `{org}/year=/month=/day=/hour=/conversation_id=/`, by the
+    /// hour the conversation began, and its `_metadata.json` fields.
+    Platform {
+        /// The organisation id: the first level.
+        org: &'a str,
+    },
+}
+
+/// An output in place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    /// Its path below the destination (`/`-separated).
+    pub rel: String,
+    /// How it is named to the operator: a path, or `s3://bucket/key`.
+    pub shown: String,
+    /// Its size.
+    pub size: u64,
+    /// A file's modification time (ns since the epoch); 0 for an object.
+    pub mtime_ns: u128,
+    /// An object's ETag.
+    pub etag: Option<String>,
 }
 
 /// A recording's media type: the one its metadata gives, else `call` for a recorded call;
@@ -109,10 +156,10 @@ fn media_type(d: &Decoded) -> Option<String> {
 pub struct Exported {
     /// The recording id.
     pub id: Uuid,
-    /// The media file written.
-    pub media: PathBuf,
-    /// The metadata file written.
-    pub metadata: PathBuf,
+    /// The media output.
+    pub media: Placed,
+    /// The metadata output.
+    pub metadata: Placed,
     /// False if the package had no end record (exported with a warning).
     pub terminated: bool,
 }
@@ -386,7 +433,7 @@ fn open_package(
 pub fn export_parts_to(
     inputs: &[PathBuf],
     unwrapper: &dyn Unwrapper,
-    out: &Path,
+    out: Dest<'_>,
     opts: &Options,
 ) -> Result<Option<Exported>, Error> {
     let keys = Remembered {
@@ -399,7 +446,22 @@ pub fn export_parts_to(
     {
         return Ok(None);
     }
-    let (dir, name) = layout(out, &d, opts.format);
+    let conversation = d.metadata.get("conversation_id").and_then(Value::as_str);
+    if !opts.conversations.is_empty()
+        && !conversation.is_some_and(|c| {
+            // Sorted and without repeats (`--conversation`'s parser makes them so).
+            opts.conversations
+                .binary_search_by(|w| w.as_str().cmp(c))
+                .is_ok()
+        })
+    {
+        return Ok(None);
+    }
+    // The platform files a recording by its conversation's start, when the index knows it.
+    let began_ms = conversation
+        .and_then(|c| opts.conversation_starts?.get(c).copied())
+        .map_or(d.header.created_ms, |c| c.min(d.header.created_ms));
+    let (dir, name) = layout(&d, opts.format, opts.layout, began_ms);
     let mut doc = describe(&d);
     let file = d.media == "file";
     // Checked before anything is written for it.
@@ -422,27 +484,29 @@ pub fn export_parts_to(
             "{problem}, which WAV export cannot decode (G.711 only): export it with --format pcap"
         )));
     }
-    fs::create_dir_all(&dir)?;
     if !file {
         describe_media(&mut d.survey, &mut doc);
     }
     // Pass 2: render into the output, as it is read.
-    let (media_tmp, audio) = produce(out, opts.pgp, &name, |w| render(&d, &keys, opts.format, w))?;
+    let (media, audio) = emit(out, &dir, &name, opts.pgp, |w| {
+        render(&d, &keys, opts.format, w)
+    })?;
     if let Some(a) = audio {
         doc["audio"] = a;
     }
-    let media_path = place(media_tmp, &dir.join(&name), opts.pgp.is_some())?;
+    if let Layout::Platform { org } = opts.layout {
+        doc = platform_metadata(&d, (org, began_ms), &name, doc);
+    }
     let meta_name = format!("{}_metadata.json", d.id);
-    let (meta_tmp, ()) = produce(out, opts.pgp, &meta_name, |w| {
+    let (metadata, ()) = emit(out, &dir, &meta_name, opts.pgp, |w| {
         serde_json::to_writer_pretty(&mut *w, &doc).map_err(io::Error::other)?;
         w.write_all(b"\n")?;
         Ok(())
     })?;
-    let meta_path = place(meta_tmp, &dir.join(&meta_name), opts.pgp.is_some())?;
     Ok(Some(Exported {
         id: d.id,
-        media: media_path,
-        metadata: meta_path,
+        media,
+        metadata,
         terminated: d.end.is_some(),
     }))
 }
@@ -641,37 +705,127 @@ fn decode(inputs: &[PathBuf], keys: &dyn Unwrapper, max_span: Duration) -> Resul
     d.ok_or_else(|| Error::Invalid("no package to export".into()))
 }
 
-/// Where a package's outputs go (`year=/month=/day=/conversation_id=`, by its creation day
-/// and conversation) and its media output's name.
-fn layout(out: &Path, d: &Decoded, format: Format) -> (PathBuf, String) {
-    let day = Utc::from_unix_ms(d.header.created_ms);
+/// Where a package's outputs go, below the destination (`year=/month=/day=/conversation_id=`
+/// by its start day; the platform's `{org}/…/hour=/conversation_id=` by its start hour) and
+/// its media output's name.
+fn layout(d: &Decoded, format: Format, layout: Layout, began_ms: u64) -> (String, String) {
+    let start = Utc::from_unix_ms(match layout {
+        Layout::Edgerec => d.header.created_ms,
+        Layout::Platform { .. } => began_ms,
+    });
     let conversation = d
         .metadata
         .get("conversation_id")
         .and_then(Value::as_str)
         .map(sanitize)
         .unwrap_or_else(|| "untagged".to_string());
-    let dir = out
-        .join(format!("year={:04}", day.year))
-        .join(format!("month={:02}", day.month))
-        .join(format!("day={:02}", day.day))
-        .join(format!("conversation_id={conversation}"));
-    let name = if d.media == "file" {
-        let name = d
-            .metadata
-            .get("name")
-            .and_then(Value::as_str)
-            .map(sanitize)
-            .unwrap_or_else(|| "file".to_string());
-        format!("{}_{name}", d.id)
-    } else {
-        let ext = match format {
-            Format::Wav => "wav",
-            Format::Pcap => "pcap",
-        };
-        format!("{}.{ext}", d.id)
+    let day = format!(
+        "year={:04}/month={:02}/day={:02}",
+        start.year, start.month, start.day
+    );
+    let dir = match layout {
+        Layout::Edgerec => format!("{day}/conversation_id={conversation}"),
+        Layout::Platform { org } => format!(
+            "{org}/{day}/hour={:02}/conversation_id={conversation}",
+            start.hms_ms.0
+        ),
+    };
+    let original = d.metadata.get("name").and_then(Value::as_str);
+    let name = match (d.media == "file", layout) {
+        (true, Layout::Edgerec) => {
+            format!(
+                "{}_{}",
+                d.id,
+                original.map(sanitize).unwrap_or_else(|| "file".into())
+            )
+        }
+        // The platform names every file by its recording id: the original's extension kept.
+        (true, Layout::Platform { .. }) => format!("{}{}", d.id, extension(original)),
+        (false, _) => {
+            let ext = match format {
+                Format::Wav => "wav",
+                Format::Pcap => "pcap",
+            };
+            format!("{}.{ext}", d.id)
+        }
     };
     (dir, name)
+}
+
+/// Whether `s` is an organisation id: 1–128 letters, digits, `-`, `_` and `.`, not
+/// starting with a dot (it is a key's first level).
+pub fn is_organisation_id(s: &str) -> bool {
+    (1..=128).contains(&s.len())
+        && !s.starts_with('.')
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c))
+}
+
+/// The extension of an original file name (`.txt`), if it has a short plain one.
+fn extension(name: Option<&str>) -> String {
+    name.and_then(|n| n.rsplit_once('.'))
+        .map(|(_, e)| e)
+        .filter(|e| (1..=10).contains(&e.len()) && e.bytes().all(|c| c.is_ascii_alphanumeric()))
+        .map(|e| format!(".{}", e.to_ascii_lowercase()))
+        .unwrap_or_default()
+}
+
+/// The platform's `mediaType` of an edgerec media type (`None`: the platform has none for
+/// it — a transcript, or a file that gave no type).
+fn platform_media_type(t: Option<&str>) -> Option<&'static str> {
+    Some(match t? {
+        "call" => "Call",
+        "chat" => "Chat",
+        "email" => "Email",
+        "message" => "Message",
+        "callback" => "Callback",
+        "screen" => "Screen",
+        _ => return None,
+    })
+}
+
+/// The `_metadata.json` of the platform layout: the platform's fields at the top (see
+/// docs/export.md for where each comes from), edgerec's own document under `edgerec`.
+fn platform_metadata(
+    d: &Decoded,
+    (org, began_ms): (&str, u64),
+    file_name: &str,
+    edgerec: Value,
+) -> Value {
+    let text = |k: &str| {
+        d.metadata
+            .get(k)
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
+    let users: Vec<Value> = match d.metadata.get("user_ids") {
+        Some(Value::Array(a)) => a.iter().filter(|v| v.is_string()).cloned().collect(),
+        _ => ["user_id", "agent_id", "agent"]
+            .iter()
+            .find_map(|k| text(k))
+            .map(|u| vec![Value::String(u)])
+            .unwrap_or_default(),
+    };
+    let t = media_type(d);
+    let mut doc = json!({
+        "organizationId": org,
+        "conversationId": text("conversation_id"),
+        "recordingId": d.id.hyphenated().to_string(),
+        "provider": "edge",
+        "userIds": users,
+        "conversationStartTime": Utc::from_unix_ms(began_ms).rfc3339(),
+        "recordingStartTime": Utc::from_unix_ms(d.header.created_ms).rfc3339(),
+        "fileName": file_name,
+    });
+    if let Some(m) = platform_media_type(t.as_deref()) {
+        doc["mediaType"] = m.into();
+    }
+    if let Some(e) = d.end {
+        doc["recordingEndTime"] = Utc::from_unix_ms(e.ended_ms).rfc3339().into();
+        doc["durationMs"] = e.ended_ms.saturating_sub(d.header.created_ms).into();
+    }
+    doc["edgerec"] = edgerec;
+    doc
 }
 
 /// The metadata document of an export: the recording's identity, keys, metadata and end;
@@ -824,67 +978,100 @@ fn each_packet(
     Ok(())
 }
 
-/// Writes an output through `fill` into a new temporary file in `out`: as it is, or, with
-/// `pgp`, encrypted as it is written (the plaintext goes through a pipe in memory to the
-/// encryptor on another thread; only ciphertext reaches the file). `name` is the literal
-/// data's name inside the OpenPGP message.
-fn produce<T>(
-    out: &Path,
-    pgp: Option<&crate::export::pgp::Recipients>,
+/// Writes the output `name` into `dir` (below the destination) through `fill`: as it is,
+/// or with `pgp` encrypted as it is written (as `<name>.pgp`). Into a directory: a
+/// temporary file, synced, renamed into place. Into a bucket: streamed up, confirmed.
+fn emit<T>(
+    out: Dest<'_>,
+    dir: &str,
     name: &str,
+    pgp: Option<&crate::export::pgp::Recipients>,
     fill: impl FnOnce(&mut dyn Write) -> Result<T, Error>,
-) -> Result<(tempfile::NamedTempFile, T), Error> {
-    let mut tmp = temp_in(out)?;
-    let made = match pgp {
-        None => {
-            let mut w = BufWriter::with_capacity(1 << 16, tmp.as_file_mut());
-            let made = fill(&mut w)?;
-            w.flush()?;
-            made
-        }
-        Some(r) => {
-            let (from, into) = io::pipe()?;
-            let file = tmp.as_file_mut();
-            std::thread::scope(|scope| {
-                let encryptor = scope.spawn(move || {
-                    let mut w = BufWriter::with_capacity(1 << 16, file);
-                    r.encrypt_reader(from, name, &mut w)?;
-                    w.flush()?;
-                    Ok::<_, Error>(())
-                });
-                let made = {
-                    let mut w = BufWriter::with_capacity(1 << 16, into);
-                    let made = fill(&mut w);
-                    // Flushed and closed either way: the encryptor sees the end of its input.
-                    let flushed = w.flush();
-                    drop(w);
-                    made.and_then(|m| flushed.map(|()| m).map_err(Error::from))
-                };
-                let encrypted = encryptor
-                    .join()
-                    .unwrap_or_else(|_| Err(Error::Invalid("the encryptor panicked".into())));
-                let made = made?;
-                encrypted?;
-                Ok::<_, Error>(made)
-            })?
-        }
+) -> Result<(Placed, T), Error> {
+    let file_name = match pgp {
+        Some(_) => format!("{name}.pgp"),
+        None => name.to_string(),
     };
-    tmp.as_file().sync_all()?;
-    Ok((tmp, made))
+    let rel = format!("{dir}/{file_name}");
+    match out {
+        Dest::Dir(root) => {
+            let target = root.join(dir);
+            fs::create_dir_all(&target)?;
+            let mut tmp = temp_in(root)?;
+            let made = {
+                let mut w = BufWriter::with_capacity(1 << 16, tmp.as_file_mut());
+                let made = through(pgp, name, &mut w, fill)?;
+                w.flush()?;
+                made
+            };
+            tmp.as_file().sync_all()?;
+            let path = target.join(&file_name);
+            persist(tmp, &path)?;
+            let (size, mtime_ns) = crate::export::bulk::stamp(&path)?;
+            let placed = Placed {
+                rel,
+                shown: path.display().to_string(),
+                size,
+                mtime_ns,
+                etag: None,
+            };
+            Ok((placed, made))
+        }
+        #[cfg(feature = "appliance")]
+        Dest::Bucket(b) => {
+            let key = b.key(&rel);
+            let mut w = b.writer(key.clone());
+            let made = through(pgp, name, &mut w, fill)?;
+            let written = w.finish()?;
+            let placed = Placed {
+                rel,
+                shown: b.url(&key),
+                size: written.size,
+                mtime_ns: 0,
+                etag: Some(written.etag),
+            };
+            Ok((placed, made))
+        }
+    }
 }
 
-/// Renames a finished output into place (`<dest>.pgp` when encrypted).
-fn place(tmp: tempfile::NamedTempFile, dest: &Path, pgp: bool) -> Result<PathBuf, Error> {
-    let dest = if pgp {
-        let mut d = dest.as_os_str().to_owned();
-        d.push(".pgp");
-        PathBuf::from(d)
-    } else {
-        dest.to_path_buf()
+/// Runs `fill` into `sink`: directly, or with `pgp` through a pipe in memory to the
+/// encryptor on another thread (only ciphertext reaches `sink`). `name` is the literal
+/// data's name inside the OpenPGP message.
+fn through<T>(
+    pgp: Option<&crate::export::pgp::Recipients>,
+    name: &str,
+    sink: &mut (dyn Write + Send),
+    fill: impl FnOnce(&mut dyn Write) -> Result<T, Error>,
+) -> Result<T, Error> {
+    let Some(r) = pgp else {
+        return fill(sink);
     };
-    persist(tmp, &dest)?;
-    Ok(dest)
+    let (from, into) = io::pipe()?;
+    std::thread::scope(|scope| {
+        let encryptor = scope.spawn(move || {
+            let mut sink = sink;
+            r.encrypt_reader(from, name, &mut sink)?;
+            sink.flush()?;
+            Ok::<_, Error>(())
+        });
+        let made = {
+            let mut w = BufWriter::with_capacity(1 << 16, into);
+            let made = fill(&mut w);
+            // Flushed and closed either way: the encryptor sees the end of its input.
+            let flushed = w.flush();
+            drop(w);
+            made.and_then(|m| flushed.map(|()| m).map_err(Error::from))
+        };
+        let encrypted = encryptor
+            .join()
+            .unwrap_or_else(|_| Err(Error::Invalid("the encryptor panicked".into())));
+        let made = made?;
+        encrypted?;
+        Ok::<_, Error>(made)
+    })
 }
+
 fn add_end(doc: &mut Value, created_ms: u64, end: Option<EndInfo>) {
     match end {
         Some(e) => {

@@ -755,6 +755,31 @@ fn store_section(cx: &Ctx<'_>, raw: &Raw) -> Result<(StoreKind, String), ConfigE
         }
         prefix = p.get_ref().clone();
     }
+    let tls = store_tls(cx, st)?;
+    let timeout = std::time::Duration::from_secs(*raw.upload.attempt_timeout_secs.get_ref());
+    let store = match st.kind.get_ref().as_str() {
+        "dir" => StoreKind::Dir(
+            st.path
+                .as_deref()
+                .map(|p| cx.resolve(p))
+                .ok_or_else(|| cx.missing("store.path", "the dir store's root directory"))?,
+            limit,
+        ),
+        "s3" => StoreKind::S3(s3_store(cx, st, &raw.upload, tls, timeout, limit)?),
+        "http" => http_store(cx, st, tls, timeout, limit)?,
+        _ => {
+            return Err(cx.err(
+                "store.kind",
+                &st.kind,
+                "must be \"dir\", \"http\" or \"s3\"",
+            ));
+        }
+    };
+    Ok((store, prefix))
+}
+
+/// `[store]`'s TLS files (a CA, a client certificate and its key, which go together).
+fn store_tls(cx: &Ctx<'_>, st: &RawStore) -> Result<crate::store::http::Tls, ConfigError> {
     let tls = crate::store::http::Tls {
         ca_file: st.ca_file.as_deref().map(|p| cx.resolve(p)),
         client_cert: st.client_cert.as_deref().map(|p| cx.resolve(p)),
@@ -770,38 +795,139 @@ fn store_section(cx: &Ctx<'_>, raw: &Raw) -> Result<(StoreKind, String), ConfigE
             "client_cert and client_key go together",
         ));
     }
-    let timeout = std::time::Duration::from_secs(*raw.upload.attempt_timeout_secs.get_ref());
-    let store = match st.kind.get_ref().as_str() {
-        "dir" => StoreKind::Dir(
-            st.path
-                .as_deref()
-                .map(|p| cx.resolve(p))
-                .ok_or_else(|| cx.missing("store.path", "the dir store's root directory"))?,
-            limit,
-        ),
-        "s3" => s3_store(cx, raw, tls, timeout, limit)?,
-        "http" => http_store(cx, st, tls, timeout, limit)?,
-        _ => {
+    Ok(tls)
+}
+
+/// An export's `--out-config`: the `[store]` keys of an `s3` store but `bucket` and
+/// `prefix` (the `--out s3://BUCKET/PREFIX` URL gives them), `[upload]`'s limits, and
+/// `[export] organisation_id`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOut {
+    store: RawStore,
+    #[serde(default)]
+    upload: RawUpload,
+    #[serde(default)]
+    export: RawExportOut,
+}
+
+/// `[export]` of an `--out-config`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExportOut {
+    /// The first level of `--layout platform` (`--org-id` overrides it).
+    organisation_id: Option<Spanned<String>>,
+}
+
+/// A bucket an export writes to: its client, and the organisation id of the platform
+/// layout if the file gives one.
+#[derive(Debug)]
+pub struct OutConfig {
+    /// The client config (`bucket` from the URL).
+    pub s3: crate::store::s3::S3Config,
+    /// `[export] organisation_id`.
+    pub organisation_id: Option<String>,
+}
+
+/// Whether `s` is an S3 bucket name (3–63 lower-case letters, digits, `-` and `.`).
+pub fn is_bucket_name(s: &str) -> bool {
+    (3..=63).contains(&s.len())
+        && s.bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.')
+}
+
+impl OutConfig {
+    /// Reads and validates an `--out-config` for `bucket`.
+    pub fn load(file: &Path, bucket: &str) -> Result<OutConfig, ConfigError> {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| ConfigError(format!("cannot read config {}: {e}", file.display())))?;
+        OutConfig::validate(file, &text, &ProcessEnv, bucket)
+    }
+
+    /// Validates `--out-config` text for `bucket` (already checked as a bucket name), its
+    /// credentials taken from `env`.
+    pub fn validate(
+        file: &Path,
+        text: &str,
+        env: &dyn Environment,
+        bucket: &str,
+    ) -> Result<OutConfig, ConfigError> {
+        let cx = Ctx { file, text, env };
+        let raw: RawOut = toml::from_str(text)
+            .map_err(|e| ConfigError(cx.text().parse_error(e.span(), e.message())))?;
+        let st = &raw.store;
+        // `kind` may be left out (the default, "dir", is no bucket) or say "s3".
+        let kind = &st.kind;
+        if kind.span() != (0..0) && kind.get_ref() != "s3" {
             return Err(cx.err(
                 "store.kind",
-                &st.kind,
-                "must be \"dir\", \"http\" or \"s3\"",
+                kind,
+                "must be \"s3\": an export writes to a bucket",
             ));
         }
-    };
-    Ok((store, prefix))
+        for (key, v) in [("store.bucket", &st.bucket), ("store.prefix", &st.prefix)] {
+            if let Some(v) = v {
+                return Err(cx.err(
+                    key,
+                    v,
+                    "is given by the --out s3://BUCKET/PREFIX URL: remove it from the file",
+                ));
+            }
+        }
+        if st.path.is_some() || st.url.is_some() || st.token_file.is_some() {
+            return Err(ConfigError(format!(
+                "config {}: store.path, store.url and store.token_file are not keys of an \
+                 s3 bucket",
+                file.display()
+            )));
+        }
+        const MIB: u64 = 1 << 20;
+        let part = &raw.upload.multipart_part_bytes;
+        if !(5 * MIB..=5 * 1024 * MIB).contains(part.get_ref()) {
+            return Err(cx.err(
+                "upload.multipart_part_bytes",
+                part,
+                "must be 5 MiB (5242880) to 5 GiB: S3's limits on a part",
+            ));
+        }
+        cx.positive(
+            "upload.attempt_timeout_secs",
+            &raw.upload.attempt_timeout_secs,
+        )?;
+        let organisation_id = match &raw.export.organisation_id {
+            Some(o) if !crate::export::is_organisation_id(o.get_ref()) => {
+                return Err(cx.err(
+                    "export.organisation_id",
+                    o,
+                    "must be 1 to 128 letters, digits, - _ . (not starting with a dot)",
+                ));
+            }
+            o => o.as_ref().map(|o| o.get_ref().clone()),
+        };
+        let mut st = st.clone();
+        st.bucket = Some(Spanned::new(0..0, bucket.to_string()));
+        let tls = store_tls(&cx, &st)?;
+        let timeout = std::time::Duration::from_secs(*raw.upload.attempt_timeout_secs.get_ref());
+        let limit = Some(*raw.upload.bandwidth_bytes_per_sec.get_ref())
+            .filter(|b| *b > 0)
+            .map(crate::store::bandwidth::Limit::new);
+        Ok(OutConfig {
+            s3: s3_store(&cx, &st, &raw.upload, tls, timeout, limit)?,
+            organisation_id,
+        })
+    }
 }
 
 /// `[store]` of kind `s3`: the endpoint, bucket and credentials (read now, from the file or
 /// the environment).
 fn s3_store(
     cx: &Ctx<'_>,
-    raw: &Raw,
+    st: &RawStore,
+    upload: &RawUpload,
     tls: crate::store::http::Tls,
     timeout: std::time::Duration,
     limit: Option<crate::store::bandwidth::Limit>,
-) -> Result<StoreKind, ConfigError> {
-    let st = &raw.store;
+) -> Result<crate::store::s3::S3Config, ConfigError> {
     let endpoint = st
         .endpoint
         .as_ref()
@@ -815,12 +941,7 @@ fn s3_store(
         .as_ref()
         .ok_or_else(|| cx.missing("store.bucket", "the bucket packages go to"))?;
     let b = bucket.get_ref();
-    if b.len() < 3
-        || b.len() > 63
-        || !b
-            .bytes()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.')
-    {
+    if !is_bucket_name(b) {
         return Err(cx.err("store.bucket", bucket, "not an S3 bucket name"));
     }
     let credentials_file = st.credentials_file.as_ref().map(|f| cx.resolve(f));
@@ -846,7 +967,7 @@ fn s3_store(
             )));
         }
     };
-    Ok(StoreKind::S3(crate::store::s3::S3Config {
+    Ok(crate::store::s3::S3Config {
         endpoint: e.to_string(),
         region: st.region.clone().unwrap_or_else(|| "us-east-1".into()),
         bucket: b.clone(),
@@ -855,9 +976,9 @@ fn s3_store(
         tls,
         timeout,
         limit,
-        multipart_threshold: *raw.upload.multipart_threshold_bytes.get_ref(),
-        part_bytes: *raw.upload.multipart_part_bytes.get_ref(),
-    }))
+        multipart_threshold: *upload.multipart_threshold_bytes.get_ref(),
+        part_bytes: *upload.multipart_part_bytes.get_ref(),
+    })
 }
 
 /// `[store]` of kind `http`: the URL template and a bearer token (read now) or a client
@@ -1364,6 +1485,55 @@ path = "/srv/store"
                 .map(|(_, t)| zeroize::Zeroizing::new(t.to_string()))
                 .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
         }
+    }
+
+    #[test]
+    fn an_export_buckets_config_is_an_s3_store_without_bucket_or_prefix() {
+        let file = Path::new("/etc/edgerec/export.toml");
+        let env = FakeEnv {
+            vars: vec![
+                ("AWS_ACCESS_KEY_ID", "AKID"),
+                ("AWS_SECRET_ACCESS_KEY", "s3cret"),
+            ],
+            ..FakeEnv::default()
+        };
+        let good = "[store]\nendpoint = \"https://s3.example/\"\nregion = \"eu-west-1\"\n\
+                    [upload]\nmultipart_part_bytes = 5242880\n\
+                    [export]\norganisation_id = \"org-1\"\n";
+        let c = OutConfig::validate(file, good, &env, "exports").unwrap();
+        assert_eq!(
+            (
+                c.s3.bucket.as_str(),
+                c.s3.endpoint.as_str(),
+                c.s3.part_bytes
+            ),
+            ("exports", "https://s3.example", 5 << 20)
+        );
+        assert_eq!(c.organisation_id.as_deref(), Some("org-1"));
+        let err = |text: &str| {
+            OutConfig::validate(file, text, &env, "exports")
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err(&good.replace("[store]\n", "[store]\nbucket = \"b\"\n"));
+        assert!(
+            e.contains("store.bucket") && e.contains("--out s3://"),
+            "{e}"
+        );
+        let e = err(&good.replace("[store]\n", "[store]\nprefix = \"p/\"\n"));
+        assert!(e.contains("store.prefix"), "{e}");
+        let e = err(&good.replace("[store]\n", "[store]\nkind = \"dir\"\n"));
+        assert!(e.contains("store.kind"), "{e}");
+        let e = err(&good.replace("org-1", "../x"));
+        assert!(e.contains("export.organisation_id"), "{e}");
+        let e = err(&good.replace("5242880", "1024"));
+        assert!(e.contains("multipart_part_bytes"), "{e}");
+        let e = err(&good.replace("[export]", "[recorder]"));
+        assert!(e.contains("recorder"), "{e}");
+        let e = OutConfig::validate(file, good, &FakeEnv::default(), "exports")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("credentials"), "{e}");
     }
 
     #[test]

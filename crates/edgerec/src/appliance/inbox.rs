@@ -491,7 +491,14 @@ impl Inbox {
         };
         let mut sealer = Sealer::new(&keks, &opts)?;
         let mut first = sealer.header_bytes().to_vec();
-        sealer.seal_metadata(&self.metadata(id, name, sidecar), &mut first)?;
+        let metadata = self.metadata(id, name, sidecar);
+        if let (Some(o), Some(c)) = (
+            &self.outcomes,
+            metadata.get("conversation_id").and_then(|c| c.as_str()),
+        ) {
+            o.note_conversation(id, c);
+        }
+        sealer.seal_metadata(&metadata, &mut first)?;
         let header_len = sealer.header_bytes().len();
         let mut active = self.spool.create(id, &first[..header_len])?;
         active.append(&first[header_len..])?;

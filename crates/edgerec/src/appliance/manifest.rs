@@ -60,6 +60,19 @@ pub struct Manifest {
     /// Lines of the journal that could not be read (torn by a crash).
     #[serde(default)]
     pub unreadable_lines: usize,
+    /// The conversation of each recording whose conversation id became known since the
+    /// manifest before (the sealed index `export --conversation` searches; a later one for
+    /// a recording replaces an earlier). Only inside the sealed manifest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conversations: Vec<(Uuid, String)>,
+    /// Conversation ids the appliance could not hold for this manifest (more waiting than
+    /// it keeps): those recordings are found by decrypting them.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub conversations_not_kept: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Serialize, Deserialize)]
@@ -179,6 +192,8 @@ pub fn make(
         began,
         facts,
         unreadable_lines,
+        conversations: Vec::new(),
+        conversations_not_kept: 0,
     }
 }
 
@@ -524,6 +539,53 @@ pub fn listed_digests(manifests: &[Signed]) -> BTreeSet<String> {
         .collect()
 }
 
+/// The sealed conversation index of verified manifests: each recording's conversation (the
+/// latest a manifest gave), and the recordings whose conversation is not known for certain
+/// — salvaged after a crash (its conversation may have been lost with the process's memory),
+/// not ended in any manifest yet, or of an appliance that could not hold every id for a
+/// manifest — which an export by conversation must decrypt to tell. A recording that ended
+/// in a manifest with no conversation noted has none: its conversation, had it one, was
+/// noted before its end and taken with it.
+pub fn conversation_index(manifests: &[Signed]) -> (HashMap<Uuid, String>, BTreeSet<Uuid>) {
+    let mut ordered: Vec<&Signed> = manifests.iter().collect();
+    ordered.sort_by(|a, b| {
+        (&a.manifest.appliance, a.manifest.seq).cmp(&(&b.manifest.appliance, b.manifest.seq))
+    });
+    let mut of = HashMap::new();
+    let mut lossy = BTreeSet::new();
+    for m in &ordered {
+        for (id, c) in &m.manifest.conversations {
+            of.insert(*id, c.clone());
+        }
+        if m.manifest.conversations_not_kept > 0 {
+            lossy.insert(m.manifest.appliance.clone());
+        }
+    }
+    let mut unknown = BTreeSet::new();
+    // Facts folded across each appliance's manifests: a recording's end may be in a later
+    // manifest than its start.
+    let mut by_appliance: BTreeMap<&str, Vec<Line>> = BTreeMap::new();
+    for m in &ordered {
+        by_appliance
+            .entry(&m.manifest.appliance)
+            .or_default()
+            .extend(m.manifest.facts.iter().cloned());
+    }
+    for (appliance, lines) in by_appliance {
+        let (calls, _) = fold(lines);
+        for c in calls {
+            if of.contains_key(&c.id) {
+                continue;
+            }
+            let certain = c.ended.is_some() && c.salvaged.is_none() && !lossy.contains(appliance);
+            if !certain {
+                unknown.insert(c.id);
+            }
+        }
+    }
+    (of, unknown)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -534,6 +596,70 @@ mod tests {
 
     fn line(at_ms: u64, fact: Fact) -> Line {
         Line { at_ms, fact }
+    }
+
+    #[test]
+    fn the_conversation_index_knows_which_recordings_it_cannot_vouch_for() {
+        let (a, b, c, d) = (
+            Uuid::from_u128(1),
+            Uuid::from_u128(2),
+            Uuid::from_u128(3),
+            Uuid::from_u128(4),
+        );
+        let started = |id| Fact::Started {
+            id,
+            port: 0,
+            continues: None,
+        };
+        let ended = |id| Fact::Ended {
+            id,
+            reason: "complete".into(),
+        };
+        let signed = |appliance: &str, seq, facts: Vec<Fact>, convs: Vec<(Uuid, &str)>| {
+            let mut m = make(
+                appliance,
+                (seq, None),
+                (0, 1, 1),
+                facts.into_iter().map(|f| line(0, f)).collect(),
+                0,
+            );
+            m.conversations = convs.into_iter().map(|(i, c)| (i, c.to_string())).collect();
+            Signed {
+                manifest: m,
+                sha256: String::new(),
+            }
+        };
+        // a: tagged, relabelled in a later manifest; b: ended untagged (has none); c:
+        // salvaged untagged (its tag may have died with the process); d: still recording.
+        let first = signed(
+            "x",
+            0,
+            vec![started(a), started(b), started(c), started(d), ended(b)],
+            vec![(a, "conv-1")],
+        );
+        let second = signed(
+            "x",
+            1,
+            vec![
+                ended(a),
+                Fact::Salvaged {
+                    id: c,
+                    why: "crash".into(),
+                    bytes: 1,
+                },
+            ],
+            vec![(a, "conv-2")],
+        );
+        // Whatever order they are read in, the later manifest's word wins.
+        let (of, unknown) = conversation_index(&[second.clone(), first.clone()]);
+        assert_eq!(of.len(), 1);
+        assert_eq!(of[&a], "conv-2");
+        assert_eq!(unknown, BTreeSet::from([c, d]));
+        // An appliance that could not hold every id vouches for no untagged recording.
+        let mut lossy = second;
+        lossy.manifest.conversations_not_kept = 3;
+        let (_, unknown) = conversation_index(&[first, lossy]);
+        assert_eq!(unknown, BTreeSet::from([b, c, d]));
     }
 
     fn stored(id: Uuid, key: &str, sha: &str) -> Fact {

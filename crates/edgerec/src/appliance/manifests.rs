@@ -266,15 +266,20 @@ impl Manifests {
             return Err(MakeError::Journal);
         }
         let (facts, unreadable, cursor) = read_after(&self.journal, &self.state.cursor)?;
+        // Taken after the journal is read: a recording's conversation is noted before its
+        // end, so a manifest that holds an end holds the conversation (or one before did).
+        let (conversations, not_kept) = self.outcomes.conversations();
         let seq = self.state.next_seq;
         let appliance = self.identity.id();
-        let manifest = crate::appliance::manifest::make(
+        let mut manifest = crate::appliance::manifest::make(
             &appliance,
             (seq, self.state.previous.clone()),
             (self.period_from(), now_ms, self.period_ms),
             facts,
             unreadable,
         );
+        manifest.conversations = conversations;
+        manifest.conversations_not_kept = not_kept;
         let (plaintext, sha) = crate::appliance::manifest::sign(&manifest, &self.identity);
         let id = Uuid::now_v7();
         let mut meta = Metadata::new();
@@ -335,6 +340,8 @@ impl Manifests {
             }
         }
         self.state = next;
+        self.outcomes
+            .forget_conversations(&manifest.conversations, not_kept);
         // Counted in the chain: from here a failure leaves it to the next start's recovery.
         place(&self.spool, &self.dir, id, &object, now_ms)?;
         self.state.placing = None;

@@ -193,7 +193,24 @@ pub struct Outcomes {
     metrics: Option<Arc<Metrics>>,
     /// Told when the writer has committed the last line and returned.
     finished: Option<Arc<std::sync::Mutex<Receiver<()>>>>,
+    /// Conversation ids of recordings, noted in memory only (never in the journal's
+    /// plaintext) until a manifest, sealed, carries them.
+    conversations: Arc<std::sync::Mutex<Conversations>>,
 }
+
+/// Conversation ids waiting for the next manifest, at most [`MAX_WAITING_CONVERSATIONS`]
+/// (beyond, a recording's is not kept: it is found by decrypting, not by the index).
+#[derive(Default)]
+struct Conversations {
+    by_recording: std::collections::BTreeMap<Uuid, String>,
+    dropped: u64,
+}
+
+/// Conversation ids held for the next manifest at most (about 30 MB at the longest ids).
+pub const MAX_WAITING_CONVERSATIONS: usize = 100_000;
+
+/// The longest conversation id kept for the index, in bytes (longer ones are not indexed).
+pub const MAX_CONVERSATION_ID: usize = 256;
 
 /// Bytes kept allocated past the end of the day's file (`fallocate`, size unchanged): about
 /// 4,000 lines written while the spool's file system is full.
@@ -214,6 +231,7 @@ impl Outcomes {
             tx: None,
             metrics: None,
             finished: None,
+            conversations: Arc::default(),
         }
     }
 
@@ -236,7 +254,52 @@ impl Outcomes {
             tx: Some(tx),
             metrics: Some(metrics),
             finished: Some(Arc::new(std::sync::Mutex::new(finished))),
+            conversations: Arc::default(),
         })
+    }
+
+    /// Notes the conversation a recording belongs to, in memory, for the next manifest (its
+    /// sealed index); a later one for the same recording replaces it. Called before the
+    /// recording's end is noted, so a manifest that holds the end holds its conversation.
+    pub fn note_conversation(&self, id: Uuid, conversation: &str) {
+        if conversation.is_empty() || conversation.len() > MAX_CONVERSATION_ID {
+            return;
+        }
+        let Ok(mut c) = self.conversations.lock() else {
+            return;
+        };
+        if c.by_recording.len() >= MAX_WAITING_CONVERSATIONS && !c.by_recording.contains_key(&id) {
+            c.dropped += 1;
+            return;
+        }
+        c.by_recording.insert(id, conversation.to_string());
+    }
+
+    /// The conversations noted and not yet in a manifest, and how many could not be kept
+    /// since the last manifest.
+    pub fn conversations(&self) -> (Vec<(Uuid, String)>, u64) {
+        match self.conversations.lock() {
+            Ok(c) => (
+                c.by_recording
+                    .iter()
+                    .map(|(k, v)| (*k, v.clone()))
+                    .collect(),
+                c.dropped,
+            ),
+            Err(_) => (Vec::new(), 0),
+        }
+    }
+
+    /// Forgets the conversations a manifest now carries (unless changed since).
+    pub fn forget_conversations(&self, carried: &[(Uuid, String)], dropped: u64) {
+        if let Ok(mut c) = self.conversations.lock() {
+            for (id, conv) in carried {
+                if c.by_recording.get(id) == Some(conv) {
+                    c.by_recording.remove(id);
+                }
+            }
+            c.dropped = c.dropped.saturating_sub(dropped);
+        }
     }
 
     /// Notes a fact, now; committed with the others of its flush interval (a `kill -9`
@@ -771,6 +834,31 @@ pub fn fold(lines: Vec<Line>) -> (Vec<Call>, Vec<Line>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn conversations_wait_in_memory_bounded_until_a_manifest_carries_them() {
+        let o = Outcomes::none();
+        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        o.note_conversation(a, "c-1");
+        o.note_conversation(b, "");
+        o.note_conversation(b, &"x".repeat(MAX_CONVERSATION_ID + 1));
+        let (taken, dropped) = o.conversations();
+        assert_eq!(taken, [(a, "c-1".to_string())]);
+        assert_eq!(dropped, 0);
+        // Relabelled after the snapshot: the new label waits for the next manifest.
+        o.note_conversation(a, "c-2");
+        o.forget_conversations(&taken, dropped);
+        assert_eq!(o.conversations().0, [(a, "c-2".to_string())]);
+        o.forget_conversations(&o.conversations().0, 0);
+        assert!(o.conversations().0.is_empty());
+        for i in 0..MAX_WAITING_CONVERSATIONS as u128 + 5 {
+            o.note_conversation(Uuid::from_u128(100 + i), "c");
+        }
+        let (taken, dropped) = o.conversations();
+        assert_eq!((taken.len(), dropped), (MAX_WAITING_CONVERSATIONS, 5));
+        o.forget_conversations(&taken, dropped);
+        assert_eq!(o.conversations(), (Vec::new(), 0));
+    }
 
     fn id(n: u128) -> Uuid {
         Uuid::from_u128(n)

@@ -577,7 +577,12 @@ impl Recorder {
                     let mark = self.journal_ports.get(&rec).map(|&p| (p, below));
                     self.record(rec, Kind::Media, plaintext, mark);
                 }
-                Action::Metadata { rec, json } => self.record(rec, Kind::Metadata, json, None),
+                Action::Metadata { rec, json } => {
+                    if let Some(id) = self.uuids.get(&rec) {
+                        note_conversation(&self.outcomes, *id, &json);
+                    }
+                    self.record(rec, Kind::Metadata, json, None)
+                }
                 Action::Sync => {
                     if self.sync {
                         self.syncer.poll(&mut self.open);
@@ -958,6 +963,16 @@ fn chunk_mark(
 }
 
 /// Adds what the session counted since the last call to the metrics.
+/// Notes the conversation a metadata record names (`conversation_id`) for the manifests'
+/// sealed index.
+fn note_conversation(outcomes: &Outcomes, id: Uuid, json: &[u8]) {
+    if let Ok(serde_json::Value::Object(m)) = serde_json::from_slice(json)
+        && let Some(serde_json::Value::String(c)) = m.get("conversation_id")
+    {
+        outcomes.note_conversation(id, c);
+    }
+}
+
 fn publish(m: &Metrics, outcomes: &Outcomes, now: &Counters, last: &mut Counters) {
     m.rtp_received.inc_by(now.rtp_packets - last.rtp_packets);
     m.rtp_lost

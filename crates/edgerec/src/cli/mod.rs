@@ -37,6 +37,8 @@ pub struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of its largest variant (export's options) costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the recording appliance: receive RTP on the ingest ports, seal every call into
@@ -160,13 +162,38 @@ enum Command {
     },
     /// Decrypt recordings into the export layout:
     /// OUT/year=YYYY/month=MM/day=DD/conversation_id=ID/<recording id>.{wav|pcap} with a
-    /// <recording id>_metadata.json beside it (a file package restores its original file).
+    /// <recording id>_metadata.json beside it (a file package restores its original file);
+    /// OUT is a directory or an S3 bucket.
     Export {
         #[command(flatten)]
         keys: KeySource,
-        /// The output directory.
+        /// The output directory, or s3://BUCKET/PREFIX (with --out-config).
         #[arg(long)]
         out: PathBuf,
+        /// For an s3:// --out: a file with a [store] table of the s3 keys (endpoint, region,
+        /// credentials, TLS; not bucket or prefix, which the URL gives), optionally [upload]
+        /// multipart_part_bytes and [export] organisation_id.
+        #[cfg(feature = "appliance")]
+        #[arg(long, value_name = "FILE")]
+        out_config: Option<PathBuf>,
+        /// For an s3:// --out: server-side encryption of every object (x-amz-server-side-
+        /// encryption AES256 or aws:kms), confirmed by a HEAD after each upload.
+        #[cfg(feature = "appliance")]
+        #[arg(long, value_enum)]
+        sse: Option<SseArg>,
+        /// With --sse kms: the KMS key (id, ARN or alias); else the account's default key.
+        #[cfg(feature = "appliance")]
+        #[arg(long, value_name = "ID", requires = "sse")]
+        sse_kms_key_id: Option<String>,
+        /// edgerec's layout, or the platform's bulk export layout:
+        /// ORG/year=/month=/day=/hour=/conversation_id=ID/, files named by recording id, and
+        /// the platform's _metadata.json fields (edgerec's under "edgerec").
+        #[arg(long, value_enum, default_value_t = LayoutArg::Edgerec)]
+        layout: LayoutArg,
+        /// The organisation id, the first level of --layout platform (or [export]
+        /// organisation_id of the --out-config).
+        #[arg(long, value_name = "ID")]
+        org_id: Option<String>,
         /// Audio as WAV (one channel per stream) or the original packets as pcap.
         #[arg(long, value_enum, default_value_t = FormatArg::Wav)]
         format: FormatArg,
@@ -216,6 +243,21 @@ enum Command {
         /// repeat for several. Each package's metadata is opened to tell.
         #[arg(long = "media-type", value_name = "TYPE", value_parser = clap::builder::PossibleValuesParser::new(crate::media::MEDIA_TYPES))]
         media_types: Vec<String>,
+        /// Export only the recordings of this conversation (repeat for several): found
+        /// through the store's sealed manifests (with --store-config and --appliance-key),
+        /// without decrypting the others.
+        #[cfg(feature = "appliance")]
+        #[arg(long = "conversation", value_name = "ID", requires = "appliance_keys")]
+        conversations: Vec<String>,
+        /// A file of conversation ids, one a line (blank lines and # comments ignored),
+        /// as --conversation.
+        #[cfg(feature = "appliance")]
+        #[arg(
+            long = "conversations",
+            value_name = "FILE",
+            requires = "appliance_keys"
+        )]
+        conversations_file: Option<PathBuf>,
         /// Export each package on its own. By default a call recorded in several packages
         /// (the appliance restarted during it, or it reached its maximum duration: each part
         /// names the one it continues) is exported as one recording, named after its first
@@ -311,6 +353,25 @@ impl KeySource {
         }
         Ok(Box::new(ring))
     }
+}
+
+/// The `--layout` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LayoutArg {
+    /// year=/month=/day=/conversation_id=/, by the recording's start day.
+    Edgerec,
+    /// ORG/year=/month=/day=/hour=/conversation_id=/, by the conversation's start hour.
+    Platform,
+}
+
+/// The `--sse` values.
+#[cfg(feature = "appliance")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SseArg {
+    /// SSE-S3: AES256, keys the store manages.
+    S3,
+    /// SSE-KMS: aws:kms, with --sse-kms-key-id or the account's default key.
+    Kms,
 }
 
 /// The `--format` values.
@@ -836,6 +897,14 @@ pub fn main() -> ExitCode {
         Command::Export {
             keys,
             out,
+            #[cfg(feature = "appliance")]
+            out_config,
+            #[cfg(feature = "appliance")]
+            sse,
+            #[cfg(feature = "appliance")]
+            sse_kms_key_id,
+            layout,
+            org_id,
             format,
             inputs,
             #[cfg(feature = "appliance")]
@@ -850,11 +919,32 @@ pub fn main() -> ExitCode {
             no_join,
             media_types,
             #[cfg(feature = "appliance")]
+            conversations,
+            #[cfg(feature = "appliance")]
+            conversations_file,
+            #[cfg(feature = "appliance")]
             appliance_keys,
         } => keys.unwrapper().and_then(|u| {
+            #[cfg(feature = "appliance")]
+            let conversations =
+                package::conversation_ids(conversations, conversations_file.as_deref())?;
+            #[cfg(not(feature = "appliance"))]
+            let conversations = Vec::new();
             package::export(
                 u.as_ref(),
-                &out,
+                package::ExportTo {
+                    out,
+                    #[cfg(feature = "appliance")]
+                    out_config,
+                    #[cfg(feature = "appliance")]
+                    sse: match sse {
+                        None => crate::export::bucket::Sse::None,
+                        Some(SseArg::S3) => crate::export::bucket::Sse::S3,
+                        Some(SseArg::Kms) => crate::export::bucket::Sse::Kms(sse_kms_key_id),
+                    },
+                    platform: layout == LayoutArg::Platform,
+                    org_id,
+                },
                 format,
                 package::ExportFrom {
                     inputs,
@@ -865,6 +955,7 @@ pub fn main() -> ExitCode {
                     pgp_recipients,
                     max_span: std::time::Duration::from_secs(max_span_secs),
                     media_types,
+                    conversations,
                     join: !no_join,
                     #[cfg(feature = "appliance")]
                     appliance_keys,

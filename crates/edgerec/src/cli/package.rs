@@ -223,12 +223,157 @@ pub struct ExportFrom {
     pub max_span: std::time::Duration,
     /// `--media-type`: only recordings of these (empty: all).
     pub media_types: Vec<String>,
+    /// `--conversation`: only recordings of these conversations (empty: all).
+    pub conversations: Vec<String>,
     /// Join the packages of one call into one recording (`--no-join`: false).
     pub join: bool,
     /// `--appliance-key`: export only packages a signed manifest of these appliances lists
     /// (the manifests of the `store_config` store).
     #[cfg(feature = "appliance")]
     pub appliance_keys: Vec<PathBuf>,
+}
+
+/// The conversation ids of `--conversation` and `--conversations FILE` (one a line, blank
+/// lines and `#` comments ignored; at most 1,000,000 ids of at most 256 bytes).
+#[cfg(feature = "appliance")]
+pub fn conversation_ids(mut ids: Vec<String>, file: Option<&Path>) -> Result<Vec<String>, Error> {
+    use std::io::Read;
+    const MAX_FILE: u64 = 256 << 20;
+    if let Some(f) = file {
+        let mut text = String::new();
+        fs::File::open(f)
+            .and_then(|h| h.take(MAX_FILE + 1).read_to_string(&mut text))
+            .map_err(|e| Error::Invalid(format!("--conversations {}: {e}", f.display())))?;
+        if text.len() as u64 > MAX_FILE {
+            return Err(Error::Invalid(format!(
+                "--conversations {}: larger than 256 MiB",
+                f.display()
+            )));
+        }
+        ids.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_string),
+        );
+    }
+    if ids.len() > 1_000_000 {
+        return Err(Error::Invalid(
+            "more than 1,000,000 conversation ids".into(),
+        ));
+    }
+    if let Some(long) = ids
+        .iter()
+        .find(|i| i.len() > crate::appliance::outcomes::MAX_CONVERSATION_ID)
+    {
+        return Err(Error::Invalid(format!(
+            "conversation id {}…: longer than 256 bytes",
+            long.chars().take(40).collect::<String>()
+        )));
+    }
+    ids.sort();
+    ids.dedup();
+    Ok(ids)
+}
+
+/// Where `export` writes.
+pub struct ExportTo {
+    /// A directory, or `s3://BUCKET/PREFIX`.
+    pub out: PathBuf,
+    /// For a bucket: its endpoint and credentials.
+    #[cfg(feature = "appliance")]
+    pub out_config: Option<PathBuf>,
+    /// For a bucket: the server-side encryption asked of every object.
+    #[cfg(feature = "appliance")]
+    pub sse: crate::export::bucket::Sse,
+    /// `--layout platform`.
+    pub platform: bool,
+    /// `--org-id`.
+    pub org_id: Option<String>,
+}
+
+/// The destination of an export, the directory its scratch files go to (held: a temporary
+/// one is removed when it drops), and the organisation id of the platform layout.
+struct Destination {
+    out: crate::export::bulk::Out,
+    scratch: PathBuf,
+    _temporary: Option<tempfile::TempDir>,
+    org: Option<String>,
+    made_with: String,
+}
+
+impl ExportTo {
+    /// Opens the destination: a directory (made, cleared of a crashed run's temporaries) or
+    /// a bucket (its out-config read).
+    fn open(self) -> Result<Destination, Error> {
+        let org_of = |org: Option<String>| -> Result<Option<String>, Error> {
+            match (self.platform, org) {
+                (false, _) => Ok(None),
+                (true, Some(o)) if crate::export::is_organisation_id(&o) => Ok(Some(o)),
+                (true, Some(o)) => Err(Error::Invalid(format!(
+                    "--org-id {o:?}: 1 to 128 letters, digits, - _ . (not starting with a dot)"
+                ))),
+                (true, None) => Err(Error::Invalid(
+                    "--layout platform needs an organisation id: --org-id ID, or [export] \
+                     organisation_id in the --out-config"
+                        .into(),
+                )),
+            }
+        };
+        let text = self.out.to_string_lossy().into_owned();
+        if text.starts_with("s3://") {
+            #[cfg(feature = "appliance")]
+            {
+                let (bucket, prefix) =
+                    crate::export::bucket::parse_url(&text).map_err(Error::Invalid)?;
+                let file = self.out_config.as_ref().ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "--out {text} needs --out-config FILE: the bucket's endpoint and \
+                         credentials ([store] as an appliance's s3 store, without bucket and \
+                         prefix)"
+                    ))
+                })?;
+                let cfg = crate::appliance::config::OutConfig::load(file, &bucket)
+                    .map_err(|e| Error::Invalid(e.to_string()))?;
+                let org = org_of(self.org_id.clone().or(cfg.organisation_id))?;
+                let made_with = match self.sse.header() {
+                    Some(h) => format!("sse={h}"),
+                    None => String::new(),
+                };
+                let b = crate::export::bucket::Bucket::new(cfg.s3, prefix, self.sse.clone())?;
+                let tmp = tempfile::Builder::new()
+                    .prefix("edgerec-export.")
+                    .tempdir()?;
+                return Ok(Destination {
+                    out: crate::export::bulk::Out::Bucket(Box::new(b)),
+                    scratch: tmp.path().to_path_buf(),
+                    _temporary: Some(tmp),
+                    org,
+                    made_with,
+                });
+            }
+            #[cfg(not(feature = "appliance"))]
+            return Err(Error::Invalid(format!(
+                "--out {text}: this build has no S3 client (the appliance feature)"
+            )));
+        }
+        #[cfg(feature = "appliance")]
+        if self.out_config.is_some() || self.sse != crate::export::bucket::Sse::None {
+            return Err(Error::Invalid(
+                "--out-config and --sse are for an s3://BUCKET/PREFIX --out".into(),
+            ));
+        }
+        let org = org_of(self.org_id.clone())?;
+        fs::create_dir_all(&self.out)?;
+        remove_partials(&self.out);
+        Ok(Destination {
+            scratch: self.out.join(".edgerec-export"),
+            out: crate::export::bulk::Out::Dir(self.out),
+            _temporary: None,
+            org,
+            made_with: String::new(),
+        })
+    }
 }
 
 /// Removes what an export stopped by a crash left in `out`: its temporaries (ciphertext
@@ -252,7 +397,7 @@ fn remove_partials(out: &Path) {
 /// with progress on a terminal (plain lines otherwise) and a summary of failures.
 pub fn export(
     keys: &dyn Unwrapper,
-    out: &Path,
+    to: ExportTo,
     format: super::FormatArg,
     from: ExportFrom,
     jobs: Option<usize>,
@@ -330,12 +475,18 @@ pub fn export(
         true => None,
         false => Some(crate::export::pgp::Recipients::load(&from.pgp_recipients)?),
     };
-    fs::create_dir_all(out)?;
-    remove_partials(out);
+    let dest = to.open()?;
     #[cfg(feature = "appliance")]
-    let genuine = match (&from.store_config, from.appliance_keys.is_empty()) {
+    let index = match (&from.store_config, from.appliance_keys.is_empty()) {
+        (_, true) if !from.conversations.is_empty() => {
+            return Err(Error::Invalid(
+                "--conversation needs --store-config and --appliance-key: a conversation's \
+                 recordings are found through the store's signed, sealed manifests"
+                    .into(),
+            ));
+        }
         (_, true) => None,
-        (Some(cfg), false) => Some(super::verify_store::genuine_digests(
+        (Some(cfg), false) => Some(super::verify_store::export_index(
             cfg,
             &from.appliance_keys,
             keys,
@@ -347,23 +498,55 @@ pub fn export(
             ));
         }
     };
+    // By conversation: the recordings the index gives it, and those whose conversation it
+    // does not know for certain (decrypted to tell); none of the others is opened.
+    #[cfg(feature = "appliance")]
+    let chosen: Option<std::collections::HashSet<uuid::Uuid>> = match &index {
+        Some(ix) if !from.conversations.is_empty() => Some(
+            ix.conversation_of
+                .iter()
+                .filter(|(_, c)| from.conversations.binary_search(c).is_ok())
+                .map(|(id, _)| *id)
+                .chain(ix.unknown.iter().copied())
+                .collect(),
+        ),
+        _ => None,
+    };
+    #[cfg(feature = "appliance")]
+    let (genuine, conversation_starts) = match index {
+        Some(ix) => {
+            let starts = ix.starts();
+            (Some(ix.genuine), Some(starts))
+        }
+        None => (None, None),
+    };
     #[cfg(not(feature = "appliance"))]
-    let genuine = None;
+    let (genuine, conversation_starts) = (None, None);
     let exporter = Exporter {
         keys,
-        out: out.to_path_buf(),
+        out: dest.out,
+        scratch: dest.scratch,
+        platform_org: dest.org,
+        made_with: dest.made_with,
         format,
         pgp,
         max_span: from.max_span,
         media_types: from.media_types.clone(),
+        conversations: from.conversations.clone(),
+        conversation_starts,
         #[cfg(feature = "appliance")]
         s3,
         genuine,
     };
     // A call goes when a part of it was listed for the range (not only for the days around
-    // it) and began in the window.
+    // it) and began in the window, and (by conversation) the index chose it.
     #[cfg(feature = "appliance")]
-    let in_window = |name: &str| window.is_none_or(|w| w.holds(name));
+    let in_window = |name: &str| {
+        window.is_none_or(|w| w.holds(name))
+            && chosen
+                .as_ref()
+                .is_none_or(|c| crate::export::bulk::id_of(name).is_some_and(|id| c.contains(&id)))
+    };
     #[cfg(not(feature = "appliance"))]
     let in_window = |_: &str| true;
     let calls = exporter.calls(sources, from.join, |s| {
@@ -396,11 +579,7 @@ pub fn export(
                     " (unterminated: see its metadata)"
                 };
                 if bar.is_none() || !*terminated {
-                    say(format!(
-                        "exported {} -> {}{warn}",
-                        name(src),
-                        media.display()
-                    ));
+                    say(format!("exported {} -> {}{warn}", name(src), media));
                 }
             }
             ExportOutcome::Skipped => {
@@ -433,9 +612,11 @@ pub fn export(
         true => format!("{total} packages"),
         false => format!("{total} recordings from {packages} packages (continuations joined)"),
     };
-    let other = match from.media_types.is_empty() {
-        true => String::new(),
-        false => format!(", {not_selected} of other media types"),
+    let other = match (from.media_types.is_empty(), from.conversations.is_empty()) {
+        (true, true) => String::new(),
+        (false, true) => format!(", {not_selected} of other media types"),
+        (true, false) => format!(", {not_selected} of other conversations"),
+        (false, false) => format!(", {not_selected} of other media types or conversations"),
     };
     eprintln!(
         "export: {what}: {exported} exported, {skipped} skipped (done before){other}, {} failed",

@@ -311,14 +311,41 @@ fn print_report(r: &Report) {
     );
 }
 
-/// The SHA-256s of every package the verified manifests of the store list as stored (for
-/// `export --appliance-key`); manifests that do not verify are named on standard error and
-/// lend nothing.
-pub fn genuine_digests(
+/// What the verified manifests of a store give an export.
+pub struct ExportIndex {
+    /// The SHA-256s (hex) of every package they list as stored (`--appliance-key`).
+    pub genuine: BTreeSet<String>,
+    /// Each recording's conversation, from the sealed index (`--conversation`, and the
+    /// platform layout's conversation start).
+    pub conversation_of: std::collections::HashMap<uuid::Uuid, String>,
+    /// Recordings whose conversation is not known for certain: an export by conversation
+    /// decrypts them to tell.
+    pub unknown: BTreeSet<uuid::Uuid>,
+}
+
+impl ExportIndex {
+    /// When each conversation began: its earliest recording's start (a UUIDv7's time).
+    pub fn starts(&self) -> std::collections::HashMap<String, u64> {
+        let mut starts = std::collections::HashMap::new();
+        for (id, c) in &self.conversation_of {
+            if let Some(ms) = crate::export::bulk::uuid_ms(id) {
+                starts
+                    .entry(c.clone())
+                    .and_modify(|m: &mut u64| *m = (*m).min(ms))
+                    .or_insert(ms);
+            }
+        }
+        starts
+    }
+}
+
+/// The verified manifests of the store, read for an export (manifests that do not verify are
+/// named on standard error and lend nothing).
+pub fn export_index(
     store_config: &Path,
     appliance_keys: &[PathBuf],
     keys: &dyn Unwrapper,
-) -> Result<BTreeSet<String>, Error> {
+) -> Result<ExportIndex, Error> {
     let registered = registered(appliance_keys)?;
     let (store, prefix) = open_store(store_config)?;
     let mut signed = Vec::new();
@@ -328,5 +355,10 @@ pub fn genuine_digests(
             Err(why) => eprintln!("edgerec: manifest {} not taken: {why}", m.key),
         }
     }
-    Ok(crate::appliance::manifest::listed_digests(&signed))
+    let (conversation_of, unknown) = crate::appliance::manifest::conversation_index(&signed);
+    Ok(ExportIndex {
+        genuine: crate::appliance::manifest::listed_digests(&signed),
+        conversation_of,
+        unknown,
+    })
 }

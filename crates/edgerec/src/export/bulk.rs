@@ -71,13 +71,39 @@ pub fn call_name(call: &[Source]) -> String {
 pub struct Done {
     /// What the package was: `mac:<header MAC hex>:<size>`, or `sha256:<hex>` for S3.
     pub package: String,
-    /// Each output: its path relative to the export directory, size, and modification time
-    /// (ns since the epoch).
+    /// Each output: its path relative to the export's destination, size, and modification
+    /// time (ns since the epoch; 0 for an object).
     pub outputs: Vec<(String, u64, u128)>,
+    /// For a bucket, each output's ETag.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub etags: Vec<String>,
+    /// What else shaped the outputs (the layout, the server-side encryption): a record
+    /// made otherwise does not count.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub made_with: String,
+}
+
+/// Where an export writes.
+pub enum Out {
+    /// A directory: done-records in `<dir>/.edgerec-export/done/`.
+    Dir(PathBuf),
+    /// A bucket: done-records beside the outputs, under `{prefix}.edgerec-export/done/`.
+    #[cfg(feature = "appliance")]
+    Bucket(Box<crate::export::bucket::Bucket>),
+}
+
+impl Out {
+    fn dest(&self) -> crate::export::Dest<'_> {
+        match self {
+            Out::Dir(d) => crate::export::Dest::Dir(d),
+            #[cfg(feature = "appliance")]
+            Out::Bucket(b) => crate::export::Dest::Bucket(b),
+        }
+    }
 }
 
 /// An output file's size and modification time (ns).
-fn stamp(path: &Path) -> io::Result<(u64, u128)> {
+pub(crate) fn stamp(path: &Path) -> io::Result<(u64, u128)> {
     let m = fs::metadata(path)?;
     let t = m
         .modified()?
@@ -91,8 +117,8 @@ fn stamp(path: &Path) -> io::Result<(u64, u128)> {
 pub enum ExportOutcome {
     /// Exported now.
     Exported {
-        /// The media file.
-        media: PathBuf,
+        /// The media output (a path, or `s3://bucket/key`).
+        media: String,
         /// Whether the package was terminated (else the metadata says it was not).
         terminated: bool,
     },
@@ -223,19 +249,27 @@ impl Window {
         if self.days {
             return true;
         }
-        let Some(t) = name
-            .rsplit('/')
-            .next()
-            .and_then(|n| n.strip_suffix(".erec"))
-            .and_then(|n| uuid::Uuid::parse_str(n).ok())
-            .and_then(|u| u.get_timestamp())
-        else {
+        let Some(ms) = id_of(name).and_then(|u| uuid_ms(&u)) else {
             return true;
         };
-        let (s, n) = t.to_unix();
-        let ms = s * 1000 + u64::from(n / 1_000_000);
         (self.from_ms..self.to_ms).contains(&ms)
     }
+}
+
+/// The recording id a package file or key names (`…/{id}.erec`).
+#[cfg(feature = "appliance")]
+pub fn id_of(name: &str) -> Option<uuid::Uuid> {
+    name.rsplit('/')
+        .next()
+        .and_then(|n| n.strip_suffix(".erec"))
+        .and_then(|n| uuid::Uuid::parse_str(n).ok())
+}
+
+/// A UUIDv7's time (unix ms).
+#[cfg(feature = "appliance")]
+pub fn uuid_ms(id: &uuid::Uuid) -> Option<u64> {
+    let (s, n) = id.get_timestamp()?.to_unix();
+    Some(s * 1000 + u64::from(n / 1_000_000))
 }
 
 /// The packages of the inputs (files and directories searched for `*.erec`).
@@ -303,8 +337,12 @@ pub fn from_s3_store(
 pub struct Exporter<'a> {
     /// The key source.
     pub keys: &'a dyn Unwrapper,
-    /// The export directory.
-    pub out: PathBuf,
+    /// The destination.
+    pub out: Out,
+    /// Where packages fetched from S3 (ciphertext) and checked copies wait while they are
+    /// exported: `<dir>/.edgerec-export` for a directory, a private temporary directory for
+    /// a bucket.
+    pub scratch: PathBuf,
     /// WAV or pcap.
     pub format: Format,
     /// Encrypt every output to these OpenPGP certificates.
@@ -319,62 +357,106 @@ pub struct Exporter<'a> {
     pub genuine: Option<std::collections::BTreeSet<String>>,
     /// `--media-type`: only recordings of these (empty: all).
     pub media_types: Vec<String>,
+    /// `--conversation`: only recordings of these (empty: all).
+    pub conversations: Vec<String>,
+    /// When each conversation began (from the manifests' sealed index), for the platform
+    /// layout; without it a recording is filed by its own start.
+    pub conversation_starts: Option<std::collections::HashMap<String, u64>>,
+    /// `--layout platform`: the organisation id (else edgerec's layout).
+    pub platform_org: Option<String>,
+    /// What else shapes the outputs, for the done-records (the server-side encryption).
+    pub made_with: String,
 }
 
 impl Exporter<'_> {
-    fn state_dir(&self) -> PathBuf {
-        self.out.join(".edgerec-export")
-    }
-
-    /// The record of `id` exported in this exporter's format (WAV and pcap of one recording
-    /// are two exports).
-    fn done_path(&self, id: &str) -> PathBuf {
+    /// The record of `id` exported in this exporter's format and layout (WAV and pcap of
+    /// one recording are two exports), below the destination.
+    fn done_rel(&self, id: &str) -> String {
         let format = match (self.format, self.pgp.is_some()) {
             (Format::Wav, false) => "wav",
             (Format::Pcap, false) => "pcap",
             (Format::Wav, true) => "wav.pgp",
             (Format::Pcap, true) => "pcap.pgp",
         };
-        self.state_dir()
-            .join("done")
-            .join(format!("{id}.{format}.json"))
+        let layout = match self.platform_org {
+            Some(_) => ".platform",
+            None => "",
+        };
+        format!(".edgerec-export/done/{id}.{format}{layout}.json")
+    }
+
+    /// What shaped the outputs besides the format.
+    fn made_with(&self) -> String {
+        let mut m = self.made_with.clone();
+        if let Some(org) = &self.platform_org {
+            m.push_str(&format!(" layout=platform:{org}"));
+        }
+        m.trim().to_string()
     }
 
     /// Whether the record of `id` matches the package and every output is intact.
     fn is_done(&self, id: &str, package: &str) -> bool {
-        let Ok(bytes) = fs::read(self.done_path(id)) else {
+        let rel = self.done_rel(id);
+        let bytes = match &self.out {
+            Out::Dir(dir) => fs::read(dir.join(&rel)).ok(),
+            #[cfg(feature = "appliance")]
+            Out::Bucket(b) => b.get_small(&b.key(&rel)).ok().flatten(),
+        };
+        let Some(done) = bytes.and_then(|b| serde_json::from_slice::<Done>(&b).ok()) else {
             return false;
         };
-        let Ok(done) = serde_json::from_slice::<Done>(&bytes) else {
+        if done.package != package || done.made_with != self.made_with() {
             return false;
-        };
-        done.package == package
-            && done
+        }
+        match &self.out {
+            Out::Dir(dir) => done
                 .outputs
                 .iter()
-                .all(|(p, size, time)| stamp(&self.out.join(p)).is_ok_and(|s| s == (*size, *time)))
+                .all(|(p, size, time)| stamp(&dir.join(p)).is_ok_and(|s| s == (*size, *time))),
+            #[cfg(feature = "appliance")]
+            Out::Bucket(b) => {
+                done.etags.len() == done.outputs.len()
+                    && done
+                        .outputs
+                        .iter()
+                        .zip(&done.etags)
+                        .all(|((p, size, _), etag)| {
+                            b.info(&b.key(p))
+                                .ok()
+                                .flatten()
+                                .is_some_and(|i| i.size == *size && &i.etag == etag)
+                        })
+            }
+        }
     }
 
     /// Records a finished export (atomically; not synced: a record lost in a crash only
     /// means the package is exported again).
-    fn record(&self, x: &Exported, package: String) -> io::Result<()> {
-        let mut outputs = Vec::new();
-        for p in [&x.media, &x.metadata] {
-            let rel = p
-                .strip_prefix(&self.out)
-                .unwrap_or(p)
-                .to_string_lossy()
-                .into_owned();
-            let (size, time) = stamp(p)?;
-            outputs.push((rel, size, time));
+    fn record(&self, x: &Exported, package: String) -> Result<(), Error> {
+        let outputs = [&x.media, &x.metadata];
+        let done = Done {
+            package,
+            outputs: outputs
+                .iter()
+                .map(|p| (p.rel.clone(), p.size, p.mtime_ns))
+                .collect(),
+            etags: outputs.iter().filter_map(|p| p.etag.clone()).collect(),
+            made_with: self.made_with(),
+        };
+        let bytes = serde_json::to_vec(&done).map_err(io::Error::other)?;
+        let rel = self.done_rel(&x.id.to_string());
+        match &self.out {
+            Out::Dir(dir) => {
+                let path = dir.join(rel);
+                fs::create_dir_all(path.parent().expect("done/ has a parent"))?;
+                edgerec_net::durable::replace_file(&path, &bytes)?;
+            }
+            #[cfg(feature = "appliance")]
+            Out::Bucket(b) => {
+                b.put_small(&b.key(&rel), bytes)?;
+            }
         }
-        let done = Done { package, outputs };
-        let path = self.done_path(&x.id.to_string());
-        fs::create_dir_all(path.parent().expect("done/ has a parent"))?;
-        edgerec_net::durable::replace_file(
-            &path,
-            &serde_json::to_vec(&done).map_err(io::Error::other)?,
-        )
+        Ok(())
     }
 
     /// A package file's recording id and identity (`mac:<header MAC>:<size>`), from its
@@ -522,7 +604,7 @@ impl Exporter<'_> {
         let paths = match &self.genuine {
             None => paths,
             Some(genuine) => {
-                let dir = self.state_dir().join("fetch");
+                let dir = self.scratch.join("fetch");
                 fs::create_dir_all(&dir)?;
                 for p in paths {
                     let mut copy = tempfile::Builder::new().suffix(".erec").tempfile_in(&dir)?;
@@ -546,15 +628,21 @@ impl Exporter<'_> {
             pgp: self.pgp.as_ref(),
             max_span: self.max_span,
             media_types: &self.media_types,
+            conversations: &self.conversations,
+            conversation_starts: self.conversation_starts.as_ref(),
+            layout: match &self.platform_org {
+                Some(org) => crate::export::Layout::Platform { org },
+                None => crate::export::Layout::Edgerec,
+            },
         };
-        let Some(x) = export_parts_to(paths, self.keys, &self.out, &opts)? else {
+        let Some(x) = export_parts_to(paths, self.keys, self.out.dest(), &opts)? else {
             return Ok(ExportOutcome::NotSelected);
         };
         if let Some(identity) = identity {
             self.record(&x, identity)?;
         }
         Ok(ExportOutcome::Exported {
-            media: x.media,
+            media: x.media.shown,
             terminated: x.terminated,
         })
     }
@@ -589,7 +677,7 @@ impl Exporter<'_> {
             .s3
             .as_ref()
             .ok_or_else(|| Error::Invalid("no S3 store configured".into()))?;
-        let dir = self.state_dir().join("fetch");
+        let dir = self.scratch.join("fetch");
         fs::create_dir_all(&dir)?;
         let mut tmp = tempfile::Builder::new().suffix(".erec").tempfile_in(&dir)?;
         let sha = {

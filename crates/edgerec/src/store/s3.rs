@@ -103,7 +103,12 @@ impl S3Store {
     }
 
     fn url(&self, key: &str) -> String {
-        format!("{}/{}/{}", self.cfg.endpoint, self.cfg.bucket, key)
+        format!(
+            "{}/{}/{}",
+            self.cfg.endpoint,
+            self.cfg.bucket,
+            path_escape(key)
+        )
     }
 
     /// Signs and sends one request; `body_sha256` is the hex SHA-256 of the body.
@@ -293,17 +298,29 @@ impl S3Store {
     }
 }
 
-/// Percent-encodes a query value (everything but the unreserved characters).
-fn query_escape(v: &str) -> String {
+/// Percent-encodes every byte of `v` but the unreserved characters and those of `keep`.
+fn escape(v: &str, keep: &[u8]) -> String {
     v.bytes()
         .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) || keep.contains(&b) {
                 (b as char).to_string()
             } else {
                 format!("%{b:02X}")
             }
         })
         .collect()
+}
+
+/// Percent-encodes a query value (everything but the unreserved characters).
+fn query_escape(v: &str) -> String {
+    escape(v, b"")
+}
+
+/// Percent-encodes an object key for the request path as SigV4's canonical URI has it:
+/// every byte but the unreserved characters and `/` (an export's `year=2026/` levels, a
+/// conversation id with spaces).
+fn path_escape(key: &str) -> String {
+    escape(key, b"/")
 }
 
 /// Whether two ETags name the same part (stores differ in quoting them).
@@ -540,24 +557,13 @@ impl S3Store {
 
     /// Starts a multipart upload carrying the package's SHA-256 as metadata.
     fn create_upload(&self, key: &str, sha_hex: &str) -> Result<String, StoreError> {
-        let url = format!("{}?uploads=", self.url(key));
-        let headers = [
-            ("x-amz-checksum-algorithm", "SHA256".to_string()),
-            ("x-amz-meta-erec-sha256", sha_hex.to_string()),
-            ("content-type", CONTENT_TYPE.to_string()),
-        ];
-        let r = self.send("POST", &url, &headers, None, EMPTY_SHA256)?;
-        if classify(r.status().as_u16()) != Class::Success {
-            return Err(status_error(&url, r));
-        }
-        let body = r
-            .text()
-            .map_err(|e| StoreError::transient(format!("{url}: {e}")))?;
-        xml_all(&body, "UploadId")
-            .into_iter()
-            .next()
-            .filter(|id| !id.is_empty())
-            .ok_or_else(|| StoreError::transient(format!("{url}: no UploadId in the answer")))
+        self.begin_parts(
+            key,
+            &[
+                ("x-amz-meta-erec-sha256", sha_hex.to_string()),
+                ("content-type", CONTENT_TYPE.to_string()),
+            ],
+        )
     }
 
     /// A multipart put: resumes the upload `checkpoint` holds if the store still has it
@@ -664,14 +670,7 @@ impl S3Store {
             m.parts.sort_by_key(|p| p.number);
             checkpoint.save(Some(m.clone()))?;
         }
-        let xml = complete_body(&m);
-        let body_sha = hex::encode(sha2::Sha256::digest(xml.as_bytes()));
-        let done_url = format!("{url}?uploadId={}", query_escape(&m.upload_id));
-        let headers = [
-            ("content-type", "application/xml".to_string()),
-            ("content-length", xml.len().to_string()),
-        ];
-        let r = self.send("POST", &done_url, &headers, Some(xml.into()), &body_sha)?;
+        let (done_url, r) = self.complete(key, &m)?;
         let code = r.status().as_u16();
         if code == 404 {
             // Completed by an earlier attempt whose answer was lost, or gone: what is there decides.
@@ -699,9 +698,7 @@ impl S3Store {
         let answer = r
             .text()
             .map_err(|e| StoreError::transient(format!("{done_url}: {e}")))?;
-        if answer.contains("<Error>") {
-            let field = |t: &str| xml_all(&answer, t).into_iter().next().unwrap_or_default();
-            let (c, msg) = (field("Code"), field("Message"));
+        if let Some((c, msg)) = completion_error(&answer) {
             if matches!(
                 c.as_str(),
                 "InvalidPart" | "InvalidPartOrder" | "NoSuchUpload"
@@ -718,6 +715,210 @@ impl S3Store {
             ))),
         }
     }
+}
+
+/// What a `HEAD` shows of an object another tool than the uploader wrote (an export's
+/// output).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Its size.
+    pub size: u64,
+    /// Its ETag, unquoted.
+    pub etag: String,
+    /// `x-amz-server-side-encryption`: `AES256`, `aws:kms`, or none.
+    pub sse: Option<String>,
+    /// `x-amz-server-side-encryption-aws-kms-key-id`, if the store names it.
+    pub sse_kms_key_id: Option<String>,
+}
+
+/// Objects written by `edgerec export --out s3://…`: whole small ones, large ones in parts,
+/// each part and whole object with its SHA-256 for the store to verify. No retries here: the
+/// caller holds the bytes and decides.
+impl S3Store {
+    /// What the store holds under `key`; `None` if nothing.
+    pub fn info(&self, key: &str) -> Result<Option<ObjectInfo>, StoreError> {
+        let url = self.url(key);
+        let r = self.send("HEAD", &url, &[], None, EMPTY_SHA256)?;
+        let code = r.status().as_u16();
+        if code == 404 {
+            return Ok(None);
+        }
+        if classify(code) != Class::Success {
+            return Err(status_error(&url, r));
+        }
+        let h = |name: &str| {
+            r.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        Ok(Some(ObjectInfo {
+            size: h("content-length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            etag: h("etag").unwrap_or_default().trim_matches('"').to_string(),
+            sse: h("x-amz-server-side-encryption"),
+            sse_kms_key_id: h("x-amz-server-side-encryption-aws-kms-key-id"),
+        }))
+    }
+
+    /// The object under `key`, whole, if there is one (a small record).
+    pub fn get_if_any(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let url = self.url(key);
+        let r = self.send("GET", &url, &[], None, EMPTY_SHA256)?;
+        match r.status().as_u16() {
+            404 => Ok(None),
+            c if classify(c) == Class::Success => r
+                .bytes()
+                .map(|b| Some(b.to_vec()))
+                .map_err(|e| StoreError::transient(format!("{url}: {e}"))),
+            _ => Err(status_error(&url, r)),
+        }
+    }
+
+    /// Puts `data` under `key` (replacing what is there) with `headers` besides its
+    /// SHA-256; returns the ETag.
+    pub fn put_bytes(
+        &self,
+        key: &str,
+        data: Vec<u8>,
+        headers: &[(&str, String)],
+    ) -> Result<String, StoreError> {
+        let digest: [u8; 32] = sha2::Sha256::digest(&data).into();
+        let url = self.url(key);
+        let mut all = vec![
+            (
+                "x-amz-checksum-sha256",
+                base64::engine::general_purpose::STANDARD.encode(digest),
+            ),
+            ("content-length", data.len().to_string()),
+        ];
+        all.extend(headers.iter().cloned());
+        let body = body(bytes::Bytes::from(data), self.cfg.limit.as_ref());
+        let r = self.send("PUT", &url, &all, Some(body), &hex::encode(digest))?;
+        if classify(r.status().as_u16()) != Class::Success {
+            return Err(status_error(&url, r));
+        }
+        Ok(etag_of(&r))
+    }
+
+    /// Starts a multipart upload to `key` with `headers` (server-side encryption, content
+    /// type); returns its id.
+    pub fn begin_parts(&self, key: &str, headers: &[(&str, String)]) -> Result<String, StoreError> {
+        let url = format!("{}?uploads=", self.url(key));
+        let mut all = vec![("x-amz-checksum-algorithm", "SHA256".to_string())];
+        all.extend(headers.iter().cloned());
+        let r = self.send("POST", &url, &all, None, EMPTY_SHA256)?;
+        if classify(r.status().as_u16()) != Class::Success {
+            return Err(status_error(&url, r));
+        }
+        let body = r
+            .text()
+            .map_err(|e| StoreError::transient(format!("{url}: {e}")))?;
+        xml_all(&body, "UploadId")
+            .into_iter()
+            .next()
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| StoreError::transient(format!("{url}: no UploadId in the answer")))
+    }
+
+    /// Uploads part `number` of an upload.
+    pub fn put_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: u32,
+        data: bytes::Bytes,
+    ) -> Result<PartDone, StoreError> {
+        let digest: [u8; 32] = sha2::Sha256::digest(&data).into();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(digest);
+        let url = format!(
+            "{}?partNumber={number}&uploadId={}",
+            self.url(key),
+            query_escape(upload_id)
+        );
+        let headers = [
+            ("x-amz-checksum-sha256", b64.clone()),
+            ("content-length", data.len().to_string()),
+        ];
+        let body = body(data, self.cfg.limit.as_ref());
+        let r = self.send("PUT", &url, &headers, Some(body), &hex::encode(digest))?;
+        if classify(r.status().as_u16()) != Class::Success {
+            return Err(status_error(&url, r));
+        }
+        let etag = etag_of(&r);
+        if etag.is_empty() {
+            return Err(StoreError::transient(format!(
+                "{url}: no ETag in the answer"
+            )));
+        }
+        Ok(PartDone {
+            number,
+            etag,
+            sha256: b64,
+        })
+    }
+
+    /// Completes an upload from its parts, in order.
+    pub fn finish_parts(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: Vec<PartDone>,
+    ) -> Result<(), StoreError> {
+        let m = Multipart {
+            upload_id: upload_id.to_string(),
+            part_bytes: 0,
+            parts,
+        };
+        let (url, r) = self.complete(key, &m)?;
+        if classify(r.status().as_u16()) != Class::Success {
+            return Err(status_error(&url, r));
+        }
+        // A 200 may still carry an error (S3 answers before it has finished assembling).
+        let answer = r
+            .text()
+            .map_err(|e| StoreError::transient(format!("{url}: {e}")))?;
+        match completion_error(&answer) {
+            Some((c, msg)) => Err(StoreError::transient(format!("{url}: {c}: {msg}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends CompleteMultipartUpload with `m`'s parts: the request's URL and the answer.
+    fn complete(
+        &self,
+        key: &str,
+        m: &Multipart,
+    ) -> Result<(String, reqwest::blocking::Response), StoreError> {
+        let xml = complete_body(m);
+        let body_sha = hex::encode(sha2::Sha256::digest(xml.as_bytes()));
+        let url = format!("{}?uploadId={}", self.url(key), query_escape(&m.upload_id));
+        let headers = [
+            ("content-type", "application/xml".to_string()),
+            ("content-length", xml.len().to_string()),
+        ];
+        let r = self.send("POST", &url, &headers, Some(xml.into()), &body_sha)?;
+        Ok((url, r))
+    }
+}
+
+/// The code and message of an error a completion's 200 answer carries, if it does.
+fn completion_error(answer: &str) -> Option<(String, String)> {
+    answer.contains("<Error>").then(|| {
+        let field = |t: &str| xml_all(answer, t).into_iter().next().unwrap_or_default();
+        (field("Code"), field("Message"))
+    })
+}
+
+/// An answer's ETag, unquoted (empty if none).
+fn etag_of(r: &reqwest::blocking::Response) -> String {
+    r.headers()
+        .get(reqwest::header::ETAG)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .trim_matches('"')
+        .to_string()
 }
 
 /// Bytes per part for a package of `size`: `wanted`, raised (to whole MiB) where the package
@@ -758,6 +959,10 @@ mod tests {
         assert!(same_etag("\"abc\"", "abc"));
         assert!(!same_etag("\"abc\"", "abd"));
         assert_eq!(query_escape("calls/x+y=z~"), "calls%2Fx%2By%3Dz~");
+        assert_eq!(
+            path_escape("org/year=2026/conversation_id=a b+ü/x.wav"),
+            "org/year%3D2026/conversation_id%3Da%20b%2B%C3%BC/x.wav"
+        );
         assert_eq!(part_size(100 << 20, 16 << 20), 16 << 20);
         // 200 GiB in at most 10,000 parts: raised to whole MiB.
         let p = part_size(200 << 30, 16 << 20);
