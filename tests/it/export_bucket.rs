@@ -42,8 +42,13 @@ fn calls_and_digital_recordings_export_into_a_bucket_in_the_platform_layout() {
     let weed = Weed::start();
     let mut a = Appliance::prepare("\"127.0.0.0/8\"", &s3_store(&weed, SECRET_KEY), "");
     let cfg = a.path("edgerec.toml");
+    let token = a.path("control.token");
+    fs::write(&token, "export-test-token-0123456789\n").unwrap();
     let mut text = fs::read_to_string(&cfg).unwrap();
-    text.push_str("[inbox]\ndir = \"inbox\"\n");
+    text.push_str(&format!(
+        "[inbox]\ndir = \"inbox\"\n[control]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n",
+        token.display()
+    ));
     fs::write(&cfg, text).unwrap();
     fs::create_dir(a.path("inbox")).unwrap();
     fs::create_dir(a.path("staging")).unwrap();
@@ -71,6 +76,20 @@ fn calls_and_digital_recordings_export_into_a_bucket_in_the_platform_layout() {
         r#"{"media_type":"screen","conversation_id":"conv-8"}"#,
     );
     a.spawn();
+    // The call on the first port belongs to the chat's conversation (tagged through the
+    // control API before it starts); the other call has none.
+    let tagged = reqwest::blocking::Client::new()
+        .put(format!(
+            "http://{}/v1/ports/{}/metadata",
+            crate::control::control_addr(&a),
+            a.base
+        ))
+        .bearer_auth("export-test-token-0123456789")
+        .header("content-type", "application/json")
+        .body(r#"{"conversation_id":"conv-7","agent":"u-2"}"#)
+        .send()
+        .unwrap();
+    assert_eq!(tagged.status().as_u16(), 200);
     assert!(
         loadgen(
             &format!("{}-{}", a.base, a.base + 1),
@@ -176,11 +195,11 @@ fn calls_and_digital_recordings_export_into_a_bucket_in_the_platform_layout() {
     };
     assert_eq!(
         types("conv-7"),
-        ["(none)", "Chat"],
-        "the transcript beside its chat"
+        ["(none)", "Call", "Chat"],
+        "the transcript beside its call and chat"
     );
     assert_eq!(types("conv-8"), ["Screen"]);
-    assert_eq!(types("untagged"), ["Call", "Call"]);
+    assert_eq!(types("untagged"), ["Call"]);
     let chat_meta = by_conversation["conv-7"]
         .iter()
         .find(|m| m["mediaType"] == "Chat")
@@ -242,8 +261,9 @@ fn calls_and_digital_recordings_export_into_a_bucket_in_the_platform_layout() {
             );
         }
     }
-    // By conversation, through the sealed manifests: only conv-7's two recordings are
-    // even opened (the others are not counted), filed by the conversation's start.
+    // By conversation, through the sealed manifests: only conv-7's three recordings (a call,
+    // a chat, its transcript) are even opened (the others are not counted), each filed by
+    // the conversation's start.
     let show = edgerec(&["identity", "show", "--config", cfg.to_str().unwrap()]);
     assert!(show.status.success());
     let pem = a.path("appliance.pem");
@@ -259,7 +279,7 @@ fn calls_and_digital_recordings_export_into_a_bucket_in_the_platform_layout() {
     );
     assert!(
         err.contains(
-            "export: 2 packages: 2 exported, 0 skipped (done before), 0 of other conversations, 0 failed"
+            "export: 3 packages: 3 exported, 0 skipped (done before), 0 of other conversations, 0 failed"
         ),
         "{err}"
     );
@@ -268,14 +288,14 @@ fn calls_and_digital_recordings_export_into_a_bucket_in_the_platform_layout() {
         .filter(|k| k.ends_with("_metadata.json"))
         .map(|k| serde_json::from_slice(&s3.get(k).unwrap()).unwrap())
         .collect();
-    assert_eq!(metas.len(), 2);
+    assert_eq!(metas.len(), 3);
     let earliest = metas
         .iter()
         .map(|m| m["recordingStartTime"].as_str().unwrap().to_string())
         .min()
         .unwrap();
-    // The conversation began with its first recording (its id's time, a moment before its
-    // package's creation): both carry it.
+    // The conversation began with its first recording (its id's time, within moments of its
+    // package's creation): every recording of it carries that time.
     let began = |m: &serde_json::Value| {
         erec::clock::parse_rfc3339_ms(m["conversationStartTime"].as_str().unwrap()).unwrap()
     };
@@ -283,7 +303,7 @@ fn calls_and_digital_recordings_export_into_a_bucket_in_the_platform_layout() {
     for m in &metas {
         assert_eq!(m["conversationId"], "conv-7");
         assert_eq!(began(m), began(&metas[0]));
-        assert!(began(m) <= earliest && earliest - began(m) < 1000, "{m}");
+        assert!(began(m).abs_diff(earliest) < 1000, "{m}");
     }
 }
 

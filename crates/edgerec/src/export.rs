@@ -457,10 +457,12 @@ pub fn export_parts_to(
     {
         return Ok(None);
     }
-    // The platform files a recording by its conversation's start, when the index knows it.
+    // The platform files a recording by its conversation's start, when the index knows it
+    // (its first recording's id time, the same for every recording of it: a package's own
+    // creation time may be a few ms off its id's), else by its own.
     let began_ms = conversation
         .and_then(|c| opts.conversation_starts?.get(c).copied())
-        .map_or(d.header.created_ms, |c| c.min(d.header.created_ms));
+        .unwrap_or(d.header.created_ms);
     let (dir, name) = layout(&d, opts.format, opts.layout, began_ms);
     let mut doc = describe(&d);
     let file = d.media == "file";
