@@ -220,6 +220,28 @@ fn calls_and_digital_recordings_export_into_a_bucket_in_the_platform_layout() {
         "{err}"
     );
     assert_eq!(outputs(&s3, "exports/"), first, "nothing written again");
+    // A done-record that names no outputs (forged, or damaged) does not count: that one
+    // recording is exported again.
+    let record = s3
+        .list("exports/.edgerec-export/done/")
+        .unwrap()
+        .into_iter()
+        .next()
+        .unwrap();
+    let mut done: serde_json::Value = serde_json::from_slice(&s3.get(&record).unwrap()).unwrap();
+    done["outputs"] = serde_json::json!([]);
+    done["etags"] = serde_json::json!([]);
+    s3.put_bytes(
+        &record,
+        serde_json::to_vec(&done).unwrap().into(),
+        &[("x-amz-server-side-encryption", "AES256".to_string())],
+    )
+    .unwrap();
+    let err = export("s3://edgerec/exports", &[]);
+    assert!(
+        err.contains("export: 5 packages: 1 exported, 4 skipped"),
+        "{err}"
+    );
     // PGP on top: every object is <name>.pgp, and gpg gives back the plain export's bytes.
     let gpg = Gpg::new();
     let cert = a.path("receiver.asc");
@@ -356,6 +378,21 @@ fn a_bucket_export_refuses_bad_destinations_before_it_reads_anything() {
     let (code, err) = run(&["--out", out.to_str().unwrap(), "--sse", "s3"]);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("s3://BUCKET/PREFIX"), "{err}");
+    let (code, err) = run(&["--out", out.to_str().unwrap(), "--org-id", "org-1"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--layout platform"), "{err}");
+    let (code, err) = run(&[
+        "--out",
+        "s3://exports/x",
+        "--out-config",
+        cfg.to_str().unwrap(),
+        "--sse",
+        "s3",
+        "--sse-kms-key-id",
+        "k",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--sse kms"), "{err}");
 }
 
 #[test]

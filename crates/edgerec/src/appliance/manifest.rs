@@ -69,6 +69,11 @@ pub struct Manifest {
     /// it keeps): those recordings are found by decrypting them.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub conversations_not_kept: u64,
+    /// Since when (ms) the process that made it kept the conversations of the recordings it
+    /// saw: an end it carries of a recording begun before then (in an earlier process) may
+    /// have lost its conversation. None: a manifest of before the index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversations_since_ms: Option<u64>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -194,6 +199,7 @@ pub fn make(
         unreadable_lines,
         conversations: Vec::new(),
         conversations_not_kept: 0,
+        conversations_since_ms: None,
     }
 }
 
@@ -540,50 +546,64 @@ pub fn listed_digests(manifests: &[Signed]) -> BTreeSet<String> {
 }
 
 /// The sealed conversation index of verified manifests: each recording's conversation (the
-/// latest a manifest gave), and the recordings whose conversation is not known for certain
-/// — salvaged after a crash (its conversation may have been lost with the process's memory),
-/// not ended in any manifest yet, or of an appliance that could not hold every id for a
-/// manifest — which an export by conversation must decrypt to tell. A recording that ended
-/// in a manifest with no conversation noted has none: its conversation, had it one, was
-/// noted before its end and taken with it.
+/// latest its own appliance's manifests gave), and the recordings the index vouches have
+/// none. Everything else — a recording salvaged after a crash, one still open, one whose
+/// end was put into a manifest by a process that did not see it begin (its conversation may
+/// have died with the process before it), one ended in a manifest written before the index
+/// existed, one of an appliance that could not hold every id, one no manifest names — is for
+/// an export by conversation to decrypt and tell. A recording ended in a manifest of a
+/// process that saw it begin, with no conversation noted, has none: its conversation would
+/// have been noted before its end, and the manifest that took the end took it too.
 pub fn conversation_index(manifests: &[Signed]) -> (HashMap<Uuid, String>, BTreeSet<Uuid>) {
     let mut ordered: Vec<&Signed> = manifests.iter().collect();
     ordered.sort_by(|a, b| {
         (&a.manifest.appliance, a.manifest.seq).cmp(&(&b.manifest.appliance, b.manifest.seq))
     });
-    let mut of = HashMap::new();
-    let mut lossy = BTreeSet::new();
-    for m in &ordered {
-        for (id, c) in &m.manifest.conversations {
-            of.insert(*id, c.clone());
-        }
-        if m.manifest.conversations_not_kept > 0 {
-            lossy.insert(m.manifest.appliance.clone());
-        }
-    }
-    let mut unknown = BTreeSet::new();
-    // Facts folded across each appliance's manifests: a recording's end may be in a later
-    // manifest than its start.
-    let mut by_appliance: BTreeMap<&str, Vec<Line>> = BTreeMap::new();
+    let mut by_appliance: BTreeMap<&str, Vec<&Manifest>> = BTreeMap::new();
     for m in &ordered {
         by_appliance
             .entry(&m.manifest.appliance)
             .or_default()
-            .extend(m.manifest.facts.iter().cloned());
+            .push(&m.manifest);
     }
-    for (appliance, lines) in by_appliance {
-        let (calls, _) = fold(lines);
-        for c in calls {
-            if of.contains_key(&c.id) {
-                continue;
+    let mut of = HashMap::new();
+    let mut none = BTreeSet::new();
+    for chain in by_appliance.values() {
+        // Facts folded across the appliance's manifests: a recording's end may be in a later
+        // manifest than its start.
+        let (calls, _) = fold(chain.iter().flat_map(|m| m.facts.iter().cloned()).collect());
+        let own: BTreeSet<Uuid> = calls.iter().map(|c| c.id).collect();
+        let mut tagged = HashMap::new();
+        // Where each end was put into a manifest: since when that manifest's process kept
+        // conversations (none before the index existed).
+        let mut ended_under = HashMap::new();
+        let lossy = chain.iter().any(|m| m.conversations_not_kept > 0);
+        for m in chain {
+            // An appliance speaks only for its own recordings.
+            for (id, c) in m.conversations.iter().filter(|(id, _)| own.contains(id)) {
+                tagged.insert(*id, c.clone());
             }
-            let certain = c.ended.is_some() && c.salvaged.is_none() && !lossy.contains(appliance);
-            if !certain {
-                unknown.insert(c.id);
+            for l in &m.facts {
+                if let Fact::Ended { id, .. } = l.fact {
+                    ended_under.insert(id, m.conversations_since_ms);
+                }
             }
         }
+        for c in calls {
+            if tagged.contains_key(&c.id) {
+                continue;
+            }
+            let witnessed = match (ended_under.get(&c.id), c.started_ms) {
+                (Some(Some(since)), Some(started)) => *since <= started,
+                _ => false,
+            };
+            if witnessed && c.salvaged.is_none() && !lossy {
+                none.insert(c.id);
+            }
+        }
+        of.extend(tagged);
     }
-    (of, unknown)
+    (of, none)
 }
 
 #[cfg(test)]
@@ -599,12 +619,10 @@ mod tests {
     }
 
     #[test]
-    fn the_conversation_index_knows_which_recordings_it_cannot_vouch_for() {
-        let (a, b, c, d) = (
-            Uuid::from_u128(1),
-            Uuid::from_u128(2),
-            Uuid::from_u128(3),
-            Uuid::from_u128(4),
+    fn the_conversation_index_vouches_only_for_what_its_process_saw() {
+        let ids: Vec<Uuid> = (1..=8).map(Uuid::from_u128).collect();
+        let (a, b, c, d, e, f, g, h) = (
+            ids[0], ids[1], ids[2], ids[3], ids[4], ids[5], ids[6], ids[7],
         );
         let started = |id| Fact::Started {
             id,
@@ -615,51 +633,87 @@ mod tests {
             id,
             reason: "complete".into(),
         };
-        let signed = |appliance: &str, seq, facts: Vec<Fact>, convs: Vec<(Uuid, &str)>| {
+        // Manifests of appliance "x" made by a process keeping conversations since `since`;
+        // facts at time `at`.
+        let signed = |appliance: &str,
+                      seq,
+                      since: Option<u64>,
+                      facts: Vec<(u64, Fact)>,
+                      convs: Vec<(Uuid, &str)>| {
             let mut m = make(
                 appliance,
                 (seq, None),
                 (0, 1, 1),
-                facts.into_iter().map(|f| line(0, f)).collect(),
+                facts.into_iter().map(|(at, f)| line(at, f)).collect(),
                 0,
             );
             m.conversations = convs.into_iter().map(|(i, c)| (i, c.to_string())).collect();
+            m.conversations_since_ms = since;
             Signed {
                 manifest: m,
                 sha256: String::new(),
             }
         };
-        // a: tagged, relabelled in a later manifest; b: ended untagged (has none); c:
-        // salvaged untagged (its tag may have died with the process); d: still recording.
+        // a: tagged, relabelled later; b: ended untagged in the process that saw it begin
+        // (has none); c: salvaged; d: still open; e: begun by a process that crashed, its end
+        // carried by the next (its conversation may be lost); f: ended in a manifest of
+        // before the index; g: of appliance "y", relabelled by "x" (refused); h: named by no
+        // manifest at all (not in the index).
         let first = signed(
             "x",
             0,
-            vec![started(a), started(b), started(c), started(d), ended(b)],
+            Some(100),
+            vec![
+                (100, started(a)),
+                (100, started(b)),
+                (100, started(c)),
+                (100, started(d)),
+                (110, ended(b)),
+                (100, started(e)),
+            ],
             vec![(a, "conv-1")],
         );
         let second = signed(
             "x",
             1,
+            Some(200),
             vec![
-                ended(a),
-                Fact::Salvaged {
-                    id: c,
-                    why: "crash".into(),
-                    bytes: 1,
-                },
+                (200, ended(a)),
+                (
+                    200,
+                    Fact::Salvaged {
+                        id: c,
+                        why: "crash".into(),
+                        bytes: 1,
+                    },
+                ),
+                (150, ended(e)),
             ],
-            vec![(a, "conv-2")],
+            vec![(a, "conv-2"), (g, "conv-1")],
+        );
+        let old = signed(
+            "y",
+            0,
+            None,
+            vec![
+                (5, started(f)),
+                (6, ended(f)),
+                (5, started(g)),
+                (6, ended(g)),
+            ],
+            vec![],
         );
         // Whatever order they are read in, the later manifest's word wins.
-        let (of, unknown) = conversation_index(&[second.clone(), first.clone()]);
-        assert_eq!(of.len(), 1);
+        let (of, none) = conversation_index(&[second.clone(), first.clone(), old.clone()]);
+        assert_eq!(of.len(), 1, "{of:?}");
         assert_eq!(of[&a], "conv-2");
-        assert_eq!(unknown, BTreeSet::from([c, d]));
+        assert_eq!(none, BTreeSet::from([b]), "{none:?}");
+        assert!(!none.contains(&h) && !of.contains_key(&h));
         // An appliance that could not hold every id vouches for no untagged recording.
         let mut lossy = second;
         lossy.manifest.conversations_not_kept = 3;
-        let (_, unknown) = conversation_index(&[first, lossy]);
-        assert_eq!(unknown, BTreeSet::from([b, c, d]));
+        let (_, none) = conversation_index(&[first, lossy, old]);
+        assert!(none.is_empty());
     }
 
     fn stored(id: Uuid, key: &str, sha: &str) -> Fact {

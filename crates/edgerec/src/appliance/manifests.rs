@@ -280,6 +280,7 @@ impl Manifests {
         );
         manifest.conversations = conversations;
         manifest.conversations_not_kept = not_kept;
+        manifest.conversations_since_ms = Some(self.outcomes.conversations_since_ms());
         let (plaintext, sha) = crate::appliance::manifest::sign(&manifest, &self.identity);
         let id = Uuid::now_v7();
         let mut meta = Metadata::new();

@@ -204,6 +204,8 @@ pub struct Outcomes {
 struct Conversations {
     by_recording: std::collections::BTreeMap<Uuid, String>,
     dropped: u64,
+    /// Since when this process keeps them (ms).
+    since_ms: u64,
 }
 
 /// Conversation ids held for the next manifest at most (about 30 MB at the longest ids).
@@ -254,8 +256,17 @@ impl Outcomes {
             tx: Some(tx),
             metrics: Some(metrics),
             finished: Some(Arc::new(std::sync::Mutex::new(finished))),
-            conversations: Arc::default(),
+            conversations: Arc::new(std::sync::Mutex::new(Conversations {
+                since_ms: now_ms(),
+                ..Conversations::default()
+            })),
         })
+    }
+
+    /// Since when this process keeps conversations (ms): a recording begun before then, in
+    /// another process, may have lost its conversation with that process.
+    pub fn conversations_since_ms(&self) -> u64 {
+        self.conversations.lock().map_or(u64::MAX, |c| c.since_ms)
     }
 
     /// Notes the conversation a recording belongs to, in memory, for the next manifest (its

@@ -185,6 +185,12 @@ enum Command {
         #[cfg(feature = "appliance")]
         #[arg(long, value_name = "ID", requires = "sse")]
         sse_kms_key_id: Option<String>,
+        /// For an s3:// --out: where packages read from an s3 store wait while they are
+        /// exported (ciphertext, one a job; default a temporary directory under $TMPDIR,
+        /// which may be memory).
+        #[cfg(feature = "appliance")]
+        #[arg(long, value_name = "DIR")]
+        scratch: Option<PathBuf>,
         /// edgerec's layout, or the platform's bulk export layout:
         /// ORG/year=/month=/day=/hour=/conversation_id=ID/, files named by recording id, and
         /// the platform's _metadata.json fields (edgerec's under "edgerec").
@@ -903,6 +909,8 @@ pub fn main() -> ExitCode {
             sse,
             #[cfg(feature = "appliance")]
             sse_kms_key_id,
+            #[cfg(feature = "appliance")]
+            scratch,
             layout,
             org_id,
             format,
@@ -937,11 +945,18 @@ pub fn main() -> ExitCode {
                     #[cfg(feature = "appliance")]
                     out_config,
                     #[cfg(feature = "appliance")]
-                    sse: match sse {
-                        None => crate::export::bucket::Sse::None,
-                        Some(SseArg::S3) => crate::export::bucket::Sse::S3,
-                        Some(SseArg::Kms) => crate::export::bucket::Sse::Kms(sse_kms_key_id),
+                    sse: match (sse, sse_kms_key_id) {
+                        (None, _) => crate::export::bucket::Sse::None,
+                        (Some(SseArg::S3), None) => crate::export::bucket::Sse::S3,
+                        (Some(SseArg::S3), Some(_)) => {
+                            return Err(crate::Error::Invalid(
+                                "--sse-kms-key-id goes with --sse kms, not --sse s3".into(),
+                            ));
+                        }
+                        (Some(SseArg::Kms), key) => crate::export::bucket::Sse::Kms(key),
                     },
+                    #[cfg(feature = "appliance")]
+                    scratch,
                     platform: layout == LayoutArg::Platform,
                     org_id,
                 },

@@ -239,6 +239,7 @@ pub struct ExportFrom {
 pub fn conversation_ids(mut ids: Vec<String>, file: Option<&Path>) -> Result<Vec<String>, Error> {
     use std::io::Read;
     const MAX_FILE: u64 = 256 << 20;
+    const MAX_IDS: usize = 1_000_000;
     if let Some(f) = file {
         let mut text = String::new();
         fs::File::open(f)
@@ -250,14 +251,23 @@ pub fn conversation_ids(mut ids: Vec<String>, file: Option<&Path>) -> Result<Vec
                 f.display()
             )));
         }
-        ids.extend(
-            text.lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                .map(str::to_string),
-        );
+        for line in text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            // Counted as they are taken: a file of a hundred million ids is refused before
+            // it is held.
+            if ids.len() >= MAX_IDS {
+                return Err(Error::Invalid(format!(
+                    "--conversations {}: more than 1,000,000 conversation ids",
+                    f.display()
+                )));
+            }
+            ids.push(line.to_string());
+        }
     }
-    if ids.len() > 1_000_000 {
+    if ids.len() > MAX_IDS {
         return Err(Error::Invalid(
             "more than 1,000,000 conversation ids".into(),
         ));
@@ -290,6 +300,10 @@ pub struct ExportTo {
     pub platform: bool,
     /// `--org-id`.
     pub org_id: Option<String>,
+    /// For a bucket: where packages fetched from a store wait (`--scratch`; default a
+    /// temporary directory under `$TMPDIR`).
+    #[cfg(feature = "appliance")]
+    pub scratch: Option<PathBuf>,
 }
 
 /// The destination of an export, the directory its scratch files go to (held: a temporary
@@ -306,6 +320,11 @@ impl ExportTo {
     /// Opens the destination: a directory (made, cleared of a crashed run's temporaries) or
     /// a bucket (its out-config read).
     fn open(self) -> Result<Destination, Error> {
+        if self.org_id.is_some() && !self.platform {
+            return Err(Error::Invalid(
+                "--org-id is the first level of --layout platform: give that too".into(),
+            ));
+        }
         let org_of = |org: Option<String>| -> Result<Option<String>, Error> {
             match (self.platform, org) {
                 (false, _) => Ok(None),
@@ -336,14 +355,20 @@ impl ExportTo {
                 let cfg = crate::appliance::config::OutConfig::load(file, &bucket)
                     .map_err(|e| Error::Invalid(e.to_string()))?;
                 let org = org_of(self.org_id.clone().or(cfg.organisation_id))?;
-                let made_with = match self.sse.header() {
-                    Some(h) => format!("sse={h}"),
-                    None => String::new(),
+                let made_with = match &self.sse {
+                    crate::export::bucket::Sse::None => String::new(),
+                    crate::export::bucket::Sse::S3 => "sse=AES256".into(),
+                    crate::export::bucket::Sse::Kms(key) => {
+                        format!("sse=aws:kms:{}", key.as_deref().unwrap_or("default"))
+                    }
                 };
                 let b = crate::export::bucket::Bucket::new(cfg.s3, prefix, self.sse.clone())?;
-                let tmp = tempfile::Builder::new()
-                    .prefix("edgerec-export.")
-                    .tempdir()?;
+                let mut scratch = tempfile::Builder::new();
+                scratch.prefix("edgerec-export.");
+                let tmp = match &self.scratch {
+                    Some(dir) => scratch.tempdir_in(dir)?,
+                    None => scratch.tempdir()?,
+                };
                 return Ok(Destination {
                     out: crate::export::bulk::Out::Bucket(Box::new(b)),
                     scratch: tmp.path().to_path_buf(),
@@ -498,36 +523,25 @@ pub fn export(
             ));
         }
     };
-    // By conversation: the recordings the index gives it, and those whose conversation it
-    // does not know for certain (decrypted to tell); none of the others is opened.
     #[cfg(feature = "appliance")]
-    let chosen: Option<std::collections::HashSet<uuid::Uuid>> = match &index {
-        Some(ix) if !from.conversations.is_empty() => Some(
-            ix.conversation_of
-                .iter()
-                .filter(|(_, c)| from.conversations.binary_search(c).is_ok())
-                .map(|(id, _)| *id)
-                .chain(ix.unknown.iter().copied())
-                .collect(),
-        ),
-        _ => None,
-    };
-    #[cfg(feature = "appliance")]
-    let (genuine, conversation_starts) = match index {
-        Some(ix) => {
-            let starts = ix.starts();
-            (Some(ix.genuine), Some(starts))
-        }
+    let (genuine, conversation_starts) = match &index {
+        Some(ix) => (Some(ix.genuine.clone()), Some(ix.starts())),
         None => (None, None),
     };
     #[cfg(not(feature = "appliance"))]
     let (genuine, conversation_starts) = (None, None);
+    // Filed by the conversation's start from the index, or by each recording's own: two
+    // exports, never taken for each other.
+    let made_with = match (&dest.org, &conversation_starts) {
+        (Some(_), Some(_)) => format!("{} starts=index", dest.made_with),
+        _ => dest.made_with,
+    };
     let exporter = Exporter {
         keys,
         out: dest.out,
         scratch: dest.scratch,
         platform_org: dest.org,
-        made_with: dest.made_with,
+        made_with,
         format,
         pgp,
         max_span: from.max_span,
@@ -540,13 +554,16 @@ pub fn export(
     };
     // A call goes when a part of it was listed for the range (not only for the days around
     // it) and began in the window, and (by conversation) the index chose it.
+    // By conversation: the recordings the index gives it, and those whose conversation it
+    // does not know (decrypted to tell); none of the others is opened.
     #[cfg(feature = "appliance")]
-    let in_window = |name: &str| {
-        window.is_none_or(|w| w.holds(name))
-            && chosen
-                .as_ref()
-                .is_none_or(|c| crate::export::bulk::id_of(name).is_some_and(|id| c.contains(&id)))
+    let chosen = |name: &str| match &index {
+        Some(ix) if !from.conversations.is_empty() => crate::export::bulk::id_of(name)
+            .is_none_or(|id| ix.may_belong(&id, &from.conversations)),
+        _ => true,
     };
+    #[cfg(feature = "appliance")]
+    let in_window = |name: &str| window.is_none_or(|w| w.holds(name)) && chosen(name);
     #[cfg(not(feature = "appliance"))]
     let in_window = |_: &str| true;
     let calls = exporter.calls(sources, from.join, |s| {

@@ -318,9 +318,21 @@ pub struct ExportIndex {
     /// Each recording's conversation, from the sealed index (`--conversation`, and the
     /// platform layout's conversation start).
     pub conversation_of: std::collections::HashMap<uuid::Uuid, String>,
-    /// Recordings whose conversation is not known for certain: an export by conversation
-    /// decrypts them to tell.
-    pub unknown: BTreeSet<uuid::Uuid>,
+    /// Recordings the index vouches have no conversation. Any other recording not in
+    /// `conversation_of` is one whose conversation it does not know: an export by
+    /// conversation decrypts it to tell.
+    pub none: BTreeSet<uuid::Uuid>,
+}
+
+impl ExportIndex {
+    /// Whether an export of `wanted` conversations (sorted) must open the recording `id`:
+    /// unless the index gives it another conversation, or vouches it has none.
+    pub fn may_belong(&self, id: &uuid::Uuid, wanted: &[String]) -> bool {
+        match self.conversation_of.get(id) {
+            Some(c) => wanted.binary_search(c).is_ok(),
+            None => !self.none.contains(id),
+        }
+    }
 }
 
 impl ExportIndex {
@@ -355,10 +367,10 @@ pub fn export_index(
             Err(why) => eprintln!("edgerec: manifest {} not taken: {why}", m.key),
         }
     }
-    let (conversation_of, unknown) = crate::appliance::manifest::conversation_index(&signed);
+    let (conversation_of, none) = crate::appliance::manifest::conversation_index(&signed);
     Ok(ExportIndex {
         genuine: crate::appliance::manifest::listed_digests(&signed),
         conversation_of,
-        unknown,
+        none,
     })
 }

@@ -394,40 +394,55 @@ impl Exporter<'_> {
         m.trim().to_string()
     }
 
-    /// Whether the record of `id` matches the package and every output is intact.
-    fn is_done(&self, id: &str, package: &str) -> bool {
+    /// Whether the record of `id` matches the package and every output is intact: exactly
+    /// the two outputs this recording has (its media named by its id, its metadata), each
+    /// unchanged (a file's size and time; an object's size, ETag and encryption). A record
+    /// that cannot be read from a bucket is an error, not a reason to export again unseen.
+    fn is_done(&self, id: &str, package: &str) -> Result<bool, Error> {
         let rel = self.done_rel(id);
         let bytes = match &self.out {
             Out::Dir(dir) => fs::read(dir.join(&rel)).ok(),
             #[cfg(feature = "appliance")]
-            Out::Bucket(b) => b.get_small(&b.key(&rel)).ok().flatten(),
+            Out::Bucket(b) => b.get_small(&b.key(&rel))?,
         };
         let Some(done) = bytes.and_then(|b| serde_json::from_slice::<Done>(&b).ok()) else {
-            return false;
+            return Ok(false);
         };
-        if done.package != package || done.made_with != self.made_with() {
-            return false;
+        let pgp = if self.pgp.is_some() { ".pgp" } else { "" };
+        let named = |rel: &str, want: &dyn Fn(&str) -> bool| {
+            rel.rsplit('/').next().is_some_and(want)
+        };
+        let expected = done.outputs.len() == 2
+            && named(&done.outputs[0].0, &|n| {
+                n.starts_with(id) && n.ends_with(pgp) && !n.ends_with("_metadata.json")
+            })
+            && named(&done.outputs[1].0, &|n| {
+                n == format!("{id}_metadata.json{pgp}")
+            });
+        if !expected || done.package != package || done.made_with != self.made_with() {
+            return Ok(false);
         }
-        match &self.out {
+        Ok(match &self.out {
             Out::Dir(dir) => done
                 .outputs
                 .iter()
                 .all(|(p, size, time)| stamp(&dir.join(p)).is_ok_and(|s| s == (*size, *time))),
             #[cfg(feature = "appliance")]
             Out::Bucket(b) => {
-                done.etags.len() == done.outputs.len()
-                    && done
-                        .outputs
-                        .iter()
-                        .zip(&done.etags)
-                        .all(|((p, size, _), etag)| {
-                            b.info(&b.key(p))
-                                .ok()
-                                .flatten()
-                                .is_some_and(|i| i.size == *size && &i.etag == etag)
-                        })
+                if done.etags.len() != done.outputs.len() {
+                    return Ok(false);
+                }
+                for ((p, size, _), etag) in done.outputs.iter().zip(&done.etags) {
+                    let intact = b.info(&b.key(p))?.is_some_and(|i| {
+                        i.size == *size && &i.etag == etag && b.sse().mismatch(&i).is_none()
+                    });
+                    if !intact {
+                        return Ok(false);
+                    }
+                }
+                true
             }
-        }
+        })
     }
 
     /// Records a finished export (atomically; not synced: a record lost in a crash only
@@ -555,7 +570,7 @@ impl Exporter<'_> {
         }
         let identity = identities.join("+");
         if let Some(Some(id)) = ids.first()
-            && self.is_done(id, &identity)
+            && self.is_done(id, &identity)?
         {
             return Ok(ExportOutcome::Skipped);
         }
@@ -579,9 +594,14 @@ impl Exporter<'_> {
                 // must not take the others with it: each part goes on its own.
                 let mut outcome = Err(joined);
                 for ((path, id), identity) in paths.iter().zip(&ids).zip(identities) {
-                    let one = match id {
-                        Some(id) if self.is_done(id, &identity) => Ok(ExportOutcome::Skipped),
-                        _ => self.export(std::slice::from_ref(path), Some(identity)),
+                    let done = match id {
+                        Some(id) => self.is_done(id, &identity),
+                        None => Ok(false),
+                    };
+                    let one = match done {
+                        Ok(true) => Ok(ExportOutcome::Skipped),
+                        Ok(false) => self.export(std::slice::from_ref(path), Some(identity)),
+                        Err(e) => Err(e),
                     };
                     outcome = match (outcome, one) {
                         // The first part's outcome, unless a part failed.

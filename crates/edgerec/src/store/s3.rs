@@ -762,16 +762,14 @@ impl S3Store {
         }))
     }
 
-    /// The object under `key`, whole, if there is one (a small record).
-    pub fn get_if_any(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    /// The object under `key`, whole, if there is one and it is at most `max` bytes (a
+    /// small record: a larger one is an error, never read whole).
+    pub fn get_if_any(&self, key: &str, max: usize) -> Result<Option<Vec<u8>>, StoreError> {
         let url = self.url(key);
         let r = self.send("GET", &url, &[], None, EMPTY_SHA256)?;
         match r.status().as_u16() {
             404 => Ok(None),
-            c if classify(c) == Class::Success => r
-                .bytes()
-                .map(|b| Some(b.to_vec()))
-                .map_err(|e| StoreError::transient(format!("{url}: {e}"))),
+            c if classify(c) == Class::Success => read_at_most(r, max, &url).map(Some),
             _ => Err(status_error(&url, r)),
         }
     }
@@ -781,7 +779,7 @@ impl S3Store {
     pub fn put_bytes(
         &self,
         key: &str,
-        data: Vec<u8>,
+        data: bytes::Bytes,
         headers: &[(&str, String)],
     ) -> Result<String, StoreError> {
         let digest: [u8; 32] = sha2::Sha256::digest(&data).into();
@@ -794,7 +792,7 @@ impl S3Store {
             ("content-length", data.len().to_string()),
         ];
         all.extend(headers.iter().cloned());
-        let body = body(bytes::Bytes::from(data), self.cfg.limit.as_ref());
+        let body = body(data, self.cfg.limit.as_ref());
         let r = self.send("PUT", &url, &all, Some(body), &hex::encode(digest))?;
         if classify(r.status().as_u16()) != Class::Success {
             return Err(status_error(&url, r));
@@ -812,9 +810,7 @@ impl S3Store {
         if classify(r.status().as_u16()) != Class::Success {
             return Err(status_error(&url, r));
         }
-        let body = r
-            .text()
-            .map_err(|e| StoreError::transient(format!("{url}: {e}")))?;
+        let body = String::from_utf8_lossy(&read_at_most(r, MAX_ANSWER, &url)?).into_owned();
         xml_all(&body, "UploadId")
             .into_iter()
             .next()
@@ -876,9 +872,7 @@ impl S3Store {
             return Err(status_error(&url, r));
         }
         // A 200 may still carry an error (S3 answers before it has finished assembling).
-        let answer = r
-            .text()
-            .map_err(|e| StoreError::transient(format!("{url}: {e}")))?;
+        let answer = String::from_utf8_lossy(&read_at_most(r, MAX_ANSWER, &url)?).into_owned();
         match completion_error(&answer) {
             Some((c, msg)) => Err(StoreError::transient(format!("{url}: {c}: {msg}"))),
             None => Ok(()),
@@ -909,6 +903,29 @@ fn completion_error(answer: &str) -> Option<(String, String)> {
         let field = |t: &str| xml_all(answer, t).into_iter().next().unwrap_or_default();
         (field("Code"), field("Message"))
     })
+}
+
+/// The longest answer to a multipart start or completion read (a few hundred bytes
+/// normally).
+const MAX_ANSWER: usize = 1 << 20;
+
+/// An answer's body, if it is at most `max` bytes (never more is read).
+fn read_at_most(
+    r: reqwest::blocking::Response,
+    max: usize,
+    url: &str,
+) -> Result<Vec<u8>, StoreError> {
+    use std::io::Read;
+    let mut body = Vec::new();
+    r.take(max as u64 + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| StoreError::transient(format!("{url}: {e}")))?;
+    if body.len() > max {
+        return Err(StoreError::Permanent(format!(
+            "{url}: an answer of more than {max} bytes"
+        )));
+    }
+    Ok(body)
 }
 
 /// An answer's ETag, unquoted (empty if none).
