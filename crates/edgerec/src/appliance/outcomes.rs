@@ -211,7 +211,8 @@ struct Conversations {
 /// Conversation ids held for the next manifest at most (about 30 MB at the longest ids).
 pub const MAX_WAITING_CONVERSATIONS: usize = 100_000;
 
-/// The longest conversation id kept for the index, in bytes (longer ones are not indexed).
+/// The longest conversation id kept for the index, in characters (as an inbox sidecar's;
+/// longer ones are not indexed).
 pub const MAX_CONVERSATION_ID: usize = 256;
 
 /// Bytes kept allocated past the end of the day's file (`fallocate`, size unchanged): about
@@ -273,7 +274,7 @@ impl Outcomes {
     /// sealed index); a later one for the same recording replaces it. Called before the
     /// recording's end is noted, so a manifest that holds the end holds its conversation.
     pub fn note_conversation(&self, id: Uuid, conversation: &str) {
-        if conversation.is_empty() || conversation.len() > MAX_CONVERSATION_ID {
+        if conversation.is_empty() || conversation.chars().count() > MAX_CONVERSATION_ID {
             return;
         }
         let Ok(mut c) = self.conversations.lock() else {

@@ -234,7 +234,8 @@ pub struct ExportFrom {
 }
 
 /// The conversation ids of `--conversation` and `--conversations FILE` (one a line, blank
-/// lines and `#` comments ignored; at most 1,000,000 ids of at most 256 bytes).
+/// lines and `#` comments ignored; at most 1,000,000 ids of at most 256 characters), sorted
+/// and without repeats.
 #[cfg(feature = "appliance")]
 pub fn conversation_ids(mut ids: Vec<String>, file: Option<&Path>) -> Result<Vec<String>, Error> {
     use std::io::Read;
@@ -274,10 +275,10 @@ pub fn conversation_ids(mut ids: Vec<String>, file: Option<&Path>) -> Result<Vec
     }
     if let Some(long) = ids
         .iter()
-        .find(|i| i.len() > crate::appliance::outcomes::MAX_CONVERSATION_ID)
+        .find(|i| i.chars().count() > crate::appliance::outcomes::MAX_CONVERSATION_ID)
     {
         return Err(Error::Invalid(format!(
-            "conversation id {}…: longer than 256 bytes",
+            "conversation id {}…: longer than 256 characters",
             long.chars().take(40).collect::<String>()
         )));
     }
@@ -434,6 +435,8 @@ pub fn export(
         super::FormatArg::Wav => Format::Wav,
         super::FormatArg::Pcap => Format::Pcap,
     };
+    // The destination first: a bad one is refused before any package is read.
+    let dest = to.open()?;
     #[cfg_attr(not(feature = "appliance"), allow(unused_mut))]
     let mut sources = crate::export::bulk::from_paths(&from.inputs)?;
     // Packages named on the command line go whatever --from and --to say.
@@ -500,7 +503,7 @@ pub fn export(
         true => None,
         false => Some(crate::export::pgp::Recipients::load(&from.pgp_recipients)?),
     };
-    let dest = to.open()?;
+
     #[cfg(feature = "appliance")]
     let index = match (&from.store_config, from.appliance_keys.is_empty()) {
         (_, true) if !from.conversations.is_empty() => {
@@ -645,5 +648,32 @@ pub fn export(
     match failed.is_empty() {
         true => Ok(()),
         false => Err(failed.swap_remove(0).1),
+    }
+}
+
+#[cfg(all(test, feature = "appliance"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conversation_ids_come_from_the_options_and_a_file_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("ids.txt");
+        fs::write(&f, "# legal hold 17\nconv-2\n\n  conv-1  \nconv-2\n").unwrap();
+        assert_eq!(
+            conversation_ids(vec!["conv-3".into()], Some(&f)).unwrap(),
+            ["conv-1", "conv-2", "conv-3"]
+        );
+        // 256 characters, however many bytes, and not one more.
+        let long = "ü".repeat(256);
+        assert_eq!(conversation_ids(vec![long.clone()], None).unwrap(), [long]);
+        assert!(conversation_ids(vec!["ü".repeat(257)], None).is_err());
+        let many: String = (0..1_000_001).map(|i| format!("c{i}\n")).collect();
+        fs::write(&f, many).unwrap();
+        let e = conversation_ids(Vec::new(), Some(&f))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("more than 1,000,000"), "{e}");
+        assert!(conversation_ids(Vec::new(), Some(&dir.path().join("none"))).is_err());
     }
 }

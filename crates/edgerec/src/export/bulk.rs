@@ -409,9 +409,8 @@ impl Exporter<'_> {
             return Ok(false);
         };
         let pgp = if self.pgp.is_some() { ".pgp" } else { "" };
-        let named = |rel: &str, want: &dyn Fn(&str) -> bool| {
-            rel.rsplit('/').next().is_some_and(want)
-        };
+        let named =
+            |rel: &str, want: &dyn Fn(&str) -> bool| rel.rsplit('/').next().is_some_and(want);
         let expected = done.outputs.len() == 2
             && named(&done.outputs[0].0, &|n| {
                 n.starts_with(id) && n.ends_with(pgp) && !n.ends_with("_metadata.json")
