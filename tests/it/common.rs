@@ -112,6 +112,23 @@ pub fn edgerec(args: &[&str]) -> Output {
 }
 
 /// Deterministic test data.
+/// Seals `plain` into the `file` package `package` with `edgerec seal` to the test KEK;
+/// returns its recording id.
+pub fn seal_file(plain: &Path, package: &Path) -> uuid::Uuid {
+    let o = edgerec(&[
+        "seal",
+        "--kek",
+        key_path("test-kek.pub.pem").to_str().unwrap(),
+        plain.to_str().unwrap(),
+        package.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value =
+        serde_json::from_slice(&edgerec(&["inspect", "--json", package.to_str().unwrap()]).stdout)
+            .unwrap();
+    uuid::Uuid::parse_str(v["recording_id"].as_str().unwrap()).unwrap()
+}
+
 pub fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 31 % 251) as u8).collect()
 }

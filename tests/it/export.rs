@@ -480,13 +480,18 @@ fn call_part(
 
 /// `edgerec export --format pcap --out OUT` with the test key, and `more`.
 pub fn export_pcap(out: &Path, more: &[&str]) -> std::process::Output {
+    let mut args = vec!["--format", "pcap"];
+    args.extend_from_slice(more);
+    export_to(out, &args)
+}
+
+/// `edgerec export --key test-kek.pem --out OUT MORE…`.
+pub fn export_to(out: &Path, more: &[&str]) -> std::process::Output {
     let key = key_path("test-kek.pem");
     let mut args = vec![
         "export",
         "--key",
         key.to_str().unwrap(),
-        "--format",
-        "pcap",
         "--out",
         out.to_str().unwrap(),
     ];
@@ -954,18 +959,7 @@ fn a_128_mib_file_package_exports_from_s3_in_bounded_memory() {
     let data = pattern(128 << 20);
     fs::write(&plain, &data).unwrap();
     let package = a.path("big.erec");
-    let o = edgerec(&[
-        "seal",
-        "--kek",
-        key_path("test-kek.pub.pem").to_str().unwrap(),
-        plain.to_str().unwrap(),
-        package.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: serde_json::Value =
-        serde_json::from_slice(&edgerec(&["inspect", "--json", package.to_str().unwrap()]).stdout)
-            .unwrap();
-    let id = uuid::Uuid::parse_str(v["recording_id"].as_str().unwrap()).unwrap();
+    let id = seal_file(&plain, &package);
     let key = edgerec::store::object_key("calls/", id);
     let sha: [u8; 32] = erec::crypto::sha256_file(&package).unwrap();
     weed.store(SECRET_KEY)
@@ -1047,18 +1041,7 @@ fn an_object_whose_bytes_are_not_its_recorded_sha256_is_never_opened() {
     let plain = a.path("note.txt");
     fs::write(&plain, b"a note, sealed").unwrap();
     let package = a.path("note.erec");
-    let o = edgerec(&[
-        "seal",
-        "--kek",
-        key_path("test-kek.pub.pem").to_str().unwrap(),
-        plain.to_str().unwrap(),
-        package.to_str().unwrap(),
-    ]);
-    assert!(o.status.success());
-    let v: serde_json::Value =
-        serde_json::from_slice(&edgerec(&["inspect", "--json", package.to_str().unwrap()]).stdout)
-            .unwrap();
-    let id = uuid::Uuid::parse_str(v["recording_id"].as_str().unwrap()).unwrap();
+    let id = seal_file(&plain, &package);
     // Stored with another SHA-256 than its bytes' (as if changed after it was stored): the
     // mismatch shows only once the whole object has streamed in.
     weed.store(SECRET_KEY)
@@ -1069,15 +1052,10 @@ fn an_object_whose_bytes_are_not_its_recorded_sha256_is_never_opened() {
         )
         .unwrap();
     let out = a.path("export");
-    let o = edgerec(&[
-        "export",
-        "--key",
-        key_path("test-kek.pem").to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--store-config",
-        a.path("edgerec.toml").to_str().unwrap(),
-    ]);
+    let o = export_to(
+        &out,
+        &["--store-config", a.path("edgerec.toml").to_str().unwrap()],
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(4), "{err}");
     assert!(err.contains("not the SHA-256 the store recorded"), "{err}");

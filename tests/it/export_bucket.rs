@@ -414,14 +414,7 @@ fn sse_kms_is_asked_for_on_every_object_and_confirmed_against_motos_s3() {
     ] {
         let plain = dir.path().join(name);
         fs::write(&plain, bytes).unwrap();
-        let o = edgerec(&[
-            "seal",
-            "--kek",
-            key_path("test-kek.pub.pem").to_str().unwrap(),
-            plain.to_str().unwrap(),
-            inputs.join(format!("{name}.erec")).to_str().unwrap(),
-        ]);
-        assert!(o.status.success());
+        seal_file(&plain, &inputs.join(format!("{name}.erec")));
     }
     let creds = dir.path().join("credentials");
     fs::write(

@@ -298,14 +298,7 @@ fn verify_store_accounts_for_every_call_and_names_every_object_deleted_altered_o
     let plain = a.path("forged.wav");
     fs::write(&plain, pattern(4000)).unwrap();
     let forged_file = a.path("forged.erec");
-    let o = edgerec(&[
-        "seal",
-        "--kek",
-        key_path("test-kek.pub.pem").to_str().unwrap(),
-        plain.to_str().unwrap(),
-        forged_file.to_str().unwrap(),
-    ]);
-    assert!(o.status.success());
+    seal_file(&plain, &forged_file);
     let forged_id = uuid::Uuid::now_v7().to_string();
     let day = &deleted["calls/".len().."calls/yyyy/mm/dd/".len()];
     let forged = format!("calls/{day}{forged_id}.erec");
