@@ -186,7 +186,6 @@ pub fn run(setup: IngestSetup) -> io::Result<()> {
         // a datagram that arrived before the stop is recorded, not left in a socket.
         let stopping = stop.is_triggered();
         let started = Instant::now();
-        let allow_now = allow.get();
         let wait = if stopping {
             EpollTimeout::ZERO
         } else {
@@ -197,6 +196,10 @@ pub fn run(setup: IngestSetup) -> io::Result<()> {
             Err(Errno::EINTR) => continue,
             Err(e) => return Err(e.into()),
         };
+        // Read after the wait, not before: a reload that swapped the list while this thread
+        // waited applies to the datagrams that woke it (read before, a burst arriving just
+        // after a reload was judged by the old list — the reload test caught it under load).
+        let allow_now = allow.get();
         // A socket that filled a whole `recvmmsg` is taking a burst: no pause then.
         let mut busy = false;
         for ev in &events[..ready] {
