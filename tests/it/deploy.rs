@@ -1,9 +1,15 @@
 //! The deployment files: the systemd unit is accepted by `systemd-analyze verify` and keeps
-//! the hardening the security invariants rely on.
+//! the hardening the security invariants rely on; the alert rules pass `promtool`'s checks
+//! and unit tests and each names a runbook section that exists; the dashboard and the rules
+//! query only metric families the appliance and the key manager expose, and every family they
+//! expose is on a panel or a rule (or listed as left out, with the reason).
 
-use crate::common::repo_path;
+use std::collections::BTreeSet;
 use std::fs;
 use std::process::Command;
+
+use crate::appliance::Appliance;
+use crate::common::repo_path;
 
 #[test]
 fn the_systemd_unit_verifies_and_is_hardened() {
@@ -66,4 +72,163 @@ fn verify(name: &str, also: &[&str]) {
         "systemd-analyze verify: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The metric families a `/metrics` text declares (its `# TYPE` lines: a family with no
+/// sample yet shows only that).
+fn families(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Every `edgerec_…` name in `text` (a PromQL expression, a rules file).
+fn names_in(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("edgerec_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        out.insert(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    out
+}
+
+/// The family a queried series name belongs to (`_total` of a counter, `_bucket`, `_sum`,
+/// `_count` of a histogram), if one of `exposed` is it.
+fn family_of(name: &str, exposed: &BTreeSet<String>) -> Option<String> {
+    if exposed.contains(name) {
+        return Some(name.to_string());
+    }
+    ["_total", "_bucket", "_sum", "_count"]
+        .iter()
+        .filter_map(|s| name.strip_suffix(s))
+        .find(|f| exposed.contains(*f))
+        .map(str::to_string)
+}
+
+/// Every PromQL expression of the dashboard: its panels' targets and its variables' queries.
+fn dashboard_queries(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                match (k.as_str(), v) {
+                    ("expr" | "definition" | "query", serde_json::Value::String(s)) => {
+                        out.push(s.clone())
+                    }
+                    _ => dashboard_queries(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|v| dashboard_queries(v, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn the_alert_rules_pass_promtool_and_fire_as_their_tests_say() {
+    let dir = repo_path("deploy/prometheus");
+    for args in [
+        ["check", "rules", "edgerec-rules.yml"],
+        ["test", "rules", "edgerec-rules.test.yml"],
+    ] {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("promtool (Debian's prometheus) is installed by the test command");
+        assert!(
+            out.status.success(),
+            "promtool {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Every alert says how bad it is, what happened, and where its runbook is — a section
+    // of the operations docs that exists.
+    let rules = fs::read_to_string(dir.join("edgerec-rules.yml")).unwrap();
+    let ops = fs::read_to_string(repo_path("docs/operations.md")).unwrap();
+    let alerts: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    assert!(alerts.len() >= 15, "{alerts:?}");
+    let runbooks: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("runbook: docs/operations.md#"))
+        .collect();
+    assert_eq!(runbooks.len(), alerts.len(), "a runbook for each alert");
+    for anchor in runbooks {
+        assert!(
+            ops.lines().any(|l| l
+                .strip_prefix("### ")
+                .is_some_and(|h| h.to_lowercase() == anchor)),
+            "docs/operations.md has no section for #{anchor}"
+        );
+    }
+    for key in ["severity: ", "summary: "] {
+        assert_eq!(
+            rules.lines().filter(|l| l.trim().starts_with(key)).count(),
+            alerts.len(),
+            "every alert has a {key}"
+        );
+    }
+}
+
+#[test]
+fn the_dashboard_and_the_rules_query_what_the_services_expose_and_show_all_of_it() {
+    let mut a = Appliance::prepare("\"127.0.0.0/8\"", "path = \"store\"", "");
+    a.spawn();
+    let (code, appliance) = a.get("/metrics");
+    assert_eq!(code, 200);
+    let lkm = crate::lkm::Service::start_with("metrics_listen = \"127.0.0.1:0\"");
+    let key_manager = crate::lkm::service_metrics(&lkm);
+    let exposed: BTreeSet<String> = families(&appliance)
+        .into_iter()
+        .chain(families(&key_manager))
+        .collect();
+    assert!(
+        exposed.contains("edgerec_ready") && exposed.contains("edgerec_lkm_unwraps"),
+        "{exposed:?}"
+    );
+    let dashboard: serde_json::Value =
+        serde_json::from_slice(&fs::read(repo_path("deploy/grafana/edgerec.json")).unwrap())
+            .unwrap();
+    let mut queries = Vec::new();
+    dashboard_queries(&dashboard, &mut queries);
+    assert!(queries.len() > 20, "{queries:?}");
+    let rules = fs::read_to_string(repo_path("deploy/prometheus/edgerec-rules.yml")).unwrap();
+    let mut used = BTreeSet::new();
+    for name in queries
+        .iter()
+        .flat_map(|q| names_in(q))
+        .chain(names_in(&rules))
+    {
+        match family_of(&name, &exposed) {
+            Some(f) => {
+                used.insert(f);
+            }
+            None => panic!("{name} is queried but neither service exposes it"),
+        }
+    }
+    let left_out: BTreeSet<String> =
+        fs::read_to_string(repo_path("deploy/grafana/not-on-dashboard.txt"))
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .filter_map(|l| l.split(':').next())
+            .map(|f| f.trim().to_string())
+            .collect();
+    for f in &exposed {
+        assert!(
+            used.contains(f) || left_out.contains(f),
+            "{f} is exposed but on no panel or rule, and not in deploy/grafana/not-on-dashboard.txt"
+        );
+    }
 }

@@ -55,6 +55,7 @@ impl LkmMetrics {
     /// The key manager's metrics and their registry.
     pub fn new() -> (Arc<LkmMetrics>, Registry) {
         let m = LkmMetrics::default();
+        m.zero_known_labels();
         let mut r = Registry::with_prefix("edgerec_lkm");
         r.register(
             "unwraps",
@@ -82,6 +83,40 @@ impl LkmMetrics {
             m.rotation_period.clone(),
         );
         (Arc::new(m), r)
+    }
+
+    /// Creates, at 0, the series of the label values the alert rules and the dashboard
+    /// (deploy/) look for: every family is listed from the first scrape.
+    fn zero_known_labels(&self) {
+        for outcome in [
+            "ok",
+            "failed",
+            "rate_limited",
+            "access_revoked",
+            "protection_unavailable",
+            "unknown_key",
+            "destroyed",
+        ] {
+            drop(self.unwraps.get_or_create(&UnwrapOutcome {
+                outcome: outcome.to_string(),
+            }));
+        }
+        for reason in [
+            "authentication",
+            "role",
+            "rate_limit",
+            "connection_limit",
+            "timeout",
+        ] {
+            drop(self.denied.get_or_create(&DenyReason {
+                reason: reason.to_string(),
+            }));
+        }
+        for state in ["active", "retired", "destroyed"] {
+            drop(self.keys.get_or_create(&KeyStateLabel {
+                state: state.to_string(),
+            }));
+        }
     }
 
     /// Counts one refusal.

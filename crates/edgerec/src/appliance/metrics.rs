@@ -161,6 +161,8 @@ pub struct Metrics {
     pub manifests: Family<UploadOutcome, Counter>,
     /// Whether the spool is writable and under its quota (1) or not (0), for /readyz.
     ready: Arc<AtomicBool>,
+    /// `edgerec_ready`: the same as a gauge, for alerting (`EdgerecNotReady`).
+    pub ready_gauge: Gauge,
     /// Why not ready.
     not_ready_reason: std::sync::Mutex<String>,
 }
@@ -213,8 +215,11 @@ impl Metrics {
             outcomes: Family::default(),
             manifests: Family::default(),
             ready: Arc::new(AtomicBool::new(true)),
+            ready_gauge: Gauge::default(),
             not_ready_reason: std::sync::Mutex::new(String::new()),
         };
+        m.ready_gauge.set(1);
+        m.zero_known_labels();
         let mut r = Registry::with_prefix("edgerec");
         let build: Family<Version, Gauge> = Family::default();
         build
@@ -223,6 +228,12 @@ impl Metrics {
             })
             .set(1);
         r.register("build_info", "edgerec's version", build);
+        r.register(
+            "ready",
+            "1 while new recordings are accepted (as /readyz); 0 while they are refused: spool \
+             over its quota, short of free space, or not writable",
+            m.ready_gauge.clone(),
+        );
         r.register(
             "recordings_active",
             "Recordings in progress",
@@ -423,9 +434,90 @@ impl Metrics {
             .inc_by(by);
     }
 
+    /// Creates, at 0, the series of the label values the alert rules and the dashboard
+    /// (deploy/) look for: every family is listed from the first scrape (a family with no
+    /// series is not), and `increase()` sees the first event after a start.
+    fn zero_known_labels(&self) {
+        let reasons = |f: &Family<Reason, Counter>, values: &[&str]| {
+            for v in values {
+                drop(f.get_or_create(&Reason {
+                    reason: (*v).to_string(),
+                }));
+            }
+        };
+        let outcomes = |f: &Family<UploadOutcome, Counter>, values: &[&str]| {
+            for v in values {
+                drop(f.get_or_create(&UploadOutcome {
+                    outcome: (*v).to_string(),
+                }));
+            }
+        };
+        reasons(
+            &self.recordings_ended,
+            &[
+                "complete",
+                "rtcp_bye",
+                "idle_timeout",
+                "max_duration",
+                "shutdown",
+                "error",
+            ],
+        );
+        reasons(
+            &self.recordings_refused,
+            &["spool_full", "kek_stale", "finish_error"],
+        );
+        reasons(
+            &self.datagrams_rejected,
+            &[
+                "socket_buffer_full",
+                "overload",
+                "too_large",
+                "receive_error",
+                "denied_source",
+            ],
+        );
+        reasons(
+            &self.inbox_errors,
+            &["symlink", "not_regular", "io", "seal"],
+        );
+        reasons(&self.config_reloads, &["applied", "refused"]);
+        reasons(&self.journal, &["replayed", "unprotected", "unreadable"]);
+        reasons(
+            &self.siprec_declined,
+            &["no_port", "not_audio", "transport"],
+        );
+        reasons(&self.siprec_dropped, &["denied_source", "malformed"]);
+        let delivered = ["stored", "already_stored", "retry", "failed"];
+        outcomes(&self.uploads, &delivered);
+        outcomes(&self.manifests, &["made", "not_made"]);
+        outcomes(&self.manifests, &delivered);
+        outcomes(
+            &self.outcomes,
+            &[
+                "started", "ended", "salvaged", "stored", "failed", "refused", "lost",
+            ],
+        );
+        outcomes(&self.siprec_sessions, &["started"]);
+        for state in ["active", "ready", "failed", "quarantine"] {
+            drop(self.spool_files.get_or_create(&SpoolState {
+                state: state.to_string(),
+            }));
+        }
+        for method in ["INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "UPDATE"] {
+            drop(self.siprec_requests.get_or_create(&SipMethod {
+                method: method.to_string(),
+            }));
+        }
+        drop(self.siprec_responses.get_or_create(&SipCode {
+            code: "200".to_string(),
+        }));
+    }
+
     /// Sets readiness; `why` says what is wrong when not ready.
     pub fn set_ready(&self, ready: bool, why: &str) {
         self.ready.store(ready, Ordering::Relaxed);
+        self.ready_gauge.set(i64::from(ready));
         if let Ok(mut r) = self.not_ready_reason.lock() {
             *r = why.to_string();
         }
