@@ -4,7 +4,7 @@
 //! query only metric families the appliance and the key manager expose, and every family they
 //! expose is on a panel or a rule (or listed as left out, with the reason).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::process::Command;
 
@@ -74,13 +74,14 @@ fn verify(name: &str, also: &[&str]) {
     );
 }
 
-/// The metric families a `/metrics` text declares (its `# TYPE` lines: a family with no
-/// sample yet shows only that).
-fn families(text: &str) -> BTreeSet<String> {
+/// The metric families a `/metrics` text declares, with their types (its `# TYPE` lines).
+fn families(text: &str) -> BTreeMap<String, String> {
     text.lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|l| l.split_whitespace().next())
-        .map(str::to_string)
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            Some((w.next()?.to_string(), w.next()?.to_string()))
+        })
         .collect()
 }
 
@@ -99,17 +100,22 @@ fn names_in(text: &str) -> BTreeSet<String> {
     out
 }
 
-/// The family a queried series name belongs to (`_total` of a counter, `_bucket`, `_sum`,
-/// `_count` of a histogram), if one of `exposed` is it.
-fn family_of(name: &str, exposed: &BTreeSet<String>) -> Option<String> {
-    if exposed.contains(name) {
-        return Some(name.to_string());
-    }
-    ["_total", "_bucket", "_sum", "_count"]
-        .iter()
-        .filter_map(|s| name.strip_suffix(s))
-        .find(|f| exposed.contains(*f))
-        .map(str::to_string)
+/// The family a queried series name is a series of, if one of `exposed` is it: a gauge by
+/// its name, a counter by its `_total`, a histogram by its `_bucket`, `_sum` or `_count` (a
+/// counter queried by its bare family name would find no series).
+fn family_of(name: &str, exposed: &BTreeMap<String, String>) -> Option<String> {
+    let suffixes: &[(&str, &str)] = &[
+        ("", "gauge"),
+        ("", "info"),
+        ("_total", "counter"),
+        ("_bucket", "histogram"),
+        ("_sum", "histogram"),
+        ("_count", "histogram"),
+    ];
+    suffixes.iter().find_map(|(suffix, kind)| {
+        let family = name.strip_suffix(suffix)?;
+        (exposed.get(family).map(String::as_str) == Some(*kind)).then(|| family.to_string())
+    })
 }
 
 /// Every PromQL expression of the dashboard: its panels' targets and its variables' queries.
@@ -189,12 +195,12 @@ fn the_dashboard_and_the_rules_query_what_the_services_expose_and_show_all_of_it
     assert_eq!(code, 200);
     let lkm = crate::lkm::Service::start_with("metrics_listen = \"127.0.0.1:0\"");
     let key_manager = crate::lkm::service_metrics(&lkm);
-    let exposed: BTreeSet<String> = families(&appliance)
+    let exposed: BTreeMap<String, String> = families(&appliance)
         .into_iter()
         .chain(families(&key_manager))
         .collect();
     assert!(
-        exposed.contains("edgerec_ready") && exposed.contains("edgerec_lkm_unwraps"),
+        exposed.contains_key("edgerec_ready") && exposed.contains_key("edgerec_lkm_unwraps"),
         "{exposed:?}"
     );
     let dashboard: serde_json::Value =
@@ -214,7 +220,9 @@ fn the_dashboard_and_the_rules_query_what_the_services_expose_and_show_all_of_it
             Some(f) => {
                 used.insert(f);
             }
-            None => panic!("{name} is queried but neither service exposes it"),
+            None => panic!(
+                "{name} is queried but neither service exposes it (as a series of its family's type)"
+            ),
         }
     }
     let left_out: BTreeSet<String> =
@@ -225,7 +233,7 @@ fn the_dashboard_and_the_rules_query_what_the_services_expose_and_show_all_of_it
             .filter_map(|l| l.split(':').next())
             .map(|f| f.trim().to_string())
             .collect();
-    for f in &exposed {
+    for f in exposed.keys() {
         assert!(
             used.contains(f) || left_out.contains(f),
             "{f} is exposed but on no panel or rule, and not in deploy/grafana/not-on-dashboard.txt"

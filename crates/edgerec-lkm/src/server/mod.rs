@@ -337,10 +337,16 @@ pub async fn serve(config: LkmConfig) -> Result<(), ServeError> {
         server_limits,
         Arc::new(move |cut| {
             use edgerec_net::https::Cut;
-            cut_metrics.denied(match cut {
-                Cut::TooManyConnections | Cut::TooManyFromAddress => "connection_limit",
-                Cut::HeaderTimeout | Cut::Idle => "timeout",
-            })
+            match cut {
+                Cut::TooManyConnections | Cut::TooManyFromAddress => {
+                    cut_metrics.denied("connection_limit")
+                }
+                // A handshake or request head not sent in time: a slow or stalling client.
+                Cut::HeaderTimeout => cut_metrics.denied("timeout"),
+                // A kept-alive connection closed once idle is housekeeping, not a refusal
+                // (an appliance polling every minute has one a minute).
+                Cut::Idle => {}
+            }
         }),
         async {
             let mut term =

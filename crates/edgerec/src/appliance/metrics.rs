@@ -498,7 +498,15 @@ impl Metrics {
                 "started", "ended", "salvaged", "stored", "failed", "refused", "lost",
             ],
         );
-        outcomes(&self.siprec_sessions, &["started"]);
+        outcomes(
+            &self.siprec_sessions,
+            &[
+                "started",
+                "refused_busy",
+                "refused_disk",
+                "refused_not_acceptable",
+            ],
+        );
         for state in ["active", "ready", "failed", "quarantine"] {
             drop(self.spool_files.get_or_create(&SpoolState {
                 state: state.to_string(),

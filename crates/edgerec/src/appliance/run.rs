@@ -861,12 +861,15 @@ async fn watch_kernel(
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     let mut counted = None;
+    let mut warned = false;
     loop {
         tick.tick().await;
         let file = (*kek_file.get()).clone();
         let Ok((drops, modified)) = tokio::task::spawn_blocking(move || {
             let mut drops = None;
-            for table in ["/proc/net/udp", "/proc/net/udp6"] {
+            // The process's own view (`/proc/self/net`): the unit's `ProcSubset=pid` hides
+            // `/proc/net`, and with it every drop the kernel counts.
+            for table in ["/proc/self/net/udp", "/proc/self/net/udp6"] {
                 if let Ok(text) = std::fs::read_to_string(table) {
                     *drops.get_or_insert(0) += ingest::kernel_drops(&text, ports);
                 }
@@ -878,6 +881,13 @@ async fn watch_kernel(
         else {
             return;
         };
+        if drops.is_none() && !warned {
+            warned = true;
+            tracing::warn!(
+                "cannot read /proc/self/net/udp: the kernel's drops at full socket buffers are \
+                 not counted (edgerec_datagrams_rejected_total{{reason=\"socket_buffer_full\"}})"
+            );
+        }
         if let Some(now) = drops {
             // Counted from 0 at the first look: a socket the service manager kept while no
             // process ran brings the drops of that time (buffers that filled), which are
