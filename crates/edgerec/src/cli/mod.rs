@@ -37,6 +37,31 @@ pub struct Cli {
     command: Command,
 }
 
+/// Writes the manual page of every visible command into `dir`: `edgerec.1`, and
+/// `edgerec-<command>[-<subcommand>].1` for each below it.
+pub fn man_pages(dir: &std::path::Path) -> Result<(), crate::Error> {
+    use clap::CommandFactory;
+    fn pages(cmd: &clap::Command, name: &str, dir: &std::path::Path) -> Result<(), crate::Error> {
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd.clone().name(name.to_string()))
+            .title(name.to_uppercase())
+            .render(&mut page)?;
+        std::fs::write(dir.join(format!("{name}.1")), page)?;
+        // clap's own `help` subcommands are no commands of edgerec's.
+        for sub in cmd
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+        {
+            pages(sub, &format!("{name}-{}", sub.get_name()), dir)?;
+        }
+        Ok(())
+    }
+    std::fs::create_dir_all(dir)?;
+    let mut cmd = Cli::command();
+    cmd.build();
+    pages(&cmd, "edgerec", dir)
+}
+
 // Parsed once per process: the size of its largest variant (export's options) costs nothing.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
@@ -122,6 +147,13 @@ enum Command {
         /// Modulus size in bits (3072 to 4096).
         #[arg(long, default_value_t = 3072, value_parser = clap::value_parser!(u16).range(3072..=4096))]
         bits: u16,
+    },
+    /// Write the manual pages of every command into DIR (edgerec.1, edgerec-export.1, …;
+    /// what the Debian packages install).
+    #[command(hide = true)]
+    Man {
+        /// Where the pages go (made if missing).
+        dir: PathBuf,
     },
     /// Seal a file into a package (media "file") for one to four recipients.
     Seal {
@@ -732,6 +764,7 @@ pub fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
+        Command::Man { dir } => man_pages(&dir),
         #[cfg(feature = "appliance")]
         Command::Run { config } => return appliance::run(&config),
         #[cfg(feature = "appliance")]
@@ -1001,4 +1034,30 @@ fn verify_audit(file: &std::path::Path) -> Result<(), crate::Error> {
         hex::encode(chain.last_hash)
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_visible_command_has_a_manual_page() {
+        let dir = tempfile::tempdir().unwrap();
+        super::man_pages(dir.path()).unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        for page in ["edgerec.1", "edgerec-export.1", "edgerec-open.1"] {
+            assert!(names.iter().any(|n| n == page), "{page}: {names:?}");
+        }
+        assert!(
+            !names
+                .iter()
+                .any(|n| n.contains("-help") || n.contains("-man")),
+            "{names:?}"
+        );
+        let export = std::fs::read_to_string(dir.path().join("edgerec-export.1")).unwrap();
+        assert!(export.starts_with(".ie") || export.contains(".TH EDGEREC-EXPORT"));
+        assert!(export.contains("out\\-config"), "the options are in it");
+    }
 }
