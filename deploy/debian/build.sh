@@ -11,6 +11,7 @@
 # the binary the tests built, checks the packages with lintian, installs, runs and purges
 # them (tests/it has no part in it: it changes the machine).
 set -euo pipefail
+umask 022
 bin=${1:?usage: build.sh EDGEREC_BINARY [OUTDIR]}
 out=${2:-target/debian}
 here=$(cd "$(dirname "$0")" && pwd)
@@ -22,12 +23,20 @@ maintainer="edgerec maintainers <edgerec@example.org>"
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 mkdir -p "$out"
+# Only this build's packages in OUTDIR (CI installs what it finds there).
+rm -f "$out"/edgerec_*.deb "$out"/edgerec-lkm_*.deb
+# The changelog's date: the last commit's (reproducible), else now.
+when=${SOURCE_DATE_EPOCH:-$(git -c safe.directory="$root" -C "$root" log -1 --format=%ct 2>/dev/null || true)}
+case $when in '' | *[!0-9]*) when=$(date +%s) ;; esac
 
 # The units as packaged: the binary in /usr/bin, a system user the package makes (the
 # config is group-readable by it), /etc/edgerec made by the package rather than the unit.
 unit() {
   sed -e 's#/usr/local/bin/edgerec#/usr/bin/edgerec#g' \
       -e 's#^DynamicUser=yes#User=edgerec\nGroup=edgerec#' \
+      -e 's#^\# Its own user, created by systemd;#\# Its own system user, made by the package;#' \
+      -e 's#^\# Install: the binary at /usr/bin/edgerec; a system user that owns the key store:#\# Installed by the edgerec-lkm package, with the system user that owns the key store;#' \
+      -e '/useradd --system/d' \
       -e '/^ConfigurationDirectory/d' "$root/deploy/$1"
 }
 
@@ -50,7 +59,7 @@ License: Apache-2.0
 EOF
   chmod 0644 "$p/usr/share/doc/$name/copyright"
   printf '%s (%s) unstable; urgency=medium\n\n  * Packaged from the edgerec tree (deploy/debian/build.sh).\n\n -- %s  %s\n' \
-    "$name" "$version" "$maintainer" "$(date -R -u -d @"${SOURCE_DATE_EPOCH:-$(git -C "$root" log -1 --format=%ct 2>/dev/null || date +%s)}")" |
+    "$name" "$version" "$maintainer" "$(date -R -u -d "@$when")" |
     gzip -9n >"$p/usr/share/doc/$name/changelog.Debian.gz"
   chmod 0644 "$p/usr/share/doc/$name/changelog.Debian.gz"
   # Not an upload to Debian's archive: there is no ITP bug to close.
@@ -67,14 +76,14 @@ Package: $name
 Version: $version
 Architecture: $arch
 Maintainer: $maintainer
-Installed-Size: $(du -sk --exclude=DEBIAN "$p" | cut -f1)
+Installed-Size: $(du -sk --apparent-size --exclude=DEBIAN "$p" | cut -f1)
 Depends: $depends
 Section: net
 Priority: optional
 Description: $summary
 $body
 EOF
-  for script in postinst postrm; do
+  for script in postinst prerm postrm; do
     if [ -f "$here/$name.$script" ]; then
       install -m 0755 "$here/$name.$script" "$p/DEBIAN/$script"
     fi
@@ -93,7 +102,7 @@ install -d -m 0755 "$p/lib/systemd/system" "$p/usr/share/man/man1"
 unit edgerec.service >"$p/lib/systemd/system/edgerec.service"
 chmod 0644 "$p/lib/systemd/system/edgerec.service"
 install -D -m 0644 "$here/edgerec.toml" "$p/etc/edgerec/edgerec.toml"
-"$bin" man "$stage/man"
+"$p/usr/bin/edgerec" man "$stage/man"
 for page in "$stage"/man/*.1; do
   gzip -9n -c "$page" >"$p/usr/share/man/man1/$(basename "$page").gz"
   chmod 0644 "$p/usr/share/man/man1/$(basename "$page").gz"
