@@ -881,15 +881,7 @@ impl OutConfig {
                 file.display()
             )));
         }
-        const MIB: u64 = 1 << 20;
-        let part = &raw.upload.multipart_part_bytes;
-        if !(5 * MIB..=5 * 1024 * MIB).contains(part.get_ref()) {
-            return Err(cx.err(
-                "upload.multipart_part_bytes",
-                part,
-                "must be 5 MiB (5242880) to 5 GiB: S3's limits on a part",
-            ));
-        }
+        part_bytes(&cx, &raw.upload)?;
         cx.positive(
             "upload.attempt_timeout_secs",
             &raw.upload.attempt_timeout_secs,
@@ -1030,12 +1022,8 @@ fn http_store(
     }))
 }
 
-/// `[upload]`: the retry policy, multipart sizes, concurrency.
-fn upload_section(cx: &Ctx<'_>, raw: &Raw) -> Result<crate::store::retry::Policy, ConfigError> {
-    let u = &raw.upload;
-    cx.positive("upload.retry_initial_ms", &u.retry_initial_ms)?;
-    cx.positive("upload.rescan_secs", &u.rescan_secs)?;
-    cx.positive("upload.attempt_timeout_secs", &u.attempt_timeout_secs)?;
+/// `[upload] multipart_part_bytes` within S3's limits on a part.
+fn part_bytes(cx: &Ctx<'_>, u: &RawUpload) -> Result<(), ConfigError> {
     const MIB: u64 = 1 << 20;
     if !(5 * MIB..=5 * 1024 * MIB).contains(u.multipart_part_bytes.get_ref()) {
         return Err(cx.err(
@@ -1044,6 +1032,16 @@ fn upload_section(cx: &Ctx<'_>, raw: &Raw) -> Result<crate::store::retry::Policy
             "must be 5 MiB (5242880) to 5 GiB: S3's limits on a part",
         ));
     }
+    Ok(())
+}
+
+/// `[upload]`: the retry policy, multipart sizes, concurrency.
+fn upload_section(cx: &Ctx<'_>, raw: &Raw) -> Result<crate::store::retry::Policy, ConfigError> {
+    let u = &raw.upload;
+    cx.positive("upload.retry_initial_ms", &u.retry_initial_ms)?;
+    cx.positive("upload.rescan_secs", &u.rescan_secs)?;
+    cx.positive("upload.attempt_timeout_secs", &u.attempt_timeout_secs)?;
+    part_bytes(cx, u)?;
     if u.multipart_threshold_bytes.get_ref() < u.multipart_part_bytes.get_ref() {
         return Err(cx.err(
             "upload.multipart_threshold_bytes",

@@ -314,7 +314,6 @@ struct Destination {
     scratch: PathBuf,
     _temporary: Option<tempfile::TempDir>,
     org: Option<String>,
-    made_with: String,
 }
 
 impl ExportTo {
@@ -356,13 +355,7 @@ impl ExportTo {
                 let cfg = crate::appliance::config::OutConfig::load(file, &bucket)
                     .map_err(|e| Error::Invalid(e.to_string()))?;
                 let org = org_of(self.org_id.clone().or(cfg.organisation_id))?;
-                let made_with = match &self.sse {
-                    crate::export::bucket::Sse::None => String::new(),
-                    crate::export::bucket::Sse::S3 => "sse=AES256".into(),
-                    crate::export::bucket::Sse::Kms(key) => {
-                        format!("sse=aws:kms:{}", key.as_deref().unwrap_or("default"))
-                    }
-                };
+
                 let b = crate::export::bucket::Bucket::new(cfg.s3, prefix, self.sse.clone())?;
                 let mut scratch = tempfile::Builder::new();
                 scratch.prefix("edgerec-export.");
@@ -375,7 +368,6 @@ impl ExportTo {
                     scratch: tmp.path().to_path_buf(),
                     _temporary: Some(tmp),
                     org,
-                    made_with,
                 });
             }
             #[cfg(not(feature = "appliance"))]
@@ -397,7 +389,6 @@ impl ExportTo {
             out: crate::export::bulk::Out::Dir(self.out),
             _temporary: None,
             org,
-            made_with: String::new(),
         })
     }
 }
@@ -527,24 +518,20 @@ pub fn export(
         }
     };
     #[cfg(feature = "appliance")]
-    let (genuine, conversation_starts) = match &index {
-        Some(ix) => (Some(ix.genuine.clone()), Some(ix.starts())),
+    let mut index = index;
+    #[cfg(feature = "appliance")]
+    let (genuine, conversation_starts) = match &mut index {
+        Some(ix) => (Some(std::mem::take(&mut ix.genuine)), Some(ix.starts())),
         None => (None, None),
     };
     #[cfg(not(feature = "appliance"))]
     let (genuine, conversation_starts) = (None, None);
-    // Filed by the conversation's start from the index, or by each recording's own: two
-    // exports, never taken for each other.
-    let made_with = match (&dest.org, &conversation_starts) {
-        (Some(_), Some(_)) => format!("{} starts=index", dest.made_with),
-        _ => dest.made_with,
-    };
+
     let exporter = Exporter {
         keys,
         out: dest.out,
         scratch: dest.scratch,
         platform_org: dest.org,
-        made_with,
         format,
         pgp,
         max_span: from.max_span,

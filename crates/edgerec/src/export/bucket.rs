@@ -49,6 +49,19 @@ impl Sse {
         }
     }
 
+    /// How it is named in an export's done-records (`sse=AES256`, `sse=aws:kms:KEY`), if
+    /// asked for: a record made with another encryption does not count.
+    pub fn label(&self) -> Option<String> {
+        match self {
+            Sse::None => None,
+            Sse::S3 => Some("sse=AES256".into()),
+            Sse::Kms(key) => Some(format!(
+                "sse=aws:kms:{}",
+                key.as_deref().unwrap_or("default")
+            )),
+        }
+    }
+
     /// The request headers that ask for it.
     fn headers(&self) -> Vec<(&'static str, String)> {
         let mut h = Vec::new();
@@ -281,7 +294,8 @@ impl ObjectWriter<'_> {
         let data = bytes::Bytes::from(std::mem::take(&mut self.buf));
         let part = retried(&url, || {
             b.store.put_part(&self.key, &upload, number, data.clone())
-        })?;
+        })?
+        .ok_or_else(|| Error::Invalid(format!("{url}: the store no longer knows the upload")))?;
         self.parts.push(part);
         Ok(())
     }
@@ -385,6 +399,7 @@ mod tests {
             etag: "e".into(),
             sse: sse.map(str::to_string),
             sse_kms_key_id: key.map(str::to_string),
+            erec_sha256: None,
         }
     }
 

@@ -364,8 +364,6 @@ pub struct Exporter<'a> {
     pub conversation_starts: Option<std::collections::HashMap<String, u64>>,
     /// `--layout platform`: the organisation id (else edgerec's layout).
     pub platform_org: Option<String>,
-    /// What else shapes the outputs, for the done-records (the server-side encryption).
-    pub made_with: String,
 }
 
 impl Exporter<'_> {
@@ -385,13 +383,21 @@ impl Exporter<'_> {
         format!(".edgerec-export/done/{id}.{format}{layout}.json")
     }
 
-    /// What shaped the outputs besides the format.
+    /// What shaped the outputs besides the format: the server-side encryption, whether the
+    /// platform layout filed them by the index's conversation starts, and the layout.
     fn made_with(&self) -> String {
-        let mut m = self.made_with.clone();
-        if let Some(org) = &self.platform_org {
-            m.push_str(&format!(" layout=platform:{org}"));
+        let mut m = Vec::new();
+        #[cfg(feature = "appliance")]
+        if let Out::Bucket(b) = &self.out {
+            m.extend(b.sse().label());
         }
-        m.trim().to_string()
+        if let Some(org) = &self.platform_org {
+            if self.conversation_starts.is_some() {
+                m.push("starts=index".to_string());
+            }
+            m.push(format!("layout=platform:{org}"));
+        }
+        m.join(" ")
     }
 
     /// Whether the record of `id` matches the package and every output is intact: exactly

@@ -84,12 +84,6 @@ pub struct S3Store {
     credentials: aws_credential_types::Credentials,
 }
 
-/// What a `HEAD` found.
-enum Head {
-    Missing,
-    Present { size: u64, sha256: Option<String> },
-}
-
 impl S3Store {
     /// A client for `cfg`.
     pub fn new(cfg: S3Config) -> Result<S3Store, crate::store::OpenError> {
@@ -247,34 +241,10 @@ impl S3Store {
 
     /// The `erec-sha256` the store holds for an object (`None` if it has none).
     pub fn object_sha256(&self, key: &str) -> Result<Option<String>, StoreError> {
-        match self.head(key)? {
-            Head::Present { sha256, .. } => Ok(sha256),
-            Head::Missing => Err(StoreError::Permanent(format!("{key}: no such object"))),
+        match self.info(key)? {
+            Some(info) => Ok(info.erec_sha256),
+            None => Err(StoreError::Permanent(format!("{key}: no such object"))),
         }
-    }
-
-    fn head(&self, key: &str) -> Result<Head, StoreError> {
-        let url = self.url(key);
-        let r = self.send("HEAD", &url, &[], None, EMPTY_SHA256)?;
-        let code = r.status().as_u16();
-        if code == 404 {
-            return Ok(Head::Missing);
-        }
-        if classify(code) != Class::Success {
-            return Err(status_error(&url, r));
-        }
-        let size = r
-            .headers()
-            .get(reqwest::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let sha256 = r
-            .headers()
-            .get("x-amz-meta-erec-sha256")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_ascii_lowercase);
-        Ok(Head::Present { size, sha256 })
     }
 
     /// What is under `key` compared with the package: `Some` if it decides the put.
@@ -284,17 +254,13 @@ impl S3Store {
         size: u64,
         sha_hex: &str,
     ) -> Result<Option<Result<Stored, StoreError>>, StoreError> {
-        Ok(match self.head(key)? {
-            Head::Missing => None,
-            Head::Present {
-                size: s,
-                sha256: Some(h),
-            } if h == sha_hex && s == size => Some(Ok(Stored::AlreadyThere)),
-            Head::Present { sha256, .. } => Some(Err(StoreError::Conflict {
+        Ok(self.info(key)?.map(|info| match info.erec_sha256 {
+            Some(h) if h == sha_hex && info.size == size => Ok(Stored::AlreadyThere),
+            sha256 => Err(StoreError::Conflict {
                 key: key.to_string(),
                 existing: sha256.unwrap_or_else(|| "(none recorded)".into()),
-            })),
-        })
+            }),
+        }))
     }
 }
 
@@ -626,47 +592,14 @@ impl S3Store {
                 usize::try_from(start).expect("within a mapped file"),
                 usize::try_from(end).expect("within a mapped file"),
             );
-            let part = bytes.slice(start..end);
-            let digest: [u8; 32] = sha2::Sha256::digest(&part).into();
-            let b64 = base64::engine::general_purpose::STANDARD.encode(digest);
-            let part_url = format!(
-                "{url}?partNumber={number}&uploadId={}",
-                query_escape(&m.upload_id)
-            );
-            let headers = [
-                ("x-amz-checksum-sha256", b64.clone()),
-                ("content-length", (end - start).to_string()),
-            ];
-            let r = self.send(
-                "PUT",
-                &part_url,
-                &headers,
-                Some(body(part, self.cfg.limit.as_ref())),
-                &hex::encode(digest),
-            )?;
-            match r.status().as_u16() {
-                404 => {
-                    checkpoint.save(None)?;
-                    return Err(StoreError::transient(format!(
-                        "{part_url}: the store no longer knows the upload; starting over"
-                    )));
-                }
-                c if classify(c) == Class::Success => {}
-                _ => return Err(status_error(&part_url, r)),
-            }
-            let etag = r
-                .headers()
-                .get(reqwest::header::ETAG)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-                .ok_or_else(|| {
-                    StoreError::transient(format!("{part_url}: no ETag in the answer"))
-                })?;
-            m.parts.push(PartDone {
-                number,
-                etag,
-                sha256: b64,
-            });
+            let Some(part) = self.put_part(key, &m.upload_id, number, bytes.slice(start..end))?
+            else {
+                checkpoint.save(None)?;
+                return Err(StoreError::transient(format!(
+                    "{url}: part {number}: the store no longer knows the upload; starting over"
+                )));
+            };
+            m.parts.push(part);
             m.parts.sort_by_key(|p| p.number);
             checkpoint.save(Some(m.clone()))?;
         }
@@ -729,6 +662,9 @@ pub struct ObjectInfo {
     pub sse: Option<String>,
     /// `x-amz-server-side-encryption-aws-kms-key-id`, if the store names it.
     pub sse_kms_key_id: Option<String>,
+    /// The package's SHA-256 the uploader recorded in `x-amz-meta-erec-sha256` (lower-case
+    /// hex), if any.
+    pub erec_sha256: Option<String>,
 }
 
 /// Objects written by `edgerec export --out s3://…`: whole small ones, large ones in parts,
@@ -759,6 +695,7 @@ impl S3Store {
             etag: h("etag").unwrap_or_default().trim_matches('"').to_string(),
             sse: h("x-amz-server-side-encryption"),
             sse_kms_key_id: h("x-amz-server-side-encryption-aws-kms-key-id"),
+            erec_sha256: h("x-amz-meta-erec-sha256").map(|v| v.to_ascii_lowercase()),
         }))
     }
 
@@ -818,14 +755,15 @@ impl S3Store {
             .ok_or_else(|| StoreError::transient(format!("{url}: no UploadId in the answer")))
     }
 
-    /// Uploads part `number` of an upload.
+    /// Uploads part `number` of an upload, with its SHA-256 for the store to verify; `None`
+    /// if the store no longer knows the upload (completed, aborted, expired).
     pub fn put_part(
         &self,
         key: &str,
         upload_id: &str,
         number: u32,
         data: bytes::Bytes,
-    ) -> Result<PartDone, StoreError> {
+    ) -> Result<Option<PartDone>, StoreError> {
         let digest: [u8; 32] = sha2::Sha256::digest(&data).into();
         let b64 = base64::engine::general_purpose::STANDARD.encode(digest);
         let url = format!(
@@ -839,20 +777,24 @@ impl S3Store {
         ];
         let body = body(data, self.cfg.limit.as_ref());
         let r = self.send("PUT", &url, &headers, Some(body), &hex::encode(digest))?;
-        if classify(r.status().as_u16()) != Class::Success {
-            return Err(status_error(&url, r));
+        match r.status().as_u16() {
+            404 => return Ok(None),
+            c if classify(c) == Class::Success => {}
+            _ => return Err(status_error(&url, r)),
         }
-        let etag = etag_of(&r);
-        if etag.is_empty() {
-            return Err(StoreError::transient(format!(
-                "{url}: no ETag in the answer"
-            )));
-        }
-        Ok(PartDone {
+        // As the store gave it (stores differ in quoting it; `same_etag` compares).
+        let etag = r
+            .headers()
+            .get(reqwest::header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .filter(|e| !e.is_empty())
+            .map(str::to_string)
+            .ok_or_else(|| StoreError::transient(format!("{url}: no ETag in the answer")))?;
+        Ok(Some(PartDone {
             number,
             etag,
             sha256: b64,
-        })
+        }))
     }
 
     /// Completes an upload from its parts, in order.
