@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
-# The recorder under load: for each stream count, the release binary records loadgen's
-# paced 20 ms G.711 streams on loopback for S seconds, and this prints packets lost, the
-# recorder's CPU microseconds per stream-second and its memory per active stream; then
-# tcpdump -w captures the same traffic (a plain, unencrypted capture) for comparison.
-#   bash benches/recorder_load.sh [SECONDS] [STREAMS...]     (defaults: 20 s; 500 2000 5000)
-# Needs tcpdump (apt-get install tcpdump) for the comparison; loadgen runs on the same two
-# cores, so the figures include that competition.
+# The recorder under load: for each load shape, ingest mode and stream count, the release
+# binary records loadgen's paced 20 ms G.711 streams on loopback for S seconds; then
+# tcpdump -w captures the same traffic (a plain, unencrypted capture) in the same run.
+# Prints packets lost, CPU microseconds per stream-second (the whole process, and its
+# ingest / recorder / other threads — other: uploads, the package opener, the runtime), the
+# memory the load added per stream, and tcpdump's CPU per stream-second.
+#   bash benches/recorder_load.sh [SECONDS] [STREAMS...]      (defaults: 20 s; 2000 10000)
+#   SHAPES="2 1"  streams per port: 2 (two legs of a call per port), 1 (one port per stream,
+#                 as SIPREC's m-lines); both by default
+#   MODES="recvmmsg ring"  [ingest] mode values to compare (default: the configured default)
+# Needs tcpdump (apt-get install tcpdump) for the comparison, and CAP_NET_RAW for the ring
+# mode; loadgen runs on the same two cores, so every figure includes that competition.
 set -euo pipefail
 secs=${1:-20}; shift || true
-counts=("${@:-500 2000 5000}")
+counts=("${@:-2000 10000}")
 read -r -a counts <<< "${counts[*]}"
+read -r -a shapes <<< "${SHAPES:-2 1}"
+read -r -a modes <<< "${MODES:-default}"
 cd "$(dirname "$0")/.."
 cargo build --release --quiet
 bin=$PWD/target/release/edgerec
@@ -17,22 +24,31 @@ work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 hz=$(getconf CLK_TCK)
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-# CPU ticks of one named thread of a process.
-thread_ticks() { for t in /proc/$1/task/*; do if [ "$(cat "$t/comm")" = "$2" ]; then awk '{print $14 + $15}' "$t/stat"; fi; done | awk '{s += $1} END {print s + 0}'; }
+# CPU ticks of the threads of a process whose name starts with $2.
+thread_ticks() {
+  for t in /proc/$1/task/*; do
+    case "$(cat "$t/comm")" in "$2"*) awk '{print $14 + $15}' "$t/stat" ;; esac
+  done | awk '{s += $1} END {print s + 0}'
+}
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 metric() { curl -s "http://$maddr/metrics" | awk -v n="$1" '$1 == n {print $2}'; }
 
-printf '%-8s %-10s %-10s %-8s %-22s %-18s %-16s %-20s\n' streams sent stored lost cpu_us_per_stream_s ingest/recorder rss_per_stream tcpdump_cpu_us_per_stream_s
+printf '%-6s %-9s %-8s %-9s %-9s %-6s %-9s %-16s %-10s %-8s\n' \
+  shape mode streams sent stored lost cpu_us ingest/rec/other KiB/stream tcpdump
+for shape in "${shapes[@]}"; do
+for mode in "${modes[@]}"; do
 for n in "${counts[@]}"; do
-  ports=$(( (n + 1) / 2 ))
+  ports=$(( (n + shape - 1) / shape ))
   first=41000; last=$(( first + ports - 1 ))
   rm -rf "$work/run"; mkdir -p "$work/run"
+  modeline=""; [ "$mode" = default ] || modeline="mode = \"$mode\""
   cat > "$work/run/edgerec.toml" <<TOML
 [recorder]
 spool_dir = "spool"
 idle_timeout_ms = 3000
 [ingest]
 ports = "$first-$last"
+$modeline
 # every call of the load starts in the same 20 ms, all from 127.0.0.1 (no SBC does that)
 max_starts_per_source_per_sec = 100000
 [keys]
@@ -52,7 +68,8 @@ TOML
   maddr=$(grep -o 'metrics_addr=[^ ]*' "$work/run/log" | head -1 | cut -d= -f2)
   rss0=$(rss_kb $pid); t0=$(cpu_ticks $pid)
   i0=$(thread_ticks $pid ingest); r0=$(thread_ticks $pid recorder)
-  "$bin" loadgen --target 127.0.0.1 --ports "$first-$last" --streams "$n" --seconds "$secs" > "$work/run/lg" 2>/dev/null &
+  "$bin" loadgen --target 127.0.0.1 --ports "$first-$last" --streams "$n" --per-port "$shape" \
+    --seconds "$secs" > "$work/run/lg" 2>/dev/null &
   lg=$!
   sleep $(( secs / 2 )); rss1=$(rss_kb $pid)
   wait $lg
@@ -61,25 +78,30 @@ TOML
   sent=$(awk '/packets_sent/ {print $2}' "$work/run/lg")
   sleep 1
   stored=$(metric edgerec_rtp_packets_received_total)
-  curl -s "http://$maddr/metrics" | grep '^edgerec_datagrams_rejected_total' | sed 's/^/  /' >&2 || true
+  curl -s "http://$maddr/metrics" | grep -E '^edgerec_(datagrams_rejected|recordings_refused)_total' \
+    | grep -v ' 0$' | sed 's/^/  /' >&2 || true
   kill -TERM $pid; wait $pid || true
-  echo "  (shutdown with $ports recordings took until $(date +%T))" >&2
   # The same traffic into tcpdump -w.
   tcpcpu=n/a
   if command -v tcpdump >/dev/null; then
     tcpdump -i lo -w "$work/cap.pcap" -B 65536 "udp and dst portrange $first-$last" 2>/dev/null &
     td=$!; sleep 1; c0=$(cpu_ticks $td)
-    "$bin" loadgen --target 127.0.0.1 --ports "$first-$last" --streams "$n" --seconds "$secs" > /dev/null 2>&1
+    "$bin" loadgen --target 127.0.0.1 --ports "$first-$last" --streams "$n" --per-port "$shape" \
+      --seconds "$secs" > /dev/null 2>&1
     c1=$(cpu_ticks $td); kill $td; wait $td 2>/dev/null || true; rm -f "$work/cap.pcap"
     tcpcpu=$(python3 -c "print(round(($c1-$c0)/$hz*1e6/($n*$secs), 1))")
   fi
-  python3 - "$n" "$secs" "$sent" "${stored:-0}" "$t0" "$t1" "$hz" "$rss0" "$rss1" "$tcpcpu" "$i0" "$i1" "$r0" "$r1" <<'PY'
+  python3 - "$shape" "$mode" "$n" "$secs" "$sent" "${stored:-0}" "$t0" "$t1" "$hz" "$rss0" "$rss1" \
+    "$tcpcpu" "$i0" "$i1" "$r0" "$r1" <<'PY'
 import sys
-n, secs, sent, stored, t0, t1, hz, rss0, rss1, tcp, i0, i1, r0, r1 = sys.argv[1:]
+shape, mode, n, secs, sent, stored, t0, t1, hz, rss0, rss1, tcp, i0, i1, r0, r1 = sys.argv[1:]
 n, secs, sent, stored, hz = int(n), float(secs), int(sent), int(float(stored)), int(hz)
 us = lambda a, b: (int(b) - int(a)) / hz * 1e6 / (n * secs)
-per = (int(rss1) - int(rss0)) * 1024 / n
-split = f"{us(i0, i1):.0f}/{us(r0, r1):.0f}"
-print(f"{n:<8} {sent:<10} {stored:<10} {sent - stored:<8} {us(t0, t1):<22.1f} {split:<18} {per / 1024:<13.1f}KiB   {tcp}")
+total, ing, rec = us(t0, t1), us(i0, i1), us(r0, r1)
+per = (int(rss1) - int(rss0)) / n
+split = f"{ing:.0f}/{rec:.0f}/{total - ing - rec:.0f}"
+print(f"{shape + '/port':<6} {mode:<9} {n:<8} {sent:<9} {stored:<9} {sent - stored:<6} {total:<9.1f} {split:<16} {per:<10.1f} {tcp}")
 PY
+done
+done
 done

@@ -80,6 +80,7 @@ idle_timeout_ms = 1500
 [ingest]
 ports = "{base}-{}"
 allow = [{allow}]
+{mode}
 [keys]
 public_key = "{}"
 [store]
@@ -94,6 +95,7 @@ listen = "127.0.0.1:0"
 "#,
                 base + 3,
                 key_path("test-kek.pub.pem").display(),
+                mode = ingest_mode_line(),
             ),
         )
         .unwrap();
@@ -561,6 +563,12 @@ fn loadgen_calls_are_recorded_whole_with_their_tones() {
     }
     assert_eq!(total, 300, "every packet sent is in a package");
     assert_eq!(a.metric("edgerec_rtp_packets_lost_total"), 0.0);
+    let mode = expected_ingest_mode();
+    assert_eq!(
+        a.metric(&format!("edgerec_ingest_mode{{mode=\"{mode}\"}}")),
+        1.0,
+        "read by {mode}"
+    );
     export_checks(&a, 6);
 }
 

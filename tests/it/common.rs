@@ -198,3 +198,29 @@ pub fn signal(child: &std::process::Child, signal: &str) {
         .unwrap();
     assert!(st.success(), "kill -{signal}");
 }
+
+/// The `[ingest] mode` line of the appliances the tests start: `EDGEREC_IT_INGEST_MODE`
+/// when set (.ci/run runs the end-to-end tests of ingest once more with `recvmmsg`), else
+/// none, so the default (`auto`) rules: the packet ring as root, as CI runs.
+pub fn ingest_mode_line() -> String {
+    std::env::var("EDGEREC_IT_INGEST_MODE")
+        .map(|m| format!("mode = \"{m}\""))
+        .unwrap_or_default()
+}
+
+/// The mode the appliances the tests start read by: the one `EDGEREC_IT_INGEST_MODE`
+/// names, else what `auto` picks (the ring as root, the sockets otherwise).
+pub fn expected_ingest_mode() -> String {
+    std::env::var("EDGEREC_IT_INGEST_MODE").unwrap_or_else(|_| {
+        // The effective user (root has CAP_NET_RAW on these machines).
+        let root = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Uid:"))
+                    .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
+            })
+            .unwrap_or(false);
+        if root { "ring" } else { "recvmmsg" }.to_string()
+    })
+}

@@ -86,6 +86,7 @@ idle_timeout_ms = 10000
 bind = "127.0.0.1"
 ports = "{base}-{}"
 allow = ["127.0.0.0/8"]
+{mode}
 [keys]
 public_key = "{}"
 [store]
@@ -98,6 +99,7 @@ listen = "127.0.0.1:0"
 {extra}"#,
                 base + count - 1,
                 key_path("test-kek.pub.pem").display(),
+                mode = ingest_mode_line(),
             ),
         )
         .unwrap();
@@ -637,6 +639,9 @@ fn sockets_kept_by_the_service_manager_lose_nothing_while_no_process_runs() {
     let names = m.stored_names();
     assert_eq!(names.get("rtp"), Some(&4), "{names:?}");
     assert_eq!(names.get("metrics"), Some(&1), "{names:?}");
+    // A packet ring goes on taking datagrams while no process runs: it is kept too.
+    let ring = usize::from(expected_ingest_mode() == "ring");
+    assert_eq!(names.get("ring").copied().unwrap_or(0), ring, "{names:?}");
     m.pump_until("STATUS=recording 0 calls…", |t| {
         t.value("STATUS")
             .is_some_and(|s| s.starts_with("recording 0 calls"))

@@ -6,15 +6,17 @@
 //! - [`media`]: RTP and RTCP told apart and checked, sequence accounting (RFC 3550 A.1),
 //!   G.711. Sans-IO, no features needed.
 //! - `appliance` (feature `appliance`): `edgerec run` — the sans-IO recording `session`
-//!   (ports, admission, streams, chunks, timers), the `ingest` thread (epoll, `recvmmsg`),
-//!   the `recorder` and `uploader` threads, the `spool` (package files, upload state, crash
-//!   recovery), the `inbox`, the `control` API, the key sources (`kek_watch`, `kek_fetch`),
-//!   `metrics`, the TOML `config`, and `run`, which wires them.
+//!   (ports, admission, streams, chunks, timers), the `ingest` thread (a packet ring, or
+//!   epoll and `recvmmsg`), the `recorder` and `uploader` threads, the `spool` (package
+//!   files, upload state, crash recovery), the `inbox`, the `control` API, the key sources
+//!   (`kek_watch`, `kek_fetch`), `metrics`, the TOML `config`, and `run`, which wires them.
 //! - `store` (feature `appliance`): the store interface, object keys and the `dir` store;
 //!   `s3` (SigV4, resumable multipart) and `http`; the upload `retry` policy and
-//!   `bandwidth` limit; the key `census` of a store. The crate's two `unsafe` blocks
-//!   map a spool package for upload (`store::wire`) and take the descriptors a service
-//!   manager passed (`appliance::service_manager`).
+//!   `bandwidth` limit; the key `census` of a store. The crate's `unsafe` code maps a
+//!   spool package for upload (`store::wire`) and the datagram journal
+//!   (`appliance::journal`), takes the descriptors a service manager passed
+//!   (`appliance::service_manager`), and makes and reads the packet ring
+//!   (`appliance::ingest::ring`, its `sys` module).
 //! - `export` (feature `cli`): recordings decrypted into WAV, pcap or their original file;
 //!   `bulk` export from files or a store, resumable; `pgp` outputs.
 //! - [`tools`]: `loadgen` (paced G.711 test streams, feature `appliance`) and `replay` (a

@@ -1,36 +1,41 @@
-//! Ingest: one thread owns every UDP socket of `ingest.ports` and hands what they receive to
-//! the recorder in batches.
+//! Ingest: the thread that owns every UDP socket of `ingest.ports` (and the SIPREC media
+//! ports) and hands what arrives on them to the recorder in batches.
 //!
 //! Receiving is the hot path of the appliance (2,000 streams are 100,000 datagrams a
-//! second), so its cost is counted in system calls: the thread waits on one epoll set over
-//! all sockets, and in each round drains every readable socket with `recvmmsg` (up to
-//! [`SLOTS`] datagrams per call), checks the sources against `ingest.allow`, and copies the
-//! datagrams into one [`Batch`] that goes to the recorder as a single message. After a busy
-//! round it lets the next one gather for the rest of `round` (a few milliseconds), so a
-//! socket is read once per round with everything that arrived since, not once per datagram;
-//! the kernel's socket buffer holds what arrives meanwhile. Idle ports cost nothing.
+//! second), so its cost is counted per datagram and per read, and there are three ways in
+//! (`[ingest] mode`, measured side by side in docs/performance.md):
+//! - `recvmmsg` ([`recvmmsg`]): one epoll set over all sockets; each round drains every
+//!   readable socket with `recvmmsg`, then lets the next round gather for the rest of
+//!   `round`. Needs nothing; its cost grows with the number of sockets that are read.
+//! - `ring` ([`ring`]): a memory-mapped `AF_PACKET` ring (`TPACKET_V3`) with a BPF filter on
+//!   the ports, read a block at a time with no system call per datagram or per socket. The
+//!   UDP sockets stay bound (the kernel never answers "port unreachable"), each with a filter
+//!   that keeps its queue empty. Needs `CAP_NET_RAW`.
+//! - `io_uring` ([`uring`]): one multishot receive per socket into a ring of provided
+//!   buffers; completions are reaped once a round.
+//!
+//! Whatever the mode, every datagram goes through one [`Sink`]: checked against the allow
+//! lists, copied into one [`Batch`] that goes to the recorder as a single message, and kept
+//! in the crash journal at once.
 //!
 //! Invariants: ingest never blocks on the recorder — a batch that would take the recorder's
 //! queue over its bound is dropped and counted (`overload`); every datagram read is either
 //! in a batch or counted (`denied_source`, `overload`, `too_large` for one longer than a
-//! receive slot); a receive error is logged and counted, never fatal.
+//! receive slot); a receive error is logged and counted, never fatal; arrival times are the
+//! kernel's stamps.
+
+mod recvmmsg;
+mod ring;
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
-use nix::errno::Errno;
-use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
-use nix::sys::socket::{
-    ControlMessageOwned, MsgFlags, MultiHeaders, RecvMsg, SockaddrStorage, recvmmsg, setsockopt,
-    sockopt,
-};
-use nix::sys::time::TimeSpec;
+use serde::Deserialize;
 
 use crate::appliance::feed::{Batch, Msg};
 use crate::appliance::journal::{self, Journal};
@@ -39,14 +44,8 @@ use crate::appliance::reload::Live;
 use crate::appliance::service_manager::Beat;
 use crate::appliance::shutdown::Shutdown;
 
-/// Datagrams one `recvmmsg` call can take.
-pub const SLOTS: usize = 32;
-/// Largest datagram taken whole (a jumbo frame); longer ones are truncated by the kernel
-/// and counted as `too_large`.
+/// Largest datagram taken whole (a jumbo frame); longer ones are counted as `too_large`.
 pub const SLOT_BYTES: usize = 9216;
-/// Receive buffer asked for each socket (the kernel grants at most twice
-/// `net.core.rmem_max`; see docs/operations.md, "Ingest").
-const RCVBUF: usize = 4 << 20;
 /// A batch goes to the recorder when it holds this many datagrams, even mid-round.
 const BATCH_MAX: usize = 8192;
 /// A kernel timestamp further back than this is not believed (the wall clock was stepped).
@@ -56,8 +55,134 @@ pub const MAX_WAIT: Duration = Duration::from_secs(30);
 /// How often an idle ingest thread looks at its stop flag.
 const STOP_CHECK: Duration = Duration::from_millis(50);
 
+/// How ingest reads (`[ingest] mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// The ring where it can be had (`CAP_NET_RAW`), else `recvmmsg`, saying why.
+    #[default]
+    Auto,
+    /// epoll and `recvmmsg` on every socket.
+    Recvmmsg,
+    /// A memory-mapped `AF_PACKET` ring (needs `CAP_NET_RAW`).
+    Ring,
+}
+
+impl Mode {
+    /// Its name in the config and the logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Auto => "auto",
+            Mode::Recvmmsg => "recvmmsg",
+            Mode::Ring => "ring",
+        }
+    }
+}
+
+/// A mode made ready before the ingest thread starts, so that a mode that cannot be had
+/// (a ring without `CAP_NET_RAW`) fails the start with its reason.
+pub struct Way {
+    way: WayOf,
+    /// A ring the service manager kept was not taken (it did not fit, or no ring is used):
+    /// its name is to be cleared from the store.
+    passed_unused: bool,
+}
+
+enum WayOf {
+    Recvmmsg,
+    Ring(ring::Ring),
+}
+
+impl Way {
+    /// Makes `mode` ready for `sockets`: the ring (`ring_mib` MiB, blocks handed over after
+    /// at most `round`; the one the service manager kept, `passed`, where it fits) is opened
+    /// here, and from now on takes every datagram of their ports. Without a ring, a filter a
+    /// killed ring process left on the sockets is taken off.
+    pub fn open(
+        mode: Mode,
+        sockets: &[UdpSocket],
+        (ring_mib, passed): (usize, Option<std::os::fd::OwnedFd>),
+        round: Duration,
+    ) -> io::Result<Way> {
+        let locals = sockets
+            .iter()
+            .map(UdpSocket::local_addr)
+            .collect::<io::Result<Vec<_>>>()?;
+        let was_passed = passed.is_some();
+        let ring = |passed| ring::Ring::open(sockets, &locals, ring_mib, round, passed);
+        let way = match mode {
+            Mode::Recvmmsg => WayOf::Recvmmsg,
+            Mode::Ring => WayOf::Ring(ring(passed)?),
+            Mode::Auto => match ring(passed) {
+                Ok(r) => WayOf::Ring(r),
+                Err(e) => {
+                    tracing::warn!(
+                        error = %e,
+                        "ingest.mode = \"auto\": no packet ring, reading the sockets \
+                         (recvmmsg); grant CAP_NET_RAW for the cheaper ring"
+                    );
+                    WayOf::Recvmmsg
+                }
+            },
+        };
+        if matches!(way, WayOf::Recvmmsg) {
+            ring::undrop_all(sockets);
+        }
+        let passed_unused = was_passed
+            && match &way {
+                WayOf::Ring(r) => !r.adopted(),
+                WayOf::Recvmmsg => true,
+            };
+        Ok(Way { way, passed_unused })
+    }
+
+    /// The mode it reads by.
+    pub fn mode(&self) -> Mode {
+        match self.way {
+            WayOf::Recvmmsg => Mode::Recvmmsg,
+            WayOf::Ring(_) => Mode::Ring,
+        }
+    }
+
+    /// Whether the sockets' own drop counts (`/proc/self/net/udp`) are ingest's losses: not
+    /// with a ring, where the sockets drop everything by design and the ring counts its own.
+    pub fn socket_drops_count(&self) -> bool {
+        matches!(self.way, WayOf::Recvmmsg)
+    }
+
+    /// Under a service manager, hands a new ring to its descriptor store (so it goes on
+    /// taking datagrams over a restart or a `kill -9`), replacing one that did not fit;
+    /// clears a kept ring no longer in use.
+    pub fn keep_ring(&mut self) {
+        use crate::appliance::service_manager;
+        if std::env::var_os("NOTIFY_SOCKET").is_none() {
+            return;
+        }
+        if self.passed_unused
+            && let Err(e) = service_manager::clear(&[service_manager::RING.to_string()].into())
+        {
+            tracing::warn!(error = %e, "cannot clear the old packet ring from the store");
+        }
+        if let WayOf::Ring(r) = &mut self.way {
+            if r.adopted() {
+                r.set_kept();
+            } else {
+                match service_manager::store_file(service_manager::RING, r.fd()) {
+                    Ok(()) => r.set_kept(),
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "cannot hand the packet ring to the service manager"
+                    ),
+                }
+            }
+        }
+    }
+}
+
 /// What the ingest thread needs.
 pub struct IngestSetup {
+    /// How it reads.
+    pub way: Way,
     /// The bound, non-blocking sockets.
     pub sockets: Vec<UdpSocket>,
     /// Allowed sources; empty allows all. Taken once a round: a reload replaces it.
@@ -92,9 +217,10 @@ pub struct IngestSetup {
 }
 
 /// Runs until `stop` is set (then takes what the sockets already hold and returns) or the
-/// recorder is gone. Fails only if epoll cannot be set up.
+/// recorder is gone. Fails only if the mode cannot be set up (nothing was read then).
 pub fn run(setup: IngestSetup) -> io::Result<()> {
     let IngestSetup {
+        way,
         sockets,
         allow,
         siprec_from,
@@ -113,184 +239,174 @@ pub fn run(setup: IngestSetup) -> io::Result<()> {
     if !replay_first(&tx, &queued, &metrics, replay) {
         return Ok(());
     }
-    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
-    let mut locals = Vec::with_capacity(sockets.len());
-    for (i, s) in sockets.iter().enumerate() {
-        locals.push(s.local_addr()?);
-        epoll.add(
-            s.as_fd(),
-            EpollEvent::new(
-                EpollFlags::EPOLLIN | EpollFlags::EPOLLET,
-                u64::try_from(i).unwrap_or(u64::MAX),
-            ),
-        )?;
+    let locals = sockets
+        .iter()
+        .map(UdpSocket::local_addr)
+        .collect::<io::Result<Vec<_>>>()?;
+    let allow_now = allow.get();
+    let sink = Sink {
+        tx,
+        recycle,
+        queued,
+        max_queued,
+        metrics,
+        journal,
+        allow,
+        allow_now,
+        siprec_allow,
+        siprec_from,
+        batch: Batch::default(),
+        unjournaled: 0,
+    };
+    let ctx = Context {
+        sockets,
+        locals,
+        stop,
+        round,
+        beat,
+    };
+    match way.way {
+        WayOf::Recvmmsg => recvmmsg::run(&ctx, sink),
+        WayOf::Ring(r) => ring::run(&ctx, sink, &r),
     }
-    let mut events = vec![EpollEvent::empty(); sockets.len().clamp(1, 4096)];
-    for s in &sockets {
-        // Arrival times from the kernel: a datagram waits up to a round before it is read.
-        if let Err(e) = setsockopt(s, sockopt::ReceiveTimestampns, &true) {
-            tracing::warn!(error = %e, "no kernel receive timestamps; using the time of the read");
+}
+
+/// What every mode reads from and answers to.
+struct Context {
+    sockets: Vec<UdpSocket>,
+    /// Each socket's own address, by index.
+    locals: Vec<SocketAddr>,
+    stop: Shutdown,
+    round: Duration,
+    beat: Arc<Beat>,
+}
+
+/// Where every datagram read goes: checked, into the batch for the recorder, into the
+/// journal; or counted.
+struct Sink {
+    tx: SyncSender<Msg>,
+    recycle: Receiver<Batch>,
+    queued: Arc<AtomicUsize>,
+    max_queued: usize,
+    metrics: Arc<Metrics>,
+    journal: Option<Journal>,
+    allow: Arc<Live<Vec<IpNet>>>,
+    /// `allow` as it was at the start of this round.
+    allow_now: Arc<Vec<IpNet>>,
+    siprec_allow: Arc<Vec<IpNet>>,
+    siprec_from: usize,
+    batch: Batch,
+    /// The datagrams of the batch from here on are not yet in the journal.
+    unjournaled: usize,
+}
+
+impl Sink {
+    /// Takes the allow list as it is now. Called after each wait, not before: a reload that
+    /// swapped the list while the thread waited applies to the datagrams that woke it (read
+    /// before, a burst arriving just after a reload was judged by the old list — the reload
+    /// test caught it under load).
+    fn refresh(&mut self) {
+        self.allow_now = self.allow.get();
+    }
+
+    /// One datagram that arrived on socket `i` (bound to `local`) from `remote` at `at`;
+    /// `truncated` if it was longer than a slot. Into the batch, or counted.
+    fn take(
+        &mut self,
+        i: usize,
+        local: SocketAddr,
+        remote: SocketAddr,
+        at: Instant,
+        data: &[u8],
+        truncated: bool,
+    ) {
+        if truncated || data.len() > SLOT_BYTES {
+            Metrics::inc(&self.metrics.datagrams_rejected, "too_large", 1);
+            return;
         }
-        // Room for a burst between two reads; the kernel caps it at net.core.rmem_max.
-        if let Err(e) = setsockopt(s, sockopt::RcvBuf, &RCVBUF) {
-            tracing::warn!(error = %e, "cannot set the socket receive buffer");
+        let siprec = i >= self.siprec_from;
+        let allow = if siprec {
+            &self.siprec_allow
+        } else {
+            &self.allow_now
+        };
+        if !allow.is_empty() && !allow.iter().any(|n| n.contains(&remote.ip())) {
+            Metrics::inc(&self.metrics.datagrams_rejected, "denied_source", 1);
+            return;
+        }
+        if siprec {
+            // The journal keeps the ingest ports' datagrams only: what came before this one
+            // goes in now, and this one is passed over.
+            self.keep(Instant::now(), SystemTime::now());
+            self.batch.push(local, remote, at, data);
+            self.unjournaled = self.batch.len();
+        } else {
+            self.batch.push(local, remote, at, data);
         }
     }
-    if let Some(s) = sockets.first()
-        && let Ok(got) = nix::sys::socket::getsockopt(s, sockopt::RcvBuf)
-    {
-        tracing::debug!(bytes = got, "socket receive buffer per ingest port");
-    }
-    let mut slots = vec![[0u8; SLOT_BYTES]; SLOTS];
-    let mut headers =
-        MultiHeaders::<SockaddrStorage>::preallocate(SLOTS, Some(nix::cmsg_space!(TimeSpec)));
-    let mut batch = Batch::default();
-    let timeout = EpollTimeout::try_from(STOP_CHECK).expect("50 ms is a valid epoll timeout");
-    let hand_over = |batch: &mut Batch| -> bool {
-        // The next round is likely the size of this one: give it the room at once.
-        let room = recycle.try_recv().unwrap_or_else(|_| {
-            Batch::with_capacity(batch.len() + batch.len() / 4, batch.byte_len() * 5 / 4)
-        });
-        let b = std::mem::replace(batch, room);
-        let n = b.len();
-        if queued.load(Ordering::Relaxed) + n > max_queued {
-            Metrics::inc(&metrics.datagrams_rejected, "overload", n as u64);
-            if let Some(j) = &journal {
-                j.dropped(&b);
+
+    /// Everything taken and not yet journaled into the journal (read at `read_at`, when the
+    /// wall clock said `wall`): a kill from here on loses none of it. Called after every
+    /// read.
+    fn keep(&mut self, read_at: Instant, wall: SystemTime) {
+        if self.unjournaled >= self.batch.len() {
+            return;
+        }
+        if let Some(j) = &self.journal {
+            let full = j.append(&mut self.batch, self.unjournaled, read_at, wall);
+            if full > 0 {
+                Metrics::inc(&self.metrics.journal, "unprotected", full);
             }
+        }
+        self.unjournaled = self.batch.len();
+    }
+
+    /// Hands the batch over once it holds [`BATCH_MAX`] datagrams; false if the recorder is
+    /// gone.
+    fn hand_over_if_full(&mut self) -> bool {
+        self.batch.len() < BATCH_MAX || self.hand_over()
+    }
+
+    /// Hands the batch over (if it holds anything); false if the recorder is gone.
+    fn hand_over(&mut self) -> bool {
+        if self.batch.is_empty() {
             return true;
         }
-        queued.fetch_add(n, Ordering::Relaxed);
-        match tx.try_send(Msg::Batch(b)) {
+        self.keep(Instant::now(), SystemTime::now());
+        self.unjournaled = 0;
+        // The next round is likely the size of this one: give it the room at once.
+        let room = self.recycle.try_recv().unwrap_or_else(|_| {
+            Batch::with_capacity(
+                self.batch.len() + self.batch.len() / 4,
+                self.batch.byte_len() * 5 / 4,
+            )
+        });
+        let b = std::mem::replace(&mut self.batch, room);
+        let n = b.len();
+        if self.queued.load(Ordering::Relaxed) + n > self.max_queued {
+            self.overload(&b);
+            return true;
+        }
+        self.queued.fetch_add(n, Ordering::Relaxed);
+        match self.tx.try_send(Msg::Batch(b)) {
             Ok(()) => true,
-            Err(TrySendError::Full(Msg::Batch(b))) => {
-                queued.fetch_sub(n, Ordering::Relaxed);
-                Metrics::inc(&metrics.datagrams_rejected, "overload", n as u64);
-                if let Some(j) = &journal {
-                    j.dropped(&b);
+            Err(TrySendError::Full(m)) => {
+                self.queued.fetch_sub(n, Ordering::Relaxed);
+                match m {
+                    Msg::Batch(b) => self.overload(&b),
+                    _ => Metrics::inc(&self.metrics.datagrams_rejected, "overload", n as u64),
                 }
-                true
-            }
-            Err(TrySendError::Full(_)) => {
-                queued.fetch_sub(n, Ordering::Relaxed);
-                Metrics::inc(&metrics.datagrams_rejected, "overload", n as u64);
                 true
             }
             Err(TrySendError::Disconnected(_)) => false,
         }
-    };
-    let mut last_rounds = 0;
-    loop {
-        beat.beat();
-        // Stopping: one last round without waiting takes what the kernel already holds, so
-        // a datagram that arrived before the stop is recorded, not left in a socket.
-        let stopping = stop.is_triggered();
-        let started = Instant::now();
-        let wait = if stopping {
-            EpollTimeout::ZERO
-        } else {
-            timeout
-        };
-        let ready = match epoll.wait(&mut events, wait) {
-            Ok(n) => n,
-            Err(Errno::EINTR) => continue,
-            Err(e) => return Err(e.into()),
-        };
-        // Read after the wait, not before: a reload that swapped the list while this thread
-        // waited applies to the datagrams that woke it (read before, a burst arriving just
-        // after a reload was judged by the old list — the reload test caught it under load).
-        let allow_now = allow.get();
-        // A socket that filled a whole `recvmmsg` is taking a burst: no pause then.
-        let mut busy = false;
-        for ev in &events[..ready] {
-            let i = usize::try_from(ev.data()).unwrap_or(usize::MAX);
-            let (Some(socket), Some(&local)) = (sockets.get(i), locals.get(i)) else {
-                continue;
-            };
-            let allow = if i >= siprec_from {
-                &siprec_allow
-            } else {
-                &allow_now
-            };
-            // Drain this socket: a short read means it was empty at that moment, and epoll
-            // (edge-triggered) reports the socket again when anything new arrives.
-            loop {
-                let mut iovs: Vec<[io::IoSliceMut<'_>; 1]> = slots
-                    .iter_mut()
-                    .map(|s| [io::IoSliceMut::new(&mut s[..])])
-                    .collect();
-                let got = match recvmmsg(
-                    socket.as_raw_fd(),
-                    &mut headers,
-                    iovs.iter_mut(),
-                    MsgFlags::MSG_DONTWAIT,
-                    None,
-                ) {
-                    Ok(results) => {
-                        let read_at = Instant::now();
-                        let wall = SystemTime::now();
-                        let from = batch.len();
-                        let mut got = 0;
-                        for msg in results {
-                            got += 1;
-                            let Some(remote) = msg.address.as_ref().and_then(to_std) else {
-                                continue;
-                            };
-                            if msg.flags.contains(MsgFlags::MSG_TRUNC) {
-                                Metrics::inc(&metrics.datagrams_rejected, "too_large", 1);
-                                continue;
-                            }
-                            if !allow.is_empty() && !allow.iter().any(|n| n.contains(&remote.ip()))
-                            {
-                                Metrics::inc(&metrics.datagrams_rejected, "denied_source", 1);
-                                continue;
-                            }
-                            let at = arrival(&msg, read_at, wall);
-                            if let Some(data) = msg.iovs().next() {
-                                batch.push(local, remote, at, &data[..msg.bytes.min(data.len())]);
-                            }
-                        }
-                        // Kept at once: a kill from here on loses none of them.
-                        if let Some(j) = journal.as_ref().filter(|_| i < siprec_from) {
-                            let full = j.append(&mut batch, from, read_at, wall);
-                            if full > 0 {
-                                Metrics::inc(&metrics.journal, "unprotected", full);
-                            }
-                        }
-                        got
-                    }
-                    Err(Errno::EAGAIN | Errno::EINTR) => 0,
-                    Err(e) => {
-                        Metrics::inc(&metrics.datagrams_rejected, "receive_error", 1);
-                        tracing::warn!(port = local.port(), error = %e, "receive error");
-                        0
-                    }
-                };
-                if batch.len() >= BATCH_MAX && !hand_over(&mut batch) {
-                    return Ok(());
-                }
-                if got < SLOTS {
-                    break;
-                }
-                busy = true;
-            }
-        }
-        if !batch.is_empty() && !hand_over(&mut batch) {
-            return Ok(());
-        }
-        if stopping {
-            // A flood that keeps a socket full does not hold the stop up for long.
-            last_rounds += 1;
-            if !busy || last_rounds >= 16 {
-                return Ok(());
-            }
-        }
-        if ready > 0 && !busy {
-            // Let the next round gather (the kernel stamps each datagram's arrival, so the
-            // wait costs no timing accuracy).
-            if let Some(rest) = round.checked_sub(started.elapsed()) {
-                std::thread::sleep(rest);
-            }
+    }
+
+    /// A batch the recorder has no room for: counted, and released from the journal.
+    fn overload(&self, b: &Batch) {
+        Metrics::inc(&self.metrics.datagrams_rejected, "overload", b.len() as u64);
+        if let Some(j) = &self.journal {
+            j.dropped(b);
         }
     }
 }
@@ -326,20 +442,6 @@ fn replay_first(
     true
 }
 
-/// When a datagram arrived, on the monotonic clock: its kernel timestamp (wall clock) taken
-/// back from the moment of the read; the read time itself if there is none.
-fn arrival<S>(msg: &RecvMsg<'_, '_, S>, read_at: Instant, wall: SystemTime) -> Instant {
-    let Ok(cmsgs) = msg.cmsgs() else {
-        return read_at;
-    };
-    for c in cmsgs {
-        if let ControlMessageOwned::ScmTimestampns(ts) = c {
-            return arrived(Duration::from(ts), read_at, wall);
-        }
-    }
-    read_at
-}
-
 /// When a datagram stamped `stamp` (since the Unix epoch) arrived, on the monotonic clock,
 /// from a moment `now` when the wall clock said `wall`; at most [`MAX_WAIT`] back.
 pub fn arrived(stamp: Duration, now: Instant, wall: SystemTime) -> Instant {
@@ -371,19 +473,16 @@ pub fn kernel_drops(proc_net_udp: &str, ports: (u16, u16)) -> u64 {
         .sum()
 }
 
-fn to_std(a: &SockaddrStorage) -> Option<SocketAddr> {
-    if let Some(v4) = a.as_sockaddr_in() {
-        return Some(SocketAddr::from(*v4));
-    }
-    a.as_sockaddr_in6().map(|v6| SocketAddr::from(*v6))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::mpsc::sync_channel;
 
+    /// Every mode: the ring needs CAP_NET_RAW (the tests run as root, as CI does).
+    const MODES: [Mode; 2] = [Mode::Recvmmsg, Mode::Ring];
+
     fn make(
+        (mode, round): (Mode, Duration),
         n: usize,
         allow: Vec<IpNet>,
         max_queued: usize,
@@ -404,7 +503,10 @@ mod tests {
         let (tx, rx) = sync_channel(1000);
         let (_recycle_tx, recycle) = sync_channel(1);
         let (metrics, _registry) = Metrics::new();
+        let way = Way::open(mode, &sockets, (2, None), round)
+            .unwrap_or_else(|e| panic!("{}: {e}", mode.name()));
         let setup = IngestSetup {
+            way,
             sockets,
             allow: Live::new(allow),
             siprec_from: usize::MAX,
@@ -415,7 +517,7 @@ mod tests {
             max_queued,
             metrics: Arc::clone(&metrics),
             stop: Shutdown::new(),
-            round: Duration::from_millis(5),
+            round,
             beat: Beat::new("ingest"),
             journal: None,
             replay: Vec::new(),
@@ -465,9 +567,17 @@ mod tests {
             .get()
     }
 
+    const ROUND: Duration = Duration::from_millis(5);
+
     #[test]
     fn every_datagram_of_every_port_arrives_in_order_per_port() {
-        let (addrs, setup, rx, _m) = make(3, vec![], 1_000_000);
+        for mode in MODES {
+            in_order_per_port(mode);
+        }
+    }
+
+    fn in_order_per_port(mode: Mode) {
+        let (addrs, setup, rx, _m) = make((mode, ROUND), 3, vec![], 1_000_000);
         let stop = setup.stop.clone();
         let t = std::thread::spawn(move || run(setup));
         let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -496,8 +606,13 @@ mod tests {
 
     #[test]
     fn arrival_times_are_the_kernels_not_the_reads() {
-        let (addrs, mut setup, rx, _m) = make(1, vec![], 1_000_000);
-        setup.round = Duration::from_millis(400);
+        for mode in MODES {
+            arrival_times(mode);
+        }
+    }
+
+    fn arrival_times(mode: Mode) {
+        let (addrs, setup, rx, _m) = make((mode, Duration::from_millis(400)), 1, vec![], 1_000_000);
         let stop = setup.stop.clone();
         let t = std::thread::spawn(move || run(setup));
         let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -516,7 +631,8 @@ mod tests {
         assert_eq!(bytes, b"second");
         assert!(
             read.duration_since(sent) > Duration::from_millis(150),
-            "not held back"
+            "{}: not held back",
+            mode.name()
         );
         let off = if d.at > sent {
             d.at - sent
@@ -525,7 +641,8 @@ mod tests {
         };
         assert!(
             off < Duration::from_millis(50),
-            "arrival {off:?} away from the send"
+            "{}: arrival {off:?} away from the send",
+            mode.name()
         );
         stop.trigger();
         t.join().unwrap().unwrap();
@@ -533,7 +650,14 @@ mod tests {
 
     #[test]
     fn denied_sources_truncation_and_overload_are_counted_not_passed_on() {
-        let (addrs, mut setup, rx, metrics) = make(1, vec!["10.0.0.0/8".parse().unwrap()], 0);
+        for mode in MODES {
+            counted_not_passed_on(mode);
+        }
+    }
+
+    fn counted_not_passed_on(mode: Mode) {
+        let (addrs, mut setup, rx, metrics) =
+            make((mode, ROUND), 1, vec!["10.0.0.0/8".parse().unwrap()], 0);
         setup.max_queued = 1_000_000;
         let stop = setup.stop.clone();
         let t = std::thread::spawn(move || run(setup));
@@ -549,7 +673,7 @@ mod tests {
         t.join().unwrap().unwrap();
 
         // A queue at its bound: everything is counted as overload, nothing is queued.
-        let (addrs, setup, rx, metrics) = make(1, vec![], 0);
+        let (addrs, setup, rx, metrics) = make((mode, ROUND), 1, vec![], 0);
         let stop = setup.stop.clone();
         let t = std::thread::spawn(move || run(setup));
         tx.send_to(b"one", addrs[0]).unwrap();

@@ -23,6 +23,13 @@ pub struct Reason {
     pub reason: String,
 }
 
+/// `{mode}`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IngestMode {
+    /// `recvmmsg` or `ring`.
+    pub mode: String,
+}
+
 /// `{outcome}`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UploadOutcome {
@@ -159,6 +166,8 @@ pub struct Metrics {
     /// recordings' are in `edgerec_uploads_total` (`stored`, `already_stored`, `retry`,
     /// `failed` — a manifest refused by the store).
     pub manifests: Family<UploadOutcome, Counter>,
+    /// `edgerec_ingest_mode{mode}`: 1 for the way ingest reads (`appliance/ingest.rs`).
+    pub ingest_mode: Family<IngestMode, Gauge>,
     /// Whether the spool is writable and under its quota (1) or not (0), for /readyz.
     ready: Arc<AtomicBool>,
     /// `edgerec_ready`: the same as a gauge, for alerting (`EdgerecNotReady`).
@@ -214,6 +223,7 @@ impl Metrics {
             journal: Family::default(),
             outcomes: Family::default(),
             manifests: Family::default(),
+            ingest_mode: Family::default(),
             ready: Arc::new(AtomicBool::new(true)),
             ready_gauge: Gauge::default(),
             not_ready_reason: std::sync::Mutex::new(String::new()),
@@ -233,6 +243,12 @@ impl Metrics {
             "1 while new recordings are accepted (as /readyz); 0 while they are refused: spool \
              over its quota, short of free space, or not writable",
             m.ready_gauge.clone(),
+        );
+        r.register(
+            "ingest_mode",
+            "How ingest reads the RTP ports: 1 for the mode in use (recvmmsg: the sockets; \
+             ring: a packet ring)",
+            m.ingest_mode.clone(),
         );
         r.register(
             "recordings_active",

@@ -100,6 +100,7 @@ pub async fn run(
         tracing::warn!(error = %e, "cannot hand the carried recordings' file to the service manager");
     }
     let (journal, replay) = open_journal(&config, passed.take_journal(), &metrics)?;
+    let passed_ring = passed.take_ring();
     let sockets = crate::appliance::sockets::open(&config, passed)?;
     if sockets.adopted > 0 {
         tracing::info!(
@@ -130,8 +131,28 @@ pub async fn run(
         .checked_sub(ingest::MAX_WAIT)
         .unwrap_or_else(Instant::now);
     let allow = Live::new(config.allow.clone());
+    // A mode that cannot be had fails the start, before anything is read.
+    let mut way = ingest::Way::open(
+        config.ingest.mode,
+        &udp,
+        (*config.ingest.ring_mib.get_ref(), passed_ring),
+        ROUND,
+    )
+    .map_err(start(format!(
+        "ingest.mode = \"{}\"",
+        config.ingest.mode.name()
+    )))?;
+    way.keep_ring();
+    metrics
+        .ingest_mode
+        .get_or_create(&crate::appliance::metrics::IngestMode {
+            mode: way.mode().name().into(),
+        })
+        .set(1);
+    let socket_drops_count = way.socket_drops_count();
     let ingest = start_thread("ingest", {
         let setup = IngestSetup {
+            way,
             sockets: udp,
             allow: Arc::clone(&allow),
             siprec_from,
@@ -319,7 +340,11 @@ pub async fn run(
     }
     tasks.spawn(until(
         shutdown.clone(),
-        watch_kernel(config.ports, Arc::clone(&kek_file), Arc::clone(&metrics)),
+        watch_kernel(
+            socket_drops_count.then_some(config.ports),
+            Arc::clone(&kek_file),
+            Arc::clone(&metrics),
+        ),
     ));
     tasks.spawn(until(
         shutdown.clone(),
@@ -852,10 +877,11 @@ async fn tell_service_manager(beats: Vec<Arc<Beat>>, metrics: Arc<Metrics>) {
 
 /// Every two seconds: datagrams the kernel dropped at full socket buffers on the ingest
 /// ports (a burst larger than a socket holds between two reads) into
-/// `edgerec_datagrams_rejected_total{reason="socket_buffer_full"}`, and the age of the KEK
-/// file into `edgerec_kek_age_seconds`.
+/// `edgerec_datagrams_rejected_total{reason="socket_buffer_full"}` (unless `ports` is None:
+/// a packet ring counts its own), and the age of the KEK file into
+/// `edgerec_kek_age_seconds`.
 async fn watch_kernel(
-    ports: (u16, u16),
+    ports: Option<(u16, u16)>,
     kek_file: Arc<Live<Option<PathBuf>>>,
     metrics: Arc<Metrics>,
 ) {
@@ -870,7 +896,9 @@ async fn watch_kernel(
             // The process's own view (`/proc/self/net`): the unit's `ProcSubset=pid` hides
             // `/proc/net`, and with it every drop the kernel counts.
             for table in ["/proc/self/net/udp", "/proc/self/net/udp6"] {
-                if let Ok(text) = std::fs::read_to_string(table) {
+                if let Some(ports) = ports
+                    && let Ok(text) = std::fs::read_to_string(table)
+                {
                     *drops.get_or_insert(0) += ingest::kernel_drops(&text, ports);
                 }
             }
@@ -881,7 +909,7 @@ async fn watch_kernel(
         else {
             return;
         };
-        if drops.is_none() && !warned {
+        if drops.is_none() && ports.is_some() && !warned {
             warned = true;
             tracing::warn!(
                 "cannot read /proc/self/net/udp: the kernel's drops at full socket buffers are \

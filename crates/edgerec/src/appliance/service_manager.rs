@@ -31,6 +31,9 @@ pub const FDS_PER_MESSAGE: usize = 253;
 pub const CARRY: &str = "carry";
 /// The store name of the datagram journal ([`crate::appliance::journal`]).
 pub const JOURNAL: &str = "journal";
+/// The store name of the ingest's packet ring (`[ingest] mode = "ring"`): it goes on taking
+/// datagrams while no process runs.
+pub const RING: &str = "ring";
 
 /// Why the passed descriptors could not be taken.
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +129,7 @@ pub struct Passed {
     infos: Vec<PassedInfo>,
     carry: Option<OwnedFd>,
     journal: Option<OwnedFd>,
+    ring: Option<OwnedFd>,
 }
 
 impl Passed {
@@ -145,6 +149,10 @@ impl Passed {
             }
             if name == JOURNAL {
                 passed.journal = Some(fd);
+                continue;
+            }
+            if name == RING {
+                passed.ring = Some(fd);
                 continue;
             }
             match describe(fd.as_fd(), name) {
@@ -169,6 +177,11 @@ impl Passed {
     /// The datagram journal, if it was passed.
     pub fn take_journal(&mut self) -> Option<OwnedFd> {
         self.journal.take()
+    }
+
+    /// The ingest's packet ring, if it was passed.
+    pub fn take_ring(&mut self) -> Option<OwnedFd> {
+        self.ring.take()
     }
 
     /// The passed socket for `role` on `want`, if there is one ([`pick`]).

@@ -116,7 +116,7 @@ pub fn run(path: &Path) -> ExitCode {
 pub fn loadgen(
     target: &str,
     ports: &str,
-    streams: usize,
+    (streams, per_port): (usize, usize),
     seconds: f64,
     seed: u32,
     replay: Option<&std::path::Path>,
@@ -158,7 +158,7 @@ pub fn loadgen(
     if !(seconds > 0.0 && seconds.is_finite()) || streams == 0 {
         return Err(invalid("--streams and --seconds must be positive".into()));
     }
-    let plan = crate::tools::loadgen::Plan::new(first, last, streams, seed);
+    let plan = crate::tools::loadgen::Plan::new(first, last, streams, per_port, seed);
     eprintln!(
         "loadgen: {streams} streams of 20 ms PCMU to {ip} ports {first}-{last} for {seconds} s"
     );

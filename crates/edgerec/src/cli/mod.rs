@@ -83,7 +83,7 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
-    /// Send paced 20 ms G.711 µ-law test streams (two legs per port, distinct SSRCs, a
+    /// Send paced 20 ms G.711 µ-law test streams (two legs per port or one stream per port, distinct SSRCs, a
     /// 1,000 Hz tone on leg 0 and 1,500 Hz on leg 1) for sizing and benchmarks, or replay a
     /// captured call (--replay FILE.pcap).
     #[cfg(feature = "appliance")]
@@ -91,12 +91,16 @@ enum Command {
         /// Host or address to send to.
         #[arg(long)]
         target: String,
-        /// Destination port range A-B (or one port); two streams per port.
+        /// Destination port range A-B (or one port).
         #[arg(long, value_name = "A-B")]
         ports: String,
         /// Number of streams.
         #[arg(long, default_value_t = 2)]
         streams: usize,
+        /// Streams per port: 2 (the two legs of a call, as an SBC forking both directions to
+        /// one port) or 1 (one port per stream, as SIPREC's m-lines).
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=2))]
+        per_port: u8,
         /// How long to send.
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
@@ -774,10 +778,18 @@ pub fn main() -> ExitCode {
             target,
             ports,
             streams,
+            per_port,
             seconds,
             seed,
             replay,
-        } => appliance::loadgen(&target, &ports, streams, seconds, seed, replay.as_deref()),
+        } => appliance::loadgen(
+            &target,
+            &ports,
+            (streams, usize::from(per_port)),
+            seconds,
+            seed,
+            replay.as_deref(),
+        ),
         #[cfg(feature = "appliance")]
         Command::Spool { action } => match action {
             SpoolAction::List { at, json } => {

@@ -1,8 +1,9 @@
 //! `edgerec loadgen`: paced G.711 µ-law streams, for sizing a box and for the tests.
 //!
-//! Stream `i` goes to port `A + (i / 2) mod (B - A + 1)`: two streams per port form a call
-//! (leg 0 and leg 1), each leg sent from its own socket so the two legs have distinct source
-//! addresses. Every stream has its own SSRC and sends one 20 ms packet (160 samples at
+//! Stream `i` goes to port `A + (i / k) mod (B - A + 1)` for `k` streams per port: with two
+//! (the default) the two streams of a port form a call (leg 0 and leg 1); with one, every
+//! stream has a port of its own, as a SIPREC session's m-lines do. Even and odd streams (leg
+//! 0 and leg 1) are sent from two sockets, so the two legs have distinct source addresses. Every stream has its own SSRC and sends one 20 ms packet (160 samples at
 //! 8 kHz) per tick; leg 0 carries a 1,000 Hz tone, leg 1 a 1,500 Hz tone, both at -10 dBFS,
 //! so a recording can be recognised after decryption. Packets of a tick are sent in batches
 //! with `sendmmsg`; ticks follow an absolute schedule, so a late tick does not shift the rest.
@@ -46,15 +47,17 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// `streams` streams over ports `first ..= last`, SSRCs and first sequence numbers
-    /// derived from `seed`.
-    pub fn new(first: u16, last: u16, streams: usize, seed: u32) -> Plan {
+    /// `streams` streams over ports `first ..= last`, `per_port` (at least 1) to a port,
+    /// SSRCs and first sequence numbers derived from `seed`.
+    pub fn new(first: u16, last: u16, streams: usize, per_port: usize, seed: u32) -> Plan {
         let ports = usize::from(last - first) + 1;
+        let per_port = per_port.max(1);
         let plan = (0..streams)
             .map(|i| {
                 let h = (i as u32).wrapping_mul(0x9E37_79B9) ^ seed;
                 StreamPlan {
-                    port: first + u16::try_from((i / 2) % ports).expect("below the port count"),
+                    port: first
+                        + u16::try_from((i / per_port) % ports).expect("below the port count"),
                     leg: i % 2,
                     ssrc: h.rotate_left(7) ^ 0x5EED_0000,
                     seq0: (h >> 16) as u16,
@@ -199,7 +202,7 @@ mod tests {
 
     #[test]
     fn two_legs_per_port_distinct_ssrcs() {
-        let p = Plan::new(40000, 40001, 6, 1);
+        let p = Plan::new(40000, 40001, 6, 2, 1);
         let ports: Vec<_> = p.streams.iter().map(|s| (s.port, s.leg)).collect();
         assert_eq!(
             ports,
@@ -219,8 +222,15 @@ mod tests {
     }
 
     #[test]
+    fn one_stream_per_port_alternates_legs() {
+        let p = Plan::new(40000, 40002, 3, 1, 1);
+        let ports: Vec<_> = p.streams.iter().map(|s| (s.port, s.leg)).collect();
+        assert_eq!(ports, vec![(40000, 0), (40001, 1), (40002, 0)]);
+    }
+
+    #[test]
     fn packets_are_valid_pcmu_rtp_in_sequence() {
-        let p = Plan::new(40000, 40000, 2, 7);
+        let p = Plan::new(40000, 40000, 2, 2, 7);
         let mut pkt = Vec::new();
         for n in 0..3 {
             p.packet(1, n, &mut pkt);
@@ -239,7 +249,7 @@ mod tests {
     fn sends_on_loopback() {
         let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
         let port = rx.local_addr().unwrap().port();
-        let plan = Plan::new(port, port, 2, 3);
+        let plan = Plan::new(port, port, 2, 2, 3);
         let r = run("127.0.0.1".parse().unwrap(), &plan, 0.1).unwrap();
         assert_eq!((r.ticks, r.packets, r.errors), (5, 10, 0));
         let mut buf = [0u8; 2048];
