@@ -2,9 +2,10 @@
 # The recorder under load: for each load shape, ingest mode and stream count, the release
 # binary records loadgen's paced 20 ms G.711 streams on loopback for S seconds; then
 # tcpdump -w captures the same traffic (a plain, unencrypted capture) in the same run.
-# Prints packets lost, CPU microseconds per stream-second (the whole process, and its
-# ingest / recorder / other threads — other: uploads, the package opener, the runtime), the
-# memory the load added per stream, and tcpdump's CPU per stream-second.
+# Prints packets lost, CPU microseconds per stream-second of the calls' steady state (the
+# whole process, and its ingest / recorder / other threads — other: the runtime, uploads,
+# the syncer), the memory the load added per stream, tcpdump's CPU per stream-second, and
+# the CPU of starting a recording (the package opener's, per recording).
 #   bash benches/recorder_load.sh [SECONDS] [STREAMS...]      (defaults: 20 s; 2000 10000)
 #   SHAPES="2 1"  streams per port: 2 (two legs of a call per port), 1 (one port per stream,
 #                 as SIPREC's m-lines); both by default
@@ -18,6 +19,8 @@ read -r -a counts <<< "${counts[*]}"
 read -r -a shapes <<< "${SHAPES:-2 1}"
 read -r -a modes <<< "${MODES:-default}"
 cd "$(dirname "$0")/.."
+# 10,000 one-stream ports need 20,000 open files and more (a socket and a package each).
+ulimit -n 65536 2>/dev/null || true
 cargo build --release --quiet
 bin=$PWD/target/release/edgerec
 work=$(mktemp -d)
@@ -33,8 +36,8 @@ thread_ticks() {
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 metric() { curl -s "http://$maddr/metrics" | awk -v n="$1" '$1 == n {print $2}'; }
 
-printf '%-6s %-9s %-8s %-9s %-9s %-6s %-9s %-16s %-10s %-8s\n' \
-  shape mode streams sent stored lost cpu_us ingest/rec/other KiB/stream tcpdump
+printf '%-6s %-9s %-8s %-9s %-9s %-6s %-9s %-16s %-10s %-8s %s\n' \
+  shape mode streams sent stored lost cpu_us ingest/rec/other KiB/stream tcpdump us/start
 for shape in "${shapes[@]}"; do
 for mode in "${modes[@]}"; do
 for n in "${counts[@]}"; do
@@ -66,18 +69,23 @@ TOML
     sleep 0.1
   done
   maddr=$(grep -o 'metrics_addr=[^ ]*' "$work/run/log" | head -1 | cut -d= -f2)
-  rss0=$(rss_kb $pid); t0=$(cpu_ticks $pid)
-  i0=$(thread_ticks $pid ingest); r0=$(thread_ticks $pid recorder)
+  rss0=$(rss_kb $pid); o0=$(thread_ticks $pid opener)
+  # The calls start in the first 20 ms; what they cost per stream-second is measured over
+  # SECONDS of their steady state, from 2 s in (each call's start — a data key, its RSA
+  # wrap, a spool file — is counted apart, per recording, from the opener thread).
   "$bin" loadgen --target 127.0.0.1 --ports "$first-$last" --streams "$n" --per-port "$shape" \
-    --seconds "$secs" > "$work/run/lg" 2>/dev/null &
+    --seconds $(( secs + 3 )) > "$work/run/lg" 2>/dev/null &
   lg=$!
-  sleep $(( secs / 2 )); rss1=$(rss_kb $pid)
+  sleep 2
+  t0=$(cpu_ticks $pid); i0=$(thread_ticks $pid ingest); r0=$(thread_ticks $pid recorder)
+  sleep $(( secs / 2 )); rss1=$(rss_kb $pid); sleep $(( secs - secs / 2 ))
+  t1=$(cpu_ticks $pid); i1=$(thread_ticks $pid ingest); r1=$(thread_ticks $pid recorder)
   wait $lg
-  t1=$(cpu_ticks $pid)
-  i1=$(thread_ticks $pid ingest); r1=$(thread_ticks $pid recorder)
+  o1=$(thread_ticks $pid opener)
   sent=$(awk '/packets_sent/ {print $2}' "$work/run/lg")
   sleep 1
   stored=$(metric edgerec_rtp_packets_received_total)
+  started=$(metric edgerec_recordings_started_total)
   curl -s "http://$maddr/metrics" | grep -E '^edgerec_(datagrams_rejected|recordings_refused)_total' \
     | grep -v ' 0$' | sed 's/^/  /' >&2 || true
   kill -TERM $pid; wait $pid || true
@@ -85,22 +93,26 @@ TOML
   tcpcpu=n/a
   if command -v tcpdump >/dev/null; then
     tcpdump -i lo -w "$work/cap.pcap" -B 65536 "udp and dst portrange $first-$last" 2>/dev/null &
-    td=$!; sleep 1; c0=$(cpu_ticks $td)
+    td=$!; sleep 1
     "$bin" loadgen --target 127.0.0.1 --ports "$first-$last" --streams "$n" --per-port "$shape" \
-      --seconds "$secs" > /dev/null 2>&1
-    c1=$(cpu_ticks $td); kill $td; wait $td 2>/dev/null || true; rm -f "$work/cap.pcap"
+      --seconds $(( secs + 3 )) > /dev/null 2>&1 &
+    lg=$!; sleep 2; c0=$(cpu_ticks $td); sleep "$secs"; c1=$(cpu_ticks $td)
+    wait $lg; kill $td; wait $td 2>/dev/null || true; rm -f "$work/cap.pcap"
     tcpcpu=$(python3 -c "print(round(($c1-$c0)/$hz*1e6/($n*$secs), 1))")
   fi
   python3 - "$shape" "$mode" "$n" "$secs" "$sent" "${stored:-0}" "$t0" "$t1" "$hz" "$rss0" "$rss1" \
-    "$tcpcpu" "$i0" "$i1" "$r0" "$r1" <<'PY'
+    "$tcpcpu" "$i0" "$i1" "$r0" "$r1" "$o0" "$o1" "${started:-0}" <<'PY'
 import sys
-shape, mode, n, secs, sent, stored, t0, t1, hz, rss0, rss1, tcp, i0, i1, r0, r1 = sys.argv[1:]
+(shape, mode, n, secs, sent, stored, t0, t1, hz, rss0, rss1, tcp, i0, i1, r0, r1, o0, o1,
+ started) = sys.argv[1:]
 n, secs, sent, stored, hz = int(n), float(secs), int(sent), int(float(stored)), int(hz)
 us = lambda a, b: (int(b) - int(a)) / hz * 1e6 / (n * secs)
 total, ing, rec = us(t0, t1), us(i0, i1), us(r0, r1)
 per = (int(rss1) - int(rss0)) / n
 split = f"{ing:.0f}/{rec:.0f}/{total - ing - rec:.0f}"
-print(f"{shape + '/port':<6} {mode:<9} {n:<8} {sent:<9} {stored:<9} {sent - stored:<6} {total:<9.1f} {split:<16} {per:<10.1f} {tcp}")
+opened = (int(o1) - int(o0)) / hz * 1e6 / max(1, int(float(started)))
+print(f"{shape + '/port':<6} {mode:<9} {n:<8} {sent:<9} {stored:<9} {sent - stored:<6} {total:<9.1f} "
+      f"{split:<16} {per:<10.1f} {tcp:<8} {opened:.0f}")
 PY
 done
 done

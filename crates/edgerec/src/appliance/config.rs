@@ -105,8 +105,9 @@ pub struct Ingest {
     /// under a service manager (`NOTIFY_SOCKET`).
     #[serde(default)]
     pub journal_mib: Option<Spanned<u64>>,
-    /// How ingest reads (`crates/edgerec/src/appliance/ingest.rs`): `recvmmsg` (sockets),
-    /// `ring` (a packet ring; needs `CAP_NET_RAW`).
+    /// How ingest reads (`crates/edgerec/src/appliance/ingest.rs`): `auto` (the ring where
+    /// it can be had, else `recvmmsg`), `ring` (a packet ring; needs `CAP_NET_RAW`),
+    /// `recvmmsg` (the sockets), `io_uring` (multishot receives).
     #[serde(default)]
     pub mode: crate::appliance::ingest::Mode,
     /// The packet ring's size in MiB (mode `ring`): what arrives while ingest is not
@@ -1859,6 +1860,33 @@ path = "/srv/store"
         assert_eq!(c.journal_bytes(), None);
         let e = parse(&GOOD.replace("[ingest]", "[ingest]\njournal_mib = 4096")).unwrap_err();
         assert!(e.0.contains("ingest.journal_mib"), "{e}");
+    }
+
+    #[test]
+    fn ingest_modes_and_the_ring_size_are_checked() {
+        use crate::appliance::ingest::Mode;
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.ingest.mode, Mode::Auto, "the default");
+        assert_eq!(*c.ingest.ring_mib.get_ref(), 32);
+        for (text, mode) in [
+            ("ring", Mode::Ring),
+            ("recvmmsg", Mode::Recvmmsg),
+            ("io_uring", Mode::IoUring),
+            ("auto", Mode::Auto),
+        ] {
+            let c =
+                parse(&GOOD.replace("[ingest]", &format!("[ingest]\nmode = \"{text}\""))).unwrap();
+            assert_eq!(c.ingest.mode, mode);
+            assert_eq!(mode.name(), text);
+        }
+        let e = parse(&GOOD.replace("[ingest]", "[ingest]\nmode = \"epoll\"")).unwrap_err();
+        // serde names the line and the modes there are.
+        assert!(e.0.contains("epoll") && e.0.contains("recvmmsg"), "{e}");
+        for bad in ["1", "2048"] {
+            let e = parse(&GOOD.replace("[ingest]", &format!("[ingest]\nring_mib = {bad}")))
+                .unwrap_err();
+            assert!(e.0.contains("ingest.ring_mib"), "{e}");
+        }
     }
 
     #[test]

@@ -26,6 +26,7 @@
 
 mod recvmmsg;
 mod ring;
+mod uring;
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
@@ -66,6 +67,8 @@ pub enum Mode {
     Recvmmsg,
     /// A memory-mapped `AF_PACKET` ring (needs `CAP_NET_RAW`).
     Ring,
+    /// io_uring multishot receives into provided buffers.
+    IoUring,
 }
 
 impl Mode {
@@ -75,6 +78,7 @@ impl Mode {
             Mode::Auto => "auto",
             Mode::Recvmmsg => "recvmmsg",
             Mode::Ring => "ring",
+            Mode::IoUring => "io_uring",
         }
     }
 }
@@ -91,6 +95,7 @@ pub struct Way {
 enum WayOf {
     Recvmmsg,
     Ring(ring::Ring),
+    IoUring,
 }
 
 impl Way {
@@ -112,6 +117,7 @@ impl Way {
         let ring = |passed| ring::Ring::open(sockets, &locals, ring_mib, round, passed);
         let way = match mode {
             Mode::Recvmmsg => WayOf::Recvmmsg,
+            Mode::IoUring => WayOf::IoUring,
             Mode::Ring => WayOf::Ring(ring(passed)?),
             Mode::Auto => match ring(passed) {
                 Ok(r) => WayOf::Ring(r),
@@ -125,13 +131,13 @@ impl Way {
                 }
             },
         };
-        if matches!(way, WayOf::Recvmmsg) {
+        if !matches!(way, WayOf::Ring(_)) {
             ring::undrop_all(sockets);
         }
         let passed_unused = was_passed
             && match &way {
                 WayOf::Ring(r) => !r.adopted(),
-                WayOf::Recvmmsg => true,
+                WayOf::Recvmmsg | WayOf::IoUring => true,
             };
         Ok(Way { way, passed_unused })
     }
@@ -141,13 +147,14 @@ impl Way {
         match self.way {
             WayOf::Recvmmsg => Mode::Recvmmsg,
             WayOf::Ring(_) => Mode::Ring,
+            WayOf::IoUring => Mode::IoUring,
         }
     }
 
     /// Whether the sockets' own drop counts (`/proc/self/net/udp`) are ingest's losses: not
     /// with a ring, where the sockets drop everything by design and the ring counts its own.
     pub fn socket_drops_count(&self) -> bool {
-        matches!(self.way, WayOf::Recvmmsg)
+        !matches!(self.way, WayOf::Ring(_))
     }
 
     /// Under a service manager, hands a new ring to its descriptor store (so it goes on
@@ -268,6 +275,7 @@ pub fn run(setup: IngestSetup) -> io::Result<()> {
     match way.way {
         WayOf::Recvmmsg => recvmmsg::run(&ctx, sink),
         WayOf::Ring(r) => ring::run(&ctx, sink, &r),
+        WayOf::IoUring => uring::run(&ctx, sink),
     }
 }
 
@@ -479,7 +487,7 @@ mod tests {
     use std::sync::mpsc::sync_channel;
 
     /// Every mode: the ring needs CAP_NET_RAW (the tests run as root, as CI does).
-    const MODES: [Mode; 2] = [Mode::Recvmmsg, Mode::Ring];
+    const MODES: [Mode; 3] = [Mode::Recvmmsg, Mode::Ring, Mode::IoUring];
 
     fn make(
         (mode, round): (Mode, Duration),

@@ -55,7 +55,6 @@ pub fn open(config: &Config, passed: Passed) -> Result<Sockets, RunError> {
         passed,
         fresh: BTreeSet::new(),
         adopted: 0,
-        released: false,
     };
     // 1. Take what was passed.
     let (first, last) = config.ports;
@@ -186,12 +185,9 @@ struct Binder {
     passed: Passed,
     fresh: BTreeSet<RawFd>,
     adopted: usize,
-    /// Whether passed sockets were released (a bind may then wait for the service manager
-    /// to close its copy).
-    released: bool,
 }
 
-/// How long a bind waits for a port the service manager was just told to let go of.
+/// How long a bind waits for a port in use to be let go of.
 const RELEASE_WAIT: Duration = Duration::from_secs(3);
 
 impl Binder {
@@ -213,13 +209,14 @@ impl Binder {
         if let Err(e) = service_manager::clear(&names) {
             tracing::warn!(error = %e, "cannot clear sockets from the service manager's store");
         }
-        self.released = !addrs.is_empty();
         (names, addrs)
     }
 
     /// The socket of `slot`, bound if it was not passed, non-blocking. A port in use is
-    /// tried again for a while after a release (the service manager closes its copy of a
-    /// released socket when it reads the message).
+    /// tried again for a while: after a release the service manager closes its copy of a
+    /// released socket when it reads the message, and after a `kill -9` of an io_uring
+    /// process (`[ingest] mode = "io_uring"`) the kernel lets go of its sockets only when
+    /// the ring's teardown, which runs apart from the process's exit, is done.
     fn ready<S: Socket>(&mut self, slot: Slot<S>, key: &str) -> Result<S, RunError> {
         let s = match slot {
             Slot::Have(s) => s,
@@ -229,7 +226,6 @@ impl Binder {
                     match S::bind(addr) {
                         Err(e)
                             if e.kind() == std::io::ErrorKind::AddrInUse
-                                && self.released
                                 && Instant::now() < until =>
                         {
                             std::thread::sleep(Duration::from_millis(20));
@@ -289,14 +285,16 @@ fn raise_file_limit(config: &Config) -> Result<(), RunError> {
         .siprec
         .as_ref()
         .map_or(0, |s| u64::from(s.media_ports.1 - s.media_ports.0) + 1);
-    let need = count + media_count + 256;
+    // A socket per port and the package file of the recording on it (a SIPREC session's
+    // two media ports make one recording), and room for the rest.
+    let need = 2 * count + media_count + media_count / 2 + 256;
     let got =
         rlimit::increase_nofile_limit(need).map_err(RunError::io("raising the file limit"))?;
     if got < need {
         return Err(RunError::Start(format!(
             "ingest.ports: {count} ports (and {media_count} SIPREC media ports) need {need} open \
-             files, but the limit is {got}: raise LimitNOFILE (systemd) or ulimit -n, or use \
-             fewer ports"
+             files (a socket each, and a package file for each recording on them), but the \
+             limit is {got}: raise LimitNOFILE (systemd) or ulimit -n, or use fewer ports"
         )));
     }
     Ok(())
