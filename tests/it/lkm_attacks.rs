@@ -789,17 +789,17 @@ fn half_sent_requests_and_idle_connections_cannot_lock_clients_out() {
         "cut after the header timeout, not held: {:?}",
         started.elapsed()
     );
-    let text = wait_metric(
+    wait_metric(
         &s,
         "edgerec_lkm_requests_denied_total{reason=\"connection_limit\"}",
         5.0,
     );
-    assert!(
-        metric(
-            &text,
-            "edgerec_lkm_requests_denied_total{reason=\"timeout\"}"
-        ) >= 20.0,
-        "{text}"
+    // Counted as the server lets each go, which may come just after the client sees it
+    // closed (read once, the count came up one short under a loaded test run).
+    wait_metric(
+        &s,
+        "edgerec_lkm_requests_denied_total{reason=\"timeout\"}",
+        20.0,
     );
     // A kept-alive connection that goes quiet is closed after the idle timeout.
     let mut idle = tls_to(&s, "127.0.0.1");

@@ -289,6 +289,41 @@ struct Context {
     beat: Arc<Beat>,
 }
 
+impl Context {
+    /// After a round of reads: true if the thread is to return (stopping, and the last
+    /// round found nothing more, or 16 last rounds went by: a flood that keeps a socket full
+    /// does not hold the stop up for long); else, unless the round was busy, lets the next
+    /// round gather for the rest of `round` (the kernel stamps each datagram's arrival, so
+    /// the wait costs no timing accuracy).
+    fn round_end(&self, r: Round, last_rounds: &mut u32) -> bool {
+        if r.stopping {
+            *last_rounds += 1;
+            if !r.busy || *last_rounds >= 16 {
+                return true;
+            }
+        }
+        if r.read
+            && !r.busy
+            && let Some(rest) = self.round.checked_sub(r.started.elapsed())
+        {
+            std::thread::sleep(rest);
+        }
+        false
+    }
+}
+
+/// What a round of reads found.
+struct Round {
+    /// The stop was asked for before it began.
+    stopping: bool,
+    /// A socket had more than a read took.
+    busy: bool,
+    /// Anything was read.
+    read: bool,
+    /// When it began.
+    started: Instant,
+}
+
 /// Where every datagram read goes: checked, into the batch for the recorder, into the
 /// journal; or counted.
 struct Sink {

@@ -21,7 +21,7 @@ use nix::sys::socket::{
 };
 use nix::sys::time::TimeSpec;
 
-use super::{Context, SLOT_BYTES, STOP_CHECK, Sink, arrived};
+use super::{Context, Round, SLOT_BYTES, STOP_CHECK, Sink, arrived};
 use crate::appliance::metrics::Metrics;
 
 /// Datagrams one `recvmmsg` call can take.
@@ -190,22 +190,18 @@ pub(super) fn run(ctx: &Context, mut sink: Sink) -> io::Result<()> {
             }
             busy |= full;
         }
-        if !sink.hand_over() {
+        if !sink.hand_over()
+            || ctx.round_end(
+                Round {
+                    stopping,
+                    busy,
+                    read: ready > 0,
+                    started,
+                },
+                &mut last_rounds,
+            )
+        {
             return Ok(());
-        }
-        if stopping {
-            // A flood that keeps a socket full does not hold the stop up for long.
-            last_rounds += 1;
-            if !busy || last_rounds >= 16 {
-                return Ok(());
-            }
-        }
-        if ready > 0 && !busy {
-            // Let the next round gather (the kernel stamps each datagram's arrival, so the
-            // wait costs no timing accuracy).
-            if let Some(rest) = ctx.round.checked_sub(started.elapsed()) {
-                std::thread::sleep(rest);
-            }
         }
     }
 }

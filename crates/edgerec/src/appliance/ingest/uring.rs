@@ -22,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime};
 use io_uring::types::{Fd, RecvMsgOut, SubmitArgs, Timespec};
 use io_uring::{IoUring, cqueue, opcode};
 
-use super::{Context, SLOT_BYTES, STOP_CHECK, Sink, arrived};
+use super::{Context, Round, SLOT_BYTES, STOP_CHECK, Sink, arrived};
 use crate::appliance::metrics::Metrics;
 
 /// Provided buffers (a power of two): the datagrams one round can take before the
@@ -58,20 +58,18 @@ pub(super) fn run(ctx: &Context, mut sink: Sink) -> io::Result<()> {
         r.wait(wait)?;
         sink.refresh();
         let (got, busy) = r.reap(ctx, &mut sink)?;
-        if !sink.hand_over() {
+        if !sink.hand_over()
+            || ctx.round_end(
+                Round {
+                    stopping,
+                    busy,
+                    read: got > 0,
+                    started,
+                },
+                &mut last_rounds,
+            )
+        {
             return Ok(());
-        }
-        if stopping {
-            last_rounds += 1;
-            if !busy || last_rounds >= 16 {
-                return Ok(());
-            }
-        }
-        if got > 0 && !busy {
-            // Let the next round gather (the kernel stamps each datagram's arrival).
-            if let Some(rest) = ctx.round.checked_sub(started.elapsed()) {
-                std::thread::sleep(rest);
-            }
         }
     }
 }
