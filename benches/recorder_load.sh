@@ -3,9 +3,10 @@
 # binary records loadgen's paced 20 ms G.711 streams on loopback for S seconds; then
 # tcpdump -w captures the same traffic (a plain, unencrypted capture) in the same run.
 # Prints packets lost, CPU microseconds per stream-second of the calls' steady state (the
-# whole process, and its ingest / recorder / other threads — other: the runtime, uploads,
-# the syncer), the memory the load added per stream, tcpdump's CPU per stream-second, and
-# the CPU of starting a recording (the package opener's, per recording).
+# whole process, and its ingest / recorder / uploader / other threads — uploader: the async
+# runtime's workers, which run the uploads (and metrics, control, SIP); other: the package
+# opener, the syncer, the outcome journal), the memory the load added per stream, tcpdump's
+# CPU per stream-second, and the CPU of starting a recording (the opener's, per recording).
 #   bash benches/recorder_load.sh [SECONDS] [STREAMS...]      (defaults: 20 s; 2000 10000)
 #   SHAPES="2 1"  streams per port: 2 (two legs of a call per port), 1 (one port per stream,
 #                 as SIPREC's m-lines); both by default
@@ -36,8 +37,8 @@ thread_ticks() {
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 metric() { curl -s "http://$maddr/metrics" | awk -v n="$1" '$1 == n {print $2}'; }
 
-printf '%-6s %-9s %-8s %-9s %-9s %-6s %-9s %-16s %-10s %-8s %s\n' \
-  shape mode streams sent stored lost cpu_us ingest/rec/other KiB/stream tcpdump us/start
+printf '%-6s %-9s %-8s %-9s %-9s %-6s %-9s %-18s %-10s %-8s %s\n' \
+  shape mode streams sent stored lost cpu_us ing/rec/upl/rest KiB/stream tcpdump us/start
 for shape in "${shapes[@]}"; do
 for mode in "${modes[@]}"; do
 for n in "${counts[@]}"; do
@@ -78,8 +79,10 @@ TOML
   lg=$!
   sleep 2
   t0=$(cpu_ticks $pid); i0=$(thread_ticks $pid ingest); r0=$(thread_ticks $pid recorder)
+  u0=$(thread_ticks $pid tokio-rt)
   sleep $(( secs / 2 )); rss1=$(rss_kb $pid); sleep $(( secs - secs / 2 ))
   t1=$(cpu_ticks $pid); i1=$(thread_ticks $pid ingest); r1=$(thread_ticks $pid recorder)
+  u1=$(thread_ticks $pid tokio-rt)
   wait $lg
   o1=$(thread_ticks $pid opener)
   sent=$(awk '/packets_sent/ {print $2}' "$work/run/lg")
@@ -101,18 +104,18 @@ TOML
     tcpcpu=$(python3 -c "print(round(($c1-$c0)/$hz*1e6/($n*$secs), 1))")
   fi
   python3 - "$shape" "$mode" "$n" "$secs" "$sent" "${stored:-0}" "$t0" "$t1" "$hz" "$rss0" "$rss1" \
-    "$tcpcpu" "$i0" "$i1" "$r0" "$r1" "$o0" "$o1" "${started:-0}" <<'PY'
+    "$tcpcpu" "$i0" "$i1" "$r0" "$r1" "$o0" "$o1" "${started:-0}" "$u0" "$u1" <<'PY'
 import sys
 (shape, mode, n, secs, sent, stored, t0, t1, hz, rss0, rss1, tcp, i0, i1, r0, r1, o0, o1,
- started) = sys.argv[1:]
+ started, u0, u1) = sys.argv[1:]
 n, secs, sent, stored, hz = int(n), float(secs), int(sent), int(float(stored)), int(hz)
 us = lambda a, b: (int(b) - int(a)) / hz * 1e6 / (n * secs)
-total, ing, rec = us(t0, t1), us(i0, i1), us(r0, r1)
+total, ing, rec, up = us(t0, t1), us(i0, i1), us(r0, r1), us(u0, u1)
 per = (int(rss1) - int(rss0)) / n
-split = f"{ing:.0f}/{rec:.0f}/{total - ing - rec:.0f}"
+split = f"{ing:.0f}/{rec:.0f}/{up:.0f}/{total - ing - rec - up:.0f}"
 opened = (int(o1) - int(o0)) / hz * 1e6 / max(1, int(float(started)))
 print(f"{shape + '/port':<6} {mode:<9} {n:<8} {sent:<9} {stored:<9} {sent - stored:<6} {total:<9.1f} "
-      f"{split:<16} {per:<10.1f} {tcp:<8} {opened:.0f}")
+      f"{split:<18} {per:<10.1f} {tcp:<8} {opened:.0f}")
 PY
 done
 done

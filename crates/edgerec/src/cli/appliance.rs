@@ -123,14 +123,33 @@ pub fn loadgen(
 ) -> Result<(), crate::Error> {
     use std::net::ToSocketAddrs;
     let invalid = |m: String| crate::Error::Invalid(m);
-    let (first, last) = crate::appliance::config::parse_ports(ports)
-        .ok_or_else(|| invalid(format!("--ports {ports}: not a port range A-B")))?;
+    // A range A-B, or a list P1,P2,… (ports a media server allocated).
+    let list: Vec<u16> = if ports.contains(',') {
+        ports
+            .split(',')
+            .map(|p| p.trim().parse::<u16>().ok().filter(|p| *p > 0))
+            .collect::<Option<_>>()
+            .ok_or_else(|| invalid(format!("--ports {ports}: not a list of ports P1,P2,…")))?
+    } else {
+        let (a, b) = crate::appliance::config::parse_ports(ports)
+            .ok_or_else(|| invalid(format!("--ports {ports}: not a port range A-B")))?;
+        (a..=b).collect()
+    };
+    let (first, last) = (
+        *list.iter().min().expect("a range or list has a port"),
+        *list.iter().max().expect("a range or list has a port"),
+    );
     let ip = (target, first)
         .to_socket_addrs()
         .map_err(|e| invalid(format!("--target {target}: {e}")))?
         .next()
         .ok_or_else(|| invalid(format!("--target {target}: no address")))?
         .ip();
+    if replay.is_some() && ports.contains(',') {
+        return Err(invalid(
+            "--replay takes a port range A-B, not a list".into(),
+        ));
+    }
     if let Some(file) = replay {
         let f = std::fs::File::open(file)
             .map_err(|e| invalid(format!("--replay {}: {e}", file.display())))?;
@@ -158,7 +177,7 @@ pub fn loadgen(
     if !(seconds > 0.0 && seconds.is_finite()) || streams == 0 {
         return Err(invalid("--streams and --seconds must be positive".into()));
     }
-    let plan = crate::tools::loadgen::Plan::new(first, last, streams, per_port, seed);
+    let plan = crate::tools::loadgen::Plan::on(&list, streams, per_port, seed);
     eprintln!(
         "loadgen: {streams} streams of 20 ms PCMU to {ip} ports {first}-{last} for {seconds} s"
     );

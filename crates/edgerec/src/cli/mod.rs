@@ -91,8 +91,9 @@ enum Command {
         /// Host or address to send to.
         #[arg(long)]
         target: String,
-        /// Destination port range A-B (or one port).
-        #[arg(long, value_name = "A-B")]
+        /// Destination port range A-B (or one port), or a list P1,P2,… (a media server's
+        /// allocated ports, in order).
+        #[arg(long, value_name = "A-B|P1,P2,…")]
         ports: String,
         /// Number of streams.
         #[arg(long, default_value_t = 2)]

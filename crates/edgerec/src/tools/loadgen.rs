@@ -47,17 +47,17 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// `streams` streams over ports `first ..= last`, `per_port` (at least 1) to a port,
-    /// SSRCs and first sequence numbers derived from `seed`.
-    pub fn new(first: u16, last: u16, streams: usize, per_port: usize, seed: u32) -> Plan {
-        let ports = usize::from(last - first) + 1;
+    /// `streams` streams over `ports` (a range's, or a media server's allocated ports, in
+    /// order; none without ports), `per_port` (at least 1) to a port, SSRCs and first
+    /// sequence numbers derived from `seed`.
+    pub fn on(ports: &[u16], streams: usize, per_port: usize, seed: u32) -> Plan {
         let per_port = per_port.max(1);
+        let streams = if ports.is_empty() { 0 } else { streams };
         let plan = (0..streams)
             .map(|i| {
                 let h = (i as u32).wrapping_mul(0x9E37_79B9) ^ seed;
                 StreamPlan {
-                    port: first
-                        + u16::try_from((i / per_port) % ports).expect("below the port count"),
+                    port: ports[(i / per_port) % ports.len()],
                     leg: i % 2,
                     ssrc: h.rotate_left(7) ^ 0x5EED_0000,
                     seq0: (h >> 16) as u16,
@@ -200,9 +200,13 @@ mod tests {
     use super::*;
     use crate::media::rtp::{Datagram, classify};
 
+    fn range(first: u16, last: u16) -> Vec<u16> {
+        (first..=last).collect()
+    }
+
     #[test]
     fn two_legs_per_port_distinct_ssrcs() {
-        let p = Plan::new(40000, 40001, 6, 2, 1);
+        let p = Plan::on(&range(40000, 40001), 6, 2, 1);
         let ports: Vec<_> = p.streams.iter().map(|s| (s.port, s.leg)).collect();
         assert_eq!(
             ports,
@@ -223,14 +227,17 @@ mod tests {
 
     #[test]
     fn one_stream_per_port_alternates_legs() {
-        let p = Plan::new(40000, 40002, 3, 1, 1);
+        let p = Plan::on(&range(40000, 40002), 3, 1, 1);
         let ports: Vec<_> = p.streams.iter().map(|s| (s.port, s.leg)).collect();
         assert_eq!(ports, vec![(40000, 0), (40001, 1), (40002, 0)]);
+        let p = Plan::on(&[50000, 50016, 50028], 4, 1, 1);
+        let ports: Vec<_> = p.streams.iter().map(|s| s.port).collect();
+        assert_eq!(ports, vec![50000, 50016, 50028, 50000]);
     }
 
     #[test]
     fn packets_are_valid_pcmu_rtp_in_sequence() {
-        let p = Plan::new(40000, 40000, 2, 2, 7);
+        let p = Plan::on(&range(40000, 40000), 2, 2, 7);
         let mut pkt = Vec::new();
         for n in 0..3 {
             p.packet(1, n, &mut pkt);
@@ -249,7 +256,7 @@ mod tests {
     fn sends_on_loopback() {
         let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
         let port = rx.local_addr().unwrap().port();
-        let plan = Plan::new(port, port, 2, 2, 3);
+        let plan = Plan::on(&range(port, port), 2, 2, 3);
         let r = run("127.0.0.1".parse().unwrap(), &plan, 0.1).unwrap();
         assert_eq!((r.ticks, r.packets, r.errors), (5, 10, 0));
         let mut buf = [0u8; 2048];

@@ -108,6 +108,15 @@ pub(super) fn run(ctx: &Context, mut sink: Sink, ring: &Ring) -> io::Result<()> 
             }
             continue;
         }
+        // The kernel fills the blocks in turn, so with the next one not handed over no other
+        // is; if one is, this thread lost its place (it must not wait on the wrong block).
+        if let Some(j) = ring.oldest_ready()
+            && next != Some(j)
+        {
+            tracing::warn!(expected = ?next, found = j, "packet ring out of step: resumed at its oldest block");
+            next = Some(j);
+            continue;
+        }
         // Caught up: the round's datagrams go to the recorder.
         if !sink.hand_over() {
             return Ok(());
@@ -922,6 +931,27 @@ mod tests {
             at += len;
         }
         b
+    }
+
+    proptest::proptest! {
+        /// Whatever a block holds (the frames' layout is the kernel's, their packets are
+        /// anyone's), walking it and parsing its packets never panics or reads outside.
+        #[test]
+        fn any_block_and_any_packet_are_walked_without_panic(
+            b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096),
+            header in proptest::collection::vec(proptest::prelude::any::<u8>(), 20..64),
+        ) {
+            walk(&b, |f| {
+                let _ = udp(f.ip, f.checksum_unverified);
+            });
+            let _ = udp(&b, true);
+            // An IP header that claims UDP, followed by anything.
+            let mut ip = header;
+            ip[0] = 0x45;
+            ip[9] = 17;
+            ip.extend_from_slice(&b);
+            let _ = udp(&ip, true);
+        }
     }
 
     #[test]

@@ -383,6 +383,16 @@ mod tests {
         assert_eq!(sockaddr(&[0u8; 28]), None);
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_name_and_control_bytes_are_read_without_panic(
+            b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+        ) {
+            let _ = sockaddr(&b);
+            let _ = stamp(&b);
+        }
+    }
+
     #[test]
     fn the_kernel_stamp_is_found_among_control_messages() {
         let mut c = Vec::new();
