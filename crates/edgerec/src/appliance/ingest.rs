@@ -117,7 +117,10 @@ impl Way {
         let ring = |passed| ring::Ring::open(sockets, &locals, ring_mib, round, passed);
         let way = match mode {
             Mode::Recvmmsg => WayOf::Recvmmsg,
-            Mode::IoUring => WayOf::IoUring,
+            Mode::IoUring => {
+                uring::probe()?;
+                WayOf::IoUring
+            }
             Mode::Ring => WayOf::Ring(ring(passed)?),
             Mode::Auto => match ring(passed) {
                 Ok(r) => WayOf::Ring(r),

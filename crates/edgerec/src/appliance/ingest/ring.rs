@@ -45,15 +45,16 @@ const BLOCK_BYTES: usize = 1 << 20;
 const FRAME_BYTES: u32 = 2048;
 /// `TPACKET_ALIGN(sizeof(struct tpacket3_hdr))`: where a frame's `sockaddr_ll` starts.
 const FRAME_HEADER: usize = 48;
-/// Bytes of a datagram the filter passes (its IP header, UDP header and payload): every
-/// datagram a slot takes fits, a longer one is cut and counted as `too_large`.
-const SNAP: u32 = 65_535;
+/// Bytes of a packet the filter passes (its IP header, UDP header and payload): more than
+/// any UDP datagram has; one that is longer all the same is cut and counted as `too_large`.
+const SNAP: u32 = 256 << 10;
 /// How often the ring's own drop count is read into the metrics.
 const STATS_EVERY: Duration = Duration::from_secs(1);
 
 /// Runs until `stop` is set or the recorder is gone.
 pub(super) fn run(ctx: &Context, mut sink: Sink, ring: &Ring) -> io::Result<()> {
     let by_port = by_port(&ctx.locals);
+    let mut host = HostAddrs::new();
     tracing::info!(
         blocks = ring.blocks,
         mib = (ring.blocks * BLOCK_BYTES) >> 20,
@@ -94,16 +95,25 @@ pub(super) fn run(ctx: &Context, mut sink: Sink, ring: &Ring) -> io::Result<()> 
         if next.is_none() {
             next = ring.oldest_ready();
         }
-        if let Some(block) = next.and_then(|i| ring.take(i)) {
+        if let Some(i) = next
+            && let Some(block) = ring.take(i)
+        {
             sink.refresh();
             let (read_at, wall) = (Instant::now(), SystemTime::now());
-            walk(block.bytes(), |frame| {
-                take(frame, &by_port, ctx, &mut sink, (read_at, wall));
+            host.refresh();
+            walk(block, |frame| {
+                take(frame, (&by_port, &host), ctx, &mut sink, (read_at, wall));
             });
             sink.keep(read_at, wall);
-            drop(block);
-            next = next.map(|i| (i + 1) % ring.blocks);
+            ring.release(i);
+            next = Some((i + 1) % ring.blocks);
             if !sink.hand_over_if_full() {
+                return Ok(());
+            }
+            // A flood that keeps the ring full does not hold a stop up.
+            if stop_by.is_some_and(|by| Instant::now() >= by) {
+                ring.count_drops(&sink.metrics);
+                sink.hand_over();
                 return Ok(());
             }
             continue;
@@ -142,12 +152,16 @@ pub(super) fn run(ctx: &Context, mut sink: Sink, ring: &Ring) -> io::Result<()> 
 /// One frame of a block: its datagram checked and taken, or counted.
 fn take(
     frame: Frame<'_>,
-    by_port: &HashMap<u16, usize>,
+    (by_port, host): (&HashMap<u16, usize>, &HostAddrs),
     ctx: &Context,
     sink: &mut Sink,
     (read_at, wall): (Instant, SystemTime),
 ) {
     if !frame.to_us {
+        return;
+    }
+    if frame.cut {
+        Metrics::inc(&sink.metrics.datagrams_rejected, "too_large", 1);
         return;
     }
     let Some(d) = udp(frame.ip, frame.checksum_unverified) else {
@@ -157,11 +171,65 @@ fn take(
         return;
     };
     let local = ctx.locals[i];
-    if !local.ip().is_unspecified() && local.ip() != d.dst.ip() {
+    if !accepts(local, d.dst.ip(), host) {
         return;
     }
     let at = arrived(frame.stamp, read_at, wall);
-    sink.take(i, local, d.src, at, d.payload, frame.cut);
+    sink.take(i, local, d.src, at, d.payload, false);
+}
+
+/// Whether a socket bound to `local` takes a datagram to `dst`: its own address; or, bound
+/// to the unspecified address, any address of this host (`host`) of a family it takes (an
+/// IPv4 socket no IPv6, an IPv6 one both: Linux's dual-stack default).
+fn accepts(local: SocketAddr, dst: IpAddr, host: &HostAddrs) -> bool {
+    if !local.ip().is_unspecified() {
+        return local.ip() == dst;
+    }
+    (local.is_ipv6() || dst.is_ipv4()) && host.has(dst)
+}
+
+/// This host's addresses, read again now and then (an address may come or go).
+struct HostAddrs {
+    addrs: std::collections::HashSet<IpAddr>,
+    read: Option<Instant>,
+}
+
+impl HostAddrs {
+    fn new() -> HostAddrs {
+        let mut h = HostAddrs {
+            addrs: Default::default(),
+            read: None,
+        };
+        h.refresh();
+        h
+    }
+
+    /// Reads them again if a second has gone by; keeps the last ones if they cannot be read.
+    fn refresh(&mut self) {
+        if self.read.is_some_and(|at| at.elapsed() < STATS_EVERY) {
+            return;
+        }
+        self.read = Some(Instant::now());
+        match nix::ifaddrs::getifaddrs() {
+            Ok(list) => {
+                self.addrs = list
+                    .filter_map(|a| a.address)
+                    .filter_map(|a| {
+                        a.as_sockaddr_in()
+                            .map(|v4| IpAddr::from(v4.ip()))
+                            .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::from(v6.ip())))
+                    })
+                    .collect();
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read this host's addresses"),
+        }
+    }
+
+    /// Whether `ip` is one of them (any, if none could ever be read: a call is not refused
+    /// for want of the list).
+    fn has(&self, ip: IpAddr) -> bool {
+        self.addrs.is_empty() || self.addrs.contains(&ip)
+    }
 }
 
 /// The socket index of each port.
@@ -206,7 +274,8 @@ fn udp(ip: &[u8], verify: bool) -> Option<Udp<'_>> {
     };
     let (src, dst, sum_ok) = match p.net? {
         NetSlice::Ipv4(v4) => {
-            if v4.payload().fragmented {
+            // The stack drops a bad IPv4 header checksum whatever the device did.
+            if v4.payload().fragmented || !header_sum_holds(v4.header().slice()) {
                 return None;
             }
             let (s, d) = (v4.header().source(), v4.header().destination());
@@ -243,6 +312,18 @@ fn udp(ip: &[u8], verify: bool) -> Option<Udp<'_>> {
         dst: SocketAddr::new(dst, u.destination_port()),
         payload: u.payload(),
     })
+}
+
+/// Whether an IPv4 header's checksum holds (RFC 1071: its one's-complement sum is all ones).
+fn header_sum_holds(header: &[u8]) -> bool {
+    let mut sum: u32 = header
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum == 0xffff
 }
 
 /// One frame of a block.
@@ -430,29 +511,11 @@ fn attach(fd: RawFd, program: &[libc::sock_filter]) -> io::Result<()> {
 /// The packet socket and its mapped ring.
 pub(super) struct Ring {
     fd: OwnedFd,
-    map: memmap2::MmapMut,
+    map: memmap2::MmapRaw,
     blocks: usize,
     adopted: bool,
     /// In the service manager's descriptor store.
     kept: bool,
-}
-
-/// A block the kernel has handed over; given back when dropped.
-struct Block<'a> {
-    status: &'a AtomicU32,
-    bytes: &'a [u8],
-}
-
-impl Block<'_> {
-    fn bytes(&self) -> &[u8] {
-        self.bytes
-    }
-}
-
-impl Drop for Block<'_> {
-    fn drop(&mut self) {
-        self.status.store(libc::TP_STATUS_KERNEL, Ordering::Release);
-    }
 }
 
 impl Ring {
@@ -596,7 +659,7 @@ impl Ring {
     fn oldest_ready(&self) -> Option<usize> {
         (0..self.blocks)
             .filter_map(|i| {
-                let b = self.take_peek(i)?;
+                let b = self.take(i)?;
                 let seq = b.get(24..32)?.try_into().ok().map(u64::from_ne_bytes)?;
                 Some((seq, i))
             })
@@ -604,22 +667,26 @@ impl Ring {
             .map(|(_, i)| i)
     }
 
-    /// The bytes of block `i` if the kernel has handed it over (not taken).
-    fn take_peek(&self, i: usize) -> Option<&[u8]> {
-        let start = i.checked_mul(BLOCK_BYTES)?;
-        let bytes = self.map.get(start..start.checked_add(BLOCK_BYTES)?)?;
-        let status = sys::atomic_u32(&bytes[8..12]);
-        (status.load(Ordering::Acquire) & libc::TP_STATUS_USER != 0).then_some(bytes)
+    /// The status word of block `i` (the third `u32` of its descriptor), which the kernel
+    /// and this thread share.
+    fn status(&self, i: usize) -> &AtomicU32 {
+        assert!(i < self.blocks && self.map.len() >= self.blocks * BLOCK_BYTES);
+        sys::status_word(&self.map, i * BLOCK_BYTES + 8)
     }
 
-    /// Block `i` if the kernel has handed it over.
-    fn take(&self, i: usize) -> Option<Block<'_>> {
-        let start = i.checked_mul(BLOCK_BYTES)?;
-        let bytes = self.map.get(start..start.checked_add(BLOCK_BYTES)?)?;
-        // block_status: the third u32 of the block descriptor.
-        let status = sys::atomic_u32(&bytes[8..12]);
-        (status.load(Ordering::Acquire) & libc::TP_STATUS_USER != 0)
-            .then_some(Block { status, bytes })
+    /// The bytes of block `i` if the kernel has handed it over: valid until
+    /// [`Ring::release`] gives it back (not to be used after).
+    fn take(&self, i: usize) -> Option<&[u8]> {
+        if i >= self.blocks || self.status(i).load(Ordering::Acquire) & libc::TP_STATUS_USER == 0 {
+            return None;
+        }
+        Some(sys::handed_over(&self.map, i * BLOCK_BYTES, BLOCK_BYTES))
+    }
+
+    /// Gives block `i` back to the kernel.
+    fn release(&self, i: usize) {
+        self.status(i)
+            .store(libc::TP_STATUS_KERNEL, Ordering::Release);
     }
 
     /// Waits up to `wait` for a block.
@@ -724,23 +791,31 @@ mod sys {
         }
     }
 
-    /// Maps the socket's ring.
-    pub(super) fn map(fd: &OwnedFd, len: usize) -> io::Result<memmap2::MmapMut> {
-        // SAFETY: the mapping is the kernel's packet ring of this socket, shared with the
-        // kernel by its protocol: a block is read only after the kernel handed it over
-        // (TP_STATUS_USER, acquire) and not after it is given back (release), and every
-        // read is bounds-checked, so bytes the kernel changes can only make a frame be
-        // skipped, never a read go outside the mapping.
-        unsafe { memmap2::MmapOptions::new().len(len).map_mut(fd) }
+    /// Maps the socket's ring (raw: the kernel writes the blocks it holds while this
+    /// process reads the ones it handed over).
+    pub(super) fn map(fd: &OwnedFd, len: usize) -> io::Result<memmap2::MmapRaw> {
+        memmap2::MmapOptions::new().len(len).map_raw(fd)
     }
 
-    /// The `u32` at `bytes` (4 bytes, 4-aligned: a block's status word) as an atomic.
-    pub(super) fn atomic_u32(bytes: &[u8]) -> &AtomicU32 {
-        assert!(bytes.len() == 4 && bytes.as_ptr().align_offset(4) == 0);
-        // SAFETY: four live, aligned bytes of the mapping, which lives as long as `bytes`;
-        // the kernel and this thread access the word only atomically (the kernel with its
-        // own barriers), which is the ring's protocol.
-        unsafe { AtomicU32::from_ptr(bytes.as_ptr().cast_mut().cast()) }
+    /// The `u32` at byte `at` of the mapping (a block's status word) as an atomic.
+    pub(super) fn status_word(map: &memmap2::MmapRaw, at: usize) -> &AtomicU32 {
+        assert!(at + 4 <= map.len() && at.is_multiple_of(4));
+        // SAFETY: four bytes inside the mapping (checked), 4-aligned (the mapping is
+        // page-aligned and `at` a multiple of 4), living as long as `map`; the pointer comes
+        // from the mapping's own raw pointer, valid for writes. The kernel and this thread
+        // access the word only atomically (the kernel with its own barriers): the ring's
+        // protocol.
+        unsafe { AtomicU32::from_ptr(map.as_mut_ptr().add(at).cast()) }
+    }
+
+    /// `len` bytes of the mapping from `start`: a block the kernel has handed over.
+    pub(super) fn handed_over(map: &memmap2::MmapRaw, start: usize, len: usize) -> &[u8] {
+        assert!(start + len <= map.len());
+        // SAFETY: inside the mapping (checked), which lives as long as `map`. The caller
+        // reads a block only after the kernel handed it over (its status read with acquire
+        // ordering) and stops before giving it back, so the kernel does not write these
+        // bytes while the slice is in use; every read through it is bounds-checked.
+        unsafe { std::slice::from_raw_parts(map.as_ptr().add(start), len) }
     }
 }
 
@@ -790,6 +865,39 @@ mod tests {
         let last = p6.len() - 1;
         p6[last] ^= 1;
         assert_eq!(udp(&p6, true), None);
+    }
+
+    #[test]
+    fn a_bad_ip_header_checksum_is_refused_as_the_stack_would() {
+        let mut p = v4_udp([10, 0, 0, 1], [10, 0, 0, 2], 5004, 40000, b"rtp");
+        assert!(udp(&p, false).is_some());
+        p[8] = p[8].wrapping_sub(1); // the TTL, under the header checksum
+        assert_eq!(udp(&p, false), None);
+    }
+
+    #[test]
+    fn a_socket_takes_its_own_address_or_this_hosts_of_its_family() {
+        let host = HostAddrs {
+            addrs: ["10.0.0.2".parse().unwrap(), "fe80::2".parse().unwrap()].into(),
+            read: Some(Instant::now()),
+        };
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let bound: SocketAddr = "10.0.0.2:40000".parse().unwrap();
+        assert!(accepts(bound, ip("10.0.0.2"), &host));
+        assert!(!accepts(bound, ip("10.0.0.3"), &host));
+        let any4: SocketAddr = "0.0.0.0:40000".parse().unwrap();
+        assert!(accepts(any4, ip("10.0.0.2"), &host));
+        assert!(
+            !accepts(any4, ip("10.9.9.9"), &host),
+            "another host's address"
+        );
+        assert!(
+            !accepts(any4, ip("fe80::2"), &host),
+            "IPv6 to an IPv4 socket"
+        );
+        let any6: SocketAddr = "[::]:40000".parse().unwrap();
+        assert!(accepts(any6, ip("fe80::2"), &host));
+        assert!(accepts(any6, ip("10.0.0.2"), &host), "dual stack");
     }
 
     #[test]

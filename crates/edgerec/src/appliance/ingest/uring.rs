@@ -74,6 +74,15 @@ pub(super) fn run(ctx: &Context, mut sink: Sink) -> io::Result<()> {
     }
 }
 
+/// Whether io_uring can be had here (a kernel that has it, not disabled by
+/// `kernel.io_uring_disabled` or a seccomp filter): a ring of its own is made and dropped,
+/// since the thread that reads must make its ring itself.
+pub(super) fn probe() -> io::Result<()> {
+    IoUring::new(8)
+        .map(drop)
+        .map_err(|e| io::Error::new(e.kind(), format!("io_uring: {e}")))
+}
+
 /// The ring, its provided buffers and the message header every receive names.
 struct Receiver {
     ring: IoUring,
@@ -97,7 +106,8 @@ impl Receiver {
         let ring = IoUring::builder()
             .setup_single_issuer()
             .setup_defer_taskrun()
-            .setup_cqsize(4 * u32::from(BUFFERS))
+            // A round's completions: one per buffer, and the last of each socket's receive.
+            .setup_cqsize(u32::try_from(2 * sockets + 2 * usize::from(BUFFERS)).unwrap_or(u32::MAX))
             .build(1024)
             .map_err(|e| io::Error::new(e.kind(), format!("io_uring: {e}")))?;
         let entries = memmap2::MmapMut::map_anon(usize::from(BUFFERS) * 16)?;
@@ -187,6 +197,9 @@ impl Receiver {
             *n += 1;
             short |= *n >= TURN || cqueue::sock_nonempty(flags);
             if res < 0 {
+                if let Some(bid) = cqueue::buffer_select(flags) {
+                    self.give_back(bid);
+                }
                 if res == -libc::ENOBUFS {
                     short = true;
                 } else {
@@ -226,9 +239,16 @@ impl Receiver {
         }
         sink.keep(read_at, wall);
         self.publish();
+        let mut later = Vec::new();
         for i in std::mem::take(&mut self.rearm) {
-            self.arm(ctx, i)?;
+            if let Err(e) = self.arm(ctx, i) {
+                // Tried again next round: the datagrams wait in the socket meanwhile.
+                tracing::warn!(error = %e, "cannot arm a receive");
+                later.push(i);
+                short = true;
+            }
         }
+        self.rearm = later;
         Ok((got, short))
     }
 
@@ -246,7 +266,7 @@ impl Receiver {
 
     /// Tells the kernel how far the handed-back buffers go.
     fn publish(&mut self) {
-        sys::tail(&self.entries).store(self.tail, Ordering::Release);
+        sys::tail(&mut self.entries).store(self.tail, Ordering::Release);
     }
 }
 
@@ -285,7 +305,7 @@ fn stamp(mut control: &[u8]) -> Option<Duration> {
                 u32::try_from(nsec).ok()?.min(999_999_999),
             ));
         }
-        control = control.get(len.next_multiple_of(8)..)?;
+        control = control.get(len.checked_next_multiple_of(8)?..)?;
     }
     None
 }
@@ -344,11 +364,12 @@ mod sys {
     }
 
     /// The provided-buffer ring's tail (in the first entry), as an atomic.
-    pub(super) fn tail(entries: &memmap2::MmapMut) -> &AtomicU16 {
+    pub(super) fn tail(entries: &mut memmap2::MmapMut) -> &AtomicU16 {
         // SAFETY: the tail is the aligned u16 the kernel reads with acquire ordering in
-        // the first entry; it lives as long as the mapping.
+        // the first entry of the mapping (valid for writes: its mutable pointer), which
+        // lives as long as the returned reference.
         unsafe {
-            let ptr = BufRingEntry::tail(entries.as_ptr().cast::<BufRingEntry>());
+            let ptr = BufRingEntry::tail(entries.as_mut_ptr().cast::<BufRingEntry>());
             AtomicU16::from_ptr(ptr.cast_mut())
         }
     }
