@@ -22,18 +22,7 @@ read -r -a modes <<< "${MODES:-default}"
 cd "$(dirname "$0")/.."
 # 10,000 one-stream ports need 20,000 open files and more (a socket and a package each).
 ulimit -n 65536 2>/dev/null || true
-cargo build --release --quiet
-bin=$PWD/target/release/edgerec
-work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
-hz=$(getconf CLK_TCK)
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-# CPU ticks of the threads of a process whose name starts with $2.
-thread_ticks() {
-  for t in /proc/$1/task/*; do
-    case "$(cat "$t/comm")" in "$2"*) awk '{print $14 + $15}' "$t/stat" ;; esac
-  done | awk '{s += $1} END {print s + 0}'
-}
+. benches/load_common.sh
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 metric() { curl -s "http://$maddr/metrics" | awk -v n="$1" '$1 == n {print $2}'; }
 

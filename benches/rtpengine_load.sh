@@ -11,16 +11,12 @@ set -euo pipefail
 secs=${1:-10}; n=${2:-2000}
 cd "$(dirname "$0")/.."
 command -v rtpengine >/dev/null || { echo "needs rtpengine (apt-get install rtpengine-daemon)" >&2; exit 1; }
-cargo build --release --quiet
-bin=$PWD/target/release/edgerec
-work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
-hz=$(getconf CLK_TCK)
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+. benches/load_common.sh
 mkdir -p "$work/rec"
-rtpengine --foreground --table=-1 --interface=127.0.0.1 --listen-ng=127.0.0.1:22222 \
+# rtpengine may dump core when it is stopped: not into the repository.
+(cd "$work" && ulimit -c 0 && exec rtpengine --foreground --table=-1 --interface=127.0.0.1 --listen-ng=127.0.0.1:22222 \
   --port-min=42000 --port-max=65000 --recording-dir="$work/rec" --recording-method=pcap \
-  --recording-format=raw --log-stderr --log-level=4 --num-threads=2 2> "$work/log" &
+  --recording-format=raw --log-stderr --log-level=4 --num-threads=2 2> "$work/log") &
 rtpe=$!
 sleep 1
 python3 benches/rtpengine_ng.py $(( (n + 1) / 2 )) 22222 39000 > "$work/ports" &
