@@ -87,6 +87,8 @@ impl Mode {
 /// (a ring without `CAP_NET_RAW`) fails the start with its reason.
 pub struct Way {
     way: WayOf,
+    /// Each socket's own address, by index (read once, here).
+    locals: Vec<SocketAddr>,
     /// A ring the service manager kept was not taken (it did not fit, or no ring is used):
     /// its name is to be cleared from the store.
     passed_unused: bool,
@@ -142,7 +144,11 @@ impl Way {
                 WayOf::Ring(r) => !r.adopted(),
                 WayOf::Recvmmsg | WayOf::IoUring => true,
             };
-        Ok(Way { way, passed_unused })
+        Ok(Way {
+            way,
+            locals,
+            passed_unused,
+        })
     }
 
     /// The mode it reads by.
@@ -249,10 +255,6 @@ pub fn run(setup: IngestSetup) -> io::Result<()> {
     if !replay_first(&tx, &queued, &metrics, replay) {
         return Ok(());
     }
-    let locals = sockets
-        .iter()
-        .map(UdpSocket::local_addr)
-        .collect::<io::Result<Vec<_>>>()?;
     let allow_now = allow.get();
     let sink = Sink {
         tx,
@@ -270,7 +272,7 @@ pub fn run(setup: IngestSetup) -> io::Result<()> {
     };
     let ctx = Context {
         sockets,
-        locals,
+        locals: way.locals,
         stop,
         round,
         beat,

@@ -26,7 +26,7 @@ pub struct Reason {
 /// `{mode}`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct IngestMode {
-    /// `recvmmsg` or `ring`.
+    /// `ring`, `recvmmsg` or `io_uring`.
     pub mode: String,
 }
 
@@ -246,8 +246,8 @@ impl Metrics {
         );
         r.register(
             "ingest_mode",
-            "How ingest reads the RTP ports: 1 for the mode in use (recvmmsg: the sockets; \
-             ring: a packet ring)",
+            "How ingest reads the RTP ports: 1 for the mode in use (ring: a packet ring; \
+             recvmmsg: the sockets; io_uring: multishot receives)",
             m.ingest_mode.clone(),
         );
         r.register(
