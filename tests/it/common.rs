@@ -12,6 +12,15 @@ use erec::keys::{KekId, KekPrivate, KekPublic, KeyRing, UnwrapError, Unwrapper};
 use erec::reader::{ReadMode, Summary, open_stream};
 use erec::writer::{SealOptions, Sealer, seal_stream};
 
+/// Waits until `f` holds, polling every 50 ms: 20 s at most, for a loaded CI machine.
+pub fn eventually(why: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "{why}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 pub fn vectors_dir() -> PathBuf {
     repo_path("tests/vectors")
 }

@@ -15,15 +15,6 @@ use crate::lkm::{
 
 const AUTH: &str = "/key-management/v1/auth";
 
-/// Waits until `f` holds (10 s at most).
-fn eventually(why: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < deadline, "{why}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// The service's metric `name`, once it reaches `at_least`.
 fn wait_metric(s: &Service, name: &str, at_least: f64) -> String {
     let mut text = String::new();
@@ -264,6 +255,7 @@ fn key_pairs_made_through_the_api_are_limited_per_credential() {
 fn refused_requests_cannot_flood_the_audit_log_or_the_nonce_cache() {
     let s = Service::start_with("metrics_listen = \"127.0.0.1:0\"");
     let before = fs::metadata(s.audit_path()).unwrap().len();
+    let flood = Instant::now();
     let ca = reqwest::Certificate::from_pem(&fs::read(s.ca()).unwrap()).unwrap();
     let http = reqwest::blocking::Client::builder()
         .add_root_certificate(ca)
@@ -328,10 +320,15 @@ fn refused_requests_cannot_flood_the_audit_log_or_the_nonce_cache() {
         audit = fs::read_to_string(s.audit_path()).unwrap();
         audit.contains("denials.suppressed")
     });
+    // The default limit: bursts of 50 lines, 10 a second after; a loaded machine that
+    // takes longer over the flood may write more, at that rate.
+    let secs = flood.elapsed().as_secs_f64().ceil() as usize;
+    let allowed = (50 + 10 * secs + 2).max(120);
     let grown = fs::metadata(s.audit_path()).unwrap().len() - before;
-    assert!(grown < 64 * 1024, "the audit log grew by {grown} bytes");
+    let bound = (64 * 1024).max(allowed as u64 * 550);
+    assert!(grown < bound, "the audit log grew by {grown} bytes");
     let written = audit.lines().filter(|l| l.contains("denied: ")).count();
-    assert!((40..=120).contains(&written), "{written} denial lines");
+    assert!((40..=allowed).contains(&written), "{written} denial lines");
     for l in audit.lines() {
         assert!(l.len() < 1_500, "a line of {} bytes", l.len());
     }
@@ -756,11 +753,13 @@ fn closed(conn: &mut rustls::StreamOwned<rustls::ClientConnection, std::net::Tcp
 #[test]
 fn half_sent_requests_and_idle_connections_cannot_lock_clients_out() {
     let s = Service::start_with(
-        "metrics_listen = \"127.0.0.1:0\"\nheader_read_timeout_secs = 1\nidle_timeout_secs = 2\n\
+        "metrics_listen = \"127.0.0.1:0\"\nheader_read_timeout_secs = 3\nidle_timeout_secs = 2\n\
          max_connections = 100\nmax_connections_per_address = 20",
     );
     // An attacker on 127.0.0.2 opens 25 connections and sends half a request on each
-    // (before: 242 such connections held every descriptor, for ever).
+    // (before: 242 such connections held every descriptor, for ever). The header timeout
+    // (3 s) outlasts the 25 handshakes on a loaded machine, so no place is given back
+    // before the last five are turned away.
     let started = Instant::now();
     let mut held = Vec::new();
     let mut turned_away = 0;
@@ -785,7 +784,7 @@ fn half_sent_requests_and_idle_connections_cannot_lock_clients_out() {
     }
     assert_eq!(cut + turned_away, 25, "every half-sent request is cut");
     assert!(
-        started.elapsed() < Duration::from_secs(12),
+        started.elapsed() < Duration::from_secs(15),
         "cut after the header timeout, not held: {:?}",
         started.elapsed()
     );

@@ -167,7 +167,9 @@ fn serve(
                 );
             }
             Some(Fault::Hang) => {
-                std::thread::sleep(Duration::from_secs(5));
+                // Longer than any client's timeout in the tests (3 s, so that a loaded
+                // machine's slow but healthy request is not taken for a fault).
+                std::thread::sleep(Duration::from_secs(15));
                 return;
             }
             Some(Fault::Reset) => {

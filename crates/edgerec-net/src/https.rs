@@ -614,8 +614,8 @@ mod tests {
         let cuts = Arc::new(Mutex::new(Vec::new()));
         let seen = Arc::clone(&cuts);
         let limits = Limits {
-            header_read_timeout: Duration::from_millis(300),
-            idle_timeout: Duration::from_secs(5),
+            header_read_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(10),
             ..limits()
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -656,7 +656,8 @@ mod tests {
                 conn.write_tls(&mut sock).unwrap();
             }
             while conn.is_handshaking() {
-                conn.read_tls(&mut sock).unwrap();
+                let n = conn.read_tls(&mut sock).unwrap();
+                assert!(n > 0, "the server closed the connection in the handshake");
                 conn.process_new_packets().unwrap();
             }
             // The client's Finished and half a head, in one write.
@@ -677,7 +678,7 @@ mod tests {
         let _ = stop.send(());
         server.await.unwrap();
         assert_eq!(*cuts.lock().unwrap(), vec![Cut::HeaderTimeout], "{held:?}");
-        assert!(held < Duration::from_secs(4), "cut as a head: {held:?}");
+        assert!(held < Duration::from_secs(8), "cut as a head: {held:?}");
     }
 
     #[test]

@@ -287,19 +287,7 @@ impl Fetcher {
         let answered = match current {
             Ok(k) => {
                 let c = CachedKey::of(&k, now_ms);
-                if c.id != self.cached.id {
-                    tracing::info!(
-                        from = %self.cached.id,
-                        to = %c.id,
-                        "KEK rotated by the key manager: new recordings are sealed to the new key"
-                    );
-                    metrics
-                        .kek_info
-                        .get_or_create(&KekLabel {
-                            kek_id: self.cached.id.clone(),
-                        })
-                        .set(0);
-                }
+                let rotated_from = (c.id != self.cached.id).then(|| self.cached.id.clone());
                 if let Err(e) = write_cache(&self.cfg.cache_file, &c) {
                     tracing::error!(error = %e, file = %self.cfg.cache_file.display(), "cannot cache the current key");
                 }
@@ -311,6 +299,19 @@ impl Fetcher {
                     if before.is_empty() {
                         tracing::info!(kek_id = %self.cached.id, "the key manager confirmed a key again: new recordings are taken");
                     }
+                }
+                // Said once the new key is in use (said before, a recording started while the
+                // cache was written went to the old key after the line).
+                if let Some(from) = rotated_from {
+                    tracing::info!(
+                        from = %from,
+                        to = %self.cached.id,
+                        "KEK rotated by the key manager: new recordings are sealed to the new key"
+                    );
+                    metrics
+                        .kek_info
+                        .get_or_create(&KekLabel { kek_id: from })
+                        .set(0);
                 }
                 true
             }
