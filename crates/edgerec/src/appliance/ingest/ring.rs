@@ -314,16 +314,15 @@ fn udp(ip: &[u8], verify: bool) -> Option<Udp<'_>> {
     })
 }
 
-/// Whether an IPv4 header's checksum holds (RFC 1071: its one's-complement sum is all ones).
+/// Whether an IPv4 header's checksum holds (RFC 1071: the one's-complement sum of the
+/// header as sent, its checksum field included, is all ones). Summed over the raw bytes, as
+/// the stack does: etherparse's `calc_header_checksum` rebuilds the header from its fields
+/// and would leave out the reserved flag bit.
 fn header_sum_holds(header: &[u8]) -> bool {
-    let mut sum: u32 = header
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum == 0xffff
+    etherparse::checksum::Sum16BitWords::new()
+        .add_slice(header)
+        .ones_complement()
+        == 0
 }
 
 /// One frame of a block.
